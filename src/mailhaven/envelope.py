@@ -54,7 +54,7 @@ class Envelope:
             RecipientSpec(
                 address=r["address"],
                 notify=tuple(r.get("notify") or ()),
-                orcpt=tuple(r["orcpt"]) if r.get("orcpt") else None,  # type: ignore[arg-type]
+                orcpt=(r["orcpt"][0], r["orcpt"][1]) if r.get("orcpt") else None,
             )
             for r in data["recipients"]
         )
