@@ -1,0 +1,90 @@
+"""Message-body framing for DATA (dot-terminated) and BDAT (counted), without per-line Python.
+
+The DATA path is where a Python receiver usually loses: aiosmtpd reads one line at a time. Here
+each received chunk is scanned with C-speed `bytes` methods: `find` for the end marker, `count` to
+detect bare CR/LF, `replace` to undo dot-stuffing. A chunk is cut only just before a CRLF, so a
+CRLF, a `CRLF.` stuffing sequence or the `CRLF.CRLF` end marker is never split between two
+pieces. Lines longer than 1000 octets (RFC 5321 §4.5.3.1.6) are accepted and kept unchanged,
+like Postfix, which stores long lines whole.
+
+The single framing rule (SMTP smuggling, CVE-2023-51764 family): the end of data is only
+`CRLF.CRLF`; any bare CR or bare LF in the content marks the message as tainted, and the receiver
+rejects it once the real end has been read (`smtpd_forbid_bare_newline = reject` style). So
+`\\n.\\n`, `\\n.\\r\\n`, `\\r.\\r\\n` never end a message, and a message containing them is
+never queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+END_MARKER = b"\r\n.\r\n"
+#: A carry longer than this is no candidate for a marker: flush it (see `DotDecoder.feed`).
+_MAX_CARRY = 1024
+
+
+@dataclass(slots=True)
+class Piece:
+    """Decoded content ready for the spool, and whether the end of data was reached."""
+
+    data: bytes
+    done: bool
+    #: Bytes after the end marker (pipelined commands): go back to the command parser.
+    rest: bytes = b""
+
+
+class DotDecoder:
+    """Incremental decoder for a DATA body: dot-unstuffing, end detection, bare CR/LF check."""
+
+    __slots__ = ("_carry", "_drop_prefix", "bad_newline")
+
+    def __init__(self) -> None:
+        # A virtual CRLF before the first line lets one rule handle a leading "." line.
+        self._carry = b"\r\n"
+        self._drop_prefix = True
+        self.bad_newline = False
+
+    def feed(self, data: bytes) -> Piece:
+        buf = self._carry + data if self._carry else data
+        end = buf.find(END_MARKER)
+        if end >= 0:
+            self._carry = b""
+            return Piece(self._decode(buf[: end + 2]), True, buf[end + 5 :])
+        cut = buf.rfind(b"\r\n")
+        if cut < 0 or len(buf) - cut > _MAX_CARRY:
+            # No CRLF near the end: only a trailing CR can still begin a marker.
+            cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+        self._carry = buf[cut:]
+        return Piece(self._decode(buf[:cut]), False)
+
+    def _decode(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+            self.bad_newline = True
+        out = chunk.replace(b"\r\n.", b"\r\n")
+        if self._drop_prefix:
+            self._drop_prefix = False
+            out = out[2:]
+        return out
+
+
+def has_bare_newline(chunk: bytes, *, after_cr: bool) -> tuple[bool, bool]:
+    """Check a BDAT chunk for bare CR/LF; return (bad, ends_with_cr) to carry across chunks."""
+    if after_cr:
+        if not chunk.startswith(b"\n"):
+            return True, chunk.endswith(b"\r")
+        chunk = chunk[1:]
+    ends_cr = chunk.endswith(b"\r")
+    body = chunk[:-1] if ends_cr else chunk
+    crlf = body.count(b"\r\n")
+    bad = body.count(b"\n") != crlf or body.count(b"\r") != crlf
+    return bad, ends_cr
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """Encode content for DATA: the inverse of DotDecoder (used by tests and the client)."""
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")
