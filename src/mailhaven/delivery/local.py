@@ -1,0 +1,186 @@
+"""The local delivery agent: final delivery of a message into a user's Maildir (Postfix local(8)).
+
+In: a `DeliveryRequest` whose `route` is `Route("local", user)` and whose recipients are the
+final addresses (after alias expansion) that map to that user. Out: one `Reply` per recipient:
+
+* `250 2.0.0` once the copy is fsync'd in `new/` (the scheduler then forgets the recipient, so
+  250 must mean durable; see `mailbox.maildir`).
+* `550 5.1.1` when the user is not (or no longer) a valid, known mailbox.
+* `554 5.4.6` when the message already carries `Delivered-To: <this recipient>`: it has been
+  here before, so delivering again would feed a forwarding loop (Postfix local(8) does the same).
+* `452 4.2.2` (quota), `452 4.3.1` (disk full) or `451 4.3.0` (any other I/O error, or anything
+  unexpected): try again later. Nothing is ever half-delivered.
+
+Each recipient gets its own copy, because each copy starts with its own trace lines
+(RFC 5321 §4.4): `Return-Path: <sender>` and `Delivered-To: <recipient>`. The message is
+streamed from `request.open_message()`, never held in memory whole. All file I/O for a request
+happens in one worker thread (`asyncio.to_thread`), off the event loop.
+
+Trust: the user name comes from routing; `mailbox_path` re-checks it before it becomes a path.
+Sender and recipient are stripped of control characters before they go into a header line.
+An existing Return-Path header in the message is not removed here (that is intake's job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mailhaven.delivery.base import DeliveryRequest
+from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
+from mailhaven.proto.replies import Reply, reply
+
+log = logging.getLogger(__name__)
+
+#: Read size from the spool stream.
+READ_CHUNK = 64 * 1024
+#: Stop looking for Delivered-To after this much header (a bounded cost; Postfix also only
+#: looks at the header).
+HEADER_SCAN_LIMIT = 1024 * 1024
+
+DELIVERED = reply(250, "2.0.0", "delivered to maildir")
+
+
+class ForwardingLoop(Exception):
+    """The message already has a Delivered-To line for this recipient."""
+
+
+class LocalAgent:
+    """`DeliveryAgent` for transport "local": Maildir under `<mail_root>/<user>/`.
+
+    `users`, when given, is the current set of local users; a recipient whose user is not in it
+    has vanished since RCPT time and gets 550 5.1.1. Without it any valid name is delivered to
+    (the directory is created on first delivery). It is called on the event loop thread.
+    """
+
+    def __init__(
+        self,
+        mail_root: Path,
+        hostname: str,
+        *,
+        users: Callable[[], Collection[str]] | None = None,
+        names: UniqueNames | None = None,
+    ) -> None:
+        self._root = mail_root
+        self._users = users
+        self._names = names or UniqueNames(hostname)
+
+    async def deliver(self, request: DeliveryRequest) -> dict[str, Reply]:
+        known = self._users() if self._users is not None else None
+        return await asyncio.to_thread(self.deliver_blocking, request, known)
+
+    def deliver_blocking(
+        self, request: DeliveryRequest, known: Collection[str] | None = None
+    ) -> dict[str, Reply]:
+        """The whole group, synchronously (what `deliver` runs in a worker thread)."""
+        return {
+            rcpt: self._deliver_one(request, rcpt, known)
+            for rcpt in dict.fromkeys(request.recipients)
+        }
+
+    def _deliver_one(
+        self, request: DeliveryRequest, rcpt: str, known: Collection[str] | None
+    ) -> Reply:
+        user = request.route.nexthop
+        try:
+            maildir = mailbox_path(self._root, user)
+        except ValueError:
+            return _no_such_user(rcpt)
+        if known is not None and user not in known:
+            return _no_such_user(rcpt)
+        prepend = trace_lines(request.envelope.sender, rcpt)
+        try:
+            with request.open_message() as stream:
+                chunks = refuse_loops(_read_chunks(stream), rcpt)
+                deliver(maildir, chunks, prepend=prepend, names=self._names)
+        except ForwardingLoop:
+            return reply(554, "5.4.6", f"mail forwarding loop for {_clean(rcpt)}")
+        except OSError as exc:
+            result = io_failure(exc)
+            log.warning(
+                "%s: to=<%s>, relay=local, maildir %s: %s",
+                request.queue_id,
+                _clean(rcpt),
+                maildir,
+                exc,
+            )
+            return result
+        except Exception:
+            log.exception(
+                "%s: to=<%s>, relay=local, unexpected error", request.queue_id, _clean(rcpt)
+            )
+            return reply(451, "4.3.0", "temporary failure in local delivery")
+        return DELIVERED
+
+
+def trace_lines(sender: str, recipient: str) -> bytes:
+    """`Return-Path:` and `Delivered-To:` for one copy (RFC 5321 §4.4; null sender is `<>`)."""
+    text = f"Return-Path: <{_clean(sender)}>\nDelivered-To: {_clean(recipient)}\n"
+    return text.encode("utf-8")
+
+
+def io_failure(exc: OSError) -> Reply:
+    """A temporary reply for a failed write, as precise as RFC 3463 allows."""
+    if exc.errno == errno.EDQUOT:
+        return reply(452, "4.2.2", "mailbox full")
+    if exc.errno == errno.ENOSPC:
+        return reply(452, "4.3.1", "insufficient system storage")
+    return reply(451, "4.3.0", f"temporary failure writing maildir: {exc.strerror or exc}")
+
+
+def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
+    """Pass `chunks` through, raising `ForwardingLoop` if the header already names `recipient`
+    in a Delivered-To line (case-insensitive). The Maildir writer removes its tmp file when the
+    stream raises, so a refused copy leaves nothing behind."""
+    needle = recipient.strip().lower().encode("utf-8")
+    head = bytearray()
+    scanning = True
+    for chunk in chunks:
+        if scanning:
+            start = max(0, len(head) - 3)
+            head += chunk
+            end = _header_end(head, start)
+            if end is not None or len(head) > HEADER_SCAN_LIMIT:
+                scanning = False
+                if _names_recipient(bytes(head[:end]), needle):
+                    raise ForwardingLoop(recipient)
+                head = bytearray()
+        yield chunk
+    if scanning and _names_recipient(bytes(head), needle):
+        raise ForwardingLoop(recipient)
+
+
+def _header_end(buf: bytearray, start: int) -> int | None:
+    """Index of the end of the header block (the first empty line), searching from `start`."""
+    hits = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start)) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _names_recipient(header: bytes, needle: bytes) -> bool:
+    for line in header.split(b"\n"):
+        name, colon, value = line.partition(b":")
+        if (
+            colon
+            and name.strip().lower() == b"delivered-to"
+            and value.strip().strip(b"<>").lower() == needle
+        ):
+            return True
+    return False
+
+
+def _read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    while chunk := stream.read(READ_CHUNK):
+        yield chunk
+
+
+def _clean(text: str) -> str:
+    """No CR, LF or other control characters may reach a header line or a log line."""
+    return "".join(ch for ch in text if ch.isprintable())
+
+
+def _no_such_user(rcpt: str) -> Reply:
+    return reply(550, "5.1.1", f"<{_clean(rcpt)}>: user unknown (no such mailbox)")

@@ -1,0 +1,330 @@
+"""Maildir storage: the durable, lock-free mailbox format that Dovecot, mutt and POP3 read.
+
+Role: write one message into `<mail_root>/<user>/` following the Maildir protocol
+(https://cr.yp.to/proto/maildir.html) and Dovecot's naming conventions, and list what is there
+for the POP3 role. Nothing here knows about SMTP, the queue or routing.
+
+In: a stream of byte chunks plus a small `prepend` (Return-Path / Delivered-To lines).
+Out: the path of the file in `new/`, or an exception (`OSError` and friends); the caller maps it
+to a reply.
+
+Invariants:
+
+* A file appears in `new/` only after its data was fsync'd in `tmp/`, it is hard-linked (or, on
+  file systems without hard links, renamed) into `new/`, and then `new/` itself is fsync'd. When
+  `deliver` returns, the message survives a power cut; this is what lets the local agent answer
+  250 and the scheduler forget the queue entry.
+* If anything fails before that point nothing is left in `new/` and the `tmp/` file is removed.
+  (A crash, as opposed to an exception, may leave a `tmp/` file; readers never look at `tmp/`, and
+  the spec lets a cleaner remove files older than 36 hours.)
+* Names are unique without locks: `<secs>.M<usec>P<pid>Q<counter>.<host>` (Dovecot's style, the
+  counter covers many deliveries in one microsecond), then `,S=<size>,W=<vsize>` when it moves to
+  `new/`. `S=` is the exact size in bytes of the file as stored, so readers need no stat; `W=` is
+  the size with CRLF line endings (Dovecot's "virtual size"), which is what POP3 LIST must report
+  (RFC 1939 §5 counts octets as sent on the wire).
+* Line endings are stored as LF, the Maildir/Unix convention that Dovecot and mutt expect; the
+  CRLF of SMTP is turned into LF while streaming. Only CR LF pairs are converted (bare CR and bare
+  LF pass untouched) and a CR that ends one chunk is held back until the next chunk shows whether
+  an LF follows, so the result is independent of how the input was chunked.
+
+Trust: `user` names come from routing and are validated here once more (no path separators,
+no leading dot, lower-case) because they become directory names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+#: Maildir spec: a maildir is these three directories.
+SUBDIRS = ("tmp", "new", "cur")
+#: Mailboxes are private to their owner.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: Write buffer; the message itself is never held in memory whole.
+WRITE_BUFFER = 64 * 1024
+#: Attempts at finding an unused name before giving up (a collision needs pid reuse within
+#: one microsecond on the same host; retrying is cheap and removes the doubt).
+NAME_ATTEMPTS = 5
+#: Characters that would break a user directory name, or make it mean something else.
+_FORBIDDEN_USER_CHARS = frozenset("/\\\0:@%!") | frozenset(chr(c) for c in (*range(33), 127))
+
+
+def mailbox_path(mail_root: Path, user: str) -> Path:
+    """Return `<mail_root>/<user>`, refusing names that are not safe directory names.
+
+    Users are the lower-case local parts shared by every local domain (Postfix `mydestination`
+    with local(8)); upper-case is refused rather than folded so that two spellings can never
+    end up in two directories.
+    """
+    if (
+        not user
+        or user.startswith(".")
+        or user != user.lower()
+        or len(user.encode("utf-8")) > 255
+        or any(ch in _FORBIDDEN_USER_CHARS for ch in user)
+    ):
+        raise ValueError(f"not a valid mailbox name: {user!r}")
+    return mail_root / user
+
+
+def ensure_maildir(path: Path) -> None:
+    """Create `path` and its `tmp/ new/ cur/` (mode 0700) if missing; idempotent.
+
+    A directory we create is made durable (its parent is fsync'd), or a power cut could take a
+    new user's whole maildir, and the message in it, away after we said 250. The mail root
+    itself is created with default permissions if missing; the user directory gets 0700.
+    If that fsync fails, what we created is removed again, so the next attempt retries it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if _mkdir(path):
+        _fsync_or_undo(path.parent, [path])
+    created = [path / sub for sub in SUBDIRS if _mkdir(path / sub)]
+    if created:
+        _fsync_or_undo(path, created)
+
+
+def _fsync_or_undo(parent: Path, created: list[Path]) -> None:
+    try:
+        _fsync_dir(parent)
+    except BaseException:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+def _mkdir(path: Path) -> bool:
+    """mkdir with DIR_MODE; True if it was created now."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return False
+    return True
+
+
+def escape_hostname(hostname: str) -> str:
+    """Escape `/` and `:` in a host name the way Dovecot does (`\\057`, `\\072`).
+
+    `/` cannot appear in a file name and `:` separates the info part (`:2,flags`).
+    """
+    return hostname.replace("/", "\\057").replace(":", "\\072")
+
+
+class UniqueNames:
+    """Source of unique Maildir base names: `<secs>.M<usec>P<pid>Q<counter>.<host>`.
+
+    Thread-safe (deliveries run in worker threads). `clock` returns nanoseconds since the epoch
+    and is injectable for tests; the pid is read at each call so a forked child differs.
+    """
+
+    def __init__(
+        self, hostname: str | None = None, clock: Callable[[], int] = time.time_ns
+    ) -> None:
+        self._host = escape_hostname(hostname or socket.gethostname())
+        self._clock = clock
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            self._counter += 1
+            counter = self._counter
+        ns = self._clock()
+        secs, usec = ns // 1_000_000_000, (ns // 1000) % 1_000_000
+        return f"{secs}.M{usec}P{os.getpid()}Q{counter}.{self._host}"
+
+
+class _CrlfToLf:
+    """Streaming CR LF -> LF conversion that holds back a trailing CR between chunks."""
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._pending_cr:
+            chunk = b"\r" + chunk
+        self._pending_cr = chunk.endswith(b"\r")
+        if self._pending_cr:
+            chunk = chunk[:-1]
+        return chunk.replace(b"\r\n", b"\n")
+
+    def close(self) -> bytes:
+        out = b"\r" if self._pending_cr else b""
+        self._pending_cr = False
+        return out
+
+
+def deliver(
+    maildir: Path,
+    chunks: Iterable[bytes],
+    *,
+    prepend: bytes = b"",
+    names: UniqueNames,
+) -> Path:
+    """Store one message in `maildir/new/` durably and return its path.
+
+    `prepend` is written first (it goes through the same CRLF -> LF conversion). Any exception,
+    including one raised by `chunks` itself, leaves nothing in `new/` and removes the `tmp/` file.
+    """
+    ensure_maildir(maildir)
+    base, fd = _create_tmp(maildir, names)
+    tmp_path = maildir / "tmp" / base
+    try:
+        with open(fd, "wb", buffering=WRITE_BUFFER, closefd=True) as out:
+            size, lines = _write_converted(out, _with_prepend(prepend, chunks))
+            out.flush()
+            os.fsync(out.fileno())
+        final = _publish(maildir, tmp_path, base, f",S={size},W={size + lines}", names)
+    except BaseException:
+        _unlink_quietly(tmp_path)
+        raise
+    return final
+
+
+def _with_prepend(prepend: bytes, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    if prepend:
+        yield prepend
+    yield from chunks
+
+
+def _create_tmp(maildir: Path, names: UniqueNames) -> tuple[str, int]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(NAME_ATTEMPTS):
+        base = names.next()
+        try:
+            return base, os.open(maildir / "tmp" / base, flags, FILE_MODE)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused Maildir name in {maildir / 'tmp'}")
+
+
+def _write_converted(out: BinaryIO, chunks: Iterable[bytes]) -> tuple[int, int]:
+    """Write converted chunks; return (bytes written, LF count) for `S=` and `W=`."""
+    conv = _CrlfToLf()
+    size = lines = 0
+    for chunk in chunks:
+        data = conv.feed(chunk)
+        out.write(data)
+        size += len(data)
+        lines += data.count(b"\n")
+    tail = conv.close()
+    out.write(tail)
+    return size + len(tail), lines
+
+
+def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str, names: UniqueNames) -> Path:
+    """Link `tmp_path` into `new/` under a fresh-if-needed unique name, then fsync `new/`."""
+    new_dir = maildir / "new"
+    for attempt in range(NAME_ATTEMPTS):
+        final = new_dir / f"{base if attempt == 0 else names.next()}{suffix}"
+        try:
+            os.link(tmp_path, final)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if not _no_hard_links(exc):
+                raise
+            os.rename(tmp_path, final)  # unique name: nothing to clobber
+        else:
+            os.unlink(tmp_path)
+        try:
+            _fsync_dir(new_dir)
+        except BaseException:
+            _unlink_quietly(final)  # not known to be durable: do not claim it
+            raise
+        return final
+    raise FileExistsError(f"no unused Maildir name in {new_dir}")
+
+
+def _no_hard_links(exc: OSError) -> bool:
+    return exc.errno in {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    """Best-effort cleanup on a failure path: never mask the original error."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+# --- reading, for the POP3 role ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """One message found in a maildir.
+
+    `key` is the unique base name: the file name up to the `:2,` info part. It does not change
+    when a reader moves the file from `new/` to `cur/` or changes its flags, so it is a stable
+    identifier (e.g. for POP3 UIDL; note RFC 1939 §7 caps a UIDL at 70 characters).
+    """
+
+    key: str
+    path: Path
+    subdir: Literal["new", "cur"]
+    #: Bytes on disk (from `S=`, or stat when the name has none).
+    size: int
+    #: Size with CRLF line endings (from `W=`), None when the name does not say.
+    vsize: int | None
+    #: Maildir flags after `:2,` (e.g. "S" seen), "" if none.
+    flags: str
+
+
+def parse_name(name: str) -> tuple[str, int | None, int | None, str]:
+    """Split a Maildir file name into (key, S= size, W= size, flags)."""
+    key, _, info = name.partition(":")
+    flags = info[2:] if info.startswith("2,") else ""
+    size = vsize = None
+    for field in key.split(",")[1:]:
+        tag, _, value = field.partition("=")
+        if value.isdigit():
+            if tag == "S":
+                size = int(value)
+            elif tag == "W":
+                vsize = int(value)
+    return key, size, vsize, flags
+
+
+def list_messages(maildir: Path) -> list[StoredMessage]:
+    """List the messages in `new/` and `cur/`, oldest name first; [] if the maildir is absent.
+
+    Dot files are skipped (the spec reserves them). A file that vanishes while we look (another
+    reader deleted it) is skipped too. Names sort by their leading seconds, so the order is the
+    order of arrival to the second.
+    """
+    found: list[StoredMessage] = []
+    subdirs: tuple[Literal["new", "cur"], ...] = ("new", "cur")
+    for sub in subdirs:
+        try:
+            names = os.listdir(maildir / sub)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = maildir / sub / name
+            key, size, vsize, flags = parse_name(name)
+            if size is None:
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+            found.append(StoredMessage(key, path, sub, size, vsize, flags))
+    found.sort(key=lambda m: m.key)
+    return found

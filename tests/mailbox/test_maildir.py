@@ -1,0 +1,254 @@
+"""Maildir writer and reader: naming, durability order, CRLF handling, readability by others."""
+
+from __future__ import annotations
+
+import mailbox
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailhaven.mailbox import maildir as md
+from mailhaven.mailbox.maildir import (
+    UniqueNames,
+    deliver,
+    escape_hostname,
+    list_messages,
+    mailbox_path,
+    parse_name,
+)
+
+MESSAGE = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\n"
+EXPECTED = b"From: a@example.org\nTo: b@example.org\nSubject: hi\n\nline 1\nline 2\n"
+
+
+def names(host: str = "mx.example.org") -> UniqueNames:
+    return UniqueNames(host)
+
+
+def only_file(directory: Path) -> Path:
+    (entry,) = list(directory.iterdir())
+    return entry
+
+
+# --- names ----------------------------------------------------------------------------------
+
+
+def test_escape_hostname_like_dovecot() -> None:
+    assert escape_hostname("a/b:c.example") == "a\\057b\\072c.example"
+
+
+def test_name_shape_and_suffix(tmp_path: Path) -> None:
+    clock = iter([1_700_000_000_123_456_789]).__next__
+    path = deliver(tmp_path / "u", [MESSAGE], names=UniqueNames("h:1", clock=clock))
+    pid = os.getpid()
+    assert path.parent == tmp_path / "u" / "new"
+    size, vsize = len(EXPECTED), len(MESSAGE)
+    assert path.name == f"1700000000.M123456P{pid}Q1.h\\0721,S={size},W={vsize}"
+
+
+def test_names_unique_under_many_quick_deliveries(tmp_path: Path) -> None:
+    frozen = UniqueNames("h", clock=lambda: 1_700_000_000_000_000_000)  # same microsecond
+    paths = {deliver(tmp_path / "u", [b"x\n"], names=frozen) for _ in range(300)}
+    assert len(paths) == 300
+    assert len(os.listdir(tmp_path / "u" / "new")) == 300
+    assert os.listdir(tmp_path / "u" / "tmp") == []
+
+
+def test_name_collision_in_tmp_is_retried(tmp_path: Path) -> None:
+    clock = lambda: 1_700_000_000_000_000_000  # noqa: E731
+    first = UniqueNames("h", clock=clock)
+    box = tmp_path / "u"
+    md.ensure_maildir(box)
+    (box / "tmp" / first.next()).write_bytes(b"stale")  # takes Q1
+    again = UniqueNames("h", clock=clock)  # restarts at Q1
+    path = deliver(box, [b"x\n"], names=again)
+    assert "Q2." in path.name
+
+
+# --- content --------------------------------------------------------------------------------
+
+
+def test_size_field_is_file_size_and_content_is_lf(tmp_path: Path) -> None:
+    path = deliver(tmp_path / "u", [MESSAGE], prepend=b"Return-Path: <a@b>\r\n", names=names())
+    data = path.read_bytes()
+    assert data == b"Return-Path: <a@b>\n" + EXPECTED
+    _, size, vsize, _ = parse_name(path.name)
+    assert size == path.stat().st_size == len(data)
+    assert vsize == len(data.replace(b"\n", b"\r\n"))
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [MESSAGE],
+        [MESSAGE[i : i + 1] for i in range(len(MESSAGE))],
+        [b"From: a\r", b"\nSubject: x\r", b"\n\r", b"\nbody\r", b"\n"],
+        [b"", b"From: a\r", b"", b"\n\r\n", b"", b"body\r\n"],
+    ],
+    ids=["whole", "bytewise", "cr-split", "empty-chunks"],
+)
+def test_crlf_to_lf_independent_of_chunking(tmp_path: Path, chunks: list[bytes]) -> None:
+    path = deliver(tmp_path / "u", chunks, names=names())
+    assert path.read_bytes() == b"".join(chunks).replace(b"\r\n", b"\n")
+
+
+def test_bare_cr_and_trailing_cr_are_kept(tmp_path: Path) -> None:
+    chunks = [b"a\rb\r", b"\r", b"\nc\r"]
+    path = deliver(tmp_path / "u", chunks, names=names())
+    assert path.read_bytes() == b"a\rb\r\nc\r"
+    assert parse_name(path.name)[1] == len(b"a\rb\r\nc\r")
+
+
+def test_stream_is_not_joined_in_memory(tmp_path: Path) -> None:
+    """A generator is consumed lazily: 64 MiB never exists as one bytes object."""
+    block = b"x" * 1023 + b"\n"
+
+    def body() -> Iterator[bytes]:
+        for _ in range(64 * 1024):
+            yield block
+
+    path = deliver(tmp_path / "u", body(), names=names())
+    assert path.stat().st_size == 64 * 1024 * 1024
+
+
+# --- durability -----------------------------------------------------------------------------
+
+
+def test_fsync_of_file_before_link_and_of_new_dir_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        events.append("fsync-dir" if stat.S_ISDIR(mode) else "fsync-file")
+        real_fsync(fd)
+
+    def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append("link")
+        real_link(src, dst)
+
+    box = tmp_path / "u"
+    md.ensure_maildir(box)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    deliver(box, [MESSAGE], names=names())
+    assert events == ["fsync-file", "link", "fsync-dir"]
+
+
+def test_failure_between_write_and_link_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_link(src: object, dst: object) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "link", broken_link)
+    box = tmp_path / "u"
+    with pytest.raises(OSError):
+        deliver(box, [MESSAGE], names=names())
+    assert os.listdir(box / "new") == []
+    assert os.listdir(box / "tmp") == []
+
+
+def test_failure_while_streaming_leaves_nothing(tmp_path: Path) -> None:
+    def body() -> Iterator[bytes]:
+        yield b"Subject: x\r\n\r\n"
+        raise RuntimeError("spool read failed")
+
+    box = tmp_path / "u"
+    with pytest.raises(RuntimeError):
+        deliver(box, body(), names=names())
+    assert os.listdir(box / "new") == []
+    assert os.listdir(box / "tmp") == []
+
+
+def test_failed_dir_fsync_withdraws_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "I/O error")
+        real_fsync(fd)
+
+    box = tmp_path / "u"
+    md.ensure_maildir(box)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        deliver(box, [MESSAGE], names=names())
+    assert os.listdir(box / "new") == []
+    assert os.listdir(box / "tmp") == []
+
+
+def test_rename_fallback_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_link(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_link)
+    path = deliver(tmp_path / "u", [MESSAGE], names=names())
+    assert path.read_bytes() == EXPECTED
+    assert os.listdir(tmp_path / "u" / "tmp") == []
+
+
+def test_directories_created_private(tmp_path: Path) -> None:
+    box = mailbox_path(tmp_path / "mail", "alice")
+    deliver(box, [MESSAGE], names=names())
+    for d in (box, box / "tmp", box / "new", box / "cur"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    (path,) = (box / "new").iterdir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+# --- interoperability and reading -----------------------------------------------------------
+
+
+def test_python_mailbox_reads_it(tmp_path: Path) -> None:
+    box = tmp_path / "u"
+    deliver(box, [MESSAGE[:10], MESSAGE[10:]], prepend=b"Delivered-To: b@x\n", names=names())
+    mb = mailbox.Maildir(box, create=False)
+    (key,) = mb.keys()
+    assert mb.get_bytes(key) == b"Delivered-To: b@x\n" + EXPECTED
+    assert mb[key]["Subject"] == "hi"
+
+
+@pytest.mark.parametrize(
+    "user", ["", ".", "..", ".hidden", "a/b", "Alice", "a b", "a\0b", "a@b", "a%b", "a!b"]
+)
+def test_mailbox_path_refuses_unsafe_names(tmp_path: Path, user: str) -> None:
+    with pytest.raises(ValueError):
+        mailbox_path(tmp_path, user)
+
+
+def test_mailbox_path(tmp_path: Path) -> None:
+    assert mailbox_path(tmp_path, "alice.smith") == tmp_path / "alice.smith"
+
+
+def test_parse_name() -> None:
+    assert parse_name("1.M2P3Q4.h,S=10,W=12:2,RS") == ("1.M2P3Q4.h,S=10,W=12", 10, 12, "RS")
+    assert parse_name("1.M2P3.h") == ("1.M2P3.h", None, None, "")
+
+
+def test_list_messages_new_and_cur(tmp_path: Path) -> None:
+    box = tmp_path / "u"
+    assert list_messages(box) == []
+    n = UniqueNames("h", clock=iter([1_000_000_000 * 10**9, 2_000_000_000 * 10**9]).__next__)
+    first = deliver(box, [b"one\r\n"], names=n)
+    second = deliver(box, [b"two two\r\n"], names=n)
+    seen = second.parent.parent / "cur" / (second.name + ":2,S")
+    os.rename(second, seen)  # a reader marked it seen
+    (box / "new" / ".dotfile").write_bytes(b"")
+    (box / "cur" / "foreign-name").write_bytes(b"abc")
+    got = list_messages(box)
+    assert [m.key for m in got] == [first.name, second.name, "foreign-name"]
+    assert [m.subdir for m in got] == ["new", "cur", "cur"]
+    assert [m.size for m in got] == [4, 8, 3]
+    assert [m.vsize for m in got] == [5, 9, None]
+    assert got[1].flags == "S"
+    assert got[1].path.read_bytes() == b"two two\n"
