@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings
+from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings, Wait
 
 Policy = Callable[[ev.Event], Reply | None]
 
@@ -62,7 +62,7 @@ def drive(conn: ServerConnection, policy: Policy, run: Run) -> None:
             run.output += conn.data_to_send()
             return
         assert event is not PAUSED, "driver answers every decision at once"
-        assert not isinstance(event, type(NEED_DATA))
+        assert not isinstance(event, Wait)
         run.events.append(event)
         match event:
             case ev.StartTLS():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from tests.proto.smtp_driver import Run, converse
 
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerConnection, ServerSettings
-from tests.proto.smtp_driver import Run, converse
 
 EHLO = b"EHLO client.test\r\n"
 ENVELOPE = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
@@ -41,7 +41,11 @@ TRANSCRIPTS: list[tuple[str, bytes, list[int]]] = [
     ("mail-before-helo", b"MAIL FROM:<a@x.test>\r\n", [220, 503]),
     ("data-without-rcpt", EHLO + b"MAIL FROM:<a@x.test>\r\nDATA\r\n", [220, 250, 250, 503]),
     ("data-without-mail", EHLO + b"DATA\r\n", [220, 250, 503]),
-    ("nested-mail", EHLO + b"MAIL FROM:<a@x.test>\r\nMAIL FROM:<a@x.test>\r\n", [220, 250, 250, 503]),
+    (
+        "nested-mail",
+        EHLO + b"MAIL FROM:<a@x.test>\r\nMAIL FROM:<a@x.test>\r\n",
+        [220, 250, 250, 503],
+    ),
     ("null-sender", EHLO + b"MAIL FROM:<>\r\n", [220, 250, 250]),
     ("null-rcpt", EHLO + b"MAIL FROM:<>\r\nRCPT TO:<>\r\n", [220, 250, 250, 501]),
     ("bare-postmaster", EHLO + b"MAIL FROM:<>\r\nRCPT TO:<Postmaster>\r\n", [220, 250, 250, 250]),
@@ -53,10 +57,17 @@ TRANSCRIPTS: list[tuple[str, bytes, list[int]]] = [
     ("size-too-big", EHLO + b"MAIL FROM:<a@x.test> SIZE=999999999999\r\n", [220, 250, 552]),
     ("size-ok", EHLO + b"MAIL FROM:<a@x.test> SIZE=1000 BODY=8BITMIME\r\n", [220, 250, 250]),
     ("params-after-helo", b"HELO c\r\nMAIL FROM:<a@x.test> SIZE=10\r\n", [220, 250, 555]),
-    ("dsn", EHLO + b"MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bd\r\n"
-     b"RCPT TO:<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40y.test\r\n", [220, 250, 250, 250]),
-    ("bad-notify", EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test> NOTIFY=NEVER,SUCCESS\r\n",
-     [220, 250, 250, 501]),
+    (
+        "dsn",
+        EHLO + b"MAIL FROM:<a@x.test> RET=HDRS ENVID=abc+2Bd\r\n"
+        b"RCPT TO:<b@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+40y.test\r\n",
+        [220, 250, 250, 250],
+    ),
+    (
+        "bad-notify",
+        EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test> NOTIFY=NEVER,SUCCESS\r\n",
+        [220, 250, 250, 501],
+    ),
     ("source-route", EHLO + b"MAIL FROM:<@relay.test:a@x.test>\r\n", [220, 250, 250]),
     ("help", b"HELP\r\n", [220, 214]),
     ("help-cmd", b"HELP mail\r\n", [220, 214]),
@@ -68,12 +79,20 @@ TRANSCRIPTS: list[tuple[str, bytes, list[int]]] = [
     ("etrn-disabled", EHLO + b"ETRN example.org\r\n", [220, 250, 502]),
     ("starttls-unavailable", EHLO + b"STARTTLS\r\n", [220, 250, 502]),
     ("auth-unavailable", EHLO + b"AUTH PLAIN\r\n", [220, 250, 502]),
-    ("lf-only-commands", b"EHLO c\nMAIL FROM:<a@x.test>\nRCPT TO:<b@y.test>\nQUIT\n", [220, 250, 250, 250, 221]),
+    (
+        "lf-only-commands",
+        b"EHLO c\nMAIL FROM:<a@x.test>\nRCPT TO:<b@y.test>\nQUIT\n",
+        [220, 250, 250, 250, 221],
+    ),
     ("nul", b"NO\x00OP\r\n", [220, 500]),
     ("bare-cr-command", b"NOOP\rRSET\r\n", [220, 500]),
     ("8bit-command", b"NOOP \xc3\xa9\r\n", [220, 500]),
     ("8bit-no-smtputf8", EHLO + "MAIL FROM:<é@x.test>\r\n".encode(), [220, 250, 553]),
-    ("8bit-smtputf8", EHLO + "MAIL FROM:<é@x.test> SMTPUTF8\r\nRCPT TO:<ü@ÿ.test>\r\n".encode(), [220, 250, 250, 250]),
+    (
+        "8bit-smtputf8",
+        EHLO + "MAIL FROM:<é@x.test> SMTPUTF8\r\nRCPT TO:<ü@ÿ.test>\r\n".encode(),
+        [220, 250, 250, 250],
+    ),
     ("bad-utf8", EHLO + b"MAIL FROM:<\xff@x.test> SMTPUTF8\r\n", [220, 250, 500]),
     ("ehlo-noarg", b"EHLO\r\n", [220, 501]),
     ("rset-arg", b"RSET now\r\n", [220, 501]),
@@ -91,8 +110,15 @@ def test_greeting_and_ehlo_keywords() -> None:
     run = converse(EHLO)
     text = run.text()
     assert text.startswith("220 mx.test ESMTP mailhaven\r\n")
-    for keyword in ("PIPELINING", "SIZE 36700160", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN",
-                    "SMTPUTF8", "CHUNKING"):
+    for keyword in (
+        "PIPELINING",
+        "SIZE 36700160",
+        "ENHANCEDSTATUSCODES",
+        "8BITMIME",
+        "DSN",
+        "SMTPUTF8",
+        "CHUNKING",
+    ):
         assert f"250-{keyword}\r\n" in text or f"250 {keyword}\r\n" in text
     assert "STARTTLS" not in text and "AUTH" not in text
 
@@ -101,7 +127,7 @@ def test_enhanced_codes_on_every_reply_but_greeting_and_ehlo() -> None:
     run = converse(EHLO + ENVELOPE + b"NOOP\r\nFOO\r\nQUIT\r\n", settings=no_pipelining_check())
     lines = run.text().split("\r\n")
     assert lines[0].startswith("220 mx.test")
-    enhanced = [line for line in lines if line[:3] in ("250", "500", "221") and "-" != line[3:4]]
+    enhanced = [line for line in lines if line[:3] in ("250", "500", "221") and line[3:4] != "-"]
     assert any("2.1.0" in line for line in enhanced)
     assert "250 2.1.5 Ok" in lines
     assert "500 5.5.2 Error: command not recognized" in lines
@@ -110,8 +136,23 @@ def test_enhanced_codes_on_every_reply_but_greeting_and_ehlo() -> None:
 
 def test_help_lists_every_command() -> None:
     text = converse(b"HELP\r\n").text()
-    for cmd in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
-                "EXPN", "HELP", "STARTTLS", "AUTH", "ETRN"):
+    for cmd in (
+        "HELO",
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "BDAT",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "STARTTLS",
+        "AUTH",
+        "ETRN",
+    ):
         assert cmd in text
 
 
@@ -122,7 +163,9 @@ MESSAGE = b"Subject: hi\r\n\r\nline one\r\n..dotted\r\n.\r\n"
 
 def test_data_dot_unstuffing_and_queue_reply() -> None:
     run = both(EHLO + ENVELOPE + b"DATA\r\n", settings=no_pipelining_check())
-    run = both(EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n", settings=no_pipelining_check())
+    run = both(
+        EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n", settings=no_pipelining_check()
+    )
     conn_run = converse(
         b"EHLO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n" + MESSAGE + b"QUIT\r\n",
         settings=no_pipelining_check(),
@@ -176,7 +219,9 @@ def test_smuggling_variants_never_end_data_and_taint_the_message(smuggle: bytes)
 
 
 def test_oversize_data_read_to_end_then_552_and_session_usable() -> None:
-    settings = ServerSettings(hostname="mx.test", max_message_size=100, forbid_unauth_pipelining=False)
+    settings = ServerSettings(
+        hostname="mx.test", max_message_size=100, forbid_unauth_pipelining=False
+    )
     body = b"x" * 70 + b"\r\n" + b"y" * 70 + b"\r\n.\r\n"
     run = data_session(body, settings=settings)
     assert run.codes == [220, 250, 250, 250, 354, 552, 250]
@@ -223,7 +268,9 @@ def test_bdat_chunks_and_last() -> None:
 
 
 def test_bdat_zero_last() -> None:
-    run = both(EHLO + ENVELOPE + b"BDAT 6\r\nhello\nBDAT 0 LAST\r\n", settings=no_pipelining_check())
+    run = both(
+        EHLO + ENVELOPE + b"BDAT 6\r\nhello\nBDAT 0 LAST\r\n", settings=no_pipelining_check()
+    )
     # The bare LF taints the message: that chunk and the LAST one are refused.
     assert run.codes == [220, 250, 250, 250, 554, 554]
 
@@ -246,7 +293,9 @@ def test_bdat_then_data_is_refused() -> None:
 
 
 def test_bdat_oversize() -> None:
-    settings = ServerSettings(hostname="mx.test", max_message_size=5, forbid_unauth_pipelining=False)
+    settings = ServerSettings(
+        hostname="mx.test", max_message_size=5, forbid_unauth_pipelining=False
+    )
     run = both(EHLO + ENVELOPE + b"BDAT 4\r\nabcdBDAT 4 LAST\r\nefgh" + ENVELOPE, settings=settings)
     assert run.codes == [220, 250, 250, 250, 250, 552, 250, 250]
 
@@ -255,7 +304,9 @@ def test_bdat_oversize() -> None:
 
 
 def test_too_many_recipients() -> None:
-    settings = ServerSettings(hostname="mx.test", max_recipients=100, forbid_unauth_pipelining=False)
+    settings = ServerSettings(
+        hostname="mx.test", max_recipients=100, forbid_unauth_pipelining=False
+    )
     rcpts = b"".join(b"RCPT TO:<r%d@y.test>\r\n" % i for i in range(101))
     run = converse(EHLO + b"MAIL FROM:<a@x.test>\r\n" + rcpts, settings=settings)
     assert run.codes[-1] == 452
@@ -279,7 +330,9 @@ def test_local_part_too_long() -> None:
 
 
 def test_error_budget_disconnects() -> None:
-    settings = ServerSettings(hostname="mx.test", hard_error_limit=3, forbid_unauth_pipelining=False)
+    settings = ServerSettings(
+        hostname="mx.test", hard_error_limit=3, forbid_unauth_pipelining=False
+    )
     run = converse(b"FOO\r\nFOO\r\nFOO\r\nNOOP\r\n", settings=settings)
     assert run.codes == [220, 500, 500, 500, 421]
     assert isinstance(run.events[-1], ev.Closed)
@@ -299,7 +352,9 @@ def test_pipelined_group_is_answered_in_order() -> None:
 
     conn.receive_data(EHLO)
     drive(conn, accept_all, run)
-    conn.receive_data(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
+    conn.receive_data(
+        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    )
     drive(conn, accept_all, run)
     assert run.codes == [220, 250, 250, 250, 250, 354]
 
@@ -319,8 +374,7 @@ def test_policy_refusals_keep_session() -> None:
         return accept_all(event)
 
     run = converse(
-        EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<bad@y.test>\r\nRCPT TO:<good@y.test>\r\n"
-        b"DATA\r\n",
+        EHLO + b"MAIL FROM:<a@x.test>\r\nRCPT TO:<bad@y.test>\r\nRCPT TO:<good@y.test>\r\nDATA\r\n",
         policy=refuse_rcpt,
         settings=no_pipelining_check(),
     )
@@ -338,7 +392,9 @@ def test_eof_mid_data_closes() -> None:
 
 def tls_settings() -> ServerSettings:
     return ServerSettings(
-        hostname="mx.test", starttls=True, auth_mechanisms=("PLAIN", "LOGIN"),
+        hostname="mx.test",
+        starttls=True,
+        auth_mechanisms=("PLAIN", "LOGIN"),
         forbid_unauth_pipelining=False,
     )
 
@@ -393,8 +449,12 @@ def test_auth_exchange_with_challenge() -> None:
 
 
 def test_unknown_auth_mechanism() -> None:
-    settings = ServerSettings(hostname="mx.test", tls_on_connect=True, auth_mechanisms=("PLAIN",),
-                              forbid_unauth_pipelining=False)
+    settings = ServerSettings(
+        hostname="mx.test",
+        tls_on_connect=True,
+        auth_mechanisms=("PLAIN",),
+        forbid_unauth_pipelining=False,
+    )
     run = converse(EHLO + b"AUTH CRAM-MD5\r\n", settings=settings)
     assert run.codes == [220, 250, 504]
 
@@ -408,6 +468,7 @@ def test_etrn_enabled() -> None:
 
 def test_stats_for_disconnect_log() -> None:
     conn_run = converse(
-        EHLO + ENVELOPE + b"RCPT TO:<>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n", settings=no_pipelining_check()
+        EHLO + ENVELOPE + b"RCPT TO:<>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+        settings=no_pipelining_check(),
     )
     assert conn_run.codes == [220, 250, 250, 250, 501, 354, 250, 221]

@@ -54,14 +54,14 @@ _GROUP_ENDERS = frozenset(
 )
 
 
-class _NeedData(enum.Enum):
+class Wait(enum.Enum):
     NEED_DATA = "NEED_DATA"
     PAUSED = "PAUSED"
 
 
-NEED_DATA = _NeedData.NEED_DATA
+NEED_DATA = Wait.NEED_DATA
 #: A decision event is outstanding: answer it before asking for the next event.
-PAUSED = _NeedData.PAUSED
+PAUSED = Wait.PAUSED
 
 
 class Phase(enum.Enum):
@@ -169,6 +169,11 @@ class ServerConnection:
         return self.phase is Phase.CLOSED
 
     @property
+    def awaiting_decision(self) -> bool:
+        """A decision event was handed out and not yet answered."""
+        return self._pending is not None
+
+    @property
     def in_transaction(self) -> bool:
         return self.mail is not None
 
@@ -203,7 +208,7 @@ class ServerConnection:
 
     # ------------------------------------------------------------------ events
 
-    def next_event(self) -> ev.Event | _NeedData:
+    def next_event(self) -> ev.Event | Wait:
         """The next event, NEED_DATA (feed more bytes) or PAUSED (answer the last decision)."""
         while True:
             if self._events:

@@ -1,0 +1,3 @@
+from mailhaven.cli.main import main
+import sys
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The `mailhaven` command: `serve`, `config check`, `user ...` (more roles add their words).
+
+Heavy imports stay inside the branches, so `mailhaven sendmail` and `--help` start fast.
+Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailhaven", description="a complete mail server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server (built-in defaults without -c)")
+    serve.add_argument("-c", "--config", help="TOML configuration file")
+    check = sub.add_parser("config", help="configuration tools")
+    check_sub = check.add_subparsers(dest="config_command", required=True)
+    check_cmd = check_sub.add_parser("check", help="validate a configuration file")
+    check_cmd.add_argument("-c", "--config", help="TOML configuration file")
+    user = sub.add_parser("user", help="manage mailbox users (add|passwd|delete|list)")
+    user.add_argument("-c", "--config", help="TOML configuration file")
+    user.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from mailhaven import config as configuration
+
+    try:
+        config = configuration.load(getattr(args, "config", None))
+    except configuration.ConfigError as err:
+        print(f"mailhaven: {err}", file=sys.stderr)
+        return 2
+    match args.command:
+        case "serve":
+            return _serve(config)
+        case "config":
+            print(f"{config.source or '(built-in defaults)'}: configuration is valid")
+            return 0
+        case "user":
+            from mailhaven.cli.user import main as user_main
+
+            return user_main(args.args, users_file=config.users_path)
+    return 2
+
+
+def _serve(config: object) -> int:
+    import asyncio
+
+    from mailhaven import maillog
+    from mailhaven.app import App
+    from mailhaven.config import Config
+
+    assert isinstance(config, Config)
+    maillog.setup(config.hostname, config.log_level)
+    print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
+    return asyncio.run(App(config).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

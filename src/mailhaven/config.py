@@ -1,0 +1,240 @@
+"""Typed configuration with built-in defaults; an optional TOML file overrides them.
+
+The defaults are a safe "try it" setup: every listener on 127.0.0.1 only, on unprivileged ports
+(SMTP 2525, submission 2587, submissions 2465, POP3 2110, POP3S 2995), state in
+`./mailhaven-data`, local domain `localhost` with a `postmaster` mailbox, relaying only for
+loopback clients. `docs/configuration.md` documents every key.
+
+Loading never half-applies: `load()` either returns a complete, validated `Config` or raises
+`ConfigError` with a message naming the file, the key and what is wrong (used by
+`mailhaven config check` and by SIGHUP reload, which keeps the old config on error).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file is unreadable or invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Listen addresses per service, `host:port` (IPv6 as `[::1]:2525`). Empty list: off."""
+
+    smtp: tuple[str, ...] = ("127.0.0.1:2525",)
+    submission: tuple[str, ...] = ("127.0.0.1:2587",)
+    submissions: tuple[str, ...] = ("127.0.0.1:2465",)
+    pop3: tuple[str, ...] = ("127.0.0.1:2110",)
+    pop3s: tuple[str, ...] = ("127.0.0.1:2995",)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Named limits; RFC 5321 §4.5.3.1 minimums are enforced at load time."""
+
+    #: RFC 1870 SIZE; Postfix's message_size_limit is 10240000, OpenSMTPD's 35 MiB.
+    message_size: int = 36_700_160
+    #: RFC 5321 §4.5.3.1.8 requires at least 100; Postfix smtpd_recipient_limit = 1000.
+    recipients: int = 1000
+    #: RFC 5321 §4.5.3.1.4: 512 octets including CRLF.
+    command_line: int = 512
+    #: Simultaneous SMTP sessions over all listeners (421 beyond).
+    connections: int = 2000
+    #: Postfix smtpd_client_connection_count_limit = 50.
+    connections_per_ip: int = 50
+    #: Postfix smtpd_hard_error_limit = 20: then 421 and disconnect.
+    hard_error_limit: int = 20
+    #: Postfix smtpd_soft_error_limit = 10: from then on each error reply is delayed.
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
+    #: Forbid pipelining before the greeting or past a group-ending command (Postfix 3.9).
+    forbid_unauth_pipelining: bool = True
+    #: Seconds to wait before the greeting, to catch early talkers (0: off, no delay).
+    greet_pause: float = 0.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. RFC 5321 §4.5.3.2.7: the server waits at least 5 minutes for a command."""
+
+    command: float = 300.0
+    #: RFC 5321 §4.5.3.2.5/.6: a data block within 3 minutes.
+    data: float = 180.0
+    #: On SIGTERM: how long in-flight transactions may finish before they are cut.
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Retry policy (Postfix defaults) and delivery concurrency."""
+
+    minimal_backoff: float = 300.0
+    maximal_backoff: float = 4000.0
+    #: Postfix maximal_queue_lifetime = 5d.
+    lifetime: float = 5 * 86400.0
+    #: 0: off (Postfix delay_warning_time = 0h).
+    delay_warning: float = 0.0
+    concurrency: int = 100
+    destination_concurrency: int = 20
+    recipients_per_transaction: int = 50
+
+
+@dataclass(frozen=True)
+class TLS:
+    """Server certificate; empty: STARTTLS not offered and the implicit-TLS listeners stay off."""
+
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.gethostname)
+    state_dir: str = "mailhaven-data"
+    local_domains: tuple[str, ...] = ("localhost",)
+    #: Mailboxes that receive mail (more come from the users file).
+    local_users: tuple[str, ...] = ("postmaster",)
+    #: Dovecot-style passwd-file; empty: `<state_dir>/users.passwd`.
+    users_file: str = ""
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    catch_all: str = ""
+    recipient_delimiter: str = ""
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    relay_domains: tuple[str, ...] = ()
+    relayhost: str = ""
+    log_level: str = "info"
+    listen: Listen = field(default_factory=Listen)
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    queue: Queue = field(default_factory=Queue)
+    tls: TLS = field(default_factory=TLS)
+    #: Where this config came from (None: built-in defaults).
+    source: str | None = None
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).absolute()
+
+    @property
+    def spool_path(self) -> Path:
+        return self.state_path / "spool"
+
+    @property
+    def mail_root(self) -> Path:
+        return self.state_path / "mail"
+
+    @property
+    def users_path(self) -> Path:
+        return (
+            Path(self.users_file).absolute()
+            if self.users_file
+            else self.state_path / "users.passwd"
+        )
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """`127.0.0.1:2525`, `[::1]:2525` or `localhost:25` -> (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad listen address {text!r}: expected host:port or [v6addr]:port")
+    return host, int(port)
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one TOML value to the annotated type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        _key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {str(k): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp!r}")
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(config: Config) -> Config:
+    """Cross-field checks that types alone cannot express."""
+    if not config.hostname:
+        raise ConfigError("hostname: must not be empty")
+    if config.limits.recipients < 100:
+        raise ConfigError("limits.recipients: RFC 5321 4.5.3.1.8 requires at least 100")
+    if config.limits.command_line < 512:
+        raise ConfigError("limits.command_line: RFC 5321 4.5.3.1.4 requires at least 512")
+    if config.limits.message_size < 1024:
+        raise ConfigError("limits.message_size: must be at least 1024")
+    for net in config.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as err:
+            raise ConfigError(f"trusted_networks: {err}") from None
+    for service in dataclasses.fields(Listen):
+        for addr in getattr(config.listen, service.name):
+            parse_hostport(addr)
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError("tls: give both cert and key, or neither")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level: one of debug, info, warning, error")
+    if not config.local_domains:
+        raise ConfigError("local_domains: at least one domain is needed")
+    return config
+
+
+def load(path: str | Path | None) -> Config:
+    """Built-in defaults, overridden by the TOML file at `path` when given."""
+    if path is None:
+        return validate(Config())
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: TOML syntax error: {err}") from None
+    try:
+        config = _build(Config, data, "")
+        return validate(dataclasses.replace(config, source=str(path)))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,83 @@
+"""What the receive role *welcomes*: the policy answers to the SMTP core's decisions.
+
+The core has already checked syntax and sequence; this module decides acceptance: which
+recipients we take (local users, aliases, relay permission through `routing.Router`), whether a
+sender may be used (submission: authentication required first, RFC 6409 §4.1), what VRFY and
+EXPN reveal (nothing by default: no user enumeration), and ETRN.
+
+Pure and synchronous: it takes the session facts and the event and returns `None` (accept) or a
+`Reply`. Anything slow (password checks, queue commits) is the session's async business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailhaven.proto import smtp_events as ev
+from mailhaven.proto.replies import Reply
+from mailhaven.routing import Router
+
+
+@dataclass(slots=True)
+class SessionFacts:
+    """What we know about the client; the policy reads it, the session keeps it current."""
+
+    client_ip: str
+    client_name: str = "unknown"
+    helo: str = ""
+    tls: str | None = None
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    #: Submission listeners (RFC 6409): MAIL needs AUTH first.
+    require_auth: bool = False
+    #: VRFY answers 252 without looking anything up (Postfix: disable_vrfy_command).
+    vrfy_reveals: bool = False
+    expn_enabled: bool = False
+
+
+class SMTPPolicy:
+    """Policy for one listener kind; the router is fetched per call so reloads apply at once."""
+
+    def __init__(self, router: Callable[[], Router], settings: PolicySettings) -> None:
+        self._router = router
+        self.settings = settings
+
+    def mail_from(self, facts: SessionFacts, event: ev.MailFrom) -> Reply | None:
+        if self.settings.require_auth and facts.auth_user is None:
+            return Reply(530, "Error: authentication required", "5.7.0")
+        return None
+
+    def rcpt_to(self, facts: SessionFacts, event: ev.RcptTo) -> Reply | None:
+        return self._router().check_recipient(
+            event.address, client_ip=facts.client_ip, authenticated=facts.auth_user is not None
+        )
+
+    def verify(self, facts: SessionFacts, event: ev.Verify) -> Reply:
+        arg = event.argument.strip("<>")
+        if self.settings.vrfy_reveals:
+            refusal = self._router().check_recipient(arg, client_ip="", authenticated=True)
+            if refusal is not None:
+                return refusal
+            return Reply(250, f"<{arg}>", "2.1.5")
+        return Reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.2")
+
+    def expand(self, facts: SessionFacts, event: ev.Expand) -> Reply:
+        if not self.settings.expn_enabled:
+            return Reply(502, "Error: EXPN is disabled", "5.5.1")
+        targets = self._router().expand(event.argument.strip("<>"))
+        if not targets:
+            return Reply(550, "Error: no such list", "5.1.1")
+        lines = tuple(f"<{t}>" for t in targets)
+        return Reply(250, lines[0], "2.1.5", lines[1:])
+
+
+def protocol_name(*, extended: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    """RFC 3848 / RFC 6531 `with` keywords for Received: and the envelope."""
+    if not extended:
+        return "SMTP"
+    name = "UTF8SMTP" if utf8 else "ESMTP"
+    return name + ("S" if tls else "") + ("A" if auth else "")

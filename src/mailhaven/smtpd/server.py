@@ -1,0 +1,156 @@
+"""The receive role's listeners: accept connections, enforce connection limits and timeouts,
+and stop gracefully.
+
+One `SMTPService` serves every SMTP listener (MX, submission, submissions), so the connection
+limits (`limits.connections` in all, `limits.connections_per_ip` per client address) are shared,
+like Postfix's anvil. Idle timeouts are enforced by one reaper task that looks at every session
+once a second, instead of a timer per connection (cheaper for 10,000 idle clients).
+
+Shutdown (SIGTERM): stop accepting, answer 421 to sessions that are between transactions, let
+transactions in flight finish until `timeouts.shutdown_grace`, then cut the rest with 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+
+from mailhaven.config import Limits, Timeouts, parse_hostport
+from mailhaven.proto.replies import Reply
+from mailhaven.proto.smtp_server import Phase
+from mailhaven.smtpd.session import ListenerProfile, MessageSink, SMTPSession
+
+log = logging.getLogger("mailhaven.smtpd")
+
+REAPER_INTERVAL = 1.0
+
+
+class SMTPService:
+    """Listeners plus the shared bookkeeping of all SMTP sessions."""
+
+    def __init__(
+        self,
+        *,
+        sink: MessageSink,
+        limits: Limits,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.sink = sink
+        self.limits = limits
+        self.timeouts = timeouts
+        self.loop = loop or asyncio.get_running_loop()
+        self.sessions: set[SMTPSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.shutting_down = False
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ listeners
+
+    async def listen(
+        self, address: str, profile: Callable[[], ListenerProfile], *, implicit_tls: bool = False
+    ) -> asyncio.Server:
+        """Start one listener; `profile` is read per connection, so a reload applies to new ones."""
+        host, port = parse_hostport(address)
+
+        def factory() -> SMTPSession:
+            return SMTPSession(self, profile())
+
+        ssl_ctx = profile().tls_context() if implicit_tls else None
+        server = await self.loop.create_server(
+            factory,
+            host,
+            port,
+            ssl=ssl_ctx,
+            reuse_address=True,
+            backlog=1024,
+            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+        )
+        self._servers.append(server)
+        if self._reaper is None:
+            self._reaper = asyncio.ensure_future(self._reap())
+        return server
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                out.append((str(name[0]), int(name[1])))
+        return out
+
+    # ------------------------------------------------------------------ sessions
+
+    def admit(self, session: SMTPSession) -> Reply | None:
+        """Count a new connection; a refusal (421) when a limit is exceeded."""
+        ip = session.facts.client_ip
+        self.sessions.add(session)
+        self.per_ip[ip] += 1
+        if self.shutting_down:
+            return Reply(421, "Service shutting down", "4.3.2")
+        if len(self.sessions) > self.limits.connections:
+            return Reply(421, "Error: too many connections, try again later", "4.7.0")
+        if self.per_ip[ip] > self.limits.connections_per_ip:
+            return Reply(421, f"Error: too many connections from {ip}", "4.7.0")
+        return None
+
+    def forget(self, session: SMTPSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            ip = session.facts.client_ip
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+
+    def track(self, task: asyncio.Future[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAPER_INTERVAL)
+            now = self.loop.time()
+            for session in list(self.sessions):
+                if session._busy:  # a commit or handshake in flight is ours to finish
+                    continue
+                in_data = session.conn.phase in (Phase.DATA, Phase.BDAT)
+                limit = self.timeouts.data if in_data else self.timeouts.command
+                if now - session.last_activity > limit:
+                    session.timeout()
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 0.1)
+        self._servers.clear()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let transactions finish until `grace` seconds, then cut the rest."""
+        self.shutting_down = True
+        grace = self.timeouts.shutdown_grace if grace is None else grace
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        deadline = self.loop.time() + grace
+        while (self.sessions or self._tasks) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_with(Reply(421, "Service shutting down", "4.3.2"))
+        self._servers.clear()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None

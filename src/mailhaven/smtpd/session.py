@@ -1,0 +1,444 @@
+"""One SMTP session: the thin asyncio adapter around `proto.smtp_server.ServerConnection`.
+
+An `asyncio.Protocol`, not streams: it owns the input buffer (through the core), so plaintext
+that arrives before a STARTTLS handshake is provably dropped, and an idle connection costs only
+this object, the core's state and the transport (no task, no StreamReader): the 10,000 idle
+connections target needs that.
+
+Flow: `data_received` feeds the core and answers its events. Synchronous decisions (HELO, MAIL,
+RCPT, VRFY, EXPN) are answered at once by `SMTPPolicy`; slow ones (queue commit, AUTH password
+check, ETRN, STARTTLS handshake) run in a task while reading is paused, so pipelined input waits
+in the core and replies stay in order. Body chunks stream straight into the spool's writer.
+
+Failure containment: an unexpected exception while answering a decision answers `451 4.3.0` and
+is logged with its traceback; anything worse closes only this session with 421.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.maillog import client_label
+from mailhaven.proto import smtp_events as ev
+from mailhaven.proto.replies import Reply
+from mailhaven.proto.smtp_server import Phase, ServerConnection, ServerSettings, Wait
+from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
+
+if TYPE_CHECKING:
+    from mailhaven.smtpd.server import SMTPService
+
+log = logging.getLogger("mailhaven.smtpd")
+
+INTERNAL_ERROR = Reply(451, "Error: internal error, try again later", "4.3.0")
+
+
+class Writer(Protocol):
+    """The spool's streaming writer for one incoming body."""
+
+    @property
+    def queue_id(self) -> str: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class MessageSink(Protocol):
+    """The door into the queue (intake): durable before `accept` returns a 250."""
+
+    def new_message(self) -> Writer: ...
+
+    async def accept(self, writer: Writer, envelope: Envelope, tls: str | None) -> Reply: ...
+
+
+class Authenticator(Protocol):
+    """Runs one SASL exchange: `start` and `step` return a challenge (str) or a final result."""
+
+    def start(self, facts: SessionFacts, mechanism: str, initial: str | None) -> AuthStep: ...
+
+
+class AuthStep(Protocol):
+    async def respond(self, line: str | None) -> str | tuple[Reply, str | None]: ...
+
+
+@dataclass(frozen=True)
+class ListenerProfile:
+    """Everything that differs between the MX, submission and submissions listeners."""
+
+    name: str
+    settings: ServerSettings
+    policy: SMTPPolicy
+    tls_context: Callable[[], ssl.SSLContext | None]
+    etrn: Callable[[SessionFacts, str], Awaitable[Reply]] | None = None
+    authenticator: Authenticator | None = None
+
+
+class SMTPSession(asyncio.Protocol):
+    """The protocol object for one connection (see the module docstring)."""
+
+    def __init__(self, service: SMTPService, profile: ListenerProfile) -> None:
+        self.service = service
+        self.profile = profile
+        self.conn = ServerConnection(profile.settings)
+        self.facts = SessionFacts(client_ip="?")
+        self.transport: asyncio.Transport | None = None
+        self.writer: Writer | None = None
+        self.last_activity = 0.0
+        self._busy = False
+        self._write_paused = False
+        self._auth: AuthStep | None = None
+        self._errors_flushed = 0
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        self.facts.client_ip = str(peer[0])
+        if transport.get_extra_info("ssl_object") is not None:
+            self.facts.tls = self._tls_summary()
+        self.last_activity = self.service.loop.time()
+        log.info("connect from %s", self.label)
+        refusal = self.service.admit(self)
+        if refusal is not None:
+            log.warning("%s: %s", self.label, refusal.text)
+            self.conn.greet(refusal)
+            self._flush()
+            transport.close()
+            return
+        pause = self.service.limits.greet_pause
+        if pause > 0:
+            self.service.loop.call_later(pause, self._greet)
+        else:
+            self._greet()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.service.loop.time()
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._discard_message()
+        self.service.forget(self)
+        if self.conn.phase is not Phase.CLOSED and self.conn.in_transaction:
+            log.info("lost connection after %s from %s", self._last_command(), self.label)
+        stats = " ".join(
+            (f"{name}={ok}" if ok == total else f"{name}={ok}/{total}")
+            for name, (ok, total) in self.conn.stats.items()
+        )
+        count = sum(total for _, total in self.conn.stats.values())
+        log.info("disconnect from %s %s commands=%d", self.label, stats, count)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._set_reading()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def label(self) -> str:
+        return client_label(self.facts.client_ip, self.facts.client_name)
+
+    def _last_command(self) -> str:
+        return "DATA" if self.conn.phase in (Phase.DATA, Phase.BDAT) else "MAIL"
+
+    def _greet(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.conn.greet()
+        self._flush()
+        self._process()
+
+    def _set_reading(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._busy or self._write_paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if not data or self.transport is None or self.transport.is_closing():
+            return
+        errors = self.conn.error_count
+        limits = self.service.limits
+        if (
+            errors > self._errors_flushed
+            and errors >= limits.soft_error_limit
+            and not self.conn.closed
+        ):
+            # Postfix's smtpd_error_sleep_time: slow down a client that keeps erring.
+            self._errors_flushed = errors
+            self._busy = True
+            self._set_reading()
+            self.service.loop.call_later(limits.error_sleep, self._delayed_write, data)
+            return
+        self._errors_flushed = errors
+        self.transport.write(data)
+
+    def _delayed_write(self, data: bytes) -> None:
+        self._busy = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            self._set_reading()
+            self._process()
+
+    def _discard_message(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def timeout(self) -> None:
+        """Called by the service's reaper when the client has been silent too long."""
+        log.info("timeout after %s from %s", self.conn.phase.value.upper(), self.label)
+        self.close_with(
+            Reply(421, f"{self.profile.settings.hostname} Error: timeout exceeded", "4.4.2")
+        )
+
+    def close_with(self, reply: Reply) -> None:
+        self.conn.close_with(reply)
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle sessions end now; a transaction in flight may finish first."""
+        if not self._busy and not self.conn.in_transaction:
+            self.close_with(
+                Reply(421, f"{self.profile.settings.hostname} Service shutting down", "4.3.2")
+            )
+
+    # ------------------------------------------------------------------ event loop
+
+    def _process(self) -> None:
+        if self._busy or self.transport is None:
+            return
+        try:
+            while not self._busy:
+                event = self.conn.next_event()
+                if isinstance(event, Wait):
+                    break  # NEED_DATA, or PAUSED while a decision is answered elsewhere
+                self._handle(event)
+        except Exception:
+            log.exception("%s: internal error in session", self.label)
+            self.close_with(Reply(421, "Error: internal error", "4.3.0"))
+            return
+        self._flush()
+        if self.conn.closed and self.transport is not None and not self._busy:
+            self.transport.close()
+        elif self.service.shutting_down and not self.conn.in_transaction and not self._busy:
+            self.shutdown()
+
+    def _handle(self, event: ev.Event) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:
+            log.exception("%s: internal error handling %s", self.label, type(event).__name__)
+            if self.conn.awaiting_decision:
+                if isinstance(event, ev.AuthStart | ev.AuthResponse):
+                    self.conn.auth_finish(INTERNAL_ERROR, None)
+                else:
+                    self.conn.respond(INTERNAL_ERROR)
+                    if isinstance(event, ev.MailFrom):
+                        self._discard_message()
+
+    def _dispatch(self, event: ev.Event) -> None:
+        policy = self.profile.policy
+        match event:
+            case ev.Hello():
+                self.facts.helo = event.name
+                self.conn.accept()
+            case ev.MailFrom():
+                refusal = policy.mail_from(self.facts, event)
+                if refusal is not None:
+                    self._log_reject("MAIL", refusal, event.address, None)
+                    self.conn.respond(refusal)
+                    return
+                self.writer = self.service.sink.new_message()
+                log.info("%s: client=%s", self.writer.queue_id, self.label)
+                self.conn.accept()
+            case ev.RcptTo():
+                refusal = policy.rcpt_to(self.facts, event)
+                if refusal is not None:
+                    self._log_reject("RCPT", refusal, self._sender(), event.address)
+                    self.conn.respond(refusal)
+                else:
+                    self.conn.accept()
+            case ev.BodyData():
+                if self.writer is None:
+                    self.writer = self.service.sink.new_message()
+                self.writer.write(event.data)
+            case ev.BodyEnd():
+                self._run(self._commit())
+            case ev.BodyAborted():
+                log.info(
+                    "%s: reject: %s from %s: %s",
+                    self.writer.queue_id if self.writer else "NOQUEUE",
+                    "DATA",
+                    self.label,
+                    event.reply.one_line(),
+                )
+                self._discard_message()
+            case ev.Reset():
+                self._discard_message()
+            case ev.Verify():
+                self.conn.respond(policy.verify(self.facts, event))
+            case ev.Expand():
+                self.conn.respond(policy.expand(self.facts, event))
+            case ev.Etrn():
+                self._run(self._etrn(event.argument))
+            case ev.StartTLS():
+                self._run(self._start_tls())
+            case ev.AuthStart():
+                self._run(self._auth_step(event.mechanism, event.initial, start=True))
+            case ev.AuthResponse():
+                self._run(self._auth_step("", event.line, start=False))
+            case ev.Closed():
+                pass
+
+    def _run(self, coro: Awaitable[None]) -> None:
+        """Run a slow decision with reading paused; resume processing when it is answered."""
+        self._busy = True
+        self._flush()
+        self._set_reading()
+        task = asyncio.ensure_future(coro)
+        self.service.track(task)
+        task.add_done_callback(self._resume)
+
+    def _resume(self, task: asyncio.Future[None]) -> None:
+        self._busy = False
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: internal error", self.label, exc_info=task.exception())
+            if self.conn.awaiting_decision:
+                self.conn.respond(INTERNAL_ERROR)
+        self._set_reading()
+        self._process()
+
+    def _sender(self) -> str:
+        return self.conn.mail.address if self.conn.mail else ""
+
+    def _log_reject(self, stage: str, reply: Reply, sender: str, rcpt: str | None) -> None:
+        to = f" to=<{rcpt}>" if rcpt is not None else ""
+        log.info(
+            "NOQUEUE: reject: %s from %s: %s; from=<%s>%s proto=%s helo=<%s>",
+            stage,
+            self.label,
+            reply.one_line(),
+            sender,
+            to,
+            "ESMTP" if self.conn.extended else "SMTP",
+            self.facts.helo,
+        )
+
+    def _envelope(self) -> Envelope:
+        mail = self.conn.mail
+        assert mail is not None
+        params = mail.params
+        return Envelope(
+            sender=mail.address,
+            recipients=tuple(
+                RecipientSpec(r.address, r.params.notify, r.params.orcpt)
+                for r in self.conn.recipients
+            ),
+            body_type=params.body,
+            smtputf8=params.smtputf8,
+            dsn_ret=params.ret,
+            dsn_envid=params.envid,
+            declared_size=params.size,
+            client_name=self.facts.client_name,
+            client_address=self.facts.client_ip,
+            helo=self.facts.helo,
+            protocol=protocol_name(
+                extended=self.conn.extended,
+                tls=self.facts.tls is not None,
+                auth=self.facts.auth_user is not None,
+                utf8=params.smtputf8,
+            ),
+            auth_user=self.facts.auth_user,
+        )
+
+    async def _commit(self) -> None:
+        writer = self.writer
+        self.writer = None
+        if writer is None:
+            writer = self.service.sink.new_message()
+        try:
+            reply = await self.service.sink.accept(writer, self._envelope(), self.facts.tls)
+        except Exception:
+            log.exception("%s: cannot queue message from %s", writer.queue_id, self.label)
+            writer.abort()
+            reply = INTERNAL_ERROR
+        self.conn.respond(reply)
+        if self.service.shutting_down:
+            self.close_with(
+                Reply(421, f"{self.profile.settings.hostname} Service shutting down", "4.3.2")
+            )
+
+    async def _etrn(self, argument: str) -> None:
+        if self.profile.etrn is None:
+            self.conn.respond(Reply(458, "Error: unable to queue messages for node", "4.7.0"))
+            return
+        self.conn.respond(await self.profile.etrn(self.facts, argument))
+
+    def _tls_summary(self) -> str | None:
+        if self.transport is None:
+            return None
+        obj = self.transport.get_extra_info("ssl_object")
+        if obj is None:
+            return None
+        cipher = obj.cipher()
+        bits = f" ({cipher[2]}/{cipher[2]} bits)" if cipher else ""
+        return f"using {obj.version()} with cipher {cipher[0] if cipher else '?'}{bits}"
+
+    async def _start_tls(self) -> None:
+        context = self.profile.tls_context()
+        assert self.transport is not None and context is not None
+        try:
+            new = await self.service.loop.start_tls(self.transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as err:
+            log.info("SSL_accept error from %s: %s", self.label, err)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if new is None:
+            return
+        self.transport = new
+        self.conn.tls_established()
+        self.facts.tls = self._tls_summary()
+        log.info("%s: TLS established: %s", self.label, self.facts.tls)
+
+    async def _auth_step(self, mechanism: str, line: str | None, *, start: bool) -> None:
+        auth = self.profile.authenticator
+        if auth is None:
+            self.conn.auth_finish(Reply(454, "Temporary authentication failure", "4.7.0"), None)
+            return
+        if start:
+            self._auth = auth.start(self.facts, mechanism, line)
+            line = None
+        assert self._auth is not None
+        result = await self._auth.respond(line)
+        if isinstance(result, str):
+            self.conn.auth_challenge(result)
+            return
+        reply, user = result
+        self._auth = None
+        if user is not None and reply.is_success:
+            self.facts.auth_user = user
+        self.conn.auth_finish(reply, user)

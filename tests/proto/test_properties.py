@@ -1,0 +1,74 @@
+"""Property tests: the address grammar and the DATA framing round trip."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailhaven.proto.address import (
+    AddressError,
+    parse_path,
+    parse_rcpt_params,
+    xtext_decode,
+    xtext_encode,
+)
+from mailhaven.proto.body import DotDecoder, dot_stuff
+
+ATEXT = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
+atoms = st.text(alphabet=ATEXT, min_size=1, max_size=10)
+local_parts = st.lists(atoms, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= 64)
+labels = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", fullmatch=True)
+domains = st.lists(labels, min_size=1, max_size=4).map(".".join)
+
+
+@given(local_parts, domains)
+def test_valid_mailboxes_parse_back(local: str, domain: str) -> None:
+    address, rest = parse_path(f"<{local}@{domain}> SIZE=10", null_ok=False, utf8=False)
+    assert address == f"{local}@{domain}"
+    assert rest.strip() == "SIZE=10"
+
+
+@given(st.text(max_size=80))
+def test_parser_never_raises_anything_but_address_error(text: str) -> None:
+    try:
+        parse_path(text, null_ok=True, utf8=True)
+    except AddressError as err:
+        assert 500 <= err.reply.code < 600
+    try:
+        parse_rcpt_params(text, extensions=frozenset({"DSN"}))
+    except AddressError as err:
+        assert 500 <= err.reply.code < 600
+
+
+@given(st.text(max_size=60))
+def test_xtext_round_trip(text: str) -> None:
+    assert xtext_decode(xtext_encode(text)) == text if text.isascii() else True
+
+
+lines = st.lists(
+    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20
+)
+
+
+@settings(max_examples=300)
+@given(lines, st.lists(st.integers(min_value=1, max_value=50), min_size=1, max_size=10))
+def test_dot_stuffing_round_trip_any_chunking(content_lines: list[bytes], cuts: list[int]) -> None:
+    content = b"".join(line + b"\r\n" for line in content_lines)
+    wire = dot_stuff(content) + b".\r\nNEXT"
+    decoder = DotDecoder()
+    out = b""
+    pos = 0
+    i = 0
+    rest = b""
+    while pos < len(wire):
+        size = cuts[i % len(cuts)]
+        i += 1
+        piece = decoder.feed(wire[pos : pos + size])
+        pos += size
+        out += piece.data
+        if piece.done:
+            rest = piece.rest + wire[pos:]
+            break
+    assert out == content
+    assert rest == b"NEXT"
+    assert not decoder.bad_newline
