@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from mailhaven.config import Config
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.envelope import Envelope
 from mailhaven.intake import Intake
+from mailhaven.notifier import Notifier
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerSettings
 from mailhaven.routing import Router
@@ -33,7 +34,6 @@ from mailhaven.smtpd.policy import PolicySettings, SMTPPolicy
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import ListenerProfile, Writer
 from mailhaven.spool.body import MessageWriter
-from mailhaven.spool.records import RecipientState, StoredMessage
 from mailhaven.spool.store import Spool
 
 log = logging.getLogger("mailhaven.master")
@@ -53,13 +53,19 @@ def read_user_names(path: Path) -> set[str]:
     return names
 
 
-def build_router(config: Config) -> Router:
-    users_path = config.users_path
+def mailbox_names(config: Config) -> Callable[[], Collection[str]]:
+    """Current mailbox names: `local_users` plus the users file (re-read, so edits apply)."""
     fixed = {u.lower() for u in config.local_users}
+    users_path = config.users_path
 
-    def mailboxes() -> Collection[str]:
+    def names() -> Collection[str]:
         return fixed | read_user_names(users_path)
 
+    return names
+
+
+def build_router(config: Config) -> Router:
+    mailboxes = mailbox_names(config)
     aliases: dict[str, Sequence[str]] = dict(config.aliases)
     return Router(
         local_domains=config.local_domains,
@@ -124,13 +130,6 @@ class App:
             tls_context=lambda: None,
         )
 
-    async def _on_failures(self, message: StoredMessage, failed: Sequence[RecipientState]) -> None:
-        # Bounces (RFC 3464) are built by the send role; until then the log line is the report.
-        for state in failed:
-            log.info(
-                "%s: undeliverable to <%s> (no bounce sent yet)", message.queue_id, state.address
-            )
-
     async def start(self) -> None:
         config = self.config
         log.info(
@@ -142,13 +141,23 @@ class App:
         config.mail_root.mkdir(parents=True, exist_ok=True)
         report = await asyncio.to_thread(self.spool.open)
         del report
-        agents = {"local": LocalAgent(config.mail_root, config.hostname)}
+        agents = {
+            "local": LocalAgent(
+                config.mail_root, config.hostname, users=lambda: mailbox_names(self.config)()
+            )
+        }
+        notifier = Notifier(
+            self.spool,
+            lambda: intake,
+            hostname=config.hostname,
+            postmaster=f"postmaster@{config.local_domains[0]}",
+        )
         q = config.queue
         self.runner = Runner(
             self.spool,
             agents,
             lambda address: self.router.route(address),
-            on_failures=self._on_failures,
+            on_failures=notifier.on_failures,
             policy=BackoffPolicy(
                 minimal=q.minimal_backoff,
                 maximal=q.maximal_backoff,

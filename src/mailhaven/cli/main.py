@@ -57,7 +57,14 @@ def _serve(config: object) -> int:
     assert isinstance(config, Config)
     maillog.setup(config.hostname, config.log_level)
     print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
-    return asyncio.run(App(config).run())
+    try:
+        return asyncio.run(App(config).run())
+    except OSError as err:
+        # Typically a listen address in use or a state directory we may not write.
+        print(f"mailhaven: cannot start: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 if __name__ == "__main__":
