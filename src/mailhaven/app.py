@@ -14,22 +14,29 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from mailhaven import config as configuration
-from mailhaven.config import Config
+from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.envelope import Envelope
 from mailhaven.intake import Intake
+from mailhaven.mailbox.users import UserDB
+from mailhaven.net import selfsigned
+from mailhaven.net.tls import ReloadableTLS
 from mailhaven.notifier import Notifier
+from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerSettings
 from mailhaven.routing import Router
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits as PlanLimits
 from mailhaven.scheduler.runner import Runner
+from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import PolicySettings, SMTPPolicy
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import ListenerProfile, Writer
@@ -39,33 +46,36 @@ from mailhaven.spool.store import Spool
 log = logging.getLogger("mailhaven.master")
 
 
-def read_user_names(path: Path) -> set[str]:
-    """User names from a Dovecot-style passwd-file (`name:...` lines); missing file: none."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return set()
-    names = set()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and ":" in line:
-            names.add(line.split(":", 1)[0].lower())
-    return names
+def load_tls(config: Config) -> ReloadableTLS | None:
+    """The configured certificate; without one, a self-signed one under the state directory
+    (made at first start, logged) when a listener needs TLS; None when nothing needs it."""
+    if config.tls.cert:
+        return ReloadableTLS(Path(config.tls.cert), Path(config.tls.key))
+    listen = config.listen
+    if not (listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
+        return None
+    cert, key = (
+        config.state_path / "tls" / "selfsigned.crt",
+        config.state_path / "tls" / "selfsigned.key",
+    )
+    if not (cert.exists() and key.exists()):
+        selfsigned.create(cert, key, config.hostname)
+        log.warning("no TLS certificate configured: created a self-signed one in %s", cert.parent)
+    return ReloadableTLS(cert, key)
 
 
-def mailbox_names(config: Config) -> Callable[[], Collection[str]]:
-    """Current mailbox names: `local_users` plus the users file (re-read, so edits apply)."""
+def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]]:
+    """Current mailbox names: `local_users` plus the users file (reloaded when it changes)."""
     fixed = {u.lower() for u in config.local_users}
-    users_path = config.users_path
 
     def names() -> Collection[str]:
-        return fixed | read_user_names(users_path)
+        return fixed | users.names()
 
     return names
 
 
-def build_router(config: Config) -> Router:
-    mailboxes = mailbox_names(config)
+def build_router(config: Config, users: UserDB) -> Router:
+    mailboxes = mailbox_names(config, users)
     aliases: dict[str, Sequence[str]] = dict(config.aliases)
     return Router(
         local_domains=config.local_domains,
@@ -113,7 +123,11 @@ class App:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.router = build_router(config)
+        self.users = UserDB(config.users_path)
+        self.router = build_router(config, self.users)
+        self.tls: ReloadableTLS | None = None
+        self.auth_limiter = AuthLimiter()
+        self.pop3: list[Pop3Listener] = []
         self.spool = Spool(config.spool_path)
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
@@ -122,13 +136,72 @@ class App:
 
     # ------------------------------------------------------------------ wiring
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        return self.tls.context if self.tls is not None else None
+
     def _mx_profile(self) -> ListenerProfile:
         return ListenerProfile(
             name="smtp",
-            settings=server_settings(self.config),
+            settings=server_settings(self.config, starttls=self.tls is not None),
             policy=SMTPPolicy(lambda: self.router, PolicySettings()),
-            tls_context=lambda: None,
+            tls_context=self._tls_context,
         )
+
+    def _submission_profile(self, *, implicit_tls: bool) -> ListenerProfile:
+        """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""
+        settings = replace(
+            server_settings(self.config, starttls=self.tls is not None and not implicit_tls),
+            tls_on_connect=implicit_tls,
+            auth_mechanisms=self.authenticator.mechanisms,
+            auth_requires_tls=True,
+        )
+        return ListenerProfile(
+            name="submissions" if implicit_tls else "submission",
+            settings=settings,
+            policy=SMTPPolicy(
+                lambda: self.router,
+                PolicySettings(require_auth=True, sender_login_check=True),
+            ),
+            tls_context=self._tls_context,
+            authenticator=self.authenticator,
+        )
+
+    async def _start_listeners(self) -> None:
+        config = self.config
+        assert self.smtp is not None
+        for address in config.listen.smtp:
+            await self.smtp.listen(address, self._mx_profile)
+            log.info("smtp listening on %s", address)
+        for address in config.listen.submission:
+            await self.smtp.listen(address, lambda: self._submission_profile(implicit_tls=False))
+            log.info("submission listening on %s", address)
+        tls_listeners = [*config.listen.submissions, *config.listen.pop3s]
+        if self.tls is None and tls_listeners:
+            log.warning("no TLS certificate: submissions and pop3s listeners are off")
+        if self.tls is not None:
+            for address in config.listen.submissions:
+                await self.smtp.listen(
+                    address, lambda: self._submission_profile(implicit_tls=True), implicit_tls=True
+                )
+                log.info("submissions (implicit TLS) listening on %s", address)
+        pop3 = [(a, False) for a in config.listen.pop3]
+        if self.tls is not None:
+            pop3 += [(a, True) for a in config.listen.pop3s]
+        for address, implicit in pop3:
+            host, port = parse_hostport(address)
+            listener = await start_pop3_server(
+                host,
+                port,
+                mail_root=config.mail_root,
+                users=self.users,
+                tls_context=self._tls_context(),
+                implicit_tls=implicit,
+                allow_plaintext_on_loopback=True,
+                hostname=config.hostname,
+                limiter=self.auth_limiter,
+            )
+            self.pop3.append(listener)
+            log.info("pop3%s listening on %s", "s" if implicit else "", address)
 
     async def start(self) -> None:
         config = self.config
@@ -139,11 +212,16 @@ class App:
             config.source or "(built-in defaults)",
         )
         config.mail_root.mkdir(parents=True, exist_ok=True)
+        self.users.load()
+        self.tls = load_tls(config)
+        self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)
         report = await asyncio.to_thread(self.spool.open)
         del report
         agents = {
             "local": LocalAgent(
-                config.mail_root, config.hostname, users=lambda: mailbox_names(self.config)()
+                config.mail_root,
+                config.hostname,
+                users=lambda: mailbox_names(self.config, self.users)(),
             )
         }
         notifier = Notifier(
@@ -179,9 +257,7 @@ class App:
         self.smtp = SMTPService(
             sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
         )
-        for address in config.listen.smtp:
-            await self.smtp.listen(address, self._mx_profile)
-            log.info("smtp listening on %s", address)
+        await self._start_listeners()
         self._runner_task = asyncio.ensure_future(self.runner.run())
         self.ready.set()
 
@@ -213,13 +289,22 @@ class App:
         # Listener addresses and the state directory need a restart; keep them.
         new = replace(new, listen=self.config.listen, state_dir=self.config.state_dir)
         self.config = new
-        self.router = build_router(new)
+        self.users = UserDB(new.users_path)
+        self.users.load()
+        self.router = build_router(new, self.users)
+        if self.tls is not None:
+            try:
+                self.tls.reload()
+            except (OSError, ssl.SSLError) as err:
+                log.error("reload: keeping the old TLS certificate: %s", err)
         if self.smtp is not None:
             self.smtp.limits = new.limits
             self.smtp.timeouts = new.timeouts
         log.info("reload: configuration %s applied", path or "(built-in defaults)")
 
     async def shutdown(self) -> None:
+        for listener in self.pop3:
+            listener.close()
         if self.smtp is not None:
             await self.smtp.shutdown()
         if self.runner is not None:

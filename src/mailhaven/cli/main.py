@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         case "user":
             from mailhaven.cli.user import main as user_main
 
+            config.users_path.parent.mkdir(parents=True, exist_ok=True)
             return user_main(args.args, users_file=config.users_path)
     return 2
 

@@ -37,6 +37,9 @@ class PolicySettings:
     #: VRFY answers 252 without looking anything up (Postfix: disable_vrfy_command).
     vrfy_reveals: bool = False
     expn_enabled: bool = False
+    #: An authenticated user may only send as its own addresses and aliases (Postfix's
+    #: reject_authenticated_sender_login_mismatch); on by default for submission.
+    sender_login_check: bool = False
 
 
 class SMTPPolicy:
@@ -49,7 +52,27 @@ class SMTPPolicy:
     def mail_from(self, facts: SessionFacts, event: ev.MailFrom) -> Reply | None:
         if self.settings.require_auth and facts.auth_user is None:
             return Reply(530, "Error: authentication required", "5.7.0")
+        user = facts.auth_user
+        if user is not None and self.settings.sender_login_check and event.address:
+            if not self._owns(user, event.address):
+                return Reply(
+                    553,
+                    f"<{event.address}>: Sender address rejected: not owned by user {user}",
+                    "5.7.1",
+                )
         return None
+
+    def _owns(self, user: str, address: str) -> bool:
+        """`address` is in a local domain and is `user` or an alias delivering to `user`."""
+        router = self._router()
+        domain = address.rpartition("@")[2]
+        if not router.is_local_domain(domain):
+            return False
+        for final in router.expand(address):
+            local = final.rpartition("@")[0].lower()
+            if local == user or local.split("+", 1)[0] == user:
+                return True
+        return False
 
     def rcpt_to(self, facts: SessionFacts, event: ev.RcptTo) -> Reply | None:
         return self._router().check_recipient(

@@ -272,7 +272,8 @@ class SMTPSession(asyncio.Protocol):
                     self.conn.respond(refusal)
                     return
                 self.writer = self.service.sink.new_message()
-                log.info("%s: client=%s", self.writer.queue_id, self.label)
+                sasl = f", sasl_username={self.facts.auth_user}" if self.facts.auth_user else ""
+                log.info("%s: client=%s%s", self.writer.queue_id, self.label, sasl)
                 self.conn.accept()
             case ev.RcptTo():
                 refusal = policy.rcpt_to(self.facts, event)

@@ -1,0 +1,50 @@
+"""A self-signed certificate for trying mailhaven out (`mailhaven tls selfsigned`, or automatic
+at first start when no certificate is configured, clearly logged).
+
+Real deployments configure `tls.cert`/`tls.key` (e.g. from an ACME client). Clients will not
+verify this certificate; it only gives encryption for AUTH on the submission listeners.
+ECDSA P-256, valid for one year, with the hostname and `localhost` as subject alternative names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+
+def create(cert_file: Path, key_file: Path, hostname: str) -> None:
+    """Write a new key (mode 0600) and certificate; overwrites existing files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file.parent.mkdir(parents=True, exist_ok=True)
+    key_bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key_bytes)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -1,0 +1,98 @@
+"""SMTP AUTH (RFC 4954): runs a SASL exchange against the user database, with rate limiting.
+
+The SASL parsing is `proto.sasl` (pure); the password check is `UserDB.verify` (argon2id in a
+thread); the brute-force brake is `auth_limiter.AuthLimiter`, shared with POP3 so a client that
+guesses on one protocol is slowed on both. Every failure is answered `535 5.7.8` after a delay
+(never a silent disconnect); a blocked client or user gets `454 4.7.0` without any hash being
+computed. Successes and failures are logged like Postfix (`sasl_method=`, `sasl_username=`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.mailbox.users import UserDB
+from mailhaven.proto.replies import Reply
+from mailhaven.proto.sasl import Challenge, Credentials, Failure, SaslExchange, smtp_reply
+from mailhaven.smtpd.policy import SessionFacts
+
+log = logging.getLogger("mailhaven.smtpd")
+
+AUTH_OK = Reply(235, "Authentication successful", "2.7.0")
+AUTH_FAILED = Reply(535, "Error: authentication failed", "5.7.8")
+AUTH_BLOCKED = Reply(454, "Error: too many failed logins, try again later", "4.7.0")
+
+
+class SMTPAuthenticator:
+    """Starts one `_Exchange` per AUTH command."""
+
+    def __init__(
+        self,
+        users: UserDB,
+        limiter: AuthLimiter,
+        *,
+        mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN"),
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.users = users
+        self.limiter = limiter
+        self.mechanisms = mechanisms
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    def start(self, facts: SessionFacts, mechanism: str, initial: str | None) -> _Exchange:
+        return _Exchange(self, facts, mechanism, initial)
+
+
+class _Exchange:
+    def __init__(
+        self, auth: SMTPAuthenticator, facts: SessionFacts, mechanism: str, initial: str | None
+    ) -> None:
+        self.auth = auth
+        self.facts = facts
+        self.mechanism = mechanism
+        self.initial = initial
+        self.sasl = SaslExchange(offered=auth.mechanisms)
+        self.started = False
+
+    async def respond(self, line: str | None) -> str | tuple[Reply, str | None]:
+        if not self.started:
+            self.started = True
+            step = self.sasl.start(self.mechanism, self.initial)
+        else:
+            step = self.sasl.respond(line or "")
+        match step:
+            case Challenge():
+                return step.encoded
+            case Failure():
+                return smtp_reply(step), None
+            case Credentials():
+                return await self._verify(step)
+
+    async def _verify(self, cred: Credentials) -> tuple[Reply, str | None]:
+        auth, ip = self.auth, self.facts.client_ip
+        user = cred.authcid.lower()
+        verdict = auth.limiter.check(ip, user, auth.now())
+        if not verdict.allowed:
+            log.warning(
+                "unknown[%s]: SASL %s authentication blocked for %s: too many failures",
+                ip,
+                self.mechanism,
+                user,
+            )
+            await asyncio.sleep(auth.limiter.failure_delay)
+            return AUTH_BLOCKED, None
+        auth.users.reload_if_changed()
+        if await auth.users.verify(user, cred.password):
+            auth.limiter.succeeded(ip, user, auth.now())
+            log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", ip, self.mechanism, user)
+            return AUTH_OK, user
+        auth.limiter.failed(ip, user, auth.now())
+        log.warning("unknown[%s]: SASL %s authentication failed: user=%s", ip, self.mechanism, user)
+        await asyncio.sleep(auth.limiter.failure_delay)
+        return AUTH_FAILED, None
