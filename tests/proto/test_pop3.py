@@ -392,3 +392,13 @@ def test_top_done_stops_reading() -> None:
     encoder.feed(b"A: 1\n\nbody\n")
     assert encoder.done
     assert encoder.feed(b"more\n") == b""
+
+
+def test_state_table_is_enforced_exhaustively() -> None:
+    """Every known keyword, in each state a client can speak in: allowed or refused by table."""
+    for state, prefix in ((State.AUTHORIZATION, b""), (State.TRANSACTION, LOGIN)):
+        for keyword in sorted(pop3.KNOWN_COMMANDS):
+            out, _, _ = drive(prefix + keyword.encode() + b" 1\r\n", bytewise=False,
+                              tls_active=True)
+            refused = out.endswith(b"-ERR Command not valid in this state\r\n")
+            assert refused == (keyword not in pop3.COMMANDS[state]), (state, keyword, out)

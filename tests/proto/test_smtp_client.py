@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import base64
 import itertools
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
@@ -33,7 +36,6 @@ from mailhaven.proto.smtp_client import (
     TransactionDone,
     UsageError,
     utf8_addr_xtext,
-    xtext,
 )
 
 EHLO_BASIC = b"250-mx.example.org\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n"
@@ -558,8 +560,7 @@ def test_capabilities() -> None:
     assert caps.has("STARTTLS") and caps.has("CHUNKING") and not caps.has("DSN")
 
 
-def test_xtext() -> None:
-    assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
+def test_utf8_addr_xtext() -> None:
     assert utf8_addr_xtext("a+\\é") == "a\\x{2B}\\x{5C}\\x{E9}"
 
 
@@ -575,3 +576,74 @@ def test_timeouts_follow_rfc5321() -> None:
     assert t.for_phase(Phase.RCPT) == 300 and t.for_phase(Phase.DATA_INIT) == 120
     assert t.for_phase(Phase.DATA_BLOCK) == 180 and t.for_phase(Phase.DATA_END) == 600
     assert all(t.for_phase(p) > 0 for p in Phase)
+
+
+# -- properties ------------------------------------------------------------------------------
+
+_FRAGMENTS = st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b".."]), max_size=40)
+
+
+@given(_FRAGMENTS, st.lists(st.integers(0, 80), max_size=5))
+def test_body_framing_property(fragments: list[bytes], cuts: list[int]) -> None:
+    """Whatever the stored bytes and chunking, a strict receiver gets them back exactly."""
+    stored = b"".join(fragments)
+    points = sorted({min(c, len(stored)) for c in cuts})
+    chunks = [stored[i:j] for i, j in zip([0, *points], [*points, len(stored)], strict=True)]
+    d, _ = session(False)
+    d.conn.start(txn("a@x.org"))
+    d.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    d.client()
+    wire = send_body(d, *chunks)
+    lines = wire.split(b"\r\n")
+    assert lines[-2:] == [b".", b""]
+    assert all(b"\r" not in line and b"\n" not in line for line in lines)
+    assert b"." not in lines[:-2]  # nothing ends the data early
+    received = b"".join(line[1:] + b"\r\n" if line.startswith(b".") else line + b"\r\n"
+                        for line in lines[:-2])  # fmt: skip
+    normal = re.sub(rb"\r\n|\r|\n", b"\r\n", stored)
+    assert received == (normal if normal.endswith(b"\r\n") or not normal else normal + b"\r\n")
+
+
+_CODES = st.sampled_from([220, 221, 235, 250, 334, 354, 421, 450, 451, 500, 502, 535, 550, 554])
+
+
+@settings(max_examples=300)
+@given(st.lists(_CODES, max_size=40), st.booleans(), st.booleans())
+def test_random_replies_never_break_the_machine(
+    codes: list[int], pipelining: bool, tls: bool
+) -> None:
+    conn = ClientConnection(
+        "c.example",
+        starttls=StartTLSPolicy.OPPORTUNISTIC if tls else StartTLSPolicy.NEVER,
+        credentials=Credentials("u", "p"),
+        allow_plaintext_auth=True,
+    )
+    caps = b"250-x\r\n250-STARTTLS\r\n250-AUTH LOGIN\r\n250-SIZE 100\r\n"
+    caps += b"250 PIPELINING\r\n" if pipelining else b"250 DSN\r\n"
+    starts = 0
+    for code in codes:
+        if conn.phase is Phase.CLOSED:
+            break
+        ehlo = code == 250 and conn.phase is Phase.EHLO
+        conn.receive_data(caps if ehlo else f"{code} text\r\n".encode())
+        while True:
+            event = conn.next_event()
+            if isinstance(event, NeedData | Closed):
+                break
+            if isinstance(event, TransactionDone):
+                assert set(event.results) <= {"a@x.org", "b@x.org"}
+                assert all(200 <= r.code < 600 for r in event.results.values())
+            if not isinstance(event, Paused):
+                continue
+            if conn.phase is Phase.TLS_HANDSHAKE:
+                conn.tls_started()
+            elif conn.phase is Phase.DATA_BLOCK:
+                conn.send_body(b"x\n.\n")
+                conn.end_body()
+            elif starts < 3:
+                starts += 1
+                conn.start(txn("a@x.org", "b@x.org", size=50 * starts))
+            else:
+                conn.quit()
+                break
+        conn.data_to_send()

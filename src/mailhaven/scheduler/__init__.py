@@ -1,1 +1,8 @@
-"""scheduler."""
+"""The queue manager: pure policy (`backoff`, `plan`, `outcome`) and the async `runner`."""
+
+from mailhaven.scheduler.backoff import BackoffPolicy
+from mailhaven.scheduler.outcome import RelayReport
+from mailhaven.scheduler.plan import Limits
+from mailhaven.scheduler.runner import OnFailures, Runner, SchedulerSpool
+
+__all__ = ["BackoffPolicy", "Limits", "OnFailures", "RelayReport", "Runner", "SchedulerSpool"]

@@ -53,13 +53,13 @@ class SMTPPolicy:
         if self.settings.require_auth and facts.auth_user is None:
             return Reply(530, "Error: authentication required", "5.7.0")
         user = facts.auth_user
-        if user is not None and self.settings.sender_login_check and event.address:
-            if not self._owns(user, event.address):
-                return Reply(
-                    553,
-                    f"<{event.address}>: Sender address rejected: not owned by user {user}",
-                    "5.7.1",
-                )
+        checked = user is not None and self.settings.sender_login_check and event.address
+        if checked and user is not None and not self._owns(user, event.address):
+            return Reply(
+                553,
+                f"<{event.address}>: Sender address rejected: not owned by user {user}",
+                "5.7.1",
+            )
         return None
 
     def _owns(self, user: str, address: str) -> bool:

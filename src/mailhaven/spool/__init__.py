@@ -1,1 +1,34 @@
-"""spool."""
+"""The durable queue: ids, envelope records, commit, recovery, scan. See `store.Spool`."""
+
+from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.listing import list_queue
+from mailhaven.spool.records import (
+    DueRecipient,
+    Hold,
+    MessageSummary,
+    QueuedRecipient,
+    RecipientKey,
+    RecipientState,
+    RecipientUpdate,
+    Status,
+    StoredMessage,
+)
+from mailhaven.spool.recovery import RecoveryReport
+from mailhaven.spool.store import DEFAULT_INLINE_LIMIT, Spool
+
+__all__ = [
+    "DEFAULT_INLINE_LIMIT",
+    "DueRecipient",
+    "Hold",
+    "MessageSummary",
+    "MessageWriter",
+    "QueuedRecipient",
+    "RecipientKey",
+    "RecipientState",
+    "RecipientUpdate",
+    "RecoveryReport",
+    "Spool",
+    "Status",
+    "StoredMessage",
+    "list_queue",
+]
