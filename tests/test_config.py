@@ -1,0 +1,83 @@
+"""Configuration: defaults, TOML overrides, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailhaven import config as configuration
+from mailhaven.config import ConfigError, load, parse_hostport
+
+
+def test_defaults_are_a_safe_try_it_setup() -> None:
+    c = load(None)
+    assert c.listen.smtp == ("127.0.0.1:2525",)
+    assert all(a.startswith("127.0.0.1:") for a in c.listen.pop3 + c.listen.submission)
+    assert c.local_domains == ("localhost",) and "postmaster" in c.local_users
+    assert c.state_path == Path("mailhaven-data").absolute()
+    assert c.limits.recipients >= 100 and c.source is None
+
+
+def test_toml_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text(
+        'hostname = "mx.example.org"\nlocal_domains = ["example.org"]\n'
+        '[aliases]\nteam = ["alice", "bob@example.net"]\n'
+        '[limits]\nmessage_size = 2048\nerror_sleep = 2\n[listen]\nsmtp = ["[::1]:2600"]\n'
+    )
+    c = load(f)
+    assert c.hostname == "mx.example.org"
+    assert c.aliases == {"team": ("alice", "bob@example.net")}
+    assert c.limits.message_size == 2048 and c.limits.error_sleep == 2.0
+    assert c.listen.smtp == ("[::1]:2600",)
+    assert c.listen.pop3 == ("127.0.0.1:2110",)  # untouched defaults stay
+    assert c.source == str(f)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("hostnme = 'x'", r"unknown key\(s\) hostnme"),
+        ("[limits]\nrecipients = 10", "at least 100"),
+        ("[limits]\nmessage_size = 'big'", "expected int"),
+        ("trusted_networks = ['10.0.0.0/33']", "trusted_networks"),
+        ("[listen]\nsmtp = ['nowhere']", "bad listen address"),
+        ("[tls]\ncert = 'a.pem'", "both cert and key"),
+        ("this is not toml", "TOML syntax error"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load(f)
+    assert str(f) in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.toml")
+
+
+def test_parse_hostport() -> None:
+    assert parse_hostport("127.0.0.1:25") == ("127.0.0.1", 25)
+    assert parse_hostport("[::1]:2525") == ("::1", 2525)
+    with pytest.raises(ConfigError):
+        parse_hostport("127.0.0.1:0")
+
+
+def test_config_check_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("local_domains = ['example.org']\n")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[limits]\nrecipients = 5\n")
+    cmd = [sys.executable, "-m", "mailhaven", "config", "check", "-c"]
+    ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    err = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, check=False)
+    assert err.returncode == 2
+    assert "limits.recipients" in err.stderr and "Traceback" not in err.stderr
+    assert configuration.Config().limits.recipients == 1000
