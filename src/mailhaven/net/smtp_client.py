@@ -1,0 +1,400 @@
+"""Outbound SMTP over asyncio: drives `proto.smtp_client.ClientConnection` over a TCP stream.
+
+In: a host (and optionally the address to dial), our HELO name, a TLS policy, optional
+credentials; then `MailTransaction`s with their message bodies. Out: a `dict[str, Reply]` per
+message, or a `SessionFailure` when no session could be set up (connect, greeting, EHLO, TLS,
+AUTH), so the caller can move on to the next MX. The core decides what is legal; this module
+owns the socket, the buffer, TLS and the clock: every wait is bounded by the RFC 5321 §4.5.3.2
+timeout of the phase the core reports (`Timeouts`).
+
+TLS policy (Postfix's smtp_tls_security_level): "none" never; "may" STARTTLS when offered,
+without certificate checks, and when the handshake fails the message goes again over a fresh
+clear-text connection (RFC 7435); "encrypt" TLS required, unchecked; "verify" TLS required and
+the certificate must match the host name. A caller-supplied `ssl_context` is used as given.
+
+The body is streamed from a binary file in `BODY_CHUNK` pieces and written with backpressure,
+so a 10 MiB message never sits in memory whole. Reading the spool file happens on the event
+loop: a local 64 KiB read is cheaper than a thread hop.
+
+SECURITY: we own the receive buffer (no StreamReader): it is emptied in the same synchronous
+step that hands the transport to TLS, so clear text sent after the 220 to STARTTLS is never
+read as if it came over TLS (CVE-2011-0411 class; Python 3.11's StreamWriter.start_tls keeps
+it). Credentials go out only over TLS unless `allow_plaintext_auth` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO, Literal
+
+from mailhaven.net.dns import parse_literal
+from mailhaven.proto.replies import Reply
+from mailhaven.proto.smtp_client import (
+    Capabilities,
+    ClientConnection,
+    Closed,
+    Credentials,
+    Event,
+    MailTransaction,
+    NeedData,
+    Paused,
+    Phase,
+    Ready,
+    SendBody,
+    SessionFailed,
+    StartTLS,
+    StartTLSPolicy,
+    Timeouts,
+    TransactionDone,
+)
+
+TLSPolicy = Literal["none", "may", "encrypt", "verify"]
+#: How much of the body we read and hand to the transport at a time.
+BODY_CHUNK = 64 * 1024
+#: Unread input we hold before pausing the transport (replies are small; this is generous).
+MAX_INBOX = 64 * 1024
+_CORE_POLICY = {
+    "none": StartTLSPolicy.NEVER,
+    "may": StartTLSPolicy.OPPORTUNISTIC,
+    "encrypt": StartTLSPolicy.REQUIRED,
+    "verify": StartTLSPolicy.REQUIRED,
+}
+
+
+def client_tls_context(verify: bool, cafile: str | None = None) -> ssl.SSLContext:
+    """TLS 1.2+ (RFC 8996); with `verify`, the system (or `cafile`) roots and a host name check."""
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:  # opportunistic TLS: encryption against passive listeners only (RFC 7435)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class SessionFailure:
+    """No usable session: `phase` None means the TCP connection itself failed."""
+
+    reply: Reply
+    phase: Phase | None
+    relay: str
+
+
+class _Stream(asyncio.Protocol):
+    """A byte stream whose receive buffer we own (see SECURITY above)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._inbox = bytearray()
+        self._eof = False
+        self._wakeup = asyncio.Event()
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._inbox += data
+        self._wakeup.set()
+        if len(self._inbox) > MAX_INBOX and self.transport and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wakeup.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wakeup.set()
+        self._write_ok.set()
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    async def read(self, timeout: float) -> bytes | None:
+        """What has arrived, b"" at EOF, None after `timeout` seconds of silence."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._inbox and not self._eof:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+        except TimeoutError:
+            return None
+        data = bytes(self._inbox)
+        self._inbox.clear()
+        if self._paused and self.transport and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes, timeout: float) -> None:
+        """Write and wait while the transport is over its high-water mark; raise if gone."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        self.transport.write(data)
+        async with asyncio.timeout(timeout):
+            await self._write_ok.wait()
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection lost")
+
+    async def start_tls(self, ctx: ssl.SSLContext, server_name: str | None, timeout: float) -> None:
+        assert self.transport is not None
+        self._inbox.clear()  # same synchronous step as the protocol swap: no clear text slips in
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self, ctx, server_hostname=server_name, ssl_handshake_timeout=timeout
+        )
+        if new is None:
+            raise ConnectionResetError("connection lost during TLS handshake")
+        self.transport = new
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class SMTPClientConnection:
+    """One outbound session, reusable for several messages; use `connect()` to make one."""
+
+    def __init__(
+        self, core: ClientConnection, stream: _Stream, relay: str, timeouts: Timeouts
+    ) -> None:
+        self._core = core
+        self._stream = stream
+        self.relay = relay  # host[ip]:port, for logs
+        self.timeouts = timeouts
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int = 25,
+        *,
+        helo_name: str,
+        address: str | None = None,
+        tls_policy: TLSPolicy = "may",
+        ssl_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        credentials: Credentials | None = None,
+        allow_plaintext_auth: bool = False,
+        source_address: tuple[str, int] | None = None,
+        timeouts: Timeouts | None = None,
+    ) -> SMTPClientConnection | SessionFailure:
+        """Dial `address` (default: `host`), then greeting, EHLO, STARTTLS and AUTH as needed.
+
+        `host` names the peer for SNI, certificate checks and logs; domain literals work.
+        Dialing a name (no `address`) uses the system resolver: the relay agent passes the
+        address it got from `net.dns`.
+        """
+        timeouts = timeouts or Timeouts()
+        name = parse_literal(host) or host.lower().rstrip(".")
+        dial = address or name
+        if ssl_context is None and (tls_policy != "none" or implicit_tls):
+            ssl_context = client_tls_context(verify=tls_policy == "verify")
+        core_policy = _CORE_POLICY[tls_policy]
+        for _ in range(2):  # the second round is the clear-text retry after a "may" failure
+            core = ClientConnection(
+                helo_name,
+                starttls=core_policy,
+                credentials=credentials,
+                allow_plaintext_auth=allow_plaintext_auth,
+                tls_active=implicit_tls,
+            )
+            relay = f"{name}[{dial}]:{port}"
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(timeouts.connect):
+                    _, stream = await loop.create_connection(
+                        _Stream,
+                        dial,
+                        port,
+                        local_addr=source_address,
+                        ssl=ssl_context if implicit_tls else None,
+                        server_hostname=name if implicit_tls else None,
+                        ssl_handshake_timeout=timeouts.starttls if implicit_tls else None,
+                    )
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                why = str(exc) or type(exc).__name__
+                return SessionFailure(
+                    Reply(421, f"connect to {relay}: {why}", "4.4.1"), None, relay
+                )
+            assert stream.transport is not None
+            peer = stream.transport.get_extra_info("peername")
+            relay = f"{name}[{peer[0] if peer else dial}]:{port}"
+            conn = cls(core, stream, relay, timeouts)
+            try:
+                failure = await conn._setup(ssl_context, name)
+            except BaseException:  # cancelled, or a bug: never leak the socket
+                conn.close()
+                raise
+            if failure is None:
+                return conn
+            if tls_policy == "may" and failure.phase is Phase.TLS_HANDSHAKE and not implicit_tls:
+                core_policy = StartTLSPolicy.NEVER
+                continue
+            return failure
+        raise AssertionError("unreachable")
+
+    # -- what the caller sees --------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._core.capabilities
+
+    @property
+    def usable(self) -> bool:
+        """Still connected and able to take another message."""
+        return self._core.phase in (Phase.READY, Phase.RSET)
+
+    @property
+    def tls_active(self) -> bool:
+        return self._core.tls_active
+
+    @property
+    def tls_info(self) -> str | None:
+        """For logs, e.g. "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"; None in clear text."""
+        sslobj = self._stream.transport and self._stream.transport.get_extra_info("ssl_object")
+        if not isinstance(sslobj, ssl.SSLObject):
+            return None
+        cipher = sslobj.cipher()
+        return f"{sslobj.version()} with cipher {cipher[0] if cipher else '?'}"
+
+    async def send(
+        self, txn: MailTransaction, message: BinaryIO | bytes | Iterable[bytes]
+    ) -> dict[str, Reply]:
+        """Send one message; one Reply per distinct recipient, never an exception for mail faults.
+
+        On a dead session every recipient gets a 4xx, so the caller simply retries later.
+        """
+        if not await self._until_ready():
+            reply = Reply(421, f"connection to {self.relay} is no longer usable", "4.4.2")
+            return {r.address: reply for r in txn.recipients}
+        try:
+            self._core.start(txn)
+            while True:
+                event = await self._next_event()
+                match event:
+                    case SendBody():
+                        await self._send_body(message)
+                    case TransactionDone(results=results):
+                        return dict(results)
+                    case Ready() | StartTLS() | SessionFailed() | Closed() | NeedData() | Paused():
+                        raise AssertionError(f"unexpected {event!r} in a transaction")
+        except BaseException:  # cancelled, or the spool file failed: the session is unusable
+            self.close()
+            raise
+
+    async def quit(self) -> None:
+        """Say QUIT (when idle), wait briefly for the reply, close. Never raises."""
+        try:
+            if await self._until_ready():
+                self._core.quit()
+                while not isinstance(await self._next_event(), Closed):
+                    pass
+        finally:
+            self._stream.close()
+
+    def close(self) -> None:
+        """Drop the connection without a word."""
+        self._stream.close()
+
+    async def __aenter__(self) -> SMTPClientConnection:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if t is None:
+            await self.quit()
+        else:
+            self.close()
+
+    # -- the pump ------------------------------------------------------------------------------
+    async def _setup(self, ctx: ssl.SSLContext | None, name: str) -> SessionFailure | None:
+        while True:
+            event = await self._next_event()
+            match event:
+                case Ready():
+                    return None
+                case StartTLS():
+                    assert ctx is not None
+                    try:
+                        await self._stream.start_tls(ctx, name, self.timeouts.starttls)
+                    except (OSError, TimeoutError, ssl.SSLError) as exc:
+                        self._core.tls_failed(str(exc) or type(exc).__name__)
+                    else:
+                        self._core.tls_started()
+                case SessionFailed(reply=reply, phase=phase):
+                    self._stream.close()  # after the QUIT the core queued, already written
+                    return SessionFailure(reply, phase, self.relay)
+                case Closed():
+                    self._stream.close()
+                    reply = Reply(421, "connection closed during session setup", "4.4.2")
+                    return SessionFailure(reply, None, self.relay)
+                case TransactionDone() | SendBody() | NeedData() | Paused():
+                    raise AssertionError(f"unexpected {event!r} during session setup")
+
+    async def _until_ready(self) -> bool:
+        """Consume a pending RSET reply; False when the session is over."""
+        while self._core.phase is Phase.RSET:
+            event = await self._next_event()
+            if isinstance(event, SessionFailed | Closed):
+                break
+        if self._core.phase is Phase.READY:
+            return True
+        self._stream.close()
+        return False
+
+    async def _next_event(self) -> Event:
+        while True:
+            event = self._core.next_event()
+            await self._flush()  # what the core said in answer, before we wait for more
+            if not isinstance(event, NeedData):
+                return event
+            data = await self._stream.read(self.timeouts.for_phase(self._core.phase))
+            if data is None:
+                self._core.connection_lost(f"conversation with {self.relay} timed out")
+            else:
+                self._core.receive_data(data)
+
+    async def _flush(self) -> bool:
+        data = self._core.data_to_send()
+        if not data:
+            return True
+        try:
+            await self._stream.write(data, self.timeouts.for_phase(self._core.phase))
+        except TimeoutError:
+            self._core.connection_lost(f"conversation with {self.relay} timed out")
+        except OSError:
+            self._core.connection_lost(f"lost connection with {self.relay}")
+        else:
+            return True
+        self._stream.close()
+        return False
+
+    async def _send_body(self, message: BinaryIO | bytes | Iterable[bytes]) -> None:
+        if isinstance(message, bytes):
+            view = memoryview(message)
+            chunks: Iterable[bytes] = (
+                bytes(view[i : i + BODY_CHUNK]) for i in range(0, len(view), BODY_CHUNK)
+            )
+        elif hasattr(message, "read"):
+            chunks = iter(lambda: message.read(BODY_CHUNK), b"")
+        else:
+            chunks = message
+        for chunk in chunks:
+            self._core.send_body(chunk)
+            if not await self._flush():
+                return
+        self._core.end_body()
