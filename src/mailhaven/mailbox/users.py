@@ -1,0 +1,219 @@
+"""The user database: a Dovecot-compatible passwd-file with argon2id hashes.
+
+Format (Dovecot's passwd-file, one user a line, fields may be empty):
+    user:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$salt$hash:uid:gid:gecos:home:shell:extra
+Comment lines (`#`), blank lines and lines we do not understand are kept verbatim on rewrite, so
+the same file can serve Dovecot's `passdb { driver = passwd-file }`.
+
+In: the file path. Out: `names()`, `verify()`, and the admin mutations `add`, `set_password`,
+`delete`. The file is re-read when its (mtime, size, inode) changes, so `mailhaven user add` in
+another process is seen without a restart. Rewrites take `<file>.lock` (flock), re-read the file
+under it, write `<file>.tmp`, fsync, rename over, then fsync the directory: readers see the old
+file or the new one, never half of either.
+
+SECURITY: hashes are argon2id (argon2-cffi). Verification is CPU-heavy, so `verify` runs it in a
+worker thread; an unknown user is checked against a dummy hash so the answer takes about as long
+as for a known one. Names are lower-cased and must be a dot-atom local part (RFC 5322 §3.4.1)
+without `/`, because they also name the Maildir directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+#: RFC 5321 §4.5.3.1.1: a local part is at most 64 octets.
+MAX_NAME = 64
+#: Dovecot's scheme names for argon2 hashes we can verify.
+SCHEMES = ("{ARGON2ID}", "{ARGON2I}")
+_ATEXT = r"[a-z0-9!#$%&'*+=?^_`{|}~-]+"  # RFC 5322 atext, lower case, without "/"
+_NAME = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+FIELDS = 8  # user:password:uid:gid:gecos:home:shell:extra
+
+
+class UserDBError(Exception):
+    """An admin operation that cannot be done; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Signature:
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def normalize_name(name: str) -> str | None:
+    """The canonical (lower-case) user name, or None when it is not a valid one."""
+    lowered = name.strip().lower()
+    if len(lowered) > MAX_NAME or not _NAME.fullmatch(lowered):
+        return None
+    return lowered
+
+
+class UserDB:
+    """A passwd-file, cached in memory and reloaded when it changes on disk."""
+
+    def __init__(self, path: Path, *, hasher: PasswordHasher | None = None) -> None:
+        self.path = path
+        self._hasher = hasher or PasswordHasher()
+        self._lines: list[str] = []
+        self._hashes: dict[str, str] = {}
+        self._signature: _Signature | None = None
+        self._dummy: str | None = None
+        self._lock = threading.Lock()
+
+    # -- reading -------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Read the file now (a missing file is an empty database)."""
+        with self._lock:
+            self._load_locked()
+
+    def _load_locked(self) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                st = os.fstat(f.fileno())
+                text = f.read()
+        except FileNotFoundError:
+            self._lines, self._hashes, self._signature = [], {}, None
+            return
+        self._lines = text.splitlines()
+        self._hashes = dict(_parse(self._lines))
+        self._signature = _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if its mtime, size or inode moved; True when it did."""
+        try:
+            st = self.path.stat()
+            sig: _Signature | None = _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            sig = None
+        if sig == self._signature:
+            return False
+        self.load()
+        return True
+
+    def names(self) -> set[str]:
+        self.reload_if_changed()
+        return set(self._hashes)
+
+    async def verify(self, user: str, password: str) -> bool:
+        """True when `password` is right for `user`; the hashing runs in a worker thread."""
+        self.reload_if_changed()
+        name = normalize_name(user)
+        stored = self._hashes.get(name) if name else None
+        return await asyncio.to_thread(self._verify, stored, password)
+
+    def _verify(self, stored: str | None, password: str) -> bool:
+        scheme = next((s for s in SCHEMES if stored and stored.startswith(s)), None)
+        if stored is None or scheme is None:
+            with contextlib.suppress(VerificationError, InvalidHashError):
+                self._hasher.verify(self._dummy_hash(), password)
+            return False
+        try:
+            return self._hasher.verify(stored[len(scheme):], password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            self._dummy = self._hasher.hash(secrets.token_hex(16))
+        return self._dummy
+
+    # -- admin mutations -----------------------------------------------------------------------
+    def add(self, user: str, password: str) -> str:
+        name = _valid(user)
+        with self._rewrite() as lines:
+            if name in dict(_parse(lines)):
+                raise UserDBError(f"user {name} already exists")
+            lines.append(":".join([name, self._scheme_hash(password)] + [""] * (FIELDS - 2)))
+        return name
+
+    def set_password(self, user: str, password: str) -> None:
+        name = _valid(user)
+        with self._rewrite() as lines:
+            index = _find(lines, name)
+            fields = lines[index].split(":", FIELDS - 1)
+            fields[1] = self._scheme_hash(password)
+            lines[index] = ":".join(fields)
+
+    def delete(self, user: str) -> None:
+        name = _valid(user)
+        with self._rewrite() as lines:
+            del lines[_find(lines, name)]
+
+    def _scheme_hash(self, password: str) -> str:
+        if not password:
+            raise UserDBError("empty password")
+        return "{ARGON2ID}" + self._hasher.hash(password)
+
+    @contextlib.contextmanager
+    def _rewrite(self) -> Iterator[list[str]]:
+        """Lock, re-read, let the caller edit the lines, write atomically, reload."""
+        lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            self.load()
+            lines = list(self._lines)
+            yield lines
+            _atomic_write(self.path, "".join(f"{line}\n" for line in lines))
+            self.load()
+        finally:
+            os.close(lock_fd)
+
+
+def _parse(lines: list[str]) -> Iterator[tuple[str, str]]:
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#") or ":" not in line:
+            continue
+        name, password = line.split(":", 2)[:2]
+        if normalize_name(name) == name:
+            yield name, password
+
+
+def _find(lines: list[str], name: str) -> int:
+    for index, line in enumerate(lines):
+        if not line.lstrip().startswith("#") and line.split(":", 1)[0] == name:
+            return index
+    raise UserDBError(f"no such user: {name}")
+
+
+def _valid(user: str) -> str:
+    name = normalize_name(user)
+    if name is None or name != user.strip().lower():
+        raise UserDBError(f"invalid user name: {user!r}")
+    return name
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o600
+    tmp = path.with_name(f"{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,115 @@
+"""The passwd-file user database: Dovecot format, argon2id, reload, atomic rewrites."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from argon2 import PasswordHasher
+
+from mailhaven.mailbox.users import UserDB, UserDBError, normalize_name
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> UserDB:
+    users = UserDB(tmp_path / "passwd", hasher=FAST)
+    users.add("alice", "correct horse")
+    return users
+
+
+async def test_verify(db: UserDB) -> None:
+    assert await db.verify("alice", "correct horse")
+    assert await db.verify("ALICE", "correct horse")  # names are case-insensitive
+    assert not await db.verify("alice", "wrong")
+    assert not await db.verify("nobody", "correct horse")
+    assert not await db.verify("../etc", "x")
+
+
+def test_file_is_dovecot_passwd_format(db: UserDB) -> None:
+    line = db.path.read_text().strip()
+    name, password, *rest = line.split(":")
+    assert name == "alice" and len(rest) == 6 and not any(rest)
+    assert password.startswith("{ARGON2ID}$argon2id$v=19$")
+    assert stat.S_IMODE(db.path.stat().st_mode) == 0o600
+    assert not db.path.with_name("passwd.tmp").exists()
+
+
+async def test_comments_and_foreign_lines_survive_rewrites(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    hashed = "{ARGON2ID}" + FAST.hash("pw")
+    path.write_text(f"# managed by hand\nbob:{hashed}:1000:1000::/home/bob::userdb_quota=1G\n"
+                    "carol:{PLAIN}plain:::::\n\n")
+    db = UserDB(path, hasher=FAST)
+    db.add("dave", "pw2")
+    db.set_password("bob", "new")
+    text = path.read_text()
+    assert text.startswith("# managed by hand\n")
+    assert ":1000:1000::/home/bob::userdb_quota=1G" in text
+    assert "carol:{PLAIN}plain:::::" in text
+    assert await db.verify("bob", "new") and not await db.verify("bob", "pw")
+    assert not await db.verify("carol", "plain")  # schemes other than argon2 are not accepted
+    db.delete("dave")
+    assert db.names() == {"bob", "carol"}
+
+
+async def test_reload_when_another_process_changes_the_file(db: UserDB) -> None:
+    other = UserDB(db.path, hasher=FAST)
+    assert db.names() == {"alice"}
+    other.add("bob", "pw")
+    assert db.names() == {"alice", "bob"}
+    assert await db.verify("bob", "pw")
+    other.delete("alice")
+    assert not await db.verify("alice", "correct horse")
+
+
+def test_admin_errors(db: UserDB) -> None:
+    with pytest.raises(UserDBError, match="exists"):
+        db.add("Alice", "x")
+    with pytest.raises(UserDBError, match="no such user"):
+        db.set_password("zed", "x")
+    with pytest.raises(UserDBError, match="no such user"):
+        db.delete("zed")
+    with pytest.raises(UserDBError, match="empty"):
+        db.add("zed", "")
+    for bad in ("a:b", "a/b", "a b", ".a", "a..b", "", "x" * 65, "é"):
+        with pytest.raises(UserDBError, match="invalid"):
+            db.add(bad, "pw")
+
+
+def test_normalize_name() -> None:
+    assert normalize_name("Alice.Smith+tag") == "alice.smith+tag"
+    assert normalize_name("a/b") is None and normalize_name("..") is None
+
+
+def test_missing_file_is_empty(tmp_path: Path) -> None:
+    assert UserDB(tmp_path / "absent").names() == set()
+
+
+async def test_verify_runs_off_the_event_loop(db: UserDB) -> None:
+    slow = UserDB(db.path)  # default (RFC 9106) parameters: tens of milliseconds per verify
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    started = time.monotonic()
+    assert not await slow.verify("nobody", "x")  # the dummy hash costs as much as a real one
+    elapsed = time.monotonic() - started
+    task.cancel()
+    assert ticks >= min(5, int(elapsed * 1000) // 4)
+
+
+def test_rewrite_keeps_mode(db: UserDB) -> None:
+    os.chmod(db.path, 0o640)
+    db.add("bob", "pw")
+    assert stat.S_IMODE(db.path.stat().st_mode) == 0o640
