@@ -66,7 +66,7 @@ def test_parse_hostport() -> None:
     assert parse_hostport("127.0.0.1:25") == ("127.0.0.1", 25)
     assert parse_hostport("[::1]:2525") == ("::1", 2525)
     with pytest.raises(ConfigError):
-        parse_hostport("127.0.0.1:0")
+        parse_hostport("127.0.0.1:65536")
 
 
 def test_config_check_cli(tmp_path: Path) -> None:

@@ -148,7 +148,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"bad listen address {text!r}: expected host:port or [v6addr]:port")
     return host, int(port)
 

@@ -1,0 +1,268 @@
+"""The asyncio SMTP adapter, in-process over loopback: containment, TLS, timeouts, AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.config import Limits, Timeouts
+from mailhaven.envelope import Envelope
+from mailhaven.mailbox.users import UserDB
+from mailhaven.proto import smtp_events as ev
+from mailhaven.proto.replies import Reply
+from mailhaven.proto.smtp_server import ServerSettings
+from mailhaven.routing import Router
+from mailhaven.smtpd import server as server_module
+from mailhaven.smtpd.auth import SMTPAuthenticator
+from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
+from mailhaven.smtpd.server import SMTPService
+from mailhaven.smtpd.session import ListenerProfile, Writer
+
+
+@dataclass
+class MemoryWriter:
+    queue_id: str
+    data: bytearray = field(default_factory=bytearray)
+    aborted: bool = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@dataclass
+class MemorySink:
+    messages: list[tuple[Envelope, bytes, str | None]] = field(default_factory=list)
+    count: int = 0
+
+    def new_message(self) -> Writer:
+        self.count += 1
+        return MemoryWriter(f"Q{self.count}")
+
+    async def accept(self, writer: Writer, envelope: Envelope, tls: str | None) -> Reply:
+        assert isinstance(writer, MemoryWriter)
+        self.messages.append((envelope, bytes(writer.data), tls))
+        return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
+
+
+class ExplodingPolicy(SMTPPolicy):
+    def rcpt_to(self, facts: SessionFacts, event: ev.RcptTo) -> Reply | None:
+        if event.address.startswith("boom"):
+            raise RuntimeError("policy bug")
+        return super().rcpt_to(facts, event)
+
+
+def router() -> Router:
+    return Router(
+        local_domains=["localhost"],
+        mailboxes=lambda: {"postmaster", "alice"},
+        trusted_networks=["127.0.0.0/8"],
+    )
+
+
+@dataclass
+class Harness:
+    service: SMTPService
+    sink: MemorySink
+    port: int
+
+
+CA = trustme.CA()
+CERT = CA.issue_cert("localhost", "127.0.0.1")
+
+
+def server_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    CERT.configure_cert(ctx)
+    return ctx
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    CA.configure_trust(ctx)
+    return ctx
+
+
+async def start(
+    profile: Callable[[], ListenerProfile],
+    *,
+    limits: Limits | None = None,
+    timeouts: Timeouts | None = None,
+) -> Harness:
+    sink = MemorySink()
+    service = SMTPService(sink=sink, limits=limits or Limits(), timeouts=timeouts or Timeouts())
+    await service.listen("127.0.0.1:0", profile)
+    return Harness(service, sink, service.addresses[0][1])
+
+
+def mx_profile(policy_cls: type[SMTPPolicy] = SMTPPolicy, **settings: object) -> ListenerProfile:
+    return ListenerProfile(
+        name="smtp",
+        settings=replace(ServerSettings(hostname="mx.test"), **settings),  # type: ignore[arg-type]
+        policy=policy_cls(router, PolicySettings()),
+        tls_context=server_tls,
+    )
+
+
+@pytest.fixture
+async def mx() -> AsyncIterator[Harness]:
+    h = await start(lambda: mx_profile(ExplodingPolicy, starttls=True))
+    yield h
+    await h.service.shutdown(grace=0.5)
+
+
+def send_with_smtplib(port: int, rcpts: list[str]) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail("a@example.org", rcpts, b"Subject: x\r\n\r\nhello\r\n")
+
+
+async def test_policy_exception_answers_451_and_session_continues(mx: Harness) -> None:
+    refused = await asyncio.to_thread(
+        send_with_smtplib, mx.port, ["boom@localhost", "alice@localhost"]
+    )
+    assert refused == {"boom@localhost": (451, b"4.3.0 Error: internal error, try again later")}
+    envelope, body, _ = mx.sink.messages[0]
+    assert [r.address for r in envelope.recipients] == ["alice@localhost"]
+    assert body == b"Subject: x\r\n\r\nhello\r\n"
+
+
+async def test_starttls_pipelined_plaintext_is_never_answered_inside_tls(mx: Harness) -> None:
+    def talk() -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", mx.port), timeout=10) as raw:
+            f = raw.makefile("rb")
+            assert f.readline().startswith(b"220")
+            raw.sendall(b"EHLO c\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            raw.sendall(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<evil@x>\r\n")  # one packet
+            assert f.readline().startswith(b"220 2.0.0")
+            tls = client_tls().wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(b"NOOP\r\n")
+            tf = tls.makefile("rb")
+            first = tf.readline()
+            tls.sendall(b"QUIT\r\n")
+            return [first, tf.readline()]
+
+    lines = await asyncio.to_thread(talk)
+    # The only answers inside TLS are to what was sent inside TLS: one NOOP, then QUIT.
+    assert lines == [b"250 2.0.0 Ok\r\n", b"221 2.0.0 Bye\r\n"]
+
+
+async def test_tls_recorded_for_received_header(mx: Harness) -> None:
+    def send() -> None:
+        with smtplib.SMTP("127.0.0.1", mx.port, timeout=10) as client:
+            client.starttls(context=client_tls())
+            client.sendmail("a@example.org", ["alice@localhost"], b"Subject: t\r\n\r\nx\r\n")
+
+    await asyncio.to_thread(send)
+    envelope, _, tls = mx.sink.messages[0]
+    assert tls is not None and tls.startswith("using TLSv1.")
+    assert envelope.protocol == "ESMTPS"
+
+
+async def test_idle_client_gets_421_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_module, "REAPER_INTERVAL", 0.05)
+    h = await start(mx_profile, timeouts=Timeouts(command=0.2))
+    h.service._reaper = asyncio.ensure_future(h.service._reap())
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        assert (await reader.readline()).startswith(b"220")
+        line = await asyncio.wait_for(reader.readline(), 5)
+        assert line.startswith(b"421 4.4.2 mx.test Error: timeout exceeded")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await h.service.shutdown(grace=0.2)
+
+
+async def test_connection_limit_per_ip() -> None:
+    h = await start(mx_profile, limits=Limits(connections_per_ip=2))
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", h.port) for _ in range(3)]
+        greetings = [await asyncio.wait_for(r.readline(), 5) for r, _ in conns]
+        assert [g[:3] for g in greetings] == [b"220", b"220", b"421"]
+        for _, w in conns:
+            w.close()
+    finally:
+        await h.service.shutdown(grace=0.2)
+
+
+async def test_graceful_shutdown_lets_the_transaction_finish() -> None:
+    h = await start(mx_profile, timeouts=Timeouts(shutdown_grace=5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+    await reader.readline()
+    for line in (
+        b"HELO c\r\n",
+        b"MAIL FROM:<a@x.test>\r\n",
+        b"RCPT TO:<alice@localhost>\r\n",
+        b"DATA\r\n",
+    ):
+        writer.write(line)
+        await writer.drain()
+        await reader.readline()
+    stopping = asyncio.ensure_future(h.service.shutdown())
+    await asyncio.sleep(0.1)
+    writer.write(b"Subject: late\r\n\r\nbody\r\n.\r\n")
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"250 2.0.0 Ok: queued")
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"421 4.3.2")
+    await asyncio.wait_for(stopping, 5)
+    assert len(h.sink.messages) == 1
+
+
+async def test_auth_plain_login_and_brute_force_brake(tmp_path: Path) -> None:
+    users = UserDB(tmp_path / "users.passwd")
+    users.add("alice", "s3cret")
+    limiter = AuthLimiter(max_failures=3, window=60, failure_delay=0.01)
+    auth = SMTPAuthenticator(users, limiter)
+
+    def profile() -> ListenerProfile:
+        return ListenerProfile(
+            name="submissions",
+            settings=ServerSettings(
+                hostname="mx.test", tls_on_connect=True, auth_mechanisms=("PLAIN", "LOGIN")
+            ),
+            policy=SMTPPolicy(router, PolicySettings(require_auth=True, sender_login_check=True)),
+            tls_context=server_tls,
+            authenticator=auth,
+        )
+
+    sink = MemorySink()
+    service = SMTPService(sink=sink, limits=Limits(), timeouts=Timeouts())
+    await service.listen("127.0.0.1:0", profile, implicit_tls=True)
+    port = service.addresses[0][1]
+
+    def session(password: str) -> int:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls(), timeout=10) as c:
+            c.ehlo()
+            token = base64.b64encode(f"\0alice\0{password}".encode()).decode()
+            code, _ = c.docmd("AUTH", f"PLAIN {token}")  # exactly one attempt
+            if code != 235:
+                return code
+            c.sendmail("alice@localhost", ["someone@example.net"], b"Subject: a\r\n\r\nb\r\n")
+            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+                c.sendmail("bob@localhost", ["x@example.net"], b"Subject: a\r\n\r\nb\r\n")
+            assert refused.value.smtp_code == 553
+            return code
+
+    try:
+        assert await asyncio.to_thread(session, "s3cret") == 235
+        assert [m[0].auth_user for m in sink.messages] == ["alice"]
+        assert sink.messages[0][0].protocol == "ESMTPSA"
+        codes = [await asyncio.to_thread(session, "wrong") for _ in range(4)]
+        assert codes[:3] == [535, 535, 535]
+        assert codes[3] == 454  # blocked now, even before any hash is computed
+        assert await asyncio.to_thread(session, "s3cret") == 454  # the user stays blocked
+    finally:
+        await service.shutdown(grace=0.2)
