@@ -3,6 +3,7 @@
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.outcome import RelayReport
 from mailhaven.scheduler.plan import Limits
-from mailhaven.scheduler.runner import OnFailures, Runner, SchedulerSpool
+from mailhaven.scheduler.ports import OnFailures, SchedulerSpool
+from mailhaven.scheduler.runner import Runner
 
 __all__ = ["BackoffPolicy", "Limits", "OnFailures", "RelayReport", "Runner", "SchedulerSpool"]

@@ -1,0 +1,232 @@
+"""Intake: the only door into the queue (Postfix's cleanup).
+
+In: a finished `MessageWriter` (the body as the client sent it), the `Envelope`, and the session
+facts (TLS summary). Out: a queue id, once the message is durable, or a refusal `Reply`.
+
+Steps, in order:
+1. inspect the first `HEAD_SCAN_LIMIT` bytes of the body (never the whole body) for the header
+   block: count `Received:` fields (loop protection, RFC 5321 §6.3: more than `MAX_HOPS` means
+   the message is looping: 554 5.4.6) and find the `Message-ID:` for the log;
+2. expand each envelope recipient through the injected `expand` (alias expansion lives in
+   routing); each final recipient remembers its original envelope recipient, NOTIFY and ORCPT
+   for DSNs; duplicates after expansion are delivered once;
+3. build our `Received:` trace field (RFC 5321 §4.4, Postfix's shape) and commit header + body
+   to the spool, which returns only when all of it is on stable storage;
+4. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`, then
+   wake the scheduler through the injected callback.
+
+Trust: the envelope and the HELO name come from the client. They were syntax-checked by the SMTP
+core, but control characters are still replaced here before they go into a header, so a hostile
+HELO can never inject header lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Protocol
+
+from mailhaven.envelope import Envelope
+from mailhaven.proto.replies import Reply, reply
+from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.records import QueuedRecipient
+
+log = logging.getLogger("mailhaven.queue")
+#: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
+cleanup_log = logging.getLogger("mailhaven.intake")
+
+#: More Received: fields than this means a mail loop (RFC 5321 §6.3; Postfix hopcount_limit).
+MAX_HOPS = 50
+#: Only this much of the message start is scanned for header fields (cheap, bounded).
+HEAD_SCAN_LIMIT = 64 * 1024
+SOFTWARE = "mailhaven"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class QueueSink(Protocol):
+    """What intake needs from the spool."""
+
+    async def commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    queue_id: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reply: Reply
+
+
+Outcome = Queued | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    received_count: int
+    message_id: str | None
+
+
+def scan_header(head: bytes) -> HeaderFacts:
+    """Count Received: fields and find Message-ID in the header block within `head`.
+
+    Stops at the empty line ending the header (RFC 5322 §2.1) or at the end of `head`.
+    """
+    received = 0
+    message_id: str | None = None
+    current: list[bytes] = []
+
+    def finish(field: list[bytes]) -> None:
+        nonlocal received, message_id
+        if not field:
+            return
+        name, _, value = b"".join(field).partition(b":")
+        name = name.strip().lower()
+        if name == b"received":
+            received += 1
+        elif name == b"message-id" and message_id is None:
+            message_id = value.decode("utf-8", "replace").strip()
+
+    for line in head.splitlines():
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            current.append(b" " + line.strip())
+            continue
+        finish(current)
+        current = [line]
+    finish(current)
+    return HeaderFacts(received, message_id)
+
+
+def _clean(text: str) -> str:
+    return _CONTROL.sub("?", text)
+
+
+def _address_literal(ip: str) -> str:
+    """RFC 5321 §4.1.3: IPv6 literals carry the `IPv6:` tag."""
+    return f"IPv6:{ip}" if ":" in ip else ip
+
+
+def received_header(
+    envelope: Envelope,
+    *,
+    queue_id: str,
+    hostname: str,
+    now: float,
+    tls: str | None = None,
+) -> bytes:
+    """Our trace field, Postfix-shaped (RFC 5321 §4.4), folded with CRLF TAB.
+
+    `for <rcpt>` appears only with exactly one envelope recipient: naming one of several would
+    disclose the others' existence to each (Postfix does the same).
+    """
+    lines: list[str] = []
+    if envelope.client_address or envelope.helo:
+        name = _clean(envelope.client_name or "unknown")
+        helo = _clean(envelope.helo or envelope.client_name or "unknown")
+        ip = _clean(envelope.client_address)
+        tcp_info = f"{name} [{_address_literal(ip)}]" if ip else name
+        lines.append(f"Received: from {helo} ({tcp_info})")
+        if tls:
+            lines.append(f"\t({_clean(tls)})")
+        if envelope.auth_user:
+            lines.append(f"\t(Authenticated sender: {_clean(envelope.auth_user)})")
+        lines.append(f"\tby {hostname} ({SOFTWARE}) with {_clean(envelope.protocol)} id {queue_id}")
+    else:
+        lines.append(f"Received: by {hostname} ({SOFTWARE}) id {queue_id}")
+    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    if len(envelope.recipients) == 1:
+        lines.append(f"\tfor <{_clean(envelope.recipients[0].address)}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def expand_recipients(
+    envelope: Envelope, expand: Callable[[str], Sequence[str]]
+) -> list[QueuedRecipient]:
+    """Final recipients in envelope order, each delivered once, with its original kept."""
+    seen: set[str] = set()
+    out: list[QueuedRecipient] = []
+    for spec in envelope.recipients:
+        for final in expand(spec.address):
+            if final in seen:
+                continue
+            seen.add(final)
+            out.append(QueuedRecipient(final, spec.address, spec.notify, spec.orcpt))
+    return out
+
+
+class Intake:
+    """Built once by the composition root; shared by every receiving session."""
+
+    def __init__(
+        self,
+        spool: QueueSink,
+        *,
+        hostname: str,
+        expand: Callable[[str], Sequence[str]],
+        wake: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._hostname = hostname
+        self._expand = expand
+        self._wake = wake
+        self._clock = clock
+
+    async def submit(
+        self, writer: MessageWriter, envelope: Envelope, *, tls: str | None = None
+    ) -> Outcome:
+        """Queue the message or refuse it. A refused or failed message's writer is aborted.
+
+        `tls` is a summary for the trace header, e.g. "using TLSv1.3 with cipher X (256/256
+        bits)". Unexpected exceptions (disk full, expand failure) propagate: the session
+        answers 451 4.3.0 and the client retries.
+        """
+        qid = writer.queue_id
+        try:
+            facts = scan_header(writer.head(HEAD_SCAN_LIMIT))
+            if facts.received_count > MAX_HOPS:
+                cleanup_log.warning(
+                    "%s: reject: too many hops (%d Received: headers) from=<%s>",
+                    qid, facts.received_count, envelope.sender,
+                )
+                writer.abort()
+                return Refused(reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
+            recipients = expand_recipients(envelope, self._expand)
+            header = received_header(
+                envelope, queue_id=qid, hostname=self._hostname, now=self._clock(), tls=tls
+            )
+            if facts.message_id is not None:
+                cleanup_log.info("%s: message-id=%s", qid, facts.message_id)
+            if not recipients:
+                # Every recipient expanded to nothing (e.g. an alias to no one): accepted, done.
+                writer.abort()
+                log.info("%s: removed (no recipients after expansion)", qid)
+                return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+            await self._spool.commit(writer, envelope, recipients, header)
+        except BaseException:
+            writer.abort()
+            raise
+        log.info(
+            "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+            qid, envelope.sender, len(header) + writer.size, len(recipients),
+        )
+        self._wake()
+        return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))

@@ -1,0 +1,111 @@
+"""Turning an agent's per-recipient replies into stored verdicts and maillog lines (pure).
+
+2xx: sent. 5xx: bounced. 4xx, a missing reply or an agent exception: deferred until the backoff
+time, unless the message is past its queue lifetime: then bounced ("expired"), keeping the last
+temporary reply for the DSN (Postfix reports the last error with Action: failed).
+
+Relay names: a `Reply` has no room for "which host took it", and `Reply` is shared by everyone,
+so the convention is that an agent MAY return, instead of a plain dict, any mapping object that
+also has a `relay: str` attribute (the `RelayReport` protocol; e.g. a `dict` subclass with a
+`relay` field, "mx1.example.org[192.0.2.1]:25"). Without one the log says `relay=local` for the
+local transport and `relay=none` otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from mailhaven.delivery.base import Route
+from mailhaven.proto.replies import Reply, reply
+from mailhaven.scheduler.backoff import BackoffPolicy, expired, next_attempt
+from mailhaven.spool.records import DueRecipient, RecipientUpdate, Status
+
+Label = Literal["sent", "bounced", "deferred", "expired"]
+
+NO_RESULT = reply(451, "4.3.0", "delivery agent returned no result for this recipient")
+UNAVAILABLE = reply(451, "4.3.0", "mail transport unavailable")
+
+
+@runtime_checkable
+class RelayReport(Protocol):
+    relay: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    recipient: DueRecipient
+    reply: Reply
+    label: Label
+    update: RecipientUpdate
+
+
+def crash_reply(exc: BaseException) -> Reply:
+    """An agent raised: unknown errors count as temporary (the mail is never lost)."""
+    return reply(451, "4.3.0", f"delivery agent failed: {type(exc).__name__}: {exc}"[:300])
+
+
+def judge(
+    recipients: Sequence[DueRecipient],
+    replies: Mapping[str, Reply],
+    *,
+    policy: BackoffPolicy,
+    now: float,
+    null_sender: bool,
+    attempted: bool = True,
+    relay: str | None = None,
+) -> list[Verdict]:
+    """One verdict per recipient, in order; `relay` is stored for the DSN's Remote-MTA."""
+    out = []
+    for rcpt in recipients:
+        r = replies.get(rcpt.address, NO_RESULT)
+        label: Label
+        when = None
+        if r.is_success:
+            label, status = "sent", Status.SENT
+        elif r.is_permanent:
+            label, status = "bounced", Status.BOUNCED
+        elif expired(policy, rcpt.arrival, now, null_sender=null_sender):
+            label, status = "expired", Status.BOUNCED
+        else:
+            label, status = "deferred", Status.DEFERRED
+            when = next_attempt(policy, rcpt.arrival, now)
+        update = RecipientUpdate(rcpt.index, status, when, r, attempted, relay)
+        out.append(Verdict(rcpt, r, label, update))
+    return out
+
+
+def relay_name(result: object, route: Route) -> str:
+    if isinstance(result, RelayReport):
+        return result.relay
+    return "local" if route.transport == "local" else "none"
+
+
+def _secs(x: float) -> str:
+    return f"{max(x, 0.0):.2f}".rstrip("0").rstrip(".") or "0"
+
+
+def attempt_line(
+    queue_id: str,
+    verdict: Verdict,
+    *,
+    relay: str,
+    now: float,
+    delays: tuple[float, float, float, float],
+) -> str:
+    """`QID: to=<a>, orig_to=<b>, relay=..., delay=.., delays=a/b/c/d, dsn=.., status=..`.
+
+    delays: a = arrival to this attempt's planning (time queued), b = planning to the agent
+    call (loading the message), c = connection set-up (0: agents do not report it yet),
+    d = the agent's own time.
+    """
+    rcpt = verdict.recipient
+    orig = f", orig_to=<{rcpt.original}>" if rcpt.original != rcpt.address else ""
+    status = "deferred" if verdict.label == "expired" else verdict.label
+    text = " ".join(x for x in verdict.reply.lines if x) or str(verdict.reply.code)
+    return (
+        f"{queue_id}: to=<{rcpt.address}>{orig}, relay={relay},"
+        f" delay={_secs(now - rcpt.arrival)}, delays={'/'.join(_secs(d) for d in delays)},"
+        f" dsn={verdict.reply.dsn}, status={status} ({text})"
+    )

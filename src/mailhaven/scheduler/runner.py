@@ -1,0 +1,373 @@
+"""The queue manager's loop (Postfix qmgr): wait, plan, dispatch, record, finish.
+
+In: the spool (through the narrow `SchedulerSpool` protocol), the agents per transport name, a
+`route(address) -> Route` function, an `on_failures` hook (bounces are someone else's job).
+Out: delivery requests to agents, durable per-recipient results, maillog lines.
+
+One task runs `run()`. It wakes when `wake()` is called (intake: new mail; a finished delivery:
+a slot is free; the CLI: requeue) or when the earliest deferred recipient falls due; it never
+polls the queue. It never touches the network itself: all I/O is in agents and the spool.
+
+Invariants:
+- a recipient being attempted is `claim`ed in the spool, so `due()` never returns it twice;
+- each reply is recorded durably before the message can be removed; a crash in between means
+  the attempt is repeated (at-least-once), never that mail is lost;
+- a message with nothing left to do is handed to `on_failures` (with its bounced recipients,
+  if any; the hook decides whether to bounce, e.g. never for the null sender, and may read the
+  body via the spool before it returns), then removed;
+- `stop()` lets deliveries finish until a deadline, then cancels them; cancelled recipients are
+  unclaimed and stay pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, Route
+from mailhaven.envelope import Envelope
+from mailhaven.proto.replies import Reply, reply
+from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
+from mailhaven.scheduler.outcome import (
+    UNAVAILABLE,
+    Verdict,
+    attempt_line,
+    crash_reply,
+    judge,
+    relay_name,
+)
+from mailhaven.scheduler.plan import Delivery, Limits, Suspension, is_site_failure, make_plan
+from mailhaven.scheduler.ports import OnFailures, SchedulerSpool
+from mailhaven.spool.records import DueRecipient, Hold, RecipientUpdate, Status
+
+log = logging.getLogger("mailhaven.queue")
+
+#: seconds before retrying a scheduler pass that failed unexpectedly
+ERROR_PAUSE = 10.0
+
+
+class Runner:
+    def __init__(
+        self,
+        spool: SchedulerSpool,
+        agents: Mapping[str, DeliveryAgent],
+        route: Callable[[str], Route],
+        *,
+        on_failures: OnFailures,
+        clock: Callable[[], float] = time.time,
+        policy: BackoffPolicy | None = None,
+        limits: Limits | None = None,
+        on_delay: OnFailures | None = None,
+    ) -> None:
+        self._spool = spool
+        self._agents = dict(agents)
+        self._route = route
+        self._on_failures = on_failures
+        self._on_delay = on_delay
+        self._clock = clock
+        self._policy = policy or BackoffPolicy()
+        self._limits = limits or Limits()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._busy: Counter[Route] = Counter()
+        self._tasks: dict[asyncio.Task[None], Delivery] = {}
+        self._dead: dict[Route, Suspension] = {}
+        self._stopped = asyncio.Event()
+        self._running = False
+
+    # -- control --------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Look at the queue again soon (new mail, a freed slot, an operator's requeue)."""
+        self._wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """The loop; returns after `stop()`. An unexpected error in a pass is logged and the
+        pass retried after `ERROR_PAUSE` seconds: the daemon keeps running."""
+        self._running = True
+        try:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("scheduler: start-up sweep failed")
+            while not self._stopping:
+                self._wakeup.clear()
+                try:
+                    wake_at = await self.run_once()
+                except Exception:
+                    log.exception("scheduler: pass failed; retrying in %.0f s", ERROR_PAUSE)
+                    wake_at = self._clock() + ERROR_PAUSE
+                if self._stopping:
+                    break
+                timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+        finally:
+            self._stopped.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop planning; let deliveries finish for `grace` seconds, then cancel the rest."""
+        self._stopping = True
+        self.wake()
+        if self._running:
+            await self._stopped.wait()  # no new deliveries after this
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        if pending:
+            keys = [r.key for t in pending for r in self._tasks[t].recipients]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await self._spool.unclaim(keys)
+            log.info("scheduler: stopped with %d delivery(ies) cancelled", len(pending))
+
+    async def settle(self) -> None:
+        """Wait until no delivery is in flight (tests, and the end of a flush)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # -- one pass ------------------------------------------------------------------------------
+    async def run_once(self) -> float | None:
+        """Plan and dispatch what is due now; returns when to look again (None: on wake only)."""
+        now = self._clock()
+        self._dead = {r: s for r, s in self._dead.items() if s.until > now}
+        due = await self._spool.due(now, self._limits.scan)
+        routes, broken = self._routes(due)
+        await self._defer(broken, now)
+        plan = make_plan(
+            [r for r in due if r.address in routes],
+            route=routes.__getitem__,
+            transports=self._agents.keys(),
+            in_flight=self._busy,
+            dead=self._dead,
+            limits=self._limits,
+            now=now,
+        )
+        if plan.held:
+            await self._spool.hold_recipients([r.key for r in plan.held], Hold.ROUTE)
+            for r in plan.held:
+                log.info("%s: to=<%s>, relay=none, status=held (destination on hold)",
+                         r.queue_id, r.address)
+        await self._defer_unavailable(plan.unavailable, now)
+        await self._defer_suspended(plan.suspended, now)
+        if plan.deliveries:
+            await self._spool.claim([r.key for d in plan.deliveries for r in d.recipients])
+            for d in plan.deliveries:
+                self._busy[d.route] += 1
+                task = asyncio.create_task(self._deliver(d, now), name=f"deliver {d.queue_id}")
+                self._tasks[task] = d
+                task.add_done_callback(self._delivery_done)
+        if plan.waiting:
+            return None  # all usable slots are taken: a finishing delivery wakes us
+        return await self._spool.next_due_time()
+
+    def _delivery_done(self, task: asyncio.Task[None]) -> None:
+        d = self._tasks.pop(task)
+        self._busy[d.route] -= 1
+        if self._busy[d.route] <= 0:
+            del self._busy[d.route]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: scheduler error: %r", d.queue_id, task.exception())
+        self.wake()
+
+    def _routes(
+        self, due: Sequence[DueRecipient]
+    ) -> tuple[dict[str, Route], list[tuple[DueRecipient, Reply]]]:
+        """Route each address once; a routing error defers that recipient (4.3.0)."""
+        routes: dict[str, Route] = {}
+        broken: list[tuple[DueRecipient, Reply]] = []
+        for rcpt in due:
+            if rcpt.address in routes:
+                continue
+            try:
+                routes[rcpt.address] = self._route(rcpt.address)
+            except Exception as exc:
+                log.exception("%s: routing <%s> failed", rcpt.queue_id, rcpt.address)
+                broken.append((rcpt, reply(451, "4.3.0", f"routing failed: {exc}"[:300])))
+        return routes, broken
+
+    async def _defer_unavailable(
+        self, items: Sequence[tuple[DueRecipient, Route]], now: float
+    ) -> None:
+        for rcpt, route in items:
+            log.warning("%s: no delivery agent for transport %r", rcpt.queue_id, route.transport)
+        await self._defer([(rcpt, UNAVAILABLE) for rcpt, _ in items], now)
+
+    async def _defer(self, items: Sequence[tuple[DueRecipient, Reply]], now: float) -> None:
+        """Record a reply for recipients we did not hand to any agent (backoff applies)."""
+        by_message: defaultdict[str, list[tuple[DueRecipient, Reply]]] = defaultdict(list)
+        for rcpt, r in items:
+            by_message[rcpt.queue_id].append((rcpt, r))
+        for qid, pairs in by_message.items():
+            replies = {rcpt.address: r for rcpt, r in pairs}
+            await self._conclude(
+                qid, [rcpt for rcpt, _ in pairs], replies, now, relay="none", planned=now,
+                started=now, attempted=False,
+            )
+
+    async def _defer_suspended(
+        self, items: Sequence[tuple[DueRecipient, Suspension]], now: float
+    ) -> None:
+        by_message: defaultdict[str, list[tuple[DueRecipient, Suspension]]] = defaultdict(list)
+        for rcpt, suspension in items:
+            by_message[rcpt.queue_id].append((rcpt, suspension))
+        for qid, pairs in by_message.items():
+            replies = {
+                r.address: reply(
+                    s.reason.code,
+                    s.reason.enhanced,
+                    "delivery temporarily suspended: " + " ".join(s.reason.lines),
+                )
+                for r, s in pairs
+            }
+            until = {r.index: s.until for r, s in pairs}
+            await self._conclude(
+                qid, [r for r, _ in pairs], replies, now, relay="none", planned=now,
+                started=now, attempted=False, not_before=until,
+            )
+
+    # -- one delivery ----------------------------------------------------------------------------
+    async def _deliver(self, d: Delivery, planned: float) -> None:
+        try:
+            await self._attempt(d, planned)
+        except Exception as exc:
+            # Our own failure (not the agent's): defer with backoff so the recipients neither
+            # stay claimed until restart nor come straight back in a tight loop. If even that
+            # fails, they stay claimed and the next start-up makes them due again.
+            log.exception("%s: scheduler error during delivery", d.queue_id)
+            now = self._clock()
+            failure = crash_reply(exc)
+            updates = [
+                RecipientUpdate(r.index, Status.DEFERRED, next_attempt(self._policy, r.arrival,
+                                now), failure, attempted=False)
+                for r in d.recipients
+            ]
+            with contextlib.suppress(Exception):
+                await self._spool.record(d.queue_id, updates)
+
+    async def _attempt(self, d: Delivery, planned: float) -> None:
+        msg = await self._spool.load(d.queue_id)
+        if msg is None:  # deleted or quarantined meanwhile
+            await self._spool.unclaim([r.key for r in d.recipients])
+            return
+        request = DeliveryRequest(
+            queue_id=d.queue_id,
+            envelope=msg.envelope,
+            recipients=tuple(r.address for r in d.recipients),
+            route=d.route,
+            open_message=msg.open,
+            size=msg.size,
+        )
+        agent = self._agents[d.route.transport]
+        started = self._clock()
+        replies: Mapping[str, Reply]
+        try:
+            result = await agent.deliver(request)
+            replies, relay, crashed = result, relay_name(result, d.route), False
+        except Exception as exc:  # unknown errors are temporary (ARCHITECTURE, idea 4)
+            log.warning("%s: delivery agent %r failed: %r", d.queue_id, d.route.transport, exc)
+            failure = crash_reply(exc)
+            replies = {r.address: failure for r in d.recipients}
+            relay, crashed = relay_name(None, d.route), True
+        now = self._clock()
+        if crashed or is_site_failure(replies):
+            first = next(iter(replies.values()))
+            self._dead[d.route] = Suspension(now + self._limits.dead_time, first)
+        await self._conclude(
+            d.queue_id, d.recipients, replies, now, relay=relay, planned=planned,
+            started=started, envelope=msg.envelope,
+        )
+
+    async def _conclude(
+        self,
+        qid: str,
+        rcpts: Sequence[DueRecipient],
+        replies: Mapping[str, Reply],
+        now: float,
+        *,
+        relay: str,
+        planned: float,
+        started: float,
+        attempted: bool = True,
+        not_before: Mapping[int, float] | None = None,
+        envelope: Envelope | None = None,
+    ) -> None:
+        """Judge, log, record durably, and finish the message if nothing is left."""
+        if envelope is None:
+            msg = await self._spool.load(qid)
+            null_sender = msg is not None and msg.envelope.sender == ""
+            envelope = msg.envelope if msg else None
+        else:
+            null_sender = envelope.sender == ""
+        verdicts = judge(
+            rcpts, replies, policy=self._policy, now=now, null_sender=null_sender,
+            attempted=attempted, relay=relay if attempted else None,
+        )
+        if not_before:
+            verdicts = [_postpone(v, not_before) for v in verdicts]
+        delays = (planned - min(r.arrival for r in rcpts), started - planned, 0.0, now - started)
+        for v in verdicts:
+            log.info(attempt_line(qid, v, relay=relay, now=now, delays=delays))
+        remaining = await self._spool.record(qid, [v.update for v in verdicts])
+        if any(v.label == "expired" for v in verdicts) and envelope is not None:
+            log.info("%s: from=<%s>, status=expired, returned to sender", qid, envelope.sender)
+        if remaining == 0:
+            await self._finish(qid)
+        elif any(v.label == "deferred" for v in verdicts):
+            await self._maybe_warn(qid, [v.recipient for v in verdicts], now)
+
+    async def _maybe_warn(self, qid: str, rcpts: Sequence[DueRecipient], now: float) -> None:
+        """Postfix's delay_warning_time: tell the sender once that mail is still queued."""
+        arrival = min(r.arrival for r in rcpts)
+        if self._on_delay is None or not delay_warning_due(
+            self._policy, arrival, now, already_warned=False
+        ):
+            return
+        if not await self._spool.mark_warned(qid):
+            return
+        msg = await self._spool.load(qid)
+        if msg is None:
+            return
+        delayed = [s for s in await self._spool.recipients(qid) if s.status is Status.DEFERRED]
+        try:
+            await self._on_delay(msg, delayed)
+        except Exception:
+            log.exception("%s: delay warning hook failed", qid)
+
+    async def _finish(self, qid: str) -> None:
+        msg = await self._spool.load(qid)
+        if msg is None:
+            return
+        failed = [s for s in await self._spool.recipients(qid) if s.status is Status.BOUNCED]
+        if failed:
+            try:
+                await self._on_failures(msg, failed)
+            except Exception:
+                # Keep the message: the next start-up sweep retries the hook. Never drop
+                # a failure report silently.
+                log.exception("%s: failure hook failed; message kept", qid)
+                return
+        await self._spool.remove(qid)
+        log.info("%s: removed", qid)
+
+    async def sweep(self) -> None:
+        """Finish messages a crash left with nothing to do (between record and remove)."""
+        for qid in await self._spool.finished():
+            await self._finish(qid)
+
+
+def _postpone(v: Verdict, not_before: Mapping[int, float]) -> Verdict:
+    """A suspended destination's recipients wait until the suspension ends, not the backoff."""
+    until = not_before.get(v.recipient.index)
+    if until is None or v.update.status is not Status.DEFERRED:
+        return v
+    return dataclasses.replace(v, update=dataclasses.replace(v.update, next_attempt=until))

@@ -1,0 +1,185 @@
+"""Message bytes on their way into the spool (`MessageWriter`) and back out (`open_stored`).
+
+In: the receiver writes the body chunk by chunk. Up to the spool's inline limit the bytes stay
+in memory (they will be stored as a BLOB in the same SQLite transaction as the envelope); past
+it, everything spills to a temporary file under `tmp/` and later chunks go straight to that
+file. So a writer never holds more than `inline_limit` bytes, whatever the message size.
+
+Out: a stored message is the trace header (kept in the database) followed by the body (a BLOB or
+`bodies/<qid>`); `open_stored` gives one fresh read stream over both without copying the file.
+
+Durability steps for a spilled body (run off the event loop by the spool): flush, fsync the file,
+rename it into `bodies/`, fsync the directory. Only then may the database row that points at it
+be committed; recovery deletes any `tmp/` file and any `bodies/` file without a row.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+#: the buffer size for writes to a spilled body file
+_FILE_BUFFER = 64 * 1024
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or unlink inside `path` durable (POSIX needs the directory fsync'd)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MessageWriter:
+    """Collects one message body. Get one from `Spool.new_message()`; commit or `abort()` it.
+
+    The queue id is assigned at creation so the caller can log it and put it in the trace header
+    before the commit. Usable as a context manager: leaving the block by an exception aborts.
+    """
+
+    def __init__(self, queue_id: str, tmp_dir: Path, inline_limit: int) -> None:
+        self.queue_id = queue_id
+        self._tmp_dir = tmp_dir
+        self._inline_limit = inline_limit
+        self._buffer = bytearray()
+        self._file: BinaryIO | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._closed = False
+
+    # -- the receiver's side ---------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ValueError(f"{self.queue_id}: write to a closed message")
+        if not data:
+            return
+        self._size += len(data)
+        if self._file is None and len(self._buffer) + len(data) <= self._inline_limit:
+            self._buffer += data
+            return
+        if self._file is None:
+            self._spill()
+        assert self._file is not None
+        self._file.write(data)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def spilled(self) -> bool:
+        """True once the body lives in a file (it exceeded the inline limit)."""
+        return self._path is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory by this writer (never more than the inline limit)."""
+        return len(self._buffer)
+
+    def head(self, limit: int) -> bytes:
+        """The first `limit` bytes written so far, for cheap header inspection (Received:
+        counting, Message-ID) without reading the whole body."""
+        if self._file is None:
+            return bytes(self._buffer[:limit])
+        assert self._path is not None
+        self._file.flush()
+        with open(self._path, "rb") as f:
+            return f.read(limit)
+
+    def abort(self) -> None:
+        """Discard the message: nothing of it will ever be queued. Idempotent."""
+        self._closed = True
+        self._buffer = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+    def __enter__(self) -> MessageWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    # -- the spool's side ------------------------------------------------------------------
+    def _spill(self) -> None:
+        fd, name = tempfile.mkstemp(prefix=f"{self.queue_id}.", dir=self._tmp_dir)
+        self._path = Path(name)
+        self._file = open(fd, "wb", buffering=_FILE_BUFFER)  # noqa: SIM115 - closed by seal/abort
+        self._file.write(self._buffer)
+        self._buffer = bytearray()  # release the memory, not just the length
+
+    def take_inline(self) -> bytes:
+        """Close the writer and hand over the in-memory body (spool use; not spilled only)."""
+        assert self._file is None and not self._closed
+        self._closed = True
+        data = bytes(self._buffer)
+        self._buffer = bytearray()
+        return data
+
+    def seal_to(self, target: Path, checkpoint: Callable[[str], None]) -> None:
+        """Make the spilled body durable as `target` (blocking: run it in a thread).
+
+        `checkpoint` is the spool's crash-injection hook, called after each durable step.
+        """
+        assert self._file is not None and self._path is not None and not self._closed
+        self._closed = True
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        checkpoint("body_synced")
+        os.rename(self._path, target)
+        self._path = None
+        fsync_directory(target.parent)
+        checkpoint("body_linked")
+
+
+class _Concat(io.RawIOBase):
+    """A read-only raw stream over a bytes prefix followed by a file."""
+
+    def __init__(self, prefix: bytes, tail: io.FileIO | None) -> None:
+        self._prefix = memoryview(prefix)
+        self._pos = 0
+        self._tail = tail
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._pos < len(self._prefix):
+            n = min(len(buffer), len(self._prefix) - self._pos)
+            buffer[:n] = self._prefix[self._pos : self._pos + n]
+            self._pos += n
+            return n
+        if self._tail is None:
+            return 0
+        return self._tail.readinto(buffer)
+
+    def close(self) -> None:
+        if self._tail is not None:
+            self._tail.close()
+            self._tail = None
+        super().close()
+
+
+def open_stored(header: bytes, inline_body: bytes | None, body_path: Path | None) -> BinaryIO:
+    """A fresh binary stream over a stored message: trace header, then the body."""
+    if body_path is None:
+        return io.BytesIO(header + (inline_body or b""))
+    tail = open(body_path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned stream
+    return io.BufferedReader(_Concat(header, tail), buffer_size=_FILE_BUFFER)

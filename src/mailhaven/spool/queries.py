@@ -1,0 +1,302 @@
+"""The spool's SQL, as plain functions of a connection (the writer thread runs them as jobs).
+
+Each function is one step of one job; none commits (the committer owns transactions). Rows are
+turned into records here and nowhere else, so the column layout of `schema.py` stays private to
+this package.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mailhaven.envelope import Envelope
+from mailhaven.proto.replies import Reply
+from mailhaven.spool.records import (
+    DueRecipient,
+    Hold,
+    QueuedRecipient,
+    RecipientKey,
+    RecipientState,
+    RecipientUpdate,
+    Status,
+    StoredMessage,
+)
+
+_UNFINISHED = (Status.PENDING.value, Status.DEFERRED.value)
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def insert_message(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    arrival: float,
+    envelope: Envelope,
+    header: bytes,
+    body: bytes | None,
+    size: int,
+    recipients: Sequence[QueuedRecipient],
+) -> None:
+    conn.execute(
+        "INSERT INTO message (qid, arrival, sender, envelope, header, body, body_file, size)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            queue_id,
+            arrival,
+            envelope.sender,
+            json.dumps(envelope.to_dict(), separators=(",", ":")),
+            header,
+            body,
+            int(body is None),
+            size,
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO recipient (qid, idx, address, domain, original, notify, orcpt, status,"
+        " hold, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                queue_id,
+                i,
+                r.address,
+                domain_of(r.address),
+                r.original,
+                ",".join(r.notify),
+                f"{r.orcpt[0]};{r.orcpt[1]}" if r.orcpt else None,
+                Status.PENDING.value,
+                int(r.hold),
+                arrival,
+            )
+            for i, r in enumerate(recipients)
+        ],
+    )
+
+
+#: parameters: status, now, limit
+DUE_SQL = (
+    "SELECT r.qid, r.idx, r.address, r.original, r.attempts, r.next_attempt, m.arrival"
+    " FROM recipient AS r JOIN message AS m ON m.qid = r.qid"
+    " WHERE r.status = ? AND r.hold = 0 AND r.active = 0 AND r.next_attempt <= ?"
+    " ORDER BY r.next_attempt LIMIT ?"
+)
+#: parameter: status
+NEXT_DUE_SQL = (
+    "SELECT min(next_attempt) FROM recipient WHERE status = ? AND hold = 0 AND active = 0"
+)
+
+
+def select_due(conn: sqlite3.Connection, now: float, limit: int) -> list[DueRecipient]:
+    """Up to `limit` new (never tried) and up to `limit` deferred recipients due at `now`,
+    each group oldest first. Both are range scans of `recipient_due`."""
+    out: list[DueRecipient] = []
+    for status in _UNFINISHED:
+        rows = conn.execute(DUE_SQL, (status, now, limit))
+        out.extend(
+            DueRecipient(
+                queue_id=q, index=i, address=a, original=o, attempts=n, arrival=arr,
+                next_attempt=t,
+            )
+            for q, i, a, o, n, t, arr in rows
+        )
+    return out
+
+
+
+
+def next_due(conn: sqlite3.Connection) -> float | None:
+    """The earliest `next_attempt` of any attemptable recipient (an index probe per status)."""
+    best: float | None = None
+    for status in _UNFINISHED:
+        (value,) = conn.execute(NEXT_DUE_SQL, (status,)).fetchone()
+        if value is not None and (best is None or value < best):
+            best = float(value)
+    return best
+
+
+def set_active(conn: sqlite3.Connection, keys: Iterable[RecipientKey], active: bool) -> None:
+    conn.executemany(
+        "UPDATE recipient SET active = ? WHERE qid = ? AND idx = ?",
+        [(int(active), k.queue_id, k.index) for k in keys],
+    )
+
+
+def add_hold(conn: sqlite3.Connection, keys: Iterable[RecipientKey], reason: Hold) -> None:
+    conn.executemany(
+        "UPDATE recipient SET hold = hold | ?, active = 0 WHERE qid = ? AND idx = ?",
+        [(int(reason), k.queue_id, k.index) for k in keys],
+    )
+
+
+def apply_updates(
+    conn: sqlite3.Connection, queue_id: str, updates: Sequence[RecipientUpdate], now: float
+) -> int:
+    """Store attempt results; return how many recipients of the message are still unfinished."""
+    conn.executemany(
+        "UPDATE recipient SET status = ?, active = 0, attempts = attempts + ?,"
+        " next_attempt = coalesce(?, next_attempt), last_attempt = ?,"
+        " last_code = coalesce(?, last_code), last_dsn = coalesce(?, last_dsn),"
+        " last_text = coalesce(?, last_text), last_relay = coalesce(?, last_relay)"
+        " WHERE qid = ? AND idx = ?",
+        [
+            (
+                u.status.value,
+                int(u.attempted),
+                u.next_attempt,
+                now if u.attempted else None,
+                u.reply.code if u.reply else None,
+                u.reply.dsn if u.reply else None,
+                _reply_text(u.reply) if u.reply else None,
+                u.relay,
+                queue_id,
+                u.index,
+            )
+            for u in updates
+        ],
+    )
+    return unfinished_count(conn, queue_id)
+
+
+def unfinished_count(conn: sqlite3.Connection, queue_id: str) -> int:
+    (n,) = conn.execute(
+        "SELECT count(*) FROM recipient WHERE qid = ? AND status IN (?, ?)",
+        (queue_id, *_UNFINISHED),
+    ).fetchone()
+    return int(n)
+
+
+def _reply_text(reply: Reply) -> str:
+    return "\n".join(reply.lines)
+
+
+def load_message(conn: sqlite3.Connection, queue_id: str, bodies: Path) -> StoredMessage | None:
+    row = conn.execute(
+        "SELECT arrival, envelope, header, body, body_file, size FROM message"
+        " WHERE qid = ? AND quarantined = 0",
+        (queue_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    arrival, envelope, header, body, body_file, size = row
+    return StoredMessage(
+        queue_id=queue_id,
+        envelope=Envelope.from_dict(json.loads(envelope)),
+        arrival=arrival,
+        header=bytes(header),
+        size=size,
+        inline_body=None if body_file else bytes(body or b""),
+        body_path=bodies / queue_id if body_file else None,
+    )
+
+
+RECIPIENT_COLUMNS = (
+    "idx, address, original, notify, orcpt, status, hold, active, attempts, next_attempt,"
+    " last_code, last_dsn, last_text, last_attempt, last_relay"
+)
+
+
+def recipient_from_row(row: Sequence[Any]) -> RecipientState:
+    (idx, address, original, notify, orcpt, status, hold, active, attempts, next_attempt,
+     code, dsn, text, last_attempt, last_relay) = row
+    reply = None
+    if code is not None:
+        first, *more = (text or "").split("\n")
+        reply = Reply(int(code), first, dsn or None, tuple(more))
+    orcpt_pair = None
+    if orcpt:
+        kind, _, addr = orcpt.partition(";")
+        orcpt_pair = (kind, addr)
+    return RecipientState(
+        index=idx,
+        address=address,
+        original=original,
+        notify=tuple(x for x in (notify or "").split(",") if x),
+        orcpt=orcpt_pair,
+        status=Status(status),
+        hold=Hold(hold),
+        active=bool(active),
+        attempts=attempts,
+        next_attempt=next_attempt,
+        last_reply=reply,
+        last_attempt=last_attempt,
+        last_relay=last_relay,
+    )
+
+
+def select_recipients(conn: sqlite3.Connection, queue_id: str) -> list[RecipientState]:
+    rows = conn.execute(
+        f"SELECT {RECIPIENT_COLUMNS} FROM recipient WHERE qid = ? ORDER BY idx", (queue_id,)
+    )
+    return [recipient_from_row(r) for r in rows]
+
+
+def delete_message(conn: sqlite3.Connection, queue_id: str) -> bool | None:
+    """Delete a message's rows; returns whether its body is a file (None: no such message)."""
+    row = conn.execute("SELECT body_file FROM message WHERE qid = ?", (queue_id,)).fetchone()
+    if row is None:
+        return None
+    conn.execute("DELETE FROM recipient WHERE qid = ?", (queue_id,))
+    conn.execute("DELETE FROM message WHERE qid = ?", (queue_id,))
+    return bool(row[0])
+
+
+def finished_messages(conn: sqlite3.Connection) -> list[str]:
+    """Messages with no unfinished recipient left (a crash hit between record and remove)."""
+    rows = conn.execute(
+        "SELECT m.qid FROM message AS m WHERE m.quarantined = 0 AND NOT EXISTS"
+        " (SELECT 1 FROM recipient AS r WHERE r.qid = m.qid AND r.status IN (?, ?))",
+        _UNFINISHED,
+    )
+    return [q for (q,) in rows]
+
+
+def change_hold(
+    conn: sqlite3.Connection, queue_id: str, reason: Hold, on: bool, now: float
+) -> int:
+    if on:
+        cur = conn.execute(
+            "UPDATE recipient SET hold = hold | ? WHERE qid = ? AND status IN (?, ?)",
+            (int(reason), queue_id, *_UNFINISHED),
+        )
+    else:
+        cur = conn.execute(
+            "UPDATE recipient SET hold = hold & ?, next_attempt = min(next_attempt, ?)"
+            " WHERE qid = ? AND hold & ? != 0",
+            (~int(reason), now, queue_id, int(reason)),
+        )
+    return cur.rowcount
+
+
+def mark_warned(conn: sqlite3.Connection, queue_id: str) -> bool:
+    """Test-and-set of the message's delay-warning flag: True only the first time."""
+    cur = conn.execute("UPDATE message SET warned = 1 WHERE qid = ? AND warned = 0", (queue_id,))
+    return cur.rowcount == 1
+
+
+def release_domain(conn: sqlite3.Connection, domain: str, now: float) -> int:
+    cur = conn.execute(
+        "UPDATE recipient SET hold = hold & ?, next_attempt = ?"
+        " WHERE domain = ? AND hold != 0 AND hold & ? != 0 AND status IN (?, ?)",
+        (~int(Hold.ROUTE), now, domain.lower(), int(Hold.ROUTE), *_UNFINISHED),
+    )
+    return cur.rowcount
+
+
+def requeue(conn: sqlite3.Connection, queue_id: str | None, now: float) -> int:
+    """Make unfinished recipients due now (one message, or all with `queue_id=None`)."""
+    if queue_id is None:
+        cur = conn.execute(
+            "UPDATE recipient SET next_attempt = ? WHERE status = ? AND next_attempt > ?",
+            (now, Status.DEFERRED.value, now),
+        )
+    else:
+        cur = conn.execute(
+            "UPDATE recipient SET next_attempt = ? WHERE qid = ? AND status IN (?, ?)",
+            (now, queue_id, *_UNFINISHED),
+        )
+    return cur.rowcount

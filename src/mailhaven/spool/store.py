@@ -1,0 +1,263 @@
+"""The spool: the durable queue every accepted message lives in until it is delivered or bounced.
+
+In: finished `MessageWriter`s with their envelope and final recipients (from intake only).
+Out: due recipients and stored messages (to the scheduler), summaries (to `mailq`).
+
+The promise: when `await commit(...)` returns a queue id, the envelope, the recipients, the trace
+header and the body are on stable storage (SQLite WAL with `synchronous=FULL`; a big body is
+fsync'd, renamed into `bodies/` and its directory fsync'd before its row commits). A crash at any
+point before that leaves nothing the scheduler could deliver half-written; see `recovery.py`.
+
+Layout under `root`: `queue.db` (+ WAL files), `tmp/` (bodies being received), `bodies/<qid>`
+(bodies above the inline limit), `quarantine/` (damaged entries set aside at recovery).
+
+Concurrency: all SQLite access goes through one writer thread (`committer.py`), which commits the
+work of many concurrent callers in one transaction. Every async method here is safe to call from
+many tasks at once. Recipients marked in flight (`claim`) are invisible to `due()` until their
+result is recorded, so the scheduler never needs an in-memory view of the whole queue.
+
+Crash injection: `checkpoint(name)` is called at "body_synced", "body_linked" (big bodies only),
+"before_commit" and "after_commit"; the default does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from mailhaven.envelope import Envelope
+from mailhaven.spool import queries
+from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.committer import CommitStats, Committer
+from mailhaven.spool.ids import QueueIdFactory, is_queue_id
+from mailhaven.spool.listing import list_queue
+from mailhaven.spool.records import (
+    DueRecipient,
+    Hold,
+    MessageSummary,
+    QueuedRecipient,
+    RecipientKey,
+    RecipientState,
+    RecipientUpdate,
+    StoredMessage,
+)
+from mailhaven.spool.recovery import RecoveryReport, recover
+
+log = logging.getLogger("mailhaven.spool")
+
+#: bodies up to this size are stored inside the database transaction (no extra file fsyncs)
+DEFAULT_INLINE_LIMIT = 128 * 1024
+
+
+def _no_checkpoint(point: str) -> None:
+    return None
+
+
+class Spool:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        inline_limit: int = DEFAULT_INLINE_LIMIT,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] = _no_checkpoint,
+    ) -> None:
+        self.root = root
+        self.db_path = root / "queue.db"
+        self.tmp_dir = root / "tmp"
+        self.bodies_dir = root / "bodies"
+        self.quarantine_dir = root / "quarantine"
+        self.inline_limit = inline_limit
+        self._clock = clock
+        self._checkpoint = checkpoint
+        self._new_id = QueueIdFactory(clock)
+        self._committer = Committer(self.db_path, checkpoint)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def open(self) -> RecoveryReport:
+        """Create the layout if needed, start the writer thread and recover (blocking; call it
+        once at start-up, e.g. via `asyncio.to_thread`). Only the daemon may open a spool:
+        recovery deletes bodies still being received, so a second opener would destroy them."""
+        for d in (self.root, self.tmp_dir, self.bodies_dir, self.quarantine_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._committer.start()
+        report = self._committer.call(
+            lambda conn: recover(conn, self.tmp_dir, self.bodies_dir, self.quarantine_dir)
+        )
+        log.info(
+            "spool %s: %d message(s) queued, %d quarantined at start-up",
+            self.root, report.messages, len(report.quarantined),
+        )
+        return report
+
+    def close(self) -> None:
+        """Finish queued jobs and stop the writer thread (blocking)."""
+        self._committer.stop()
+
+    @property
+    def stats(self) -> CommitStats:
+        return self._committer.stats
+
+    # -- intake ---------------------------------------------------------------------------------
+    def new_message(self) -> MessageWriter:
+        """A writer for one incoming body; its queue id is fixed from now on."""
+        return MessageWriter(self._new_id(), self.tmp_dir, self.inline_limit)
+
+    async def commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> str:
+        """Make the message durable; returns its queue id only once it is.
+
+        `header` (trace fields such as Received:) is stored before the body. If this raises or
+        is cancelled before returning, the message may or may not be queued but was never
+        acknowledged; in the "not queued" case no file is left behind.
+        """
+        if not recipients:
+            raise ValueError(f"{writer.queue_id}: no recipients")
+        qid = writer.queue_id
+        arrival = self._clock()
+        size = len(header) + writer.size
+        if not writer.spilled:
+            body = writer.take_inline()
+            await self._committer.run(
+                lambda c: queries.insert_message(
+                    c, qid, arrival, envelope, header, body, size, recipients
+                )
+            )
+            return qid
+        target = self.bodies_dir / qid
+        try:
+            await asyncio.to_thread(writer.seal_to, target, self._checkpoint)
+        except BaseException:
+            writer.abort()
+            target.unlink(missing_ok=True)
+            raise
+        fut = self._committer.submit(
+            lambda c: queries.insert_message(
+                c, qid, arrival, envelope, header, None, size, recipients
+            )
+        )
+        try:
+            await asyncio.wrap_future(fut)
+        except BaseException:
+            # Not acknowledged. Keep the file only if the row may have committed.
+            if fut.cancelled() or (fut.done() and fut.exception() is not None):
+                target.unlink(missing_ok=True)
+            raise
+        return qid
+
+    # -- delivery -----------------------------------------------------------------------------
+    async def load(self, queue_id: str) -> StoredMessage | None:
+        """The stored message (None if it was removed or is quarantined)."""
+        return await self._committer.run(
+            lambda c: queries.load_message(c, queue_id, self.bodies_dir), write=False
+        )
+
+    async def open_body(self, queue_id: str) -> BinaryIO:
+        """A fresh stream over trace header + body; KeyError if there is no such message."""
+        msg = await self.load(queue_id)
+        if msg is None:
+            raise KeyError(queue_id)
+        return msg.open()
+
+    async def size(self, queue_id: str) -> int | None:
+        msg = await self.load(queue_id)
+        return None if msg is None else msg.size
+
+    # -- scheduler ------------------------------------------------------------------------------
+    async def due(self, now: float, limit: int) -> list[DueRecipient]:
+        """Attemptable recipients with `next_attempt <= now`: up to `limit` never-tried ones
+        followed by up to `limit` deferred ones, each oldest first (fairness is the plan's)."""
+        return await self._committer.run(lambda c: queries.select_due(c, now, limit), write=False)
+
+    async def next_due_time(self) -> float | None:
+        """When the earliest attemptable recipient falls due (None: nothing to attempt)."""
+        return await self._committer.run(queries.next_due, write=False)
+
+    async def claim(self, keys: Sequence[RecipientKey]) -> None:
+        """Mark recipients as in flight (hidden from `due()` until `record`/`unclaim`)."""
+        await self._committer.run(lambda c: queries.set_active(c, keys, True))
+
+    async def unclaim(self, keys: Sequence[RecipientKey]) -> None:
+        await self._committer.run(lambda c: queries.set_active(c, keys, False))
+
+    async def hold_recipients(self, keys: Sequence[RecipientKey], reason: Hold) -> None:
+        await self._committer.run(lambda c: queries.add_hold(c, keys, reason))
+
+    async def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> int:
+        """Durably store attempt results; returns the message's unfinished recipient count."""
+        now = self._clock()
+        return await self._committer.run(
+            lambda c: queries.apply_updates(c, queue_id, updates, now)
+        )
+
+    async def mark_warned(self, queue_id: str) -> bool:
+        """Claim the single delay warning of a message: True only for the first caller."""
+        return await self._committer.run(lambda c: queries.mark_warned(c, queue_id))
+
+    async def recipients(self, queue_id: str) -> list[RecipientState]:
+        return await self._committer.run(
+            lambda c: queries.select_recipients(c, queue_id), write=False
+        )
+
+    async def finished(self) -> list[str]:
+        """Queue ids with nothing left to do (removal was interrupted by a crash)."""
+        return await self._committer.run(queries.finished_messages, write=False)
+
+    async def remove(self, queue_id: str) -> bool:
+        """Delete a message and its body (done, bounced or deleted). False if absent."""
+        body_file = await self._committer.run(lambda c: queries.delete_message(c, queue_id))
+        if body_file and is_queue_id(queue_id):
+            # After the commit: a crash here leaves an orphan file that recovery deletes.
+            (self.bodies_dir / queue_id).unlink(missing_ok=True)
+        return body_file is not None
+
+    # -- administration (postsuper / postqueue) -------------------------------------------------
+    async def hold(self, queue_id: str) -> int:
+        """Hold a message's unfinished recipients (like `postsuper -h`)."""
+        now = self._clock()
+        return await self._committer.run(
+            lambda c: queries.change_hold(c, queue_id, Hold.ADMIN, True, now)
+        )
+
+    async def release(self, queue_id: str) -> int:
+        """Undo `hold` (`postsuper -H`); recipients already due become due at once."""
+        now = self._clock()
+        return await self._committer.run(
+            lambda c: queries.change_hold(c, queue_id, Hold.ADMIN, False, now)
+        )
+
+    async def delete(self, queue_id: str) -> bool:
+        """Drop a message without a bounce (`postsuper -d`)."""
+        removed = await self.remove(queue_id)
+        if removed:
+            log.info("%s: removed (deleted by administrator)", queue_id)
+        return removed
+
+    async def requeue(self, queue_id: str | None = None) -> int:
+        """Make one message (or, with None, every deferred recipient) due now (`postqueue -f`,
+        `postqueue -i`). Wake the scheduler afterwards."""
+        now = self._clock()
+        return await self._committer.run(lambda c: queries.requeue(c, queue_id, now))
+
+    async def release_domain(self, domain: str) -> int:
+        """Clear the route hold of a domain's recipients and make them due now (ETRN)."""
+        now = self._clock()
+        return await self._committer.run(lambda c: queries.release_domain(c, domain, now))
+
+    async def list_messages(self) -> list[MessageSummary]:
+        """The whole queue for an in-daemon `mailq` (the CLI calls `list_queue(root)`)."""
+        return await asyncio.to_thread(lambda: list(list_queue(self.root)))
+
+    def quarantined_body(self, queue_id: str) -> Path | None:
+        path = self.quarantine_dir / queue_id
+        return path if is_queue_id(queue_id) and os.path.exists(path) else None
