@@ -18,26 +18,32 @@ import ssl
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from mailhaven import config as configuration
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
+from mailhaven.delivery.base import DeliveryAgent, Route
 from mailhaven.delivery.local import LocalAgent
+from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
 from mailhaven.envelope import Envelope
+from mailhaven.etrn import PartTimeHosts
 from mailhaven.intake import Intake
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net import selfsigned
+from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS
 from mailhaven.notifier import Notifier
 from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
+from mailhaven.proto.smtp_client import Credentials
 from mailhaven.proto.smtp_server import ServerSettings
 from mailhaven.routing import Router
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits as PlanLimits
 from mailhaven.scheduler.runner import Runner
 from mailhaven.smtpd.auth import SMTPAuthenticator
-from mailhaven.smtpd.policy import PolicySettings, SMTPPolicy
+from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import ListenerProfile, Writer
 from mailhaven.spool.body import MessageWriter
@@ -86,6 +92,34 @@ def build_router(config: Config, users: UserDB) -> Router:
         trusted_networks=config.trusted_networks,
         relay_domains=config.relay_domains,
         relayhost=config.relayhost or None,
+        held_domains=config.etrn.held_domains,
+        transport_map=config.relay.transport,
+    )
+
+
+def build_relay_agent(config: Config) -> RelayAgent:
+    relay = config.relay
+    nameservers = [parse_hostport(n) for n in relay.nameservers] or None
+    smarthosts = []
+    if config.relayhost:
+        credentials = (
+            Credentials(relay.relayhost_username, relay.relayhost_password)
+            if relay.relayhost_username
+            else None
+        )
+        smarthosts.append(
+            Smarthost(config.relayhost, credentials, cast(TLSPolicy, relay.relayhost_tls))
+        )
+    return RelayAgent(
+        Resolver(nameservers),
+        RelaySettings(
+            helo_name=config.hostname,
+            port=relay.port,
+            tls_policy=cast(TLSPolicy, relay.tls),
+            max_hosts=relay.max_hosts,
+            self_names=(config.hostname,),
+        ),
+        smarthosts=smarthosts,
     )
 
 
@@ -128,6 +162,9 @@ class App:
         self.tls: ReloadableTLS | None = None
         self.auth_limiter = AuthLimiter()
         self.pop3: list[Pop3Listener] = []
+        self.part_time: PartTimeHosts | None = None
+        self._background: list[asyncio.Future[None]] = []
+        self._route: Callable[[str], Route] = lambda address: self.router.route(address)
         self.spool = Spool(config.spool_path)
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
@@ -140,12 +177,30 @@ class App:
         return self.tls.context if self.tls is not None else None
 
     def _mx_profile(self) -> ListenerProfile:
+        settings = server_settings(self.config, starttls=self.tls is not None)
         return ListenerProfile(
             name="smtp",
-            settings=server_settings(self.config, starttls=self.tls is not None),
+            settings=replace(settings, etrn=bool(self.config.etrn.held_domains)),
             policy=SMTPPolicy(lambda: self.router, PolicySettings()),
             tls_context=self._tls_context,
+            etrn=self._etrn,
         )
+
+    async def _etrn(self, facts: SessionFacts, argument: str) -> Reply:
+        assert self.part_time is not None
+        return await self.part_time.etrn(facts.client_ip, argument)
+
+    def _release_route(self, domain: str) -> Route:
+        """Where a released part-time domain's mail goes: its transport entry, else its MX."""
+        config = self.config
+        return Route("relay", config.relay.transport.get(domain) or config.relayhost or domain)
+
+    async def _release_schedule(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            assert self.part_time is not None
+            count = await self.part_time.release_all()
+            log.info("scheduled release of part-time domains: %d recipient(s)", count)
 
     def _submission_profile(self, *, implicit_tls: bool) -> ListenerProfile:
         """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""
@@ -217,12 +272,14 @@ class App:
         self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)
         report = await asyncio.to_thread(self.spool.open)
         del report
-        agents = {
+        self.relay_agent = build_relay_agent(config)
+        agents: dict[str, DeliveryAgent] = {
+            "relay": self.relay_agent,
             "local": LocalAgent(
                 config.mail_root,
                 config.hostname,
                 users=lambda: mailbox_names(self.config, self.users)(),
-            )
+            ),
         }
         notifier = Notifier(
             self.spool,
@@ -234,7 +291,7 @@ class App:
         self.runner = Runner(
             self.spool,
             agents,
-            lambda address: self.router.route(address),
+            self._route,
             on_failures=notifier.on_failures,
             policy=BackoffPolicy(
                 minimal=q.minimal_backoff,
@@ -248,6 +305,17 @@ class App:
                 per_delivery=q.recipients_per_transaction,
             ),
         )
+        self.part_time = PartTimeHosts(
+            held_domains=config.etrn.held_domains,
+            clients=config.etrn.clients,
+            release=self.spool.release_domain,
+            wake=self.runner.wake,
+        )
+        self._route = self.part_time.route(lambda a: self.router.route(a), self._release_route)
+        if config.etrn.release_interval > 0:
+            self._background.append(
+                asyncio.ensure_future(self._release_schedule(config.etrn.release_interval))
+            )
         intake = Intake(
             self.spool,
             hostname=config.hostname,
@@ -303,6 +371,8 @@ class App:
         log.info("reload: configuration %s applied", path or "(built-in defaults)")
 
     async def shutdown(self) -> None:
+        for task in self._background:
+            task.cancel()
         for listener in self.pop3:
             listener.close()
         if self.smtp is not None:
@@ -311,5 +381,6 @@ class App:
             await self.runner.stop(grace=self.config.timeouts.shutdown_grace)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner_task
+        await self.relay_agent.close()
         await asyncio.to_thread(self.spool.close)
         log.info("stopped")

@@ -98,6 +98,36 @@ class TLS:
 
 
 @dataclass(frozen=True)
+class Relay:
+    """Outbound delivery: DNS, the remote port, TLS, smarthost credentials, per-domain routes."""
+
+    #: DNS servers as "host:port"; empty: the system's resolver (/etc/resolv.conf).
+    nameservers: tuple[str, ...] = ()
+    #: The SMTP port of remote hosts (25; tests use a loopback port).
+    port: int = 25
+    #: Outbound STARTTLS: none | may (opportunistic, Postfix's default) | encrypt | verify.
+    tls: str = "may"
+    #: At most this many MX hosts per attempt (Postfix smtp_mx_address_limit is 5).
+    max_hosts: int = 5
+    relayhost_username: str = ""
+    relayhost_password: str = ""
+    relayhost_tls: str = "may"
+    #: Per-domain next hops, e.g. { "example.net" = "[10.1.2.3]:2525" } (Postfix transport_maps).
+    transport: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Etrn:
+    """Part-time hosts (RFC 1985): their domains' mail waits until ETRN or the schedule."""
+
+    held_domains: tuple[str, ...] = ()
+    #: Clients allowed to say ETRN (others get 459).
+    clients: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    #: Seconds between automatic releases of all held domains (0: only on ETRN).
+    release_interval: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.gethostname)
     state_dir: str = "mailhaven-data"
@@ -118,6 +148,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     queue: Queue = field(default_factory=Queue)
     tls: TLS = field(default_factory=TLS)
+    relay: Relay = field(default_factory=Relay)
+    etrn: Etrn = field(default_factory=Etrn)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -215,6 +247,16 @@ def validate(config: Config) -> Config:
             parse_hostport(addr)
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls: give both cert and key, or neither")
+    for policy in (config.relay.tls, config.relay.relayhost_tls):
+        if policy not in ("none", "may", "encrypt", "verify"):
+            raise ConfigError(f"relay: TLS policy {policy!r} is not none, may, encrypt or verify")
+    for server in config.relay.nameservers:
+        parse_hostport(server)
+    for net in config.etrn.clients:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as err:
+            raise ConfigError(f"etrn.clients: {err}") from None
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     if not config.local_domains:
