@@ -293,6 +293,7 @@ class App:
             agents,
             self._route,
             on_failures=notifier.on_failures,
+            on_delay=notifier.on_delay,
             policy=BackoffPolicy(
                 minimal=q.minimal_backoff,
                 maximal=q.maximal_backoff,

@@ -13,6 +13,7 @@ only logged. NOTIFY=NEVER and the NOTIFY list are respected per recipient.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,7 +28,7 @@ from mailhaven.bounce import (
 )
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.intake import Intake
-from mailhaven.spool.records import RecipientState, StoredMessage
+from mailhaven.spool.records import RecipientState, Status, StoredMessage
 from mailhaven.spool.store import Spool
 
 log = logging.getLogger("mailhaven.bounce")
@@ -52,13 +53,25 @@ class Notifier:
         self.double_bounce_sender = f"double-bounce@{hostname}"
         self._clock = clock
 
-    async def on_failures(self, message: StoredMessage, failed: Sequence[RecipientState]) -> None:
-        """The scheduler's hook: bounce the failed recipients the sender wants to hear about."""
-        failures = [s for s in failed if should_notify(s.notify, _kind(s))]
-        if not failures:
-            return
-        kind: DsnKind = "expired" if all(_kind(s) == "expired" for s in failures) else "failure"
-        await self.notify(message, failures, kind)
+    async def on_failures(self, message: StoredMessage, states: Sequence[RecipientState]) -> None:
+        """The scheduler's finish hook: report failures (and successes asked for by NOTIFY)."""
+        failures = [
+            s for s in states if s.status is Status.BOUNCED and should_notify(s.notify, _kind(s))
+        ]
+        if failures:
+            kind: DsnKind = "expired" if all(_kind(s) == "expired" for s in failures) else "failure"
+            await self.notify(message, failures, kind)
+        successes = [
+            s for s in states if s.status is Status.SENT and should_notify(s.notify, "success")
+        ]
+        if successes:
+            await self.notify(message, successes, "success")
+
+    async def on_delay(self, message: StoredMessage, states: Sequence[RecipientState]) -> None:
+        """The scheduler's delay-warning hook (only when `queue.delay_warning` is set)."""
+        delayed = [s for s in states if should_notify(s.notify, "delay")]
+        if delayed:
+            await self.notify(message, delayed, "delay")
 
     async def notify(
         self, message: StoredMessage, states: Sequence[RecipientState], kind: DsnKind
@@ -103,6 +116,8 @@ class Notifier:
 
     def _result(self, state: RecipientState, kind: DsnKind, now: float) -> RecipientResult:
         action = _ACTIONS[kind]
+        if kind == "success" and state.last_relay and state.last_relay != "local":
+            action = "relayed"  # handed to a host that may not report further (RFC 3464 §2.3.3)
         reply = state.last_reply
         remote = (
             state.last_relay.split("[")[0]
@@ -117,19 +132,18 @@ class Notifier:
                 original_recipient=state.orcpt,
                 last_attempt=state.last_attempt,
             )
-        status_reply = reply
-        if kind in ("failure", "expired") and not reply.is_permanent:
-            # Expired after temporary failures: report the last temporary status as a 5.x.x.
-            dsn = reply.dsn
-            status_reply = type(reply)(reply.code, reply.text, "5" + dsn[1:], reply.more)
         result = RecipientResult.from_reply(
             state.address,
-            status_reply,
+            reply,
             action,
             original_recipient=state.orcpt,
             remote_mta=remote,
             last_attempt=state.last_attempt or now,
         )
+        if kind in ("failure", "expired") and not reply.is_permanent:
+            # Expired after temporary failures: the status becomes permanent (5.x.x), the
+            # diagnostic keeps the last reply as it was (Postfix does the same).
+            result = replace(result, status="5" + result.status[1:])
         return result
 
 

@@ -155,8 +155,11 @@ class Runner:
         if plan.held:
             await self._spool.hold_recipients([r.key for r in plan.held], Hold.ROUTE)
             for r in plan.held:
-                log.info("%s: to=<%s>, relay=none, status=held (destination on hold)",
-                         r.queue_id, r.address)
+                log.info(
+                    "%s: to=<%s>, relay=none, status=held (destination on hold)",
+                    r.queue_id,
+                    r.address,
+                )
         await self._defer_unavailable(plan.unavailable, now)
         await self._defer_suspended(plan.suspended, now)
         if plan.deliveries:
@@ -210,8 +213,14 @@ class Runner:
         for qid, pairs in by_message.items():
             replies = {rcpt.address: r for rcpt, r in pairs}
             await self._conclude(
-                qid, [rcpt for rcpt, _ in pairs], replies, now, relay="none", planned=now,
-                started=now, attempted=False,
+                qid,
+                [rcpt for rcpt, _ in pairs],
+                replies,
+                now,
+                relay="none",
+                planned=now,
+                started=now,
+                attempted=False,
             )
 
     async def _defer_suspended(
@@ -231,8 +240,15 @@ class Runner:
             }
             until = {r.index: s.until for r, s in pairs}
             await self._conclude(
-                qid, [r for r, _ in pairs], replies, now, relay="none", planned=now,
-                started=now, attempted=False, not_before=until,
+                qid,
+                [r for r, _ in pairs],
+                replies,
+                now,
+                relay="none",
+                planned=now,
+                started=now,
+                attempted=False,
+                not_before=until,
             )
 
     # -- one delivery ----------------------------------------------------------------------------
@@ -247,8 +263,13 @@ class Runner:
             now = self._clock()
             failure = crash_reply(exc)
             updates = [
-                RecipientUpdate(r.index, Status.DEFERRED, next_attempt(self._policy, r.arrival,
-                                now), failure, attempted=False)
+                RecipientUpdate(
+                    r.index,
+                    Status.DEFERRED,
+                    next_attempt(self._policy, r.arrival, now),
+                    failure,
+                    attempted=False,
+                )
                 for r in d.recipients
             ]
             with contextlib.suppress(Exception):
@@ -283,8 +304,14 @@ class Runner:
             first = next(iter(replies.values()))
             self._dead[d.route] = Suspension(now + self._limits.dead_time, first)
         await self._conclude(
-            d.queue_id, d.recipients, replies, now, relay=relay, planned=planned,
-            started=started, envelope=msg.envelope,
+            d.queue_id,
+            d.recipients,
+            replies,
+            now,
+            relay=relay,
+            planned=planned,
+            started=started,
+            envelope=msg.envelope,
         )
 
     async def _conclude(
@@ -309,8 +336,13 @@ class Runner:
         else:
             null_sender = envelope.sender == ""
         verdicts = judge(
-            rcpts, replies, policy=self._policy, now=now, null_sender=null_sender,
-            attempted=attempted, relay=relay if attempted else None,
+            rcpts,
+            replies,
+            policy=self._policy,
+            now=now,
+            null_sender=null_sender,
+            attempted=attempted,
+            relay=relay if attempted else None,
         )
         if not_before:
             verdicts = [_postpone(v, not_before) for v in verdicts]
@@ -347,10 +379,12 @@ class Runner:
         msg = await self._spool.load(qid)
         if msg is None:
             return
-        failed = [s for s in await self._spool.recipients(qid) if s.status is Status.BOUNCED]
-        if failed:
+        states = await self._spool.recipients(qid)
+        # The hook sees every recipient: bounced ones for failure reports, delivered ones for
+        # NOTIFY=SUCCESS reports (RFC 3461 §4.1); it decides who gets told what.
+        if any(s.status is Status.BOUNCED or "SUCCESS" in s.notify for s in states):
             try:
-                await self._on_failures(msg, failed)
+                await self._on_failures(msg, states)
             except Exception:
                 # Keep the message: the next start-up sweep retries the hook. Never drop
                 # a failure report silently.
