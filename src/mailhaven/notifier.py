@@ -13,9 +13,9 @@ only logged. NOTIFY=NEVER and the NOTIFY list are respected per recipient.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from mailhaven.bounce import (
     Action,
