@@ -168,3 +168,14 @@ async def test_expand_failure_propagates_and_discards(spool: Spool) -> None:
     with pytest.raises(LookupError):
         await intake.submit(writer, env("bob@example.net"))
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_submission_fixups_add_date_and_message_id_only_when_missing() -> None:
+    from mailhaven.intake import missing_headers, scan_header
+
+    bare = scan_header(b"Subject: hi\r\n\r\nbody\r\n")
+    added = missing_headers(bare, queue_id="QID1", hostname="mx.test", now=1_700_000_000.0)
+    assert added.startswith(b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n")
+    assert b"Message-ID: <20231114221320.QID1@mx.test>\r\n" in added
+    full = scan_header(b"Date: x\r\nMessage-ID: <a@b>\r\n\r\n")
+    assert missing_headers(full, queue_id="Q", hostname="h", now=0.0) == b""

@@ -79,6 +79,7 @@ Outcome = Queued | Refused
 class HeaderFacts:
     received_count: int
     message_id: str | None
+    has_date: bool = False
 
 
 def scan_header(head: bytes) -> HeaderFacts:
@@ -88,10 +89,11 @@ def scan_header(head: bytes) -> HeaderFacts:
     """
     received = 0
     message_id: str | None = None
+    has_date = False
     current: list[bytes] = []
 
     def finish(field: list[bytes]) -> None:
-        nonlocal received, message_id
+        nonlocal received, message_id, has_date
         if not field:
             return
         name, _, value = b"".join(field).partition(b":")
@@ -100,6 +102,8 @@ def scan_header(head: bytes) -> HeaderFacts:
             received += 1
         elif name == b"message-id" and message_id is None:
             message_id = value.decode("utf-8", "replace").strip()
+        elif name == b"date":
+            has_date = True
 
     for line in head.splitlines():
         if not line:
@@ -110,7 +114,20 @@ def scan_header(head: bytes) -> HeaderFacts:
         finish(current)
         current = [line]
     finish(current)
-    return HeaderFacts(received, message_id)
+    return HeaderFacts(received, message_id, has_date)
+
+
+def missing_headers(facts: HeaderFacts, *, queue_id: str, hostname: str, now: float) -> bytes:
+    """Submission fix-ups (RFC 6409 §8, Postfix cleanup for local and authenticated clients):
+    add `Date:` and `Message-ID:` when the author's program left them out. The body and the
+    existing header fields are never touched."""
+    out = []
+    if not facts.has_date:
+        out.append(f"Date: {format_datetime(datetime.fromtimestamp(now, UTC))}\r\n")
+    if facts.message_id is None:
+        stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H%M%S")
+        out.append(f"Message-ID: <{stamp}.{queue_id}@{hostname}>\r\n")
+    return "".join(out).encode("ascii")
 
 
 def _clean(text: str) -> str:
@@ -205,14 +222,19 @@ class Intake:
             if facts.received_count > MAX_HOPS:
                 cleanup_log.warning(
                     "%s: reject: too many hops (%d Received: headers) from=<%s>",
-                    qid, facts.received_count, envelope.sender,
+                    qid,
+                    facts.received_count,
+                    envelope.sender,
                 )
                 writer.abort()
                 return Refused(reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
             recipients = expand_recipients(envelope, self._expand)
+            now = self._clock()
             header = received_header(
-                envelope, queue_id=qid, hostname=self._hostname, now=self._clock(), tls=tls
+                envelope, queue_id=qid, hostname=self._hostname, now=now, tls=tls
             )
+            if envelope.auth_user is not None or envelope.protocol == "local":
+                header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
             if facts.message_id is not None:
                 cleanup_log.info("%s: message-id=%s", qid, facts.message_id)
             if not recipients:
@@ -226,7 +248,10 @@ class Intake:
             raise
         log.info(
             "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
-            qid, envelope.sender, len(header) + writer.size, len(recipients),
+            qid,
+            envelope.sender,
+            len(header) + writer.size,
+            len(recipients),
         )
         self._wake()
         return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
