@@ -148,6 +148,7 @@ def server_settings(config: Config, *, starttls: bool = False) -> ServerSettings
         command_line_limit=limits.command_line,
         hard_error_limit=limits.hard_error_limit,
         forbid_unauth_pipelining=limits.forbid_unauth_pipelining,
+        max_commands=limits.commands_per_session,
         starttls=starttls,
     )
 

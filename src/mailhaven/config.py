@@ -59,6 +59,13 @@ class Limits:
     error_sleep: float = 1.0
     #: Forbid pipelining before the greeting or past a group-ending command (Postfix 3.9).
     forbid_unauth_pipelining: bool = True
+    #: Commands in one session before 421 and disconnect.
+    commands_per_session: int = 10_000
+    #: New connections per client address per minute (0: off; Postfix
+    #: smtpd_client_connection_rate_limit, also off by default). Beyond: 421 4.7.0.
+    connection_rate: int = 0
+    #: Messages per client address per minute (0: off; smtpd_client_message_rate_limit).
+    message_rate: int = 0
     #: Seconds to wait before the greeting, to catch early talkers (0: off, no delay).
     greet_pause: float = 0.0
 

@@ -472,3 +472,10 @@ def test_stats_for_disconnect_log() -> None:
         settings=no_pipelining_check(),
     )
     assert conn_run.codes == [220, 250, 250, 250, 501, 354, 250, 221]
+
+
+def test_commands_per_session_limit() -> None:
+    settings = ServerSettings(hostname="mx.test", max_commands=3, forbid_unauth_pipelining=False)
+    run = converse(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n", settings=settings)
+    assert run.codes == [220, 250, 250, 250, 421]
+    assert isinstance(run.events[-1], ev.Closed)

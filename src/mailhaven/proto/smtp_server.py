@@ -102,6 +102,8 @@ class ServerSettings:
     auth_requires_tls: bool = True
     etrn: bool = False
     forbid_unauth_pipelining: bool = True
+    #: Commands in one session before 421 (a runaway or abusive client; 0: no limit).
+    max_commands: int = 10_000
 
 
 def _r(code: int, enhanced: str | None, text: str) -> Reply:
@@ -126,6 +128,7 @@ class ServerConnection:
         self.mail: ev.MailFrom | None = None
         self.recipients: list[ev.RcptTo] = []
         self.error_count = 0
+        self.command_count = 0
         #: Postfix-style per-command statistics for the disconnect log: name -> [ok, total].
         self.stats: dict[str, list[int]] = {}
         self._in = bytearray()
@@ -418,6 +421,12 @@ class ServerConnection:
         return True
 
     def _command(self, raw: bytes) -> None:
+        self.command_count += 1
+        if self.settings.max_commands and self.command_count > self.settings.max_commands:
+            self._send(
+                _r(421, "4.7.0", f"{self.settings.hostname} Error: too many commands"), count=False
+            )
+            return self._close("too many commands")
         text = raw.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper() if verb.isascii() else verb

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from mailhaven.config import Limits, Timeouts, parse_hostport
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import Phase
+from mailhaven.smtpd.rates import RateCounter
 from mailhaven.smtpd.session import ListenerProfile, MessageSink, SMTPSession
 
 log = logging.getLogger("mailhaven.smtpd")
@@ -50,6 +51,8 @@ class SMTPService:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Future[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.connection_rate = RateCounter(limits.connection_rate)
+        self.message_rate = RateCounter(limits.message_rate)
 
     # ------------------------------------------------------------------ listeners
 
@@ -99,7 +102,13 @@ class SMTPService:
             return Reply(421, "Error: too many connections, try again later", "4.7.0")
         if self.per_ip[ip] > self.limits.connections_per_ip:
             return Reply(421, f"Error: too many connections from {ip}", "4.7.0")
+        if not self.connection_rate.allow(ip, self.loop.time()):
+            return Reply(421, f"Error: too many connections from {ip}, slow down", "4.7.0")
         return None
+
+    def message_allowed(self, ip: str) -> bool:
+        """Per-client message rate (checked at MAIL FROM)."""
+        return self.message_rate.allow(ip, self.loop.time())
 
     def forget(self, session: SMTPSession) -> None:
         if session in self.sessions:

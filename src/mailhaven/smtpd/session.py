@@ -267,6 +267,10 @@ class SMTPSession(asyncio.Protocol):
                 self.conn.accept()
             case ev.MailFrom():
                 refusal = policy.mail_from(self.facts, event)
+                if refusal is None and not self.service.message_allowed(self.facts.client_ip):
+                    refusal = Reply(
+                        450, f"Error: too much mail from {self.facts.client_ip}", "4.7.1"
+                    )
                 if refusal is not None:
                     self._log_reject("MAIL", refusal, event.address, None)
                     self.conn.respond(refusal)
