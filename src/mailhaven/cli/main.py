@@ -19,6 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     check_sub = check.add_subparsers(dest="config_command", required=True)
     check_cmd = check_sub.add_parser("check", help="validate a configuration file")
     check_cmd.add_argument("-c", "--config", help="TOML configuration file")
+    tls = sub.add_parser("tls", help="TLS tools")
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True)
+    self_signed = tls_sub.add_parser("selfsigned", help="create a self-signed certificate")
+    self_signed.add_argument("-c", "--config", help="TOML configuration file")
+    self_signed.add_argument("--out", help="directory (default: <state_dir>/tls)")
     user = sub.add_parser("user", help="manage mailbox users (add|passwd|delete|list)")
     user.add_argument("-c", "--config", help="TOML configuration file")
     user.add_argument("args", nargs=argparse.REMAINDER)
@@ -39,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(config)
         case "config":
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")
+            return 0
+        case "tls":
+            from pathlib import Path
+
+            from mailhaven.net import selfsigned
+
+            out = Path(args.out) if args.out else config.state_path / "tls"
+            cert, key = out / "selfsigned.crt", out / "selfsigned.key"
+            selfsigned.create(cert, key, config.hostname)
+            print(f"created {cert} and {key} for {config.hostname}")
+            print(f'use them with: [tls] cert = "{cert}"  key = "{key}"')
             return 0
         case "user":
             from mailhaven.cli.user import main as user_main
