@@ -322,6 +322,7 @@ class App:
             self.spool,
             hostname=config.hostname,
             expand=lambda address: self.router.expand(address),
+            held=lambda address: self._route(address).transport == "hold",
             wake=self.runner.wake,
         )
         self.smtp = SMTPService(

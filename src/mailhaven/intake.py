@@ -34,7 +34,7 @@ from typing import Protocol
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool.body import MessageWriter
-from mailhaven.spool.records import QueuedRecipient
+from mailhaven.spool.records import Hold, QueuedRecipient
 
 log = logging.getLogger("mailhaven.queue")
 #: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
@@ -175,9 +175,15 @@ def received_header(
 
 
 def expand_recipients(
-    envelope: Envelope, expand: Callable[[str], Sequence[str]]
+    envelope: Envelope,
+    expand: Callable[[str], Sequence[str]],
+    held: Callable[[str], bool] | None = None,
 ) -> list[QueuedRecipient]:
-    """Final recipients in envelope order, each delivered once, with its original kept."""
+    """Final recipients in envelope order, each delivered once, with its original kept.
+
+    `held(address)` marks recipients for part-time hosts at commit time, so holding them costs
+    no second transaction (the scheduler would otherwise find them due and hold them then).
+    """
     seen: set[str] = set()
     out: list[QueuedRecipient] = []
     for spec in envelope.recipients:
@@ -185,7 +191,8 @@ def expand_recipients(
             if final in seen:
                 continue
             seen.add(final)
-            out.append(QueuedRecipient(final, spec.address, spec.notify, spec.orcpt))
+            hold = Hold.ROUTE if held is not None and held(final) else Hold.NONE
+            out.append(QueuedRecipient(final, spec.address, spec.notify, spec.orcpt, hold))
     return out
 
 
@@ -198,12 +205,14 @@ class Intake:
         *,
         hostname: str,
         expand: Callable[[str], Sequence[str]],
+        held: Callable[[str], bool] | None = None,
         wake: Callable[[], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._hostname = hostname
         self._expand = expand
+        self._held = held
         self._wake = wake
         self._clock = clock
 
@@ -228,7 +237,7 @@ class Intake:
                 )
                 writer.abort()
                 return Refused(reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
-            recipients = expand_recipients(envelope, self._expand)
+            recipients = expand_recipients(envelope, self._expand, self._held)
             now = self._clock()
             header = received_header(
                 envelope, queue_id=qid, hostname=self._hostname, now=now, tls=tls
@@ -253,5 +262,6 @@ class Intake:
             len(header) + writer.size,
             len(recipients),
         )
-        self._wake()
+        if any(r.hold is Hold.NONE for r in recipients):
+            self._wake()  # held mail waits for ETRN: nothing for the scheduler to do now
         return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))

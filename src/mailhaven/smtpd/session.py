@@ -1,6 +1,6 @@
 """One SMTP session: the thin asyncio adapter around `proto.smtp_server.ServerConnection`.
 
-An `asyncio.Protocol`, not streams: it owns the input buffer (through the core), so plaintext
+An `asyncio.BufferedProtocol`, not streams: it owns the input buffer (through the core), so plaintext
 that arrives before a STARTTLS handshake is provably dropped, and an idle connection costs only
 this object, the core's state and the transport (no task, no StreamReader): the 10,000 idle
 connections target needs that.
@@ -79,7 +79,13 @@ class ListenerProfile:
     authenticator: Authenticator | None = None
 
 
-class SMTPSession(asyncio.Protocol):
+#: One receive buffer for every session of the event loop: `buffer_updated` consumes it before
+#: returning, so sharing is safe, and it spares asyncio's 256 KiB allocation per recv() (which
+#: showed as the largest single cost in profiles) and a buffer per idle connection.
+_READ_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class SMTPSession(asyncio.BufferedProtocol):
     """The protocol object for one connection (see the module docstring)."""
 
     def __init__(self, service: SMTPService, profile: ListenerProfile) -> None:
@@ -118,6 +124,12 @@ class SMTPSession(asyncio.Protocol):
             self.service.loop.call_later(pause, self._greet)
         else:
             self._greet()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.service.loop.time()
