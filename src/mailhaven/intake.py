@@ -22,6 +22,7 @@ HELO can never inject header lines.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -139,6 +140,12 @@ def _address_literal(ip: str) -> str:
     return f"IPv6:{ip}" if ":" in ip else ip
 
 
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """The trace date, computed once per second (formatting showed in profiles)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
 def received_header(
     envelope: Envelope,
     *,
@@ -166,7 +173,7 @@ def received_header(
         lines.append(f"\tby {hostname} ({SOFTWARE}) with {_clean(envelope.protocol)} id {queue_id}")
     else:
         lines.append(f"Received: by {hostname} ({SOFTWARE}) id {queue_id}")
-    date = format_datetime(datetime.fromtimestamp(now, UTC))
+    date = _rfc5322_date(int(now))
     if len(envelope.recipients) == 1:
         lines.append(f"\tfor <{_clean(envelope.recipients[0].address)}>; {date}")
     else:
