@@ -1,0 +1,374 @@
+"""`mailhaven queue list|show|flush|hold|release|delete|requeue` and `mailhaven mailq`.
+
+In: argv (without the `queue` word) and the `Config`. Out: text on stdout, an exit status:
+0 done, 1 something failed (no such message, daemon error, queue busy), 2 usage.
+
+Reading (`list`, `show`, `mailq`) opens the queue database read-only (`spool.listing`), which is
+safe while the daemon writes (WAL snapshot), and never touches body files.
+
+Changing (`flush`, `hold`, `release`, `delete`, `requeue`): through the control socket when the
+daemon runs (it owns the spool and wakes its scheduler). When no daemon answers, the CLI takes
+the queue lock (`control.DaemonLock`, also held by the daemon), opens the `Spool` itself (its
+recovery is safe then: no one else writes) and applies the same `control.QueueAdmin` verbs; a
+flush then only makes mail due, and it goes out when the daemon starts.
+
+`mailq` prints Postfix's `postqueue -p` format with long queue ids (ours are 15 characters):
+`----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------`, one block per message
+(`*` after the id: being delivered; `!`: held), a `(reason)` line before each run of recipients
+with the same last error, unfinished recipients only, `-- N Kbytes in M Requests.` at the end,
+or `Mail queue is empty`. `queue list --json` prints one object per message, with
+`postqueue -j`'s keys (queue_name, queue_id, arrival_time, message_size, forced_expire, sender,
+recipients[].address/delay_reason) plus our per-recipient details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any, TextIO
+
+from mailhaven import control
+from mailhaven.config import Config
+from mailhaven.proto.replies import Reply
+from mailhaven.spool.ids import is_queue_id
+from mailhaven.spool.listing import list_queue
+from mailhaven.spool.records import Hold, MessageSummary, RecipientState, Status
+
+L_STRING_FORMAT = "{:<17} {:>8} {:<19} {}"
+HEADINGS = L_STRING_FORMAT.format(
+    "----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------"
+)
+MAILER_DAEMON = "MAILER-DAEMON"
+#: postqueue right-aligns `(reason)` lines to this column.
+REASON_COLUMN = 76
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def reason(rcpt: RecipientState) -> str:
+    """The last error of a recipient, as mailq shows it ("" if none)."""
+    reply = rcpt.last_reply
+    if reply is None or rcpt.status is not Status.DEFERRED:
+        return ""
+    return format_reply(reply, rcpt.last_relay)
+
+
+def format_reply(reply: Reply, relay: str | None = None) -> str:
+    text = " ".join(line for line in reply.lines if line)
+    said = f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}{text}".strip()
+    return f"host {relay} said: {said}" if relay else said
+
+
+def status_mark(msg: MessageSummary) -> str:
+    pending = [r for r in msg.recipients if r.status.unfinished]
+    if msg.quarantined or any(r.hold & (Hold.ADMIN | Hold.QUARANTINE) for r in pending):
+        return "!"
+    if any(r.active for r in pending):
+        return "*"
+    return " "
+
+
+def queue_name(msg: MessageSummary) -> str:
+    match status_mark(msg):
+        case "!":
+            return "hold"
+        case "*":
+            return "active"
+    if any(r.status is Status.DEFERRED for r in msg.recipients):
+        return "deferred"
+    return "active"
+
+
+def mailq_lines(messages: Iterator[MessageSummary]) -> Iterator[str]:
+    """Postfix's showq_compat output, line by line (streams: one message in memory)."""
+    count = total = 0
+    for msg in messages:
+        yield HEADINGS if count == 0 else ""
+        count += 1
+        total += msg.size
+        arrival = time.asctime(time.localtime(msg.arrival))[:19]
+        yield f"{msg.queue_id + status_mark(msg):<17} {msg.size:>8} {arrival:>19.19} {msg.sender or MAILER_DAEMON}"
+        saved = ""
+        for rcpt in msg.recipients:
+            if not rcpt.status.unfinished:
+                continue
+            why = reason(rcpt)
+            if why != saved:
+                saved = why
+                shown = why or "reason unavailable"
+                yield " " * max(0, REASON_COLUMN - len(shown)) + f"({shown})"
+            yield L_STRING_FORMAT.format("", "", "", rcpt.address)
+    if count == 0:
+        yield "Mail queue is empty"
+    else:
+        yield ""
+        yield f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
+
+
+def print_mailq(spool_path: Path, out: TextIO) -> int:
+    for line in mailq_lines(list_queue(spool_path)):
+        out.write(line + "\n")
+    return 0
+
+
+def _time(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def recipient_json(r: RecipientState) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "delay_reason": reason(r),
+        "original": r.original,
+        "status": r.status.value,
+        "hold": [h.name.lower() for h in Hold if h and h.name and r.hold & h],
+        "active": r.active,
+        "attempts": r.attempts,
+        "last_attempt": _time(r.last_attempt),
+        "next_attempt": _time(r.next_attempt) if r.status.unfinished else None,
+        "last_reply": None if r.last_reply is None else format_reply(r.last_reply),
+        "last_relay": r.last_relay,
+        "notify": list(r.notify),
+    }
+
+
+def message_json(msg: MessageSummary) -> dict[str, Any]:
+    return {
+        "queue_name": queue_name(msg),
+        "queue_id": msg.queue_id,
+        "arrival_time": int(msg.arrival),
+        "message_size": msg.size,
+        "forced_expire": False,
+        "sender": msg.sender,
+        "quarantined": msg.quarantined,
+        "recipients": [recipient_json(r) for r in msg.recipients],
+    }
+
+
+def find(spool_path: Path, queue_id: str) -> MessageSummary | None:
+    return next((m for m in list_queue(spool_path) if m.queue_id == queue_id), None)
+
+
+def load_envelope(spool_path: Path, queue_id: str) -> dict[str, Any] | None:
+    """The stored envelope (read-only connection); None if absent or quarantined."""
+    from mailhaven.spool import queries
+    from mailhaven.spool.schema import connect
+
+    db = spool_path / "queue.db"
+    if not db.exists():
+        return None
+    with closing(connect(db, read_only=True)) as conn:
+        msg = queries.load_message(conn, queue_id, spool_path / "bodies")
+    return None if msg is None else msg.envelope.to_dict()
+
+
+def _when(value: float | None, now: float) -> str:
+    if value is None:
+        return "-"
+    delta = int(value - now)
+    rel = f"in {_span(delta)}" if delta > 0 else f"{_span(-delta)} ago" if delta < 0 else "now"
+    return f"{time.asctime(time.localtime(value))} ({rel})"
+
+
+def _span(seconds: int) -> str:
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60}s"
+    return f"{seconds}s"
+
+
+def show_text(msg: MessageSummary, envelope: dict[str, Any] | None, now: float) -> list[str]:
+    lines = [
+        f"queue id:     {msg.queue_id}{'  (QUARANTINED)' if msg.quarantined else ''}",
+        f"arrival:      {_when(msg.arrival, now)}",
+        f"size:         {msg.size}",
+        f"sender:       <{msg.sender}>",
+    ]
+    if envelope is not None:
+        opts = [f"BODY={envelope.get('body_type')}"]
+        if envelope.get("smtputf8"):
+            opts.append("SMTPUTF8")
+        if envelope.get("dsn_ret"):
+            opts.append(f"RET={envelope['dsn_ret']}")
+        if envelope.get("dsn_envid"):
+            opts.append(f"ENVID={envelope['dsn_envid']}")
+        lines.append(f"options:      {' '.join(opts)}")
+        client = envelope.get("client_address") or envelope.get("extra", {}).get("origin") or ""
+        lines.append(
+            f"from client:  {envelope.get('client_name') or 'unknown'}[{client}]"
+            f" helo={envelope.get('helo') or '-'} protocol={envelope.get('protocol')}"
+            + (f" auth={envelope['auth_user']}" if envelope.get("auth_user") else "")
+        )
+    pending = [r.next_attempt for r in msg.recipients if r.status.unfinished and not r.hold]
+    lines.append(f"next attempt: {_when(min(pending), now) if pending else '-'}")
+    lines.append("recipients:")
+    for r in msg.recipients:
+        holds = [h.name.lower() for h in Hold if h and h.name and r.hold & h]
+        state = r.status.value + (" (in delivery)" if r.active else "")
+        state += f" (held: {', '.join(holds)})" if holds else ""
+        lines.append(f"  <{r.address}>" + (f" (for <{r.original}>)" if r.original != r.address else ""))
+        lines.append(f"    status:       {state}")
+        lines.append(f"    attempts:     {r.attempts}")
+        lines.append(f"    last attempt: {_when(r.last_attempt, now)}")
+        if r.last_reply is not None:
+            lines.append(f"    last reply:   {format_reply(r.last_reply, r.last_relay)}")
+        if r.status.unfinished:
+            lines.append(f"    next attempt: {_when(r.next_attempt, now)}")
+    return lines
+
+
+# ---------------------------------------------------------------------------- changing
+
+
+def apply_offline(config: Config, command: str, ids: Sequence[str], domain: str | None) -> int:
+    """Run one verb on the spool directly (no daemon). Returns the handler's count, or -1 when
+    the queue is locked by someone else."""
+    from mailhaven.spool.store import Spool
+
+    lock = control.DaemonLock.acquire(control.lock_path(config.spool_path))
+    if lock is None:
+        return -1
+    with lock:
+        if not (config.spool_path / "queue.db").exists():
+            return 0
+        spool = Spool(config.spool_path)
+        spool.open()
+        try:
+            admin = control.QueueAdmin(spool)
+            request: dict[str, Any] = {"cmd": command, "ids": list(ids)}
+            if domain is not None:
+                request["domain"] = domain
+            answer = asyncio.run(control.dispatch(admin, request))
+        finally:
+            spool.close()
+    if not answer.get("ok"):
+        raise RuntimeError(str(answer.get("error")))
+    return int(answer["count"])
+
+
+def change(
+    config: Config, command: str, ids: Sequence[str], domain: str | None, out: TextIO, err: TextIO
+) -> int:
+    bad = [i for i in ids if not is_queue_id(i)]
+    for i in bad:
+        print(f"mailhaven queue: {i}: not a queue id", file=err)
+    ids = [i for i in ids if is_queue_id(i)]
+    if bad and not ids:
+        return 1
+    request: dict[str, Any] = {"cmd": command, "ids": ids}
+    if domain is not None:
+        request["domain"] = domain
+    try:
+        answer = control.request(config.state_path / control.SOCKET_NAME, request)
+    except control.ControlError as exc:
+        print(f"mailhaven queue: cannot reach the daemon: {exc}", file=err)
+        return 1
+    if answer is None:
+        try:
+            count = apply_offline(config, command, ids, domain)
+        except (OSError, RuntimeError) as exc:
+            print(f"mailhaven queue: {command} failed: {exc}", file=err)
+            return 1
+        if count < 0:
+            print("mailhaven queue: the queue is locked (is the daemon starting?); try again",
+                  file=err)
+            return 1
+        where = " (daemon not running: delivery happens when it starts)" if command == "flush" else ""
+    else:
+        if not answer.get("ok"):
+            print(f"mailhaven queue: {command} failed: {answer.get('error')}", file=err)
+            return 1
+        count, where = int(answer.get("count", 0)), ""
+    print(f"{command}: {count} {_noun(command, domain, ids)}{where}", file=out)
+    return 1 if bad or (ids and count < len(ids) and command != "flush") else 0
+
+
+def _noun(command: str, domain: str | None, ids: Sequence[str]) -> str:
+    if command == "flush" and domain is None and not ids:
+        return "recipient(s) made due now"
+    return "message(s)"
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailhaven queue", description="inspect and manage the queue")
+    sub = parser.add_subparsers(dest="command", required=True)
+    lst = sub.add_parser("list", help="list queued messages (mailq format)")
+    lst.add_argument("--json", action="store_true", help="one JSON object per message")
+    show = sub.add_parser("show", help="envelope, recipients and attempt history of one message")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    flush = sub.add_parser("flush", help="deliver now: everything, one domain, or messages")
+    flush.add_argument("--domain")
+    flush.add_argument("ids", nargs="*")
+    for verb, text in (
+        ("hold", "stop delivering these messages"),
+        ("release", "undo hold"),
+        ("delete", "remove these messages without a bounce"),
+        ("requeue", "make these messages due now"),
+    ):
+        sub.add_parser(verb, help=text).add_argument("ids", nargs="+")
+    return parser
+
+
+def main(
+    argv: list[str],
+    *,
+    config: Config,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    now: float | None = None,
+) -> int:
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    match args.command:
+        case "list":
+            if args.json:
+                for entry in list_queue(config.spool_path):
+                    out.write(json.dumps(message_json(entry)) + "\n")
+                return 0
+            return print_mailq(config.spool_path, out)
+        case "show":
+            msg = find(config.spool_path, args.id)
+            if msg is None:
+                print(f"mailhaven queue: {args.id}: no such message", file=err)
+                return 1
+            envelope = load_envelope(config.spool_path, args.id)
+            if args.json:
+                out.write(json.dumps({**message_json(msg), "envelope": envelope}) + "\n")
+            else:
+                for line in show_text(msg, envelope, time.time() if now is None else now):
+                    out.write(line + "\n")
+            return 0
+        case "flush":
+            if args.domain and args.ids:
+                print("mailhaven queue: flush takes --domain or ids, not both", file=err)
+                return 2
+            return change(config, "flush", args.ids, args.domain, out, err)
+        case verb:
+            return change(config, verb, args.ids, None, out, err)
+
+
+def mailq_main(
+    argv: list[str], *, config: Config, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """`mailhaven mailq` (takes no arguments, like Postfix's mailq)."""
+    if argv:
+        print("mailq: takes no arguments", file=stderr or sys.stderr)
+        return 2
+    return print_mailq(config.spool_path, stdout or sys.stdout)

@@ -1,0 +1,392 @@
+"""The control channel: how the command line asks the running daemon to act on its queue.
+
+Daemon side: `ControlServer(path, handlers)` listens on a unix-domain socket, normally
+`<state_dir>/control.sock`, created with mode 0600. Client side: `request(path, obj)` sends one
+request and returns the answer, or None when no daemon listens (the caller may then work on the
+spool directly, holding `DaemonLock`).
+
+Wire format: one JSON object per line each way (UTF-8, LF-terminated, at most `MAX_LINE`
+octets). A connection may carry several requests; each gets exactly one answer, in order.
+
+    {"cmd": "flush"}                          every deferred recipient due now, scheduler woken
+    {"cmd": "flush", "domain": "example.com"} recipients at that domain
+    {"cmd": "flush", "ids": ["QID", ...]}     those messages
+    {"cmd": "hold" | "release" | "delete" | "requeue", "ids": ["QID", ...]}
+    {"cmd": "pickup"}                         collect the maildrop now
+    {"cmd": "ping"}                           is anyone there?
+
+Answers: `{"ok": true, "count": N}` (N: what the handler reports it changed) or
+`{"ok": false, "error": "text"}`. This module holds no queue logic: it checks the shape of a
+request and calls the injected `Handlers`; what the words mean is the composition root's wiring.
+
+`DaemonLock`: an exclusive `flock` on `<state_dir>/spool/queue.lock`. The daemon holds it for its
+lifetime; the CLI takes it (without waiting) before it opens the spool itself, so the two never
+run recovery or write the queue behind each other's back.
+
+Only the client half (`request`) is on `sendmail`'s start-up path: asyncio loads lazily.
+
+SECURITY: the socket is bound under umask 0177 (mode 0600 from its first moment) and each
+connection's peer credentials (SO_PEERCRED) must be root or the daemon's own user; the parent
+directory's permissions are the first gate. Requests are bounded in size, validated before any
+handler runs, and a connection idle for `IDLE_TIMEOUT` seconds is closed. A handler's exception
+becomes an error answer and a log line, never a crash of the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger("mailhaven.control")
+
+SOCKET_NAME = "control.sock"
+#: One request or answer line, in octets (10,000 queue ids fit).
+MAX_LINE = 1024 * 1024
+#: Seconds a connection may sit without sending a request.
+IDLE_TIMEOUT = 30.0
+#: At most this many ids in one request.
+MAX_IDS = 10_000
+_ID = re.compile(r"[0-9A-Za-z]{1,64}")
+_DOMAIN = re.compile(r"[0-9A-Za-z._\-\[\]:]{1,255}")
+
+
+class ControlError(Exception):
+    """The daemon is there but the exchange failed (permission, bad answer, timeout)."""
+
+
+class Handlers(Protocol):
+    """What the daemon does for each command; every method returns a count for the answer."""
+
+    async def flush(self, domain: str | None, ids: Sequence[str]) -> int: ...
+
+    async def hold(self, ids: Sequence[str]) -> int: ...
+
+    async def release(self, ids: Sequence[str]) -> int: ...
+
+    async def delete(self, ids: Sequence[str]) -> int: ...
+
+    async def requeue(self, ids: Sequence[str]) -> int: ...
+
+    async def pickup(self) -> int: ...
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def _ids(request: dict[str, Any], *, required: bool) -> list[str]:
+    ids = request.get("ids", [])
+    if not isinstance(ids, list) or not all(isinstance(i, str) and _ID.fullmatch(i) for i in ids):
+        raise BadRequest("ids: expected a list of queue ids")
+    if len(ids) > MAX_IDS:
+        raise BadRequest(f"ids: at most {MAX_IDS} per request")
+    if required and not ids:
+        raise BadRequest("ids: at least one queue id is required")
+    return ids
+
+
+async def dispatch(handlers: Handlers, request: Any) -> dict[str, Any]:
+    """Check one request and run its handler; the answer object (never raises)."""
+    try:
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            raise BadRequest('expected an object with a "cmd" string')
+        match request["cmd"]:
+            case "ping":
+                count = 0
+            case "flush":
+                domain = request.get("domain")
+                if domain is not None and not (
+                    isinstance(domain, str) and _DOMAIN.fullmatch(domain)
+                ):
+                    raise BadRequest("domain: expected a domain name")
+                ids = _ids(request, required=False)
+                if domain is not None and ids:
+                    raise BadRequest("flush takes a domain or ids, not both")
+                count = await handlers.flush(domain, ids)
+            case "hold":
+                count = await handlers.hold(_ids(request, required=True))
+            case "release":
+                count = await handlers.release(_ids(request, required=True))
+            case "delete":
+                count = await handlers.delete(_ids(request, required=True))
+            case "requeue":
+                count = await handlers.requeue(_ids(request, required=True))
+            case "pickup":
+                count = await handlers.pickup()
+            case other:
+                raise BadRequest(f"unknown command {other[:40]!r}")
+    except BadRequest as err:
+        return {"ok": False, "error": str(err)}
+    except Exception:
+        log.exception("control: %s failed", request.get("cmd"))
+        return {"ok": False, "error": "internal error (see the daemon's log)"}
+    return {"ok": True, "count": int(count)}
+
+
+def _peer_allowed(sock: socket.socket | None) -> bool:
+    """Root or our own user (SO_PEERCRED, Linux); where unavailable, the socket mode decides."""
+    if sock is None or not hasattr(socket, "SO_PEERCRED"):
+        return True
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.geteuid())
+
+
+class ControlServer:
+    """Serves the control socket. `await start()`, later `await close()`."""
+
+    def __init__(self, path: Path, handlers: Handlers) -> None:
+        self.path = path
+        self.handlers = handlers
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        """Bind (replacing a stale socket file); OSError if another daemon answers there."""
+        import asyncio
+
+        if self.path.is_socket():
+            if _connectable(self.path):
+                raise OSError(errno.EADDRINUSE, "a daemon is already serving", str(self.path))
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old)
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=MAX_LINE + 1
+        )
+        log.info("control socket %s ready", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
+        try:
+            if not _peer_allowed(writer.get_extra_info("socket")):
+                log.warning("control: connection refused: peer is neither root nor our user")
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT)
+                except (TimeoutError, asyncio.LimitOverrunError, ValueError):
+                    return  # idle, or a line over MAX_LINE: close without an answer
+                if not line:
+                    return
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    answer: dict[str, Any] = {"ok": False, "error": "not a JSON line"}
+                else:
+                    answer = await dispatch(self.handlers, request)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def request(path: Path, obj: dict[str, Any], timeout: float = 30.0) -> dict[str, Any] | None:
+    """Send one request to the daemon (blocking). None: nobody listens at `path` (no socket
+    file, or a stale one). ControlError: a daemon is there but the exchange failed."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except OSError as err:
+            raise ControlError(f"{path}: {err.strerror or err}") from None
+        try:
+            s.sendall(json.dumps(obj).encode() + b"\n")
+            data = bytearray()
+            while not data.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_LINE:
+                    raise ControlError(f"{path}: answer too long")
+        except OSError as err:
+            raise ControlError(f"{path}: {err.strerror or err}") from None
+    finally:
+        s.close()
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise ControlError(f"{path}: the daemon closed without a valid answer") from None
+    if not isinstance(answer, dict):
+        raise ControlError(f"{path}: unexpected answer")
+    return answer
+
+
+class AdminSpool(Protocol):
+    """The spool's administration methods (`spool.store.Spool` has them)."""
+
+    root: Path
+
+    async def hold(self, queue_id: str) -> int: ...
+
+    async def release(self, queue_id: str) -> int: ...
+
+    async def delete(self, queue_id: str) -> bool: ...
+
+    async def requeue(self, queue_id: str | None = None) -> int: ...
+
+    async def release_domain(self, domain: str) -> int: ...
+
+
+def _nothing() -> None:
+    return None
+
+
+class QueueAdmin:
+    """The standard `Handlers`: the postsuper/postqueue verbs on a spool, then a scheduler wake.
+
+    Used by the daemon (wired to its spool, `Runner.wake` and `Pickup.wake`/`collect`) and by
+    the CLI when no daemon runs (no wake, no pickup). Counts are messages changed, except a
+    flush of everything, which counts recipients made due.
+    """
+
+    def __init__(
+        self,
+        spool: AdminSpool,
+        *,
+        wake: Callable[[], None] = _nothing,
+        pickup: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.wake = wake
+        self._pickup = pickup
+
+    async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
+        if ids:
+            count = await self.requeue(ids)
+        elif domain is not None:
+            count = await self._flush_domain(domain)
+        else:
+            count = await self.spool.requeue(None)
+        self.wake()
+        return count
+
+    async def _flush_domain(self, domain: str) -> int:
+        """ETRN-like: release the domain's route hold, and make every message with an
+        unfinished recipient there due now (its other recipients too: a whole-message requeue)."""
+        import asyncio
+
+        from mailhaven.spool.listing import list_queue
+
+        domain = domain.lower().rstrip(".")
+
+        def matching() -> list[str]:
+            return [
+                m.queue_id
+                for m in list_queue(self.spool.root)
+                if any(
+                    r.status.unfinished and r.address.rpartition("@")[2].lower() == domain
+                    for r in m.recipients
+                )
+            ]
+
+        await self.spool.release_domain(domain)
+        ids = await asyncio.to_thread(matching)
+        return sum([1 for qid in ids if await self.spool.requeue(qid)])
+
+    async def hold(self, ids: Sequence[str]) -> int:
+        return sum([1 for qid in ids if await self.spool.hold(qid)])
+
+    async def release(self, ids: Sequence[str]) -> int:
+        count = sum([1 for qid in ids if await self.spool.release(qid)])
+        self.wake()
+        return count
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        return sum([1 for qid in ids if await self.spool.delete(qid)])
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        count = sum([1 for qid in ids if await self.spool.requeue(qid)])
+        self.wake()
+        return count
+
+    async def pickup(self) -> int:
+        return 0 if self._pickup is None else await self._pickup()
+
+
+class DaemonLock:
+    """An exclusive `flock` that says "the queue is in use" (daemon, or a CLI working offline)."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, path: Path, *, wait: bool = False) -> DaemonLock | None:
+        """Take the lock; None when someone else holds it and `wait` is False."""
+        import fcntl
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> DaemonLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_path(spool_path: Path) -> Path:
+    return spool_path / "queue.lock"

@@ -1,0 +1,66 @@
+"""Fixtures for the end-to-end tests: real `mailhaven serve` processes on loopback ports.
+
+`mail_server(**kwargs)` makes a `tests.support.server.MailServer` in its own directory under the
+test's tmp_path and starts it (pass `start=False` to configure first); every server it made is
+stopped (SIGTERM, then SIGKILL) at teardown, so no test leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from tests.support.server import MailServer
+
+
+class ServerFactory(Protocol):
+    def __call__(self, *, start: bool = True, **kwargs: Any) -> MailServer: ...
+
+
+def _factory(base: Path, made: list[MailServer]) -> ServerFactory:
+    def make(*, start: bool = True, **kwargs: Any) -> MailServer:
+        server = MailServer(base / f"mailhaven-{len(made)}", **kwargs)
+        made.append(server)
+        if start:
+            server.start()
+        return server
+
+    return make
+
+
+@pytest.fixture
+def mail_server(tmp_path: Path) -> Iterator[ServerFactory]:
+    made: list[MailServer] = []
+    yield _factory(tmp_path, made)
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_mail_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
+    """Like `mail_server`, for servers shared by the tests of one module."""
+    made: list[MailServer] = []
+    yield _factory(tmp_path_factory.mktemp("shared"), made)
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def swaks() -> str:
+    path = shutil.which("swaks")
+    if path is None:
+        pytest.skip("swaks is not installed (scripts/install-test-deps)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pflogsumm() -> str:
+    path = shutil.which("pflogsumm") or (
+        "/usr/sbin/pflogsumm" if Path("/usr/sbin/pflogsumm").exists() else None
+    )
+    if path is None:
+        pytest.skip("pflogsumm is not installed (scripts/install-test-deps)")
+    return path

@@ -1,0 +1,225 @@
+"""The control channel over a real unix socket, the queue lock, and the standard handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from tests.spool.spool_helpers import FakeClock, put
+
+from mailhaven.control import (
+    ControlError,
+    ControlServer,
+    DaemonLock,
+    QueueAdmin,
+    dispatch,
+    lock_path,
+    request,
+)
+from mailhaven.proto.replies import reply
+from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
+        self.calls.append(("flush", (domain, list(ids))))
+        return 7
+
+    async def hold(self, ids: Sequence[str]) -> int:
+        self.calls.append(("hold", list(ids)))
+        return len(ids)
+
+    async def release(self, ids: Sequence[str]) -> int:
+        self.calls.append(("release", list(ids)))
+        return len(ids)
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        raise RuntimeError("boom")
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        self.calls.append(("requeue", list(ids)))
+        return 1
+
+    async def pickup(self) -> int:
+        self.calls.append(("pickup", None))
+        return 2
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Path, Recorder]]:
+    path = tmp_path / "control.sock"
+    handlers = Recorder()
+    server = ControlServer(path, handlers)
+    await server.start()
+    yield path, handlers
+    await server.close()
+    assert not path.exists()
+
+
+async def ask(path: Path, obj: dict[str, object]) -> dict[str, object] | None:
+    return await asyncio.to_thread(request, path, obj, 10.0)
+
+
+async def test_round_trip_over_a_unix_socket(served: tuple[Path, Recorder]) -> None:
+    path, handlers = served
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert await ask(path, {"cmd": "ping"}) == {"ok": True, "count": 0}
+    assert await ask(path, {"cmd": "flush"}) == {"ok": True, "count": 7}
+    assert await ask(path, {"cmd": "flush", "domain": "example.net"}) == {"ok": True, "count": 7}
+    assert await ask(path, {"cmd": "hold", "ids": ["A1", "B2"]}) == {"ok": True, "count": 2}
+    assert await ask(path, {"cmd": "pickup"}) == {"ok": True, "count": 2}
+    assert handlers.calls == [
+        ("flush", (None, [])),
+        ("flush", ("example.net", [])),
+        ("hold", ["A1", "B2"]),
+        ("pickup", None),
+    ]
+
+
+async def test_bad_requests_and_failing_handlers_get_error_answers(
+    served: tuple[Path, Recorder],
+) -> None:
+    path, handlers = served
+    for bad in (
+        {"cmd": "format-disk"},
+        {"cmd": "hold"},
+        {"cmd": "hold", "ids": ["../etc"]},
+        {"cmd": "hold", "ids": "A1"},
+        {"cmd": "flush", "domain": "a b"},
+        {"cmd": "flush", "domain": "x.example", "ids": ["A1"]},
+        {"nocmd": 1},
+    ):
+        answer = await ask(path, bad)
+        assert answer is not None and answer["ok"] is False, bad
+    answer = await ask(path, {"cmd": "delete", "ids": ["A1"]})
+    assert answer == {"ok": False, "error": "internal error (see the daemon's log)"}
+    assert await ask(path, {"cmd": "ping"}) == {"ok": True, "count": 0}  # still serving
+    assert handlers.calls == []
+
+
+async def test_several_requests_on_one_connection_and_junk(served: tuple[Path, Recorder]) -> None:
+    path, _ = served
+
+    def talk() -> list[bytes]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b'{"cmd": "ping"}\nnot json\n{"cmd": "requeue", "ids": ["Q1"]}\n')
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+            return data.splitlines()
+
+    lines = await asyncio.to_thread(talk)
+    assert lines == [
+        b'{"ok": true, "count": 0}',
+        b'{"ok": false, "error": "not a JSON line"}',
+        b'{"ok": true, "count": 1}',
+    ]
+
+
+def test_no_daemon_means_none(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    assert request(path, {"cmd": "ping"}) is None
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    assert request(path, {"cmd": "ping"}) is None
+
+
+def test_a_daemon_that_hangs_up_is_a_control_error(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def hang_up() -> None:
+            conn, _ = listener.accept()
+            conn.close()
+
+        thread = threading.Thread(target=hang_up)
+        thread.start()
+        try:
+            with pytest.raises(ControlError):
+                request(path, {"cmd": "ping"}, timeout=10.0)
+        finally:
+            thread.join(timeout=10)
+
+
+async def test_start_replaces_a_stale_socket_but_not_a_live_one(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    first = ControlServer(path, Recorder())
+    await first.start()
+    try:
+        with pytest.raises(OSError):
+            await ControlServer(path, Recorder()).start()
+        assert await ask(path, {"cmd": "ping"}) == {"ok": True, "count": 0}
+    finally:
+        await first.close()
+
+
+def test_daemon_lock_is_exclusive(tmp_path: Path) -> None:
+    path = lock_path(tmp_path / "spool")
+    held = DaemonLock.acquire(path)
+    assert held is not None
+    assert DaemonLock.acquire(path) is None
+    held.release()
+    again = DaemonLock.acquire(path)
+    assert again is not None
+    again.release()
+
+
+# ---------------------------------------------------------------------------- QueueAdmin
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    s = Spool(tmp_path / "spool", clock=FakeClock())
+    await asyncio.to_thread(s.open)
+    yield s
+    await asyncio.to_thread(s.close)
+
+
+async def test_queue_admin_verbs(spool: Spool) -> None:
+    wakes: list[int] = []
+    picked: list[int] = []
+
+    async def pickup() -> int:
+        picked.append(1)
+        return 3
+
+    admin = QueueAdmin(spool, wake=lambda: wakes.append(1), pickup=pickup)
+    a = await put(spool, b"a\r\n", "x@one.example")
+    b = await put(spool, b"b\r\n", "y@two.example", "z@one.example")
+    c = await put(spool, b"c\r\n", "w@three.example")
+    later = 1_700_000_000.0 + 3600
+    for qid in (a, b, c):
+        await spool.record(qid, [RecipientUpdate(0, Status.DEFERRED, later, reply(451, "4.0.0", "x"))])
+    assert await dispatch(admin, {"cmd": "hold", "ids": [a, "NOSUCHID0000000"]}) == {
+        "ok": True, "count": 1
+    }
+    held = {m.queue_id: m for m in list_queue(spool.root)}[a]
+    assert all(r.hold & Hold.ADMIN for r in held.recipients)
+    assert await admin.release([a]) == 1
+    assert await admin.flush("ONE.example", []) == 2  # a and b have recipients there
+    due = {r.queue_id for r in await spool.due(1_700_000_000.0, 10)}
+    assert due == {a, b}
+    assert await admin.requeue([c]) == 1
+    assert await admin.flush(None, []) == 0  # nothing deferred into the future any more
+    assert await admin.delete([c]) == 1
+    assert await admin.pickup() == 3 and picked == [1]
+    assert [m.queue_id for m in list_queue(spool.root)] == [a, b]
+    assert len(wakes) == 4
