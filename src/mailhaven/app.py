@@ -201,7 +201,7 @@ class App:
             await asyncio.sleep(interval)
             assert self.part_time is not None
             count = await self.part_time.release_all()
-            log.info("scheduled release of part-time domains: %d recipient(s)", count)
+            log.info("scheduled release of part-time domains: %d message(s)", count)
 
     def _submission_profile(self, *, implicit_tls: bool) -> ListenerProfile:
         """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""
@@ -292,7 +292,7 @@ class App:
         self.runner = Runner(
             self.spool,
             agents,
-            self._route,
+            lambda address: self._route(address),  # late-bound: part-time hosts wrap it below
             on_failures=notifier.on_failures,
             on_delay=notifier.on_delay,
             policy=BackoffPolicy(
@@ -305,6 +305,7 @@ class App:
                 max_deliveries=q.concurrency,
                 per_destination=q.destination_concurrency,
                 per_delivery=q.recipients_per_transaction,
+                dead_time=q.minimal_backoff,
             ),
         )
         self.part_time = PartTimeHosts(

@@ -71,7 +71,8 @@ class PartTimeHosts:
         return any(ip in net for net in self.clients)
 
     async def release(self, domains: Collection[str]) -> int:
-        """Open the release window for `domains` and make their held mail due now."""
+        """Open the release window for `domains` and make their held mail due now; returns the
+        number of messages released (a message held for two of the domains counts twice)."""
         count = 0
         until = self._clock() + RELEASE_WINDOW
         for domain in domains:
@@ -92,7 +93,7 @@ class PartTimeHosts:
         if not domains:
             return Reply(459, f"<{argument}>: Node not allowed: not a part-time host here", "4.7.1")
         count = await self.release(domains)
-        log.info("ETRN %s from [%s]: %d message recipient(s) released", argument, client_ip, count)
+        log.info("ETRN %s from [%s]: %d message(s) released", argument, client_ip, count)
         if count == 0:
             return Reply(251, f"OK, no messages waiting for node {argument}", "2.0.0")
         return Reply(253, f"OK, {count} pending messages for node {argument} started", "2.0.0")

@@ -307,7 +307,8 @@ async def test_auth_over_starttls(
             ssl_context=client_trusting, credentials=Credentials("u", "wrong"), timeouts=SHORT,
         )  # fmt: skip
         assert isinstance(failure, SessionFailure)
-        assert failure.phase is Phase.AUTH and failure.reply.code == 535
+        assert failure.phase is Phase.AUTH and failure.reply.code == 454  # soft bounce
+        assert failure.reply.enhanced == "4.7.8" and "said: 535" in failure.reply.text
     assert len(handler.messages) == 1
 
 

@@ -412,6 +412,14 @@ def _temp(enhanced: str, text: str) -> Reply:
     return Reply(451, text, enhanced)
 
 
+def soft_bounce(reply: Reply) -> Reply:
+    """A refused AUTH as a temporary failure (454, RFC 4954 §6) that quotes the server's reply;
+    the enhanced code keeps its detail with a 4 (5.7.8 -> 4.7.8)."""
+    enhanced = "4" + reply.enhanced[1:] if reply.enhanced else "4.7.0"
+    said = f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}{reply.text}"
+    return Reply(454, f"SASL authentication failed; server said: {said}", enhanced)
+
+
 class ClientConnection:
     """One SMTP client session as a pure state machine (see the module docstring).
 
@@ -683,6 +691,10 @@ class ClientConnection:
         elif reply.is_success:
             self.authenticated = True
             self._settle(P.READY, Ready(self.capabilities))
+        elif reply.is_permanent:
+            # Refused credentials are our configuration problem, not the recipients': defer
+            # rather than bounce every message (Postfix smtp_sasl_auth_soft_bounce = yes).
+            self._fail(soft_bounce(reply), P.AUTH)
         else:
             self._fail(reply, P.AUTH)
 

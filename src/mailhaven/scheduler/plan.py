@@ -35,7 +35,8 @@ class Limits:
     per_destination: int = 20
     #: recipients per delivery (default_destination_recipient_limit = 50)
     per_delivery: int = 50
-    #: how long a destination that failed as a whole is left alone
+    #: how long a destination that failed as a whole is left alone; Postfix's qmgr unthrottles
+    #: a dead destination after minimal_backoff_time, and app.py passes that value
     dead_time: float = 300.0
     #: how many due recipients of each kind (new, retry) one pass looks at
     scan: int = 1000

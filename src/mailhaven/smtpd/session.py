@@ -100,6 +100,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         self._write_paused = False
         self._auth: AuthStep | None = None
         self._errors_flushed = 0
+        self._client_logged = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -146,12 +147,13 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.service.forget(self)
         if self.conn.phase is not Phase.CLOSED and self.conn.in_transaction:
             log.info("lost connection after %s from %s", self._last_command(), self.label)
-        stats = " ".join(
-            (f"{name}={ok}" if ok == total else f"{name}={ok}/{total}")
-            for name, (ok, total) in self.conn.stats.items()
-        )
-        count = sum(total for _, total in self.conn.stats.values())
-        log.info("disconnect from %s %s commands=%d", self.label, stats, count)
+        # Postfix's shape: `name=ok/total` where any failed, and the same for `commands=`.
+        counts = self.conn.stats.items()
+        words = [f"{name}={ok}" if ok == total else f"{name}={ok}/{total}" for name, (ok, total) in counts]
+        ok = sum(good for _, (good, _) in counts)
+        total = sum(n for _, (_, n) in counts)
+        words.append(f"commands={ok}" if ok == total else f"commands={ok}/{total}")
+        log.info("disconnect from %s %s", self.label, " ".join(words))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -271,6 +273,15 @@ class SMTPSession(asyncio.BufferedProtocol):
                     if isinstance(event, ev.MailFrom):
                         self._discard_message()
 
+    def _log_client(self) -> None:
+        """`<QID>: client=` once per transaction, at the first accepted recipient, as Postfix
+        does (pflogsumm counts these lines as received messages)."""
+        if self.writer is None or self._client_logged:
+            return
+        self._client_logged = True
+        sasl = f", sasl_username={self.facts.auth_user}" if self.facts.auth_user else ""
+        log.info("%s: client=%s%s", self.writer.queue_id, self.label, sasl)
+
     def _dispatch(self, event: ev.Event) -> None:
         policy = self.profile.policy
         match event:
@@ -288,8 +299,7 @@ class SMTPSession(asyncio.BufferedProtocol):
                     self.conn.respond(refusal)
                     return
                 self.writer = self.service.sink.new_message()
-                sasl = f", sasl_username={self.facts.auth_user}" if self.facts.auth_user else ""
-                log.info("%s: client=%s%s", self.writer.queue_id, self.label, sasl)
+                self._client_logged = False
                 self.conn.accept()
             case ev.RcptTo():
                 refusal = policy.rcpt_to(self.facts, event)
@@ -297,6 +307,7 @@ class SMTPSession(asyncio.BufferedProtocol):
                     self._log_reject("RCPT", refusal, self._sender(), event.address)
                     self.conn.respond(refusal)
                 else:
+                    self._log_client()
                     self.conn.accept()
             case ev.BodyData():
                 if self.writer is None:

@@ -279,12 +279,14 @@ def mark_warned(conn: sqlite3.Connection, queue_id: str) -> bool:
 
 
 def release_domain(conn: sqlite3.Connection, domain: str, now: float) -> int:
-    cur = conn.execute(
+    """Clear the route hold of `domain`'s recipients; returns how many *messages* (RFC 1985 §5
+    counts messages, not recipients) had a recipient released."""
+    rows = conn.execute(
         "UPDATE recipient SET hold = hold & ?, next_attempt = ?"
-        " WHERE domain = ? AND hold != 0 AND hold & ? != 0 AND status IN (?, ?)",
+        " WHERE domain = ? AND hold != 0 AND hold & ? != 0 AND status IN (?, ?) RETURNING qid",
         (~int(Hold.ROUTE), now, domain.lower(), int(Hold.ROUTE), *_UNFINISHED),
-    )
-    return cur.rowcount
+    ).fetchall()
+    return len({qid for (qid,) in rows})
 
 
 def requeue(conn: sqlite3.Connection, queue_id: str | None, now: float) -> int:
