@@ -3,6 +3,11 @@
 receive (smtpd) -> intake -> spool -> scheduler -> delivery agents (local Maildir; relay later)
 -> bounce. Each role gets only the narrow callables it needs; nothing else here has logic.
 
+Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
+at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by
+`mailhaven queue` and `sendmail -q`) and when the directory changes. The daemon holds the queue
+lock (`control.DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
+
 Signals: SIGTERM/SIGINT stop gracefully (see `SMTPService.shutdown`); SIGHUP re-reads the
 config file and applies what can change without restart (domains, users, aliases, trusted
 networks, limits for new sessions). An invalid file is logged and the old config kept.
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import cast
 
 from mailhaven import config as configuration
+from mailhaven import control
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.base import DeliveryAgent, Route
@@ -34,6 +40,7 @@ from mailhaven.net import selfsigned
 from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS
 from mailhaven.notifier import Notifier
+from mailhaven.pickup import IntakeDoor, Pickup
 from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials
@@ -170,6 +177,9 @@ class App:
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
         self.runner: Runner | None = None
+        self.pickup: Pickup | None = None
+        self.control: control.ControlServer | None = None
+        self._queue_lock: control.DaemonLock | None = None
         self.ready = asyncio.Event()
 
     # ------------------------------------------------------------------ wiring
@@ -271,6 +281,9 @@ class App:
         self.users.load()
         self.tls = load_tls(config)
         self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)
+        self._queue_lock = control.DaemonLock.acquire(control.lock_path(config.spool_path))
+        if self._queue_lock is None:
+            raise OSError(f"{config.spool_path}: the queue is in use (another mailhaven?)")
         report = await asyncio.to_thread(self.spool.open)
         del report
         self.relay_agent = build_relay_agent(config)
@@ -329,9 +342,31 @@ class App:
         self.smtp = SMTPService(
             sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
         )
+        # The control socket is up before any listener: once a client can connect, a
+        # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
+        await self._start_local_submission(intake, self.runner)
         await self._start_listeners()
         self._runner_task = asyncio.ensure_future(self.runner.run())
         self.ready.set()
+
+    async def _start_local_submission(self, intake: Intake, runner: Runner) -> None:
+        """The pickup (collects what `sendmail` dropped, also while we were down) and the
+        control socket that `sendmail` pokes and `mailhaven queue` drives."""
+        state = self.config.state_path
+        pickup = Pickup(state / "maildrop", IntakeDoor(self.spool, intake))
+        await asyncio.to_thread(pickup.prepare)
+        self.pickup = pickup
+
+        async def collect_then_watch() -> None:
+            await pickup.collect()
+            await pickup.run()
+
+        self._background.append(asyncio.ensure_future(collect_then_watch()))
+        self.control = control.ControlServer(
+            state / control.SOCKET_NAME,
+            control.QueueAdmin(self.spool, wake=runner.wake, pickup=pickup.collect),
+        )
+        await self.control.start()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -377,6 +412,8 @@ class App:
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
+        if self.control is not None:
+            await self.control.close()
         for listener in self.pop3:
             listener.close()
         if self.smtp is not None:
@@ -387,4 +424,6 @@ class App:
                 await self._runner_task
         await self.relay_agent.close()
         await asyncio.to_thread(self.spool.close)
+        if self._queue_lock is not None:
+            self._queue_lock.release()
         log.info("stopped")

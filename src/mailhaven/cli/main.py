@@ -1,5 +1,9 @@
 """The `mailhaven` command: `serve`, `config check`, `user ...` (more roles add their words).
 
+`mailhaven sendmail ...`, `mailhaven mailq` and `mailhaven queue ...` are handed to their own
+parsers before argparse sees them (sendmail's flags are not argparse's: `-f<>`, `-oi`, `-bs`),
+as is a run under the name `sendmail`, `mailq` or `newaliases` (a symlink to this program).
+
 Heavy imports stay inside the branches, so `mailhaven sendmail` and `--help` start fast.
 Exit codes: 0 ok, 1 operation failed, 2 usage or configuration error (argparse's convention).
 """
@@ -30,7 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Program names that mean "behave as sendmail" (`sendmail_args` sets the mode from the name).
+SENDMAIL_NAMES = ("sendmail", "mailq", "newaliases")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        prog = sys.argv[0].rpartition("/")[2]
+        argv = sys.argv[1:]
+        if prog in SENDMAIL_NAMES:
+            return _sendmail(argv, prog)
+    if argv and argv[0] == "sendmail":
+        return _sendmail(argv[1:], "sendmail")
+    if argv and argv[0] in ("queue", "mailq"):
+        return _queue(argv[0], argv[1:])
     args = _parser().parse_args(argv)
     from mailhaven import config as configuration
 
@@ -62,6 +79,31 @@ def main(argv: list[str] | None = None) -> int:
             config.users_path.parent.mkdir(parents=True, exist_ok=True)
             return user_main(args.args, users_file=config.users_path)
     return 2
+
+
+def _sendmail(argv: list[str], prog: str) -> int:
+    """Local submission; its own config lookup (-C, $MAILHAVEN_CONFIG) and exit codes."""
+    from mailhaven.cli.sendmail import sendmail_main
+
+    return sendmail_main(argv, prog)
+
+
+def _queue(word: str, argv: list[str]) -> int:
+    """`mailhaven queue [-c FILE] VERB ...` and `mailhaven mailq [-c FILE]`."""
+    from mailhaven import config as configuration
+    from mailhaven.cli import queue
+
+    path = None
+    if argv[:1] in (["-c"], ["--config"]) and len(argv) > 1:
+        path, argv = argv[1], argv[2:]
+    try:
+        config = configuration.load(path)
+    except configuration.ConfigError as err:
+        print(f"mailhaven: {err}", file=sys.stderr)
+        return 2
+    if word == "mailq":
+        return queue.mailq_main(argv, config=config)
+    return queue.main(argv, config=config)
 
 
 def _serve(config: object) -> int:
