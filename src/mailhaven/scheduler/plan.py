@@ -61,8 +61,12 @@ class Plan:
     held: tuple[DueRecipient, ...] = ()
     unavailable: tuple[tuple[DueRecipient, Route], ...] = ()
     suspended: tuple[tuple[DueRecipient, Suspension], ...] = ()
-    #: due recipients left for a later pass because every usable slot is taken
-    waiting: int = 0
+    #: due recipients left for a later pass because every usable slot is taken, in plan order
+    left: tuple[DueRecipient, ...] = ()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.left)
 
 
 def interleave(due: Sequence[DueRecipient]) -> Iterator[DueRecipient]:
@@ -123,7 +127,7 @@ def make_plan(
     held: list[DueRecipient] = []
     unavailable: list[tuple[DueRecipient, Route]] = []
     suspended: list[tuple[DueRecipient, Suspension]] = []
-    waiting = 0
+    left: list[DueRecipient] = []
     for rcpt in interleave(due):
         r = route(rcpt.address)
         suspension = dead.get(r)
@@ -134,9 +138,9 @@ def make_plan(
         elif suspension is not None and suspension.until > now:
             suspended.append((rcpt, suspension))
         elif not builder.add(rcpt, r):
-            waiting += 1
+            left.append(rcpt)
     return Plan(
-        builder.deliveries(), tuple(held), tuple(unavailable), tuple(suspended), waiting
+        builder.deliveries(), tuple(held), tuple(unavailable), tuple(suspended), tuple(left)
     )
 
 

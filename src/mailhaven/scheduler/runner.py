@@ -4,9 +4,18 @@ In: the spool (through the narrow `SchedulerSpool` protocol), the agents per tra
 `route(address) -> Route` function, an `on_failures` hook (bounces are someone else's job).
 Out: delivery requests to agents, durable per-recipient results, maillog lines.
 
-One task runs `run()`. It wakes when `wake()` is called (intake: new mail; a finished delivery:
-a slot is free; the CLI: requeue) or when the earliest deferred recipient falls due; it never
-polls the queue. It never touches the network itself: all I/O is in agents and the spool.
+One task runs `run()`. It wakes when `wake()` is called (intake: new mail; the CLI: requeue),
+when a delivery finishes (a slot is free) or when the earliest deferred recipient falls due; it
+never polls the queue. It never touches the network itself: all I/O is in agents and the spool.
+
+The backlog (Postfix's active queue, in small): when every usable slot is taken, the due
+recipients the plan had to leave are kept in memory, and a freed slot is filled from them without
+reading the queue again. The queue is read again when the backlog runs dry, when the next due
+time arrives, or on `wake()` - at most every `RESCAN_INTERVAL` while a backlog remains, so a
+stream of new mail during a saturated spell costs one bounded read per interval, not one per
+message. Scheduling cost per delivery therefore does not grow with the backlog. A recipient
+planned from the backlog is claimed only if the spool still finds it attemptable, so an
+operator's hold or delete in between wins.
 
 Invariants:
 - a recipient being attempted is `claim`ed in the spool, so `due()` never returns it twice;
@@ -49,6 +58,8 @@ log = logging.getLogger("mailhaven.queue")
 
 #: seconds before retrying a scheduler pass that failed unexpectedly
 ERROR_PAUSE = 10.0
+#: while a backlog is kept, the queue is read again at most this often (event-loop seconds)
+RESCAN_INTERVAL = 0.05
 
 
 class Runner:
@@ -79,10 +90,14 @@ class Runner:
         self._dead: dict[Route, Suspension] = {}
         self._stopped = asyncio.Event()
         self._running = False
+        self._backlog: tuple[DueRecipient, ...] = ()
+        self._rescan = True
+        self._last_scan = -RESCAN_INTERVAL
 
     # -- control --------------------------------------------------------------------------------
     def wake(self) -> None:
-        """Look at the queue again soon (new mail, a freed slot, an operator's requeue)."""
+        """Read the queue again soon (new mail, an operator's requeue or hold)."""
+        self._rescan = True
         self._wakeup.set()
 
     @property
@@ -108,8 +123,10 @@ class Runner:
                 if self._stopping:
                     break
                 timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except TimeoutError:
+                    self._rescan = True  # something fell due
         finally:
             self._stopped.set()
 
@@ -140,7 +157,7 @@ class Runner:
         """Plan and dispatch what is due now; returns when to look again (None: on wake only)."""
         now = self._clock()
         self._dead = {r: s for r, s in self._dead.items() if s.until > now}
-        due = await self._spool.due(now, self._limits.scan)
+        due = await self._due(now)
         routes, broken = self._routes(due)
         await self._defer(broken, now)
         plan = make_plan(
@@ -162,16 +179,37 @@ class Runner:
                 )
         await self._defer_unavailable(plan.unavailable, now)
         await self._defer_suspended(plan.suspended, now)
+        self._backlog = plan.left
         if plan.deliveries:
-            await self._spool.claim([r.key for d in plan.deliveries for r in d.recipients])
+            claimed = set(
+                await self._spool.claim([r.key for d in plan.deliveries for r in d.recipients])
+            )
             for d in plan.deliveries:
+                d = dataclasses.replace(
+                    d, recipients=tuple(r for r in d.recipients if r.key in claimed)
+                )
+                if not d.recipients:
+                    continue
                 self._busy[d.route] += 1
                 task = asyncio.create_task(self._deliver(d, now), name=f"deliver {d.queue_id}")
                 self._tasks[task] = d
                 task.add_done_callback(self._delivery_done)
         if plan.waiting:
-            return None  # all usable slots are taken: a finishing delivery wakes us
+            # All usable slots are taken: a finishing delivery wakes us; a pending rescan
+            # (new mail meanwhile) must not wait for that longer than the interval.
+            return now + RESCAN_INTERVAL if self._rescan else None
         return await self._spool.next_due_time()
+
+    async def _due(self, now: float) -> Sequence[DueRecipient]:
+        """The candidates of this pass: a fresh read of the queue, or the kept backlog."""
+        loop_now = asyncio.get_running_loop().time()
+        if self._backlog and not (
+            self._rescan and loop_now - self._last_scan >= RESCAN_INTERVAL
+        ):
+            return self._backlog
+        self._rescan = False
+        self._last_scan = loop_now
+        return await self._spool.due(now, self._limits.scan)
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         d = self._tasks.pop(task)
@@ -180,7 +218,7 @@ class Runner:
             del self._busy[d.route]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: scheduler error: %r", d.queue_id, task.exception())
-        self.wake()
+        self._wakeup.set()  # a slot is free: the backlog may fill it without a rescan
 
     def _routes(
         self, due: Sequence[DueRecipient]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -53,8 +54,27 @@ class CommitStats:
 @dataclass(frozen=True, slots=True)
 class _Item:
     fn: Callable[[sqlite3.Connection], Any]
-    future: concurrent.futures.Future[Any]
+    #: a thread-side future (`submit`, `call`) or an event loop's future (`run`)
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any]
     write: bool
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> bool:
+        """False if the caller gave up before the job ran (it is then skipped)."""
+        if isinstance(self.future, concurrent.futures.Future):
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()  # settled for good on the loop, see _settle
+
+
+def _settle(outcomes: list[tuple[_Item, bool, Any]]) -> None:
+    """Resolve a batch's event-loop futures (runs on their loop; a cancelled one is skipped)."""
+    for item, ok, value in outcomes:
+        if item.future.done():
+            continue
+        if ok:
+            item.future.set_result(value)
+        else:
+            item.future.set_exception(value)
 
 
 _STOP = object()
@@ -92,8 +112,14 @@ class Committer:
         return fut
 
     async def run(self, fn: Job[T], *, write: bool = True) -> T:
-        """`submit` for coroutines: the result is delivered via `loop.call_soon_threadsafe`."""
-        return await asyncio.wrap_future(self.submit(fn, write=write))
+        """`submit` for coroutines. A batch's results reach their event loop in ONE
+        `call_soon_threadsafe` (one wake-up of the loop per commit, not one per job)."""
+        if self._thread is None:
+            raise RuntimeError("spool is not open")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Item(fn, fut, write, loop))
+        return await fut
 
     def call(self, fn: Job[T], *, write: bool = True) -> T:
         """`submit` for synchronous callers (start-up, CLI); blocks until committed."""
@@ -132,7 +158,7 @@ class Committer:
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         # A caller that was cancelled before we started gets nothing done (and nothing acked);
         # once running, a future can no longer be cancelled, so resolving it below is safe.
-        batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+        batch = [item for item in batch if item.start()]
         if not batch:
             return
         writes = any(item.write for item in batch)
@@ -151,19 +177,29 @@ class Committer:
             log.error("spool: batch of %d failed: %r", len(batch), exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            self._resolve([(item, False, exc) for item in batch])
             if not isinstance(exc, Exception):
                 raise
             return
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        for item, ok, value in outcomes:
-            if ok:
-                item.future.set_result(value)
-            else:
-                item.future.set_exception(value)
+        self._resolve(outcomes)
+
+    @staticmethod
+    def _resolve(outcomes: list[tuple[_Item, bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, bool, Any]]] = {}
+        for outcome in outcomes:
+            item, ok, value = outcome
+            if item.loop is not None:
+                by_loop.setdefault(item.loop, []).append(outcome)
+            elif isinstance(item.future, concurrent.futures.Future) and not item.future.done():
+                if ok:
+                    item.future.set_result(value)
+                else:
+                    item.future.set_exception(value)
+        for loop, part in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, part)
 
     @staticmethod
     def _run_job(

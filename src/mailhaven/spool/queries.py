@@ -126,6 +126,22 @@ def set_active(conn: sqlite3.Connection, keys: Iterable[RecipientKey], active: b
     )
 
 
+def claim(conn: sqlite3.Connection, keys: Iterable[RecipientKey]) -> list[RecipientKey]:
+    """Mark recipients in flight, but only those still attemptable (unfinished, not held, not
+    already in flight): the scheduler may plan from a list read a moment ago, and an operator's
+    hold or delete in between must win. Returns the keys actually claimed."""
+    claimed: list[RecipientKey] = []
+    for k in keys:
+        cur = conn.execute(
+            "UPDATE recipient SET active = 1 WHERE qid = ? AND idx = ?"
+            " AND active = 0 AND hold = 0 AND status IN (?, ?)",
+            (k.queue_id, k.index, *_UNFINISHED),
+        )
+        if cur.rowcount == 1:
+            claimed.append(k)
+    return claimed
+
+
 def add_hold(conn: sqlite3.Connection, keys: Iterable[RecipientKey], reason: Hold) -> None:
     conn.executemany(
         "UPDATE recipient SET hold = hold | ?, active = 0 WHERE qid = ? AND idx = ?",

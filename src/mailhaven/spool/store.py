@@ -183,9 +183,10 @@ class Spool:
         """When the earliest attemptable recipient falls due (None: nothing to attempt)."""
         return await self._committer.run(queries.next_due, write=False)
 
-    async def claim(self, keys: Sequence[RecipientKey]) -> None:
-        """Mark recipients as in flight (hidden from `due()` until `record`/`unclaim`)."""
-        await self._committer.run(lambda c: queries.set_active(c, keys, True))
+    async def claim(self, keys: Sequence[RecipientKey]) -> list[RecipientKey]:
+        """Mark recipients as in flight (hidden from `due()` until `record`/`unclaim`); returns
+        those claimed (a recipient held, finished or deleted meanwhile is left out)."""
+        return await self._committer.run(lambda c: queries.claim(c, keys))
 
     async def unclaim(self, keys: Sequence[RecipientKey]) -> None:
         await self._committer.run(lambda c: queries.set_active(c, keys, False))
