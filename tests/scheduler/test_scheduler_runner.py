@@ -334,3 +334,46 @@ async def test_scheduler_error_defers_instead_of_sticking(tmp_path: Path, clock:
         assert await spool.load(qid) is None and len(agent.calls) == 1
     finally:
         spool.close()
+
+
+async def test_freed_slots_are_filled_from_the_backlog_without_rereading_the_queue(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postfix's active queue in small: a finished delivery takes the next recipient from the
+    plan's leftovers; the queue is read again only when they run out (or on wake())."""
+    reads: list[int] = []
+    real_due = spool.due
+
+    async def counting_due(now: float, limit: int) -> list[object]:
+        found = await real_due(now, limit)
+        reads.append(len(found))
+        return found  # type: ignore[return-value]
+
+    monkeypatch.setattr(spool, "due", counting_due)
+    gate = asyncio.Event()
+    agent = Agent(always(OK), clock, gate)
+    runner = make_runner(spool, clock, {"relay": agent}, limits=Limits(per_destination=2))
+    qids = [await put(spool, b"m%d" % i, "r@slow.example") for i in range(6)]
+    assert await runner.run_once() is None and reads == [6]
+    # an operator holds a message that waits in the backlog: the hold wins over the plan
+    await spool.hold(qids[5])
+    gate.set()
+    for _ in range(10):
+        await runner.settle()
+        await runner.run_once()
+        if runner.in_flight == 0 and len(agent.calls) >= 5:
+            break
+    delivered = [req.queue_id for _, req in agent.calls]
+    assert sorted(delivered) == sorted(qids[:5])
+    # one read for the six, none while the backlog lasted, then reads once it ran dry
+    assert reads[0] == 6 and all(n == 0 for n in reads[1:]), reads
+
+
+async def test_wake_makes_the_next_pass_read_the_queue(spool: Spool, clock: FakeClock) -> None:
+    agent = Agent(always(OK), clock)
+    runner = make_runner(spool, clock, {"relay": agent})
+    await step(runner)
+    qid = await put(spool, b"late", "r@example.net")
+    runner.wake()
+    await step(runner)
+    assert [req.queue_id for _, req in agent.calls] == [qid]
