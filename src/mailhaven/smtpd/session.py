@@ -101,6 +101,9 @@ class SMTPSession(asyncio.BufferedProtocol):
         self._auth: AuthStep | None = None
         self._errors_flushed = 0
         self._client_logged = False
+        #: Decrypted input that arrived while the STARTTLS handshake was finishing (see
+        #: `_start_tls`); None when no handshake is in progress.
+        self._tls_early: bytearray | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -134,6 +137,9 @@ class SMTPSession(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.service.loop.time()
+        if self._tls_early is not None:
+            self._tls_early += data  # inside TLS already: fed once the core knows it
+            return
         self.conn.receive_data(data)
         self._process()
 
@@ -438,19 +444,32 @@ class SMTPSession(asyncio.BufferedProtocol):
     async def _start_tls(self) -> None:
         context = self.profile.tls_context()
         assert self.transport is not None and context is not None
+        # asyncio's SSLProtocol hands us the first decrypted bytes (a TLS 1.3 client such as
+        # msmtp/GnuTLS sends EHLO in the flight with its Finished) *before* `start_tls`
+        # returns, while the core is still in its STARTTLS phase, where it drops input as
+        # pre-handshake plaintext: the client would wait forever. From here on every byte
+        # reaching `data_received` has come through TLS (start_tls swaps the raw transport's
+        # protocol synchronously, and reading was paused since the STARTTLS line), so it is
+        # held and fed after `tls_established()`. Plaintext sent before the handshake is
+        # still discarded by the core (CVE-2011-0411).
+        self._tls_early = bytearray()
         try:
             new = await self.service.loop.start_tls(self.transport, self, context, server_side=True)
         except (OSError, ssl.SSLError, ConnectionError) as err:
+            self._tls_early = None
             log.info("SSL_accept error from %s: %s", self.label, err)
             if self.transport is not None:
                 self.transport.abort()
             return
+        early, self._tls_early = self._tls_early, None
         if new is None:
             return
         self.transport = new
         self.conn.tls_established()
         self.facts.tls = self._tls_summary()
         log.info("%s: TLS established: %s", self.label, self.facts.tls)
+        if early:
+            self.conn.receive_data(bytes(early))  # processed when `_resume` runs
 
     async def _auth_step(self, mechanism: str, line: str | None, *, start: bool) -> None:
         auth = self.profile.authenticator
