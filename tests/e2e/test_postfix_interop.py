@@ -1,0 +1,581 @@
+"""End to end: interoperability with a real MTA, Postfix, both ways, over loopback.
+
+One private Postfix instance (`tests.support.postfix`) and one mailhaven serve the module:
+
+    smtplib -> mailhaven:M --(MX pf.test -> mx.pf.test -> 127.0.0.1, relay port P)--> Postfix:P
+               -> Maildir of bob@pf.test / carol@pf.test (virtual(8)); others 550 5.1.1
+    smtplib -> Postfix:P --(relayhost [127.0.0.1]:M)--> mailhaven:M -> Maildir of dora/ed@mh.test
+
+mailhaven finds Postfix through the tests' own DNS server (`tests.support.dns_server`); Postfix
+runs with DNS off and relays everything that is not `pf.test` to mailhaven. Both sides speak
+ESMTP with PIPELINING (each advertises it, each client uses it), 8BITMIME, DSN and SIZE.
+
+Shown: bodies arrive byte for byte (dot-stuffing undone on both ends, 8-bit bytes kept) under
+the sender's Received: line; one transaction for several recipients; a recipient refused with
+5xx by the far side comes back as an RFC 3464 bounce (mailhaven's, read with `email`; and
+Postfix's, for a user mailhaven does not know); each side logs the other's `250 ... queued as
+<id>`; STARTTLS both ways (mailhaven verifying Postfix's trustme certificate; Postfix
+opportunistically towards mailhaven's self-signed one). Skipped, with the reason, where Postfix
+cannot run (not installed, not root).
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import email.utils
+import functools
+import os
+import re
+import smtplib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from tests.e2e.conftest import ServerFactory
+from tests.e2e.send_support import read_dsn, recipient_group, relay_settings, wait_attempt
+from tests.support.dns_server import DNSServer
+from tests.support.postfix import PostfixInstance, free_port, postfix_instance, skip_reason
+from tests.support.server import MailServer, queue_id_of, to_lf
+from tests.support.wiretap import Wiretap, pipelined
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
+]
+
+PF_DOMAIN = "pf.test"
+PF_HOST = "mx.pf.test"
+PF_USERS = ("bob", "carol")
+MH_DOMAIN = "mh.test"
+MH_TLS_DOMAIN = "tls.mh.test"  # Postfix relays this one with STARTTLS required
+MH_WIRE_DOMAIN = "wire.mh.test"  # Postfix relays this one through a Wiretap
+#: Postfix's message_size_limit (its EHLO says SIZE 100000).
+PF_SIZE_LIMIT = 100_000
+MH_HOST = "mail.mh.test"
+MH_USERS = ("postmaster", "alice", "dora", "ed")
+RECORDS: dict[str, dict[str, list[Any]]] = {
+    PF_DOMAIN: {"MX": [(10, PF_HOST)]},
+    PF_HOST: {"A": ["127.0.0.1"]},
+}
+#: Postfix's words when a client breaks SMTP's command/reply sync or sends garbage.
+POSTFIX_PROTOCOL_COMPLAINTS = re.compile(
+    r"improper command pipelining|non-SMTP command|bare <LF>|too many errors|lost connection"
+    r" after (?!CONNECT)"
+)
+#: `QID: to=<a>, relay=host[ip]:port, delay=..., delays=..., dsn=X.Y.Z, status=S (text)`
+POSTFIX_ATTEMPT = (
+    r"(?P<qid>[0-9A-F]+): to=<{to}>, relay=(?P<relay>\S+), delay=[0-9.]+,"
+    r" delays=[0-9./]+, dsn=(?P<dsn>[0-9.]+), status=(?P<status>{status}) \((?P<text>.*)\)$"
+)
+
+
+# ---------------------------------------------------------------------- the two servers
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DNSServer]:
+    with DNSServer(RECORDS) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def ports() -> dict[str, int]:
+    """Both ports up front: each server's config names the other's."""
+    return {"postfix": free_port(), "mailhaven": free_port(), "wiretap": free_port()}
+
+
+def mailhaven_settings(dns: DNSServer, postfix_port: int, **relay: object) -> dict[str, object]:
+    return relay_settings(
+        dns=dns.address,
+        port=postfix_port,
+        local_users=MH_USERS,
+        local_domains=["localhost", MH_DOMAIN, MH_TLS_DOMAIN, MH_WIRE_DOMAIN],
+        relay=relay,
+    )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Path:
+    """ca.pem, and cert/key pairs for both servers (pf.pem/pf.key, mh.pem/mh.key)."""
+    where = tmp_path_factory.mktemp("certs")
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    for name, host in (("pf", PF_HOST), ("mh", MH_HOST)):
+        issued = ca.issue_cert(host)
+        issued.cert_chain_pems[0].write_to_path(str(where / f"{name}.pem"))
+        issued.private_key_pem.write_to_path(str(where / f"{name}.key"))
+        os.chmod(where / f"{name}.key", 0o600)
+    where.chmod(0o755)  # Postfix's smtp(8) reads ca.pem as user postfix
+    (where / "ca.pem").chmod(0o644)
+    return where
+
+
+@pytest.fixture(scope="module")
+def mailhaven(
+    module_mail_server: ServerFactory, dns: DNSServer, ports: dict[str, int], certs: Path
+) -> MailServer:
+    """Relays with tls = "none" (plain SMTP to Postfix); offers STARTTLS with a trustme cert."""
+    settings = mailhaven_settings(dns, ports["postfix"])
+    settings["tls"] = {"cert": str(certs / "mh.pem"), "key": str(certs / "mh.key")}
+    return module_mail_server(
+        settings=settings, ports={"smtp": ports["mailhaven"]}, hostname=MH_HOST
+    )
+
+
+@pytest.fixture(scope="module")
+def postfix(
+    tmp_path_factory: pytest.TempPathFactory,
+    mailhaven: MailServer,
+    ports: dict[str, int],
+    certs: Path,
+) -> Iterator[PostfixInstance]:
+    """Relays plain to mailhaven, except: `tls.mh.test` goes by the `smtptls` transport, which
+    requires STARTTLS and checks mailhaven's certificate chain against the trustme CA; and
+    `wire.mh.test` goes to the port where `test_postfix_pipelines_to_mailhaven` puts a
+    Wiretap in front of mailhaven."""
+    relay = f"[127.0.0.1]:{mailhaven.smtp_port}"
+    with postfix_instance(
+        keep=tmp_path_factory.mktemp("postfix"),
+        domain=PF_DOMAIN,
+        users=PF_USERS,
+        port=ports["postfix"],
+        hostname=PF_HOST,
+        relayhost=relay,
+        tls_cert=certs / "pf.pem",
+        tls_key=certs / "pf.key",
+        settings={
+            "smtp_tls_security_level": "none",
+            "transport_maps": (
+                f"inline:{{ {MH_TLS_DOMAIN}=smtptls:{relay},"
+                f" {MH_WIRE_DOMAIN}=smtp:[127.0.0.1]:{ports['wiretap']} }}"
+            ),
+            "message_size_limit": str(PF_SIZE_LIMIT),
+        },
+        services=(
+            "smtptls unix - - n - - smtp -o smtp_tls_security_level=encrypt"
+            f" -o smtp_tls_CAfile={certs / 'ca.pem'}\n"
+        ),
+    ) as instance:
+        yield instance
+        complaints = [
+            line for line in instance.log_lines() if POSTFIX_PROTOCOL_COMPLAINTS.search(line)
+        ]
+        assert not complaints, "Postfix complained about the SMTP dialogue:\n" + "\n".join(
+            complaints
+        )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def message(mark: str, to: str, sender: str, body: bytes | None = None) -> bytes:
+    """A message whose body has lines that need dot-stuffing and a near-limit line."""
+    body = (
+        body
+        or (
+            f"body of {mark}\r\n"
+            ".a line that starts with a dot\r\n"
+            "..and one with two\r\n"
+            ".\r\n" + "x" * 990 + "\r\nlast line\r\n"  # a lone dot that is not the end of data
+        ).encode()
+    )
+    head = (
+        f"From: <{sender}>\r\nTo: <{to}>\r\nSubject: interop {mark}\r\n"
+        f"Date: {email.utils.formatdate()}\r\nMessage-ID: <{mark}@interop.test>\r\n"
+    ).encode()
+    return head + b"\r\n" + body
+
+
+def submit(
+    port: int,
+    sender: str,
+    recipients: list[str],
+    data: bytes,
+    *,
+    mail_options: tuple[str, ...] = (),
+    accepted: int | None = None,
+) -> str:
+    """One SMTP transaction to 127.0.0.1:port; returns the `queued as` id of the reply."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo("client.interop.test")
+        code, text = s.mail(sender, list(mail_options))
+        assert code == 250, text
+        ok = 0
+        for rcpt in recipients:
+            code, text = s.rcpt(rcpt)
+            ok += code == 250
+        assert ok == (len(recipients) if accepted is None else accepted)
+        code, text = s.data(data)
+        assert code == 250, text
+        match = re.search(r"queued as ([A-Za-z0-9]+)", text.decode())
+        assert match, text
+        return match.group(1)
+
+
+def with_mark(files: list[Path], mark: str) -> list[Path]:
+    return [p for p in files if mark.encode() in p.read_bytes()]
+
+
+def wait_marked(
+    list_files: Callable[[], list[Path]], mark: str, count: int = 1, timeout: float = 15.0
+) -> list[Path]:
+    """Poll `list_files()` (a Maildir listing) until `count` files contain `mark`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = with_mark(list_files(), mark)
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} file(s) with {mark}, wanted {count}")
+        time.sleep(0.05)
+
+
+def split_postfix_trace(data: bytes) -> tuple[list[bytes], bytes]:
+    """A Postfix Maildir file -> (its own trace fields, unfolded) and the rest as received.
+
+    virtual(8) prepends Return-Path:, X-Original-To:, Delivered-To: and smtpd's Received:."""
+    fields: list[bytes] = []
+    rest = data
+    for name in (b"return-path", b"x-original-to", b"delivered-to", b"received"):
+        end = 0
+        while True:
+            end = rest.index(b"\n", end) + 1
+            if rest[end : end + 1] not in (b" ", b"\t"):
+                break
+        raw = rest[:end]
+        assert raw.split(b":", 1)[0].lower() == name, (name, raw[:80])
+        fields.append(b" ".join(part.strip() for part in raw.splitlines()))
+        rest = rest[end:]
+    return fields, rest
+
+
+def first_field(data: bytes) -> tuple[bytes, bytes]:
+    """(the first header field, unfolded; everything after it)."""
+    end = 0
+    while True:
+        end = data.index(b"\n", end) + 1
+        if data[end : end + 1] not in (b" ", b"\t"):
+            break
+    return b" ".join(p.strip() for p in data[:end].splitlines()), data[end:]
+
+
+def check_relayed_to_postfix(path: Path, original: bytes, rcpt: str, qid: str) -> bytes:
+    """Postfix's trace, then mailhaven's Received: for `qid`, then `original` byte for byte."""
+    fields, rest = split_postfix_trace(path.read_bytes())
+    assert fields[0] == b"Return-Path: <alice@localhost>"
+    assert fields[2] == f"Delivered-To: {rcpt}".encode()
+    ours = fields[3].decode()
+    assert re.match(
+        rf"Received: from {re.escape(MH_HOST)} \(localhost \[127\.0\.0\.1\]\)"
+        rf" by {re.escape(PF_HOST)} \(Postfix\) with ESMTPS? id [0-9A-F]+",
+        ours,
+    ), ours
+    theirs, body = first_field(rest)
+    assert theirs.startswith(b"Received: from client.interop.test"), theirs
+    assert f"(mailhaven) with ESMTP id {qid}".encode() in theirs, theirs
+    assert body == to_lf(original), "the message changed on the way"
+    return fields[3]
+
+
+# ---------------------------------------------------------------------- mailhaven -> Postfix
+
+
+def test_mailhaven_relays_to_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    mark = uuid.uuid4().hex
+    data = message(mark, "bob@pf.test", "alice@localhost")
+    qid = submit(mailhaven.smtp_port, "alice@localhost", ["bob@pf.test"], data)
+
+    [path] = wait_marked(lambda: postfix.messages("bob"), mark)
+    check_relayed_to_postfix(path, data, "bob@pf.test", qid)
+
+    [sent] = wait_attempt(mailhaven, qid, "bob@pf.test", "sent")
+    assert sent["relay"] == f"{PF_HOST}[127.0.0.1]:{postfix.port}"
+    assert sent["dsn"] == "2.0.0"
+    # mailhaven logs the reply's text (Postfix's smtp(8) would log "250 2.0.0 Ok: ...").
+    pf_qid = re.fullmatch(r"(?:250 2\.0\.0 )?Ok: queued as ([0-9A-F]+)", sent["text"])
+    assert pf_qid, sent["text"]
+    # Postfix's story of that id: from mailhaven, delivered to the Maildir.
+    postfix.wait_for_log(rf"{pf_qid[1]}: client=localhost\[127\.0\.0\.1\]")
+    postfix.wait_for_log(
+        POSTFIX_ATTEMPT.format(to=re.escape("bob@pf.test"), status="sent").replace(
+            "(?P<qid>[0-9A-F]+)", pf_qid[1]
+        )
+    )
+
+
+def test_one_transaction_for_several_recipients(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    mark = uuid.uuid4().hex
+    rcpts = ["bob@pf.test", "carol@pf.test"]
+    data = message(mark, rcpts[0], "alice@localhost")
+    qid = submit(mailhaven.smtp_port, "alice@localhost", rcpts, data)
+
+    for rcpt in rcpts:
+        [path] = wait_marked(functools.partial(postfix.messages, rcpt.split("@")[0]), mark)
+        check_relayed_to_postfix(path, data, rcpt, qid)
+    texts = {wait_attempt(mailhaven, qid, r, "sent")[0]["text"] for r in rcpts}
+    assert len(texts) == 1, f"two transactions: {texts}"  # one Postfix queue id for both
+    pf_qid = texts.pop().rpartition(" ")[2]
+    postfix.wait_for_log(rf"{pf_qid}: from=<alice@localhost>, size=\d+, nrcpt=2 \(queue active\)")
+
+
+def test_8bitmime_body_arrives_unchanged(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    mark = uuid.uuid4().hex
+    body = f"Grüße aus Köln, {mark}\r\n€ 8-bit bytes: ÿþ\r\n".encode()
+    data = message(mark, "bob@pf.test", "alice@localhost", body).replace(
+        b"\r\n\r\n",
+        b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n",
+        1,
+    )
+    qid = submit(
+        mailhaven.smtp_port,
+        "alice@localhost",
+        ["bob@pf.test"],
+        data,
+        mail_options=("BODY=8BITMIME",),
+    )
+    [path] = wait_marked(lambda: postfix.messages("bob"), mark)
+    check_relayed_to_postfix(path, data, "bob@pf.test", qid)
+    wait_attempt(mailhaven, qid, "bob@pf.test", "sent")
+
+
+def test_recipient_refused_by_postfix_bounces(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    mark = uuid.uuid4().hex
+    rcpts = ["bob@pf.test", "nosuch@pf.test"]
+    data = message(mark, rcpts[0], "alice@localhost")
+    qid = submit(mailhaven.smtp_port, "alice@localhost", rcpts, data)
+
+    [path] = wait_marked(lambda: postfix.messages("bob"), mark)  # the good one still goes
+    check_relayed_to_postfix(path, data, "bob@pf.test", qid)
+    wait_attempt(mailhaven, qid, "bob@pf.test", "sent")
+    [bounced] = wait_attempt(mailhaven, qid, "nosuch@pf.test", "bounced")
+    assert bounced["dsn"] == "5.1.1"
+    assert "User unknown in virtual mailbox table" in bounced["text"]
+    postfix.wait_for_log(
+        r"reject: RCPT from localhost\[127\.0\.0\.1\]: 550 5\.1\.1 <nosuch@pf\.test>"
+    )
+
+    [report] = wait_marked(lambda: mailhaven.messages("alice"), mark)
+    dsn = read_dsn(report)
+    assert dsn.message["From"] and "MAILER-DAEMON" in dsn.message["From"].upper()
+    assert [g["Final-Recipient"] for g in dsn.per_recipient] == ["rfc822; nosuch@pf.test"]
+    group = recipient_group(dsn, "nosuch@pf.test")
+    assert group["Action"] == "failed"
+    assert group["Status"] == "5.1.1"
+    assert group["Remote-MTA"].replace(" ", "") == f"dns;{PF_HOST}"
+    diagnostic = " ".join(group["Diagnostic-Code"].split())
+    assert diagnostic.startswith("smtp; 550 5.1.1 <nosuch@pf.test>: Recipient address rejected")
+    assert dsn.original is not None and mark in str(dsn.original["Subject"])
+
+
+def test_postfix_size_limit_is_respected(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    """Postfix's EHLO says SIZE 100000: mailhaven bounces a bigger message (5.3.4) without
+    sending it (RFC 1870), and still delivers to nobody else by mistake."""
+    mark = uuid.uuid4().hex
+    body = (f"{mark}\r\n" + ("y" * 78 + "\r\n") * (PF_SIZE_LIMIT // 80 + 100)).encode()
+    data = message(mark, "bob@pf.test", "alice@localhost", body)
+    qid = submit(mailhaven.smtp_port, "alice@localhost", ["bob@pf.test"], data)
+
+    [bounced] = wait_attempt(mailhaven, qid, "bob@pf.test", "bounced")
+    assert bounced["dsn"] == "5.3.4", bounced.group(0)
+    [report] = wait_marked(lambda: mailhaven.messages("alice"), mark)
+    assert recipient_group(read_dsn(report), "bob@pf.test")["Status"] == "5.3.4"
+    assert not with_mark(postfix.messages("bob"), mark)
+
+
+def eight_bit_message(mark: str, to: str, sender: str) -> bytes:
+    body = f"Grüße {mark}\r\nÿþ and a line\r\n.\r\n..dots\r\n".encode()
+    return message(mark, to, sender, body).replace(
+        b"\r\n\r\n",
+        b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\n",
+        1,
+    )
+
+
+def client_bytes(tap: Wiretap, conn: int = 1) -> bytes:
+    return b"".join(data for c, side, data in tap.snapshot() if c == conn and side == "c")
+
+
+def test_mailhaven_pipelines_to_postfix(
+    mail_server: ServerFactory, dns: DNSServer, postfix: PostfixInstance
+) -> None:
+    """On the wire (a Wiretap between them): mailhaven sends RCPT TO before Postfix answered
+    MAIL FROM (RFC 2920), and declares BODY=8BITMIME and SIZE= because Postfix offers them."""
+    with Wiretap(postfix.port) as tap:
+        server = mail_server(settings=mailhaven_settings(dns, tap.port), hostname=MH_HOST)
+        mark = uuid.uuid4().hex
+        rcpts = ["bob@pf.test", "carol@pf.test"]
+        data = eight_bit_message(mark, rcpts[0], "alice@localhost")
+        qid = submit(
+            server.smtp_port, "alice@localhost", rcpts, data, mail_options=("BODY=8BITMIME",)
+        )
+        for rcpt in rcpts:
+            [path] = wait_marked(functools.partial(postfix.messages, rcpt.split("@")[0]), mark)
+            check_relayed_to_postfix(path, data, rcpt, qid)
+        assert pipelined(tap.snapshot(), 1), tap.snapshot()
+        sent = client_bytes(tap)
+        assert re.search(rb"MAIL FROM:<alice@localhost>[^\r]* BODY=8BITMIME", sent), sent[:500]
+        assert re.search(rb"MAIL FROM:<alice@localhost>[^\r]* SIZE=\d+", sent), sent[:500]
+        assert sent.count(b"RCPT TO:") == 2
+
+
+def test_postfix_pipelines_to_mailhaven(
+    mailhaven: MailServer, postfix: PostfixInstance, ports: dict[str, int]
+) -> None:
+    """Postfix's smtp(8) pipelines to mailhaven (which advertises PIPELINING) and passes on
+    BODY=8BITMIME; mailhaven answers each command in order."""
+    with Wiretap(mailhaven.smtp_port, port=ports["wiretap"]) as tap:
+        mark = uuid.uuid4().hex
+        rcpts = [f"dora@{MH_WIRE_DOMAIN}", f"ed@{MH_WIRE_DOMAIN}"]
+        data = eight_bit_message(mark, rcpts[0], "bob@pf.test")
+        pf_qid = submit(postfix.port, "bob@pf.test", rcpts, data, mail_options=("BODY=8BITMIME",))
+        lines = [postfix_sent_line(postfix, pf_qid, r) for r in rcpts]
+        mh_qid = lines[0]["text"].rpartition(" ")[2]
+        for rcpt in rcpts:
+            [path] = wait_marked(functools.partial(mailhaven.messages, rcpt.split("@")[0]), mark)
+            check_relayed_to_mailhaven(path, data, mh_qid)
+        assert pipelined(tap.snapshot(), 1), tap.snapshot()
+        sent = client_bytes(tap)
+        assert re.search(rb"MAIL FROM:<bob@pf\.test>[^\r]* BODY=8BITMIME", sent), sent[:500]
+
+
+def test_starttls_to_postfix_verified(
+    mail_server: ServerFactory, dns: DNSServer, postfix: PostfixInstance, certs: Path
+) -> None:
+    """relay tls = "verify": mailhaven checks Postfix's certificate against the trustme CA."""
+    env = dict(os.environ, SSL_CERT_FILE=str(certs / "ca.pem"))
+    env.pop("SSL_CERT_DIR", None)
+    server = mail_server(
+        settings=mailhaven_settings(dns, postfix.port, tls="verify"), hostname=MH_HOST, env=env
+    )
+    mark = uuid.uuid4().hex
+    data = message(mark, "carol@pf.test", "alice@localhost")
+    qid = submit(server.smtp_port, "alice@localhost", ["carol@pf.test"], data)
+
+    [path] = wait_marked(lambda: postfix.messages("carol"), mark)
+    trace = check_relayed_to_postfix(path, data, "carol@pf.test", qid)
+    assert b"with ESMTPS id" in trace, trace  # Postfix says: this arrived over TLS
+    wait_attempt(server, qid, "carol@pf.test", "sent")
+    postfix.wait_for_log(r"TLS connection established from localhost\[127\.0\.0\.1\]: TLSv1\.[23]")
+
+
+# ---------------------------------------------------------------------- Postfix -> mailhaven
+
+
+def postfix_sent_line(
+    postfix: PostfixInstance, pf_qid: str, to: str, status: str = "sent"
+) -> re.Match[str]:
+    pattern = POSTFIX_ATTEMPT.format(to=re.escape(to), status=status).replace(
+        "(?P<qid>[0-9A-F]+)", re.escape(pf_qid)
+    )
+    return postfix.wait_for_log(pattern, timeout=15)[0]
+
+
+def check_relayed_to_mailhaven(
+    path: Path, original: bytes, mh_qid: str, *, tls: bool = False
+) -> None:
+    """mailhaven's trace, then Postfix's Received:, then `original` byte for byte."""
+    data = path.read_bytes()
+    assert queue_id_of(data) == mh_qid
+    head, _, rest = data.partition(b"Subject: interop ")
+    assert to_lf(original).endswith(b"Subject: interop " + rest), "the message changed on the way"
+    proto = b"ESMTPS" if tls else b"ESMTP"
+    assert re.search(
+        rb"\nReceived: from mx\.pf\.test \(unknown \[127\.0\.0\.1\]\)\n"
+        + (rb"\t\(using TLSv1\.[23] with cipher [^\n]+\)\n" if tls else b"")
+        + rb"\tby mail\.mh\.test"
+        rb" \(mailhaven\) with " + proto + rb" id " + mh_qid.encode(),
+        head,
+    ), head
+    assert re.search(
+        rb"\nReceived: from client\.interop\.test \(localhost \[127\.0\.0\.1\]\)\n"
+        rb"\tby mx\.pf\.test \(Postfix\) with ESMTP id [0-9A-F]+",
+        head,
+    ), head
+
+
+def test_postfix_relays_to_mailhaven(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    mark = uuid.uuid4().hex
+    rcpts = ["dora@mh.test", "ed@mh.test"]
+    data = message(mark, rcpts[0], "bob@pf.test")
+    pf_qid = submit(postfix.port, "bob@pf.test", rcpts, data)
+
+    lines = [postfix_sent_line(postfix, pf_qid, r) for r in rcpts]
+    replies = {m["text"] for m in lines}
+    assert len(replies) == 1, f"Postfix used two transactions: {replies}"
+    reply = replies.pop()
+    got = re.fullmatch(r"250 2\.0\.0 Ok: queued as ([A-Za-z0-9]+)", reply)
+    assert got, reply
+    assert {m["relay"] for m in lines} == {f"127.0.0.1[127.0.0.1]:{mailhaven.smtp_port}"}
+    for rcpt in rcpts:
+        [path] = wait_marked(functools.partial(mailhaven.messages, rcpt.split("@")[0]), mark)
+        check_relayed_to_mailhaven(path, data, got[1])
+    # mailhaven's own log tells the same story under its id.
+    mailhaven.wait_for_log(rf"{got[1]}: client=localhost\[127\.0\.0\.1\]|{got[1]}: client=")
+
+
+def test_postfix_relays_8bitmime_to_mailhaven(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    mark = uuid.uuid4().hex
+    data = eight_bit_message(mark, "dora@mh.test", "bob@pf.test")
+    pf_qid = submit(
+        postfix.port, "bob@pf.test", ["dora@mh.test"], data, mail_options=("BODY=8BITMIME",)
+    )
+    sent = postfix_sent_line(postfix, pf_qid, "dora@mh.test")
+    mh_qid = sent["text"].rpartition(" ")[2]
+    [path] = wait_marked(lambda: mailhaven.messages("dora"), mark)
+    check_relayed_to_mailhaven(path, data, mh_qid)
+
+
+def test_starttls_from_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    """Postfix's `smtptls` transport (security level encrypt, trustme CA) to mailhaven."""
+    mark = uuid.uuid4().hex
+    rcpt = f"ed@{MH_TLS_DOMAIN}"
+    data = message(mark, rcpt, "bob@pf.test")
+    pf_qid = submit(postfix.port, "bob@pf.test", [rcpt], data)
+    sent = postfix_sent_line(postfix, pf_qid, rcpt)
+    [path] = wait_marked(lambda: mailhaven.messages("ed"), mark)
+    check_relayed_to_mailhaven(path, data, sent["text"].rpartition(" ")[2], tls=True)
+    postfix.wait_for_log(
+        rf"Trusted TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:{mailhaven.smtp_port}:"
+        r" TLSv1\.[23]"
+    )
+
+
+def test_unknown_mailhaven_user_bounces_in_postfix(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    """mailhaven refuses the RCPT with 550 5.1.1; Postfix bounces to its own local sender."""
+    mark = uuid.uuid4().hex
+    data = message(mark, "nosuch@mh.test", "bob@pf.test")
+    pf_qid = submit(postfix.port, "bob@pf.test", ["nosuch@mh.test", "dora@mh.test"], data)
+    bounced = postfix_sent_line(postfix, pf_qid, "nosuch@mh.test", status="bounced")
+    assert bounced["dsn"] == "5.1.1", bounced.group(0)
+    assert bounced["text"].startswith("host 127.0.0.1[127.0.0.1] said: 550 5.1.1"), bounced["text"]
+    postfix_sent_line(postfix, pf_qid, "dora@mh.test")
+
+    [report] = wait_marked(lambda: postfix.messages("bob"), mark)
+    dsn = read_dsn(report)  # the same RFC 3464 checks as for mailhaven's own reports
+    assert dsn.per_message["Reporting-MTA"] == f"dns; {PF_HOST}"
+    [group] = dsn.per_recipient
+    assert group["Final-Recipient"] == "rfc822; nosuch@mh.test"
+    assert group["Action"] == "failed"
+    assert group["Status"] == "5.1.1"
+    assert group["Remote-MTA"] == "dns; 127.0.0.1"
+    assert "User unknown" in group["Diagnostic-Code"]
