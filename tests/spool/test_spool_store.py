@@ -133,6 +133,24 @@ async def test_big_body_streams_to_file_without_buffering(tmp_path: Path) -> Non
         s.close()
 
 
+async def test_a_failed_background_write_is_never_committed(spool: Spool) -> None:
+    """Spilled bodies are written on a background thread; its error must reach the writer."""
+    w = spool.new_message()
+    w.write(b"y" * 10_000)  # spilled: beyond the 4096 inline limit of the fixture
+    assert w.spilled and w._file is not None
+
+    def disk_full(data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    w._file.write = disk_full  # type: ignore[method-assign]
+    w.write(b"z" * 100)
+    with pytest.raises(OSError, match="No space"):
+        await spool.commit(w, envelope("b@x.example"), queued("b@x.example"), b"R: 1\r\n")
+    assert await spool.due(1e12, 10) == []
+    w.abort()
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
 async def test_abort_discards_everything(spool: Spool) -> None:
     w = spool.new_message()
     w.write(b"y" * 10_000)  # beyond the 4096 inline limit of the fixture
