@@ -30,7 +30,8 @@ MAILHAVEN = common.ROOT / ".venv" / "bin" / "mailhaven"
 class Mailhaven:
     def __init__(self, name: str, mode: str, *, sink_port: int | None = None,
                  pop3_port: int | None = None, state: Path | None = None,
-                 message_size: int = 200 * 2**20) -> None:
+                 message_size: int = 200 * 2**20,
+                 extra: dict[str, dict[str, object]] | None = None) -> None:
         self.name = name
         self.mode = mode
         self.port = common.free_port()
@@ -41,36 +42,39 @@ class Mailhaven:
         self.config = self.dir / "mailhaven.toml"
         self.log = self.dir / "mailhaven.log"
         self.message_size = message_size
+        # more keys per TOML table, e.g. {"relay": {"transport": {...}}, "queue": {...}}
+        self.extra = extra or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        lines = [
-            'hostname = "mh.bench.test"',
-            f'state_dir = "{self.state}"',
-            'log_level = "warning"',
-            'local_domains = ["localhost"]',
-            'local_users = ["postmaster"]',
-        ]
+        top: dict[str, object] = {
+            "hostname": "mh.bench.test",
+            "state_dir": str(self.state),
+            "log_level": "warning",
+            "local_domains": ["localhost"],
+            "local_users": ["postmaster"],
+        }
         if self.mode == "relay":
-            lines.append(f'relayhost = "[{HOST}]:{self.sink_port}"')
-        pop3 = f'["{HOST}:{self.pop3_port}"]' if self.pop3_port else "[]"
-        lines += [
-            "[listen]",
-            f'smtp = ["{HOST}:{self.port}"]',
-            "submission = []",
-            "submissions = []",
-            f"pop3 = {pop3}",
-            "pop3s = []",
-            "[limits]",
-            "connections = 20000",
-            "connections_per_ip = 20000",
-            f"message_size = {self.message_size}",
-        ]
+            top["relayhost"] = f"[{HOST}]:{self.sink_port}"
+        tables: dict[str, dict[str, object]] = {
+            "listen": {
+                "smtp": [f"{HOST}:{self.port}"], "submission": [], "submissions": [],
+                "pop3": [f"{HOST}:{self.pop3_port}"] if self.pop3_port else [], "pop3s": [],
+            },
+            "limits": {"connections": 20000, "connections_per_ip": 20000,
+                       "message_size": self.message_size},
+        }
         if self.mode == "relay":
-            lines += ["[relay]", 'tls = "none"', 'relayhost_tls = "none"']
+            tables["relay"] = {"tls": "none", "relayhost_tls": "none"}
         else:
-            lines += ["[etrn]", 'held_domains = ["bench.test"]']
+            tables["etrn"] = {"held_domains": ["bench.test"]}
+        for name, keys in self.extra.items():
+            tables.setdefault(name, {}).update(keys)
+        lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
+        for name, keys in tables.items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in keys.items()]
         self.config.write_text("\n".join(lines) + "\n")
 
     def argv(self) -> list[str]:
@@ -99,14 +103,39 @@ class Mailhaven:
 
     def queue_count(self) -> int:
         """Messages in the spool, read-only (WAL readers never block the daemon)."""
+        return self._count("SELECT count(*) FROM message")
+
+    def recipient_count(self, status: str | None = None) -> int:
+        """Recipient rows (of one status): an index scan, cheap even with 100k deferred rows,
+        where count(*) over `message` reads every inline body."""
+        if status is None:
+            return self._count("SELECT count(*) FROM recipient")
+        return self._count("SELECT count(*) FROM recipient WHERE status = ?", (status,))
+
+    def _count(self, sql: str, args: tuple[object, ...] = ()) -> int:
         db = self.state / "spool" / "queue.db"
         if not db.exists():
             return 0
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
         try:
-            return int(conn.execute("SELECT count(*) FROM message").fetchone()[0])
+            return int(conn.execute(sql, args).fetchone()[0])
         finally:
             conn.close()
+
+
+def _toml(value: object) -> str:
+    """A TOML literal for the few value types our configs use."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml(str(k))} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
 
 
 class Aiosmtpd:

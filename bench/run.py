@@ -1,0 +1,174 @@
+"""The benchmark suite: mailhaven against its peers, side by side, in one invocation.
+
+    .venv/bin/python bench/run.py quick      # about 3 minutes
+    .venv/bin/python bench/run.py full       # about 15 minutes
+    .venv/bin/python bench/run.py quick --only accept_1k relay_1k --reps 5
+
+Sets up the peers on 127.0.0.1 (a separate Postfix instance under bench/tmp/postfix, the
+aiosmtpd durable peer, smtp-sink), runs every target of issue 6 with mailhaven and the peers
+alternating, and prints medians, min-max and the ratio mailhaven/peer per target, with the
+goal and whether it is met. Results: bench/results/<mode>-<UTC time>.jsonl (one line per run,
+then the summaries). docs/benchmarks.md explains every scenario and holds the latest numbers.
+
+Why one process orchestrates everything: each server it starts is stopped by its PID at the
+end, also on Ctrl-C or SIGTERM (atexit + signal handler); Postfix is stopped with
+`postfix -c <our config dir> stop`. The last line says whether anything was left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import common
+import memory
+import peers
+import pop3_retr
+import queue_scale
+import report
+import throughput
+
+THROUGHPUT = ("accept_1k", "relay_1k", "accept_100k", "accept_10m")
+ALL = (*THROUGHPUT, "memory", "queue", "pop3")
+
+
+def versions() -> dict[str, str]:
+    def out(argv: list[str]) -> str:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=common.ROOT)
+        return r.stdout.strip()
+
+    dirty = out(["git", "status", "--porcelain", "--", "src"])
+    return {
+        "mailhaven": out(["git", "rev-parse", "--short", "HEAD"])
+        + (f" + uncommitted changes in {len(dirty.splitlines())} src files" if dirty else ""),
+        "python": out([str(common.VENV_PY), "-c", "import sys; print(sys.version.split()[0])"]),
+        "aiosmtpd": out([str(common.VENV_PY), "-c",
+                         "import aiosmtpd; print(aiosmtpd.__version__)"]),
+        "postfix": peers.postfix_version() if peers.postfix_available() else "not installed",
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "cpu": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                     if ln.startswith("model name")), "?"),
+    }
+
+
+def install_postfix(attempts: int = 20, wait: float = 15.0) -> None:
+    """Another session may hold the apt lock: retry, bounded."""
+    for i in range(attempts):
+        try:
+            peers.install_postfix()
+            return
+        except subprocess.CalledProcessError as exc:
+            common.log(f"postfix install failed ({exc}); apt busy? retry {i + 1}/{attempts}")
+            time.sleep(wait)
+    raise SystemExit("could not install postfix")
+
+
+class Peers:
+    """The long-running peers of the throughput targets; `close()` stops them all."""
+
+    def __init__(self) -> None:
+        install_postfix()
+        self.sink = peers.SmtpSink("relay-sink")
+        self.sink.start()
+        self.postfix = peers.Postfix(self.sink.port)
+        self.postfix.setup()
+        self.postfix.start()
+        self.aio = peers.Aiosmtpd(common.VENV_PY)
+        self.aio.start()
+        self.hold = peers.Mailhaven("mailhaven-hold", "hold")
+        self.relay = peers.Mailhaven("mailhaven-relay", "relay", sink_port=self.sink.port)
+
+    def systems(self, name: str) -> list[throughput.System]:
+        if name == "relay_1k":
+            return [throughput.mailhaven(self.relay), throughput.postfix_relay(self.postfix)]
+        return [throughput.mailhaven(self.hold), throughput.postfix_hold(self.postfix),
+                throughput.aiosmtpd(self.aio)]
+
+    def close(self) -> None:
+        for mh in (self.hold, self.relay):
+            mh.stop()
+        self.aio.stop()
+        self.postfix.stop()
+        self.sink.stop()
+
+
+def leftovers(pf_pid: int | None) -> list[int]:
+    pids = common.descendants(os.getpid())
+    if pf_pid and os.path.exists(f"/proc/{pf_pid}"):
+        pids.append(pf_pid)
+    return pids
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["quick", "full"])
+    ap.add_argument("--only", nargs="+", choices=ALL, default=list(ALL), metavar="TARGET",
+                    help=f"a subset of: {' '.join(ALL)}")
+    ap.add_argument("--reps", type=int, help="repetitions (default: quick 3/2, full 5/3)")
+    a = ap.parse_args()
+    full = a.mode == "full"
+    reps_tp = a.reps or (5 if full else 3)
+    reps_other = a.reps or (3 if full else 2)
+    nofile = common.raise_nofile(20000)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    rec = report.Recorder(f"{a.mode}-{stamp}")
+    meta = {"command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
+            "date": stamp, "nofile": nofile, **versions()}
+    rec.write("meta", **meta)
+    for k, v in meta.items():
+        common.log(f"{k}: {v}")
+    held: dict[str, Any] = {}
+    atexit.register(common.stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t_start = time.perf_counter()
+    metrics: list[report.Metric] = []
+    record: Callable[..., None] = rec.write
+    try:
+        todo = [t for t in ALL if t in a.only]
+        if any(t in THROUGHPUT for t in todo):
+            held["peers"] = p = Peers()
+            held["pf_pid"] = p.postfix.master_pid()
+            for name, sc in throughput.scenarios(full).items():
+                if name in todo:
+                    common.log(f"== {sc.target} ({sc.count} msgs x {reps_tp} reps)")
+                    metrics += throughput.run(sc, p.systems(name), reps_tp, 1.0, record)
+            p.close()
+            del held["peers"]
+        if "memory" in todo:
+            common.log("== 4. memory")
+            metrics += memory.run(full, reps_other, record)
+        if "queue" in todo:
+            common.log("== 5. queue scale")
+            metrics += queue_scale.run(full, reps_other, record)
+        if "pop3" in todo:
+            common.log("== 6. POP3 RETR")
+            metrics += pop3_retr.run(reps_other, record)
+    finally:
+        if "peers" in held:
+            held["peers"].close()
+        common.stop_all()
+        rec.summary(metrics)
+        path = rec.close()
+    lines = report.table(metrics)
+    common.log(f"\n## Results ({a.mode}, {stamp}, {time.perf_counter() - t_start:.0f} s)\n")
+    for line in lines:
+        common.log(line)
+    left = leftovers(held.get("pf_pid"))
+    common.log(f"\nresults: {path.relative_to(common.ROOT)}")
+    common.log(f"left running: {left or 'nothing'}")
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
