@@ -398,6 +398,9 @@ class App:
         self.config = new
         self.users = UserDB(new.users_path)
         self.users.load()
+        # AUTH must check the same (possibly newly named) users file that the router now
+        # delivers to; the old UserDB would keep accepting logins of users no longer in it.
+        self.authenticator.users = self.users
         self.router = build_router(new, self.users)
         if self.tls is not None:
             try:

@@ -750,3 +750,43 @@ def test_limits_not_shown_elsewhere(mail_server: ServerFactory) -> None:
     finally:
         for client in held:
             client.close()
+
+
+# ---------------------------------------------------------------------- 5. SIGHUP
+
+
+def test_sighup_reloads_the_certificate_and_the_users_file(
+    mail_server: ServerFactory,
+    certs: Certs,
+    dns: DNSServer,
+    sink: Sink,
+    tmp_path: Path,
+) -> None:
+    """`kill -HUP`: new connections get the new certificate (old sessions keep theirs), and a
+    users file named by the new configuration is the one AUTH checks."""
+    chain = tmp_path / "live.pem"
+    shutil.copyfile(certs.chain_file, chain)
+    settings = submission_settings(certs, write_users(tmp_path / "users"), dns, sink)
+    settings["tls"] = {"cert": str(chain), "key": str(chain)}
+    own = mail_server(settings=settings, services=("submissions",))
+    port = own.port("submissions")
+
+    def login(context: ssl.SSLContext, user: str, password: str) -> None:
+        with smtplib.SMTP_SSL(own.host, port, context=context, timeout=20) as smtp:
+            smtp.login(user, password)
+
+    login(certs.client_context(), "alice", PASSWORDS["alice"])
+    new_ca = trustme.CA()
+    new_ca.issue_cert("mx.test", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        str(chain)
+    )
+    new_context = ssl.create_default_context()
+    new_ca.configure_trust(new_context)
+    other_users = UserDB(tmp_path / "other-users", hasher=FAST_HASHER)
+    other_users.add("dave", "n3w user")
+    own.update_config({"users_file": str(other_users.path)})
+    own.reload()
+    own.wait_for_log(r"reload: configuration .* applied")
+    login(new_context, "dave", "n3w user")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        login(certs.client_context(), "alice", PASSWORDS["alice"])
