@@ -97,6 +97,8 @@ class Sink:
     credentials: tuple[str, str] | None = None
     #: Called in the sink's thread after the DATA 250 went out (with the transaction).
     on_data: Callable[[Received], None] | None = None
+    #: Called in the sink's thread just before that 250 (only when `on_data` is set too).
+    before_data_reply: Callable[[Received], None] | None = None
     received: list[Received] = field(default_factory=list)
     #: every RCPT TO address seen, with the reply code given
     rcpt_log: list[tuple[str, int]] = field(default_factory=list)
@@ -204,6 +206,8 @@ class _Handler:
         self.sink._record(item)
         if self.sink.on_data is None:
             return "250 2.0.0 OK accepted"
+        if self.sink.before_data_reply is not None:
+            self.sink.before_data_reply(item)  # e.g. SIGSTOP the client: it cannot act on the 250
         await server.push("250 2.0.0 OK accepted")  # the 250 is on the wire now...
         self.sink.on_data(item)  # ...and then, e.g., the client process dies
         return "250 2.0.0 OK accepted"

@@ -395,16 +395,24 @@ def test_sigkill_between_remote_250_and_record_redelivers_once(
     mail_server: ServerFactory, dns: DNSServer, port: int, sinks: list[Sink]
 ) -> None:
     """At-least-once: the sink SIGKILLs mailhaven right after its 250 for DATA. After a
-    restart the message is delivered once more (never lost, never more than twice)."""
+    restart the message is delivered once more (never lost, never more than twice).
+    mailhaven is SIGSTOPped before the 250 goes out, so it cannot record the 250 before the
+    SIGKILL lands: the crash falls between the remote 250 and the record, every time."""
     server = mail_server(settings=relay_settings(dns=dns.address, port=port), start=False)
     killed: list[int] = []
+
+    def freeze(item: Received) -> None:
+        if not killed:
+            os.kill(server.pid, signal.SIGSTOP)
 
     def crash(item: Received) -> None:
         if not killed:
             killed.append(server.pid)
             os.kill(server.pid, signal.SIGKILL)
 
-    sink = sink_for(sinks, "mx.crash.test", port, on_data=crash).start()
+    sink = sink_for(sinks, "mx.crash.test", port, on_data=crash)
+    sink.before_data_reply = freeze
+    sink.start()
     server.start()
     qid = send(server, ["bob@crash.test"], mark="crash")
 
