@@ -15,7 +15,11 @@ SMTP_SSL; over real sockets, AUTH and MAIL refused before TLS/AUTH, pipelined pl
 STARTTLS never answered inside TLS, relay refused for address disguises, the sender-login
 check, the brute-force brake (while another client is served normally) and the limits not
 already shown by `test_receive.py` (total connections, connection and message rates, commands
-per session, pipelining past a group-ending command).
+per session, pipelining past a group-ending command); SIGHUP reloading the certificate and the
+users file. A regression test sends EHLO in the same segment as the client's TLS Finished (what
+msmtp/GnuTLS does), which the server used to drop as pre-TLS plaintext.
+
+swaks needs Net::SSLeay for TLS (Debian: libnet-ssleay-perl); without it those tests skip.
 """
 
 from __future__ import annotations
