@@ -13,10 +13,15 @@ ESMTP with PIPELINING (each advertises it, each client uses it), 8BITMIME, DSN a
 Shown: bodies arrive byte for byte (dot-stuffing undone on both ends, 8-bit bytes kept) under
 the sender's Received: line; one transaction for several recipients; a recipient refused with
 5xx by the far side comes back as an RFC 3464 bounce (mailhaven's, read with `email`; and
-Postfix's, for a user mailhaven does not know); each side logs the other's `250 ... queued as
-<id>`; STARTTLS both ways (mailhaven verifying Postfix's trustme certificate; Postfix
-opportunistically towards mailhaven's self-signed one). Skipped, with the reason, where Postfix
-cannot run (not installed, not root).
+Postfix's, for a user mailhaven does not know); Postfix's SIZE limit makes mailhaven bounce
+with 5.3.4 before sending; a UTF-8 address goes with SMTPUTF8; NOTIFY=SUCCESS/ORCPT/ENVID
+given to Postfix reach mailhaven, whose "delivered" report travels back through Postfix; each side logs the other's `250 ... queued as <id>`; STARTTLS both
+ways (mailhaven with tls = "verify" against Postfix's trustme certificate; Postfix's `encrypt`
+transport, trusting mailhaven's trustme certificate); and, seen on the wire through a
+`tests.support.wiretap.Wiretap`, each client pipelines (RCPT TO before the reply to MAIL FROM)
+and declares BODY=8BITMIME. At the end, Postfix's log must hold no complaint about the dialogue
+(improper pipelining, non-SMTP command, bare LF, lost connection mid-command). Skipped, with the
+reason, where Postfix cannot run (not installed, or not root).
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ pytestmark = [
 
 PF_DOMAIN = "pf.test"
 PF_HOST = "mx.pf.test"
-PF_USERS = ("bob", "carol")
+PF_USERS = ("bob", "carol", "jöran")  # one needs SMTPUTF8 (RFC 6531)
 MH_DOMAIN = "mh.test"
 MH_TLS_DOMAIN = "tls.mh.test"  # Postfix relays this one with STARTTLS required
 MH_WIRE_DOMAIN = "wire.mh.test"  # Postfix relays this one through a Wiretap
@@ -203,6 +208,7 @@ def submit(
     data: bytes,
     *,
     mail_options: tuple[str, ...] = (),
+    rcpt_options: tuple[str, ...] = (),
     accepted: int | None = None,
 ) -> str:
     """One SMTP transaction to 127.0.0.1:port; returns the `queued as` id of the reply."""
@@ -212,7 +218,7 @@ def submit(
         assert code == 250, text
         ok = 0
         for rcpt in recipients:
-            code, text = s.rcpt(rcpt)
+            code, text = s.rcpt(rcpt, list(rcpt_options))
             ok += code == 250
         assert ok == (len(recipients) if accepted is None else accepted)
         code, text = s.data(data)
@@ -397,6 +403,20 @@ def test_postfix_size_limit_is_respected(mailhaven: MailServer, postfix: Postfix
     assert not with_mark(postfix.messages("bob"), mark)
 
 
+def test_smtputf8_address_to_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    """A UTF-8 recipient: mailhaven says SMTPUTF8 to Postfix (which offers it; without it,
+    Postfix refuses a non-ASCII address with 5.6.7) and Postfix delivers to jöran's Maildir."""
+    mark = uuid.uuid4().hex
+    rcpt = "jöran@pf.test"
+    data = message(mark, rcpt, "alice@localhost")
+    data = data.replace(b"Subject: interop", "Subject: Grüße, interop".encode(), 1)
+    qid = submit(mailhaven.smtp_port, "alice@localhost", [rcpt], data, mail_options=("SMTPUTF8",))
+    [path] = wait_marked(lambda: postfix.messages("jöran"), mark)
+    wait_attempt(mailhaven, qid, rcpt, "sent")
+    _, rest = split_postfix_trace(path.read_bytes())
+    assert rest.endswith(to_lf(data))
+
+
 def eight_bit_message(mark: str, to: str, sender: str) -> bytes:
     body = f"Grüße {mark}\r\nÿþ and a line\r\n.\r\n..dots\r\n".encode()
     return message(mark, to, sender, body).replace(
@@ -432,6 +452,7 @@ def test_mailhaven_pipelines_to_postfix(
         assert re.search(rb"MAIL FROM:<alice@localhost>[^\r]* BODY=8BITMIME", sent), sent[:500]
         assert re.search(rb"MAIL FROM:<alice@localhost>[^\r]* SIZE=\d+", sent), sent[:500]
         assert sent.count(b"RCPT TO:") == 2
+        server.stop()  # its parked connection says QUIT through the tap, not to a cut wire
 
 
 def test_postfix_pipelines_to_mailhaven(
@@ -541,6 +562,34 @@ def test_postfix_relays_8bitmime_to_mailhaven(
     mh_qid = sent["text"].rpartition(" ")[2]
     [path] = wait_marked(lambda: mailhaven.messages("dora"), mark)
     check_relayed_to_mailhaven(path, data, mh_qid)
+
+
+def test_dsn_success_from_mailhaven_to_postfix(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    """NOTIFY=SUCCESS given to Postfix travels on to mailhaven (Postfix hands DSN duties to a
+    DSN-capable next hop); mailhaven delivers and sends the "delivered" report back, through
+    Postfix, to bob's Maildir."""
+    mark = uuid.uuid4().hex
+    data = message(mark, "dora@mh.test", "bob@pf.test")
+    pf_qid = submit(
+        postfix.port,
+        "bob@pf.test",
+        ["dora@mh.test"],
+        data,
+        mail_options=("RET=HDRS", f"ENVID={mark}"),
+        rcpt_options=("NOTIFY=SUCCESS",),
+    )
+    postfix_sent_line(postfix, pf_qid, "dora@mh.test")
+    wait_marked(lambda: mailhaven.messages("dora"), mark)
+    [report] = wait_marked(lambda: postfix.messages("bob"), mark)
+    dsn = read_dsn(report)
+    assert dsn.per_message["Reporting-MTA"] == f"dns; {MH_HOST}"
+    assert dsn.per_message["Original-Envelope-Id"] == mark
+    group = recipient_group(dsn, "dora@mh.test")
+    assert group["Action"] == "delivered"
+    assert group["Status"].startswith("2.")
+    assert group["Original-Recipient"].replace(" ", "") == "rfc822;dora@mh.test"  # Postfix's ORCPT
 
 
 def test_starttls_from_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
