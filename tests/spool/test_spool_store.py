@@ -256,3 +256,22 @@ def test_queue_ids_unique_and_increasing_with_a_stuck_clock() -> None:
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(is_queue_id(i) for i in ids[:100])
     assert not is_queue_id("../etc/passwd") and not is_queue_id("")
+
+
+async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) -> None:
+    ok = reply(250, "2.0.0", "ok")
+    done = await put(spool, b"done", "a@x.example", "b@x.example")
+    assert await spool.record_and_finish(done, [RecipientUpdate(0, Status.SENT, None, ok)]) == (
+        1,
+        False,
+    )
+    assert await spool.record_and_finish(done, [RecipientUpdate(1, Status.SENT, None, ok)]) == (
+        0,
+        True,
+    )
+    assert await spool.load(done) is None
+    failed = await put(spool, b"failed", "c@x.example")
+    bounce = RecipientUpdate(0, Status.BOUNCED, None, reply(550, "5.1.1", "no such user"))
+    assert await spool.record_and_finish(failed, [bounce]) == (0, False)
+    assert await spool.load(failed) is not None  # kept for the bounce hook
+    assert await spool.finished() == [failed]

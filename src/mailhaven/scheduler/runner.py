@@ -387,10 +387,12 @@ class Runner:
         delays = (planned - min(r.arrival for r in rcpts), started - planned, 0.0, now - started)
         for v in verdicts:
             log.info(attempt_line(qid, v, relay=relay, now=now, delays=delays))
-        remaining = await self._spool.record(qid, [v.update for v in verdicts])
+        remaining, removed = await self._spool.record_and_finish(qid, [v.update for v in verdicts])
         if any(v.label == "expired" for v in verdicts) and envelope is not None:
             log.info("%s: from=<%s>, status=expired, returned to sender", qid, envelope.sender)
-        if remaining == 0:
+        if removed:
+            log.info("%s: removed", qid)
+        elif remaining == 0:
             await self._finish(qid)
         elif any(v.label == "deferred" for v in verdicts):
             await self._maybe_warn(qid, [v.recipient for v in verdicts], now)

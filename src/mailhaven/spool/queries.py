@@ -261,6 +261,16 @@ def delete_message(conn: sqlite3.Connection, queue_id: str) -> bool | None:
     return bool(row[0])
 
 
+def remove_if_quiet(conn: sqlite3.Connection, queue_id: str) -> bool | None:
+    """Delete a finished message that owes nobody a report (no recipient bounced, none asked
+    for NOTIFY=SUCCESS); returns whether its body is a file, or None when it was kept."""
+    (loud,) = conn.execute(
+        "SELECT count(*) FROM recipient WHERE qid = ? AND (status = ? OR instr(notify, ?) > 0)",
+        (queue_id, Status.BOUNCED.value, "SUCCESS"),
+    ).fetchone()
+    return None if loud else delete_message(conn, queue_id)
+
+
 def finished_messages(conn: sqlite3.Connection) -> list[str]:
     """Messages with no unfinished recipient left (a crash hit between record and remove)."""
     rows = conn.execute(

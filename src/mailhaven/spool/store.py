@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -200,6 +201,23 @@ class Spool:
         return await self._committer.run(
             lambda c: queries.apply_updates(c, queue_id, updates, now)
         )
+
+    async def record_and_finish(
+        self, queue_id: str, updates: Sequence[RecipientUpdate]
+    ) -> tuple[int, bool]:
+        """`record`, and in the same transaction remove the message if nothing is left to do
+        and nobody is owed a report (the common case: every recipient delivered). Returns
+        (unfinished recipients, removed). One commit instead of record + load + remove."""
+        now = self._clock()
+
+        def job(c: sqlite3.Connection) -> tuple[int, bool | None]:
+            remaining = queries.apply_updates(c, queue_id, updates, now)
+            return remaining, (queries.remove_if_quiet(c, queue_id) if remaining == 0 else None)
+
+        remaining, body_file = await self._committer.run(job)
+        if body_file and is_queue_id(queue_id):
+            (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
+        return remaining, body_file is not None
 
     async def mark_warned(self, queue_id: str) -> bool:
         """Claim the single delay warning of a message: True only for the first caller."""
