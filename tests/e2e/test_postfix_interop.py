@@ -56,10 +56,11 @@ pytestmark = [
 
 PF_DOMAIN = "pf.test"
 PF_HOST = "mx.pf.test"
-PF_USERS = ("bob", "carol", "jöran")  # one needs SMTPUTF8 (RFC 6531)
+PF_USERS = ("bob", "carol", "jöran", "busy")  # one needs SMTPUTF8 (RFC 6531)
 MH_DOMAIN = "mh.test"
 MH_TLS_DOMAIN = "tls.mh.test"  # Postfix relays this one with STARTTLS required
 MH_WIRE_DOMAIN = "wire.mh.test"  # Postfix relays this one through a Wiretap
+PF_BUSY = "busy@pf.test"  # Postfix answers 450 4.2.1 to RCPT TO
 #: Postfix's message_size_limit (its EHLO says SIZE 100000).
 PF_SIZE_LIMIT = 100_000
 MH_HOST = "mail.mh.test"
@@ -165,6 +166,11 @@ def postfix(
                 f" {MH_WIRE_DOMAIN}=smtp:[127.0.0.1]:{ports['wiretap']} }}"
             ),
             "message_size_limit": str(PF_SIZE_LIMIT),
+            # A recipient Postfix defers at RCPT, and a message it refuses after DATA.
+            "smtpd_recipient_restrictions": (
+                f"check_recipient_access inline:{{ {{{PF_BUSY}=450 4.2.1 Mailbox busy, try later}} }}"
+            ),
+            "header_checks": "regexp:{ {/^Subject: .*refuse-me/ REJECT 5.7.1 Content refused} }",
         },
         services=(
             "smtptls unix - - n - - smtp -o smtp_tls_security_level=encrypt"
@@ -386,6 +392,44 @@ def test_recipient_refused_by_postfix_bounces(
     diagnostic = " ".join(group["Diagnostic-Code"].split())
     assert diagnostic.startswith("smtp; 550 5.1.1 <nosuch@pf.test>: Recipient address rejected")
     assert dsn.original is not None and mark in str(dsn.original["Subject"])
+
+
+def test_recipient_deferred_by_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
+    """450 at RCPT for one recipient: it is deferred (and kept for retry), the other is sent in
+    the same transaction."""
+    mark = uuid.uuid4().hex
+    data = message(mark, "bob@pf.test", "alice@localhost")
+    qid = submit(mailhaven.smtp_port, "alice@localhost", ["bob@pf.test", PF_BUSY], data)
+    [path] = wait_marked(lambda: postfix.messages("bob"), mark)
+    check_relayed_to_postfix(path, data, "bob@pf.test", qid)
+    [deferred, *_] = wait_attempt(mailhaven, qid, PF_BUSY, "deferred")
+    assert deferred["dsn"] == "4.2.1", deferred.group(0)
+    assert "Mailbox busy, try later" in deferred["text"]
+    assert not with_mark(postfix.messages("busy"), mark)
+    assert not with_mark(mailhaven.messages("alice"), mark), "no bounce for a 4xx"
+
+
+def test_message_refused_after_data_bounces_every_recipient(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    """Postfix's header_checks REJECT: 550 5.7.1 to the end of DATA, after both RCPTs got 250;
+    that one reply is every recipient's result, so both bounce in one report."""
+    mark = uuid.uuid4().hex
+    rcpts = ["bob@pf.test", "carol@pf.test"]
+    data = message(f"refuse-me {mark}", rcpts[0], "alice@localhost")
+    qid = submit(mailhaven.smtp_port, "alice@localhost", rcpts, data)
+    for rcpt in rcpts:
+        [bounced] = wait_attempt(mailhaven, qid, rcpt, "bounced")
+        assert bounced["dsn"] == "5.7.1", bounced.group(0)
+        assert "Content refused" in bounced["text"]
+    [report] = wait_marked(lambda: mailhaven.messages("alice"), mark)
+    dsn = read_dsn(report)
+    assert sorted(g["Final-Recipient"].replace(" ", "") for g in dsn.per_recipient) == [
+        f"rfc822;{r}" for r in rcpts
+    ]
+    assert all(g["Status"] == "5.7.1" for g in dsn.per_recipient)
+    postfix.wait_for_log(r"reject: header Subject: interop refuse-me")
+    assert not with_mark(postfix.messages("bob") + postfix.messages("carol"), mark)
 
 
 def test_postfix_size_limit_is_respected(mailhaven: MailServer, postfix: PostfixInstance) -> None:
