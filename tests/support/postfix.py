@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import os
+import pty
 import pwd
 import re
 import shutil
@@ -242,15 +243,26 @@ class PostfixInstance:
         (self.config_dir / "master.cf").write_text(MASTER_CF.format(listen=listen) + self.services)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """`postfix -c DIR args...`; Postfix writes errors to the maillog (and to stderr only
-        on a terminal), so a failure message includes the maillog's tail."""
-        proc = subprocess.run(
-            [str(POSTFIX), "-c", str(self.config_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT,
-            check=False,
-        )
+        """`postfix -c DIR args...`. Postfix writes its errors to stderr only when stderr is a
+        terminal (else to the maillog, which may not exist yet), so stderr is a pty here."""
+        controller, terminal = pty.openpty()
+        try:
+            proc = subprocess.run(
+                [str(POSTFIX), "-c", str(self.config_dir), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+            os.close(terminal)
+            terminal = -1
+            proc.stderr = _drain(controller)
+        finally:
+            if terminal >= 0:
+                os.close(terminal)
+            os.close(controller)
         if check and proc.returncode != 0:
             raise PostfixError(
                 f"postfix {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}\n"
@@ -287,19 +299,26 @@ class PostfixInstance:
         reason = skip_reason()
         if reason is not None:
             raise PostfixError(reason)
-        if self.dir is None:
-            self._create()
-        self._run("check")
-        self._run("start")
+        try:
+            if self.dir is None:
+                self._create()
+            self._run("check")
+            self._run("start")
+            self._wait_listening(timeout)
+        except BaseException:
+            self.stop()  # whatever did start, and the directory (the maillog is kept)
+            raise
+        return self
+
+    def _wait_listening(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             pid = self._read_pid()
             if pid is not None and _alive(pid):
                 self.master_pid = pid
             if self.master_pid is not None and _accepts(self.host, self.port):
-                return self
+                return
             if time.monotonic() > deadline:
-                self.stop()
                 raise PostfixError(
                     f"Postfix not listening on {self.port} after {timeout}s\n{self.log_tail()}"
                 )
@@ -405,6 +424,22 @@ class PostfixInstance:
                     f"{self.log_tail()}"
                 )
             time.sleep(POLL)
+
+
+def _drain(fd: int, limit: int = 1 << 20) -> str:
+    """What is buffered on a pty's controller side, without blocking (a daemon that kept the
+    terminal open must not hang us)."""
+    os.set_blocking(fd, False)
+    out = b""
+    while len(out) < limit:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):  # EAGAIN: nothing more now; EIO: no writer left
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode("utf-8", "replace").replace("\r\n", "\n")
 
 
 def _alive(pid: int) -> bool:
