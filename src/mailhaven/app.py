@@ -401,6 +401,8 @@ class App:
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
         self.authenticator.users = self.users
+        for listener in self.pop3:  # POP3 logins too
+            listener.services.users = self.users
         self.router = build_router(new, self.users)
         if self.tls is not None:
             try:

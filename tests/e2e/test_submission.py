@@ -28,6 +28,7 @@ import base64
 import concurrent.futures
 import contextlib
 import os
+import poplib
 import re
 import shutil
 import smtplib
@@ -774,7 +775,7 @@ def test_sighup_reloads_the_certificate_and_the_users_file(
     shutil.copyfile(certs.chain_file, chain)
     settings = submission_settings(certs, write_users(tmp_path / "users"), dns, sink)
     settings["tls"] = {"cert": str(chain), "key": str(chain)}
-    own = mail_server(settings=settings, services=("submissions",))
+    own = mail_server(settings=settings, services=("submissions", "pop3s"))
     port = own.port("submissions")
 
     def login(context: ssl.SSLContext, user: str, password: str) -> None:
@@ -796,3 +797,10 @@ def test_sighup_reloads_the_certificate_and_the_users_file(
     login(new_context, "dave", "n3w user")
     with pytest.raises(ssl.SSLCertVerificationError):
         login(certs.client_context(), "alice", PASSWORDS["alice"])
+    # POP3 logins check the reloaded users file too, over the reloaded certificate
+    pop = poplib.POP3_SSL(own.host, own.port("pop3s"), context=new_context, timeout=20)
+    try:
+        pop.user("dave")
+        assert pop.pass_("n3w user").startswith(b"+OK")
+    finally:
+        pop.quit()
