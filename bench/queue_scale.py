@@ -100,7 +100,8 @@ def run(full: bool, reps: int, record: Callable[..., None]) -> list[Metric]:
         for rep in range(reps):
             for mh, baseline in ((big, total), (empty, 0)) if rep % 2 == 0 else \
                     ((empty, 0), (big, total)):
-                common.settle(1.0)
+                common.settle(0.5)
+                load.wait_quiet()
                 rec = delivery_once(mh, 1000, baseline)
                 record("run", scenario=cost.target + " delivery", system=mh.name, rep=rep, **rec)
                 common.log(f"  {mh.name:<16} rep {rep}: {rec['e2e_msgs_per_s']:.0f} msg/s, "

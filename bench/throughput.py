@@ -96,14 +96,17 @@ def run(sc: Scenario, systems: list[System], reps: int, pause: float,
         for system in systems[k:] + systems[:k]:
             system.reset()
             common.settle(pause)
+            quiet = load.wait_quiet()
             rec = load.measure(system.port(), system.cpu, size=sc.size, sessions=sc.sessions,
                                count=sc.count, drained=system.drained,
                                timeout=max(120.0, sc.count * sc.size / 2**20))
             check(rec, system)
-            record("run", scenario=sc.target, system=system.name, rep=rep, **rec)
+            record("run", scenario=sc.target, system=system.name, rep=rep,
+                   busy_before_pct=quiet, **rec)
             value = rec["e2e_msgs_per_s"] if sc.e2e else rec["msgs_per_s"]
             common.log(f"  {system.name:<16} rep {rep}: {value:>9.1f} msg/s  "
-                       f"cpu {rec['server_cpu_ms_per_msg']:.2f} ms/msg"
+                       f"cpu {rec['server_cpu_ms_per_msg']:.2f} ms/msg, "
+                       f"others {rec['others_busy_pct']:.0f}% busy"
                        + ("" if rec["ok"] else f"  NOT OK: {rec.get('problem', rec)}"))
             if rec["ok"]:
                 rate.add(system.name, value)
