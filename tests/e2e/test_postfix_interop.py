@@ -36,6 +36,7 @@ import re
 import smtplib
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def ports() -> dict[str, int]:
     return {"postfix": free_port(), "mailhaven": free_port(), "wiretap": free_port()}
 
 
-def mailhaven_settings(dns: DNSServer, postfix_port: int, **relay: object) -> dict[str, object]:
+def mailhaven_settings(dns: DNSServer, postfix_port: int, **relay: object) -> dict[str, Any]:
     return relay_settings(
         dns=dns.address,
         port=postfix_port,
@@ -163,7 +164,7 @@ def postfix(
             "smtp_tls_security_level": "none",
             "transport_maps": (
                 f"inline:{{ {MH_TLS_DOMAIN}=smtptls:{relay},"
-                f" {MH_WIRE_DOMAIN}=smtp:[127.0.0.1]:{ports['wiretap']} }}"
+                f" {MH_WIRE_DOMAIN}=smtpwire:[127.0.0.1]:{ports['wiretap']} }}"
             ),
             "message_size_limit": str(PF_SIZE_LIMIT),
             # A recipient Postfix defers at RCPT, and a message it refuses after DATA.
@@ -175,6 +176,9 @@ def postfix(
         services=(
             "smtptls unix - - n - - smtp -o smtp_tls_security_level=encrypt"
             f" -o smtp_tls_CAfile={certs / 'ca.pem'}\n"
+            # one process that always caches its connection: reuse is certain, not luck
+            "smtpwire unix - - n - 1 smtp"
+            f" -o smtp_connection_cache_destinations=[127.0.0.1]:{ports['wiretap']}\n"
         ),
     ) as instance:
         yield instance
@@ -649,6 +653,67 @@ def test_starttls_from_postfix(mailhaven: MailServer, postfix: PostfixInstance) 
         rf"Trusted TLS connection established to 127\.0\.0\.1\[127\.0\.0\.1\]:{mailhaven.smtp_port}:"
         r" TLSv1\.[23]"
     )
+
+
+def submit_many(port: int, sender: str, rcpt: str, marks: list[str]) -> list[str]:
+    """Several messages in one SMTP session; their queue ids."""
+    ids = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+        s.ehlo("client.interop.test")
+        for mark in marks:
+            code, text = s.mail(sender)
+            assert code == 250, text
+            code, text = s.rcpt(rcpt)
+            assert code == 250, text
+            code, text = s.data(message(mark, rcpt, sender))
+            assert code == 250, text
+            ids.append(text.decode().rpartition(" ")[2])
+    return ids
+
+
+BURST = 8
+
+
+def mails_per_connection(tap: Wiretap) -> list[int]:
+    counts: Counter[int] = Counter()
+    for conn, side, data in tap.snapshot():
+        if side == "c":
+            counts[conn] += data.upper().count(b"MAIL FROM:")
+    return [counts[c] for c in sorted(counts)]
+
+
+def test_bursts_reuse_connections_both_ways(
+    mail_server: ServerFactory,
+    dns: DNSServer,
+    mailhaven: MailServer,
+    postfix: PostfixInstance,
+    ports: dict[str, int],
+) -> None:
+    """A burst each way, through Wiretaps: every message arrives once, and each sender carries
+    several transactions on one connection (mailhaven parks its session to Postfix; Postfix's
+    connection cache, with RSET between uses, to mailhaven)."""
+    out = [f"out-{uuid.uuid4().hex}" for _ in range(BURST)]
+    back = [f"back-{uuid.uuid4().hex}" for _ in range(BURST)]
+    with (
+        Wiretap(postfix.port) as tap_out,
+        Wiretap(mailhaven.smtp_port, port=ports["wiretap"]) as tap_back,
+    ):
+        # One delivery at a time to Postfix (as Postfix's smtpwire above): with more, a burst
+        # fans out over parallel connections, and reuse would be luck.
+        settings = mailhaven_settings(dns, tap_out.port)
+        settings["queue"]["destination_concurrency"] = 1
+        server = mail_server(settings=settings, hostname=MH_HOST)
+        submit_many(server.smtp_port, "alice@localhost", "carol@pf.test", out)
+        submit_many(postfix.port, "bob@pf.test", f"ed@{MH_WIRE_DOMAIN}", back)
+        for mark in out:
+            assert len(wait_marked(lambda: postfix.messages("carol"), mark)) == 1
+        for mark in back:
+            assert len(wait_marked(lambda: mailhaven.messages("ed"), mark)) == 1
+        server.stop()
+        sent_out, sent_back = mails_per_connection(tap_out), mails_per_connection(tap_back)
+    assert sum(sent_out) == BURST and max(sent_out) > 1, sent_out
+    assert sum(sent_back) == BURST and max(sent_back) > 1, sent_back
+    assert b"RSET\r\n" in b"".join(d for _, side, d in tap_back.snapshot() if side == "c")
 
 
 def test_unknown_mailhaven_user_bounces_in_postfix(
