@@ -1,0 +1,89 @@
+"""Where mailhaven's time goes under load: py-spy samples of the server during one scenario.
+
+    .venv/bin/python bench/profile.py accept_1k      # or relay_1k, accept_100k
+    .venv/bin/python bench/profile.py relay_1k --count 20000 --top 25
+
+Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
+PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source against it, and
+prints the functions with the most samples: "self" (the sample's innermost frame) and "total"
+(anywhere on the stack), as % of the samples. The collapsed stacks stay in
+bench/tmp/profile/<scenario>.txt for a flame graph. Why py-spy: it samples from outside, so
+the server runs unmodified and at nearly full speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import common
+import load
+import peers
+
+SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400}
+
+
+def top(stacks: dict[str, int], n: int) -> list[str]:
+    total = sum(stacks.values()) or 1
+    own: collections.Counter[str] = collections.Counter()
+    anywhere: collections.Counter[str] = collections.Counter()
+    for stack, count in stacks.items():
+        frames = stack.split(";")
+        own[frames[-1]] += count
+        for frame in set(frames):
+            anywhere[frame] += count
+    lines = [f"{total} samples", "", "self %  function"]
+    lines += [f"{100 * c / total:6.1f}  {f}" for f, c in own.most_common(n)]
+    lines += ["", "total %  function"]
+    lines += [f"{100 * c / total:6.1f}  {f}" for f, c in anywhere.most_common(n)]
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenario", choices=sorted(SIZES))
+    ap.add_argument("--count", type=int, default=10000)
+    ap.add_argument("--top", type=int, default=20)
+    a = ap.parse_args()
+    out_dir = common.fresh_dir(common.TMP / "profile")
+    raw = out_dir / f"{a.scenario}.txt"
+    sink = None
+    try:
+        if a.scenario == "relay_1k":
+            sink = peers.SmtpSink("profile-sink")
+            sink.start()
+            mh = peers.Mailhaven("profile-mailhaven", "relay", sink_port=sink.port)
+        else:
+            mh = peers.Mailhaven("profile-mailhaven", "hold")
+        common.fresh_dir(mh.dir)
+        mh.start()
+        spy = common.spawn([str(common.ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
+                            str(mh.pid), "--format", "raw", "--output", str(raw), "--threads",
+                            "--rate", "200", "--nonblocking"], log_to=out_dir / "py-spy.log")
+        time.sleep(1.5)  # py-spy attaches
+        rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],
+                           sessions=10, count=a.count,
+                           drained=(lambda: mh.queue_count() == 0) if sink else None)
+        common.stop(spy, grace=30)  # SIGTERM: py-spy writes its output and exits
+        mh.stop()
+    finally:
+        common.stop_all()
+    common.log(f"{a.scenario}: {rec.get('e2e_msgs_per_s', rec['msgs_per_s'])} msg/s, "
+               f"{rec['server_cpu_ms_per_msg']} ms CPU/msg (under py-spy)")
+    stacks: dict[str, int] = {}
+    for line in raw.read_text().splitlines() if raw.exists() else []:
+        stack, _, count = line.rpartition(" ")
+        if count.isdigit():
+            # drop the thread-name root so a function shows once however many threads ran it
+            stacks[stack.split(";", 1)[-1]] = stacks.get(stack.split(";", 1)[-1], 0) + int(count)
+    for line in top(stacks, a.top):
+        common.log(line)
+    common.log(f"\nraw stacks: {raw.relative_to(common.ROOT)}")
+    return 0 if stacks else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
