@@ -268,7 +268,8 @@ class Postfix:
         return common.run(["postfix", "-c", str(self.etc), *args], timeout=timeout,
                           check=check).stdout
 
-    def setup(self) -> None:
+    def setup(self, extra: dict[str, str] | None = None) -> None:
+        """A fresh instance; `extra`: more main.cf parameters (e.g. longer backoff)."""
         install_postfix()
         if self.queue.exists():  # a stale instance from an interrupted run
             self.kill_stale()
@@ -310,6 +311,7 @@ class Postfix:
             "maillog_file": str(self.base / "postfix.log"),
             "maillog_file_prefixes": str(self.base),
             "syslog_name": "postfix-mhbench",
+            **(extra or {}),
         }
         (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
         (self.etc / "master.cf").write_text(_MASTER_CF.format(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import signal
 import sys
 import time
 
@@ -67,7 +68,9 @@ def main() -> int:
         rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],
                            sessions=10, count=a.count,
                            drained=(lambda: mh.queue_count() == 0) if sink else None)
-        common.stop(spy, grace=30)  # SIGTERM: py-spy writes its output and exits
+        spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes its output and exits
+        spy.wait(timeout=60)
+        common.stop(spy)
         mh.stop()
     finally:
         common.stop_all()

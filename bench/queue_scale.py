@@ -11,10 +11,14 @@ again during the run); "mailhaven-empty" keeps an empty queue. Then:
   bench.test and relay them to a loopback smtp-sink; server CPU ms per delivered message and
   end-to-end rate, full queue vs empty. "Independent of queue size" is read as a ratio <= 1.25
   (the noise between runs here is ~15 %).
+- for comparison only, the same number of deferred messages in a separate Postfix instance:
+  restart until its greeting and `postqueue -p`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,7 +80,8 @@ def run(full: bool, reps: int, record: Callable[..., None]) -> list[Metric]:
         mh.start()
     t = f"5. queue scale, {label} deferred"
     recovery = Metric(t, "restart until greeting", "s", big.name, [Goal("<=", 10.0)])
-    listing = Metric(t, "`mailhaven queue list`", "s", big.name, [Goal("<=", 5.0)])
+    listing = Metric(t, "`mailhaven queue list` (Postfix: `postqueue -p`)", "s", big.name,
+                     [Goal("<=", 5.0)])
     cost = Metric(t, "server CPU per delivery", "ms", big.name,
                   [Goal("ratio<=", 1.25, empty.name)])
     rate = Metric(t, "delivery end to end", "msg/s", big.name)
@@ -110,9 +115,51 @@ def run(full: bool, reps: int, record: Callable[..., None]) -> list[Metric]:
                 if rec["ok"]:
                     cost.add(mh.name, rec["server_cpu_ms_per_msg"])
                     rate.add(mh.name, rec["e2e_msgs_per_s"])
+        postfix_side(sink.port, total, reps, recovery, listing, record)
     finally:
         for mh in (big, empty):
             mh.stop()
+            shutil.rmtree(mh.dir, ignore_errors=True)  # the full spool is ~1.5 KiB a message
         sink.stop()
     return [recovery, listing, cost, rate]
+
+
+def postfix_side(sink_port: int, total: int, reps: int, recovery: Metric, listing: Metric,
+                 record: Callable[..., None]) -> None:
+    """The same queue in Postfix, for comparison only: restart and `postqueue -p`."""
+    pf = peers.Postfix(sink_port)
+    name = f"postfix-{total // 1000}k"
+    pf.setup({"minimal_backoff_time": "3600s", "maximal_backoff_time": "4000s",
+              "queue_run_delay": "3600s"})
+    pf.start()
+    try:
+        t0 = time.perf_counter()
+        for sent in range(0, total, 10_000):
+            rec = load.measure(pf.relay_port, lambda: 0.0, size=1024, sessions=10,
+                               count=min(10_000, total - sent), rcpt="rcpt@deferred.test")
+            if not rec["ok"]:
+                raise RuntimeError(f"filling Postfix failed: {rec}")
+        deferred = pf.queue / "deferred"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and \
+                sum(len(f) for _, _, f in os.walk(deferred)) < total:
+            time.sleep(0.5)
+        common.log(f"  filled {name}: {pf.qsize()} queued in {time.perf_counter() - t0:.1f}s")
+        for rep in range(reps):
+            pf.stop()
+            t1 = time.perf_counter()
+            pf.start()
+            common.wait_banner(pf.relay_port)
+            took = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            lines = pf.mailq().count("\n")
+            took_list = time.perf_counter() - t2
+            recovery.add(name, round(took, 3))
+            listing.add(name, round(took_list, 3))
+            record("run", scenario=listing.target, system=name, rep=rep, restart_s=took,
+                   postqueue_s=took_list, lines=lines)
+            common.log(f"  {name:<16} rep {rep}: restart {took:.2f}s, "
+                       f"postqueue -p {took_list:.2f}s ({lines} lines)")
+    finally:
+        pf.teardown()  # stop, and remove its queue directory
 
