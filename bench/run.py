@@ -1,7 +1,7 @@
 """The benchmark suite: mailhaven against its peers, side by side, in one invocation.
 
     .venv/bin/python bench/run.py quick      # about 3 minutes
-    .venv/bin/python bench/run.py full       # about 15 minutes
+    .venv/bin/python bench/run.py full       # about 11 minutes
     .venv/bin/python bench/run.py quick --only accept_1k relay_1k --reps 5
 
 Sets up the peers on 127.0.0.1 (a separate Postfix instance under bench/tmp/postfix, the
