@@ -1,7 +1,7 @@
 """Where mailhaven's time goes under load: py-spy samples of the server during one scenario.
 
-    .venv/bin/python bench/profile.py accept_1k      # or relay_1k, accept_100k
-    .venv/bin/python bench/profile.py relay_1k --count 20000 --top 25
+    .venv/bin/python bench/pyspy_top.py accept_1k      # or relay_1k, accept_100k
+    .venv/bin/python bench/pyspy_top.py relay_1k --count 20000 --top 25
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
 PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source against it, and
