@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
 
-from mailhaven.mailbox.users import UserDB, UserDBError, normalize_name
+from mailhaven.mailbox import users as users_module
+from mailhaven.mailbox.users import VERIFY_CONCURRENCY, UserDB, UserDBError, normalize_name
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -113,3 +115,82 @@ def test_rewrite_keeps_mode(db: UserDB) -> None:
     os.chmod(db.path, 0o640)
     db.add("bob", "pw")
     assert stat.S_IMODE(db.path.stat().st_mode) == 0o640
+
+
+class _CountingHasher(PasswordHasher):
+    """FAST parameters, plus a count of verifications running at this moment."""
+
+    active = 0
+    peak = 0
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+        cls = _CountingHasher
+        with cls.lock:
+            cls.active += 1
+            cls.peak = max(cls.peak, cls.active)
+            cls.threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.01)  # long enough that unbounded calls would overlap
+            return super().verify(hash, password)
+        finally:
+            with cls.lock:
+                cls.active -= 1
+
+
+async def test_concurrent_verifications_are_bounded_process_wide(tmp_path: Path) -> None:
+    hasher = _CountingHasher(time_cost=1, memory_cost=8, parallelism=1)
+    first = UserDB(tmp_path / "passwd", hasher=hasher)
+    first.add("alice", "correct horse")
+    # Separate instances (SMTP AUTH's, POP3's, the one a reload builds) share the one bound.
+    dbs = [first, UserDB(first.path, hasher=hasher), UserDB(first.path, hasher=hasher)]
+    calls = [
+        dbs[i % 3].verify(user, password)
+        for i in range(30)
+        for user, password in [("alice", "correct horse"), ("alice", "wrong"), ("nobody", "x")]
+    ]
+    results = await asyncio.gather(*calls)
+    assert results == [True, False, False] * 30
+    assert _CountingHasher.active == 0
+    assert _CountingHasher.peak == VERIFY_CONCURRENCY  # bounded, and the bound is used
+    assert all(name.startswith("mailhaven-verify") for name in _CountingHasher.threads)
+
+
+async def test_waiting_logins_leave_the_default_executor_free(tmp_path: Path) -> None:
+    gate = threading.Event()
+
+    class Blocking(PasswordHasher):
+        def verify(self, hash: str | bytes, password: str | bytes) -> bool:
+            gate.wait(5)
+            return super().verify(hash, password)
+
+    db = UserDB(tmp_path / "passwd", hasher=Blocking(time_cost=1, memory_cost=8, parallelism=1))
+    db.add("alice", "pw")
+    logins = [asyncio.create_task(db.verify("alice", "pw")) for _ in range(20)]
+    try:
+        # Maildir I/O (asyncio.to_thread) still runs while every verify slot is taken.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 42), 2) == 42
+    finally:
+        gate.set()
+    assert all(await asyncio.gather(*logins))
+
+
+def test_verify_pool_is_remade_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    parent = users_module._verify_pool()
+    assert users_module._verify_pool() is parent
+    monkeypatch.setattr(users_module, "_pool", parent)  # restored after the test
+    monkeypatch.setattr(users_module, "_pool_pid", os.getpid())
+    monkeypatch.setattr(users_module.os, "getpid", lambda: -1)  # as in a child after fork()
+    child = users_module._verify_pool()
+    assert child is not parent
+    assert users_module._verify_pool() is child
+    child.shutdown()
+
+
+async def test_existing_hashes_verify_with_their_own_parameters(tmp_path: Path) -> None:
+    owasp = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1).hash("old pw")
+    (tmp_path / "passwd").write_text(f"carol:{{ARGON2ID}}{owasp}::::::\n")
+    db = UserDB(tmp_path / "passwd")  # default parameters for new hashes
+    assert await db.verify("carol", "old pw")
+    assert not await db.verify("carol", "new pw")
