@@ -85,8 +85,17 @@ class Mailhaven:
         self.write_config()
         t0 = time.perf_counter()
         self.proc = common.spawn(self.argv(), log_to=self.log, cwd=self.dir)
-        common.wait_banner(self.port, timeout)
-        return time.perf_counter() - t0
+        while True:  # fail fast, with the log's last line, if the server dies while starting
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace").strip().splitlines()[-1:]
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) while "
+                                   f"starting: {tail}; see {self.log}")
+            try:
+                common.wait_banner(self.port, 0.5)
+                return time.perf_counter() - t0
+            except RuntimeError:
+                if time.perf_counter() - t0 > timeout:
+                    raise
 
     def adopt(self, proc: subprocess.Popen[bytes]) -> None:
         """Use a process started otherwise (e.g. under a profiler)."""

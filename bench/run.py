@@ -134,6 +134,14 @@ def main() -> int:
     t_start = time.perf_counter()
     metrics: list[report.Metric] = []
     record: Callable[..., None] = rec.write
+
+    def failed(title: str, exc: BaseException) -> None:
+        common.log(f"  FAILED: {exc}")
+        rec.write("error", scenario=title, error=repr(exc))
+        if "peers" in held:  # a mailhaven left half-started by the failure
+            held["peers"].hold.stop()
+            held["peers"].relay.stop()
+        held.setdefault("failed", []).append(title)
     try:
         todo = [t for t in ALL if t in a.only]
         if any(t in THROUGHPUT for t in todo):
@@ -142,7 +150,10 @@ def main() -> int:
             for name, sc in throughput.scenarios(full).items():
                 if name in todo:
                     common.log(f"== {sc.target} ({sc.count} msgs x {reps_tp} reps)")
-                    metrics += throughput.run(sc, p.systems(name), reps_tp, 0.5, record)
+                    try:  # one broken scenario must not cost the others' numbers
+                        metrics += throughput.run(sc, p.systems(name), reps_tp, 0.5, record)
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                        failed(sc.target, exc)
             p.close()
             del held["peers"]
         others: list[tuple[str, str, Callable[[], list[report.Metric]]]] = [
@@ -153,12 +164,10 @@ def main() -> int:
         for name, title, scenario in others:
             if name in todo:
                 common.log(f"== {title}")
-                try:  # one broken scenario must not cost the others' numbers
+                try:
                     metrics += scenario()
                 except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                    common.log(f"  FAILED: {exc!r}")
-                    rec.write("error", scenario=title, error=repr(exc))
-                    common.stop_all()
+                    failed(title, exc)
     finally:
         if "peers" in held:
             held["peers"].close()
@@ -172,7 +181,9 @@ def main() -> int:
     left = leftovers(held.get("pf_pid"))
     common.log(f"\nresults: {path.relative_to(common.ROOT)}")
     common.log(f"left running: {left or 'nothing'}")
-    return 1 if left else 0
+    if held.get("failed"):
+        common.log(f"FAILED scenarios: {', '.join(held['failed'])}")
+    return 1 if left or held.get("failed") else 0
 
 
 if __name__ == "__main__":
