@@ -28,6 +28,10 @@ MAILHAVEN = common.ROOT / ".venv" / "bin" / "mailhaven"
 
 
 class Mailhaven:
+    #: Settings for every instance (run.py --set), applied last: e.g. to measure an engine
+    #: option that is off by default. {"table": {"key": value}}; table "" is the top level.
+    overrides: dict[str, dict[str, object]] = {}
+
     def __init__(self, name: str, mode: str, *, sink_port: int | None = None,
                  pop3_port: int | None = None, state: Path | None = None,
                  message_size: int = 200 * 2**20,
@@ -69,8 +73,9 @@ class Mailhaven:
             tables["relay"] = {"tls": "none", "relayhost_tls": "none"}
         else:
             tables["etrn"] = {"held_domains": ["bench.test"]}
-        for name, keys in self.extra.items():
-            tables.setdefault(name, {}).update(keys)
+        for source in (self.extra, self.overrides):
+            for name, keys in source.items():
+                (top if name == "" else tables.setdefault(name, {})).update(keys)
         lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
         for name, keys in tables.items():
             lines.append(f"[{name}]")

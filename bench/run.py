@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -116,7 +117,15 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=ALL, default=list(ALL), metavar="TARGET",
                     help=f"a subset of: {' '.join(ALL)}")
     ap.add_argument("--reps", type=int, help="repetitions (default: quick 3/2, full 5/3)")
+    ap.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=TOML",
+                    help="a mailhaven setting for every instance, e.g. --set "
+                         "'limits.connections=30000' (a key without a table: top level)")
     a = ap.parse_args()
+    for item in a.set:
+        key, _, value = item.partition("=")
+        table, _, name = key.rpartition(".")
+        peers.Mailhaven.overrides.setdefault(table, {})[name] = \
+            tomllib.loads(f"v = {value}")["v"]
     full = a.mode == "full"
     reps_tp = a.reps or (5 if full else 3)
     reps_other = a.reps or (3 if full else 2)
@@ -124,7 +133,7 @@ def main() -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     rec = report.Recorder(f"{a.mode}-{stamp}")
     meta = {"command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
-            "date": stamp, "nofile": nofile, **versions()}
+            "date": stamp, "nofile": nofile, "mailhaven_set": a.set, **versions()}
     rec.write("meta", **meta)
     for k, v in meta.items():
         common.log(f"{k}: {v}")
