@@ -8,10 +8,17 @@ import re
 import smtplib
 import subprocess
 import uuid
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.support.server import MailServer, RawClient
+
+from mailhaven.proto.replies import reply
+from mailhaven.scheduler.backoff import BackoffPolicy
+from mailhaven.scheduler.outcome import attempt_line, judge
+from mailhaven.spool.records import DueRecipient
 
 pytestmark = pytest.mark.e2e
 
@@ -196,3 +203,34 @@ def test_disconnect_line_counts_like_postfix(logged: tuple[MailServer, dict[str,
     log = server.log()
     assert "disconnect from unknown[127.0.0.1] ehlo=1 mail=1 rcpt=0/1 quit=1 commands=3/4\n" in log
     assert "disconnect from unknown[127.0.0.1] commands=0\n" in log
+
+
+def test_pflogsumm_reads_remote_delivery_lines(pflogsumm: str, tmp_path: Path) -> None:
+    """The remote shapes (`250 2.0.0 ...`, `host H said: ...`) and our own (`connect to ...`),
+    written by the real formatter, are counted and explained by pflogsumm as Postfix's are."""
+    relay = "mx.x.example[192.0.2.1]:25"
+    said = {
+        "ok@x.example": (reply(250, "2.0.0", "Ok: queued as 77AB"), "end of DATA"),
+        "bob@x.example": (reply(550, "5.1.1", "<bob@x.example>: User unknown"), "RCPT TO"),
+        "later@x.example": (reply(450, "4.2.1", "Mailbox busy"), "RCPT TO"),
+    }
+    replies = {a: replace(r, answered=cmd) for a, (r, cmd) in said.items()}
+    replies["far@y.example"] = reply(421, "4.4.1", "connect to mx.y.example[192.0.2.2]:25: refused")
+    due = [DueRecipient("4Xk9Q1", i, a, a, 0, 1000.0, 1000.0) for i, a in enumerate(replies)]
+    verdicts = judge(due, replies, policy=BackoffPolicy(), now=1001.0, null_sender=False)
+    log = tmp_path / "maillog"
+    log.write_text("".join(
+        f"Dec  2 07:08:41 h mailhaven/smtp[42]: "
+        f"{attempt_line('4Xk9Q1', v, relay=relay, now=1001.0, delays=(1, 0, 0, 0))}\n"
+        for v in verdicts
+    ))  # fmt: skip
+    report = subprocess.run(
+        [pflogsumm, "--syslog-name=mailhaven", str(log)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    for label in ["delivered", "bounced", r"deferred\s+\(2\s+deferrals\)"]:  # one message
+        assert re.search(rf"^\s+1\s+{label}", report, re.M), (label, report)
+    bounces = report.partition("message bounce detail (by relay)")[2]
+    assert re.search(rf"{re.escape(relay)} \(total: 1\)\s+1\s+.*User unknown", bounces), report
+    deferrals = report.partition("message deferral detail")[2]
+    assert "Mailbox busy" in deferrals and "refused" in deferrals, report

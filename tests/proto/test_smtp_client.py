@@ -649,3 +649,42 @@ def test_random_replies_never_break_the_machine(
                 conn.quit()
                 break
         conn.data_to_send()
+
+
+def test_peer_replies_say_what_they_answered(bytewise: bool) -> None:
+    """`Reply.answered` marks the peer's words; what the core makes up has none."""
+    d, _ = session(bytewise)
+    d.conn.start(txn("ok@x.org", "no@x.org", "bad\r\n@x.org"))
+    d.server(b"250 2.1.0 Ok\r\n")
+    d.server(b"250 2.1.5 Ok\r\n")
+    d.server(b"550 5.1.1 no such user\r\n")
+    d.server(b"354 go\r\n")
+    send_body(d, b"hi\n")
+    [done] = d.server(b"250 2.0.0 queued as X1\r\n")
+    assert isinstance(done, TransactionDone)
+    assert {a: r.answered for a, r in done.results.items()} == {
+        "ok@x.org": "end of DATA",
+        "no@x.org": "RCPT TO",
+        "bad\r\n@x.org": None,  # refused here, never sent
+    }
+    d.conn.start(txn("a@x.org"))
+    [done] = d.server(b"553 5.7.1 sender rejected\r\n")
+    assert isinstance(done, TransactionDone)
+    assert done.results["a@x.org"].answered == "MAIL FROM"
+    d.conn.start(txn("a@x.org"))
+    d.server(b"250 ok\r\n250 ok\r\n")
+    done, closed = d.server(b"")
+    assert isinstance(done, TransactionDone) and closed == Closed()
+    lost = done.results["a@x.org"]
+    assert lost.code == 421 and lost.answered is None  # "lost connection": our words
+
+
+def test_session_failures_say_what_they_answered() -> None:
+    greeting = ClientConnection("c.example")
+    greeting.receive_data(b"554 5.7.1 go away\r\n")
+    failed = greeting.next_event()
+    assert isinstance(failed, SessionFailed) and failed.reply.answered == "greeting"
+    required = ClientConnection("c.example", starttls=StartTLSPolicy.REQUIRED)
+    required.receive_data(b"220 hi\r\n250 mx.example\r\n")
+    failed = required.next_event()
+    assert isinstance(failed, SessionFailed) and failed.reply.answered is None  # our decision

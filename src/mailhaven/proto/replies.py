@@ -6,11 +6,17 @@ per recipient, the scheduler records them. Expected outcomes are values, not exc
 Serialisation follows RFC 5321 §4.2.1: every line but the last carries `code-text`, the last
 `code text`. When ENHANCEDSTATUSCODES is in force (RFC 2034) the enhanced code is repeated at the
 start of every line's text.
+
+Where a reply came from: `answered` is set only on replies a peer sent us (by the SMTP client
+core, `proto.smtp_client`) and names what they answered: "greeting" or the command ("EHLO",
+"MAIL FROM", "RCPT TO", "DATA", "end of DATA", ...). Replies we make up ourselves (connection
+refused, DNS failure, "delivered to maildir") leave it None. Logs use it to tell "host H said:
+550 ..." from our own words, as Postfix's smtp(8) does; it takes no part in equality.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets including CRLF.
 MAX_REPLY_LINE = 512
@@ -24,6 +30,8 @@ class Reply:
     text: str = ""
     enhanced: str | None = None
     more: tuple[str, ...] = ()
+    #: What a peer's reply answered ("greeting", "RCPT TO", ...); None when we made it up.
+    answered: str | None = field(default=None, compare=False)
 
     @property
     def lines(self) -> tuple[str, ...]:

@@ -11,7 +11,9 @@ A transaction goes out as MAIL, RCPT... and DATA, in one write when the peer off
 RCPT reply when rejected, the end-of-data reply when accepted, the MAIL reply for all when MAIL
 fails. Failures before the session is ready (greeting, EHLO, STARTTLS, AUTH) are
 `SessionFailed`, so the caller can try the next MX. Losing the connection (EOF, timeout, 421)
-ends any open transaction with a 4xx for every undecided recipient.
+ends any open transaction with a 4xx for every undecided recipient. Every reply the peer sent
+carries `answered` (the greeting or the command it answered); the ones this core makes up
+(bad address, lost connection, TLS required) do not, so logs can say whose words they are.
 
 Rules applied here, before anything reaches the wire: a CR, LF or NUL in an address fails that
 address (a CRLF in a path is command injection); a message larger than the peer's SIZE fails
@@ -32,7 +34,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from mailhaven.envelope import Envelope, RecipientSpec
@@ -85,6 +87,8 @@ _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY", "NEVER"})
 MAX_REPLY_LINE_ACCEPTED = 2048
 #: RFC 5321 sets no bound on reply lines; EHLO lists are the longest, and 100 is plenty.
 MAX_REPLY_LINES = 100
+#: What a reply in each phase answered, in Postfix's words ("in reply to end of DATA command").
+_ANSWERED = {P.DATA_END: "end of DATA"}
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
@@ -611,6 +615,7 @@ class ClientConnection:
 
     def _on_reply(self, reply: Reply) -> None:
         phase = self._pending[0]
+        reply = replace(reply, answered=_ANSWERED.get(phase, phase.value))
         if reply.code == 421 and phase is not P.QUIT:  # RFC 5321 §3.8: the peer is leaving
             self._lost(reply)
             return

@@ -9,6 +9,14 @@ so the convention is that an agent MAY return, instead of a plain dict, any mapp
 also has a `relay: str` attribute (the `RelayReport` protocol; e.g. a `dict` subclass with a
 `relay` field, "mx1.example.org[192.0.2.1]:25"). Without one the log says `relay=local` for the
 local transport and `relay=none` otherwise.
+
+The text in `status=S (text)` follows Postfix's smtp(8) (smtp_proto.c). A reply a remote server
+sent (`Reply.answered` set) is quoted whole, code and enhanced code first: `250 2.0.0 Ok: queued
+as X`; a refusal also names the host, without the port, and the command it answered:
+`host mx.example[192.0.2.1] said: 550 5.1.1 <bob@x>: Recipient address rejected (in reply to
+RCPT TO command)`, or `host H refused to talk to me: 554 ...` for the greeting, EHLO or HELO.
+Our own words (connection refused, DNS failure, `delivered to maildir`, `delivery temporarily
+suspended: ...`) are logged as they are, like Postfix's `connect to host[ip]:port: ...`.
 """
 
 from __future__ import annotations
@@ -82,6 +90,35 @@ def relay_name(result: object, route: Route) -> str:
     return "local" if route.transport == "local" else "none"
 
 
+#: Replies to these refuse the session itself: Postfix's "host H refused to talk to me".
+_HELLO = frozenset({"greeting", "EHLO", "HELO"})
+
+
+def status_text(r: Reply, relay: str) -> str:
+    """The text of `status=S (...)` for reply `r` from `relay` (see the module docstring)."""
+    if r.answered is None:  # our own words
+        return " ".join(x for x in r.lines if x) or str(r.code)
+    enhanced = f"{r.enhanced} " if r.enhanced else ""
+    last = len(r.lines) - 1  # a multi-line reply reads as on the wire, as Postfix logs it
+    said = " ".join(
+        f"{r.code}{' ' if i == last else '-'}{enhanced}{line}".rstrip()
+        for i, line in enumerate(r.lines)
+    )
+    host = _host(relay)
+    if r.is_success or host is None:
+        return said
+    if r.answered in _HELLO:
+        return f"host {host} refused to talk to me: {said}"
+    return f"host {host} said: {said} (in reply to {r.answered} command)"
+
+
+def _host(relay: str) -> str | None:
+    """`mx.example[192.0.2.1]:25` -> `mx.example[192.0.2.1]`; None for `none` and `local`."""
+    if "[" not in relay:
+        return None
+    return relay[: relay.rindex("]") + 1] if "]" in relay else relay
+
+
 def _secs(x: float) -> str:
     return f"{max(x, 0.0):.2f}".rstrip("0").rstrip(".") or "0"
 
@@ -103,7 +140,7 @@ def attempt_line(
     rcpt = verdict.recipient
     orig = f", orig_to=<{rcpt.original}>" if rcpt.original != rcpt.address else ""
     status = "deferred" if verdict.label == "expired" else verdict.label
-    text = " ".join(x for x in verdict.reply.lines if x) or str(verdict.reply.code)
+    text = status_text(verdict.reply, relay)
     return (
         f"{queue_id}: to=<{rcpt.address}>{orig}, relay={relay},"
         f" delay={_secs(now - rcpt.arrival)}, delays={'/'.join(_secs(d) for d in delays)},"

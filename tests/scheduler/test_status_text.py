@@ -1,0 +1,71 @@
+"""The `status=S (text)` of maillog lines, in the shapes Postfix's smtp(8) and local(8) log."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from mailhaven.proto.replies import Reply, reply
+from mailhaven.scheduler.backoff import BackoffPolicy
+from mailhaven.scheduler.outcome import attempt_line, judge, status_text
+from mailhaven.spool.records import DueRecipient
+
+MX = "mx.example[192.0.2.1]:25"
+
+
+def remote(r: Reply, answered: str) -> Reply:
+    return replace(r, answered=answered)
+
+
+REFUSED = remote(
+    reply(550, "5.1.1", "<bob@x.example>: Recipient address rejected: User unknown"), "RCPT TO"
+)
+
+
+@pytest.mark.parametrize(
+    ("r", "relay", "text"),
+    [
+        # what a remote server said: code and enhanced code first, like Postfix
+        (remote(reply(250, "2.0.0", "Ok: queued as 4Xk9"), "end of DATA"), MX,
+         "250 2.0.0 Ok: queued as 4Xk9"),
+        (remote(reply(250, None, "ok"), "end of DATA"), MX, "250 ok"),
+        (REFUSED, MX,
+         "host mx.example[192.0.2.1] said: 550 5.1.1 <bob@x.example>: Recipient address"
+         " rejected: User unknown (in reply to RCPT TO command)"),
+        (remote(reply(451, "4.3.0", "queue file write error"), "end of DATA"), MX,
+         "host mx.example[192.0.2.1] said: 451 4.3.0 queue file write error"
+         " (in reply to end of DATA command)"),
+        (remote(reply(553, "5.7.1", "sender rejected"), "MAIL FROM"), "[2001:db8::1]:2525",
+         "host [2001:db8::1] said: 553 5.7.1 sender rejected (in reply to MAIL FROM command)"),
+        (remote(reply(554, None, "no service", "go away"), "greeting"), MX,
+         "host mx.example[192.0.2.1] refused to talk to me: 554-no service 554 go away"),
+        (remote(reply(421, "4.3.2", "busy"), "EHLO"), MX,
+         "host mx.example[192.0.2.1] refused to talk to me: 421 4.3.2 busy"),
+        (REFUSED, "none",  # no relay name: the reply alone
+         "550 5.1.1 <bob@x.example>: Recipient address rejected: User unknown"),
+        # our own words keep their shape
+        (reply(421, "4.4.1", "connect to mx.example[192.0.2.1]:25: Connection refused"), MX,
+         "connect to mx.example[192.0.2.1]:25: Connection refused"),
+        (reply(451, "4.4.3", "Host or domain name not found"), "none",
+         "Host or domain name not found"),
+        (reply(250, "2.0.0", "delivered to maildir"), "local", "delivered to maildir"),
+        (reply(421, "4.4.1", "delivery temporarily suspended: connect to x[1.2.3.4]:25: no"),
+         "none", "delivery temporarily suspended: connect to x[1.2.3.4]:25: no"),
+        (Reply(451), "none", "451"),
+    ],
+)  # fmt: skip
+def test_status_text(r: Reply, relay: str, text: str) -> None:
+    assert status_text(r, relay) == text
+
+
+def test_attempt_line_for_a_remote_refusal() -> None:
+    due = [DueRecipient("Q", 0, "bob@x.example", "bob@x.example", 0, 1000.0, 1000.0)]
+    [verdict] = judge(due, {"bob@x.example": REFUSED}, policy=BackoffPolicy(), now=1001.0,
+                      null_sender=False, relay=MX)  # fmt: skip
+    line = attempt_line("Q", verdict, relay=MX, now=1001.0, delays=(0.5, 0.0, 0.0, 0.5))
+    assert line == (
+        "Q: to=<bob@x.example>, relay=mx.example[192.0.2.1]:25, delay=1, delays=0.5/0/0/0.5,"
+        " dsn=5.1.1, status=bounced (host mx.example[192.0.2.1] said: 550 5.1.1 <bob@x.example>:"
+        " Recipient address rejected: User unknown (in reply to RCPT TO command))"
+    )
