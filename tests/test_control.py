@@ -22,7 +22,7 @@ from mailhaven.control import (
     lock_path,
     request,
 )
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
 
 
@@ -52,6 +52,10 @@ class Recorder:
     async def pickup(self) -> int:
         self.calls.append(("pickup", None))
         return 2
+
+    async def etrn(self, client_ip: str, node: str) -> Reply:
+        self.calls.append(("etrn", (client_ip, node)))
+        return reply(253, "2.0.0", f"OK, 1 pending messages for node {node} started")
 
 
 @pytest.fixture
@@ -223,3 +227,18 @@ async def test_queue_admin_verbs(spool: Spool) -> None:
     assert await admin.pickup() == 3 and picked == [1]
     assert [m.queue_id for m in list_queue(spool.root)] == [a, b]
     assert len(wakes) == 4
+
+
+async def test_etrn_is_forwarded_with_its_reply() -> None:
+    """An acceptor process asks the daemon, which owns the release windows."""
+    handlers = Recorder()
+    answer = await dispatch(handlers, {"cmd": "etrn", "client": "127.0.0.9", "node": "@pt.test"})
+    assert answer == {
+        "ok": True,
+        "count": 0,
+        "reply": [253, "2.0.0", "OK, 1 pending messages for node @pt.test started"],
+    }
+    assert handlers.calls == [("etrn", ("127.0.0.9", "@pt.test"))]
+    for bad in ({"client": "x y", "node": "pt.test"}, {"client": "127.0.0.9", "node": "a b"}):
+        answer = await dispatch(handlers, {"cmd": "etrn", **bad})
+        assert answer["ok"] is False

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
@@ -27,6 +28,14 @@ from typing import cast
 
 from mailhaven import config as configuration
 from mailhaven import control
+from mailhaven.acceptor import (
+    DOORBELL_NAME,
+    AcceptorPool,
+    AcceptorRole,
+    Doorbell,
+    DoorbellClient,
+    watch_lifeline,
+)
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.base import DeliveryAgent, Route
@@ -163,8 +172,13 @@ def server_settings(config: Config, *, starttls: bool = False) -> ServerSettings
 class App:
     """One running mailhaven: call `await App(config).run()`; `stop()` from elsewhere."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, acceptor: AcceptorRole | None = None) -> None:
         self.config = config
+        #: set in an acceptor process (see `mailhaven.acceptor`): receive on inherited sockets
+        self.acceptor = acceptor
+        self.acceptors: AcceptorPool | None = None
+        self.doorbell: Doorbell | None = None
+        self.relay_agent: RelayAgent | None = None
         self.users = UserDB(config.users_path)
         self.router = build_router(config, self.users)
         self.tls: ReloadableTLS | None = None
@@ -173,7 +187,7 @@ class App:
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
-        self.spool = Spool(config.spool_path)
+        self.spool = Spool(config.spool_path, shared=config.smtp_processes > 1)
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
         self.runner: Runner | None = None
@@ -181,6 +195,7 @@ class App:
         self.control: control.ControlServer | None = None
         self._queue_lock: control.DaemonLock | None = None
         self.ready = asyncio.Event()
+        self._smtp_sockets: list[socket.socket] = []
 
     # ------------------------------------------------------------------ wiring
 
@@ -198,8 +213,22 @@ class App:
         )
 
     async def _etrn(self, facts: SessionFacts, argument: str) -> Reply:
-        assert self.part_time is not None
+        if self.part_time is None:  # an acceptor: the release windows live in the daemon
+            return await self._forward_etrn(facts.client_ip, argument)
         return await self.part_time.etrn(facts.client_ip, argument)
+
+    async def _forward_etrn(self, client_ip: str, argument: str) -> Reply:
+        path = self.config.state_path / control.SOCKET_NAME
+        request = {"cmd": "etrn", "client": client_ip, "node": argument}
+        try:
+            answer = await asyncio.to_thread(control.request, path, request, 10.0)
+        except control.ControlError as err:
+            answer = {"ok": False, "error": str(err)}
+        if answer and answer.get("ok") and isinstance(answer.get("reply"), list):
+            code, enhanced, text = answer["reply"]
+            return Reply(int(code), str(text), enhanced)
+        log.error("ETRN %s: the daemon did not answer: %s", argument, answer)
+        return Reply(458, f"Unable to queue messages for node {argument}", "4.3.0")
 
     def _release_route(self, domain: str) -> Route:
         """Where a released part-time domain's mail goes: its transport entry, else its MX."""
@@ -236,7 +265,8 @@ class App:
         config = self.config
         assert self.smtp is not None
         for address in config.listen.smtp:
-            await self.smtp.listen(address, self._mx_profile)
+            server = await self.smtp.listen(address, self._mx_profile)
+            self._smtp_sockets.extend(server.sockets)
             log.info("smtp listening on %s", address)
         for address in config.listen.submission:
             await self.smtp.listen(address, lambda: self._submission_profile(implicit_tls=False))
@@ -270,6 +300,9 @@ class App:
             log.info("pop3%s listening on %s", "s" if implicit else "", address)
 
     async def start(self) -> None:
+        if self.acceptor is not None:
+            await self._start_as_acceptor(self.acceptor)
+            return
         config = self.config
         log.info(
             "starting mailhaven: hostname=%s state_dir=%s config=%s",
@@ -347,6 +380,42 @@ class App:
         await self._start_local_submission(intake, self.runner)
         await self._start_listeners()
         self._runner_task = asyncio.ensure_future(self.runner.run())
+        await self._start_acceptors(self.runner)
+        self.ready.set()
+
+    async def _start_acceptors(self, runner: Runner) -> None:
+        """`smtp_processes` > 1: acceptor processes on our `smtp` listening sockets."""
+        extra = self.config.smtp_processes - 1
+        if extra <= 0 or self.smtp is None:
+            return
+        self.doorbell = Doorbell(self.config.state_path / DOORBELL_NAME, runner.wake)
+        self.doorbell.start()
+        fds = [s.fileno() for s in self._smtp_sockets]
+        self.acceptors = AcceptorPool(extra, self.config.source, fds)
+        await self.acceptors.start()
+
+    async def _start_as_acceptor(self, role: AcceptorRole) -> None:
+        """An acceptor process: smtpd -> intake -> spool on the daemon's sockets, nothing else."""
+        config = self.config
+        self.users.load()
+        self.tls = load_tls(config)  # the daemon made any self-signed certificate already
+        await asyncio.to_thread(self.spool.open, recover_first=False)
+        bell = DoorbellClient(config.state_path / DOORBELL_NAME)
+        intake = Intake(
+            self.spool,
+            hostname=config.hostname,
+            expand=lambda address: self.router.expand(address),
+            held=lambda address: self.router.route(address).transport == "hold",
+            wake=bell.ring,
+        )
+        self.smtp = SMTPService(
+            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
+        )
+        for fd in role.fds:
+            await self.smtp.listen("", self._mx_profile, sock=socket.socket(fileno=fd))
+        if role.lifeline is not None:
+            watch_lifeline(role.lifeline, self.stop)
+        log.info("acceptor ready on %d smtp socket(s)", len(role.fds))
         self.ready.set()
 
     async def _start_local_submission(self, intake: Intake, runner: Runner) -> None:
@@ -364,7 +433,12 @@ class App:
         self._background.append(asyncio.ensure_future(collect_then_watch()))
         self.control = control.ControlServer(
             state / control.SOCKET_NAME,
-            control.QueueAdmin(self.spool, wake=runner.wake, pickup=pickup.collect),
+            control.QueueAdmin(
+                self.spool,
+                wake=runner.wake,
+                pickup=pickup.collect,
+                etrn=self.part_time.etrn if self.part_time is not None else None,
+            ),
         )
         await self.control.start()
 
@@ -387,14 +461,21 @@ class App:
         self._stop.set()
 
     def reload(self) -> None:
+        if self.acceptors is not None:
+            self.acceptors.signal(signal.SIGHUP)  # each re-reads the same file itself
         path = self.config.source
         try:
             new = configuration.load(path)
         except configuration.ConfigError as err:
             log.error("reload: keeping the old configuration: %s", err)
             return
-        # Listener addresses and the state directory need a restart; keep them.
-        new = replace(new, listen=self.config.listen, state_dir=self.config.state_dir)
+        # Listener addresses, processes and the state directory need a restart; keep them.
+        new = replace(
+            new,
+            listen=self.config.listen,
+            state_dir=self.config.state_dir,
+            smtp_processes=self.config.smtp_processes,
+        )
         self.config = new
         self.users = UserDB(new.users_path)
         self.users.load()
@@ -417,17 +498,24 @@ class App:
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
-        if self.control is not None:
-            await self.control.close()
         for listener in self.pop3:
             listener.close()
-        if self.smtp is not None:
-            await self.smtp.shutdown()
+        # Our sessions and the acceptors' finish their transactions side by side; the control
+        # socket stays up meanwhile (an acceptor may still forward an ETRN).
+        stopping = [self.smtp.shutdown()] if self.smtp is not None else []
+        if self.acceptors is not None:
+            stopping.append(self.acceptors.stop(self.config.timeouts.shutdown_grace))
+        await asyncio.gather(*stopping)
+        if self.doorbell is not None:
+            self.doorbell.close()
+        if self.control is not None:
+            await self.control.close()
         if self.runner is not None:
             await self.runner.stop(grace=self.config.timeouts.shutdown_grace)
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner_task
-        await self.relay_agent.close()
+        if self.relay_agent is not None:
+            await self.relay_agent.close()
         await asyncio.to_thread(self.spool.close)
         if self._queue_lock is not None:
             self._queue_lock.release()

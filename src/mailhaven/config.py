@@ -150,6 +150,12 @@ class Config:
     relay_domains: tuple[str, ...] = ()
     relayhost: str = ""
     log_level: str = "info"
+    #: Processes that accept on the `smtp` listeners. 1: one process does everything (the
+    #: default). N > 1: N - 1 acceptor processes share the listening sockets and only receive
+    #: (smtpd -> intake -> spool), so receiving can use a second core while the first process
+    #: keeps the scheduler, delivery, ETRN, pickup, control, submission and POP3. Per-client
+    #: limits (connections per IP, rates, AUTH failures) are then counted per process.
+    smtp_processes: int = 1
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -244,6 +250,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("limits.command_line: RFC 5321 4.5.3.1.4 requires at least 512")
     if config.limits.message_size < 1024:
         raise ConfigError("limits.message_size: must be at least 1024")
+    if not 1 <= config.smtp_processes <= 64:
+        raise ConfigError("smtp_processes: between 1 and 64")
     for net in config.trusted_networks:
         try:
             ipaddress.ip_network(net, strict=False)

@@ -13,10 +13,11 @@ octets). A connection may carry several requests; each gets exactly one answer, 
     {"cmd": "flush", "ids": ["QID", ...]}     those messages
     {"cmd": "hold" | "release" | "delete" | "requeue", "ids": ["QID", ...]}
     {"cmd": "pickup"}                         collect the maildrop now
+    {"cmd": "etrn", "client": IP, "node": N}  an ETRN that an acceptor process received
     {"cmd": "ping"}                           is anyone there?
 
-Answers: `{"ok": true, "count": N}` (N: what the handler reports it changed) or
-`{"ok": false, "error": "text"}`. This module holds no queue logic: it checks the shape of a
+Answers: `{"ok": true, "count": N}` (N: what the handler reports it changed; `etrn` adds
+`"reply": [code, enhanced, text]`, the SMTP reply to give) or `{"ok": false, "error": "text"}`. This module holds no queue logic: it checks the shape of a
 request and calls the injected `Handlers`; what the words mean is the composition root's wiring.
 
 `DaemonLock`: an exclusive `flock` on `<state_dir>/spool/queue.lock`. The daemon holds it for its
@@ -46,6 +47,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mailhaven.proto.replies import Reply
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -60,6 +63,8 @@ IDLE_TIMEOUT = 30.0
 MAX_IDS = 10_000
 _ID = re.compile(r"[0-9A-Za-z]{1,64}")
 _DOMAIN = re.compile(r"[0-9A-Za-z._\-\[\]:]{1,255}")
+_NODE = re.compile(r"[#@]?[0-9A-Za-z._\-\[\]:]{1,255}")
+_IP = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 
 
 class ControlError(Exception):
@@ -80,6 +85,8 @@ class Handlers(Protocol):
     async def requeue(self, ids: Sequence[str]) -> int: ...
 
     async def pickup(self) -> int: ...
+
+    async def etrn(self, client_ip: str, node: str) -> Reply: ...
 
 
 class BadRequest(ValueError):
@@ -125,6 +132,14 @@ async def dispatch(handlers: Handlers, request: Any) -> dict[str, Any]:
                 count = await handlers.requeue(_ids(request, required=True))
             case "pickup":
                 count = await handlers.pickup()
+            case "etrn":
+                client, node = request.get("client"), request.get("node")
+                if not (isinstance(client, str) and _IP.fullmatch(client)):
+                    raise BadRequest("client: expected an IP address")
+                if not (isinstance(node, str) and _NODE.fullmatch(node)):
+                    raise BadRequest("node: expected an ETRN node name")
+                r = await handlers.etrn(client, node)
+                return {"ok": True, "count": 0, "reply": [r.code, r.enhanced, r.text]}
             case other:
                 raise BadRequest(f"unknown command {other[:40]!r}")
     except BadRequest as err:
@@ -294,10 +309,12 @@ class QueueAdmin:
         *,
         wake: Callable[[], None] = _nothing,
         pickup: Callable[[], Awaitable[int]] | None = None,
+        etrn: Callable[[str, str], Awaitable[Reply]] | None = None,
     ) -> None:
         self.spool = spool
         self.wake = wake
         self._pickup = pickup
+        self._etrn = etrn
 
     async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
         if ids:
@@ -350,6 +367,11 @@ class QueueAdmin:
 
     async def pickup(self) -> int:
         return 0 if self._pickup is None else await self._pickup()
+
+    async def etrn(self, client_ip: str, node: str) -> Reply:
+        if self._etrn is None:
+            return Reply(458, f"Unable to queue messages for node {node}", "4.3.0")
+        return await self._etrn(client_ip, node)
 
 
 class DaemonLock:

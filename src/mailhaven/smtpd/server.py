@@ -57,24 +57,34 @@ class SMTPService:
     # ------------------------------------------------------------------ listeners
 
     async def listen(
-        self, address: str, profile: Callable[[], ListenerProfile], *, implicit_tls: bool = False
+        self,
+        address: str,
+        profile: Callable[[], ListenerProfile],
+        *,
+        implicit_tls: bool = False,
+        sock: socket.socket | None = None,
     ) -> asyncio.Server:
-        """Start one listener; `profile` is read per connection, so a reload applies to new ones."""
-        host, port = parse_hostport(address)
+        """Start one listener; `profile` is read per connection, so a reload applies to new ones.
+        With `sock` (a listening socket inherited from the daemon: an acceptor process) it
+        serves that socket instead of binding `address`."""
 
         def factory() -> SMTPSession:
             return SMTPSession(self, profile())
 
         ssl_ctx = profile().tls_context() if implicit_tls else None
-        server = await self.loop.create_server(
-            factory,
-            host,
-            port,
-            ssl=ssl_ctx,
-            reuse_address=True,
-            backlog=1024,
-            family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-        )
+        if sock is not None:
+            server = await self.loop.create_server(factory, sock=sock, ssl=ssl_ctx, backlog=1024)
+        else:
+            host, port = parse_hostport(address)
+            server = await self.loop.create_server(
+                factory,
+                host,
+                port,
+                ssl=ssl_ctx,
+                reuse_address=True,
+                backlog=1024,
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+            )
         self._servers.append(server)
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap())
