@@ -81,3 +81,17 @@ def test_config_check_cli(tmp_path: Path) -> None:
     assert err.returncode == 2
     assert "limits.recipients" in err.stderr and "Traceback" not in err.stderr
     assert configuration.Config().limits.recipients == 1000
+
+
+def test_the_documented_defaults_are_a_valid_configuration(tmp_path: Path) -> None:
+    """docs/configuration.md's annotated block must load as it stands (no key in a wrong table)."""
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert block is not None
+    path = tmp_path / "documented.toml"
+    path.write_text(block.group(1))
+    documented = load(str(path))
+    assert documented.smtp_processes == 1 and documented.log_level == "info"
+    assert documented.aliases == {}
