@@ -1,4 +1,4 @@
-"""Acceptor processes: receiving on more than one core (`[listen] smtp_processes` > 1).
+"""Acceptor processes: receiving on more than one core (`smtp_processes` > 1, default 1).
 
 Why: one Python process is one core (the GIL), and receiving is most of the work at high
 message rates. With `smtp_processes = N` the daemon (the first process) starts N - 1 acceptor
@@ -7,8 +7,8 @@ descriptors: the kernel hands each new connection to whichever process accepts f
 idle acceptor takes the load off a busy daemon without any balancing logic of ours.
 
 An acceptor only receives: smtpd -> intake -> spool, the same code and the same durability
-promise (its `250` comes after its own SQLite commit; SQLite serialises the processes' commits,
-each still a group commit). Everything stateful stays in the daemon: the scheduler and delivery,
+promise (its `250` comes after its own SQLite commit; the processes take turns on a flock around
+each write batch, each batch still a group commit). Everything stateful stays in the daemon: the scheduler and delivery,
 recovery (an acceptor opens the spool only after the daemon recovered it, and never recovers
 it), ETRN release windows (an acceptor forwards ETRN over the control socket), the pickup, the
 control socket, submission and POP3.
@@ -25,6 +25,9 @@ How they talk:
 SECURITY: the doorbell socket is created with mode 0600 in the state directory; what arrives on
 it is never parsed, only counted as "look at the queue". Acceptors run with the daemon's
 privileges and configuration file.
+
+Measured (docs/benchmarks.md): on a 2-core machine that also runs the load generator, a second
+process brings no throughput gain; the option exists for machines with cores to spare.
 """
 
 from __future__ import annotations
