@@ -40,7 +40,6 @@ import grp
 import os
 import pty
 import pwd
-import re
 import shutil
 import signal
 import socket
@@ -53,6 +52,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+from tests.support.logwatch import LogWatch
 
 POSTFIX = Path("/usr/sbin/postfix")
 POSTCONF = Path("/usr/sbin/postconf")
@@ -121,8 +121,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class PostfixInstance:
+class PostfixInstance(LogWatch):
     """One private Postfix (see the module docstring)."""
+
+    log_name = "Postfix log"
 
     def __init__(
         self,
@@ -381,28 +383,6 @@ class PostfixInstance:
         except (FileNotFoundError, PostfixError):
             return ""
 
-    def log_lines(self) -> list[str]:
-        return self.log().splitlines()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_lines()[-lines:])
-
-    def wait_for_log(
-        self, pattern: str, *, count: int = 1, timeout: float = 10.0
-    ) -> list[re.Match[str]]:
-        """Wait until `pattern` (a regex, searched per line) matches at least `count` lines."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            matches = [m for line in self.log_lines() if (m := regex.search(line))]
-            if len(matches) >= count:
-                return matches
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"Postfix log has {len(matches)} line(s) matching {pattern!r}, wanted"
-                    f" {count}\n{self.log_tail()}"
-                )
-            time.sleep(POLL)
 
     def messages(self, user: str) -> list[Path]:
         """Delivered files of `user` (Maildir new/ and cur/), oldest first."""

@@ -44,6 +44,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from tests.support.logwatch import LogWatch
+
 #: Every listener in `config.Listen`; those not in `services` are configured off.
 SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
 START_TIMEOUT = 15.0
@@ -141,7 +143,7 @@ def to_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class MailServer:
+class MailServer(LogWatch):
     """One mailhaven process with its own directory, config, ports, state and log."""
 
     def __init__(
@@ -346,27 +348,6 @@ class MailServer:
         except FileNotFoundError:
             return ""
 
-    def log_lines(self) -> list[str]:
-        return self.log().splitlines()
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_lines()[-lines:])
-
-    def wait_for_log(
-        self, pattern: str, *, count: int = 1, timeout: float = 10.0
-    ) -> list[re.Match[str]]:
-        """Wait until `pattern` (a regex, searched per line) matches at least `count` lines."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            matches = [m for line in self.log_lines() if (m := regex.search(line))]
-            if len(matches) >= count:
-                return matches
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"log has {len(matches)} line(s) matching {pattern!r}, wanted {count}\n{self.log_tail()}"
-                )
-            time.sleep(POLL)
 
     def messages(self, user: str) -> list[Path]:
         """Files in `<maildir>/new` and `cur`, sorted by name (Maildir names start with time)."""
