@@ -70,17 +70,6 @@ def marker() -> str:
     return uuid.uuid4().hex
 
 
-def wait_for_mark(server: MailServer, user: str, mark: str, *, timeout: float = 10.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        for path in server.messages(user):
-            data = path.read_bytes()
-            if mark.encode() in data:
-                return data
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no message {mark} for {user}\n{server.log_tail()}")
-        time.sleep(0.02)
-
 
 def drop_files(server: MailServer) -> list[Path]:
     new = server.state_dir / "maildrop" / "new"
@@ -114,13 +103,13 @@ def test_sendmail_t_i_delivers_to_the_maildir(mail_server: ServerFactory) -> Non
     done = sendmail(server, "-t", "-i", stdin=text.encode())
     assert done.returncode == 0, done.stderr
     assert done.stdout == b""
-    data = wait_for_mark(server, "alice", mark)
+    data = server.wait_for_mark("alice", mark)
     elapsed = time.monotonic() - started
     rest = check_local_submission(data, to="alice@localhost")
     # -i: the lone "." is data; LF in, LF in the Maildir; Bcc removed, its recipient served
     assert rest.endswith(b"\n\nbody\n.\nend\n"), rest
     assert b"Bcc:" not in data
-    bcc = wait_for_mark(server, "bob", mark)
+    bcc = server.wait_for_mark("bob", mark)
     assert b"Bcc:" not in bcc
     # the pickup was poked over the control socket: no waiting for its 5-second poll
     assert elapsed < 4.5, elapsed
@@ -143,7 +132,7 @@ def test_sendmail_queues_while_the_daemon_is_down(mail_server: ServerFactory) ->
     assert dropped.stat().st_mode & 0o077 == 0
     assert not any(mark.encode() in p.read_bytes() for p in server.messages("bob"))
     server.start()  # the pickup collects at start-up
-    check_local_submission(wait_for_mark(server, "bob", mark), to="bob@localhost")
+    check_local_submission(server.wait_for_mark("bob", mark), to="bob@localhost")
     deadline = time.monotonic() + 10
     while drop_files(server):
         assert time.monotonic() < deadline, server.log_tail()
@@ -182,7 +171,7 @@ def test_sendmail_bs_session_with_swaks_pipe_is_delivered(
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"<-  250 2\.0\.0 Ok: queued as \S+", done.stdout), done.stdout
     for user in ("alice", "bob"):
-        data = wait_for_mark(server, user, mark)
+        data = server.wait_for_mark(user, mark)
         assert b"Return-Path: <bob@localhost>" in data
         assert b"X-Mailer: swaks" in data
         assert data.count(b"\nDate: ") == 1  # swaks sent one; none added

@@ -175,18 +175,6 @@ def message(mark: str, *, sender: str = "alice@localhost", to: str = "bob@localh
     ).encode()
 
 
-def wait_for_mark(server: MailServer, user: str, mark: str, *, timeout: float = 10.0) -> bytes:
-    """The content of the message in `user`'s Maildir that carries `mark`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for path in server.messages(user):
-            data = path.read_bytes()
-            if mark.encode() in data:
-                return data
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no message {mark} for {user}\n{server.log_tail()}")
-        time.sleep(0.02)
-
 
 def wait_sink(sink: Sink, mark: str, *, timeout: float = 10.0) -> Any:
     """The sink's transaction that carries `mark`."""
@@ -278,7 +266,7 @@ def test_swaks_starttls_auth_plain_delivers_to_maildir(
     before, after = result.stdout.split(" -> STARTTLS", 1)
     assert "AUTH" not in before and "<~  250-AUTH PLAIN LOGIN" in after, result.stdout
     assert "<~  235 2.7.0 " in result.stdout
-    data = wait_for_mark(server, "bob", mark)
+    data = server.wait_for_mark("bob", mark)
     check_submitted(data, user="alice")
     # submission fix-ups: swaks sends Date and Message-Id itself, nothing is added twice
     assert data.count(b"\nDate: ") == 1 and data.lower().count(b"\nmessage-id: ") == 1
@@ -321,7 +309,7 @@ def test_swaks_implicit_tls_on_the_submissions_listener(
     # TLS first, then the greeting, inside TLS (RFC 8314 §3.3); no STARTTLS is offered there
     assert result.stdout.index("=== TLS started") < result.stdout.index("<~  220 ")
     assert "STARTTLS" not in result.stdout
-    check_submitted(wait_for_mark(server, "alice", mark), user="bob")
+    check_submitted(server.wait_for_mark("alice", mark), user="bob")
 
 
 def test_swaks_wrong_password_gets_535_and_nothing_is_sent(
@@ -395,7 +383,7 @@ def test_msmtp_desktop_client_submits_with_starttls_and_auth(
         env={**os.environ, "HOME": str(tmp_path)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    data = wait_for_mark(server, "bob", mark)
+    data = server.wait_for_mark("bob", mark)
     check_submitted(data, user="alice")
     # msmtp sends no Date: or Message-ID:; the submission fix-ups add them (RFC 6409 §8)
     assert re.search(rb"\nDate: ", data), data
@@ -440,7 +428,7 @@ def test_smtplib_smtp_ssl_on_the_submissions_listener(server: MailServer, certs:
         smtp.login("bob", PASSWORDS["bob"])
         refused = smtp.sendmail("bob@localhost", ["alice@localhost"], message(mark, to="alice"))
         assert refused == {}
-    check_submitted(wait_for_mark(server, "alice", mark), user="bob")
+    check_submitted(server.wait_for_mark("alice", mark), user="bob")
 
 
 # ---------------------------------------------------------------------- 3. security
@@ -578,7 +566,7 @@ def test_no_relay_for_unauthenticated_clients_in_any_disguise(
     with smtplib.SMTP(server.host, server.smtp_port, timeout=20) as smtp:
         mark = marker()
         assert smtp.sendmail("x@example.org", ["bob@localhost"], message(mark)) == {}
-    wait_for_mark(server, "bob", mark)
+    server.wait_for_mark("bob", mark)
 
 
 def test_authenticated_disguised_local_addresses_are_not_relayed(
@@ -618,7 +606,7 @@ def test_sender_login_check_on_submission(server: MailServer, certs: Certs) -> N
         assert smtp.data(message(mark, sender="info@localhost"))[0] == 250
         assert smtp.mail("Alice@LOCALHOST")[0] == 250
         assert smtp.rset()[0] == 250
-    wait_for_mark(server, "bob", mark)
+    server.wait_for_mark("bob", mark)
     server.wait_for_log(r"NOQUEUE: reject: MAIL from .*: 553 5\.7\.1 <bob@localhost>")
 
 
@@ -662,7 +650,7 @@ def test_brute_force_auth_is_slowed_then_blocked_while_others_are_served(
     for code, text, took in results:
         assert code == 535 and text.startswith(b"5.7.8"), (code, text)
         assert took >= FAILURE_DELAY * 0.9, took
-    wait_for_mark(own, "carol", mark)
+    own.wait_for_mark("carol", mark)
 
     def attempt(source: str, user: str) -> tuple[int, bytes]:
         with submission_client(own, certs, source=source) as smtp:

@@ -358,6 +358,18 @@ class MailServer(LogWatch):
                 found.extend(p for p in (root / sub).iterdir() if p.is_file())
         return sorted(found, key=lambda p: p.name)
 
+    def wait_for_mark(self, user: str, mark: str, *, timeout: float = 10.0) -> bytes:
+        """The content of the message in `user`'s Maildir that carries `mark`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in self.messages(user):
+                data = path.read_bytes()
+                if mark.encode() in data:
+                    return data
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no message {mark} for {user}\n{self.log_tail()}")
+            time.sleep(POLL)
+
     def wait_for_messages(self, user: str, count: int, *, timeout: float = 10.0) -> list[Path]:
         """Wait until `user`'s Maildir holds at least `count` messages; return them all."""
         deadline = time.monotonic() + timeout
