@@ -127,14 +127,18 @@ class Mailhaven:
         return self._count("SELECT count(*) FROM recipient WHERE status = ?", (status,))
 
     def _count(self, sql: str, args: tuple[object, ...] = ()) -> int:
-        db = self.state / "spool" / "queue.db"
-        if not db.exists():
-            return 0
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        try:
-            return int(conn.execute(sql, args).fetchone()[0])
-        finally:
-            conn.close()
+        """Summed over every queue shard (`spool`, and `spool-<k>` with smtp_processes > 1)."""
+        total = 0
+        for shard in [self.state / "spool", *sorted(self.state.glob("spool-[1-9]*"))]:
+            db = shard / "queue.db"
+            if not db.exists():
+                continue
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+            try:
+                total += int(conn.execute(sql, args).fetchone()[0])
+            finally:
+                conn.close()
+        return total
 
 
 def _toml(value: object) -> str:

@@ -17,6 +17,7 @@ from mailhaven.control import (
     ControlError,
     ControlServer,
     DaemonLock,
+    Forwarding,
     QueueAdmin,
     dispatch,
     lock_path,
@@ -56,6 +57,10 @@ class Recorder:
     async def etrn(self, client_ip: str, node: str) -> Reply:
         self.calls.append(("etrn", (client_ip, node)))
         return reply(253, "2.0.0", f"OK, 1 pending messages for node {node} started")
+
+    async def release_domains(self, domains: Sequence[str]) -> int:
+        self.calls.append(("release_domains", list(domains)))
+        return 3
 
 
 @pytest.fixture
@@ -230,7 +235,7 @@ async def test_queue_admin_verbs(spool: Spool) -> None:
 
 
 async def test_etrn_is_forwarded_with_its_reply() -> None:
-    """An acceptor process asks the daemon, which owns the release windows."""
+    """A worker process asks the daemon, which opens the release windows in every shard."""
     handlers = Recorder()
     answer = await dispatch(handlers, {"cmd": "etrn", "client": "127.0.0.9", "node": "@pt.test"})
     assert answer == {
@@ -242,3 +247,40 @@ async def test_etrn_is_forwarded_with_its_reply() -> None:
     for bad in ({"client": "x y", "node": "pt.test"}, {"client": "127.0.0.9", "node": "a b"}):
         answer = await dispatch(handlers, {"cmd": "etrn", **bad})
         assert answer["ok"] is False
+
+
+async def test_release_domains_is_checked_and_dispatched() -> None:
+    handlers = Recorder()
+    answer = await dispatch(handlers, {"cmd": "release_domains", "domains": ["pt.test"]})
+    assert answer == {"ok": True, "count": 3}
+    assert handlers.calls == [("release_domains", ["pt.test"])]
+    for bad in ([], "pt.test", ["a b"], [7]):
+        answer = await dispatch(handlers, {"cmd": "release_domains", "domains": bad})
+        assert answer["ok"] is False, bad
+    answer = await dispatch(QueueAdmin(Recorder()), {"cmd": "release_domains", "domains": ["x"]})  # type: ignore[arg-type]
+    assert answer == {"ok": False, "error": "release_domains: no part-time hosts here"}
+
+
+async def test_forwarding_adds_up_the_workers_counts(spool: Spool, tmp_path: Path) -> None:
+    """The daemon's verbs reach each worker's socket; a silent worker counts 0, not an error."""
+    qid = await put(spool, b"x\r\n", "a@one.example")
+    worker_sock = tmp_path / "control-1.sock"
+    worker = Recorder()
+    server = ControlServer(worker_sock, worker)
+    await server.start()
+    try:
+        silent = tmp_path / "control-2.sock"  # a worker that is restarting: nobody listens
+        forwarding = Forwarding(QueueAdmin(spool), [worker_sock, silent])
+        assert await forwarding.hold([qid, "OTHER"]) == 1 + 2
+        assert await forwarding.release([qid]) == 1 + 1
+        assert await forwarding.flush("one.example", []) == 1 + 7
+        assert await forwarding.requeue([qid]) == 1 + 1
+        assert await forwarding.pickup() == 0  # the daemon's alone
+        assert worker.calls == [
+            ("hold", [qid, "OTHER"]),
+            ("release", [qid]),
+            ("flush", ("one.example", [])),
+            ("requeue", [qid]),
+        ]
+    finally:
+        await server.close()

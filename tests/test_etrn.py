@@ -57,3 +57,21 @@ async def test_release_window_routes_held_domain_normally() -> None:
     assert route("x@parttime.example") == Route("relay", "[127.0.0.9]:16")
     clock.now += RELEASE_WINDOW + 1
     assert route("x@parttime.example").transport == "hold"
+
+
+async def test_the_daemon_counts_the_messages_released_in_the_workers_shards() -> None:
+    asked: list[list[str]] = []
+
+    async def release(domain: str) -> int:
+        return 1
+
+    async def elsewhere(domains: object) -> int:
+        assert isinstance(domains, list)
+        asked.append(domains)
+        return 2
+
+    h = PartTimeHosts(held_domains=["a.example", "b.example"], clients=["127.0.0.0/8"],
+                      release=release, wake=lambda: None, elsewhere=elsewhere)
+    r = await h.etrn("127.0.0.1", "@example")
+    assert (r.code, r.text) == (253, "OK, 4 pending messages for node @example started")
+    assert asked == [["a.example", "b.example"]]

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import socket
+import sqlite3
 import ssl
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
@@ -28,14 +29,6 @@ from typing import cast
 
 from mailhaven import config as configuration
 from mailhaven import control
-from mailhaven.acceptor import (
-    DOORBELL_NAME,
-    AcceptorPool,
-    AcceptorRole,
-    Doorbell,
-    DoorbellClient,
-    watch_lifeline,
-)
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.base import DeliveryAgent, Route
@@ -62,8 +55,10 @@ from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import ListenerProfile, Writer
+from mailhaven.spool import shards
 from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.store import Spool
+from mailhaven.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
 
 log = logging.getLogger("mailhaven.master")
 
@@ -172,12 +167,11 @@ def server_settings(config: Config, *, starttls: bool = False) -> ServerSettings
 class App:
     """One running mailhaven: call `await App(config).run()`; `stop()` from elsewhere."""
 
-    def __init__(self, config: Config, *, acceptor: AcceptorRole | None = None) -> None:
+    def __init__(self, config: Config, *, worker: WorkerRole | None = None) -> None:
         self.config = config
-        #: set in an acceptor process (see `mailhaven.acceptor`): receive on inherited sockets
-        self.acceptor = acceptor
-        self.acceptors: AcceptorPool | None = None
-        self.doorbell: Doorbell | None = None
+        #: set in a worker process (see `mailhaven.workers`): the engine on a shard of its own
+        self.worker = worker
+        self.workers: WorkerPool | None = None
         self.relay_agent: RelayAgent | None = None
         self.users = UserDB(config.users_path)
         self.router = build_router(config, self.users)
@@ -187,7 +181,8 @@ class App:
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
-        self.spool = Spool(config.spool_path, shared=config.smtp_processes > 1)
+        self.shard = worker.shard if worker is not None else 0
+        self.spool = Spool(shards.shard_path(config.spool_path, self.shard))
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
         self.runner: Runner | None = None
@@ -213,8 +208,9 @@ class App:
         )
 
     async def _etrn(self, facts: SessionFacts, argument: str) -> Reply:
-        if self.part_time is None:  # an acceptor: the release windows live in the daemon
+        if self.worker is not None:  # the daemon opens the release windows in every shard
             return await self._forward_etrn(facts.client_ip, argument)
+        assert self.part_time is not None
         return await self.part_time.etrn(facts.client_ip, argument)
 
     async def _forward_etrn(self, client_ip: str, argument: str) -> Reply:
@@ -300,8 +296,8 @@ class App:
             log.info("pop3%s listening on %s", "s" if implicit else "", address)
 
     async def start(self) -> None:
-        if self.acceptor is not None:
-            await self._start_as_acceptor(self.acceptor)
+        if self.worker is not None:
+            await self._start_as_worker(self.worker)
             return
         config = self.config
         log.info(
@@ -314,11 +310,49 @@ class App:
         self.users.load()
         self.tls = load_tls(config)
         self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)
-        self._queue_lock = control.DaemonLock.acquire(control.lock_path(config.spool_path))
-        if self._queue_lock is None:
-            raise OSError(f"{config.spool_path}: the queue is in use (another mailhaven?)")
-        report = await asyncio.to_thread(self.spool.open)
-        del report
+        self._queue_lock = self._lock_queue()
+        await asyncio.to_thread(self._adopt_orphans)
+        await asyncio.to_thread(self.spool.open)
+        intake = self._build_engine()
+        self.smtp = SMTPService(
+            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
+        )
+        # The control socket is up before any listener: once a client can connect, a
+        # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
+        await self._start_local_submission(intake)
+        await self._start_listeners()
+        self._start_runner()
+        await self._start_workers()
+        self.ready.set()
+
+    def _lock_queue(self) -> control.DaemonLock:
+        lock = control.DaemonLock.acquire(control.lock_path(self.spool.root))
+        if lock is None:
+            raise OSError(f"{self.spool.root}: the queue is in use (another mailhaven?)")
+        return lock
+
+    def _adopt_orphans(self) -> None:
+        """Shards that no process serves any more (`smtp_processes` was lowered) move into
+        ours before our recovery runs; one that is locked (a worker of an old daemon still
+        stopping) waits for our next start."""
+        for orphan in shards.orphans(self.config.spool_path, self.config.smtp_processes):
+            lock = control.DaemonLock.acquire(control.lock_path(orphan))
+            if lock is None:
+                log.error("spool %s is in use; not adopting it now", orphan)
+                continue
+            with lock:
+                try:
+                    shards.adopt(self.config.spool_path, orphan)
+                except (OSError, RuntimeError, sqlite3.Error) as err:
+                    log.error("spool %s: cannot adopt it: %s", orphan, err)
+
+    def _worker_sockets(self) -> list[Path]:
+        state = self.config.state_path
+        return [control_socket(state, k) for k in range(1, self.config.smtp_processes)]
+
+    def _build_engine(self) -> Intake:
+        """Scheduler, delivery agents, bounces and intake on `self.spool` (every process)."""
+        config = self.config
         self.relay_agent = build_relay_agent(config)
         agents: dict[str, DeliveryAgent] = {
             "relay": self.relay_agent,
@@ -335,6 +369,9 @@ class App:
             postmaster=f"postmaster@{config.local_domains[0]}",
         )
         q = config.queue
+        # The processes share the configured limits: a remote host sees at most
+        # `destination_concurrency` connections from all of us together (rounded up).
+        processes = max(1, config.smtp_processes)
         self.runner = Runner(
             self.spool,
             agents,
@@ -348,20 +385,22 @@ class App:
                 delay_warning=q.delay_warning or None,
             ),
             limits=PlanLimits(
-                max_deliveries=q.concurrency,
-                per_destination=q.destination_concurrency,
+                max_deliveries=-(-q.concurrency // processes),
+                per_destination=-(-q.destination_concurrency // processes),
                 per_delivery=q.recipients_per_transaction,
                 dead_time=q.minimal_backoff,
             ),
         )
+        daemon_with_workers = self.worker is None and processes > 1
         self.part_time = PartTimeHosts(
             held_domains=config.etrn.held_domains,
             clients=config.etrn.clients,
             release=self.spool.release_domain,
             wake=self.runner.wake,
+            elsewhere=self._release_in_workers if daemon_with_workers else None,
         )
         self._route = self.part_time.route(lambda a: self.router.route(a), self._release_route)
-        if config.etrn.release_interval > 0:
+        if config.etrn.release_interval > 0 and self.worker is None:
             self._background.append(
                 asyncio.ensure_future(self._release_schedule(config.etrn.release_interval))
             )
@@ -372,53 +411,57 @@ class App:
             held=lambda address: self._route(address).transport == "hold",
             wake=self.runner.wake,
         )
-        self.smtp = SMTPService(
-            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
-        )
-        # The control socket is up before any listener: once a client can connect, a
-        # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
-        await self._start_local_submission(intake, self.runner)
-        await self._start_listeners()
-        self._runner_task = asyncio.ensure_future(self.runner.run())
-        await self._start_acceptors(self.runner)
-        self.ready.set()
+        return intake
 
-    async def _start_acceptors(self, runner: Runner) -> None:
-        """`smtp_processes` > 1: acceptor processes on our `smtp` listening sockets."""
+    async def _release_in_workers(self, domains: Sequence[str]) -> int:
+        request = {"cmd": "release_domains", "domains": list(domains)}
+        counts = await asyncio.gather(
+            *(asyncio.to_thread(control.ask, path, request) for path in self._worker_sockets())
+        )
+        return sum(counts)
+
+    def _start_runner(self) -> None:
+        assert self.runner is not None
+        self._runner_task = asyncio.ensure_future(self.runner.run())
+
+    async def _start_workers(self) -> None:
+        """`smtp_processes` > 1: worker processes on our `smtp` listening sockets."""
         extra = self.config.smtp_processes - 1
         if extra <= 0 or self.smtp is None:
             return
-        self.doorbell = Doorbell(self.config.state_path / DOORBELL_NAME, runner.wake)
-        self.doorbell.start()
         fds = [s.fileno() for s in self._smtp_sockets]
-        self.acceptors = AcceptorPool(extra, self.config.source, fds)
-        await self.acceptors.start()
+        self.workers = WorkerPool(extra, self.config.source, fds)
+        await self.workers.start()
 
-    async def _start_as_acceptor(self, role: AcceptorRole) -> None:
-        """An acceptor process: smtpd -> intake -> spool on the daemon's sockets, nothing else."""
+    async def _start_as_worker(self, role: WorkerRole) -> None:
+        """A worker process: the whole engine on its own shard, on the daemon's sockets."""
         config = self.config
         self.users.load()
         self.tls = load_tls(config)  # the daemon made any self-signed certificate already
-        await asyncio.to_thread(self.spool.open, recover_first=False)
-        bell = DoorbellClient(config.state_path / DOORBELL_NAME)
-        intake = Intake(
-            self.spool,
-            hostname=config.hostname,
-            expand=lambda address: self.router.expand(address),
-            held=lambda address: self.router.route(address).transport == "hold",
-            wake=bell.ring,
-        )
+        self._queue_lock = self._lock_queue()
+        await asyncio.to_thread(self.spool.open)
+        intake = self._build_engine()
+        assert self.runner is not None and self.part_time is not None
         self.smtp = SMTPService(
             sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
         )
+        self.control = control.ControlServer(
+            control_socket(config.state_path, role.shard),
+            control.QueueAdmin(
+                self.spool, wake=self.runner.wake, release_domains=self.part_time.release
+            ),
+        )
+        await self.control.start()
         for fd in role.fds:
             await self.smtp.listen("", self._mx_profile, sock=socket.socket(fileno=fd))
+        self._start_runner()
         if role.lifeline is not None:
             watch_lifeline(role.lifeline, self.stop)
-        log.info("acceptor ready on %d smtp socket(s)", len(role.fds))
+        log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
+                 self.spool.root)
         self.ready.set()
 
-    async def _start_local_submission(self, intake: Intake, runner: Runner) -> None:
+    async def _start_local_submission(self, intake: Intake) -> None:
         """The pickup (collects what `sendmail` dropped, also while we were down) and the
         control socket that `sendmail` pokes and `mailhaven queue` drives."""
         state = self.config.state_path
@@ -431,15 +474,18 @@ class App:
             await pickup.run()
 
         self._background.append(asyncio.ensure_future(collect_then_watch()))
-        self.control = control.ControlServer(
-            state / control.SOCKET_NAME,
-            control.QueueAdmin(
-                self.spool,
-                wake=runner.wake,
-                pickup=pickup.collect,
-                etrn=self.part_time.etrn if self.part_time is not None else None,
-            ),
+        assert self.runner is not None and self.part_time is not None
+        admin = control.QueueAdmin(
+            self.spool,
+            wake=self.runner.wake,
+            pickup=pickup.collect,
+            etrn=self.part_time.etrn,
+            release_domains=self.part_time.release,
         )
+        handlers: control.Handlers = admin
+        if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too
+            handlers = control.Forwarding(admin, self._worker_sockets())
+        self.control = control.ControlServer(state / control.SOCKET_NAME, handlers)
         await self.control.start()
 
     # ------------------------------------------------------------------ life cycle
@@ -461,8 +507,8 @@ class App:
         self._stop.set()
 
     def reload(self) -> None:
-        if self.acceptors is not None:
-            self.acceptors.signal(signal.SIGHUP)  # each re-reads the same file itself
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
         path = self.config.source
         try:
             new = configuration.load(path)
@@ -500,14 +546,12 @@ class App:
             task.cancel()
         for listener in self.pop3:
             listener.close()
-        # Our sessions and the acceptors' finish their transactions side by side; the control
-        # socket stays up meanwhile (an acceptor may still forward an ETRN).
+        # Our sessions and the workers' finish their transactions side by side; the control
+        # socket stays up meanwhile (a worker may still forward an ETRN).
         stopping = [self.smtp.shutdown()] if self.smtp is not None else []
-        if self.acceptors is not None:
-            stopping.append(self.acceptors.stop(self.config.timeouts.shutdown_grace))
+        if self.workers is not None:
+            stopping.append(self.workers.stop(self.config.timeouts.shutdown_grace))
         await asyncio.gather(*stopping)
-        if self.doorbell is not None:
-            self.doorbell.close()
         if self.control is not None:
             await self.control.close()
         if self.runner is not None:

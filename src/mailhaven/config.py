@@ -150,11 +150,12 @@ class Config:
     relay_domains: tuple[str, ...] = ()
     relayhost: str = ""
     log_level: str = "info"
-    #: Processes that accept on the `smtp` listeners. 1: one process does everything (the
-    #: default). N > 1: N - 1 acceptor processes share the listening sockets and only receive
-    #: (smtpd -> intake -> spool), so receiving can use a second core while the first process
-    #: keeps the scheduler, delivery, ETRN, pickup, control, submission and POP3. Per-client
-    #: limits (connections per IP, rates, AUTH failures) are then counted per process.
+    #: Engine processes. 1: one process does everything (the default). N > 1: the daemon
+    #: starts N - 1 worker processes that share the `smtp` listening sockets, each running the
+    #: whole engine (receive, queue, deliver, bounce) on a queue shard of its own
+    #: (`mailhaven.workers`), so mail uses more than one core. The daemon alone keeps
+    #: submission, POP3, the pickup and the control socket; queue limits are divided among the
+    #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     smtp_processes: int = 1
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)

@@ -13,7 +13,9 @@ octets). A connection may carry several requests; each gets exactly one answer, 
     {"cmd": "flush", "ids": ["QID", ...]}     those messages
     {"cmd": "hold" | "release" | "delete" | "requeue", "ids": ["QID", ...]}
     {"cmd": "pickup"}                         collect the maildrop now
-    {"cmd": "etrn", "client": IP, "node": N}  an ETRN that an acceptor process received
+    {"cmd": "etrn", "client": IP, "node": N}  an ETRN that a worker process received
+    {"cmd": "release_domains", "domains": [D]} the daemon opens ETRN release windows in a
+                                              worker's shard (`mailhaven.workers`)
     {"cmd": "ping"}                           is anyone there?
 
 Answers: `{"ok": true, "count": N}` (N: what the handler reports it changed; `etrn` adds
@@ -88,6 +90,8 @@ class Handlers(Protocol):
 
     async def etrn(self, client_ip: str, node: str) -> Reply: ...
 
+    async def release_domains(self, domains: Sequence[str]) -> int: ...
+
 
 class BadRequest(ValueError):
     pass
@@ -140,6 +144,15 @@ async def dispatch(handlers: Handlers, request: Any) -> dict[str, Any]:
                     raise BadRequest("node: expected an ETRN node name")
                 r = await handlers.etrn(client, node)
                 return {"ok": True, "count": 0, "reply": [r.code, r.enhanced, r.text]}
+            case "release_domains":
+                domains = request.get("domains")
+                if not (
+                    isinstance(domains, list)
+                    and 0 < len(domains) <= MAX_IDS
+                    and all(isinstance(d, str) and _DOMAIN.fullmatch(d) for d in domains)
+                ):
+                    raise BadRequest("domains: expected a list of domain names")
+                count = await handlers.release_domains(domains)
             case other:
                 raise BadRequest(f"unknown command {other[:40]!r}")
     except BadRequest as err:
@@ -310,11 +323,13 @@ class QueueAdmin:
         wake: Callable[[], None] = _nothing,
         pickup: Callable[[], Awaitable[int]] | None = None,
         etrn: Callable[[str, str], Awaitable[Reply]] | None = None,
+        release_domains: Callable[[Sequence[str]], Awaitable[int]] | None = None,
     ) -> None:
         self.spool = spool
         self.wake = wake
         self._pickup = pickup
         self._etrn = etrn
+        self._release_domains = release_domains
 
     async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
         if ids:
@@ -372,6 +387,76 @@ class QueueAdmin:
         if self._etrn is None:
             return Reply(458, f"Unable to queue messages for node {node}", "4.3.0")
         return await self._etrn(client_ip, node)
+
+    async def release_domains(self, domains: Sequence[str]) -> int:
+        if self._release_domains is None:
+            raise BadRequest("release_domains: no part-time hosts here")
+        return await self._release_domains(domains)
+
+
+class Forwarding:
+    """The daemon's `Handlers` with worker processes: each queue verb runs on the daemon's own
+    shard and is passed on to every worker's control socket; the answer adds up the counts.
+
+    A worker that does not answer (it is restarting) is logged and counts 0: the command line
+    then reports fewer messages changed than asked, which is the truth. `pickup`, `etrn` and
+    `release_domains` are the daemon's alone (its ETRN handler reaches the workers itself)."""
+
+    def __init__(self, local: QueueAdmin, peers: Sequence[Path]) -> None:
+        self.local = local
+        self.peers = tuple(peers)
+
+    async def _everywhere(self, request: dict[str, Any], mine: Awaitable[int]) -> int:
+        import asyncio
+
+        count = await mine
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(ask, path, request) for path in self.peers)
+        )
+        return count + sum(answers)
+
+    async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
+        request: dict[str, Any] = {"cmd": "flush", "ids": list(ids)}
+        if domain is not None:
+            request["domain"] = domain
+        return await self._everywhere(request, self.local.flush(domain, ids))
+
+    async def hold(self, ids: Sequence[str]) -> int:
+        return await self._everywhere({"cmd": "hold", "ids": list(ids)}, self.local.hold(ids))
+
+    async def release(self, ids: Sequence[str]) -> int:
+        request = {"cmd": "release", "ids": list(ids)}
+        return await self._everywhere(request, self.local.release(ids))
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        return await self._everywhere({"cmd": "delete", "ids": list(ids)}, self.local.delete(ids))
+
+    async def requeue(self, ids: Sequence[str]) -> int:
+        request = {"cmd": "requeue", "ids": list(ids)}
+        return await self._everywhere(request, self.local.requeue(ids))
+
+    async def pickup(self) -> int:
+        return await self.local.pickup()
+
+    async def etrn(self, client_ip: str, node: str) -> Reply:
+        return await self.local.etrn(client_ip, node)
+
+    async def release_domains(self, domains: Sequence[str]) -> int:
+        return await self.local.release_domains(domains)
+
+
+def ask(path: Path, obj: dict[str, Any], timeout: float = 30.0) -> int:
+    """One request to a worker's control socket (blocking); its count, 0 if it failed."""
+    try:
+        answer = request(path, obj, timeout)
+    except ControlError as err:
+        log.warning("control: %s: %s", path, err)
+        return 0
+    if answer is None or not answer.get("ok"):
+        log.warning("control: %s did not do %s: %s", path, obj.get("cmd"),
+                    "no answer" if answer is None else answer.get("error"))
+        return 0
+    return int(answer.get("count", 0))
 
 
 class DaemonLock:

@@ -38,12 +38,15 @@ class PartTimeHosts:
         release: Callable[[str], Awaitable[int]],
         wake: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        elsewhere: Callable[[Sequence[str]], Awaitable[int]] | None = None,
     ) -> None:
         self.held = {d.lower().rstrip(".") for d in held_domains}
         self.clients = [ipaddress.ip_network(c, strict=False) for c in clients]
         self._release = release
         self._wake = wake
         self._clock = clock
+        #: the same release in the other processes' queue shards (`mailhaven.workers`)
+        self._elsewhere = elsewhere
         self._open_until: dict[str, float] = {}
 
     def releasing(self, domain: str) -> bool:
@@ -72,13 +75,16 @@ class PartTimeHosts:
 
     async def release(self, domains: Collection[str]) -> int:
         """Open the release window for `domains` and make their held mail due now; returns the
-        number of messages released (a message held for two of the domains counts twice)."""
+        number of messages released (a message held for two of the domains counts twice),
+        here and, with worker processes, in their shards too."""
         count = 0
         until = self._clock() + RELEASE_WINDOW
         for domain in domains:
             self._open_until[domain] = until
             count += await self._release(domain)
         self._wake()
+        if self._elsewhere is not None:
+            count += await self._elsewhere(sorted(domains))
         return count
 
     async def etrn(self, client_ip: str, argument: str) -> Reply:

@@ -19,8 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server (built-in defaults without -c)")
     serve.add_argument("-c", "--config", help="TOML configuration file")
-    # internal: how the daemon starts its acceptor processes (mailhaven.acceptor)
-    serve.add_argument("--acceptor-fds", help=argparse.SUPPRESS)
+    # internal: how the daemon starts its worker processes (mailhaven.workers)
+    serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
+    serve.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("config", help="configuration tools")
     check_sub = check.add_subparsers(dest="config_command", required=True)
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     match args.command:
         case "serve":
-            return _serve(config, args.acceptor_fds, args.lifeline)
+            return _serve(config, args.worker_fds, args.shard, args.lifeline)
         case "config":
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")
             return 0
@@ -109,23 +110,25 @@ def _queue(word: str, argv: list[str]) -> int:
     return queue.main(argv, config=config)
 
 
-def _serve(config: object, acceptor_fds: str | None = None, lifeline: int | None = None) -> int:
+def _serve(
+    config: object, worker_fds: str | None = None, shard: int = 1, lifeline: int | None = None
+) -> int:
     import asyncio
 
     from mailhaven import maillog
-    from mailhaven.acceptor import AcceptorRole
     from mailhaven.app import App
     from mailhaven.config import Config
+    from mailhaven.workers import WorkerRole
 
     assert isinstance(config, Config)
     maillog.setup(config.hostname, config.log_level)
     role = None
-    if acceptor_fds:
-        role = AcceptorRole(tuple(int(fd) for fd in acceptor_fds.split(",")), lifeline)
+    if worker_fds:
+        role = WorkerRole(shard, tuple(int(fd) for fd in worker_fds.split(",")), lifeline)
     else:
         print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
     try:
-        return asyncio.run(App(config, acceptor=role).run())
+        return asyncio.run(App(config, worker=role).run())
     except OSError as err:
         # Typically a listen address in use or a state directory we may not write.
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)

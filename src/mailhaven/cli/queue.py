@@ -4,11 +4,12 @@ In: argv (without the `queue` word) and the `Config`. Out: text on stdout, an ex
 0 done, 1 something failed (no such message, daemon error, queue busy), 2 usage.
 
 Reading (`list`, `show`, `mailq`) opens the queue database read-only (`spool.listing`), which is
-safe while the daemon writes (WAL snapshot), and never touches body files.
+safe while the daemon writes (WAL snapshot), and never touches body files. With worker processes
+(`smtp_processes` > 1) every queue shard is read and the listings merged (`spool.shards`).
 
 Changing (`flush`, `hold`, `release`, `delete`, `requeue`): through the control socket when the
 daemon runs (it owns the spool and wakes its scheduler). When no daemon answers, the CLI takes
-the queue lock (`control.DaemonLock`, also held by the daemon), opens the `Spool` itself (its
+the queue lock (`control.DaemonLock`, also held by the daemon) of each shard, opens the `Spool` itself (its
 recovery is safe then: no one else writes) and applies the same `control.QueueAdmin` verbs; a
 flush then only makes mail due, and it goes out when the daemon starts.
 
@@ -37,8 +38,8 @@ from mailhaven import control
 from mailhaven.config import Config
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.ids import is_queue_id
-from mailhaven.spool.listing import list_queue
 from mailhaven.spool.records import Hold, MessageSummary, RecipientState, Status
+from mailhaven.spool.shards import existing_shards, list_all
 
 L_STRING_FORMAT = "{:<17} {:>8} {:<19} {}"
 HEADINGS = L_STRING_FORMAT.format(
@@ -113,7 +114,7 @@ def mailq_lines(messages: Iterator[MessageSummary]) -> Iterator[str]:
 
 
 def print_mailq(spool_path: Path, out: TextIO) -> int:
-    for line in mailq_lines(list_queue(spool_path)):
+    for line in mailq_lines(list_all(spool_path)):
         out.write(line + "\n")
     return 0
 
@@ -153,7 +154,7 @@ def message_json(msg: MessageSummary) -> dict[str, Any]:
 
 
 def find(spool_path: Path, queue_id: str) -> MessageSummary | None:
-    return next((m for m in list_queue(spool_path) if m.queue_id == queue_id), None)
+    return next((m for m in list_all(spool_path) if m.queue_id == queue_id), None)
 
 
 def load_envelope(spool_path: Path, queue_id: str) -> dict[str, Any] | None:
@@ -161,12 +162,15 @@ def load_envelope(spool_path: Path, queue_id: str) -> dict[str, Any] | None:
     from mailhaven.spool import queries
     from mailhaven.spool.schema import connect
 
-    db = spool_path / "queue.db"
-    if not db.exists():
-        return None
-    with closing(connect(db, read_only=True)) as conn:
-        msg = queries.load_message(conn, queue_id, spool_path / "bodies")
-    return None if msg is None else msg.envelope.to_dict()
+    for shard in existing_shards(spool_path):
+        db = shard / "queue.db"
+        if not db.exists():
+            continue
+        with closing(connect(db, read_only=True)) as conn:
+            msg = queries.load_message(conn, queue_id, shard / "bodies")
+        if msg is not None:
+            return msg.envelope.to_dict()
+    return None
 
 
 def _when(value: float | None, now: float) -> str:
@@ -231,17 +235,27 @@ def show_text(msg: MessageSummary, envelope: dict[str, Any] | None, now: float) 
 
 
 def apply_offline(config: Config, command: str, ids: Sequence[str], domain: str | None) -> int:
-    """Run one verb on the spool directly (no daemon). Returns the handler's count, or -1 when
-    the queue is locked by someone else."""
+    """Run one verb on the spool directly (no daemon), on every shard of it. Returns the
+    handlers' count added up, or -1 when a shard is locked by someone else."""
+    total = 0
+    for shard in existing_shards(config.spool_path):
+        count = _apply_offline_to(shard, command, ids, domain)
+        if count < 0:
+            return -1
+        total += count
+    return total
+
+
+def _apply_offline_to(root: Path, command: str, ids: Sequence[str], domain: str | None) -> int:
     from mailhaven.spool.store import Spool
 
-    lock = control.DaemonLock.acquire(control.lock_path(config.spool_path))
+    lock = control.DaemonLock.acquire(control.lock_path(root))
     if lock is None:
         return -1
     with lock:
-        if not (config.spool_path / "queue.db").exists():
+        if not (root / "queue.db").exists():
             return 0
-        spool = Spool(config.spool_path)
+        spool = Spool(root)
         spool.open()
         try:
             admin = control.QueueAdmin(spool)
@@ -339,7 +353,7 @@ def main(
     match args.command:
         case "list":
             if args.json:
-                for entry in list_queue(config.spool_path):
+                for entry in list_all(config.spool_path):
                     out.write(json.dumps(message_json(entry)) + "\n")
                 return 0
             return print_mailq(config.spool_path, out)

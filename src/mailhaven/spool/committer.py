@@ -22,9 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -85,14 +83,9 @@ _STOP = object()
 class Committer:
     """The writer thread. `start()` opens the database inside the thread; `stop()` drains it."""
 
-    def __init__(
-        self, path: Path, checkpoint: Callable[[str], None], *, shared: bool = False
-    ) -> None:
+    def __init__(self, path: Path, checkpoint: Callable[[str], None]) -> None:
         self._path = path
         self._checkpoint = checkpoint
-        #: other processes write the same database (acceptors): see `_writer_lock`
-        self._shared = shared
-        self._writer_lock: int | None = None
         self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -139,13 +132,6 @@ class Committer:
         except BaseException as exc:
             self._ready.set_exception(exc)
             return
-        if self._shared:
-            # Several processes write: take turns on a blocking flock around each write
-            # batch. Waiting for SQLite's own lock instead would poll with its busy handler's
-            # sleeps (1, 2, 5, 10 ... ms), adding milliseconds to many commits.
-            self._writer_lock = os.open(
-                str(self._path) + ".writer", os.O_RDWR | os.O_CREAT, 0o600
-            )
         self._ready.set_result(None)
         try:
             while True:
@@ -168,9 +154,6 @@ class Committer:
                     return
         finally:
             conn.close()
-            if self._writer_lock is not None:
-                os.close(self._writer_lock)
-                self._writer_lock = None
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         # A caller that was cancelled before we started gets nothing done (and nothing acked);
@@ -180,9 +163,6 @@ class Committer:
             return
         writes = any(item.write for item in batch)
         outcomes: list[tuple[_Item, bool, Any]] = []
-        lock = self._writer_lock if writes else None
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
@@ -201,9 +181,6 @@ class Committer:
             if not isinstance(exc, Exception):
                 raise
             return
-        finally:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         self._resolve(outcomes)

@@ -67,7 +67,6 @@ class Spool:
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         clock: Callable[[], float] = time.time,
         checkpoint: Callable[[str], None] = _no_checkpoint,
-        shared: bool = False,
     ) -> None:
         self.root = root
         self.db_path = root / "queue.db"
@@ -78,20 +77,17 @@ class Spool:
         self._clock = clock
         self._checkpoint = checkpoint
         self._new_id = QueueIdFactory(clock)
-        self._committer = Committer(self.db_path, checkpoint, shared=shared)
+        self._committer = Committer(self.db_path, checkpoint)
 
     # -- life cycle ---------------------------------------------------------------------------
-    def open(self, *, recover_first: bool = True) -> RecoveryReport | None:
+    def open(self) -> RecoveryReport:
         """Create the layout if needed, start the writer thread and recover (blocking; call it
         once at start-up, e.g. via `asyncio.to_thread`). Only the daemon may open a spool:
         recovery deletes bodies still being received, so a second opener would destroy them.
-        An acceptor process (`mailhaven.acceptor`) opens it with `recover_first=False` once the
-        daemon has recovered it: SQLite serialises the processes' commits."""
+        (With `smtp_processes` > 1 each process opens a spool of its own: `spool.shards`.)"""
         for d in (self.root, self.tmp_dir, self.bodies_dir, self.quarantine_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._committer.start()
-        if not recover_first:
-            return None
         report = self._committer.call(
             lambda conn: recover(conn, self.tmp_dir, self.bodies_dir, self.quarantine_dir)
         )

@@ -1,0 +1,169 @@
+"""Worker processes: the whole engine on more than one core (`smtp_processes` > 1, default 1).
+
+Why: one Python process is one core (the GIL). With `smtp_processes = N` the daemon (shard 0)
+starts N - 1 worker processes. Each worker runs the whole engine (smtpd -> intake -> spool ->
+scheduler -> delivery -> bounce) on a queue shard of its own (`spool.shards`), and serves the
+*same* listening sockets of the `smtp` listeners, inherited as file descriptors: the kernel
+hands each new connection to whichever process accepts first, so an idle worker takes the load
+off a busy daemon without any balancing logic of ours. The processes share nothing they write:
+each commits to its own SQLite file (its `250` still comes after its own group commit), so none
+waits for another's lock or fsync.
+
+What stays in the daemon: submission and POP3 listeners, the pickup (`sendmail`), adoption of
+orphan shards at start-up, and the control socket the command line talks to. The daemon passes
+queue commands on to each worker's control socket (`control-<k>.sock`) and adds up the counts;
+an ETRN a worker receives goes to the daemon, which opens the release window in every shard.
+Queue limits (`queue.concurrency`, `queue.destination_concurrency`) are divided among the
+processes, so a remote host still sees at most the configured number of connections.
+
+How they live:
+- the lifeline: each worker inherits the read end of a pipe whose write end only the daemon
+  holds; end of file (the daemon exited, even by SIGKILL) makes the worker stop gracefully.
+- signals: the daemon forwards SIGHUP (reload) and SIGTERM (stop) to its workers by PID and
+  restarts one that dies unexpectedly, after `RESTART_PAUSE` seconds; the new one recovers
+  its shard like the daemon recovers its own.
+
+SECURITY: workers run with the daemon's privileges and configuration file; their control
+sockets are made like the daemon's (mode 0600, peer credentials checked).
+
+Measured (docs/benchmarks.md): on this 2-core machine, with the load generator and the sink on
+the same cores, `smtp_processes = 2` relays about 1.4x as many messages per second as 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("mailhaven.master")
+
+#: seconds before a worker that died is started again
+RESTART_PAUSE = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """What makes a `mailhaven serve` a worker: its shard number (1 and up), the inherited
+    listening sockets (file descriptors of the daemon's `smtp` listeners) and the lifeline's
+    read end."""
+
+    shard: int
+    fds: tuple[int, ...]
+    lifeline: int | None = None
+
+
+def control_socket(state_dir: Path, shard: int) -> Path:
+    """Where shard `shard`'s engine listens for the daemon (0: the daemon's own socket)."""
+    return state_dir / ("control.sock" if shard == 0 else f"control-{shard}.sock")
+
+
+def watch_lifeline(fd: int, on_lost: Callable[[], None]) -> None:
+    """Call `on_lost` once the daemon is gone (end of file on the inherited pipe)."""
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        if not data:
+            loop.remove_reader(fd)
+            log.warning("worker: the daemon is gone; stopping")
+            on_lost()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
+class WorkerPool:
+    """The daemon's worker processes: start, forward signals, restart, stop (by PID)."""
+
+    def __init__(self, count: int, config_source: str | None, fds: Sequence[int]) -> None:
+        self.count = count
+        self._argv = [sys.executable, "-m", "mailhaven", "serve"]
+        if config_source is not None:
+            self._argv += ["-c", config_source]
+        self._argv += ["--worker-fds", ",".join(str(fd) for fd in fds)]
+        self._fds = tuple(fds)
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._lifelines: dict[int, int] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    async def start(self) -> None:
+        for slot in range(self.count):
+            await self._spawn(slot)
+            self._watchers.append(asyncio.ensure_future(self._watch(slot)))
+
+    async def _spawn(self, slot: int) -> None:
+        read_end, write_end = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv,
+                "--shard",
+                str(slot + 1),
+                "--lifeline",
+                str(read_end),
+                pass_fds=(*self._fds, read_end),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        old = self._lifelines.pop(slot, None)
+        if old is not None:
+            os.close(old)
+        self._lifelines[slot] = write_end
+        self._procs[slot] = proc
+        log.info("worker %d started (pid %d)", slot + 1, proc.pid)
+
+    async def _watch(self, slot: int) -> None:
+        while True:
+            code = await self._procs[slot].wait()
+            if self._stopping:
+                return
+            log.error(
+                "worker %d (pid %d) exited with status %s; restarting in %.0f s",
+                slot + 1, self._procs[slot].pid, code, RESTART_PAUSE,
+            )
+            await asyncio.sleep(RESTART_PAUSE)
+            if self._stopping:
+                return
+            await self._spawn(slot)
+
+    def signal(self, sig: signal.Signals) -> None:
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM each worker (they finish their transactions like the daemon), wait, and
+        SIGKILL whoever is still there after `grace` + 5 seconds."""
+        self._stopping = True
+        self.signal(signal.SIGTERM)
+        waits = [p.wait() for p in self._procs.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), grace + 5.0)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            await asyncio.gather(*(p.wait() for p in self._procs.values()))
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        for fd in self._lifelines.values():
+            os.close(fd)
+        self._lifelines.clear()
