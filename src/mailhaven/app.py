@@ -1,7 +1,9 @@
 """The composition root: builds every role from the configuration and runs them in one process.
 
-receive (smtpd) -> intake -> spool -> scheduler -> delivery agents (local Maildir; relay later)
+receive (smtpd) -> intake -> spool -> scheduler -> delivery agents (local Maildir, relay)
 -> bounce. Each role gets only the narrow callables it needs; nothing else here has logic.
+With `smtp_processes` > 1 the same engine (`_build_engine`) also runs in each worker process on
+its own queue shard (`mailhaven.workers`, `spool.shards`); `App(config, worker=role)` is one.
 
 Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
 at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by

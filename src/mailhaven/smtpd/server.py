@@ -65,7 +65,7 @@ class SMTPService:
         sock: socket.socket | None = None,
     ) -> asyncio.Server:
         """Start one listener; `profile` is read per connection, so a reload applies to new ones.
-        With `sock` (a listening socket inherited from the daemon: an acceptor process) it
+        With `sock` (a listening socket inherited from the daemon: a worker process) it
         serves that socket instead of binding `address`."""
 
         def factory() -> SMTPSession:
