@@ -440,6 +440,7 @@ class App:
         config = self.config
         self.users.load()
         self.tls = load_tls(config)  # the daemon made any self-signed certificate already
+        self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)  # for `reload`
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self.spool.open)
         intake = self._build_engine()

@@ -212,3 +212,17 @@ def test_a_worker_that_dies_is_restarted_and_recovers_its_shard(
     assert again != worker
     assert re.search(r"worker 1 \(pid \d+\) exited", server.log())
     assert listed(server) == {in_daemon: ["route"], in_worker: ["route"]}
+
+
+def test_sighup_reaches_the_worker(mail_server: ServerFactory) -> None:
+    """The daemon forwards SIGHUP; the worker re-reads the file (a new mailbox here)."""
+    server = mail_server(settings=SETTINGS)
+    worker = worker_pid(server)
+    server.update_config({"local_users": ["alice", "carol"]})
+    server.reload()
+    server.wait_for_log(rf"\[{worker}\]: .*reload: configuration .* applied", timeout=10)
+    with frozen(server.pid):  # only the worker can take it
+        send(server, "carol@localhost", "after reload")
+        [delivered] = server.wait_for_messages("carol", 1, timeout=10)
+    assert b"body after reload" in delivered.read_bytes()
+    assert "Traceback" not in server.log()
