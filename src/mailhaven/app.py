@@ -183,8 +183,7 @@ class App:
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
-        self.shard = worker.shard if worker is not None else 0
-        self.spool = Spool(shards.shard_path(config.spool_path, self.shard))
+        self.spool = Spool(shards.shard_path(config.spool_path, worker.shard if worker else 0))
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
         self.runner: Runner | None = None
@@ -417,10 +416,7 @@ class App:
 
     async def _release_in_workers(self, domains: Sequence[str]) -> int:
         request = {"cmd": "release_domains", "domains": list(domains)}
-        counts = await asyncio.gather(
-            *(asyncio.to_thread(control.ask, path, request) for path in self._worker_sockets())
-        )
-        return sum(counts)
+        return await control.ask_all(self._worker_sockets(), request)
 
     def _start_runner(self) -> None:
         assert self.runner is not None

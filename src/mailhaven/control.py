@@ -407,13 +407,7 @@ class Forwarding:
         self.peers = tuple(peers)
 
     async def _everywhere(self, request: dict[str, Any], mine: Awaitable[int]) -> int:
-        import asyncio
-
-        count = await mine
-        answers = await asyncio.gather(
-            *(asyncio.to_thread(ask, path, request) for path in self.peers)
-        )
-        return count + sum(answers)
+        return await mine + await ask_all(self.peers, request)
 
     async def flush(self, domain: str | None, ids: Sequence[str]) -> int:
         request: dict[str, Any] = {"cmd": "flush", "ids": list(ids)}
@@ -443,6 +437,13 @@ class Forwarding:
 
     async def release_domains(self, domains: Sequence[str]) -> int:
         return await self.local.release_domains(domains)
+
+
+async def ask_all(paths: Sequence[Path], obj: dict[str, Any]) -> int:
+    """`ask` every worker at once (each in a thread: `request` blocks); the counts added up."""
+    import asyncio
+
+    return sum(await asyncio.gather(*(asyncio.to_thread(ask, path, obj) for path in paths)))
 
 
 def ask(path: Path, obj: dict[str, Any], timeout: float = 30.0) -> int:
