@@ -27,7 +27,8 @@ SECURITY: workers run with the daemon's privileges and configuration file; their
 sockets are made like the daemon's (mode 0600, peer credentials checked).
 
 Measured (docs/benchmarks.md): on this 2-core machine, with the load generator and the sink on
-the same cores, `smtp_processes = 2` relays about 1.4x as many messages per second as 1.
+the same cores, `smtp_processes = 2` relays 1.4-1.5x as many messages per second as 1
+(`bench/processes_ab.py`).
 """
 
 from __future__ import annotations
