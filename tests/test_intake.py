@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.intake import Intake, Queued, Refused, received_header, scan_header
-from mailhaven.spool import Spool, list_queue
+from mailhaven.spool import FreshMessage, Spool, list_queue
 
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 
@@ -179,3 +180,68 @@ def test_submission_fixups_add_date_and_message_id_only_when_missing() -> None:
     assert b"Message-ID: <20231114221320.QID1@mx.test>\r\n" in added
     full = scan_header(b"Date: x\r\nMessage-ID: <a@b>\r\n\r\n")
     assert missing_headers(full, queue_id="Q", hostname="h", now=0.0) == b""
+
+
+class Handoff:
+    """Records the fast-path calls; `room` says whether `reserve` succeeds."""
+
+    def __init__(self, room: bool) -> None:
+        self.room = room
+        self.calls: list[tuple[str, object]] = []
+
+    def reserve(self, size: int) -> bool:
+        self.calls.append(("reserve", size))
+        return self.room
+
+    def offer(self, fresh: FreshMessage) -> None:
+        self.calls.append(("offer", fresh))
+
+    def cancel(self, size: int) -> None:
+        self.calls.append(("cancel", size))
+
+
+async def test_new_mail_is_offered_to_the_scheduler_when_it_has_room(spool: Spool) -> None:
+    wake, handoff = Wake(), Handoff(room=True)
+    intake = Intake(spool, hostname="mx", expand=expand, wake=wake, handoff=handoff)
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    outcome = await intake.submit(writer, env("bob@example.net"))
+    assert isinstance(outcome, Queued) and wake.count == 0
+    [(verb, size), (verb2, fresh)] = handoff.calls
+    assert verb == "reserve" and verb2 == "offer" and isinstance(fresh, FreshMessage)
+    assert fresh.message.queue_id == outcome.queue_id and size == fresh.message.size
+    assert [r.address for r in fresh.recipients] == ["bob@example.net"]
+    assert await spool.due(time.time() + 1, 10) == []  # claimed: only the scheduler has it
+
+
+async def test_without_room_or_for_held_mail_the_scheduler_is_woken_or_left_alone(
+    spool: Spool,
+) -> None:
+    wake, handoff = Wake(), Handoff(room=False)
+    intake = Intake(spool, hostname="mx", expand=expand, wake=wake, handoff=handoff,
+                    held=lambda a: a.endswith("@held.example"))
+    for rcpt in ("bob@example.net", "pt@held.example"):
+        writer = spool.new_message()
+        writer.write(b"x" * 5000)
+        assert isinstance(await intake.submit(writer, env(rcpt)), Queued)
+    # a spilled body costs the scheduler no memory (size 0); held mail asks for nothing
+    assert handoff.calls == [("reserve", 0)] and wake.count == 1
+    assert [d.address for d in await spool.due(time.time() + 1, 10)] == ["bob@example.net"]
+
+
+async def test_a_failed_claimed_commit_gives_the_reservation_back(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handoff = Handoff(room=True)
+    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake(), handoff=handoff)
+
+    async def disk_full(*args: object) -> FreshMessage:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool, "commit_claimed", disk_full)
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    with pytest.raises(OSError):
+        await intake.submit(writer, env("bob@example.net"))
+    [(_, size), cancel] = handoff.calls
+    assert cancel == ("cancel", size)

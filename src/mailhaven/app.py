@@ -411,6 +411,7 @@ class App:
             expand=lambda address: self.router.expand(address),
             held=lambda address: self._route(address).transport == "hold",
             wake=self.runner.wake,
+            handoff=self.runner,
         )
         return intake
 
@@ -447,7 +448,7 @@ class App:
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),
             control.QueueAdmin(
-                self.spool, wake=self.runner.wake, release_domains=self.part_time.release
+                self.spool, wake=self.runner.revisit, release_domains=self.part_time.release
             ),
         )
         await self.control.start()
@@ -476,7 +477,7 @@ class App:
         assert self.runner is not None and self.part_time is not None
         admin = control.QueueAdmin(
             self.spool,
-            wake=self.runner.wake,
+            wake=self.runner.revisit,
             pickup=pickup.collect,
             etrn=self.part_time.etrn,
             release_domains=self.part_time.release,

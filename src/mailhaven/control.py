@@ -311,7 +311,7 @@ def _nothing() -> None:
 class QueueAdmin:
     """The standard `Handlers`: the postsuper/postqueue verbs on a spool, then a scheduler wake.
 
-    Used by the daemon (wired to its spool, `Runner.wake` and `Pickup.wake`/`collect`) and by
+    Used by the daemon (wired to its spool, `Runner.revisit` and `Pickup.wake`/`collect`) and by
     the CLI when no daemon runs (no wake, no pickup). Counts are messages changed, except a
     flush of everything, which counts recipients made due.
     """
@@ -365,7 +365,9 @@ class QueueAdmin:
         return sum([1 for qid in ids if await self.spool.requeue(qid)])
 
     async def hold(self, ids: Sequence[str]) -> int:
-        return sum([1 for qid in ids if await self.spool.hold(qid)])
+        count = sum([1 for qid in ids if await self.spool.hold(qid)])
+        self.wake()  # the scheduler gives back what it holds in memory, so the hold applies
+        return count
 
     async def release(self, ids: Sequence[str]) -> int:
         count = sum([1 for qid in ids if await self.spool.release(qid)])
@@ -373,7 +375,9 @@ class QueueAdmin:
         return count
 
     async def delete(self, ids: Sequence[str]) -> int:
-        return sum([1 for qid in ids if await self.spool.delete(qid)])
+        count = sum([1 for qid in ids if await self.spool.delete(qid)])
+        self.wake()
+        return count
 
     async def requeue(self, ids: Sequence[str]) -> int:
         count = sum([1 for qid in ids if await self.spool.requeue(qid)])

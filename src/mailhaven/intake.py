@@ -12,8 +12,10 @@ Steps, in order:
    for DSNs; duplicates after expansion are delivered once;
 3. build our `Received:` trace field (RFC 5321 §4.4, Postfix's shape) and commit header + body
    to the spool, which returns only when all of it is on stable storage;
-4. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`, then
-   wake the scheduler through the injected callback.
+4. hand the message to the scheduler: when its `handoff` has room, the commit already claims
+   the recipients and the stored message is offered to it whole (no queue read to deliver it);
+   otherwise the scheduler is woken to read the queue;
+5. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`.
 
 Trust: the envelope and the HELO name come from the client. They were syntax-checked by the SMTP
 core, but control characters are still replaced here before they go into a header, so a hostile
@@ -35,7 +37,7 @@ from typing import Protocol
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool.body import MessageWriter
-from mailhaven.spool.records import Hold, QueuedRecipient
+from mailhaven.spool.records import FreshMessage, Hold, QueuedRecipient
 
 log = logging.getLogger("mailhaven.queue")
 #: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
@@ -60,6 +62,24 @@ class QueueSink(Protocol):
         recipients: Sequence[QueuedRecipient],
         header: bytes,
     ) -> str: ...
+
+    async def commit_claimed(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> FreshMessage: ...
+
+
+class Handoff(Protocol):
+    """The scheduler's fast path for new mail (`scheduler.Runner` provides it): a message it
+    has room for is committed with its recipients claimed and handed over whole, so delivering
+    it needs no queue read. `reserve` must be followed by exactly one `offer` or `cancel`."""
+
+    def reserve(self, size: int) -> bool: ...
+    def offer(self, fresh: FreshMessage) -> None: ...
+    def cancel(self, size: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +234,11 @@ class Intake:
         expand: Callable[[str], Sequence[str]],
         held: Callable[[str], bool] | None = None,
         wake: Callable[[], None],
+        handoff: Handoff | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
+        self._handoff = handoff
         self._hostname = hostname
         self._expand = expand
         self._held = held
@@ -258,10 +280,14 @@ class Intake:
                 writer.abort()
                 log.info("%s: removed (no recipients after expansion)", qid)
                 return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
-            await self._spool.commit(writer, envelope, recipients, header)
+            attemptable = any(r.hold is Hold.NONE for r in recipients)
+            fresh = await self._commit(writer, envelope, recipients, header, attemptable)
         except BaseException:
             writer.abort()
             raise
+        if fresh is not None:
+            assert self._handoff is not None
+            self._handoff.offer(fresh)
         log.info(
             "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
             qid,
@@ -269,6 +295,26 @@ class Intake:
             len(header) + writer.size,
             len(recipients),
         )
-        if any(r.hold is Hold.NONE for r in recipients):
+        if attemptable and fresh is None:
             self._wake()  # held mail waits for ETRN: nothing for the scheduler to do now
         return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+
+    async def _commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+        attemptable: bool,
+    ) -> FreshMessage | None:
+        """Commit through the scheduler's fast path when it has room (the message is then
+        returned for `offer`), else plainly (None: the caller wakes the scheduler)."""
+        size = 0 if writer.spilled else len(header) + writer.size
+        if not attemptable or self._handoff is None or not self._handoff.reserve(size):
+            await self._spool.commit(writer, envelope, recipients, header)
+            return None
+        try:
+            return await self._spool.commit_claimed(writer, envelope, recipients, header)
+        except BaseException:
+            self._handoff.cancel(size)
+            raise

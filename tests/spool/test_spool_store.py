@@ -275,3 +275,42 @@ async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) 
     assert await spool.record_and_finish(failed, [bounce]) == (0, False)
     assert await spool.load(failed) is not None  # kept for the bounce hook
     assert await spool.finished() == [failed]
+
+
+async def test_commit_claimed_hands_back_the_message_and_recovery_frees_the_claims(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The scheduler's fast path: committed as in flight, so no due() returns it; the handed
+    back message is what load() would give; a crash before the attempt (here: a reopen) makes
+    the recipients due again, held ones stay held."""
+    root = tmp_path / "q"
+    s = Spool(root, inline_limit=1000, clock=clock)
+    s.open()
+    w = s.new_message()
+    w.write(b"Subject: fast\r\n\r\nhi\r\n")
+    rcpts = [QueuedRecipient("a@example.net", "a@example.net"),
+             QueuedRecipient("h@held.example", "h@held.example", hold=Hold.ROUTE)]
+    fresh = await s.commit_claimed(w, envelope("a@example.net", "h@held.example"), rcpts,
+                                   b"Received: test\r\n")
+    qid = fresh.message.queue_id
+    assert [(r.queue_id, r.index, r.address, r.attempts) for r in fresh.recipients] == [
+        (qid, 0, "a@example.net", 0)
+    ]
+    assert fresh.message == await s.load(qid)
+    w2 = s.new_message()
+    w2.write(b"x" * 5000)  # a spilled body is handed back by path
+    big = await s.commit_claimed(w2, envelope("b@example.net"), queued("b@example.net"),
+                                 b"Received: test\r\n")
+    assert big.message == await s.load(big.message.queue_id)
+    assert big.message.body_path is not None and big.message.inline_body is None
+    assert await s.due(clock.now, 10) == []
+    assert [r.active for r in await s.recipients(qid)] == [True, False]
+    s.close()
+    s = Spool(root, inline_limit=1000, clock=clock)
+    s.open()
+    try:
+        assert sorted(d.address for d in await s.due(clock.now, 10)) == [
+            "a@example.net", "b@example.net"
+        ]
+    finally:
+        s.close()

@@ -17,6 +17,17 @@ message. Scheduling cost per delivery therefore does not grow with the backlog. 
 planned from the backlog is claimed only if the spool still finds it attemptable, so an
 operator's hold or delete in between wins.
 
+The fast path for new mail (Postfix's cleanup handing a new message straight to qmgr): while the
+runner holds fewer than `fresh_limit` messages (and `FRESH_BYTES` of inline bodies) it `reserve`s
+room for intake, which commits the message with its recipients already claimed and `offer`s it
+whole; it is planned with the next pass, alongside what the queue read returned, and delivered
+without a queue read, a claim or a load (measured: the queue reads were ~18 % of the relay
+profile). Fresh recipients that find no slot wait in memory, still claimed. `revisit()` (the
+operator changed the queue: hold, delete, requeue) first gives them back to the spool, so the
+next read sees the operator's change, as for the backlog. The queue is otherwise read only when
+something may be there that the runner does not hold: after `wake()`, once the next due time
+has come, or when the last read was cut at `Limits.scan` and the backlog ran dry.
+
 Invariants:
 - a recipient being attempted is `claim`ed in the spool, so `due()` never returns it twice;
 - each reply is recorded durably before the message can be removed; a crash in between means
@@ -25,7 +36,7 @@ Invariants:
   if any; the hook decides whether to bounce, e.g. never for the null sender, and may read the
   body via the spool before it returns), then removed;
 - `stop()` lets deliveries finish until a deadline, then cancels them; cancelled recipients are
-  unclaimed and stay pending.
+  unclaimed and stay pending, as are fresh recipients not yet dispatched.
 """
 
 from __future__ import annotations
@@ -52,7 +63,15 @@ from mailhaven.scheduler.outcome import (
 )
 from mailhaven.scheduler.plan import Delivery, Limits, Suspension, is_site_failure, make_plan
 from mailhaven.scheduler.ports import OnFailures, SchedulerSpool
-from mailhaven.spool.records import DueRecipient, Hold, RecipientUpdate, Status
+from mailhaven.spool.records import (
+    DueRecipient,
+    FreshMessage,
+    Hold,
+    RecipientKey,
+    RecipientUpdate,
+    Status,
+    StoredMessage,
+)
 
 log = logging.getLogger("mailhaven.queue")
 
@@ -60,6 +79,8 @@ log = logging.getLogger("mailhaven.queue")
 ERROR_PAUSE = 10.0
 #: while a backlog is kept, the queue is read again at most this often (event-loop seconds)
 RESCAN_INTERVAL = 0.05
+#: inline body bytes the fast path may hold in memory (messages waiting for a slot)
+FRESH_BYTES = 8 * 1024 * 1024
 
 
 class Runner:
@@ -93,12 +114,77 @@ class Runner:
         self._backlog: tuple[DueRecipient, ...] = ()
         self._rescan = True
         self._last_scan = -RESCAN_INTERVAL
+        #: the last queue read hit `Limits.scan`: more may be due than the backlog holds
+        self._more = False
+        #: `next_due_time` must be asked again (a read, a deferral, a wake)
+        self._due_changed = True
+        self._next_due: float | None = None
+        # the fast path: offered recipients (claimed, not dispatched) and their messages
+        self._fresh_limit = max(64, 2 * self._limits.max_deliveries)
+        self._fresh: list[DueRecipient] = []
+        self._fresh_messages: dict[str, StoredMessage] = {}
+        self._fresh_bytes = 0
+        self._reserved = 0
+        self._reserved_bytes = 0
+        self._revisit = False
 
     # -- control --------------------------------------------------------------------------------
     def wake(self) -> None:
-        """Read the queue again soon (new mail, an operator's requeue or hold)."""
+        """Read the queue again soon (new mail committed without `offer`, a release)."""
         self._rescan = True
+        self._due_changed = True
         self._wakeup.set()
+
+    def revisit(self) -> None:
+        """The operator changed the queue (hold, delete, requeue): give back the fresh
+        recipients held in memory and read the queue again, so the change applies to them."""
+        self._revisit = True
+        self.wake()
+
+    # -- the fast path for new mail (intake's `Handoff`) -----------------------------------------
+    def reserve(self, size: int) -> bool:
+        """Room for one more offered message of `size` inline bytes? Follow a True with
+        exactly one `offer` (after `Spool.commit_claimed`) or `cancel`."""
+        if (
+            self._stopping
+            or not self._running
+            or len(self._fresh_messages) + self._reserved >= self._fresh_limit
+            or self._fresh_bytes + self._reserved_bytes + size > FRESH_BYTES
+        ):
+            return False
+        self._reserved += 1
+        self._reserved_bytes += size
+        return True
+
+    def cancel(self, size: int) -> None:
+        self._reserved -= 1
+        self._reserved_bytes -= size
+
+    def offer(self, fresh: FreshMessage) -> None:
+        """A message committed with its recipients claimed for us: plan it with the next pass."""
+        msg = fresh.message
+        self.cancel(_held_size(msg))
+        if not fresh.recipients:
+            return
+        if self._stopping:  # stop() already gave back what it held: do the same for this one
+            keys = [r.key for r in fresh.recipients]
+            task = asyncio.ensure_future(self._spool.unclaim(keys))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        self._fresh_messages[msg.queue_id] = msg
+        self._fresh_bytes += _held_size(msg)
+        self._fresh.extend(fresh.recipients)
+        self._wakeup.set()
+
+    async def _give_back_fresh(self) -> None:
+        """Unclaim the fresh recipients not dispatched (they are then read from the queue)."""
+        keys = [r.key for r in self._fresh]
+        self._fresh = []
+        self._fresh_messages.clear()
+        self._fresh_bytes = 0
+        if keys:
+            await self._spool.unclaim(keys)
+        self._rescan = True
 
     @property
     def in_flight(self) -> int:
@@ -136,6 +222,7 @@ class Runner:
         self.wake()
         if self._running:
             await self._stopped.wait()  # no new deliveries after this
+        await self._give_back_fresh()
         pending: set[asyncio.Task[None]] = set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
@@ -157,11 +244,16 @@ class Runner:
         """Plan and dispatch what is due now; returns when to look again (None: on wake only)."""
         now = self._clock()
         self._dead = {r: s for r, s in self._dead.items() if s.until > now}
+        if self._revisit:
+            self._revisit = False
+            await self._give_back_fresh()
         due = await self._due(now)
-        routes, broken = self._routes(due)
-        await self._defer(broken, now)
+        fresh, self._fresh = self._fresh, []
+        fresh_keys = {r.key for r in fresh}
+        candidates = [*due, *fresh]  # the queue's (older) first
+        routes, broken = self._routes(candidates)
         plan = make_plan(
-            [r for r in due if r.address in routes],
+            [r for r in candidates if r.address in routes],
             route=routes.__getitem__,
             transports=self._agents.keys(),
             in_flight=self._busy,
@@ -169,6 +261,9 @@ class Runner:
             limits=self._limits,
             now=now,
         )
+        self._backlog = tuple(r for r in plan.left if r.key not in fresh_keys)
+        self._fresh[:0] = [r for r in plan.left if r.key in fresh_keys]  # still claimed
+        await self._defer(broken, now)
         if plan.held:
             await self._spool.hold_recipients([r.key for r in plan.held], Hold.ROUTE)
             for r in plan.held:
@@ -179,37 +274,63 @@ class Runner:
                 )
         await self._defer_unavailable(plan.unavailable, now)
         await self._defer_suspended(plan.suspended, now)
-        self._backlog = plan.left
         if plan.deliveries:
-            claimed = set(
-                await self._spool.claim([r.key for d in plan.deliveries for r in d.recipients])
-            )
-            for d in plan.deliveries:
-                d = dataclasses.replace(
-                    d, recipients=tuple(r for r in d.recipients if r.key in claimed)
-                )
-                if not d.recipients:
-                    continue
-                self._busy[d.route] += 1
-                task = asyncio.create_task(self._deliver(d, now), name=f"deliver {d.queue_id}")
-                self._tasks[task] = d
-                task.add_done_callback(self._delivery_done)
+            await self._dispatch(plan.deliveries, fresh_keys, now)
+        self._drop_dispatched_messages()
         if plan.waiting:
             # All usable slots are taken: a finishing delivery wakes us; a pending rescan
             # (new mail meanwhile) must not wait for that longer than the interval.
             return now + RESCAN_INTERVAL if self._rescan else None
-        return await self._spool.next_due_time()
+        await self._refresh_next_due()
+        return self._next_due
+
+    async def _refresh_next_due(self) -> None:
+        if self._due_changed:
+            self._due_changed = False
+            self._next_due = await self._spool.next_due_time()
+
+    async def _dispatch(
+        self, deliveries: Sequence[Delivery], fresh: set[RecipientKey], now: float
+    ) -> None:
+        """Claim what came from the queue (fresh recipients are claimed already), start tasks."""
+        wanted = [r.key for d in deliveries for r in d.recipients if r.key not in fresh]
+        claimed = set(await self._spool.claim(wanted)) if wanted else set()
+        claimed |= fresh
+        for d in deliveries:
+            d = dataclasses.replace(
+                d, recipients=tuple(r for r in d.recipients if r.key in claimed)
+            )
+            if not d.recipients:
+                continue
+            self._busy[d.route] += 1
+            msg = self._fresh_messages.get(d.queue_id)
+            task = asyncio.create_task(self._deliver(d, now, msg), name=f"deliver {d.queue_id}")
+            self._tasks[task] = d
+            task.add_done_callback(self._delivery_done)
+
+    def _drop_dispatched_messages(self) -> None:
+        """Keep in memory only the messages that still have a fresh recipient waiting."""
+        waiting = {r.queue_id for r in self._fresh}
+        for qid in [q for q in self._fresh_messages if q not in waiting]:
+            self._fresh_bytes -= _held_size(self._fresh_messages.pop(qid))
 
     async def _due(self, now: float) -> Sequence[DueRecipient]:
-        """The candidates of this pass: a fresh read of the queue, or the kept backlog."""
+        """The candidates of this pass from the queue: a fresh read, or the kept backlog."""
         loop_now = asyncio.get_running_loop().time()
-        if self._backlog and not (
-            self._rescan and loop_now - self._last_scan >= RESCAN_INTERVAL
-        ):
+        if not self._rescan and not self._backlog:
+            # (with a backlog the answer would count the backlog's own recipients as unread)
+            await self._refresh_next_due()
+        stale = self._rescan or (self._next_due is not None and now >= self._next_due)
+        read = stale and (not self._backlog or loop_now - self._last_scan >= RESCAN_INTERVAL)
+        if not read and not (self._more and not self._backlog):
             return self._backlog
         self._rescan = False
         self._last_scan = loop_now
-        return await self._spool.due(now, self._limits.scan)
+        self._due_changed = True
+        due = await self._spool.due(now, self._limits.scan)
+        new = sum(1 for r in due if r.attempts == 0)
+        self._more = max(new, len(due) - new) >= self._limits.scan
+        return due
 
     def _delivery_done(self, task: asyncio.Task[None]) -> None:
         d = self._tasks.pop(task)
@@ -290,9 +411,9 @@ class Runner:
             )
 
     # -- one delivery ----------------------------------------------------------------------------
-    async def _deliver(self, d: Delivery, planned: float) -> None:
+    async def _deliver(self, d: Delivery, planned: float, msg: StoredMessage | None) -> None:
         try:
-            await self._attempt(d, planned)
+            await self._attempt(d, planned, msg)
         except Exception as exc:
             # Our own failure (not the agent's): defer with backoff so the recipients neither
             # stay claimed until restart nor come straight back in a tight loop. If even that
@@ -310,11 +431,13 @@ class Runner:
                 )
                 for r in d.recipients
             ]
+            self._due_changed = True
             with contextlib.suppress(Exception):
                 await self._spool.record(d.queue_id, updates)
 
-    async def _attempt(self, d: Delivery, planned: float) -> None:
-        msg = await self._spool.load(d.queue_id)
+    async def _attempt(self, d: Delivery, planned: float, msg: StoredMessage | None) -> None:
+        if msg is None:
+            msg = await self._spool.load(d.queue_id)
         if msg is None:  # deleted or quarantined meanwhile
             await self._spool.unclaim([r.key for r in d.recipients])
             return
@@ -384,6 +507,8 @@ class Runner:
         )
         if not_before:
             verdicts = [_postpone(v, not_before) for v in verdicts]
+        if any(v.label == "deferred" for v in verdicts):
+            self._due_changed = True
         delays = (planned - min(r.arrival for r in rcpts), started - planned, 0.0, now - started)
         for v in verdicts:
             log.info(attempt_line(qid, v, relay=relay, now=now, delays=delays))
@@ -437,6 +562,11 @@ class Runner:
         """Finish messages a crash left with nothing to do (between record and remove)."""
         for qid in await self._spool.finished():
             await self._finish(qid)
+
+
+def _held_size(msg: StoredMessage) -> int:
+    """What a message held for the fast path costs in memory: its bytes if stored inline."""
+    return msg.size if msg.inline_body is not None else 0
 
 
 def _postpone(v: Verdict, not_before: Mapping[int, float]) -> Verdict:

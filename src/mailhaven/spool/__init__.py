@@ -4,6 +4,7 @@ from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.listing import list_queue
 from mailhaven.spool.records import (
     DueRecipient,
+    FreshMessage,
     Hold,
     MessageSummary,
     QueuedRecipient,
@@ -19,6 +20,7 @@ from mailhaven.spool.store import DEFAULT_INLINE_LIMIT, Spool
 __all__ = [
     "DEFAULT_INLINE_LIMIT",
     "DueRecipient",
+    "FreshMessage",
     "Hold",
     "MessageSummary",
     "MessageWriter",

@@ -42,7 +42,11 @@ def insert_message(
     body: bytes | None,
     size: int,
     recipients: Sequence[QueuedRecipient],
+    *,
+    claimed: bool = False,
 ) -> None:
+    """`claimed`: recipients not held are stored in flight (`active`), for the scheduler's
+    fast path (`Spool.commit_claimed`)."""
     conn.execute(
         "INSERT INTO message (qid, arrival, sender, envelope, header, body, body_file, size)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -59,7 +63,7 @@ def insert_message(
     )
     conn.executemany(
         "INSERT INTO recipient (qid, idx, address, domain, original, notify, orcpt, status,"
-        " hold, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " hold, active, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 queue_id,
@@ -71,6 +75,7 @@ def insert_message(
                 f"{r.orcpt[0]};{r.orcpt[1]}" if r.orcpt else None,
                 Status.PENDING.value,
                 int(r.hold),
+                int(claimed and not r.hold),
                 arrival,
             )
             for i, r in enumerate(recipients)

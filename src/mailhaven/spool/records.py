@@ -141,6 +141,19 @@ class StoredMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class FreshMessage:
+    """A message just committed with its attemptable recipients already claimed (in flight),
+    as `Spool.commit_claimed` hands it to the scheduler: the delivery needs no queue read.
+
+    `recipients` are those not held at commit; a crash before their attempt is recorded makes
+    them due again at the next start-up (recovery clears every claim), as for any attempt.
+    """
+
+    message: StoredMessage
+    recipients: tuple[DueRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class MessageSummary:
     """One `mailq` entry."""
 

@@ -39,6 +39,7 @@ from mailhaven.spool.ids import QueueIdFactory, is_queue_id
 from mailhaven.spool.listing import list_queue
 from mailhaven.spool.records import (
     DueRecipient,
+    FreshMessage,
     Hold,
     MessageSummary,
     QueuedRecipient,
@@ -123,31 +124,74 @@ class Spool:
         is cancelled before returning, the message may or may not be queued but was never
         acknowledged; in the "not queued" case no file is left behind.
         """
+        fresh = await self._commit(writer, envelope, recipients, header, claimed=False)
+        return fresh.message.queue_id
+
+    async def commit_claimed(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> FreshMessage:
+        """`commit`, with the recipients not held stored as already in flight (claimed), and
+        the message handed back as the scheduler will deliver it (Postfix's cleanup passing a
+        new message straight to qmgr's active queue). The caller must pass the result to the
+        scheduler (`Runner.offer`): no `due()` will return these recipients until their attempt
+        is recorded, they are unclaimed, or the spool is opened again."""
+        return await self._commit(writer, envelope, recipients, header, claimed=True)
+
+    async def _commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+        *,
+        claimed: bool,
+    ) -> FreshMessage:
         if not recipients:
             raise ValueError(f"{writer.queue_id}: no recipients")
         qid = writer.queue_id
         arrival = self._clock()
         size = len(header) + writer.size
+        body: bytes | None = None
+        target: Path | None = None
         if not writer.spilled:
             body = writer.take_inline()
             await self._committer.run(
                 lambda c: queries.insert_message(
-                    c, qid, arrival, envelope, header, body, size, recipients
+                    c, qid, arrival, envelope, header, body, size, recipients, claimed=claimed
                 )
             )
-            return qid
-        target = self.bodies_dir / qid
+        else:
+            target = self.bodies_dir / qid
+            await self._commit_spilled(
+                writer,
+                target,
+                lambda c: queries.insert_message(
+                    c, qid, arrival, envelope, header, None, size, recipients, claimed=claimed
+                ),
+            )
+        message = StoredMessage(qid, envelope, arrival, header, size, body, target)
+        due = tuple(
+            DueRecipient(qid, i, r.address, r.original, 0, arrival, arrival)
+            for i, r in enumerate(recipients)
+            if not r.hold
+        )
+        return FreshMessage(message, due if claimed else ())
+
+    async def _commit_spilled(
+        self, writer: MessageWriter, target: Path, insert: Callable[[sqlite3.Connection], None]
+    ) -> None:
+        """A big body: file fsync'd and renamed into `bodies/` first, then its row."""
         try:
             await asyncio.to_thread(writer.seal_to, target, self._checkpoint)
         except BaseException:
             writer.abort()
             target.unlink(missing_ok=True)
             raise
-        fut = self._committer.submit(
-            lambda c: queries.insert_message(
-                c, qid, arrival, envelope, header, None, size, recipients
-            )
-        )
+        fut = self._committer.submit(insert)
         try:
             await asyncio.wrap_future(fut)
         except BaseException:
@@ -155,7 +199,6 @@ class Spool:
             if fut.cancelled() or (fut.done() and fut.exception() is not None):
                 target.unlink(missing_ok=True)
             raise
-        return qid
 
     # -- delivery -----------------------------------------------------------------------------
     async def load(self, queue_id: str) -> StoredMessage | None:
