@@ -275,6 +275,24 @@ async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) 
     assert await spool.record_and_finish(failed, [bounce]) == (0, False)
     assert await spool.load(failed) is not None  # kept for the bounce hook
     assert await spool.finished() == [failed]
+    # the short way (all delivered at once, big body): rows and body file go in one job
+    w = spool.new_message()
+    w.write(b"x" * (spool.inline_limit + 1))
+    big = await spool.commit(w, envelope("d@x.example", "e@x.example"),
+                             queued("d@x.example", "e@x.example"), b"Received: t\r\n")
+    sent = [RecipientUpdate(i, Status.SENT, None, ok) for i in (0, 1)]
+    assert await spool.record_and_finish(big, sent) == (0, True)
+    assert await spool.load(big) is None and not (spool.bodies_dir / big).exists()
+    # NOTIFY=SUCCESS is owed a report: the message is kept, with the result stored
+    w = spool.new_message()
+    w.write(b"notify")
+    loud = await spool.commit(w, envelope("f@x.example"),
+                              [QueuedRecipient("f@x.example", "f@x.example", ("SUCCESS",))],
+                              b"Received: t\r\n")
+    assert await spool.record_and_finish(loud, sent[:1]) == (0, False)
+    [state] = await spool.recipients(loud)
+    assert state.status is Status.SENT and state.last_reply == ok
+    assert sorted(await spool.finished()) == sorted([failed, loud])
 
 
 async def test_commit_claimed_hands_back_the_message_and_recovery_frees_the_claims(

@@ -166,8 +166,8 @@ class Committer:
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
-            for n, item in enumerate(batch):
-                outcomes.append(self._run_job(conn, item, n, in_txn=writes))
+            for item in batch:
+                outcomes.append(self._run_job(conn, item, in_txn=writes))
             if writes:
                 self._checkpoint("before_commit")
                 conn.execute("COMMIT")
@@ -203,17 +203,19 @@ class Committer:
 
     @staticmethod
     def _run_job(
-        conn: sqlite3.Connection, item: _Item, n: int, *, in_txn: bool
+        conn: sqlite3.Connection, item: _Item, *, in_txn: bool
     ) -> tuple[_Item, bool, Any]:
+        # One savepoint name for every job: each is released before the next starts, and one
+        # SQL text keeps the statements in sqlite3's cache (job0..job1023 were re-prepared).
         if in_txn:
-            conn.execute(f"SAVEPOINT job{n}")
+            conn.execute("SAVEPOINT job")
         try:
             value = item.fn(conn)
         except Exception as exc:
             if in_txn:
-                conn.execute(f"ROLLBACK TO job{n}")
-                conn.execute(f"RELEASE job{n}")
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
             return item, False, exc
         if in_txn:
-            conn.execute(f"RELEASE job{n}")
+            conn.execute("RELEASE job")
         return item, True, value

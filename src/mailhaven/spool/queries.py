@@ -276,6 +276,28 @@ def remove_if_quiet(conn: sqlite3.Connection, queue_id: str) -> bool | None:
     return None if loud else delete_message(conn, queue_id)
 
 
+def delete_if_delivered(
+    conn: sqlite3.Connection, queue_id: str, delivered: Sequence[int]
+) -> bool | None:
+    """The common end of a message: the recipients `delivered` just got 250 and every other
+    one was delivered before, and nobody asked for NOTIFY=SUCCESS. Then delete the message
+    without storing the results first (three statements instead of six); returns whether its
+    body is a file, or None when the message must go the long way (`apply_updates`)."""
+    marks = ",".join("?" * len(delivered))
+    (other,) = conn.execute(
+        "SELECT count(*) FROM recipient WHERE qid = ? AND (instr(notify, ?) > 0"
+        f" OR (status != ? AND idx NOT IN ({marks})))",
+        (queue_id, "SUCCESS", Status.SENT.value, *delivered),
+    ).fetchone()
+    if other:
+        return None
+    conn.execute("DELETE FROM recipient WHERE qid = ?", (queue_id,))
+    row = conn.execute(
+        "DELETE FROM message WHERE qid = ? RETURNING body_file", (queue_id,)
+    ).fetchone()
+    return None if row is None else bool(row[0])
+
+
 def finished_messages(conn: sqlite3.Connection) -> list[str]:
     """Messages with no unfinished recipient left (a crash hit between record and remove)."""
     rows = conn.execute(

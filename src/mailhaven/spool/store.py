@@ -46,6 +46,7 @@ from mailhaven.spool.records import (
     RecipientKey,
     RecipientState,
     RecipientUpdate,
+    Status,
     StoredMessage,
 )
 from mailhaven.spool.recovery import RecoveryReport, recover
@@ -255,6 +256,10 @@ class Spool:
         now = self._clock()
 
         def job(c: sqlite3.Connection) -> tuple[int, bool | None]:
+            if updates and all(u.status is Status.SENT for u in updates):
+                body_file = queries.delete_if_delivered(c, queue_id, [u.index for u in updates])
+                if body_file is not None:
+                    return 0, body_file
             remaining = queries.apply_updates(c, queue_id, updates, now)
             return remaining, (queries.remove_if_quiet(c, queue_id) if remaining == 0 else None)
 
