@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from tests.scheduler.test_scheduler_runner import OK, Agent, always, make_runner
+from tests.scheduler.test_scheduler_runner import OK, Agent, always, count_reads, make_runner
 from tests.spool.spool_helpers import FakeClock, envelope, put, queued
 
 from mailhaven.scheduler.plan import Limits
@@ -148,15 +148,7 @@ async def test_stop_gives_back_fresh_mail_that_found_no_slot(
 async def test_a_read_cut_at_the_scan_limit_is_continued_when_the_backlog_runs_dry(
     spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reads: list[int] = []
-    real_due = spool.due
-
-    async def counting_due(now: float, limit: int) -> list[object]:
-        found = await real_due(now, limit)
-        reads.append(len(found))
-        return found  # type: ignore[return-value]
-
-    monkeypatch.setattr(spool, "due", counting_due)
+    reads = count_reads(spool, monkeypatch)
     agent = Agent(always(OK), clock)
     runner = make_runner(spool, clock, {"relay": agent}, limits=Limits(scan=2))
     qids = [await put(spool, b"m%d" % i, "r@example.net") for i in range(5)]

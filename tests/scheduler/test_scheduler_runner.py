@@ -82,6 +82,20 @@ def make_runner(spool: Spool, clock: FakeClock, agents: Mapping[str, DeliveryAge
                   **kw)  # type: ignore[arg-type]
 
 
+def count_reads(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record how many recipients each `spool.due()` (a queue read) returned."""
+    reads: list[int] = []
+    real_due = spool.due
+
+    async def counting_due(now: float, limit: int) -> list[object]:
+        found = await real_due(now, limit)
+        reads.append(len(found))
+        return found  # type: ignore[return-value]
+
+    monkeypatch.setattr(spool, "due", counting_due)
+    return reads
+
+
 async def step(runner: Runner) -> float | None:
     wake_at = await runner.run_once()
     await runner.settle()
@@ -342,15 +356,7 @@ async def test_freed_slots_are_filled_from_the_backlog_without_rereading_the_que
     """Postfix's active queue in small: a finished delivery takes the next recipient from the
     plan's leftovers; the queue is read again only on wake(), when something falls due, or
     when the last read was cut at the scan limit."""
-    reads: list[int] = []
-    real_due = spool.due
-
-    async def counting_due(now: float, limit: int) -> list[object]:
-        found = await real_due(now, limit)
-        reads.append(len(found))
-        return found  # type: ignore[return-value]
-
-    monkeypatch.setattr(spool, "due", counting_due)
+    reads = count_reads(spool, monkeypatch)
     gate = asyncio.Event()
     agent = Agent(always(OK), clock, gate)
     runner = make_runner(spool, clock, {"relay": agent}, limits=Limits(per_destination=2))
