@@ -5,10 +5,20 @@ Each line: `Mon DD HH:MM:SS host mailhaven/<role>[pid]: <text>`. The role comes 
 name: `mailhaven.smtpd` -> `mailhaven/smtpd`. Roles whose lines pflogsumm reads are named like
 Postfix's daemons: smtpd (connects, rejects), cleanup (message-id), qmgr (from=, removed),
 local / smtp (delivery status lines), bounce.
+
+Cost: a relayed message logs about seven lines. Written one `write` each, they cost the relay
+benchmark ~0.4 ms of CPU per message (an extra system call per line, each a chance for the
+spool's writer thread to take the GIL), a third of all its work. So `BatchingHandler` gathers
+the lines logged during one turn of the event loop and writes them at the start of the next
+turn, in one call; warnings, errors and lines from other threads are written at once. A line is
+therefore on disk within the same loop turn-around (sub-millisecond), and lost only by a crash
+in that window. `setup` also turns off the record fields nobody prints (caller, thread and
+process names: the logging HOWTO's "Optimization" knobs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -49,9 +59,67 @@ class MaillogFormatter(logging.Formatter):
         return line
 
 
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A `StreamHandler` that writes the info lines of one event-loop turn together."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        loop = _loop_of_this_thread() if record.levelno < logging.WARNING else None
+        if loop is None:
+            self._write([line])
+            return
+        self._pending.append(line)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            self._write([])
+
+    def _write(self, lines: list[str]) -> None:
+        """Write what is pending (in order), then `lines`, in one call, and flush."""
+        self.acquire()
+        try:
+            pending, self._pending = self._pending, []
+            self.stream.write("".join(pending + lines))
+            self.stream.flush()
+        except Exception:
+            self._pending = []
+        finally:
+            self.release()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._write([])
+        else:
+            super().flush()
+
+
+def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def setup(hostname: str, level: str = "info", stream: TextIO | None = None) -> None:
     """Route the `mailhaven` loggers to `stream` (stderr by default) in maillog shape."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no caller lookup per record (the HOWTO's documented knob)
+    handler = BatchingHandler(stream or sys.stderr)
     handler.setFormatter(MaillogFormatter(hostname))
     root = logging.getLogger("mailhaven")
     for old in list(root.handlers):
