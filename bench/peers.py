@@ -55,7 +55,8 @@ class Mailhaven:
         top: dict[str, object] = {
             "hostname": "mh.bench.test",
             "state_dir": str(self.state),
-            "log_level": "warning",
+            # mailhaven's default: every message logged, as the Postfix peer does (to a file)
+            "log_level": "info",
             "local_domains": ["localhost"],
             "local_users": ["postmaster"],
         }
