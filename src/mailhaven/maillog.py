@@ -42,12 +42,18 @@ class MaillogFormatter(logging.Formatter):
         super().__init__()
         self.hostname = hostname.split(".")[0] or "localhost"
         self.pid = os.getpid()
+        #: (second, its formatted stamp), replaced whole so threads never see half an update
+        self._stamp: tuple[int, str] = (-1, "")
 
     def format(self, record: logging.LogRecord) -> str:
         parts = record.name.split(".")
         role = parts[1] if len(parts) > 1 else "master"
         role = _ROLE_ALIASES.get(role, role)
-        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))
+        second = int(record.created)
+        cached, stamp = self._stamp
+        if second != cached:  # formatted once per second, not once per line
+            stamp = time.strftime("%b %e %H:%M:%S", time.localtime(second))
+            self._stamp = (second, stamp)
         level = ""
         if record.levelno >= logging.ERROR:
             level = "error: "
