@@ -189,15 +189,15 @@ class Handoff:
         self.room = room
         self.calls: list[tuple[str, object]] = []
 
-    def reserve(self, size: int) -> bool:
-        self.calls.append(("reserve", size))
+    def reserve(self) -> bool:
+        self.calls.append(("reserve", None))
         return self.room
 
     def offer(self, fresh: FreshMessage) -> None:
         self.calls.append(("offer", fresh))
 
-    def cancel(self, size: int) -> None:
-        self.calls.append(("cancel", size))
+    def cancel(self) -> None:
+        self.calls.append(("cancel", None))
 
 
 async def test_new_mail_is_offered_to_the_scheduler_when_it_has_room(spool: Spool) -> None:
@@ -207,9 +207,9 @@ async def test_new_mail_is_offered_to_the_scheduler_when_it_has_room(spool: Spoo
     writer.write(b"Subject: x\r\n\r\nx\r\n")
     outcome = await intake.submit(writer, env("bob@example.net"))
     assert isinstance(outcome, Queued) and wake.count == 0
-    [(verb, size), (verb2, fresh)] = handoff.calls
+    [(verb, _), (verb2, fresh)] = handoff.calls
     assert verb == "reserve" and verb2 == "offer" and isinstance(fresh, FreshMessage)
-    assert fresh.message.queue_id == outcome.queue_id and size == fresh.message.size
+    assert fresh.message.queue_id == outcome.queue_id
     assert [r.address for r in fresh.recipients] == ["bob@example.net"]
     assert await spool.due(time.time() + 1, 10) == []  # claimed: only the scheduler has it
 
@@ -224,8 +224,8 @@ async def test_without_room_or_for_held_mail_the_scheduler_is_woken_or_left_alon
         writer = spool.new_message()
         writer.write(b"x" * 5000)
         assert isinstance(await intake.submit(writer, env(rcpt)), Queued)
-    # a spilled body costs the scheduler no memory (size 0); held mail asks for nothing
-    assert handoff.calls == [("reserve", 0)] and wake.count == 1
+    # held mail asks for nothing: it waits for ETRN
+    assert handoff.calls == [("reserve", None)] and wake.count == 1
     assert [d.address for d in await spool.due(time.time() + 1, 10)] == ["bob@example.net"]
 
 
@@ -243,5 +243,4 @@ async def test_a_failed_claimed_commit_gives_the_reservation_back(
     writer.write(b"Subject: x\r\n\r\nx\r\n")
     with pytest.raises(OSError):
         await intake.submit(writer, env("bob@example.net"))
-    [(_, size), cancel] = handoff.calls
-    assert cancel == ("cancel", size)
+    assert handoff.calls == [("reserve", None), ("cancel", None)]

@@ -77,9 +77,9 @@ class Handoff(Protocol):
     has room for is committed with its recipients claimed and handed over whole, so delivering
     it needs no queue read. `reserve` must be followed by exactly one `offer` or `cancel`."""
 
-    def reserve(self, size: int) -> bool: ...
+    def reserve(self) -> bool: ...
     def offer(self, fresh: FreshMessage) -> None: ...
-    def cancel(self, size: int) -> None: ...
+    def cancel(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,12 +309,11 @@ class Intake:
     ) -> FreshMessage | None:
         """Commit through the scheduler's fast path when it has room (the message is then
         returned for `offer`), else plainly (None: the caller wakes the scheduler)."""
-        size = 0 if writer.spilled else len(header) + writer.size
-        if not attemptable or self._handoff is None or not self._handoff.reserve(size):
+        if not attemptable or self._handoff is None or not self._handoff.reserve():
             await self._spool.commit(writer, envelope, recipients, header)
             return None
         try:
             return await self._spool.commit_claimed(writer, envelope, recipients, header)
         except BaseException:
-            self._handoff.cancel(size)
+            self._handoff.cancel()
             raise

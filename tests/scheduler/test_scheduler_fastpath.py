@@ -11,8 +11,9 @@ import pytest
 from tests.scheduler.test_scheduler_runner import OK, Agent, always, count_reads, make_runner
 from tests.spool.spool_helpers import FakeClock, envelope, put, queued
 
+from mailhaven.scheduler import runner as runner_module
 from mailhaven.scheduler.plan import Limits
-from mailhaven.scheduler.runner import FRESH_BYTES, Runner
+from mailhaven.scheduler.runner import Runner
 from mailhaven.spool import FreshMessage, Hold, Spool, Status
 
 
@@ -38,8 +39,8 @@ async def started(runner: Runner) -> asyncio.Task[None]:
     task = asyncio.create_task(runner.run())
     for _ in range(100):
         await asyncio.sleep(0)
-        if runner.reserve(0):
-            runner.cancel(0)
+        if runner.reserve():
+            runner.cancel()
             return task
     raise AssertionError("runner did not start")
 
@@ -62,7 +63,7 @@ async def test_an_offered_message_is_delivered_without_reading_the_queue(
     await until(lambda: counting.calls["next_due_time"] == 1, "the start-up pass")
     before = dict(counting.calls)
     for _ in range(3):
-        assert runner.reserve(100)
+        assert runner.reserve()
         runner.offer(await fresh(spool, "r@example.net"))
     await until(lambda: len(agent.calls) == 3 and runner.in_flight == 0, "3 deliveries")
     spent = counting.calls - Counter(before)
@@ -74,23 +75,31 @@ async def test_an_offered_message_is_delivered_without_reading_the_queue(
     assert await spool.finished() == []  # all three removed
 
 
-async def test_reservations_are_bounded_by_count_and_bytes(spool: Spool, clock: FakeClock) -> None:
-    runner = make_runner(spool, clock, {"relay": Agent(always(OK), clock)},
-                         limits=Limits(max_deliveries=10))
-    assert not runner.reserve(0)  # not running yet: intake commits plainly
+async def test_reservations_are_bounded_by_count_and_bytes(
+    spool: Spool, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = make_runner(spool, clock, {"relay": Agent(always(OK), clock, asyncio.Event())},
+                         limits=Limits(max_deliveries=10, per_destination=1))
+    assert not runner.reserve()  # not running yet: intake commits plainly
     task = await started(runner)
-    assert all(runner.reserve(0) for _ in range(64))  # max(64, 2 x max_deliveries)
-    assert not runner.reserve(0)
-    runner.cancel(0)
-    assert runner.reserve(0)
+    assert all(runner.reserve() for _ in range(64))  # max(64, 2 x max_deliveries)
+    assert not runner.reserve()
+    runner.cancel()
+    assert runner.reserve()
     for _ in range(64):
-        runner.cancel(0)
-    assert not runner.reserve(FRESH_BYTES + 1)
-    assert runner.reserve(FRESH_BYTES)
-    runner.cancel(FRESH_BYTES)
-    await runner.stop()
+        runner.cancel()
+    # bytes: offered messages waiting for the one slot count until they are dispatched
+    monkeypatch.setattr(runner_module, "FRESH_BYTES", 3 * 1000)
+    offered = 0
+    while runner.reserve():  # each message is 1,003 bytes (trace header + body)
+        runner.offer(await fresh(spool, f"r{offered}@slow.example", body=b"x" * 990))
+        offered += 1
+        assert offered < 10, "the byte bound never refused"
+    # three held reach the bound; a fourth fits if the first was dispatched meanwhile
+    assert offered in (3, 4)
+    await runner.stop(grace=0)
     await task
-    assert not runner.reserve(0)
+    assert not runner.reserve()
 
 
 async def test_waiting_fresh_mail_stays_claimed_and_an_operator_hold_still_wins(
@@ -102,7 +111,7 @@ async def test_waiting_fresh_mail_stays_claimed_and_an_operator_hold_still_wins(
     task = await started(runner)
     first, second = await fresh(spool, "a@slow.example"), await fresh(spool, "b@slow.example")
     for f in (first, second):
-        assert runner.reserve(f.message.size)
+        assert runner.reserve()
         runner.offer(f)
     await asyncio.wait_for(agent.started.wait(), 10)
     # the second waits for the one slot, in memory and claimed: no queue read would find it
@@ -132,7 +141,7 @@ async def test_stop_gives_back_fresh_mail_that_found_no_slot(
     task = await started(runner)
     offered = [await fresh(spool, f"r{i}@slow.example") for i in range(3)]
     for f in offered:
-        assert runner.reserve(f.message.size)
+        assert runner.reserve()
         runner.offer(f)
     await asyncio.wait_for(agent.started.wait(), 10)
     await runner.stop(grace=0)

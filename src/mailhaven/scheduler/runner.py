@@ -18,8 +18,8 @@ planned from the backlog is claimed only if the spool still finds it attemptable
 operator's hold or delete in between wins.
 
 The fast path for new mail (Postfix's cleanup handing a new message straight to qmgr): while the
-runner holds fewer than `fresh_limit` messages (and `FRESH_BYTES` of inline bodies) it `reserve`s
-room for intake, which commits the message with its recipients already claimed and `offer`s it
+runner holds fewer than `fresh_limit` messages (and less than `FRESH_BYTES` of inline bodies) it
+`reserve`s room for intake, which commits the message with its recipients already claimed and `offer`s it
 whole; it is planned with the next pass, alongside what the queue read returned, and delivered
 without a queue read, a claim or a load (measured: the queue reads were ~18 % of the relay
 profile). Fresh recipients that find no slot wait in memory, still claimed. `revisit()` (the
@@ -79,7 +79,8 @@ log = logging.getLogger("mailhaven.queue")
 ERROR_PAUSE = 10.0
 #: while a backlog is kept, the queue is read again at most this often (event-loop seconds)
 RESCAN_INTERVAL = 0.05
-#: inline body bytes the fast path may hold in memory (messages waiting for a slot)
+#: no new reservation while the fast path holds this many inline body bytes (messages waiting for
+#: a slot); the messages already reserved may add at most one spool inline limit each
 FRESH_BYTES = 8 * 1024 * 1024
 
 
@@ -125,7 +126,6 @@ class Runner:
         self._fresh_messages: dict[str, StoredMessage] = {}
         self._fresh_bytes = 0
         self._reserved = 0
-        self._reserved_bytes = 0
         self._revisit = False
 
     # -- control --------------------------------------------------------------------------------
@@ -142,28 +142,26 @@ class Runner:
         self.wake()
 
     # -- the fast path for new mail (intake's `Handoff`) -----------------------------------------
-    def reserve(self, size: int) -> bool:
-        """Room for one more offered message of `size` inline bytes? Follow a True with
-        exactly one `offer` (after `Spool.commit_claimed`) or `cancel`."""
+    def reserve(self) -> bool:
+        """Room for one more offered message? Follow a True with exactly one `offer` (after
+        `Spool.commit_claimed`) or `cancel`."""
         if (
             self._stopping
             or not self._running
             or len(self._fresh_messages) + self._reserved >= self._fresh_limit
-            or self._fresh_bytes + self._reserved_bytes + size > FRESH_BYTES
+            or self._fresh_bytes >= FRESH_BYTES
         ):
             return False
         self._reserved += 1
-        self._reserved_bytes += size
         return True
 
-    def cancel(self, size: int) -> None:
+    def cancel(self) -> None:
         self._reserved -= 1
-        self._reserved_bytes -= size
 
     def offer(self, fresh: FreshMessage) -> None:
         """A message committed with its recipients claimed for us: plan it with the next pass."""
         msg = fresh.message
-        self.cancel(_held_size(msg))
+        self.cancel()
         if not fresh.recipients:
             return
         if self._stopping:  # stop() already gave back what it held: do the same for this one

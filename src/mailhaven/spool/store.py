@@ -175,12 +175,14 @@ class Spool:
                 ),
             )
         message = StoredMessage(qid, envelope, arrival, header, size, body, target)
+        if not claimed:
+            return FreshMessage(message, ())
         due = tuple(
             DueRecipient(qid, i, r.address, r.original, 0, arrival, arrival)
             for i, r in enumerate(recipients)
             if not r.hold
         )
-        return FreshMessage(message, due if claimed else ())
+        return FreshMessage(message, due)
 
     async def _commit_spilled(
         self, writer: MessageWriter, target: Path, insert: Callable[[sqlite3.Connection], None]
