@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -219,6 +220,13 @@ def fresh_dir(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- stats
+def setting(item: str) -> tuple[str, str, object]:
+    """`TABLE.KEY=TOML` (a key without a table: top level) -> (table, key, value)."""
+    key, _, value = item.partition("=")
+    table, _, name = key.rpartition(".")
+    return table, name, tomllib.loads(f"v = {value}")["v"]
+
+
 def summary(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values)}

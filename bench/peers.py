@@ -35,8 +35,11 @@ class Mailhaven:
     def __init__(self, name: str, mode: str, *, sink_port: int | None = None,
                  pop3_port: int | None = None, state: Path | None = None,
                  message_size: int = 200 * 2**20,
-                 extra: dict[str, dict[str, object]] | None = None) -> None:
+                 extra: dict[str, dict[str, object]] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
+        #: the server's environment (None: ours); bench/ab.py sets PYTHONPATH to another tree
+        self.env = env
         self.mode = mode
         self.port = common.free_port()
         self.sink_port = sink_port
@@ -90,7 +93,7 @@ class Mailhaven:
         """Start and wait for the greeting; returns the seconds that took."""
         self.write_config()
         t0 = time.perf_counter()
-        self.proc = common.spawn(self.argv(), log_to=self.log, cwd=self.dir)
+        self.proc = common.spawn(self.argv(), log_to=self.log, cwd=self.dir, env=self.env)
         while True:  # fail fast, with the log's last line, if the server dies while starting
             if self.proc.poll() is not None:
                 tail = self.log.read_text(errors="replace").strip().splitlines()[-1:]

@@ -25,7 +25,6 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -122,10 +121,8 @@ def main() -> int:
                          "'limits.connections=30000' (a key without a table: top level)")
     a = ap.parse_args()
     for item in a.set:
-        key, _, value = item.partition("=")
-        table, _, name = key.rpartition(".")
-        peers.Mailhaven.overrides.setdefault(table, {})[name] = \
-            tomllib.loads(f"v = {value}")["v"]
+        table, name, value = common.setting(item)
+        peers.Mailhaven.overrides.setdefault(table, {})[name] = value
     full = a.mode == "full"
     reps_tp = a.reps or (5 if full else 3)
     reps_other = a.reps or (3 if full else 2)

@@ -27,8 +27,9 @@ SECURITY: workers run with the daemon's privileges and configuration file; their
 sockets are made like the daemon's (mode 0600, peer credentials checked).
 
 Measured (docs/benchmarks.md): on this 2-core machine, with the load generator and the sink on
-the same cores, `smtp_processes = 2` relays 1.4-1.5x as many messages per second as 1
-(`bench/processes_ab.py`).
+the same cores, `smtp_processes = 2` accepts 1.3-1.4x as many messages per second as 1; for
+relay the gain fell from 1.4-1.5x to ~1.2x once the scheduler's fast path made one process
+cheaper per message (`bench/ab.py relay --b-set smtp_processes=2`).
 """
 
 from __future__ import annotations
