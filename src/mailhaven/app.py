@@ -302,10 +302,12 @@ class App:
             return
         config = self.config
         log.info(
-            "starting mailhaven: hostname=%s state_dir=%s config=%s",
+            "starting mailhaven: hostname=%s state_dir=%s config=%s event_loop=%s",
             config.hostname,
             config.state_path,
             config.source or "(built-in defaults)",
+            # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
+            type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         config.mail_root.mkdir(parents=True, exist_ok=True)
         self.users.load()

@@ -157,6 +157,9 @@ class Config:
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     smtp_processes: int = 1
+    #: The asyncio event loop: "asyncio" (the standard library's, the default) or "uvloop"
+    #: (libuv's, the optional extra `mailhaven[uvloop]`; less CPU per connection).
+    event_loop: str = "asyncio"
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -273,6 +276,8 @@ def validate(config: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError as err:
             raise ConfigError(f"etrn.clients: {err}") from None
+    if config.event_loop not in ("asyncio", "uvloop"):
+        raise ConfigError('event_loop: "asyncio" or "uvloop"')
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     if not config.local_domains:

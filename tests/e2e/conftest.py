@@ -3,17 +3,31 @@
 `mail_server(**kwargs)` makes a `tests.support.server.MailServer` in its own directory under the
 test's tmp_path and starts it (pass `start=False` to configure first); every server it made is
 stopped (SIGTERM, then SIGKILL) at teardown, so no test leaves a process behind.
+
+`pytest.mark.both_loops` on an async test (or module) runs it once on the standard library's
+event loop and once on uvloop (ids `[asyncio]`, `[uvloop]`): for servers run in the test's own
+loop, what `event_loop = "uvloop"` does for `mailhaven serve`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import uvloop
 from tests.support.server import MailServer
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("both_loops") is None:
+        return {"asyncio": asyncio.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 class ServerFactory(Protocol):

@@ -25,7 +25,9 @@ from tests.pop3d.pop3_fixtures import Certs, deliver, make_users, running_server
 
 from mailhaven.mailbox.users import UserDB
 
-pytestmark = pytest.mark.e2e
+# both_loops: every test runs its server on the standard library's loop and on uvloop
+# (`event_loop = "uvloop"`), see tests/e2e/conftest.py
+pytestmark = [pytest.mark.e2e, pytest.mark.both_loops]
 
 MESSAGES = [
     b"From: a@example.test\nSubject: one\n\nfirst line\n.starts with a dot\n..two dots\n",
@@ -40,6 +42,13 @@ MESSAGES = [
 def wire(message: bytes) -> bytes:
     """The message as RETR must deliver it (before dot-stuffing): CRLF lines."""
     return message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+@pytest.fixture(autouse=True)
+async def on_the_chosen_loop(request: pytest.FixtureRequest) -> None:
+    """Proof that the test really runs on the loop its id names (`[asyncio]`, `[uvloop]`)."""
+    package = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    assert f"[{package}]" in request.node.name, (package, request.node.name)
 
 
 @pytest.fixture

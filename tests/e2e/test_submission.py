@@ -134,13 +134,21 @@ def submission_settings(
 SERVICES = ("smtp", "submission", "submissions")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def server(
-    module_mail_server: ServerFactory, certs: Certs, users_file: Path, dns: DNSServer, sink: Sink
+    request: pytest.FixtureRequest,
+    module_mail_server: ServerFactory,
+    certs: Certs,
+    users_file: Path,
+    dns: DNSServer,
+    sink: Sink,
 ) -> MailServer:
-    return module_mail_server(
-        settings=submission_settings(certs, users_file, dns, sink), services=SERVICES
-    )
+    """One server per event loop (`event_loop`): every test on this fixture, the STARTTLS
+    injection test among them, runs on the standard library's loop and on uvloop."""
+    settings = submission_settings(certs, users_file, dns, sink, event_loop=request.param)
+    server = module_mail_server(settings=settings, services=SERVICES)
+    server.wait_for_log(rf"starting mailhaven: .* event_loop={request.param}$")
+    return server
 
 
 @pytest.fixture(scope="session")

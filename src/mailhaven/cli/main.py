@@ -113,9 +113,8 @@ def _queue(word: str, argv: list[str]) -> int:
 def _serve(
     config: object, worker_fds: str | None = None, shard: int = 1, lifeline: int | None = None
 ) -> int:
-    import asyncio
 
-    from mailhaven import maillog
+    from mailhaven import eventloop, maillog
     from mailhaven.app import App
     from mailhaven.config import Config
     from mailhaven.workers import WorkerRole
@@ -128,7 +127,10 @@ def _serve(
     else:
         print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
     try:
-        return asyncio.run(App(config, worker=role).run())
+        return eventloop.run(config.event_loop, App(config, worker=role).run())
+    except eventloop.LoopUnavailable as err:
+        print(f"mailhaven: cannot start: {err}", file=sys.stderr)
+        return 1
     except OSError as err:
         # Typically a listen address in use or a state directory we may not write.
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)

@@ -29,7 +29,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, cast
 
 from mailhaven.net.dns import parse_literal
 from mailhaven.proto.replies import Reply
@@ -97,8 +97,9 @@ class _Stream(asyncio.Protocol):
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
+        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._inbox += data

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 #: Unread input we hold before pausing the transport (a pipelining client can't flood us).
 MAX_INBOX = 64 * 1024
@@ -43,8 +43,9 @@ class Stream(asyncio.Protocol):
 
     # -- transport callbacks --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
+        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        self.transport = cast(asyncio.Transport, transport)
         if self._on_connect is not None:
             self._on_connect(self)
 

@@ -21,7 +21,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.maillog import client_label
@@ -108,8 +108,9 @@ class SMTPSession(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
+        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.facts.client_ip = str(peer[0])
         if transport.get_extra_info("ssl_object") is not None:
