@@ -22,7 +22,9 @@ from mailhaven.spool import (
     Spool,
     Status,
     list_queue,
+    queries,
 )
+from mailhaven.spool.committer import savepoint
 from mailhaven.spool.ids import QueueIdFactory, is_queue_id
 
 
@@ -105,6 +107,67 @@ async def test_failing_job_does_not_spoil_its_batch(spool: Spool) -> None:
         await spool._committer.run(boom)
     assert (await spool.load(ok)) is not None
     assert await put(spool, b"two")
+
+
+async def test_an_atomic_job_runs_without_a_savepoint_and_a_block_can_make_its_own(
+    spool: Spool,
+) -> None:
+    kept = await put(spool, b"kept")
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE message SET warned = 1 WHERE qid = ?", (kept,))
+        with savepoint(conn):
+            conn.execute("UPDATE message SET size = 0 WHERE qid = ?", (kept,))
+            conn.execute("INSERT INTO message (qid) VALUES ('x')")  # violates NOT NULL
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await spool._committer.run(half_then_fail, atomic=True)
+    [[warned, size]] = await spool._committer.run(
+        lambda c: c.execute("SELECT warned, size FROM message WHERE qid = ?", (kept,)).fetchall(),
+        write=False,
+    )
+    # no savepoint around the job: its first statement stays; the block went as a whole
+    assert warned == 1 and size != 0
+
+
+async def test_a_message_that_cannot_store_its_recipients_leaves_no_row(spool: Spool) -> None:
+    qid = spool.new_message().queue_id
+    # a stray recipient row with the same key makes the recipient insert fail half-way
+    await spool._committer.run(
+        lambda c: c.execute(
+            "INSERT INTO recipient (qid, idx, address, domain, original, status, next_attempt)"
+            " VALUES (?, 1, 'b@x', 'x', 'b@x', 'pending', 0)",
+            (qid,),
+        )
+    )
+
+    def insert(conn: sqlite3.Connection) -> None:
+        queries.insert_message(
+            conn, qid, 0.0, envelope("a@x", "b@x"), b"H: v\r\n", b"body", 10, queued("a@x", "b@x")
+        )
+
+    with pytest.raises(sqlite3.IntegrityError):
+        await spool._committer.run(insert, atomic=True)
+    rows = await spool._committer.run(
+        lambda c: c.execute(
+            "SELECT (SELECT count(*) FROM message WHERE qid = ?1),"
+            " (SELECT count(*) FROM recipient WHERE qid = ?1)",
+            (qid,),
+        ).fetchone(),
+        write=False,
+    )
+    assert rows == (0, 0)  # the message row went, and (trigger) every recipient row with it
+
+
+async def test_deleting_a_message_deletes_its_recipients(spool: Spool) -> None:
+    gone = await put(spool, b"gone", "a@x.example", "b@x.example")
+    stays = await put(spool, b"stays", "c@x.example")
+    assert await spool.remove(gone)
+    counts = await spool._committer.run(
+        lambda c: c.execute("SELECT qid, count(*) FROM recipient GROUP BY qid").fetchall(),
+        write=False,
+    )
+    assert counts == [(stays, 1)]
 
 
 async def test_big_body_streams_to_file_without_buffering(tmp_path: Path) -> None:

@@ -10,6 +10,12 @@ A job is a function of the connection. Its result (or exception) reaches the cal
 the COMMIT has returned, so a caller that sees success knows its writes are durable. If the
 COMMIT itself fails, every job of the batch fails. Read-only jobs skip the transaction.
 
+A job that is atomic by itself (`atomic=True`: one statement, or one that undoes its own
+partial work when it fails, with `savepoint` or otherwise) runs without the SAVEPOINT/RELEASE
+pair. Why it matters: every statement gives up the GIL and takes it back, a hand-over with the
+event loop thread, and for the two jobs of a relayed message (insert, delete) the pair was
+half of the statements.
+
 Crash injection: `checkpoint(name)` is called at "before_commit" (all jobs ran, nothing durable)
 and "after_commit" (durable, nobody told yet); tests make it raise or `os._exit`.
 
@@ -26,7 +32,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,6 +64,8 @@ class _Item:
     future: concurrent.futures.Future[Any] | asyncio.Future[Any]
     write: bool
     loop: asyncio.AbstractEventLoop | None = None
+    #: the job is atomic by itself: no savepoint around it
+    atomic: bool = False
 
     def start(self) -> bool:
         """False if the caller gave up before the job ran (it is then skipped)."""
@@ -78,6 +86,19 @@ def _settle(outcomes: list[tuple[_Item, bool, Any]]) -> None:
 
 
 _STOP = object()
+
+
+@contextlib.contextmanager
+def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """Inside an `atomic` job: make the statements of this block one unit (all or none)."""
+    conn.execute("SAVEPOINT part")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK TO part")
+        conn.execute("RELEASE part")
+        raise
+    conn.execute("RELEASE part")
 
 
 class Committer:
@@ -103,22 +124,24 @@ class Committer:
         self._thread.join()
         self._thread = None
 
-    def submit(self, fn: Job[T], *, write: bool = True) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Job[T], *, write: bool = True, atomic: bool = False
+    ) -> concurrent.futures.Future[T]:
         """Queue a job; the future resolves after the batch containing it is committed."""
         if self._thread is None:
             raise RuntimeError("spool is not open")
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(_Item(fn, fut, write))
+        self._queue.put(_Item(fn, fut, write, atomic=atomic))
         return fut
 
-    async def run(self, fn: Job[T], *, write: bool = True) -> T:
+    async def run(self, fn: Job[T], *, write: bool = True, atomic: bool = False) -> T:
         """`submit` for coroutines. A batch's results reach their event loop in ONE
         `call_soon_threadsafe` (one wake-up of the loop per commit, not one per job)."""
         if self._thread is None:
             raise RuntimeError("spool is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Item(fn, fut, write, loop))
+        self._queue.put(_Item(fn, fut, write, loop, atomic))
         return await fut
 
     def call(self, fn: Job[T], *, write: bool = True) -> T:
@@ -207,6 +230,7 @@ class Committer:
     ) -> tuple[_Item, bool, Any]:
         # One savepoint name for every job: each is released before the next starts, and one
         # SQL text keeps the statements in sqlite3's cache (job0..job1023 were re-prepared).
+        in_txn = in_txn and not item.atomic
         if in_txn:
             conn.execute("SAVEPOINT job")
         try:

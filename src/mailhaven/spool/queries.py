@@ -46,7 +46,9 @@ def insert_message(
     claimed: bool = False,
 ) -> None:
     """`claimed`: recipients not held are stored in flight (`active`), for the scheduler's
-    fast path (`Spool.commit_claimed`)."""
+    fast path (`Spool.commit_claimed`). Atomic by itself (the committer's `atomic` job): when
+    the recipients cannot be stored, the message row goes again, and with it (trigger) any
+    recipient row already written; a failed statement undoes only itself in SQLite."""
     conn.execute(
         "INSERT INTO message (qid, arrival, sender, envelope, header, body, body_file, size)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -61,6 +63,20 @@ def insert_message(
             size,
         ),
     )
+    try:
+        _insert_recipients(conn, queue_id, arrival, recipients, claimed)
+    except sqlite3.Error:
+        conn.execute("DELETE FROM message WHERE qid = ?", (queue_id,))
+        raise
+
+
+def _insert_recipients(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    arrival: float,
+    recipients: Sequence[QueuedRecipient],
+    claimed: bool,
+) -> None:
     conn.executemany(
         "INSERT INTO recipient (qid, idx, address, domain, original, notify, orcpt, status,"
         " hold, active, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -257,13 +273,12 @@ def select_recipients(conn: sqlite3.Connection, queue_id: str) -> list[Recipient
 
 
 def delete_message(conn: sqlite3.Connection, queue_id: str) -> bool | None:
-    """Delete a message's rows; returns whether its body is a file (None: no such message)."""
-    row = conn.execute("SELECT body_file FROM message WHERE qid = ?", (queue_id,)).fetchone()
-    if row is None:
-        return None
-    conn.execute("DELETE FROM recipient WHERE qid = ?", (queue_id,))
-    conn.execute("DELETE FROM message WHERE qid = ?", (queue_id,))
-    return bool(row[0])
+    """Delete a message and (by the schema's trigger) its recipients; returns whether its body
+    is a file (None: no such message)."""
+    row = conn.execute(
+        "DELETE FROM message WHERE qid = ? RETURNING body_file", (queue_id,)
+    ).fetchone()
+    return None if row is None else bool(row[0])
 
 
 def remove_if_quiet(conn: sqlite3.Connection, queue_id: str) -> bool | None:
@@ -281,19 +296,16 @@ def delete_if_delivered(
 ) -> bool | None:
     """The common end of a message: the recipients `delivered` just got 250 and every other
     one was delivered before, and nobody asked for NOTIFY=SUCCESS. Then delete the message
-    without storing the results first (three statements instead of six); returns whether its
-    body is a file, or None when the message must go the long way (`apply_updates`)."""
-    marks = ",".join("?" * len(delivered))
-    (other,) = conn.execute(
-        "SELECT count(*) FROM recipient WHERE qid = ? AND (instr(notify, ?) > 0"
-        f" OR (status != ? AND idx NOT IN ({marks})))",
-        (queue_id, "SUCCESS", Status.SENT.value, *delivered),
-    ).fetchone()
-    if other:
-        return None
-    conn.execute("DELETE FROM recipient WHERE qid = ?", (queue_id,))
+    (and, by the trigger, its recipients) without storing the results first: ONE statement,
+    atomic by itself. Returns whether its body is a file, or None when nothing was deleted
+    and the message must go the long way (`apply_updates`)."""
+    marks = ",".join(f"?{i}" for i in range(4, 4 + len(delivered)))
     row = conn.execute(
-        "DELETE FROM message WHERE qid = ? RETURNING body_file", (queue_id,)
+        "DELETE FROM message WHERE qid = ?1 AND NOT EXISTS (SELECT 1 FROM recipient"
+        " WHERE qid = ?1 AND (instr(notify, ?2) > 0"
+        f" OR (status != ?3 AND idx NOT IN ({marks}))))"
+        " RETURNING body_file",
+        (queue_id, "SUCCESS", Status.SENT.value, *delivered),
     ).fetchone()
     return None if row is None else bool(row[0])
 

@@ -11,6 +11,10 @@ Tables:
   its sender was sent a delay warning (at most once per message).
 - `recipient`: one row per final recipient with its delivery state. `hold` is a `Hold` bit set;
   `active` = 1 while a delivery attempt is in flight (reset at start-up: at-least-once).
+  Deleting a `message` row deletes its recipients (trigger `message_takes_recipients`), so
+  removing a message is one statement: the writer thread's cost is per statement (each one
+  gives up and takes back the GIL), not per row. Added to existing spools by `connect`
+  (CREATE ... IF NOT EXISTS); an older mailhaven works on such a spool unchanged.
 
 `recipient_due` orders unfinished recipients by (status, hold, active, next_attempt), so "what is
 due now", "when is the next one due" and "new mail first" are index range scans; a queue of
@@ -63,6 +67,11 @@ CREATE INDEX IF NOT EXISTS recipient_due
     ON recipient (status, hold, active, next_attempt);
 CREATE INDEX IF NOT EXISTS recipient_active ON recipient (active) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS recipient_held_domain ON recipient (domain) WHERE hold != 0;
+
+CREATE TRIGGER IF NOT EXISTS message_takes_recipients AFTER DELETE ON message
+BEGIN
+    DELETE FROM recipient WHERE qid = old.qid;
+END;
 """
 
 

@@ -34,7 +34,7 @@ from typing import BinaryIO
 from mailhaven.envelope import Envelope
 from mailhaven.spool import queries
 from mailhaven.spool.body import MessageWriter
-from mailhaven.spool.committer import CommitStats, Committer
+from mailhaven.spool.committer import CommitStats, Committer, savepoint
 from mailhaven.spool.ids import QueueIdFactory, is_queue_id
 from mailhaven.spool.listing import list_queue
 from mailhaven.spool.records import (
@@ -163,7 +163,8 @@ class Spool:
             await self._committer.run(
                 lambda c: queries.insert_message(
                     c, qid, arrival, envelope, header, body, size, recipients, claimed=claimed
-                )
+                ),
+                atomic=True,
             )
         else:
             target = self.bodies_dir / qid
@@ -194,7 +195,7 @@ class Spool:
             writer.abort()
             target.unlink(missing_ok=True)
             raise
-        fut = self._committer.submit(insert)
+        fut = self._committer.submit(insert, atomic=True)
         try:
             await asyncio.wrap_future(fut)
         except BaseException:
@@ -259,13 +260,16 @@ class Spool:
 
         def job(c: sqlite3.Connection) -> tuple[int, bool | None]:
             if updates and all(u.status is Status.SENT for u in updates):
+                # one statement: deletes the message, or changes nothing
                 body_file = queries.delete_if_delivered(c, queue_id, [u.index for u in updates])
                 if body_file is not None:
                     return 0, body_file
-            remaining = queries.apply_updates(c, queue_id, updates, now)
-            return remaining, (queries.remove_if_quiet(c, queue_id) if remaining == 0 else None)
+            with savepoint(c):
+                remaining = queries.apply_updates(c, queue_id, updates, now)
+                quiet = queries.remove_if_quiet(c, queue_id) if remaining == 0 else None
+            return remaining, quiet
 
-        remaining, body_file = await self._committer.run(job)
+        remaining, body_file = await self._committer.run(job, atomic=True)
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
         return remaining, body_file is not None
@@ -285,7 +289,9 @@ class Spool:
 
     async def remove(self, queue_id: str) -> bool:
         """Delete a message and its body (done, bounced or deleted). False if absent."""
-        body_file = await self._committer.run(lambda c: queries.delete_message(c, queue_id))
+        body_file = await self._committer.run(
+            lambda c: queries.delete_message(c, queue_id), atomic=True
+        )
         if body_file and is_queue_id(queue_id):
             # After the commit: a crash here leaves an orphan file that recovery deletes.
             (self.bodies_dir / queue_id).unlink(missing_ok=True)
