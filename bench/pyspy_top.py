@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pyspy_top.py accept_1k      # or relay_1k, accept_100k
     .venv/bin/python bench/pyspy_top.py relay_1k --count 20000 --top 25
+    .venv/bin/python bench/pyspy_top.py relay_1k --native --set 'event_loop="uvloop"'
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
 PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source against it, and
@@ -48,7 +49,14 @@ def main() -> int:
     ap.add_argument("scenario", choices=sorted(SIZES))
     ap.add_argument("--count", type=int, default=10000)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=TOML",
+                    help="a mailhaven setting, as run.py's --set (repeatable)")
+    ap.add_argument("--native", action="store_true",
+                    help="also sample C frames (py-spy --native: SQLite, the event loop, libc)")
     a = ap.parse_args()
+    for item in a.set:
+        table, key, value = common.setting(item)
+        peers.Mailhaven.overrides.setdefault(table, {})[key] = value
     out_dir = common.fresh_dir(common.TMP / "profile")
     raw = out_dir / f"{a.scenario}.txt"
     sink = None
@@ -63,7 +71,8 @@ def main() -> int:
         mh.start()
         spy = common.spawn([str(common.ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
                             str(mh.pid), "--format", "raw", "--output", str(raw), "--threads",
-                            "--rate", "200", "--nonblocking"], log_to=out_dir / "py-spy.log")
+                            "--rate", "200", "--nonblocking", *(["--native"] if a.native else [])],
+                           log_to=out_dir / "py-spy.log")
         time.sleep(1.5)  # py-spy attaches
         rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],
                            sessions=10, count=a.count,
