@@ -71,7 +71,9 @@ def main() -> int:
         mh.start()
         spy = common.spawn([str(common.ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
                             str(mh.pid), "--format", "raw", "--output", str(raw), "--threads",
-                            "--rate", "200", "--nonblocking", *(["--native"] if a.native else [])],
+                            "--rate", "200",
+                            # native frames need the process paused per sample (slower)
+                            *(["--native"] if a.native else ["--nonblocking"])],
                            log_to=out_dir / "py-spy.log")
         time.sleep(1.5)  # py-spy attaches
         rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],

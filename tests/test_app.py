@@ -8,6 +8,7 @@ import pytest
 
 from mailhaven import config as configuration
 from mailhaven.app import App
+from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.workers import WorkerRole
 
 
@@ -31,3 +32,19 @@ async def test_queue_limits_are_divided_among_the_processes(
     limits = app.runner._limits
     assert (limits.max_deliveries, limits.per_destination) == expected
     assert app.spool.root.name == ("spool" if worker is None else f"spool-{worker.shard}")
+
+
+async def test_the_mx_profile_is_built_once_per_configuration(tmp_path: Path) -> None:
+    """Built once, not per connection; SIGHUP (`reload`) makes the next connection use the
+    new settings."""
+    path = tmp_path / "mailhaven.toml"
+    conf = f'state_dir = "{tmp_path / "state"}"\n[limits]\nmessage_size = %d\n'
+    path.write_text(conf % 100_000)
+    app = App(configuration.load(path))
+    app.authenticator = SMTPAuthenticator(app.users, app.auth_limiter)  # as start() does
+    first = app._mx_profile()
+    assert app._mx_profile() is first
+    assert first.settings.max_message_size == 100_000
+    path.write_text(conf % 200_000)
+    app.reload()
+    assert app._mx_profile().settings.max_message_size == 200_000

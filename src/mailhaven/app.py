@@ -178,6 +178,7 @@ class App:
         self.users = UserDB(config.users_path)
         self.router = build_router(config, self.users)
         self.tls: ReloadableTLS | None = None
+        self._mx: ListenerProfile | None = None
         self.auth_limiter = AuthLimiter()
         self.pop3: list[Pop3Listener] = []
         self.part_time: PartTimeHosts | None = None
@@ -199,6 +200,13 @@ class App:
         return self.tls.context if self.tls is not None else None
 
     def _mx_profile(self) -> ListenerProfile:
+        """The MX listener's profile: built once per configuration (`reload` forgets it), not
+        per connection, which showed in the relay profile (settings, policy, a replace())."""
+        if self._mx is None:
+            self._mx = self._build_mx_profile()
+        return self._mx
+
+    def _build_mx_profile(self) -> ListenerProfile:
         settings = server_settings(self.config, starttls=self.tls is not None)
         return ListenerProfile(
             name="smtp",
@@ -525,6 +533,7 @@ class App:
             smtp_processes=self.config.smtp_processes,
         )
         self.config = new
+        self._mx = None  # the next connection builds the profile from the new configuration
         self.users = UserDB(new.users_path)
         self.users.load()
         # AUTH must check the same (possibly newly named) users file that the router now

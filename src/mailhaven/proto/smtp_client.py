@@ -34,7 +34,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import assert_never
 
 from mailhaven.envelope import Envelope, RecipientSpec
@@ -92,6 +92,15 @@ _ANSWERED = {P.DATA_END: "end of DATA"}
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
+#: Which `Timeouts` field bounds the reply awaited in a phase (any other phase: `helo`). Built
+#: once: `for_phase` runs for every read and write of a delivery.
+_TIMEOUT_FIELD = {
+    P.GREETING: "greeting", P.STARTTLS: "starttls", P.TLS_HANDSHAKE: "starttls",
+    P.MAIL: "mail", P.RCPT: "rcpt", P.DATA_INIT: "data_init", P.DATA_BLOCK: "data_block",
+    P.DATA_END: "data_end", P.RSET: "rset", P.QUIT: "quit",
+}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Seconds per phase; defaults are RFC 5321 §4.5.3.2's minimums (Postfix's smtp_*_timeout)."""
@@ -110,13 +119,7 @@ class Timeouts:
 
     def for_phase(self, phase: Phase) -> float:
         """The deadline for the reply awaited in `phase` (or for one body write)."""
-        table = {
-            P.GREETING: self.greeting, P.STARTTLS: self.starttls, P.TLS_HANDSHAKE: self.starttls,
-            P.MAIL: self.mail, P.RCPT: self.rcpt, P.DATA_INIT: self.data_init,
-            P.DATA_BLOCK: self.data_block, P.DATA_END: self.data_end, P.RSET: self.rset,
-            P.QUIT: self.quit,
-        }  # fmt: skip
-        return table.get(phase, self.helo)
+        return float(getattr(self, _TIMEOUT_FIELD.get(phase, "helo")))
 
 
 class StartTLSPolicy(enum.Enum):
@@ -615,7 +618,7 @@ class ClientConnection:
 
     def _on_reply(self, reply: Reply) -> None:
         phase = self._pending[0]
-        reply = replace(reply, answered=_ANSWERED.get(phase, phase.value))
+        reply = reply.answering(_ANSWERED.get(phase, phase.value))
         if reply.code == 421 and phase is not P.QUIT:  # RFC 5321 §3.8: the peer is leaving
             self._lost(reply)
             return

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol
 
 from mailhaven.delivery.base import Route
 from mailhaven.proto.replies import Reply, reply
@@ -36,7 +36,6 @@ NO_RESULT = reply(451, "4.3.0", "delivery agent returned no result for this reci
 UNAVAILABLE = reply(451, "4.3.0", "mail transport unavailable")
 
 
-@runtime_checkable
 class RelayReport(Protocol):
     relay: str
 
@@ -85,8 +84,11 @@ def judge(
 
 
 def relay_name(result: object, route: Route) -> str:
-    if isinstance(result, RelayReport):
-        return result.relay
+    # `RelayReport` by attribute, not isinstance(): a runtime-checkable Protocol's isinstance
+    # walks the protocol's members on every call (once per delivery)
+    relay = getattr(result, "relay", None)
+    if isinstance(relay, str):
+        return relay
     return "local" if route.transport == "local" else "none"
 
 
