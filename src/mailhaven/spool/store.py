@@ -102,6 +102,12 @@ class Spool:
     def close(self) -> None:
         """Finish queued jobs and stop the writer thread (blocking)."""
         self._committer.stop()
+        stats = self._committer.stats
+        if stats.jobs:  # how well group commit batched: jobs per fsync'd transaction
+            log.info(
+                "spool %s: %d job(s) in %d transaction(s), largest batch %d",
+                self.root, stats.jobs, stats.transactions, stats.largest_batch,
+            )
 
     @property
     def stats(self) -> CommitStats:
