@@ -525,12 +525,14 @@ class App:
         except configuration.ConfigError as err:
             log.error("reload: keeping the old configuration: %s", err)
             return
-        # Listener addresses, processes and the state directory need a restart; keep them.
+        # Listener addresses, processes, the event loop and the state directory need a
+        # restart; keep them.
         new = replace(
             new,
             listen=self.config.listen,
             state_dir=self.config.state_dir,
             smtp_processes=self.config.smtp_processes,
+            event_loop=self.config.event_loop,
         )
         self.config = new
         self._mx = None  # the next connection builds the profile from the new configuration
