@@ -49,10 +49,11 @@ MAX_BATCH = 1024
 #: Seconds a write batch waits, once, for one more job when the queue ran empty (PostgreSQL's
 #: commit_delay, MySQL's binlog_group_commit_sync_delay). Why: with `smtp_processes = 2` each
 #: process saw ~2 jobs per transaction against ~9 in one process, and every transaction costs
-#: a BEGIN/COMMIT, its WAL pages and an fsync. Measured (bench/ab.py relay, 4 runs each): CPU
-#: per relayed message 1.62 -> 1.49 ms with two processes, 1.16 -> 1.10 ms with one; the
-#: added latency (well under one fsync) did not lower throughput.
-LINGER = 0.0003
+#: a BEGIN/COMMIT, its WAL pages and an fsync. Measured (bench/ab.py, 4-5 runs each): 0.3 ms
+#: against none, CPU per relayed message 1.62 -> 1.49 ms (two processes), 1.16 -> 1.10 ms
+#: (one); 1 ms against 0.3 ms, relay 1.10x (two processes) and 1.07x (one), acceptance 1.07x
+#: (two) and 0.98x (one, within the noise). The price: a lone commit answers 1 ms later.
+LINGER = 0.001
 
 
 @dataclass(slots=True)
