@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailhaven import eventloop
+
 
 class ConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message says where and why."""
@@ -158,7 +160,7 @@ class Config:
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     smtp_processes: int = 1
     #: The asyncio event loop: "asyncio" (the standard library's, the default) or "uvloop"
-    #: (libuv's, the optional extra `mailhaven[uvloop]`; less CPU per connection).
+    #: (libuv's, the optional extra `mailhaven[uvloop]`; see `mailhaven.eventloop`).
     event_loop: str = "asyncio"
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
@@ -276,8 +278,8 @@ def validate(config: Config) -> Config:
             ipaddress.ip_network(net, strict=False)
         except ValueError as err:
             raise ConfigError(f"etrn.clients: {err}") from None
-    if config.event_loop not in ("asyncio", "uvloop"):
-        raise ConfigError('event_loop: "asyncio" or "uvloop"')
+    if config.event_loop not in eventloop.CHOICES:
+        raise ConfigError("event_loop: one of " + ", ".join(eventloop.CHOICES))
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
     if not config.local_domains:

@@ -113,7 +113,6 @@ def _queue(word: str, argv: list[str]) -> int:
 def _serve(
     config: object, worker_fds: str | None = None, shard: int = 1, lifeline: int | None = None
 ) -> int:
-
     from mailhaven import eventloop, maillog
     from mailhaven.app import App
     from mailhaven.config import Config

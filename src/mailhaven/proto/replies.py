@@ -37,11 +37,6 @@ class Reply:
     def lines(self) -> tuple[str, ...]:
         return (self.text, *self.more)
 
-    def answering(self, what: str) -> Reply:
-        """This reply, marked as the answer to `what` (dataclasses.replace, without its
-        per-call field walk: the client core marks every reply it reads)."""
-        return Reply(self.code, self.text, self.enhanced, self.more, what)
-
     @property
     def is_positive(self) -> bool:
         return 200 <= self.code < 400

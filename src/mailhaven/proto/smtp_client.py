@@ -34,7 +34,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import assert_never
 
 from mailhaven.envelope import Envelope, RecipientSpec
@@ -618,7 +618,7 @@ class ClientConnection:
 
     def _on_reply(self, reply: Reply) -> None:
         phase = self._pending[0]
-        reply = reply.answering(_ANSWERED.get(phase, phase.value))
+        reply = replace(reply, answered=_ANSWERED.get(phase, phase.value))
         if reply.code == 421 and phase is not P.QUIT:  # RFC 5321 §3.8: the peer is leaving
             self._lost(reply)
             return

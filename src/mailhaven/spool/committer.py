@@ -172,15 +172,15 @@ class Committer:
                     return
                 batch = [first]
                 stopping = False
-                # once the queue is empty, wait LINGER for one more job (see there)
-                lingered = not (isinstance(first, _Item) and first.write)
+                # a write batch waits LINGER once for one more job when the queue is empty
+                may_linger = isinstance(first, _Item) and first.write
                 while len(batch) < MAX_BATCH:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
-                        if lingered:
+                        if not may_linger:
                             break
-                        lingered = True
+                        may_linger = False
                         try:
                             item = self._queue.get(timeout=LINGER)
                         except queue.Empty:
