@@ -75,17 +75,21 @@ END;
 """
 
 
-def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
+def connect(path: Path, *, read_only: bool = False, any_thread: bool = False) -> sqlite3.Connection:
     """Open the queue database with the settings the durability promise depends on.
 
     The connection is in autocommit mode (`isolation_level=None`): transactions are explicit
-    `BEGIN IMMEDIATE` / `COMMIT`, issued only by the spool's writer thread.
+    `BEGIN IMMEDIATE` / `COMMIT`, issued only by the spool's committer. `any_thread`: the
+    committer passes the connection between its writer thread and the event loop (never
+    using it from both at once; see `committer.py`).
     """
     if read_only:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
         conn.execute("PRAGMA query_only = ON")
         return conn
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    conn = sqlite3.connect(
+        path, isolation_level=None, timeout=30.0, check_same_thread=not any_thread
+    )
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
         raise RuntimeError(f"{path}: cannot enable WAL (journal_mode={mode})")

@@ -171,6 +171,7 @@ class Spool:
                     c, qid, arrival, envelope, header, body, size, recipients, claimed=claimed
                 ),
                 atomic=True,
+                inline=True,
             )
         else:
             target = self.bodies_dir / qid
@@ -214,7 +215,7 @@ class Spool:
     async def load(self, queue_id: str) -> StoredMessage | None:
         """The stored message (None if it was removed or is quarantined)."""
         return await self._committer.run(
-            lambda c: queries.load_message(c, queue_id, self.bodies_dir), write=False
+            lambda c: queries.load_message(c, queue_id, self.bodies_dir), write=False, inline=True
         )
 
     async def open_body(self, queue_id: str) -> BinaryIO:
@@ -241,19 +242,19 @@ class Spool:
     async def claim(self, keys: Sequence[RecipientKey]) -> list[RecipientKey]:
         """Mark recipients as in flight (hidden from `due()` until `record`/`unclaim`); returns
         those claimed (a recipient held, finished or deleted meanwhile is left out)."""
-        return await self._committer.run(lambda c: queries.claim(c, keys))
+        return await self._committer.run(lambda c: queries.claim(c, keys), inline=True)
 
     async def unclaim(self, keys: Sequence[RecipientKey]) -> None:
-        await self._committer.run(lambda c: queries.set_active(c, keys, False))
+        await self._committer.run(lambda c: queries.set_active(c, keys, False), inline=True)
 
     async def hold_recipients(self, keys: Sequence[RecipientKey], reason: Hold) -> None:
-        await self._committer.run(lambda c: queries.add_hold(c, keys, reason))
+        await self._committer.run(lambda c: queries.add_hold(c, keys, reason), inline=True)
 
     async def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> int:
         """Durably store attempt results; returns the message's unfinished recipient count."""
         now = self._clock()
         return await self._committer.run(
-            lambda c: queries.apply_updates(c, queue_id, updates, now)
+            lambda c: queries.apply_updates(c, queue_id, updates, now), inline=True
         )
 
     async def record_and_finish(
@@ -275,18 +276,18 @@ class Spool:
                 quiet = queries.remove_if_quiet(c, queue_id) if remaining == 0 else None
             return remaining, quiet
 
-        remaining, body_file = await self._committer.run(job, atomic=True)
+        remaining, body_file = await self._committer.run(job, atomic=True, inline=True)
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
         return remaining, body_file is not None
 
     async def mark_warned(self, queue_id: str) -> bool:
         """Claim the single delay warning of a message: True only for the first caller."""
-        return await self._committer.run(lambda c: queries.mark_warned(c, queue_id))
+        return await self._committer.run(lambda c: queries.mark_warned(c, queue_id), inline=True)
 
     async def recipients(self, queue_id: str) -> list[RecipientState]:
         return await self._committer.run(
-            lambda c: queries.select_recipients(c, queue_id), write=False
+            lambda c: queries.select_recipients(c, queue_id), write=False, inline=True
         )
 
     async def finished(self) -> list[str]:
@@ -296,7 +297,7 @@ class Spool:
     async def remove(self, queue_id: str) -> bool:
         """Delete a message and its body (done, bounced or deleted). False if absent."""
         body_file = await self._committer.run(
-            lambda c: queries.delete_message(c, queue_id), atomic=True
+            lambda c: queries.delete_message(c, queue_id), atomic=True, inline=True
         )
         if body_file and is_queue_id(queue_id):
             # After the commit: a crash here leaves an orphan file that recovery deletes.
