@@ -116,6 +116,10 @@ def parse_address(text: str) -> Address | None:
 _PLAIN_DOMAIN = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 
 
+#: client addresses whose trust is remembered (see `Router._is_trusted`)
+_TRUSTED_CACHE_SIZE = 4096
+
+
 @functools.lru_cache(maxsize=4096)
 def normalise_domain(domain: str) -> str | None:
     """Lower-case IDNA A-label form without trailing dot; `[literal]`s canonical; None if bad.
@@ -222,6 +226,8 @@ class Router:
             ipaddress.ip_network(n, strict=False) if isinstance(n, str) else n
             for n in trusted_networks
         )
+        #: the answer per client address (parsing it showed in profiles: once per message)
+        self._trusted_cache: dict[str, bool] = {}
         self._relay_domains = frozenset(_norm_entries(relay_domains))
         self._held_domains = frozenset(_norm_entries(held_domains))
         self._transports = {
@@ -306,13 +312,20 @@ class Router:
         return addr.domain is None or self._is_local_norm(addr.domain)
 
     def _is_trusted(self, client_ip: str) -> bool:
+        known = self._trusted_cache.get(client_ip)
+        if known is not None:
+            return known
         try:
             ip = ipaddress.ip_address(client_ip)
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        return any(ip in net for net in self._trusted)
+        trusted = any(ip in net for net in self._trusted)
+        if len(self._trusted_cache) >= _TRUSTED_CACHE_SIZE:
+            self._trusted_cache.clear()  # bounded: many distinct clients just start over
+        self._trusted_cache[client_ip] = trusted
+        return trusted
 
     def _may_receive_for(self, domain: str) -> bool:
         return _matches(domain, self._relay_domains) or _matches(domain, self._held_domains)
