@@ -63,6 +63,9 @@ class Reply:
     def to_bytes(self, enhanced_codes: bool = True) -> bytes:
         """Serialise with `-` continuation lines and CRLF endings."""
         prefix = f"{self.enhanced} " if (enhanced_codes and self.enhanced) else ""
+        if not self.more:  # the common case, without the loop below
+            text = f"{prefix}{self.text}" if self.text or prefix else ""
+            return (f"{self.code} {text}".rstrip(" ") + "\r\n").encode("utf-8", "replace")
         lines = self.lines
         out = []
         for i, line in enumerate(lines):

@@ -34,7 +34,7 @@ import enum
 import re
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import assert_never
 
 from mailhaven.envelope import Envelope, RecipientSpec
@@ -257,8 +257,9 @@ class ReplyReader:
         self._scan = 0
         self._lines = []
 
-    def next_reply(self) -> Reply | None:
-        """The next complete reply, or None until more bytes arrive."""
+    def next_reply(self, answered: str | None = None) -> Reply | None:
+        """The next complete reply, or None until more bytes arrive; `answered` is stored in
+        it (`Reply.answered`)."""
         while True:
             end = self._buf.find(b"\n", self._scan)
             if end < 0 or end >= MAX_REPLY_LINE_ACCEPTED:
@@ -282,17 +283,17 @@ class ReplyReader:
                 raise ReplyError(f"reply longer than {MAX_REPLY_LINES} lines")
             if line[3:4] != "-":
                 lines, self._lines = self._lines, []
-                return _make_reply(self._code, lines)
+                return _make_reply(self._code, lines, answered)
 
 
-def _make_reply(code: int, lines: list[str]) -> Reply:
+def _make_reply(code: int, lines: list[str], answered: str | None = None) -> Reply:
     """Split off an RFC 3463 enhanced code whose class agrees with the reply code (RFC 2034)."""
     match = _ENHANCED.match(lines[0])
     if match is None or int(match[1]) != code // 100:
-        return Reply(code, lines[0], None, tuple(lines[1:]))
+        return Reply(code, lines[0], None, tuple(lines[1:]), answered)
     enhanced = match[0].rstrip(" ")
     strip = [x[len(match[0]) :] if x.startswith(match[0]) else x for x in lines]
-    return Reply(code, strip[0], enhanced, tuple(strip[1:]))
+    return Reply(code, strip[0], enhanced, tuple(strip[1:]), answered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,7 +494,8 @@ class ClientConnection:
             if not self._pending:
                 return PAUSED
             try:
-                got = self._reader.next_reply()
+                phase = self._pending[0]
+                got = self._reader.next_reply(_ANSWERED.get(phase, phase.value))
             except ReplyError as exc:
                 self._lost(_temp("4.5.0", f"protocol error: {exc}"))
             else:
@@ -617,8 +619,7 @@ class ClientConnection:
             self._events.append(SessionFailed(reply, phase))
 
     def _on_reply(self, reply: Reply) -> None:
-        phase = self._pending[0]
-        reply = replace(reply, answered=_ANSWERED.get(phase, phase.value))
+        phase = self._pending[0]  # `reply.answered` names it (see `next_event`)
         if reply.code == 421 and phase is not P.QUIT:  # RFC 5321 §3.8: the peer is leaving
             self._lost(reply)
             return

@@ -111,6 +111,8 @@ def _r(code: int, enhanced: str | None, text: str) -> Reply:
 
 
 OK = _r(250, "2.0.0", "Ok")
+SENDER_OK = _r(250, "2.1.0", "Ok")
+RECIPIENT_OK = _r(250, "2.1.5", "Ok")
 BAD_SEQUENCE_HELO = _r(503, "5.5.1", "Error: send HELO/EHLO first")
 SYNC_ERROR = _r(554, "5.5.0", "Error: SMTP protocol synchronization")
 
@@ -146,6 +148,8 @@ class ServerConnection:
         self._bdat_cr = False
         self._bdat_active = False
         self._bdat_refusal: Reply | None = None
+        self._advertised: frozenset[str] = frozenset()
+        self._advertised_for: tuple[bool, bool] | None = None
 
     # ------------------------------------------------------------------ bytes in / out
 
@@ -182,7 +186,15 @@ class ServerConnection:
 
     @property
     def advertised(self) -> frozenset[str]:
-        """ESMTP keywords in force (empty after HELO: no parameters allowed then)."""
+        """ESMTP keywords in force (empty after HELO: no parameters allowed then). Asked for
+        each MAIL and RCPT; it changes only with EHLO/HELO and TLS, so it is kept per state."""
+        state = (self.extended, self.tls)
+        if state != self._advertised_for:
+            self._advertised = self._advertise()
+            self._advertised_for = state
+        return self._advertised
+
+    def _advertise(self) -> frozenset[str]:
         if not self.extended:
             return frozenset()
         s = self.settings
@@ -260,10 +272,10 @@ class ServerConnection:
                 self._hello_accepted(event)
             case ev.MailFrom():
                 self.mail = event
-                self._send(_r(250, "2.1.0", "Ok"))
+                self._send(SENDER_OK)
             case ev.RcptTo():
                 self.recipients.append(event)
-                self._send(_r(250, "2.1.5", "Ok"))
+                self._send(RECIPIENT_OK)
             case _:
                 raise ProtocolUsageError(f"accept() has no default for {type(event).__name__}")
 
