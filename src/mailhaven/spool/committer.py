@@ -63,13 +63,14 @@ Job = Callable[[sqlite3.Connection], T]
 
 #: at most this many jobs share one transaction (bounds the latency of the first one)
 MAX_BATCH = 1024
-#: Seconds a write batch waits, once, for one more job when the queue ran empty (PostgreSQL's
-#: commit_delay, MySQL's binlog_group_commit_sync_delay). Why: with `smtp_processes = 2` each
-#: process saw ~2 jobs per transaction against ~9 in one process, and every transaction costs
-#: a BEGIN/COMMIT, its WAL pages and an fsync. Measured (bench/ab.py, 4-5 runs each): 0.3 ms
-#: against none, CPU per relayed message 1.62 -> 1.49 ms (two processes), 1.16 -> 1.10 ms
-#: (one); 1 ms against 0.3 ms, relay 1.10x (two processes) and 1.07x (one), acceptance 1.07x
-#: (two) and 0.98x (one, within the noise). The price: a lone commit answers 1 ms later.
+#: Seconds a write batch of the writer thread waits, once, for one more job when the queue ran
+#: empty (PostgreSQL's commit_delay, MySQL's binlog_group_commit_sync_delay). Inline batches
+#: never wait (a 1 ms wait there measured 1.03x, within the noise); this now serves big bodies
+#: and administration. Why it came: with `smtp_processes = 2` each process saw ~2 jobs per
+#: transaction against ~9 in one process, and every transaction costs a BEGIN/COMMIT, its WAL
+#: pages and an fsync. Measured then (bench/ab.py, 4-5 runs each, before inline batches): 0.3
+#: ms against none, CPU per relayed message 1.62 -> 1.49 ms (two processes), 1.16 -> 1.10 ms
+#: (one); 1 ms against 0.3 ms, relay 1.10x (two processes) and 1.07x (one).
 LINGER = 0.001
 
 
@@ -248,9 +249,11 @@ class Committer:
             outcomes = [self._run_job(conn, item, in_txn=True) for item in batch]
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", len(batch), exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            self._loop_release()
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            finally:
+                self._loop_release()  # even then: a connection never given back stalls all
             _settle([(item, False, exc) for item in batch])
             if not isinstance(exc, Exception):
                 raise
@@ -258,6 +261,14 @@ class Committer:
         with self._mutex:
             self._owner = _WRITER  # from here the connection is the writer thread's
         self._queue.put(_Commit(outcomes, self._inline_loop))
+
+    def _count(self, jobs: int, *, committed: bool = True) -> None:
+        """Update the stats (both threads do: under the mutex)."""
+        with self._mutex:
+            self.stats.jobs += jobs
+            if committed:
+                self.stats.transactions += 1
+                self.stats.largest_batch = max(self.stats.largest_batch, jobs)
 
     def _loop_release(self, jobs: int = 0) -> None:
         with self._mutex:
@@ -362,9 +373,7 @@ class Committer:
             self._checkpoint("before_commit")
             conn.execute("COMMIT")
             self._checkpoint("after_commit")
-            self.stats.transactions += 1
-            self.stats.jobs += len(outcomes)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(outcomes))
+            self._count(len(outcomes))
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", len(outcomes), exc)
             if conn.in_transaction:
@@ -396,7 +405,6 @@ class Committer:
                 self._checkpoint("before_commit")
                 conn.execute("COMMIT")
                 self._checkpoint("after_commit")
-                self.stats.transactions += 1
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", len(batch), exc)
             if conn.in_transaction:
@@ -405,8 +413,7 @@ class Committer:
             if not isinstance(exc, Exception):
                 raise
             return
-        self.stats.jobs += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self._count(len(batch), committed=writes)
         self._resolve(outcomes)
 
     @staticmethod

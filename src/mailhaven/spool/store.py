@@ -11,10 +11,13 @@ point before that leaves nothing the scheduler could deliver half-written; see `
 Layout under `root`: `queue.db` (+ WAL files), `tmp/` (bodies being received), `bodies/<qid>`
 (bodies above the inline limit), `quarantine/` (damaged entries set aside at recovery).
 
-Concurrency: all SQLite access goes through one writer thread (`committer.py`), which commits the
-work of many concurrent callers in one transaction. Every async method here is safe to call from
-many tasks at once. Recipients marked in flight (`claim`) are invisible to `due()` until their
-result is recorded, so the scheduler never needs an in-memory view of the whole queue.
+Concurrency: all SQLite access goes through the committer (`committer.py`), which commits the
+work of many concurrent callers in one transaction. The per-message jobs (insert, claim,
+record, remove, load) run on the event loop in "inline" batches whose COMMIT the writer thread
+makes; jobs that may touch the whole queue run on the writer thread. Every async method here
+is safe to call from many tasks at once. Recipients marked in flight (`claim`) are invisible
+to `due()` until their result is recorded, so the scheduler never needs an in-memory view of
+the whole queue.
 
 Crash injection: `checkpoint(name)` is called at "body_synced", "body_linked" (big bodies only),
 "before_commit" and "after_commit"; the default does nothing.
