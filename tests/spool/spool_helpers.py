@@ -30,3 +30,14 @@ async def put(
     w = s.new_message()
     w.write(body)
     return await s.commit(w, envelope(*rcpts, sender=sender), queued(*rcpts), header)
+
+
+class FailingCommit:
+    """A spool checkpoint hook that makes every COMMIT fail (before it runs) while `armed`."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, point: str) -> None:
+        if self.armed and point == "before_commit":
+            raise OSError("disk on fire")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import put
+from tests.spool.spool_helpers import FailingCommit, put
 
 from mailhaven.spool import Spool, list_queue
 
@@ -123,22 +123,17 @@ async def test_a_writer_job_waits_for_the_inline_commit_in_flight(
 async def test_a_failed_inline_commit_fails_every_job_and_frees_the_connection(
     tmp_path: Path,
 ) -> None:
-    armed = False
-
-    def checkpoint(point: str) -> None:
-        if armed and point == "before_commit":
-            raise OSError("disk on fire")
-
-    s = Spool(tmp_path / "q", inline_limit=4096, checkpoint=checkpoint)
+    failing = FailingCommit()
+    s = Spool(tmp_path / "q", inline_limit=4096, checkpoint=failing)
     s.open()
-    armed = True
+    failing.armed = True
     try:
         results = await asyncio.gather(
             put(s, b"one"), put(s, b"two"), return_exceptions=True
         )
         assert all(isinstance(r, OSError) for r in results)
         assert list(list_queue(s.root)) == []
-        armed = False
+        failing.armed = False
         assert await put(s, b"three")  # the next batch gets the connection
         assert len(list(list_queue(s.root))) == 1
     finally:

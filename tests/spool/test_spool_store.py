@@ -10,7 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, envelope, put, queued
+from tests.spool.spool_helpers import FailingCommit, FakeClock, envelope, put, queued
 
 from mailhaven.envelope import RecipientSpec
 from mailhaven.proto.replies import reply
@@ -229,15 +229,10 @@ async def test_abort_discards_everything(spool: Spool) -> None:
 
 
 async def test_commit_failure_in_hook_leaves_nothing_acknowledged(tmp_path: Path) -> None:
-    armed = False
-
-    def checkpoint(point: str) -> None:
-        if armed and point == "before_commit":
-            raise OSError("disk on fire")
-
-    s = Spool(tmp_path / "q", inline_limit=100, checkpoint=checkpoint)
+    failing = FailingCommit()
+    s = Spool(tmp_path / "q", inline_limit=100, checkpoint=failing)
     s.open()
-    armed = True
+    failing.armed = True
     try:
         w = s.new_message()
         w.write(b"b" * 1000)
