@@ -155,7 +155,7 @@ async def test_close_runs_inline_jobs_not_started_yet(tmp_path: Path) -> None:
     task = asyncio.ensure_future(put(s, b"late"))
     await asyncio.sleep(0)  # the job is gathered; its flush has not run yet
     s.close()  # blocks this loop: the writer thread runs the job before it stops
-    qid = await task
+    qid = await asyncio.wait_for(task, 10)  # a dropped job would leave it waiting forever
     s = Spool(tmp_path / "q", inline_limit=4096)
     s.open()
     try:

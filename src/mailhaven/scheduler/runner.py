@@ -20,9 +20,9 @@ operator's hold or delete in between wins.
 The fast path for new mail (Postfix's cleanup handing a new message straight to qmgr): while the
 runner holds fewer than `fresh_limit` messages (and less than `FRESH_BYTES` of inline bodies)
 it `reserve`s room for intake, which commits the message with its recipients already claimed
-and `offer`s it whole; it is planned with the next pass, alongside what the queue read returned, and delivered
-without a queue read, a claim or a load (measured: the queue reads were ~18 % of the relay
-profile). Fresh recipients that find no slot wait in memory, still claimed. `revisit()` (the
+and `offer`s it whole; it is planned with the next pass, alongside what the queue read
+returned, and delivered without a queue read, a claim or a load (measured: the queue reads
+were ~18 % of the relay profile). Fresh recipients that find no slot wait in memory, still claimed. `revisit()` (the
 operator changed the queue: hold, delete, requeue) first gives them back to the spool, so the
 next read sees the operator's change, as for the backlog. The queue is otherwise read only when
 something may be there that the runner does not hold: after `wake()`, once the next due time

@@ -1,10 +1,12 @@
-"""Group commit: one thread owns the SQLite connection and commits many callers' work at once.
+"""Group commit: one SQLite connection commits many callers' work at once.
 
 Why: with `synchronous=FULL` every COMMIT costs a WAL fsync (about 0.6 ms on our disks, so at most
-~1,650 commits/s one by one). Sessions hand their work to this thread as jobs; the thread takes
-the first job, then every job queued behind it, runs them all in ONE transaction (each inside its
-own SAVEPOINT so one failing job cannot spoil the others), commits once, and only then resolves
-each caller's future. Throughput grows with concurrency instead of being capped by fsync latency.
+~1,650 commits/s one by one). Callers hand their work over as jobs; the jobs gathered while the
+previous COMMIT was in flight run in ONE transaction (each inside its own SAVEPOINT so one
+failing job cannot spoil the others), which commits once, and only then is each caller's
+future resolved. Throughput grows with concurrency instead of being capped by fsync latency.
+Where the jobs run: per-message jobs on the event loop (inline batches, below), the rest on
+the writer thread, which also makes every COMMIT.
 
 A job is a function of the connection. Its result (or exception) reaches the caller only after
 the COMMIT has returned, so a caller that sees success knows its writes are durable. If the
@@ -12,10 +14,9 @@ COMMIT itself fails, every job of the batch fails. Read-only jobs skip the trans
 
 A job that is atomic by itself (`atomic=True`: one statement, or one that undoes its own
 partial work when it fails, with `savepoint` or otherwise) runs without the SAVEPOINT/RELEASE
-pair. Why: every statement gives up the GIL and takes it back, and for the two jobs of a
-relayed message (insert, delete) the pair was half of the statements (9 -> 3 with the
-one-statement delete). Measured, the relay rate did not change beyond the noise (bench/ab.py:
-0.98x): this thread runs beside the event loop, which is the busy one; it is less work anyway.
+pair: for the two jobs of a relayed message (insert, delete) the pair was half of the
+statements (9 -> 3 with the one-statement delete). Measured when they ran on the writer
+thread, the relay rate did not change beyond the noise (bench/ab.py: 0.98x); it is less work.
 
 Inline batches (`run(..., inline=True)`, the per-message jobs of intake, delivery and the
 scheduler): the jobs run on the event loop thread itself, inside a transaction opened there,
@@ -29,9 +30,10 @@ disk. bench/ab.py: acceptance 1.16x with one process, 1.09x with two; relay 1.02
 What is left of a batch's latency is mostly waking threads on two busy vCPUs: 0.6 ms median
 from handing the COMMIT over to the writer running it, 1.0 ms for the COMMIT itself. Tried:
 the loop committing by itself took 0.21-0.25 ms per COMMIT, but batches shrank to 1.2 jobs and
-acceptance fell to 0.8x, since the loop stands still during each fsync. Ownership of the connection passes between the two threads
-explicitly (`_IDLE`, `_LOOP`, `_WRITER`); it is never used by both at once. Jobs that may scan
-the whole queue (listing, requeue, due scans) stay on the writer thread.
+acceptance fell to 0.8x, since the loop stands still during each fsync. Ownership of the
+connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER`); it is
+never used by both at once. Jobs that may scan the whole queue (listing, requeue, due scans)
+stay on the writer thread.
 
 Crash injection: `checkpoint(name)` is called at "before_commit" (all jobs ran, nothing durable)
 and "after_commit" (durable, nobody told yet); tests make it raise or `os._exit`.
@@ -241,7 +243,8 @@ class Committer:
         writes = any(item.write for item in batch)
         if not writes:
             outcomes = [self._run_job(conn, item, in_txn=False) for item in batch]
-            self._loop_release(len(outcomes))
+            self._loop_release()
+            self._count(len(outcomes), committed=False)
             _settle(outcomes)
             return
         try:
@@ -270,10 +273,9 @@ class Committer:
                 self.stats.transactions += 1
                 self.stats.largest_batch = max(self.stats.largest_batch, jobs)
 
-    def _loop_release(self, jobs: int = 0) -> None:
+    def _loop_release(self) -> None:
         with self._mutex:
             self._owner = _IDLE
-            self.stats.jobs += jobs
             wake, self._writer_waiting = self._writer_waiting, False
         if wake:
             self._queue.put(_WAKE)
@@ -357,34 +359,44 @@ class Committer:
             self._writer_waiting = True  # the loop sends _WAKE, or a _Commit, when done
             return False
 
-    def _writer_release(self) -> None:
-        """Give the connection back, and run the loop's inline batch if one is waiting."""
-        with self._mutex:
-            self._owner = _IDLE
-            wake, self._loop_waiting = self._loop_waiting, False
-        if wake and self._inline_loop is not None:
-            with contextlib.suppress(RuntimeError):  # that loop is closed
-                self._inline_loop.call_soon_threadsafe(self._flush)
-
-    def _commit_inline(self, conn: sqlite3.Connection, commit: _Commit) -> None:
-        outcomes = commit.outcomes
-        failure: BaseException | None = None
-        try:
-            self._checkpoint("before_commit")
-            conn.execute("COMMIT")
-            self._checkpoint("after_commit")
-            self._count(len(outcomes))
-        except BaseException as exc:
-            log.error("spool: batch of %d failed: %r", len(outcomes), exc)
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            outcomes = [(item, False, exc) for item, _, _ in outcomes]
-            failure = exc
+    def _writer_release(self, settle: _Commit | None = None) -> None:
+        """Give the connection back and wake the loop if its inline batch is waiting; with
+        `settle`, also hand that batch's results to its loop (in the same wake-up)."""
         with self._mutex:
             self._owner = _IDLE
             flush, self._loop_waiting = self._loop_waiting, False
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-            commit.loop.call_soon_threadsafe(self._after_commit, outcomes, flush)
+            if settle is not None:
+                settle.loop.call_soon_threadsafe(self._after_commit, settle.outcomes, flush)
+            elif flush and self._inline_loop is not None:
+                self._inline_loop.call_soon_threadsafe(self._flush)
+
+    def _commit(self, conn: sqlite3.Connection, jobs: int) -> BaseException | None:
+        """COMMIT the open transaction (ROLLBACK if that fails); the failure, if any."""
+        try:
+            self._checkpoint("before_commit")
+            conn.execute("COMMIT")
+            self._checkpoint("after_commit")
+        except BaseException as exc:
+            log.error("spool: batch of %d failed: %r", jobs, exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return exc
+        self._count(jobs)
+        return None
+
+    def _commit_inline(self, conn: sqlite3.Connection, commit: _Commit) -> None:
+        failure: BaseException | None = None
+        try:
+            failure = self._commit(conn, len(commit.outcomes))
+        except BaseException as exc:  # even the ROLLBACK failed: answer everyone, then stop
+            failure = exc
+            raise
+        finally:
+            if failure is not None:
+                failed = [(item, False, failure) for item, _, _ in commit.outcomes]
+                commit = _Commit(failed, commit.loop)
+            self._writer_release(commit)
         if failure is not None and not isinstance(failure, Exception):
             raise failure
 
@@ -396,24 +408,27 @@ class Committer:
             return
         writes = any(item.write for item in batch)
         outcomes: list[tuple[_Item, bool, Any]] = []
+        failure: BaseException | None = None
         try:
             if writes:
                 conn.execute("BEGIN IMMEDIATE")
             for item in batch:
                 outcomes.append(self._run_job(conn, item, in_txn=writes))
-            if writes:
-                self._checkpoint("before_commit")
-                conn.execute("COMMIT")
-                self._checkpoint("after_commit")
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", len(batch), exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._resolve([(item, False, exc) for item in batch])
-            if not isinstance(exc, Exception):
-                raise
+            failure = exc
+        else:
+            if writes:
+                failure = self._commit(conn, len(batch))
+            else:
+                self._count(len(batch), committed=False)
+        if failure is not None:
+            self._resolve([(item, False, failure) for item in batch])
+            if not isinstance(failure, Exception):
+                raise failure
             return
-        self._count(len(batch), committed=writes)
         self._resolve(outcomes)
 
     @staticmethod

@@ -12,8 +12,8 @@ Tables:
 - `recipient`: one row per final recipient with its delivery state. `hold` is a `Hold` bit set;
   `active` = 1 while a delivery attempt is in flight (reset at start-up: at-least-once).
   Deleting a `message` row deletes its recipients (trigger `message_takes_recipients`), so
-  removing a message is one statement: the writer thread's cost is mostly per statement (each
-  one gives up and takes back the GIL), not per row. Added to existing spools by `connect`
+  removing a message is one statement: the spool's cost is mostly per statement, not per row.
+  Added to existing spools by `connect`
   (CREATE ... IF NOT EXISTS); an older mailhaven works on such a spool unchanged.
 
 `recipient_due` orders unfinished recipients by (status, hold, active, next_attempt), so "what is
@@ -75,7 +75,9 @@ END;
 """
 
 
-def connect(path: Path, *, read_only: bool = False, any_thread: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, read_only: bool = False, any_thread: bool = False
+) -> sqlite3.Connection:
     """Open the queue database with the settings the durability promise depends on.
 
     The connection is in autocommit mode (`isolation_level=None`): transactions are explicit
