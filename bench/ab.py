@@ -39,7 +39,8 @@ class Variant:
     def label(self) -> str:
         sets = [f"{t + '.' if t else ''}{k}={v!r}" for t, kv in self.settings.items()
                 for k, v in kv.items()]
-        return " ".join([self.rev or "working tree", *sets])
+        where = self.rev or (str(self.tree) if self.tree else "working tree")
+        return " ".join([where, *sets])
 
     def env(self) -> dict[str, str] | None:
         if self.tree is None:
@@ -63,9 +64,13 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=4)
     for side in ("a", "b"):
         ap.add_argument(f"--{side}-rev", help="a git revision instead of this working tree")
+        ap.add_argument(f"--{side}-tree", type=Path,
+                        help="a prepared source tree instead (e.g. one built with mypyc)")
         ap.add_argument(f"--{side}-set", action="append", default=[], metavar="TABLE.KEY=TOML")
     a = ap.parse_args()
     sides = [variant("a", a.a_rev, a.a_set), variant("b", a.b_rev, a.b_set)]
+    for v, tree in zip(sides, (a.a_tree, a.b_tree), strict=True):
+        v.tree = tree.resolve() if tree is not None else None
     sink = peers.SmtpSink("ab-sink")
     sink.start()
     try:
@@ -101,7 +106,7 @@ def main() -> int:
         sink.stop()
         common.stop_all()
         for v in sides:
-            if v.tree is not None:
+            if v.tree is not None and v.rev is not None:
                 common.run(["git", "-C", str(common.ROOT), "worktree", "remove", "--force",
                             str(v.tree)], check=False)
     med = {v.name: statistics.median(v.rates) if v.rates else 0.0 for v in sides}

@@ -184,3 +184,74 @@ async def test_the_writer_thread_keeps_off_the_connection_while_the_loop_runs_jo
     await spool._committer.run(inline_job, inline=True)
     assert await asyncio.wrap_future(handed[0]) == 1  # type: ignore[arg-type]
     assert order == ["inline", "thread"]  # deferred until the loop's batch had committed
+
+
+def _insert_reporting_safety(tag: str) -> object:
+    """An inline-sized write that says which safety level its transaction commits with."""
+
+    def job(conn: sqlite3.Connection) -> int:
+        _insert(tag)[1](conn)
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    return job
+
+
+def _settings(conn: sqlite3.Connection) -> tuple[int, int]:
+    return (
+        int(conn.execute("PRAGMA synchronous").fetchone()[0]),
+        int(conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]),
+    )
+
+
+NORMAL, FULL = 1, 2
+
+
+async def test_a_batch_of_unsynced_jobs_commits_on_the_loop_without_fsync(
+    gated: tuple[Spool, Gate],
+) -> None:
+    spool, gate = gated
+    before = spool.stats.transactions, spool.stats.synced
+    jobs = [_insert_reporting_safety(f"u{i}") for i in range(3)]
+    levels = await asyncio.gather(
+        *(spool._committer.run(j, inline=True, sync=False) for j in jobs)  # type: ignore[arg-type]
+    )
+    assert levels == [NORMAL] * 3  # no fsync at this COMMIT
+    assert (spool.stats.transactions, spool.stats.synced) == (before[0] + 1, before[1])
+    assert gate.threads[-1] == threading.get_ident()  # committed on the loop, not handed over
+    # the connection is back to FULL, with SQLite's auto-checkpoint, for everyone else
+    assert await spool._committer.run(_settings, write=False) == (FULL, 1000)
+    assert await spool._committer.run(_count, write=False) == 3
+
+
+async def test_one_synced_job_makes_its_whole_batch_synced(gated: tuple[Spool, Gate]) -> None:
+    spool, gate = gated
+    lazy = [_insert_reporting_safety(f"u{i}") for i in range(2)]
+    levels = await asyncio.gather(
+        *(spool._committer.run(j, inline=True, sync=False) for j in lazy),  # type: ignore[arg-type]
+        spool._committer.run(_insert_reporting_safety("s"), inline=True),  # type: ignore[arg-type]
+    )
+    assert levels == [FULL] * 3
+    assert gate.threads[-1] != threading.get_ident()  # the writer thread made the COMMIT
+    assert spool.stats.synced == spool.stats.transactions
+
+
+async def test_a_failed_unsynced_commit_fails_its_jobs_and_restores_the_connection(
+    tmp_path: Path,
+) -> None:
+    failing = FailingCommit()
+    s = Spool(tmp_path / "q", inline_limit=4096, checkpoint=failing)
+    s.open()
+    try:
+        failing.armed = True
+        results = await asyncio.gather(
+            *(s._committer.run(_insert(f"u{i}")[1], inline=True, sync=False) for i in range(2)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, OSError) for r in results)
+        failing.armed = False
+        assert await s._committer.run(_settings, write=False) == (FULL, 1000)
+        assert await s._committer.run(_count, write=False) == 0  # rolled back
+        await s._committer.run(_insert("next")[1], inline=True, sync=False)
+        assert await s._committer.run(_count, write=False) == 1  # the connection was freed
+    finally:
+        s.close()
