@@ -112,57 +112,6 @@ async def test_crash_at_each_commit_step(
         s.close()
 
 
-FINISHER = textwrap.dedent(
-    """
-    import asyncio, os, sys
-    from pathlib import Path
-    from mailhaven.spool import QueuedRecipient, RecipientUpdate, Spool, Status
-    from mailhaven.envelope import Envelope, RecipientSpec
-    from mailhaven.proto.replies import Reply
-
-    root = Path(sys.argv[1])
-    armed = False
-
-    def checkpoint(name):
-        if armed and name == "after_commit":
-            os._exit(9)  # right after the unsynced COMMIT: nothing fsync'd it
-
-    async def main():
-        global armed
-        s = Spool(root, checkpoint=checkpoint)
-        s.open()
-        qids = []
-        for i in range(3):
-            w = s.new_message()
-            w.write(b"body %d" % i)
-            env = Envelope("s@example.org", (RecipientSpec("r@example.net"),))
-            qids.append(await s.commit(w, env, [QueuedRecipient("r@example.net", "r@example.net")],
-                                       b"Received: t\\r\\n"))
-        print(" ".join(qids), flush=True)
-        sent = [RecipientUpdate(0, Status.SENT, None, Reply(250, "ok", "2.0.0"))]
-        armed = True
-        await asyncio.gather(*(s.record_and_finish(q, sent) for q in qids[:2]))
-
-    asyncio.run(main())
-    """
-)
-
-
-async def test_an_unsynced_removal_survives_a_crash_of_the_process(tmp_path: Path) -> None:
-    """A delivered message's removal is not fsync'd (committer.py): a power cut may bring it
-    back for one more delivery, but a crash of the process must not: the WAL frames are
-    written before its COMMIT returns."""
-    root = tmp_path / "q"
-    proc = subprocess.run(
-        [sys.executable, "-c", FINISHER, str(root)], capture_output=True, timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 9, proc.stderr.decode()
-    qids = proc.stdout.decode().split()
-    assert len(qids) == 3
-    assert {m.queue_id for m in list_queue(root)} == {qids[2]}
-
-
 async def test_damaged_entries_are_quarantined_and_the_rest_recovered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

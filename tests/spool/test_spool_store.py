@@ -353,37 +353,6 @@ async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) 
     assert sorted(await spool.finished()) == sorted([failed, loud])
 
 
-async def test_a_delivered_message_is_removed_without_fsync_unless_its_body_is_a_file(
-    tmp_path: Path,
-) -> None:
-    """The scheduler's bookkeeping after an attempt is not fsync'd (committer.py); a body file
-    is unlinked after the commit, so that removal is."""
-    s = Spool(tmp_path / "q", inline_limit=100)
-    s.open()
-    try:
-        ok = [RecipientUpdate(0, Status.SENT, None, reply(250, "2.0.0", "ok"))]
-        small = await put(s, b"small")
-        synced = s.stats.synced
-        assert await s.record_and_finish(small, ok) == (0, True)
-        assert s.stats.synced == synced
-        [due] = await s.due(1e12, 10) or [None]
-        assert due is None
-        big = await put(s, b"B" * 500)
-        synced = s.stats.synced
-        assert await s.record_and_finish(big, ok) == (0, True)
-        assert s.stats.synced == synced + 1
-        assert not (s.bodies_dir / big).exists()
-        deferred = await put(s, b"later")
-        synced = s.stats.synced
-        [due] = await s.due(1e12, 10)
-        assert await s.claim([due.key]) == [due.key]
-        later = RecipientUpdate(0, Status.DEFERRED, 2e12, reply(451, "4.3.0", "try later"))
-        assert await s.record(deferred, [later]) == 1
-        assert s.stats.synced == synced  # a claim and a deferral: no fsync either
-    finally:
-        s.close()
-
-
 async def test_commit_claimed_hands_back_the_message_and_recovery_frees_the_claims(
     tmp_path: Path, clock: FakeClock
 ) -> None:

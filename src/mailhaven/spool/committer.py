@@ -35,20 +35,6 @@ connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER
 never used by both at once. Jobs that may scan the whole queue (listing, requeue, due scans)
 stay on the writer thread.
 
-Jobs that need no fsync (`run(..., sync=False)`): the scheduler's own bookkeeping after an
-attempt (a delivered message's deletion, a deferral, a claim), where a power cut that rolls the
-change back costs at most one more delivery attempt (a duplicate, which SMTP allows: RFC 5321
-§6.1), never a message. An inline batch whose writes are all such commits on the loop itself
-with `synchronous = NORMAL`: the WAL frames are written (a crash of the process keeps them)
-but not fsync'd, and the next synced commit's fsync of the same WAL file, or the next
-checkpoint, makes them durable in order. Postfix does the same: its queue manager unlinks a
-delivered message's file without an fsync; only the receipt is synced. Why: with two
-processes a third of all commits carried deletions only (1,260 of 3,841 for 4,000 relayed
-messages), and each cost a hand-over to the writer thread, an fsync and a wake-up back. A batch
-with any synced write keeps `synchronous = FULL` for all of it (the fsync is paid anyway).
-The loop's commit turns the WAL auto-checkpoint off for that COMMIT, so a checkpoint (and its
-fsyncs) still only ever runs on the writer thread.
-
 Crash injection: `checkpoint(name)` is called at "before_commit" (all jobs ran, nothing durable)
 and "after_commit" (durable, nobody told yet); tests make it raise or `os._exit`.
 
@@ -88,8 +74,6 @@ MAX_BATCH = 1024
 #: ms against none, CPU per relayed message 1.62 -> 1.49 ms (two processes), 1.16 -> 1.10 ms
 #: (one); 1 ms against 0.3 ms, relay 1.10x (two processes) and 1.07x (one).
 LINGER = 0.001
-#: SQLite's default WAL auto-checkpoint (pages), restored after each commit of the loop's own
-WAL_AUTOCHECKPOINT = 1000
 
 
 #: who may use the connection (see the module docstring): nobody, the event loop (running an
@@ -99,12 +83,10 @@ _IDLE, _LOOP, _WRITER = "idle", "loop", "writer"
 
 @dataclass(slots=True)
 class CommitStats:
-    """Counters for tests and benchmarks: jobs run and write transactions committed (and how
-    many of those were fsync'd)."""
+    """Counters for tests and benchmarks: jobs run and write transactions committed."""
 
     jobs: int = 0
     transactions: int = 0
-    synced: int = 0
     largest_batch: int = 0
 
 
@@ -117,8 +99,6 @@ class _Item:
     loop: asyncio.AbstractEventLoop | None = None
     #: the job is atomic by itself: no savepoint around it
     atomic: bool = False
-    #: its writes must be fsync'd before the caller hears of them (see the module docstring)
-    sync: bool = True
 
     def start(self) -> bool:
         """False if the caller gave up before the job ran (it is then skipped)."""
@@ -212,26 +192,18 @@ class Committer:
         return fut
 
     async def run(
-        self,
-        fn: Job[T],
-        *,
-        write: bool = True,
-        atomic: bool = False,
-        inline: bool = False,
-        sync: bool = True,
+        self, fn: Job[T], *, write: bool = True, atomic: bool = False, inline: bool = False
     ) -> T:
         """`submit` for coroutines. A batch's results reach their event loop in ONE
         `call_soon_threadsafe` (one wake-up of the loop per commit, not one per job).
 
         `inline`: a short job (a few statements on indexed keys), run on this event loop with
-        the other inline jobs of this loop turn (see the module docstring).
-        `sync=False` (inline jobs only): losing its writes to a power cut is harmless, so its
-        batch needs no fsync unless another job in it does (see the module docstring)."""
+        the other inline jobs of this loop turn (see the module docstring)."""
         if self._thread is None:
             raise RuntimeError("spool is not open")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        item = _Item(fn, fut, write, loop, atomic, sync)
+        item = _Item(fn, fut, write, loop, atomic)
         if inline and self._adopt(loop):
             self._inline.append(item)
             if not self._flush_scheduled:
@@ -275,48 +247,30 @@ class Committer:
             self._count(len(outcomes), committed=False)
             _settle(outcomes)
             return
-        lazy = not any(item.write and item.sync for item in batch)
-        failure: BaseException | None = None
         try:
-            if lazy:  # the safety level can only change outside a transaction
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("BEGIN IMMEDIATE")
             outcomes = [self._run_job(conn, item, in_txn=True) for item in batch]
-            if lazy:
-                failure = self._commit(conn, len(batch), synced=False)
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", len(batch), exc)
-            failure = exc
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-        finally:
             try:
-                if lazy:
-                    conn.execute("PRAGMA synchronous = FULL")
-                    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
             finally:
-                if lazy or failure is not None:
-                    self._loop_release()  # even then: a connection never given back stalls all
-        if failure is not None:
-            _settle([(item, False, failure) for item in batch])
-            if not isinstance(failure, Exception):
-                raise failure
-            return
-        if lazy:
-            _settle(outcomes)
+                self._loop_release()  # even then: a connection never given back stalls all
+            _settle([(item, False, exc) for item in batch])
+            if not isinstance(exc, Exception):
+                raise
             return
         with self._mutex:
             self._owner = _WRITER  # from here the connection is the writer thread's
         self._queue.put(_Commit(outcomes, self._inline_loop))
 
-    def _count(self, jobs: int, *, committed: bool = True, synced: bool = True) -> None:
+    def _count(self, jobs: int, *, committed: bool = True) -> None:
         """Update the stats (both threads do: under the mutex)."""
         with self._mutex:
             self.stats.jobs += jobs
             if committed:
                 self.stats.transactions += 1
-                self.stats.synced += synced
                 self.stats.largest_batch = max(self.stats.largest_batch, jobs)
 
     def _loop_release(self) -> None:
@@ -417,9 +371,7 @@ class Committer:
             elif flush and self._inline_loop is not None:
                 self._inline_loop.call_soon_threadsafe(self._flush)
 
-    def _commit(
-        self, conn: sqlite3.Connection, jobs: int, *, synced: bool = True
-    ) -> BaseException | None:
+    def _commit(self, conn: sqlite3.Connection, jobs: int) -> BaseException | None:
         """COMMIT the open transaction (ROLLBACK if that fails); the failure, if any."""
         try:
             self._checkpoint("before_commit")
@@ -430,7 +382,7 @@ class Committer:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             return exc
-        self._count(jobs, synced=synced)
+        self._count(jobs)
         return None
 
     def _commit_inline(self, conn: sqlite3.Connection, commit: _Commit) -> None:

@@ -14,9 +14,7 @@ Layout under `root`: `queue.db` (+ WAL files), `tmp/` (bodies being received), `
 Concurrency: all SQLite access goes through the committer (`committer.py`), which commits the
 work of many concurrent callers in one transaction. The per-message jobs (insert, claim,
 record, remove, load) run on the event loop in "inline" batches whose COMMIT the writer thread
-makes; jobs that may touch the whole queue run on the writer thread. What the scheduler records
-after an attempt (claims, results, a delivered message's removal) is not fsync'd by itself: a
-power cut can bring such an attempt back (a duplicate delivery), never lose a message. Every async method here
+makes; jobs that may touch the whole queue run on the writer thread. Every async method here
 is safe to call from many tasks at once. Recipients marked in flight (`claim`) are invisible
 to `due()` until their result is recorded, so the scheduler never needs an in-memory view of
 the whole queue.
@@ -110,8 +108,8 @@ class Spool:
         stats = self._committer.stats
         if stats.jobs:  # how well group commit batched: jobs per fsync'd transaction
             log.info(
-                "spool %s: %d job(s) in %d transaction(s) (%d fsync'd), largest batch %d",
-                self.root, stats.jobs, stats.transactions, stats.synced, stats.largest_batch,
+                "spool %s: %d job(s) in %d transaction(s), largest batch %d",
+                self.root, stats.jobs, stats.transactions, stats.largest_batch,
             )
 
     @property
@@ -247,25 +245,19 @@ class Spool:
     async def claim(self, keys: Sequence[RecipientKey]) -> list[RecipientKey]:
         """Mark recipients as in flight (hidden from `due()` until `record`/`unclaim`); returns
         those claimed (a recipient held, finished or deleted meanwhile is left out)."""
-        return await self._committer.run(
-            lambda c: queries.claim(c, keys), inline=True, sync=False
-        )
+        return await self._committer.run(lambda c: queries.claim(c, keys), inline=True)
 
     async def unclaim(self, keys: Sequence[RecipientKey]) -> None:
-        await self._committer.run(
-            lambda c: queries.set_active(c, keys, False), inline=True, sync=False
-        )
+        await self._committer.run(lambda c: queries.set_active(c, keys, False), inline=True)
 
     async def hold_recipients(self, keys: Sequence[RecipientKey], reason: Hold) -> None:
         await self._committer.run(lambda c: queries.add_hold(c, keys, reason), inline=True)
 
     async def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> int:
-        """Store attempt results; returns the message's unfinished recipient count. Not
-        fsync'd by itself (`sync=False`): a power cut that loses it only brings the attempt
-        back; a report it leads to is fsync'd when queued, and that fsync covers it."""
+        """Durably store attempt results; returns the message's unfinished recipient count."""
         now = self._clock()
         return await self._committer.run(
-            lambda c: queries.apply_updates(c, queue_id, updates, now), inline=True, sync=False
+            lambda c: queries.apply_updates(c, queue_id, updates, now), inline=True
         )
 
     async def record_and_finish(
@@ -273,13 +265,8 @@ class Spool:
     ) -> tuple[int, bool]:
         """`record`, and in the same transaction remove the message if nothing is left to do
         and nobody is owed a report (the common case: every recipient delivered). Returns
-        (unfinished recipients, removed). One commit instead of record + load + remove.
-
-        Not fsync'd unless the body is a file of its own (`sync=False`, see committer.py): a
-        power cut may bring a delivered message back, to be delivered again, never lose one.
-        A body file is unlinked after the commit, so its row must not come back without it."""
+        (unfinished recipients, removed). One commit instead of record + load + remove."""
         now = self._clock()
-        sync = is_queue_id(queue_id) and (self.bodies_dir / queue_id).exists()
 
         def job(c: sqlite3.Connection) -> tuple[int, bool | None]:
             if updates and all(u.status is Status.SENT for u in updates):
@@ -292,9 +279,7 @@ class Spool:
                 quiet = queries.remove_if_quiet(c, queue_id) if remaining == 0 else None
             return remaining, quiet
 
-        remaining, body_file = await self._committer.run(
-            job, atomic=True, inline=True, sync=sync
-        )
+        remaining, body_file = await self._committer.run(job, atomic=True, inline=True)
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
         return remaining, body_file is not None
