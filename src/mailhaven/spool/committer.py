@@ -375,7 +375,7 @@ class Committer:
         """COMMIT the open transaction (ROLLBACK if that fails); the failure, if any."""
         try:
             self._checkpoint("before_commit")
-            conn.execute("COMMIT")
+            conn.commit()
             self._checkpoint("after_commit")
         except BaseException as exc:
             log.error("spool: batch of %d failed: %r", jobs, exc)
