@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Protocol
 
+from mailhaven import maillog
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool.body import MessageWriter
@@ -274,7 +275,7 @@ class Intake:
             if envelope.auth_user is not None or envelope.protocol == "local":
                 header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
             if facts.message_id is not None:
-                cleanup_log.info("%s: message-id=%s", qid, facts.message_id)
+                maillog.info(cleanup_log, "%s: message-id=%s", qid, facts.message_id)
             if not recipients:
                 # Every recipient expanded to nothing (e.g. an alias to no one): accepted, done.
                 writer.abort()
@@ -288,7 +289,8 @@ class Intake:
         if fresh is not None:
             assert self._handoff is not None
             self._handoff.offer(fresh)
-        log.info(
+        maillog.info(
+            log,
             "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
             qid,
             envelope.sender,

@@ -14,6 +14,12 @@ turn, in one call; warnings, errors and lines from other threads are written at 
 therefore on disk within the same loop turn-around (sub-millisecond), and lost only by a crash
 in that window. `setup` also turns off the record fields nobody prints (caller, thread and
 process names: the logging HOWTO's "Optimization" knobs).
+
+`info(logger, msg, *args)` is the hot path's way to log (the lines of every message): when the
+line can only reach our handler (the usual case once `setup` ran: no other handler, filter or
+level in the way), it formats the line itself instead of building a `LogRecord` and walking
+logging's handler chain, 4.3 -> ~1 µs a line (`logger.info` with this handler, measured in
+a loop). Otherwise it is exactly `logger.info(msg, *args)`.
 """
 
 from __future__ import annotations
@@ -44,22 +50,35 @@ class MaillogFormatter(logging.Formatter):
         self.pid = os.getpid()
         #: (second, its formatted stamp), replaced whole so threads never see half an update
         self._stamp: tuple[int, str] = (-1, "")
+        #: logger name -> " host mailhaven/role[pid]: "
+        self._prefixes: dict[str, str] = {}
 
-    def format(self, record: logging.LogRecord) -> str:
-        parts = record.name.split(".")
-        role = parts[1] if len(parts) > 1 else "master"
-        role = _ROLE_ALIASES.get(role, role)
-        second = int(record.created)
+    def stamp(self, created: float) -> str:
+        """`Mon DD HH:MM:SS` of a time, formatted once per second, not once per line."""
+        second = int(created)
         cached, stamp = self._stamp
-        if second != cached:  # formatted once per second, not once per line
+        if second != cached:
             stamp = time.strftime("%b %e %H:%M:%S", time.localtime(second))
             self._stamp = (second, stamp)
+        return stamp
+
+    def prefix(self, name: str) -> str:
+        """What follows the stamp for lines of logger `name`, up to the text."""
+        prefix = self._prefixes.get(name)
+        if prefix is None:
+            parts = name.split(".")
+            role = parts[1] if len(parts) > 1 else "master"
+            role = _ROLE_ALIASES.get(role, role)
+            prefix = self._prefixes[name] = f" {self.hostname} mailhaven/{role}[{self.pid}]: "
+        return prefix
+
+    def format(self, record: logging.LogRecord) -> str:
         level = ""
         if record.levelno >= logging.ERROR:
             level = "error: "
         elif record.levelno >= logging.WARNING:
             level = "warning: "
-        line = f"{stamp} {self.hostname} mailhaven/{role}[{self.pid}]: {level}{record.getMessage()}"
+        line = self.stamp(record.created) + self.prefix(record.name) + level + record.getMessage()
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -79,11 +98,23 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        loop = _loop_of_this_thread() if record.levelno < logging.WARNING else None
+        if record.levelno < logging.WARNING:
+            self.add_info(line)
+        else:
+            self._write([line])
+
+    def add_info(self, line: str) -> None:
+        """An info line (with its line end): pending until the loop's next turn when logged
+        on an event loop's thread, else written at once."""
+        loop = asyncio.events._get_running_loop()
         if loop is None:
             self._write([line])
             return
-        self._pending.append(line)
+        self.acquire()  # `info` comes here without logging's lock; another thread may write
+        try:
+            self._pending.append(line)
+        finally:
+            self.release()
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._drain)
@@ -112,11 +143,43 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             super().flush()
 
 
-def _loop_of_this_thread() -> asyncio.AbstractEventLoop | None:
+#: the handler `setup` installed on the `mailhaven` logger (None: not set up)
+_handler: BatchingHandler | None = None
+_root = logging.getLogger("mailhaven")
+
+
+def info(logger: logging.Logger, msg: str, *args: object) -> None:
+    """`logger.info(msg, *args)` for the hot path (see the module docstring).
+
+    The fast path is taken only when nothing but our handler could see the line: `logger` is a
+    direct child of `mailhaven` without handlers or filters of its own, `mailhaven` has just
+    our handler and no filters, and info is enabled for `logger` (which honours
+    `logging.disable` and every level set on the way)."""
+    handler = _handler
+    if (
+        handler is None
+        or logger.parent is not _root
+        or logger.handlers
+        or logger.filters
+        or not logger.propagate
+        or logger.disabled
+        or len(_root.handlers) != 1
+        or _root.handlers[0] is not handler
+        or _root.filters
+        or handler.filters
+        or handler.level > logging.INFO
+        or not logger.isEnabledFor(logging.INFO)
+    ):
+        logger.info(msg, *args)
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, MaillogFormatter)
     try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+        text = msg % args if args else msg
+    except Exception:  # let logging report the bad call as it always does
+        logger.info(msg, *args)
+        return
+    handler.add_info(formatter.stamp(time.time()) + formatter.prefix(logger.name) + text + handler.terminator)
 
 
 def setup(hostname: str, level: str = "info", stream: TextIO | None = None) -> None:
@@ -125,14 +188,16 @@ def setup(hostname: str, level: str = "info", stream: TextIO | None = None) -> N
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup per record (the HOWTO's documented knob)
+    global _handler
     handler = BatchingHandler(stream or sys.stderr)
     handler.setFormatter(MaillogFormatter(hostname))
-    root = logging.getLogger("mailhaven")
+    root = _root
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     root.propagate = False
+    _handler = handler
 
 
 def client_label(address: str, name: str = "") -> str:

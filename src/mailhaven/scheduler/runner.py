@@ -49,6 +49,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
+from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, Route
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
@@ -509,12 +510,12 @@ class Runner:
             self._due_changed = True
         delays = (planned - min(r.arrival for r in rcpts), started - planned, 0.0, now - started)
         for v in verdicts:
-            log.info(attempt_line(qid, v, relay=relay, now=now, delays=delays))
+            maillog.info(log, attempt_line(qid, v, relay=relay, now=now, delays=delays))
         remaining, removed = await self._spool.record_and_finish(qid, [v.update for v in verdicts])
         if any(v.label == "expired" for v in verdicts) and envelope is not None:
             log.info("%s: from=<%s>, status=expired, returned to sender", qid, envelope.sender)
         if removed:
-            log.info("%s: removed", qid)
+            maillog.info(log, "%s: removed", qid)
         elif remaining == 0:
             await self._finish(qid)
         elif any(v.label == "deferred" for v in verdicts):

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
+from mailhaven import maillog
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.maillog import client_label
 from mailhaven.proto import smtp_events as ev
@@ -116,7 +117,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         if transport.get_extra_info("ssl_object") is not None:
             self.facts.tls = self._tls_summary()
         self.last_activity = self.service.loop.time()
-        log.info("connect from %s", self.label)
+        maillog.info(log, "connect from %s", self.label)
         refusal = self.service.admit(self)
         if refusal is not None:
             log.warning("%s: %s", self.label, refusal.text)
@@ -160,7 +161,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         ok = sum(good for _, (good, _) in counts)
         total = sum(n for _, (_, n) in counts)
         words.append(f"commands={ok}" if ok == total else f"commands={ok}/{total}")
-        log.info("disconnect from %s %s", self.label, " ".join(words))
+        maillog.info(log, "disconnect from %s %s", self.label, " ".join(words))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -287,7 +288,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             return
         self._client_logged = True
         sasl = f", sasl_username={self.facts.auth_user}" if self.facts.auth_user else ""
-        log.info("%s: client=%s%s", self.writer.queue_id, self.label, sasl)
+        maillog.info(log, "%s: client=%s%s", self.writer.queue_id, self.label, sasl)
 
     def _dispatch(self, event: ev.Event) -> None:
         policy = self.profile.policy
