@@ -220,3 +220,33 @@ def test_reason_unavailable_after_a_reason() -> None:
         "",
         "-- 2 Kbytes in 1 Request.",
     ]
+
+
+def test_mailq_output_goes_out_in_chunks_and_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from mailhaven.cli import queue as queue_cli
+    from mailhaven.spool import MessageSummary, RecipientState
+
+    def messages() -> Iterator[MessageSummary]:
+        for n in range(700):  # 4 lines each: 2,800 lines, more than one write's worth
+            state = RecipientState(
+                0, f"r{n}@x.example", f"r{n}@x.example", (), None, Status.DEFERRED, Hold.NONE,
+                False, 1, NOW, reply(451, "4.7.1", "try later"), None, None,
+            )
+            yield MessageSummary(f"1K132SF6WGPH{n:03d}", NOW, 1500, "a@b.example", False, (state,))
+
+    class Counting(io.StringIO):
+        writes = 0
+
+        def write(self, s: str) -> int:
+            self.writes += 1
+            return super().write(s)
+
+    monkeypatch.setattr(queue_cli, "list_all", lambda path: messages())
+    out = Counting()
+    assert queue_cli.print_mailq(tmp_path, out) == 0
+    expected = list(queue_cli.mailq_lines(messages()))
+    assert len(expected) > queue_cli._LINES_PER_WRITE
+    assert out.getvalue() == "\n".join(expected) + "\n"
+    assert out.writes == -(-len(expected) // queue_cli._LINES_PER_WRITE)
