@@ -184,3 +184,49 @@ async def test_the_writer_thread_keeps_off_the_connection_while_the_loop_runs_jo
     await spool._committer.run(inline_job, inline=True)
     assert await asyncio.wrap_future(handed[0]) == 1  # type: ignore[arg-type]
     assert order == ["inline", "thread"]  # deferred until the loop's batch had committed
+
+
+class WriterKiller(BaseException):
+    """Not an Exception: the writer thread re-raises it, as it does a failed ROLLBACK."""
+
+
+class FatalCommit:
+    """A checkpoint hook that makes the next COMMIT fail in a way the writer thread cannot
+    survive (in the field: the COMMIT fails and so does its ROLLBACK, the disk is gone)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, point: str) -> None:
+        if self.armed and point == "before_commit":
+            self.armed = False
+            raise WriterKiller
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_after_the_writer_thread_fails_every_job_fails_at_once(
+    tmp_path: Path, inline: bool
+) -> None:
+    fatal = FatalCommit()
+    s = Spool(tmp_path / "q", inline_limit=4096, checkpoint=fatal)
+    s.open()
+    try:
+        fatal.armed = True
+        with pytest.raises(WriterKiller):  # the batch in flight fails with what killed it
+            await asyncio.wait_for(s._committer.run(_insert("a")[1], inline=inline), 10)
+        for tag in ("b", "c"):  # later jobs: an answer at once, never a hang
+            with pytest.raises(OSError, match="writer failed"):
+                await asyncio.wait_for(s._committer.run(_insert(tag)[1], inline=inline), 10)
+        with pytest.raises(OSError, match="writer failed"):
+            await asyncio.wait_for(put(s, b"a message"), 10)
+        with pytest.raises(OSError, match="writer failed"):
+            s._committer.submit(_count, write=False)
+    finally:
+        s.close()  # stops the thread (it waits as a sink until then)
+    s2 = Spool(tmp_path / "q", inline_limit=4096)
+    s2.open()  # a restart opens the spool afresh
+    try:
+        assert await put(s2, b"after the restart")
+        assert len(list(list_queue(s2.root))) == 1
+    finally:
+        s2.close()

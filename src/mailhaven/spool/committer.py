@@ -35,6 +35,11 @@ connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER
 never used by both at once. Jobs that may scan the whole queue (listing, requeue, due scans)
 stay on the writer thread.
 
+If the writer thread fails for good (a COMMIT failed and so did its ROLLBACK: the disk is
+gone), every job in flight, queued or still to come fails at once with `SpoolUnavailable`, so
+each caller answers (a session: 451) instead of waiting forever; the thread stays as a sink
+that fails what arrives until `stop()`. A restart opens the spool afresh.
+
 Crash injection: `checkpoint(name)` is called at "before_commit" (all jobs ran, nothing durable)
 and "after_commit" (durable, nobody told yet); tests make it raise or `os._exit`.
 
@@ -126,6 +131,10 @@ class _Commit:
     loop: asyncio.AbstractEventLoop
 
 
+class SpoolUnavailable(OSError):
+    """The writer thread has failed; no job runs until the spool is opened again."""
+
+
 _STOP = object()
 #: tells the writer thread the loop gave the connection back (it has deferred work)
 _WAKE = object()
@@ -164,6 +173,8 @@ class Committer:
         self._inline: list[_Item] = []
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        #: why the writer thread failed for good (None while it works)
+        self._dead: SpoolUnavailable | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="spool-writer", daemon=True)
@@ -187,6 +198,8 @@ class Committer:
         """Queue a job from any thread; the future resolves after its batch commits."""
         if self._thread is None:
             raise RuntimeError("spool is not open")
+        if self._dead is not None:
+            raise self._dead
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put(_Item(fn, fut, write, atomic=atomic))
         return fut
@@ -201,6 +214,8 @@ class Committer:
         the other inline jobs of this loop turn (see the module docstring)."""
         if self._thread is None:
             raise RuntimeError("spool is not open")
+        if self._dead is not None:
+            raise self._dead
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         item = _Item(fn, fut, write, loop, atomic)
@@ -231,6 +246,10 @@ class Committer:
         """Run the gathered inline jobs in one transaction and hand its COMMIT over."""
         self._flush_scheduled = False
         if not self._inline:
+            return
+        if self._dead is not None:
+            failed, self._inline = self._inline, []
+            _settle([(item, False, self._dead) for item in failed])
             return
         with self._mutex:
             if self._owner is not _IDLE:
@@ -295,6 +314,7 @@ class Committer:
         self._conn = conn
         self._ready.set_result(None)
         deferred: list[_Item] = []  # jobs that came while the loop held the connection
+        batch: list[_Item] = []
         try:
             while True:
                 special: object = None
@@ -323,8 +343,39 @@ class Committer:
                     if deferred:  # the loop has stopped: nobody holds the connection now
                         self._run_batch(conn, deferred)
                     return
+        except BaseException as exc:
+            self._fail_for_good(conn, exc, batch + deferred)
         finally:
             conn.close()
+
+    def _fail_for_good(self, conn: sqlite3.Connection, exc: BaseException, held: list[_Item]) -> None:
+        """The writer thread cannot go on: fail every job it holds and all that come, until
+        `stop()` (see the module docstring)."""
+        log.error("spool: writer thread failed, queue unavailable until restart: %r", exc)
+        dead = SpoolUnavailable(f"the spool's writer failed: {exc!r}")
+        dead.__cause__ = exc
+        self._dead = dead
+        with contextlib.suppress(Exception):
+            if conn.in_transaction:
+                conn.rollback()
+        self._resolve([(item, False, dead) for item in held])
+        with self._mutex:
+            mine = self._owner is _WRITER
+        if mine:  # give the connection back, so a waiting inline batch is failed, not stuck
+            self._writer_release()
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            if isinstance(item, _Item):
+                if item.start():
+                    self._resolve([(item, False, dead)])
+            elif isinstance(item, _Commit):  # an inline batch the loop ran: nothing is durable
+                with contextlib.suppress(Exception):
+                    if conn.in_transaction:
+                        conn.rollback()
+                failed = [(job, False, dead) for job, _, _ in item.outcomes]
+                self._writer_release(_Commit(failed, item.loop))
 
     def _gather(self) -> tuple[list[_Item], object]:
         """Jobs for the next batch and the control item that ended the gathering (a `_Commit`,
