@@ -25,15 +25,23 @@ QUEUE_ID_LENGTH = TIME_DIGITS + COUNTER_DIGITS
 _COUNTER_SPAN = len(ALPHABET) ** COUNTER_DIGITS
 
 
+#: every two-digit string, by value (0..1023): two digits per lookup, 5 bits each
+_PAIRS = [a + b for a in ALPHABET for b in ALPHABET]
+
+
 def encode(value: int, width: int) -> str:
     """Fixed-width base-32 rendering, most significant digit first (so text order = order)."""
-    digits = []
-    for _ in range(width):
-        value, rem = divmod(value, len(ALPHABET))
-        digits.append(ALPHABET[rem])
-    if value:
+    shift = 5 * width
+    if value < 0 or value >> shift:
         raise ValueError("value does not fit in width")
-    return "".join(reversed(digits))
+    digits = []
+    if width % 2:
+        shift -= 5
+        digits.append(ALPHABET[(value >> shift) & 31])
+    while shift:
+        shift -= 10
+        digits.append(_PAIRS[(value >> shift) & 1023])
+    return "".join(digits)
 
 
 def is_queue_id(text: str) -> bool:
