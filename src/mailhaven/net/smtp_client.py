@@ -84,6 +84,11 @@ class SessionFailure:
     relay: str
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Stream(asyncio.Protocol):
     """A byte stream whose receive buffer we own (see SECURITY above)."""
 
@@ -91,7 +96,8 @@ class _Stream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._inbox = bytearray()
         self._eof = False
-        self._wakeup = asyncio.Event()
+        #: what `read` waits on: resolved by input, EOF, loss or its timer (None: no reader)
+        self._waiter: asyncio.Future[None] | None = None
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         self._paused = False
@@ -101,21 +107,26 @@ class _Stream(asyncio.Protocol):
         # subclasses, though they provide its interface (`mailhaven.eventloop`)
         self.transport = cast(asyncio.Transport, transport)
 
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def data_received(self, data: bytes) -> None:
         self._inbox += data
-        self._wakeup.set()
+        self._wake()
         if len(self._inbox) > MAX_INBOX and self.transport and not self._paused:
             self._paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        self._wakeup.set()
+        self._wake()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
-        self._wakeup.set()
+        self._wake()
         self._write_ok.set()
 
     def pause_writing(self) -> None:
@@ -127,13 +138,18 @@ class _Stream(asyncio.Protocol):
     async def read(self, timeout: float) -> bytes | None:
         """What has arrived, b"" at EOF, None after `timeout` seconds of silence."""
         if not self._inbox and not self._eof:  # a timer only when we have to wait
+            # One future and one timer per wait (an Event and asyncio.timeout() cost twice the
+            # calls: two waits per relayed message)
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    while not self._inbox and not self._eof:
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
-            except TimeoutError:
-                return None
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+            if not self._inbox and not self._eof:
+                return None  # the timer fired
         data = bytes(self._inbox)
         self._inbox.clear()
         if self._paused and self.transport and not self.transport.is_closing():
