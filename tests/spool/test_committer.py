@@ -219,8 +219,12 @@ async def test_after_the_writer_thread_fails_every_job_fails_at_once(
                 await asyncio.wait_for(s._committer.run(_insert(tag)[1], inline=inline), 10)
         with pytest.raises(OSError, match="writer failed"):
             await asyncio.wait_for(put(s, b"a message"), 10)
-        with pytest.raises(OSError, match="writer failed"):
+        with pytest.raises(OSError, match="writer failed") as first:
             s._committer.submit(_count, write=False)
+        with pytest.raises(OSError, match="writer failed") as second:
+            s._committer.submit(_count, write=False)
+        assert first.value is not second.value  # each caller its own (tracebacks do not pile up)
+        assert isinstance(first.value.__cause__, WriterKiller)
     finally:
         s.close()  # stops the thread (it waits as a sink until then)
     s2 = Spool(tmp_path / "q", inline_limit=4096)

@@ -199,7 +199,7 @@ class Committer:
         if self._thread is None:
             raise RuntimeError("spool is not open")
         if self._dead is not None:
-            raise self._dead
+            raise self._unavailable()
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put(_Item(fn, fut, write, atomic=atomic))
         return fut
@@ -215,7 +215,7 @@ class Committer:
         if self._thread is None:
             raise RuntimeError("spool is not open")
         if self._dead is not None:
-            raise self._dead
+            raise self._unavailable()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         item = _Item(fn, fut, write, loop, atomic)
@@ -249,7 +249,7 @@ class Committer:
             return
         if self._dead is not None:
             failed, self._inline = self._inline, []
-            _settle([(item, False, self._dead) for item in failed])
+            _settle([(item, False, self._unavailable()) for item in failed])
             return
         with self._mutex:
             if self._owner is not _IDLE:
@@ -348,17 +348,24 @@ class Committer:
         finally:
             conn.close()
 
+    def _unavailable(self) -> SpoolUnavailable:
+        """A fresh exception for one caller (one instance raised again and again would pile
+        up every raiser's traceback)."""
+        assert self._dead is not None
+        fresh = SpoolUnavailable(*self._dead.args)
+        fresh.__cause__ = self._dead.__cause__
+        return fresh
+
     def _fail_for_good(self, conn: sqlite3.Connection, exc: BaseException, held: list[_Item]) -> None:
         """The writer thread cannot go on: fail every job it holds and all that come, until
         `stop()` (see the module docstring)."""
         log.error("spool: writer thread failed, queue unavailable until restart: %r", exc)
-        dead = SpoolUnavailable(f"the spool's writer failed: {exc!r}")
-        dead.__cause__ = exc
-        self._dead = dead
+        self._dead = SpoolUnavailable(f"the spool's writer failed: {exc!r}")
+        self._dead.__cause__ = exc
         with contextlib.suppress(Exception):
             if conn.in_transaction:
                 conn.rollback()
-        self._resolve([(item, False, dead) for item in held])
+        self._resolve([(item, False, self._unavailable()) for item in held])
         with self._mutex:
             mine = self._owner is _WRITER
         if mine:  # give the connection back, so a waiting inline batch is failed, not stuck
@@ -369,12 +376,12 @@ class Committer:
                 return
             if isinstance(item, _Item):
                 if item.start():
-                    self._resolve([(item, False, dead)])
+                    self._resolve([(item, False, self._unavailable())])
             elif isinstance(item, _Commit):  # an inline batch the loop ran: nothing is durable
                 with contextlib.suppress(Exception):
                     if conn.in_transaction:
                         conn.rollback()
-                failed = [(job, False, dead) for job, _, _ in item.outcomes]
+                failed = [(job, False, self._unavailable()) for job, _, _ in item.outcomes]
                 self._writer_release(_Commit(failed, item.loop))
 
     def _gather(self) -> tuple[list[_Item], object]:
