@@ -173,8 +173,8 @@ class Committer:
         self._inline: list[_Item] = []
         self._inline_loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
-        #: why the writer thread failed for good (None while it works)
-        self._dead: SpoolUnavailable | None = None
+        #: what made the writer thread fail for good (None while it works)
+        self._dead: BaseException | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="spool-writer", daemon=True)
@@ -351,17 +351,15 @@ class Committer:
     def _unavailable(self) -> SpoolUnavailable:
         """A fresh exception for one caller (one instance raised again and again would pile
         up every raiser's traceback)."""
-        assert self._dead is not None
-        fresh = SpoolUnavailable(*self._dead.args)
-        fresh.__cause__ = self._dead.__cause__
+        fresh = SpoolUnavailable(f"the spool's writer failed: {self._dead!r}")
+        fresh.__cause__ = self._dead
         return fresh
 
     def _fail_for_good(self, conn: sqlite3.Connection, exc: BaseException, held: list[_Item]) -> None:
         """The writer thread cannot go on: fail every job it holds and all that come, until
         `stop()` (see the module docstring)."""
         log.error("spool: writer thread failed, queue unavailable until restart: %r", exc)
-        self._dead = SpoolUnavailable(f"the spool's writer failed: {exc!r}")
-        self._dead.__cause__ = exc
+        self._dead = exc
         with contextlib.suppress(Exception):
             if conn.in_transaction:
                 conn.rollback()
