@@ -84,8 +84,9 @@ class SessionFailure:
     relay: str
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Let a waiting `_Stream.read` look again (input, EOF, loss, or its timer)."""
+    if waiter is not None and not waiter.done():
         waiter.set_result(None)
 
 
@@ -107,26 +108,21 @@ class _Stream(asyncio.Protocol):
         # subclasses, though they provide its interface (`mailhaven.eventloop`)
         self.transport = cast(asyncio.Transport, transport)
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def data_received(self, data: bytes) -> None:
         self._inbox += data
-        self._wake()
+        _wake(self._waiter)
         if len(self._inbox) > MAX_INBOX and self.transport and not self._paused:
             self._paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         self._eof = True
-        self._wake()
+        _wake(self._waiter)
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
-        self._wake()
+        _wake(self._waiter)
         self._write_ok.set()
 
     def pause_writing(self) -> None:
@@ -142,7 +138,7 @@ class _Stream(asyncio.Protocol):
             # calls: two waits per relayed message)
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter)
+            timer = loop.call_later(timeout, _wake, waiter)
             try:
                 await waiter
             finally:
