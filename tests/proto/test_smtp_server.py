@@ -134,26 +134,38 @@ def test_enhanced_codes_on_every_reply_but_greeting_and_ehlo() -> None:
     assert "221 2.0.0 Bye" in lines
 
 
-def test_help_lists_every_command() -> None:
-    text = converse(b"HELP\r\n").text()
-    for cmd in (
-        "HELO",
-        "EHLO",
-        "MAIL",
-        "RCPT",
-        "DATA",
-        "BDAT",
-        "RSET",
-        "NOOP",
-        "QUIT",
-        "VRFY",
-        "EXPN",
-        "HELP",
-        "STARTTLS",
-        "AUTH",
-        "ETRN",
-    ):
-        assert cmd in text
+ALL_COMMANDS = (
+    "HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN",
+    "HELP", "STARTTLS", "AUTH", "ETRN",
+)  # fmt: skip
+
+
+def help_commands(settings: ServerSettings) -> set[str]:
+    text = converse(b"HELP\r\n", settings=settings).text()
+    names = text.split("\r\n")[2]
+    assert names.startswith("214-2.0.0 "), text
+    return set(names.removeprefix("214-2.0.0 ").split())
+
+
+def test_help_lists_every_command_that_works_here() -> None:
+    everything = ServerSettings(
+        hostname="mx.test", starttls=True, auth_mechanisms=("PLAIN",), etrn=True
+    )
+    assert help_commands(everything) == set(ALL_COMMANDS)
+
+
+def test_help_leaves_out_commands_that_answer_502_here() -> None:
+    # no certificate, no AUTH, no held domains
+    mx = ServerSettings(hostname="mx.test", forbid_unauth_pipelining=False)
+    listed = help_commands(mx)
+    assert listed == set(ALL_COMMANDS) - {"STARTTLS", "AUTH", "ETRN"}
+    for verb in ("STARTTLS", "AUTH", "ETRN"):
+        run = converse(b"EHLO c\r\n" + verb.encode() + b" x\r\n", settings=mx)
+        assert run.codes[-1] == 502, verb  # what HELP stopped promising
+        why = converse(b"HELP " + verb.encode() + b"\r\n", settings=mx).text()
+        assert "214 2.0.0 " in why and "not available here" in why, why
+    implicit_tls = ServerSettings(hostname="mx.test", starttls=True, tls_on_connect=True)
+    assert "STARTTLS" not in help_commands(implicit_tls)
 
 
 # ---------------------------------------------------------------- DATA
@@ -312,6 +324,30 @@ def test_too_many_recipients() -> None:
     assert run.codes[-1] == 452
     assert run.codes.count(250) == 102  # EHLO + MAIL + 100 RCPT
     assert b"452 4.5.3" in run.output
+
+
+def test_recipients_past_the_limit_are_not_errors_until_the_overshoot_limit() -> None:
+    # 1,100 pipelined RCPTs (a big mailing) against a limit of 100: 1,000 answered 452 and the
+    # session goes on to DATA; Postfix's smtpd_recipient_overshoot_limit, not 421.
+    settings = ServerSettings(
+        hostname="mx.test", max_recipients=100, hard_error_limit=20, forbid_unauth_pipelining=False
+    )
+    rcpts = b"".join(b"RCPT TO:<r%d@y.test>\r\n" % i for i in range(1100))
+    run = converse(
+        EHLO + b"MAIL FROM:<a@x.test>\r\n" + rcpts + b"DATA\r\n", settings=settings
+    )
+    assert run.codes.count(452) == 1000
+    assert 421 not in run.codes
+    assert run.codes[-1] == 354
+
+
+def test_overshooting_far_past_the_limit_counts_as_errors() -> None:
+    settings = ServerSettings(
+        hostname="mx.test", max_recipients=100, hard_error_limit=20, forbid_unauth_pipelining=False
+    )
+    rcpts = b"".join(b"RCPT TO:<r%d@y.test>\r\n" % i for i in range(100 + 1000 + 20))
+    run = converse(EHLO + b"MAIL FROM:<a@x.test>\r\n" + rcpts, settings=settings)
+    assert run.codes[-1] == 421
 
 
 def test_overlong_command_line() -> None:

@@ -15,7 +15,7 @@ HELP_TEXT: dict[str, str] = {
     "VRFY": "VRFY <address> - ask whether an address exists (answers 252 by default)",
     "EXPN": "EXPN <list> - expand a mailing list (disabled by default)",
     "HELP": "HELP [command] - this text",
-    "STARTTLS": "STARTTLS - switch the connection to TLS (when a certificate is configured)",
+    "STARTTLS": "STARTTLS - switch the connection to TLS",
     "AUTH": "AUTH <mechanism> [initial-response] - log in (after STARTTLS)",
     "ETRN": "ETRN <domain> | @<domain> - ask for queued mail of a part-time host (RFC 1985)",
 }

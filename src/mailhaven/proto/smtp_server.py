@@ -48,6 +48,9 @@ RCPT_LINE_EXTRA = 500
 MAX_AUTH_LINE = 12288
 #: RFC 5321 §4.5.3.1.8: at least 100 recipients must be accepted (Postfix: 1000).
 MIN_RECIPIENTS = 100
+#: Postfix's smtpd_recipient_overshoot_limit: recipients past the limit answered 452 before
+#: each further one counts as an error (a client legitimately pipelines a big batch).
+RECIPIENT_OVERSHOOT = 1000
 #: Commands after which a client must wait for the reply (RFC 2920 §3.1, RFC 3207, RFC 4954).
 _GROUP_ENDERS = frozenset(
     {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "HELP", "ETRN", "AUTH", "STARTTLS"}
@@ -148,6 +151,7 @@ class ServerConnection:
         self._bdat_cr = False
         self._bdat_active = False
         self._bdat_refusal: Reply | None = None
+        self._overshoot = 0
         self._advertised: frozenset[str] = frozenset()
         self._advertised_for: tuple[bool, bool] | None = None
 
@@ -369,6 +373,7 @@ class ServerConnection:
     def _end_transaction(self) -> None:
         self.mail = None
         self.recipients = []
+        self._overshoot = 0
         self._decoder = None
         self._body_size = 0
         self._body_error = None
@@ -589,7 +594,13 @@ class ServerConnection:
         except AddressError as err:
             return self._send(err.reply)
         if len(self.recipients) >= max(self.settings.max_recipients, MIN_RECIPIENTS):
-            return self._send(_r(452, "4.5.3", "Error: too many recipients"))
+            # 452 asks the client to send the rest in another transaction (RFC 5321
+            # §4.5.3.1.10); it is not the client's error until it overshoots by far.
+            self._overshoot += 1
+            return self._send(
+                _r(452, "4.5.3", "Error: too many recipients"),
+                count=self._overshoot > RECIPIENT_OVERSHOOT,
+            )
         self._events.append(ev.RcptTo(address, params))
 
     def _data(self, arg: str) -> None:
@@ -696,15 +707,36 @@ class ServerConnection:
 
     def _help(self, arg: str) -> None:
         if not arg:
-            names = " ".join(ORDER)
+            names = " ".join(verb for verb in ORDER if self._unavailable(verb) is None)
             self._send(
                 Reply(214, "Commands:", "2.0.0", (names, "HELP <command> explains one command"))
             )
             return
-        text = HELP_TEXT.get(arg.upper())
+        verb = arg.upper()
+        text = HELP_TEXT.get(verb)
         if text is None:
             return self._send(_r(504, "5.5.1", f"Error: unknown command {arg[:30]!r}"))
+        why = self._unavailable(verb)
+        if why is not None:
+            text = f"{text}; not available here: {why}"
         self._send(_r(214, "2.0.0", text))
+
+    def _unavailable(self, verb: str) -> str | None:
+        """Why `verb` answers 502 on this listener whatever the client does (None: it works);
+        HELP lists only what works here."""
+        s = self.settings
+        match verb:
+            case "STARTTLS" if self.tls:
+                return "TLS is already active"
+            case "STARTTLS" if not s.starttls:
+                return "no certificate configured"
+            case "AUTH" if not s.auth_mechanisms:
+                return "authentication is offered on the submission ports only"
+            case "ETRN" if not s.etrn:
+                return "no mail is held for part-time hosts"
+            case "BDAT" if not s.chunking:
+                return "CHUNKING is turned off"
+        return None
 
     def _etrn(self, arg: str) -> None:
         if not self.settings.etrn:
