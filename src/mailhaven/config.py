@@ -81,6 +81,9 @@ class Timeouts:
     data: float = 180.0
     #: On SIGTERM: how long in-flight transactions may finish before they are cut.
     shutdown_grace: float = 10.0
+    #: A TLS handshake (STARTTLS or implicit TLS) must finish within this (Postfix's
+    #: smtpd_starttls_timeout); a client that stalls in it holds a connection slot.
+    tls_handshake: float = 60.0
 
 
 @dataclass(frozen=True)

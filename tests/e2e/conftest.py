@@ -4,30 +4,18 @@
 test's tmp_path and starts it (pass `start=False` to configure first); every server it made is
 stopped (SIGTERM, then SIGKILL) at teardown, so no test leaves a process behind.
 
-`pytest.mark.both_loops` on an async test (or module) runs it once on the standard library's
-event loop and once on uvloop (ids `[asyncio]`, `[uvloop]`): for servers run in the test's own
-loop, what `event_loop = "uvloop"` does for `mailhaven serve`.
+`pytest.mark.both_loops` (tests/conftest.py) runs an async test on both event loops.
 """
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-import uvloop
 from tests.support.server import MailServer
-
-
-def pytest_asyncio_loop_factories(
-    config: pytest.Config, item: pytest.Item
-) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
-    if item.get_closest_marker("both_loops") is None:
-        return {"asyncio": asyncio.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 class ServerFactory(Protocol):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import socket
 import ssl
@@ -266,3 +267,60 @@ async def test_auth_plain_login_and_brute_force_brake(tmp_path: Path) -> None:
         assert await asyncio.to_thread(session, "s3cret") == 454  # the user stays blocked
     finally:
         await service.shutdown(grace=0.2)
+
+
+# ---------------------------------------------------------------- STARTTLS that never completes
+
+
+def _stalled_starttls(port: int, ending: str) -> None:
+    """STARTTLS, read 220, then end as an attacker would: reset, silence, or not TLS at all."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = raw.makefile("rb")
+    assert f.readline().startswith(b"220")
+    raw.sendall(b"EHLO attacker.test\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    raw.sendall(b"STARTTLS\r\n")
+    assert f.readline().startswith(b"220 2.0.0")
+    match ending:
+        case "reset":
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            raw.close()
+        case "garbage":
+            raw.sendall(b"this is not a TLS ClientHello\r\n" * 4)
+            raw.settimeout(10)
+            with contextlib.suppress(OSError):
+                while raw.recv(4096):
+                    pass
+            raw.close()
+        case "silent":
+            raw.settimeout(10)
+            with contextlib.suppress(OSError):
+                assert raw.recv(4096) == b""  # the server gives up on the handshake
+            raw.close()
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("ending", ["reset", "garbage", "silent"])
+async def test_starttls_that_never_completes_releases_its_slot(ending: str) -> None:
+    # Rule of the session: every path out releases the slot exactly once. With a limit of 4
+    # connections, 12 clients that each die inside the handshake must leave all 4 free.
+    h = await start(
+        lambda: mx_profile(starttls=True),
+        limits=Limits(connections=4, connections_per_ip=4),
+        timeouts=Timeouts(tls_handshake=0.5),
+    )
+    try:
+        for _ in range(3):
+            await asyncio.gather(
+                *(asyncio.to_thread(_stalled_starttls, h.port, ending) for _ in range(4))
+            )
+            for _ in range(100):
+                if not h.service.sessions:
+                    break
+                await asyncio.sleep(0.05)
+        assert not h.service.sessions and not h.service.per_ip
+        refused = await asyncio.to_thread(send_with_smtplib, h.port, ["alice@localhost"])
+        assert refused == {}
+    finally:
+        await h.service.shutdown(grace=0.2)

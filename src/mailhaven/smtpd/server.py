@@ -72,8 +72,11 @@ class SMTPService:
             return SMTPSession(self, profile())
 
         ssl_ctx = profile().tls_context() if implicit_tls else None
+        handshake = self.timeouts.tls_handshake if ssl_ctx is not None else None
         if sock is not None:
-            server = await self.loop.create_server(factory, sock=sock, ssl=ssl_ctx, backlog=1024)
+            server = await self.loop.create_server(
+                factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=handshake, backlog=1024
+            )
         else:
             host, port = parse_hostport(address)
             server = await self.loop.create_server(
@@ -81,6 +84,7 @@ class SMTPService:
                 host,
                 port,
                 ssl=ssl_ctx,
+                ssl_handshake_timeout=handshake,
                 reuse_address=True,
                 backlog=1024,
                 family=socket.AF_INET6 if ":" in host else socket.AF_INET,

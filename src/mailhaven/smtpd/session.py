@@ -39,6 +39,13 @@ log = logging.getLogger("mailhaven.smtpd")
 INTERNAL_ERROR = Reply(451, "Error: internal error, try again later", "4.3.0")
 
 
+def describe_tls_error(err: BaseException) -> str:
+    """A failed handshake for the log: a timeout's exception has no text of its own."""
+    if isinstance(err, TimeoutError):
+        return "handshake timed out"
+    return str(err) or type(err).__name__
+
+
 class Writer(Protocol):
     """The spool's streaming writer for one incoming body."""
 
@@ -105,6 +112,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         #: Decrypted input that arrived while the STARTTLS handshake was finishing (see
         #: `_start_tls`); None when no handshake is in progress.
         self._tls_early: bytearray | None = None
+        self._gone = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -151,6 +159,14 @@ class SMTPSession(asyncio.BufferedProtocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._ended()
+
+    def _ended(self) -> None:
+        """The one way out of a session, exactly once: asyncio does not call `connection_lost`
+        for a connection that dies inside a STARTTLS handshake, so that path calls this too."""
+        if self._gone:
+            return
+        self._gone = True
         self._discard_message()
         self.service.forget(self)
         if self.conn.phase is not Phase.CLOSED and self.conn.in_transaction:
@@ -456,15 +472,22 @@ class SMTPSession(asyncio.BufferedProtocol):
         # still discarded by the core (CVE-2011-0411).
         self._tls_early = bytearray()
         try:
-            new = await self.service.loop.start_tls(self.transport, self, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as err:
+            new = await self.service.loop.start_tls(
+                self.transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.service.timeouts.tls_handshake,
+            )
+        except Exception as err:  # reset, timeout, not TLS at all: each ends the session
             self._tls_early = None
-            log.info("SSL_accept error from %s: %s", self.label, err)
-            if self.transport is not None:
-                self.transport.abort()
+            log.info("SSL_accept error from %s: %s", self.label, describe_tls_error(err))
+            self.transport.abort()
+            self._ended()
             return
         early, self._tls_early = self._tls_early, None
         if new is None:
+            self._ended()
             return
         self.transport = new
         self.conn.tls_established()
