@@ -227,3 +227,32 @@ async def test_implicit_tls_and_sasl_plain(tmp_path: Path, users: UserDB, mail_r
         assert await client.cmd("AUTH PLAIN") == b"+ \r\n"
         assert await client.cmd("AGFsaWNlAHNlY3JldA==") == b"+OK Logged in, 2 messages (48 octets)\r\n"
         await client.cmd("QUIT")
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("ending", ["close", "reset"])
+async def test_stls_after_a_failed_login_from_a_closed_client_ends_the_session(
+    tmp_path: Path, users: UserDB, mail_root: Path, ending: str
+) -> None:
+    # USER, a wrong PASS and STLS pipelined, then gone: the STLS runs after the failed-login
+    # delay, against a connection that no longer exists. Every such session must end (and
+    # free its slot), or a few hundred of them fill the listener.
+    certs = Certs(tmp_path)
+    limiter = AuthLimiter(max_failures=1000, failure_delay=0.05)  # this is not about guessing
+    async with running_server(mail_root, users, tls_context=certs.server_context(),
+                              max_sessions=5, limiter=limiter) as server:
+        for _ in range(3):
+            clients = [await LineClient.connect(server.port) for _ in range(5)]
+            for client in clients:
+                client.writer.write(b"USER alice\r\nPASS wrong\r\nSTLS\r\n")
+                await client.writer.drain()
+                client.abort() if ending == "reset" else await client.close()
+            for _ in range(200):
+                if not server.sessions:
+                    break
+                await asyncio.sleep(0.05)
+            assert not server.sessions
+        client = await LineClient.connect(server.port)
+        assert (await client.login()).startswith(b"+OK Logged in")
+        assert await client.cmd("QUIT") == b"+OK Logging out\r\n"
+        await client.close()

@@ -114,11 +114,18 @@ class Stream(asyncio.Protocol):
         """Upgrade to TLS as the server; plaintext received before this call is discarded."""
         assert self.transport is not None
         del self._inbox[:]  # same synchronous step as the protocol swap below: nothing slips in
+        if self._eof or self.transport.is_closing():
+            # A handshake on a connection the client already closed would wait for bytes
+            # that never come (the loop reports no loss of a transport it already closed).
+            raise ConnectionResetError("connection closed before the TLS handshake")
         loop = asyncio.get_running_loop()
-        new = await loop.start_tls(
-            self.transport, self, context, server_side=True,
-            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
-        )
+        # The outer bound too: the loop's handshake timer does not cover every way a
+        # handshake can stall (a peer that goes away while it is being set up).
+        async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT + 1):
+            new = await loop.start_tls(
+                self.transport, self, context, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )
         if new is None:
             raise ConnectionResetError("connection lost during TLS handshake")
         self.transport = new
