@@ -161,3 +161,20 @@ async def test_the_fast_info_builds_no_log_record(
     maillog.info(logging.getLogger("mailhaven.queue"), "%s: removed", "QID6")
     await asyncio.sleep(0)
     assert _texts(stream)[0].endswith("]: QID6: removed")
+
+
+def test_control_characters_in_client_strings_cannot_forge_a_line(
+    stream: CountingStream,
+) -> None:
+    # CR/LF (and every other non-printable) in text a client chose is escaped on both paths:
+    # logging's (a warning) and the fast `info` path. Outside a loop: written at once.
+    forged = "eve\r\nDec  4 12:00:00 mx mailhaven/smtpd[1]: forged\u2028x\x00"
+    logging.getLogger("mailhaven.smtpd").warning("auth failed: user=%s", forged)
+    maillog.info(logging.getLogger("mailhaven.smtpd"), "helo=<%s>", forged)
+    logging.getLogger("mailhaven.smtpd").info("plain é ok")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    escaped = r"eve\x0d\x0aDec  4 12:00:00 mx mailhaven/smtpd[1]: forged\u2028x\x00"
+    assert lines[0].endswith(f"warning: auth failed: user={escaped}")
+    assert lines[1].endswith(f"helo=<{escaped}>")
+    assert lines[2].endswith("plain é ok")

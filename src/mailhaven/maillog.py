@@ -42,6 +42,20 @@ _ROLE_ALIASES = {
 }
 
 
+def _escaped(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def escape(text: str) -> str:
+    """`text` with every non-printable character (CR, LF, other controls, line separators)
+    written as a backslash escape: client strings reach log lines (HELO names, addresses, AUTH
+    names, remote replies), and a line break in one would forge a log line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
 class MaillogFormatter(logging.Formatter):
     """Syslog-shaped lines on stderr; tracebacks follow on their own lines."""
 
@@ -79,7 +93,8 @@ class MaillogFormatter(logging.Formatter):
             level = "error: "
         elif record.levelno >= logging.WARNING:
             level = "warning: "
-        line = self.stamp(record.created) + self.prefix(record.name) + level + record.getMessage()
+        text = escape(record.getMessage())  # one place for every line: see `escape`
+        line = self.stamp(record.created) + self.prefix(record.name) + level + text
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -176,7 +191,7 @@ def info(logger: logging.Logger, msg: str, *args: object) -> None:
     formatter = handler.formatter
     assert isinstance(formatter, MaillogFormatter)
     try:
-        text = msg % args if args else msg
+        text = escape(msg % args if args else msg)
     except Exception:  # let logging report the bad call as it always does
         logger.info(msg, *args)
         return
