@@ -1,14 +1,19 @@
-"""Failed-login limiter per client IP and per user name, shared by POP3 and SMTP AUTH.
+"""Failed-login limiter per client address and per (address, user), shared by POP3 and SMTP AUTH.
 
 Pure policy: no clock, no I/O. Callers pass `now` (a monotonic time, e.g. `loop.time()`), so
-tests never sleep. A key (an IP or a user) is blocked once it has `max_failures` failures inside
-the sliding `window`; it is free again when the oldest of them ages out. A successful login clears
-the user's count, not the IP's (one right password must not launder a password-spraying IP).
+tests never sleep. A key is blocked once it has `max_failures` failures inside the sliding
+`window`; it is free again when the oldest of them ages out. The keys are the client's address
+(an IPv6 client by its /64) and the pair (address, user): like Dovecot's auth penalty, the
+brake falls on the address that guesses, so an attacker elsewhere can never lock a user out of
+their own logins. A successful login clears its pair's count, not the address's (one right
+password must not launder a password-spraying address).
 
-How the application uses it: `check` before verifying, and when blocked answer with the same
-delayed `-ERR [AUTH]` as a wrong password, without spending CPU on the hash; `failed` after a
-wrong password; `succeeded` after a right one. `failure_delay` is how long to wait before
-answering any failure (Dovecot's `auth_failure_delay`, 2 s by default), which slows guessing.
+How the application uses it: normalise the login name once (`mailbox.users.normalize_name`) and
+pass the same name here and to the lookup, so `" alice"` and `"ALICE"` share alice's count;
+`check` before verifying, and when blocked answer with the same delayed failure as a wrong
+password, without spending CPU on the hash; `failed` after a wrong password; `succeeded` after a
+right one. `failure_delay` is how long to wait before answering any failure (Dovecot's
+`auth_failure_delay`, 2 s by default), which slows guessing.
 
 Memory is bounded: at most `max_keys` keys are tracked; the stalest are forgotten first.
 """
@@ -33,7 +38,7 @@ class Verdict:
 
 
 class AuthLimiter:
-    """Sliding-window failure counts for IPs and users."""
+    """Sliding-window failure counts for addresses and (address, user) pairs."""
 
     def __init__(
         self,
@@ -50,17 +55,19 @@ class AuthLimiter:
         self._failures: dict[str, deque[float]] = {}
 
     def check(self, ip: str, user: str | None, now: float) -> Verdict:
-        wait = max(self._blocked_for(_ip_key(ip), now),
-                   self._blocked_for(_user_key(user), now) if user else 0.0)
+        address = _ip_key(ip)
+        wait = max(self._blocked_for(address, now),
+                   self._blocked_for(_user_key(address, user), now) if user else 0.0)
         return Verdict(wait <= 0.0, wait)
 
     def failed(self, ip: str, user: str | None, now: float) -> None:
-        self._record(_ip_key(ip), now)
+        address = _ip_key(ip)
+        self._record(address, now)
         if user:
-            self._record(_user_key(user), now)
+            self._record(_user_key(address, user), now)
 
     def succeeded(self, ip: str, user: str, now: float) -> None:
-        self._failures.pop(_user_key(user), None)
+        self._failures.pop(_user_key(_ip_key(ip), user), None)
 
     def _blocked_for(self, key: str, now: float) -> float:
         times = self._failures.get(key)
@@ -97,5 +104,5 @@ def _ip_key(ip: str) -> str:
     return f"ip:{address}"
 
 
-def _user_key(user: str) -> str:
-    return f"user:{user.lower()}"
+def _user_key(address: str, user: str) -> str:
+    return f"{address} user:{user.lower()}"

@@ -626,9 +626,9 @@ def test_brute_force_auth_is_slowed_then_blocked_while_others_are_served(
     tmp_path: Path,
 ) -> None:
     """An attacker on 127.0.0.1 guesses alice's password on ten connections at once: each
-    guess is answered `535 5.7.8` only after the failure delay, then the address and the user
-    are blocked (`454 4.7.0`, even with the right password). Meanwhile a client on 127.0.0.3
-    logs in as bob and submits without waiting for the attacker."""
+    guess is answered `535 5.7.8` only after the failure delay, then the address is blocked
+    (`454 4.7.0`, even with the right password), but alice elsewhere is not. Meanwhile a client
+    on 127.0.0.3 logs in as bob and submits without waiting for the attacker."""
     own = mail_server(
         settings=submission_settings(certs, write_users(tmp_path / "users"), dns, sink),
         services=("submission",),
@@ -660,19 +660,29 @@ def test_brute_force_auth_is_slowed_then_blocked_while_others_are_served(
         assert took >= FAILURE_DELAY * 0.9, took
     own.wait_for_mark("carol", mark)
 
-    def attempt(source: str, user: str) -> tuple[int, bytes]:
+    def attempt(source: str, user: str, password: str | None = None) -> tuple[int, bytes]:
         with submission_client(own, certs, source=source) as smtp:
-            return smtp.docmd("AUTH", "PLAIN " + auth_plain(user, PASSWORDS[user]))
+            secret = PASSWORDS[user.strip().lower()] if password is None else password
+            return smtp.docmd("AUTH", "PLAIN " + auth_plain(user, secret))
 
-    # blocked now, with right passwords: the attacker's address (for any user), and the
-    # attacked user (from any address); both answers come after the delay, so ask at once
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        blocked = list(pool.map(attempt, ["127.0.0.1", "127.0.0.4"], ["bob", "alice"]))
-    for code, text in blocked:
-        assert code == 454 and text.startswith(b"4.7.0"), (code, text)
-    # another user from another address is fine
+    # Blocked now, with right passwords: the attacker's address, for any user and for every
+    # spelling of the attacked name (one canonical name, one count). Every answer comes after
+    # the delay, so ask at once.
+    spellings = ["bob", "alice", " alice", "alice\xa0", "\u2003alice", "ALICE"]
+    with concurrent.futures.ThreadPoolExecutor(len(spellings)) as pool:
+        blocked = list(pool.map(attempt, ["127.0.0.1"] * len(spellings), spellings))
+    for spelling, (code, text) in zip(spellings, blocked, strict=True):
+        assert code == 454 and text.startswith(b"4.7.0"), (spelling, code, text)
+    # The attack cannot lock alice out of her own logins from elsewhere (the brake falls on
+    # the guessing address, as Dovecot's auth penalty does), nor anyone else.
+    assert attempt("127.0.0.4", "alice")[0] == 235
     assert attempt("127.0.0.4", "carol")[0] == 235
     own.wait_for_log(r"SASL PLAIN authentication blocked for alice")
+    # A name with a line break is logged escaped: it cannot forge a log line of its own.
+    forged = "eve\r\nDec  4 12:00:00 mx mailhaven/smtpd[1]: forged"
+    assert attempt("127.0.0.5", forged, "x")[0] == 535
+    own.wait_for_log(r"authentication failed: user=eve\\x0d\\x0aDec  4 12:00:00 mx .*forged$")
+    assert not any(line.startswith("Dec  4 12:00:00 mx") for line in own.log_lines())
 
 
 # ---------------------------------------------------------------------- 4. limits

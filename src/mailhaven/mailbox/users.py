@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import threading
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,8 +89,10 @@ class _Signature:
 
 
 def normalize_name(name: str) -> str | None:
-    """The canonical (lower-case) user name, or None when it is not a valid one."""
-    lowered = name.strip().lower()
+    """The canonical user name (NFKC, outer white space removed, lower case), or None when it is
+    not a valid one. Logins, the lookup and the failed-login limiter all use this one form, so
+    look-alike spellings of a name can neither dodge its failure count nor open another entry."""
+    lowered = unicodedata.normalize("NFKC", name).strip().lower()
     if len(lowered) > MAX_NAME or not _NAME.fullmatch(lowered):
         return None
     return lowered

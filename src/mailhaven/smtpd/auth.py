@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from mailhaven.auth_limiter import AuthLimiter
-from mailhaven.mailbox.users import UserDB
+from mailhaven.mailbox.users import UserDB, normalize_name
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.sasl import Challenge, Credentials, Failure, SaslExchange, smtp_reply
 from mailhaven.smtpd.policy import SessionFacts
@@ -76,8 +76,11 @@ class _Exchange:
 
     async def _verify(self, cred: Credentials) -> tuple[Reply, str | None]:
         auth, ip = self.auth, self.facts.client_ip
-        user = cred.authcid.lower()
-        verdict = auth.limiter.check(ip, user, auth.now())
+        # One canonical name for the limiter and the lookup; a name that can be no user's is
+        # counted against the address alone.
+        name = normalize_name(cred.authcid)
+        user = name or cred.authcid  # the log line escapes what the client sent
+        verdict = auth.limiter.check(ip, name, auth.now())
         if not verdict.allowed:
             log.warning(
                 "unknown[%s]: SASL %s authentication blocked for %s: too many failures",
@@ -88,11 +91,13 @@ class _Exchange:
             await asyncio.sleep(auth.limiter.failure_delay)
             return AUTH_BLOCKED, None
         auth.users.reload_if_changed()
-        if await auth.users.verify(user, cred.password):
-            auth.limiter.succeeded(ip, user, auth.now())
-            log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", ip, self.mechanism, user)
-            return AUTH_OK, user
-        auth.limiter.failed(ip, user, auth.now())
+        if name is not None and await auth.users.verify(name, cred.password):
+            auth.limiter.succeeded(ip, name, auth.now())
+            log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", ip, self.mechanism, name)
+            return AUTH_OK, name
+        if name is None:
+            await auth.users.verify("", cred.password)  # the same work as a wrong password
+        auth.limiter.failed(ip, name, auth.now())
         log.warning("unknown[%s]: SASL %s authentication failed: user=%s", ip, self.mechanism, user)
         await asyncio.sleep(auth.limiter.failure_delay)
         return AUTH_FAILED, None
