@@ -236,6 +236,22 @@ async def test_queue_admin_verbs(spool: Spool) -> None:
     assert len(wakes) == 6
 
 
+async def test_every_flush_forgets_the_dead_destinations(spool: Spool) -> None:
+    """Postfix's flush_dead: a flush of all, of a domain or of ids retries a destination that
+    was down now, not after the dead-destination timer; the other verbs leave that state."""
+    forgotten: list[int] = []
+    admin = QueueAdmin(spool, forget_dead=lambda: forgotten.append(1))
+    a = await put(spool, b"a\r\n", "x@one.example")
+    await admin.flush(None, [])
+    await admin.flush("one.example", [])
+    await admin.flush(None, [a])
+    assert len(forgotten) == 3
+    await admin.hold([a])
+    await admin.release([a])
+    await admin.requeue([a])
+    assert len(forgotten) == 3
+
+
 async def test_etrn_is_forwarded_with_its_reply() -> None:
     """A worker process asks the daemon, which opens the release windows in every shard."""
     handlers = Recorder()

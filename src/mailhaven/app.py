@@ -407,7 +407,7 @@ class App:
             held_domains=config.etrn.held_domains,
             clients=config.etrn.clients,
             release=self.spool.release_domain,
-            wake=self.runner.wake,
+            wake=self.runner.flush,
             elsewhere=self._release_in_workers if daemon_with_workers else None,
         )
         self._route = self.part_time.route(lambda a: self.router.route(a), self._release_route)
@@ -458,7 +458,10 @@ class App:
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),
             control.QueueAdmin(
-                self.spool, wake=self.runner.revisit, release_domains=self.part_time.release
+                self.spool,
+                wake=self.runner.revisit,
+                release_domains=self.part_time.release,
+                forget_dead=self.runner.forget_dead,
             ),
         )
         await self.control.start()
@@ -491,6 +494,7 @@ class App:
             pickup=pickup.collect,
             etrn=self.part_time.etrn,
             release_domains=self.part_time.release,
+            forget_dead=self.runner.forget_dead,
         )
         handlers: control.Handlers = admin
         if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too

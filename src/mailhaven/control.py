@@ -311,9 +311,11 @@ def _nothing() -> None:
 class QueueAdmin:
     """The standard `Handlers`: the postsuper/postqueue verbs on a spool, then a scheduler wake.
 
-    Used by the daemon (wired to its spool, `Runner.revisit` and `Pickup.wake`/`collect`) and by
-    the CLI when no daemon runs (no wake, no pickup). Counts are messages changed, except a
-    flush of everything, which counts recipients made due.
+    Used by the daemon (wired to its spool, `Runner.revisit`/`forget_dead` and
+    `Pickup.wake`/`collect`) and by the CLI when no daemon runs (no wake, no pickup). Counts
+    are messages changed, except a flush of everything, which counts recipients made due.
+    A flush of any kind also calls `forget_dead` (Postfix's flush_dead), so a destination that
+    was down is tried at once rather than after the dead-destination timer.
     """
 
     def __init__(
@@ -324,9 +326,11 @@ class QueueAdmin:
         pickup: Callable[[], Awaitable[int]] | None = None,
         etrn: Callable[[str, str], Awaitable[Reply]] | None = None,
         release_domains: Callable[[Sequence[str]], Awaitable[int]] | None = None,
+        forget_dead: Callable[[], None] = _nothing,
     ) -> None:
         self.spool = spool
         self.wake = wake
+        self.forget_dead = forget_dead
         self._pickup = pickup
         self._etrn = etrn
         self._release_domains = release_domains
@@ -338,6 +342,7 @@ class QueueAdmin:
             count = await self._flush_domain(domain)
         else:
             count = await self.spool.requeue(None)
+        self.forget_dead()
         self.wake()
         return count
 

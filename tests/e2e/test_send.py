@@ -20,6 +20,8 @@ import os
 import signal
 import sqlite3
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +53,7 @@ HOSTS = {
     "mx.slow.test": "127.0.0.6",  # 450 for everyone
     "mx.crash.test": "127.0.0.7",
     "smarthost.test": "127.0.0.8",
+    "mx.flush.test": "127.0.0.9",  # down, then up: `queue flush` retries it at once
 }
 RECORDS = {
     "two.test": {"MX": [(10, "mx1.two.test"), (20, "mx2.two.test")]},
@@ -59,6 +62,7 @@ RECORDS = {
     "slow.test": {"MX": [(10, "mx.slow.test")]},
     "crash.test": {"MX": [(10, "mx.crash.test")]},
     "nullmx.test": {"MX": [(0, ".")]},
+    "flush.test": {"MX": [(10, "mx.flush.test")]},
     **{name: {"A": [ip]} for name, ip in HOSTS.items()},
 }
 
@@ -149,6 +153,33 @@ def test_all_mx_down_deferred_then_retried_and_delivered(
     [sent] = wait_attempt(server, qid, "bob@down.test", "sent")
     assert float(sent["delay"]) >= 1.0  # it sat in the queue for at least one backoff
     wait_removed(server, qid)
+
+
+def test_queue_flush_retries_a_destination_that_was_just_down(
+    mail_server: ServerFactory, dns: DNSServer, port: int, sinks: list[Sink]
+) -> None:
+    """Postfix's `postqueue -f` forgets the dead-destination state: after the outage, a flush
+    connects at once instead of logging `delivery temporarily suspended` until the
+    dead-destination timer (= minimal_backoff, 300 s here) runs out."""
+    late = sink_for(sinks, "mx.flush.test", port)  # not started: connection refused
+    server = mail_server(
+        settings=relay_settings(
+            dns=dns.address, port=port, minimal_backoff=300, maximal_backoff=600
+        )
+    )
+    qid = send(server, ["bob@flush.test"])
+    wait_attempt(server, qid, "bob@flush.test", "deferred")
+    late.start()
+    flushed = subprocess.run(
+        [sys.executable, "-m", "mailhaven", "queue", "-c", str(server.config_path), "flush"],
+        cwd=server.dir, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert flushed.returncode == 0, flushed.stderr
+    assert "1 recipient(s) made due now" in flushed.stdout
+    [got] = late.wait_for(1, timeout=8)
+    assert got.rcpt_tos == ["bob@flush.test"]
+    wait_attempt(server, qid, "bob@flush.test", "sent")
+    assert "suspended" not in "".join(m.group(0) for m in attempt_lines(server, qid))
 
 
 # ------------------------------------------------------------------------------ bounces

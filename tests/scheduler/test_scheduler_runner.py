@@ -269,6 +269,31 @@ async def test_agent_exception_defers_and_suspends_the_destination(
     assert s2.last_reply is not None and "temporarily suspended" in s2.last_reply.text
 
 
+async def test_flush_forgets_the_dead_destination(spool: Spool, clock: FakeClock) -> None:
+    """After an outage, a flush (the requeue plus `Runner.flush`) reaches the agent at once
+    instead of meeting the dead-destination cache until `dead_time` runs out."""
+    down = True
+
+    def answer(req: DeliveryRequest) -> Mapping[str, Reply]:
+        if down:
+            raise ConnectionRefusedError("connection refused")
+        return always(reply(250, "2.0.0", "ok"))(req)
+
+    agent = Agent(answer, clock)
+    runner = make_runner(spool, clock, {"relay": agent}, limits=Limits(dead_time=600.0))
+    qid = await put(spool, b"1", "r@dead.example")
+    await step(runner)
+    down = False
+    clock.now += 10
+    assert await spool.requeue(None) == 1
+    runner.flush()
+    await step(runner)
+    assert len(agent.calls) == 2
+    assert await spool.recipients(qid) == [] or all(
+        s.status is Status.SENT for s in await spool.recipients(qid)
+    )
+
+
 async def test_hold_route_is_stored_held_and_not_attempted(
     spool: Spool, clock: FakeClock
 ) -> None:

@@ -136,6 +136,17 @@ class Runner:
         self._due_changed = True
         self._wakeup.set()
 
+    def forget_dead(self) -> None:
+        """Forget every dead destination (Postfix's flush_dead: `postqueue -f`, `sendmail -q`,
+        ETRN): after an outage the operator's flush must connect now, not log `delivery
+        temporarily suspended` until the dead-destination timer runs out."""
+        self._dead.clear()
+
+    def flush(self) -> None:
+        """`forget_dead`, then read the queue again soon (a flush or an ETRN release)."""
+        self.forget_dead()
+        self.wake()
+
     def revisit(self) -> None:
         """The operator changed the queue (hold, delete, requeue): give back the fresh
         recipients held in memory and read the queue again, so the change applies to them."""
