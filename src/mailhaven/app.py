@@ -80,6 +80,10 @@ def load_tls(config: Config) -> ReloadableTLS | None:
     if not (cert.exists() and key.exists()):
         selfsigned.create(cert, key, config.hostname)
         log.warning("no TLS certificate configured: created a self-signed one in %s", cert.parent)
+    elif (old_name := selfsigned.made_for(cert)) != config.hostname:
+        selfsigned.create(cert, key, config.hostname)  # `hostname` changed: follow it
+        log.warning("self-signed certificate %s was for %s: made again for %s",
+                    cert, old_name, config.hostname)
     return ReloadableTLS(cert, key)
 
 

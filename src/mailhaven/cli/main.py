@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             cert, key = out / "selfsigned.crt", out / "selfsigned.key"
             selfsigned.create(cert, key, config.hostname)
             print(f"created {cert} and {key} for {config.hostname}")
-            print(f'use them with: [tls] cert = "{cert}"  key = "{key}"')
+            print("use them with:\n" + selfsigned.toml_hint(cert, key), end="")
             return 0
         case "user":
             from mailhaven.cli.user import main as user_main

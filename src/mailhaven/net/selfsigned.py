@@ -4,6 +4,8 @@ at first start when no certificate is configured, clearly logged).
 Real deployments configure `tls.cert`/`tls.key` (e.g. from an ACME client). Clients will not
 verify this certificate; it only gives encryption for AUTH on the submission listeners.
 ECDSA P-256, valid for one year, with the hostname and `localhost` as subject alternative names.
+`made_for` reads back the name a certificate was made for, so the daemon makes its automatic
+one again when `hostname` changed; `toml_hint` is the `[tls]` table that uses the files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,38 @@ import datetime
 import ipaddress
 import os
 from pathlib import Path
+
+
+def made_for(cert_file: Path) -> str | None:
+    """The subject CN of a certificate file; None when it cannot be read or has none."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote and backslash escaped, control characters as \\uXXXX."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_hint(cert_file: Path, key_file: Path) -> str:
+    """The `[tls]` table to paste into mailhaven.toml (absolute paths: valid from anywhere)."""
+    cert, key = os.path.abspath(cert_file), os.path.abspath(key_file)
+    return f"[tls]\ncert = {_toml_string(cert)}\nkey = {_toml_string(key)}\n"
 
 
 def create(cert_file: Path, key_file: Path, hostname: str) -> None:
