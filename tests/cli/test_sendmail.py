@@ -294,6 +294,45 @@ def test_bs_speaks_smtp_on_stdin_and_stdout(state: Path) -> None:
     assert one.name in replies and two.name in replies
 
 
+def test_bs_accepts_bare_lf_lines_from_a_local_program(state: Path) -> None:
+    """`printf 'HELO x\\n...' | sendmail -bs`: Postfix takes LF-only lines from a local
+    program; the message is queued (stored with CRLF) and the session ends with 221."""
+    session = (
+        b"HELO client\nMAIL FROM:<a@x.example>\nRCPT TO:<b@y.example>\nDATA\n"
+        b"Subject: lf\n\nline one\r\n..dot\n.\nQUIT\n"
+    )
+    done = subprocess.run(
+        [str(PYTHON), "-m", "mailhaven.cli.sendmail", "-bs"], input=session,
+        capture_output=True, timeout=60, check=False, env=dict(os.environ),
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"250 2.0.0 Ok: queued as " in done.stdout
+    assert done.stdout.endswith(b"221 2.0.0 Bye\r\n")
+    drop, body = only_drop(state)
+    assert addresses(drop) == ["b@y.example"]
+    assert body.startswith(b"Subject: lf\r\n") and body.endswith(b"\r\nline one\r\n.dot\r\n")
+
+
+def test_bs_line_ends_keep_a_crlf_split_across_reads() -> None:
+    from mailhaven.cli.sendmail import _LocalLineEnds
+
+    convert = _LocalLineEnds()
+    chunks = [b"HELO a\r", b"\nNOOP\n", b"\n", b"x\r\n"]
+    assert b"".join(convert(c) for c in chunks) == b"HELO a\r\nNOOP\r\n\r\nx\r\n"
+
+
+def test_bs_input_ending_inside_data_is_an_error_not_silence(state: Path) -> None:
+    """EOF before the final "." queues nothing: say so on stderr and exit non-zero."""
+    session = b"HELO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\nhi\r\n"
+    done = subprocess.run(
+        [str(PYTHON), "-m", "mailhaven.cli.sendmail", "-bs"], input=session,
+        capture_output=True, timeout=60, check=False, env=dict(os.environ),
+    )
+    assert done.returncode == 65
+    assert b"not queued" in done.stderr
+    assert not (state / "maildrop" / "new").exists() or drops(state) == []
+
+
 def test_subprocess_exit_codes(state: Path, tmp_path: Path) -> None:
     cmd = [str(PYTHON), "-m", "mailhaven.cli.sendmail"]
     env = dict(os.environ)

@@ -26,6 +26,9 @@ Message handling (Postfix's sendmail + cleanup for local mail):
 
 -bs speaks SMTP on stdin/stdout through the sans-I/O core; each message gets the same header
 treatment (not -t) and `250 2.0.0 Ok: queued as <drop id>` only after its file is durable.
+Bare LF line ends from the local program become CRLF first (`printf ... | sendmail -bs`, as
+Postfix takes them from a local pipe); input that ends inside DATA queues nothing, which is
+said on stderr with exit 65 (EX_DATAERR), never a silent 0.
 -bp prints the queue (`mailq` format), -q flushes through the daemon.
 
 Start-up cost matters (cron jobs, PHP): only the standard library's cheap modules and
@@ -393,6 +396,25 @@ def _reader(stream: BinaryIO) -> Callable[[int], bytes]:
     return stream.read
 
 
+class _LocalLineEnds:
+    """Bare LF -> CRLF on the -bs input stream, chunk by chunk (a CRLF may be split across
+    two reads: the LF after a chunk-final CR is already part of a CRLF)."""
+
+    _BARE_LF = re.compile(rb"(?<!\r)\n")
+
+    def __init__(self) -> None:
+        self._after_cr = False
+
+    def __call__(self, data: bytes) -> bytes:
+        if not data:
+            return data
+        out = self._BARE_LF.sub(b"\r\n", data)
+        if self._after_cr and data.startswith(b"\n"):
+            out = out[1:]  # drop the CR added before it: its CR came in the previous chunk
+        self._after_cr = data.endswith(b"\r")
+        return out
+
+
 def _origin(config: Config) -> str:
     return config.local_domains[0] if config.local_domains else config.hostname
 
@@ -471,11 +493,13 @@ def flush(args: SendmailArgs, config: Config, stderr: TextIO) -> int:
     return EX_OK
 
 
-def smtp_session(config: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
+def smtp_session(
+    config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO | None = None
+) -> int:
     """-bs: one SMTP session on stdin/stdout, driven through the sans-I/O server core."""
     from mailhaven.proto import smtp_events as ev
     from mailhaven.proto.replies import Reply
-    from mailhaven.proto.smtp_server import NEED_DATA, ServerConnection, ServerSettings
+    from mailhaven.proto.smtp_server import NEED_DATA, Phase, ServerConnection, ServerSettings
 
     limits = config.limits
     conn = ServerConnection(
@@ -492,8 +516,10 @@ def smtp_session(config: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
     identity = Identity(None)
     dirs = DropDirs(config.state_path / "maildrop")
     read = _reader(stdin)
+    line_ends = _LocalLineEnds()
     submission: Submission | None = None
     queued = 0
+    lost_in_data = False
 
     def start() -> Submission:
         mail = conn.mail
@@ -531,7 +557,9 @@ def smtp_session(config: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
             stdout.flush()
             if conn.closed:
                 break
-            conn.receive_data(read(CHUNK))
+            chunk = line_ends(read(CHUNK))
+            lost_in_data = lost_in_data or (not chunk and conn.phase is Phase.DATA)
+            conn.receive_data(chunk)
             continue
         match event:
             case ev.Hello() | ev.MailFrom() | ev.RcptTo():
@@ -569,6 +597,10 @@ def smtp_session(config: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
         submission.abort()
     if queued:
         poke(config)
+    if lost_in_data:
+        print("sendmail: -bs: input ended inside DATA (no final \".\" line):"
+              " that message was not queued", file=stderr or sys.stderr)
+        return EX_DATAERR
     return EX_OK
 
 
@@ -624,7 +656,7 @@ def sendmail_main(
         case "deliver":
             return deliver(args, config, stdin, stderr)
         case "smtp":
-            return smtp_session(config, stdin, stdout)
+            return smtp_session(config, stdin, stdout, stderr)
         case "mailq":
             from mailhaven.cli.queue import print_mailq
 
