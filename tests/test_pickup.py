@@ -240,3 +240,24 @@ def test_meta_never_carries_client_facts() -> None:
     env = envelope_from_meta(forged, uid=1000, eight_bit=False)
     assert (env.client_address, env.auth_user, env.helo) == ("", None, "")
     assert env.extra == {"uid": "1000", "origin": "pickup"}
+
+
+async def test_arrival_is_when_the_file_reached_the_maildrop(
+    tmp_path: Path, root: Path
+) -> None:
+    """`delay=` counts from the maildrop's arrival (Postfix keeps the posting time), not from
+    the pickup: mail that waited in the maildrop while the daemon was down shows that wait."""
+    name = drop(root, b"Subject: waited\r\n\r\nhi\r\n")
+    dropped = os.stat(root / "new" / name).st_ctime
+    later = dropped + 3600.0  # the daemon came up an hour later
+    spool = Spool(tmp_path / "spool2", clock=lambda: later)
+    await asyncio.to_thread(spool.open)
+    try:
+        intake = Intake(spool, hostname="mx.test", expand=lambda a: [a], wake=lambda: None)
+        assert await Pickup(root, IntakeDoor(spool, intake)).collect() == 1
+        [msg] = queued(spool)
+        assert msg.arrival == pytest.approx(dropped, abs=1.0)
+        [due] = await spool.due(later, 10)
+        assert due.arrival == pytest.approx(dropped, abs=1.0)
+    finally:
+        await asyncio.to_thread(spool.close)

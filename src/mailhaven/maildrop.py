@@ -147,13 +147,16 @@ class DropWriter:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """An opened drop file: untrusted `meta`, the submitter's uid, and the body stream."""
+    """An opened drop file: untrusted `meta`, the submitter's uid, the body stream, and when
+    it arrived in new/ (its inode change time: set by the rename into new/, and no later
+    change by its owner can move it back, unlike the mtime or the `time` in `meta`)."""
 
     name: str
     meta: dict[str, Any]
     uid: int
     body_size: int
     body: BinaryIO
+    arrived: float
 
     def close(self) -> None:
         self.body.close()
@@ -194,7 +197,7 @@ def open_drop(path: Path) -> Drop:
                 f"size mismatch: file {info.st_size}, expected"
                 f" {FIRST_LINE_LENGTH + len(line) + body_size}"
             )
-        return Drop(path.name, meta, info.st_uid, body_size, f)
+        return Drop(path.name, meta, info.st_uid, body_size, f, info.st_ctime)
     except BaseException:
         f.close()
         raise

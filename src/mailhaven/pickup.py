@@ -12,6 +12,8 @@ Invariants:
   `maildrop/corrupt/` with a log line, and the rest of the directory is still collected;
 - nothing here raises into the daemon: `collect()` logs unexpected errors and leaves the file
   for the next round; collects never overlap (one lock).
+- the queue's arrival time is when the file reached `new/` (Postfix keeps the posting time), so
+  `delay=` and the queue lifetime include a wait in the maildrop while the daemon was down;
 - the body is streamed from the file in `CHUNK` pieces, in a worker thread (file I/O stays off
   the event loop); memory use does not grow with the message size.
 
@@ -65,6 +67,9 @@ class BodyWriter(Protocol):
 
     @property
     def queue_id(self) -> str: ...
+
+    #: when the message arrived, if before its commit (the spool's clock otherwise)
+    arrival: float | None
 
     def write(self, data: bytes) -> None: ...
 
@@ -265,6 +270,8 @@ class Pickup:
                 raise CorruptDrop("data after the body")
         finally:
             drop.close()
+        # Postfix keeps the posting time: `delay=` and the lifetime count from the maildrop.
+        writer.arrival = drop.arrived
         return envelope_from_meta(drop.meta, uid=drop.uid, eight_bit=eight_bit)
 
     def _remove(self, path: Path) -> None:

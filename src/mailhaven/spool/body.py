@@ -60,6 +60,8 @@ class MessageWriter:
 
     def __init__(self, queue_id: str, tmp_dir: Path, inline_limit: int) -> None:
         self.queue_id = queue_id
+        #: when the message arrived, if before its commit (pickup: the maildrop's time)
+        self.arrival: float | None = None
         self._tmp_dir = tmp_dir
         self._inline_limit = inline_limit
         self._buffer = bytearray()

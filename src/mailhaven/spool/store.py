@@ -164,6 +164,8 @@ class Spool:
             raise ValueError(f"{writer.queue_id}: no recipients")
         qid = writer.queue_id
         arrival = self._clock()
+        if writer.arrival is not None:  # picked up from the maildrop: it arrived there
+            arrival = min(arrival, writer.arrival)
         size = len(header) + writer.size
         body: bytes | None = None
         target: Path | None = None
