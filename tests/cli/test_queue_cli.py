@@ -15,6 +15,7 @@ from tests.spool.spool_helpers import FakeClock, put
 from mailhaven.cli.queue import mailq_main, main
 from mailhaven.config import Config
 from mailhaven.control import SOCKET_NAME, ControlServer, DaemonLock, QueueAdmin, lock_path
+from mailhaven.maildrop import DropDirs, DropWriter
 from mailhaven.proto.replies import reply
 from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
 
@@ -91,7 +92,62 @@ def test_empty_queue(config: Config) -> None:
     out = io.StringIO()
     assert mailq_main([], config=config, stdout=out) == 0
     assert out.getvalue() == "Mail queue is empty\n"
-    assert cli(config, "list") == (0, "Mail queue is empty\n", "")
+    status, listed, err = cli(config, "list")
+    assert (status, listed) == (0, "Mail queue is empty\n")
+    assert err == "mailhaven queue: warning: Mail system is down -- accessing queue directly\n"
+
+
+def test_mailq_while_the_daemon_is_down_shows_the_maildrop(config: Config) -> None:
+    """Postfix: "Mail system is down" on stderr, and what waits in the maildrop is listed
+    (showq's maildrop queue), not "Mail queue is empty"."""
+    dirs = DropDirs(config.state_path / "maildrop")
+    dirs.create()
+    writer = DropWriter(dirs, {
+        "sender": "carol@example.org",
+        "recipients": [{"address": "dave@example.net", "notify": [], "orcpt": None},
+                       {"address": "\x1b[2Jevil@example.net", "notify": [], "orcpt": None}],
+        "time": NOW,
+    })
+    writer.write(b"Subject: waiting\r\n\r\n" + b"x" * 2048)
+    name = writer.commit()
+    out, err = io.StringIO(), io.StringIO()
+    assert mailq_main([], config=config, stdout=out, stderr=err) == 0
+    assert "Mail system is down" in err.getvalue()
+    text = out.getvalue()
+    assert "Mail queue is empty" not in text
+    assert f"{name} " in text and "carol@example.org" in text and "dave@example.net" in text
+    assert "\x1b" not in text  # a local user's bytes never reach the terminal raw
+    assert text.endswith("-- 2 Kbytes in 1 Request.\n")
+    status, listed, _ = cli(config, "list", "--json")
+    [row] = [json.loads(line) for line in listed.splitlines()]
+    assert (status, row["queue_name"], row["queue_id"]) == (0, "maildrop", name)
+    assert row["recipients"][0]["address"] == "dave@example.net"
+
+
+def test_all_and_ids_on_stdin_like_postsuper(config: Config, filled: tuple[str, str, str]) -> None:
+    a, b, c = filled
+
+    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        status = main(list(argv), config=config, stdout=out, stderr=err,
+                      stdin=io.StringIO(stdin), now=NOW + 60)
+        return status, out.getvalue(), err.getvalue()
+
+    def held() -> set[str]:
+        return {m.queue_id for m in list_queue(config.spool_path)
+                if any(r.hold & Hold.ADMIN for r in m.recipients)}
+
+    assert run("hold", "ALL")[:2] == (0, "hold: 3 message(s)\n")
+    assert held() == {a, b, c}
+    assert run("release", "-", stdin=f"{a}\n{c}\n")[:2] == (0, "release: 2 message(s)\n")
+    assert held() == {b}
+    assert run("requeue", "ALL")[0] == 0
+    status, _, err = run("delete", "-", stdin="not-an-id\n")
+    assert status == 1 and "not a queue id" in err
+    assert run("delete", "-", stdin=f"{b}\n")[:2] == (0, "delete: 1 message(s)\n")
+    assert run("delete", "ALL")[:2] == (0, "delete: 2 message(s)\n")
+    assert list(list_queue(config.spool_path)) == []
+    assert run("delete", "ALL")[:2] == (0, "delete: 0 message(s)\n")
 
 
 def test_list_json(config: Config, filled: tuple[str, str, str]) -> None:
@@ -185,8 +241,8 @@ async def test_changes_go_through_the_daemon_when_it_runs(
     assert daemon == [1]  # the daemon's scheduler was woken
     status, out, _ = await asyncio.to_thread(cli, config, "flush")
     assert status == 0 and "daemon not running" not in out
-    status, out, _ = await asyncio.to_thread(cli, config, "list")
-    assert status == 0 and a in out
+    status, out, err = await asyncio.to_thread(cli, config, "list")
+    assert status == 0 and a in out and "down" not in err
 
 
 def test_usage(config: Config) -> None:

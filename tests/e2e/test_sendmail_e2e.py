@@ -131,8 +131,20 @@ def test_sendmail_queues_while_the_daemon_is_down(mail_server: ServerFactory) ->
     assert mark.encode() in dropped.read_bytes()
     assert dropped.stat().st_mode & 0o077 == 0
     assert not any(mark.encode() in p.read_bytes() for p in server.messages("bob"))
+    # mailq says the mail system is down and lists what waits in the maildrop (Postfix)
+    listed = subprocess.run(
+        [mailhaven_exe(), "mailq", "-c", str(server.config_path)],
+        cwd=server.dir, capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "Mail system is down" in listed.stderr
+    assert dropped.name in listed.stdout and "bob@localhost" in listed.stdout
+    waited = 1.5
+    time.sleep(waited)  # the daemon comes up later: delay= includes the wait in the maildrop
     server.start()  # the pickup collects at start-up
     check_local_submission(server.wait_for_mark("bob", mark), to="bob@localhost")
+    [line] = server.wait_for_log(r"to=<bob@localhost>, .*delay=(?P<delay>[0-9.]+), ")
+    assert float(line["delay"]) >= waited
     deadline = time.monotonic() + 10
     while drop_files(server):
         assert time.monotonic() < deadline, server.log_tail()

@@ -19,17 +19,24 @@ flush then only makes mail due, and it goes out when the daemon starts.
 with the same last error, unfinished recipients only, `-- N Kbytes in M Requests.` at the end,
 or `Mail queue is empty`. `queue list --json` prints one object per message, with
 `postqueue -j`'s keys (queue_name, queue_id, arrival_time, message_size, forced_expire, sender,
-recipients[].address/delay_reason) plus our per-recipient details.
+recipients[].address/delay_reason) plus our per-recipient details. As Postfix's showq, the
+listing starts with what waits in the maildrop (queue_name "maildrop", its file name as id),
+and when no daemon answers it says "Mail system is down -- accessing queue directly" on stderr.
+
+`hold`, `release`, `delete` and `requeue` take `ALL` (every queued message) and `-` (ids read
+from stdin, one or more per line), as `postsuper` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
@@ -119,9 +126,66 @@ def mailq_lines(messages: Iterator[MessageSummary]) -> Iterator[str]:
         yield f"-- {total // 1024} Kbytes in {count} Request{'' if count == 1 else 's'}."
 
 
-def print_mailq(spool_path: Path, out: TextIO) -> int:
+def _shown(text: str) -> str:
+    """A local user's text made safe for a terminal (no escape sequences from a drop file)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def maildrop_entries(state_path: Path) -> list[MessageSummary]:
+    """What waits in the maildrop, not yet picked up (Postfix's showq lists that queue too).
+    Files this user cannot read, or that are not well-formed drop files, are left out."""
+    from mailhaven.maildrop import NAME_PATTERN, CorruptDrop, DropDirs, open_drop
+
+    new = DropDirs(state_path / "maildrop").new
+    try:
+        names = sorted(os.listdir(new))
+    except OSError:
+        return []
+    entries = []
+    for name in names:
+        if not NAME_PATTERN.fullmatch(name):
+            continue
+        try:
+            drop = open_drop(new / name)
+        except (OSError, CorruptDrop):
+            continue
+        drop.close()
+        sender = drop.meta.get("sender")
+        raw = drop.meta.get("recipients")
+        addresses = [
+            _shown(r["address"])
+            for r in (raw if isinstance(raw, list) else [])
+            if isinstance(r, dict) and isinstance(r.get("address"), str)
+        ]
+        recipients = tuple(
+            RecipientState(i, a, a, (), None, Status.PENDING, Hold.NONE, False, 0,
+                           drop.arrived, None, None, None)
+            for i, a in enumerate(addresses)
+        )
+        entries.append(MessageSummary(
+            name, drop.arrived, drop.body_size,
+            _shown(sender) if isinstance(sender, str) else "", False, recipients,
+        ))
+    return entries
+
+
+def daemon_down(config: Config) -> bool:
+    """No daemon answers on the control socket (one that refuses us still runs)."""
+    try:
+        return control.request(config.state_path / control.SOCKET_NAME, {"cmd": "ping"}) is None
+    except control.ControlError:
+        return False
+
+
+def warn_if_down(config: Config, prog: str, err: TextIO) -> None:
+    """Postfix's postqueue warning before it reads the queue files itself."""
+    if daemon_down(config):
+        print(f"{prog}: warning: Mail system is down -- accessing queue directly", file=err)
+
+
+def print_mailq(spool_path: Path, out: TextIO, maildrop: Iterable[MessageSummary] = ()) -> int:
     chunk: list[str] = []
-    for line in mailq_lines(list_all(spool_path)):
+    for line in mailq_lines(itertools.chain(maildrop, list_all(spool_path))):
         chunk.append(line)
         if len(chunk) >= _LINES_PER_WRITE:
             out.write("\n".join(chunk) + "\n")
@@ -282,41 +346,77 @@ def _apply_offline_to(root: Path, command: str, ids: Sequence[str], domain: str 
     return int(answer["count"])
 
 
+#: the id that means every queued message (postsuper's ALL)
+ALL = "ALL"
+#: the id that means "read ids from stdin" (postsuper's -)
+STDIN = "-"
+
+
+def expand_ids(config: Config, ids: Sequence[str], stdin: TextIO) -> list[str]:
+    """`ALL` becomes every queued message's id, `-` the ids on stdin; others stay as given."""
+    out: list[str] = []
+    for i in ids:
+        match i:
+            case "ALL":
+                out.extend(m.queue_id for m in list_all(config.spool_path))
+            case "-":
+                out.extend(word for line in stdin for word in line.split())
+            case _:
+                out.append(i)
+    return list(dict.fromkeys(out))  # once each, in order
+
+
 def change(
     config: Config, command: str, ids: Sequence[str], domain: str | None, out: TextIO, err: TextIO
 ) -> int:
+    """One verb, through the daemon or offline; ids go in requests of at most
+    `control.MAX_IDS` (the control channel's bound), their counts added up."""
     bad = [i for i in ids if not is_queue_id(i)]
     for i in bad:
         print(f"mailhaven queue: {i}: not a queue id", file=err)
     ids = [i for i in ids if is_queue_id(i)]
     if bad and not ids:
         return 1
-    request: dict[str, Any] = {"cmd": command, "ids": ids}
+    batches = [ids[n : n + control.MAX_IDS] for n in range(0, len(ids), control.MAX_IDS)]
+    count = 0
+    for batch in batches or [ids]:
+        found = _change_batch(config, command, batch, domain, err)
+        if found is None:
+            return 1
+        count += found[0]
+        where = found[1]
+    print(f"{command}: {count} {_noun(command, domain, ids)}{where}", file=out)
+    return 1 if bad or (ids and count < len(ids) and command != "flush") else 0
+
+
+def _change_batch(
+    config: Config, command: str, ids: Sequence[str], domain: str | None, err: TextIO
+) -> tuple[int, str] | None:
+    """One request; (count, note) or None after an error was printed."""
+    request: dict[str, Any] = {"cmd": command, "ids": list(ids)}
     if domain is not None:
         request["domain"] = domain
     try:
         answer = control.request(config.state_path / control.SOCKET_NAME, request)
     except control.ControlError as exc:
         print(f"mailhaven queue: cannot reach the daemon: {exc}", file=err)
-        return 1
+        return None
     if answer is None:
         try:
             count = apply_offline(config, command, ids, domain)
         except (OSError, RuntimeError) as exc:
             print(f"mailhaven queue: {command} failed: {exc}", file=err)
-            return 1
+            return None
         if count < 0:
             print("mailhaven queue: the queue is locked (is the daemon starting?); try again",
                   file=err)
-            return 1
+            return None
         where = " (daemon not running: delivery happens when it starts)" if command == "flush" else ""
-    else:
-        if not answer.get("ok"):
-            print(f"mailhaven queue: {command} failed: {answer.get('error')}", file=err)
-            return 1
-        count, where = int(answer.get("count", 0)), ""
-    print(f"{command}: {count} {_noun(command, domain, ids)}{where}", file=out)
-    return 1 if bad or (ids and count < len(ids) and command != "flush") else 0
+        return count, where
+    if not answer.get("ok"):
+        print(f"mailhaven queue: {command} failed: {answer.get('error')}", file=err)
+        return None
+    return int(answer.get("count", 0)), ""
 
 
 def _noun(command: str, domain: str | None, ids: Sequence[str]) -> str:
@@ -345,7 +445,9 @@ def _parser() -> argparse.ArgumentParser:
         ("delete", "remove these messages without a bounce"),
         ("requeue", "make these messages due now"),
     ):
-        sub.add_parser(verb, help=text).add_argument("ids", nargs="+")
+        sub.add_parser(verb, help=text).add_argument(
+            "ids", nargs="+", help="queue ids; ALL: every message; -: ids from stdin"
+        )
     return parser
 
 
@@ -356,6 +458,7 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     now: float | None = None,
+    stdin: TextIO | None = None,
 ) -> int:
     out, err = stdout or sys.stdout, stderr or sys.stderr
     try:
@@ -364,11 +467,15 @@ def main(
         return int(exc.code or 0)
     match args.command:
         case "list":
+            warn_if_down(config, "mailhaven queue", err)
+            dropped = maildrop_entries(config.state_path)
             if args.json:
+                for entry in dropped:
+                    out.write(json.dumps({**message_json(entry), "queue_name": "maildrop"}) + "\n")
                 for entry in list_all(config.spool_path):
                     out.write(json.dumps(message_json(entry)) + "\n")
                 return 0
-            return print_mailq(config.spool_path, out)
+            return print_mailq(config.spool_path, out, dropped)
         case "show":
             msg = find(config.spool_path, args.id)
             if msg is None:
@@ -387,14 +494,20 @@ def main(
                 return 2
             return change(config, "flush", args.ids, args.domain, out, err)
         case verb:
-            return change(config, verb, args.ids, None, out, err)
+            ids = expand_ids(config, args.ids, stdin or sys.stdin)
+            if not ids and (ALL in args.ids or STDIN in args.ids):
+                print(f"{verb}: 0 message(s)", file=out)  # ALL of an empty queue: nothing to do
+                return 0
+            return change(config, verb, ids, None, out, err)
 
 
 def mailq_main(
     argv: list[str], *, config: Config, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
     """`mailhaven mailq` (takes no arguments, like Postfix's mailq)."""
+    err = stderr or sys.stderr
     if argv:
-        print("mailq: takes no arguments", file=stderr or sys.stderr)
+        print("mailq: takes no arguments", file=err)
         return 2
-    return print_mailq(config.spool_path, stdout or sys.stdout)
+    warn_if_down(config, "mailq", err)
+    return print_mailq(config.spool_path, stdout or sys.stdout, maildrop_entries(config.state_path))

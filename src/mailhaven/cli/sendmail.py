@@ -658,11 +658,12 @@ def sendmail_main(
         case "smtp":
             return smtp_session(config, stdin, stdout, stderr)
         case "mailq":
-            from mailhaven.cli.queue import print_mailq
+            from mailhaven.cli.queue import maildrop_entries, print_mailq, warn_if_down
 
+            warn_if_down(config, prog, stderr)
             text = io.TextIOWrapper(stdout, encoding="utf-8", errors="replace", write_through=True)
             try:
-                return print_mailq(config.spool_path, text)
+                return print_mailq(config.spool_path, text, maildrop_entries(config.state_path))
             finally:
                 text.detach()
         case "flush":
