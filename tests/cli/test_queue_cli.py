@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tests.spool.spool_helpers import FakeClock, put
 
+from mailhaven import control
 from mailhaven.cli.queue import mailq_main, main
 from mailhaven.config import Config
 from mailhaven.control import SOCKET_NAME, ControlServer, DaemonLock, QueueAdmin, lock_path
@@ -124,8 +125,11 @@ def test_mailq_while_the_daemon_is_down_shows_the_maildrop(config: Config) -> No
     assert row["recipients"][0]["address"] == "dave@example.net"
 
 
-def test_all_and_ids_on_stdin_like_postsuper(config: Config, filled: tuple[str, str, str]) -> None:
+def test_all_and_ids_on_stdin_like_postsuper(
+    config: Config, filled: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b, c = filled
+    monkeypatch.setattr(control, "MAX_IDS", 2)  # ALL goes in requests the channel accepts
 
     def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()

@@ -367,10 +367,18 @@ def expand_ids(config: Config, ids: Sequence[str], stdin: TextIO) -> list[str]:
 
 
 def change(
-    config: Config, command: str, ids: Sequence[str], domain: str | None, out: TextIO, err: TextIO
+    config: Config,
+    command: str,
+    ids: Sequence[str],
+    domain: str | None,
+    out: TextIO,
+    err: TextIO,
+    *,
+    every: bool = False,
 ) -> int:
     """One verb, through the daemon or offline; ids go in requests of at most
-    `control.MAX_IDS` (the control channel's bound), their counts added up."""
+    `control.MAX_IDS` (the control channel's bound), their counts added up. `every` (ALL):
+    a message that left the queue meanwhile is not a failure."""
     bad = [i for i in ids if not is_queue_id(i)]
     for i in bad:
         print(f"mailhaven queue: {i}: not a queue id", file=err)
@@ -386,7 +394,7 @@ def change(
         count += found[0]
         where = found[1]
     print(f"{command}: {count} {_noun(command, domain, ids)}{where}", file=out)
-    return 1 if bad or (ids and count < len(ids) and command != "flush") else 0
+    return 1 if bad or (ids and count < len(ids) and command != "flush" and not every) else 0
 
 
 def _change_batch(
@@ -498,7 +506,7 @@ def main(
             if not ids and (ALL in args.ids or STDIN in args.ids):
                 print(f"{verb}: 0 message(s)", file=out)  # ALL of an empty queue: nothing to do
                 return 0
-            return change(config, verb, ids, None, out, err)
+            return change(config, verb, ids, None, out, err, every=ALL in args.ids)
 
 
 def mailq_main(
