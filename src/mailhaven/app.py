@@ -24,6 +24,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -50,6 +51,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials
 from mailhaven.proto.smtp_server import ServerSettings
 from mailhaven.routing import Router
+from mailhaven.runtime import systemd
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits as PlanLimits
 from mailhaven.scheduler.runner import Runner
@@ -63,6 +65,9 @@ from mailhaven.spool.store import Spool
 from mailhaven.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
 
 log = logging.getLogger("mailhaven.master")
+
+#: How often the daemon tells systemd its queue size (`systemctl status`).
+STATUS_INTERVAL = 30.0
 
 
 def load_tls(config: Config) -> ReloadableTLS | None:
@@ -196,6 +201,8 @@ class App:
         self.control: control.ControlServer | None = None
         self._queue_lock: control.DaemonLock | None = None
         self.ready = asyncio.Event()
+        #: systemd's notify socket, when it started us (`Type=notify`)
+        self.manager: systemd.Notifier | None = None
         self._smtp_sockets: list[socket.socket] = []
 
     # ------------------------------------------------------------------ wiring
@@ -510,15 +517,53 @@ class App:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        # Read (and unset) before any worker is spawned: only the daemon talks to systemd.
+        self.manager = systemd.Notifier.from_environ() if self.worker is None else None
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+        if self.manager is not None:
+            self.manager.send("READY=1", f"STATUS={await self._status()}")
+            self._background.append(asyncio.ensure_future(self._report_to_manager()))
         await self._stop.wait()
+        if self.manager is not None:
+            self.manager.send("STOPPING=1", "STATUS=finishing transactions in flight")
         await self.shutdown()
         return 0
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP, bracketed for systemd (`Type=notify-reload` wants RELOADING=1 with the
+        monotonic time, then READY=1 once the new configuration is in force)."""
+        if self.manager is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.manager.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        self.reload()
+        if self.manager is not None:
+            self.manager.send("READY=1")
+
+    async def _status(self) -> str:
+        queued = await self.spool.count()
+        return f"serving; {queued} message(s) in the queue"
+
+    async def _report_to_manager(self) -> None:
+        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings and systemd
+        restarts us), and a STATUS= line with the queue size for `systemctl status`."""
+        assert self.manager is not None
+        watchdog = self.manager.watchdog_interval
+        interval = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
+        next_status = asyncio.get_running_loop().time() + STATUS_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            fields = ["WATCHDOG=1"] if watchdog else []
+            if asyncio.get_running_loop().time() >= next_status:
+                next_status += STATUS_INTERVAL
+                with contextlib.suppress(Exception):  # a busy spool skips one report
+                    fields.append(f"STATUS={await self._status()}")
+            if fields:
+                self.manager.send(*fields)
 
     def stop(self) -> None:
         log.info("stopping: finishing transactions in flight")

@@ -234,6 +234,12 @@ class Spool:
         msg = await self.load(queue_id)
         return None if msg is None else msg.size
 
+    async def count(self) -> int:
+        """How many messages the queue holds (for status reports; one indexed count)."""
+        return await self._committer.run(
+            lambda c: int(c.execute("SELECT count(*) FROM message").fetchone()[0]), write=False
+        )
+
     # -- scheduler ------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[DueRecipient]:
         """Attemptable recipients with `next_attempt <= now`: up to `limit` never-tried ones
