@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import cast
 
 from mailhaven import config as configuration
-from mailhaven import control
+from mailhaven import control, maillog
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.base import DeliveryAgent, Route
@@ -525,6 +525,7 @@ class App:
                 loop.add_signal_handler(sig, self.stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+            loop.add_signal_handler(signal.SIGUSR1, self._reopen_log)
         if self.manager is not None:
             self.manager.send("READY=1", f"STATUS={await self._status()}")
             self._background.append(asyncio.ensure_future(self._report_to_manager()))
@@ -533,6 +534,12 @@ class App:
             self.manager.send("STOPPING=1", "STATUS=finishing transactions in flight")
         await self.shutdown()
         return 0
+
+    def _reopen_log(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): reopen a log file here and in every worker."""
+        if self.workers is not None:
+            self.workers.signal(signal.SIGUSR1)
+        maillog.reopen()
 
     def _reload_signalled(self) -> None:
         """SIGHUP, bracketed for systemd (`Type=notify-reload` wants RELOADING=1 with the

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailhaven import eventloop
+from mailhaven import eventloop, logtargets
 
 
 class ConfigError(ValueError):
@@ -155,6 +155,10 @@ class Config:
     relay_domains: tuple[str, ...] = ()
     relayhost: str = ""
     log_level: str = "info"
+    #: "stderr", "file:PATH" (reopened on SIGUSR1), "syslog" (/dev/log) or "syslog:SOCKET".
+    log: str = "stderr"
+    #: "text" (Postfix's maillog shape) or "json" (one object per line, for log shippers).
+    log_format: str = "text"
     #: Engine processes. 1: one process does everything (the default). N > 1: the daemon
     #: starts N - 1 worker processes that share the `smtp` listening sockets, each running the
     #: whole engine (receive, queue, deliver, bounce) on a queue shard of its own
@@ -285,6 +289,12 @@ def validate(config: Config) -> Config:
         raise ConfigError("event_loop: one of " + ", ".join(eventloop.CHOICES))
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level: one of debug, info, warning, error")
+    try:
+        logtargets.parse(config.log)
+    except logtargets.TargetError as err:
+        raise ConfigError(str(err)) from None
+    if config.log_format not in ("text", "json"):
+        raise ConfigError('log_format: "text" or "json"')
     if not config.local_domains:
         raise ConfigError("local_domains: at least one domain is needed")
     return config

@@ -28,9 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import time
-from typing import TextIO
+from typing import TextIO, cast
 
 #: Logger name -> Postfix-like program name.
 _ROLE_ALIASES = {
@@ -86,6 +85,10 @@ class MaillogFormatter(logging.Formatter):
             role = _ROLE_ALIASES.get(role, role)
             prefix = self._prefixes[name] = f" {self.hostname} mailhaven/{role}[{self.pid}]: "
         return prefix
+
+    def info_line(self, name: str, text: str) -> str:
+        """An info line of logger `name` with `text` (escaped already): the fast path's."""
+        return self.stamp(time.time()) + self.prefix(name) + text
 
     def format(self, record: logging.LogRecord) -> str:
         level = ""
@@ -195,18 +198,29 @@ def info(logger: logging.Logger, msg: str, *args: object) -> None:
     except Exception:  # let logging report the bad call as it always does
         logger.info(msg, *args)
         return
-    handler.add_info(formatter.stamp(time.time()) + formatter.prefix(logger.name) + text + handler.terminator)
+    handler.add_info(formatter.info_line(logger.name, text) + handler.terminator)
 
 
-def setup(hostname: str, level: str = "info", stream: TextIO | None = None) -> None:
-    """Route the `mailhaven` loggers to `stream` (stderr by default) in maillog shape."""
+def setup(
+    hostname: str,
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    target: str = "stderr",
+    log_format: str = "text",
+) -> None:
+    """Route the `mailhaven` loggers in maillog shape to `stream`, or else to the `log` setting's
+    target in its `log_format` (`mailhaven.logtargets`)."""
+    from mailhaven import logtargets  # it builds on this module's formatter
+
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup per record (the HOWTO's documented knob)
     global _handler
-    handler = BatchingHandler(stream or sys.stderr)
-    handler.setFormatter(MaillogFormatter(hostname))
+    out, formatter = logtargets.open_target(target, log_format, hostname)
+    handler = BatchingHandler(cast(TextIO, stream or out))
+    handler.setFormatter(formatter)
     root = _root
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -214,6 +228,20 @@ def setup(hostname: str, level: str = "info", stream: TextIO | None = None) -> N
     root.setLevel(level.upper())
     root.propagate = False
     _handler = handler
+
+
+def flush() -> None:
+    """Write what is pending now (before exit, or where a test reads the target)."""
+    if _handler is not None:
+        _handler.flush()
+
+
+def reopen() -> None:
+    """Reopen a file target at its path (SIGUSR1, after logrotate renamed the file)."""
+    flush()
+    reopen_stream = getattr(_handler.stream, "reopen", None) if _handler is not None else None
+    if reopen_stream is not None:
+        reopen_stream()
 
 
 def client_label(address: str, name: str = "") -> str:

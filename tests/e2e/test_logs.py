@@ -5,8 +5,11 @@ standard Postfix log summariser) counts our messages correctly from it.
 from __future__ import annotations
 
 import re
+import signal
 import smtplib
+import socket
 import subprocess
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -234,3 +237,65 @@ def test_pflogsumm_reads_remote_delivery_lines(pflogsumm: str, tmp_path: Path) -
     assert re.search(rf"{re.escape(relay)} \(total: 1\)\s+1\s+.*User unknown", bounces), report
     deferrals = report.partition("message deferral detail")[2]
     assert "Mailbox busy" in deferrals and "refused" in deferrals, report
+
+
+def test_log_file_target_rotates_on_sigusr1_and_pflogsumm_reads_it(
+    mail_server: ServerFactory, pflogsumm: str, tmp_path: Path
+) -> None:
+    # logrotate's way: rename the file, then SIGUSR1; every line is in one of the two files.
+    path = tmp_path / "maillog"
+    server = mail_server(settings={"local_users": ["postmaster"], "log": f"file:{path}"})
+    first = send(server, "postmaster@localhost", uuid.uuid4().hex)
+    rotated = tmp_path / "maillog.1"
+
+    def wait_in(where: Path, pattern: str) -> None:
+        for _ in range(200):
+            if where.exists() and re.search(pattern, where.read_text()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in {where}")
+
+    wait_in(path, rf"{first}: removed")
+    path.rename(rotated)
+    server.signal(signal.SIGUSR1)
+    second = send(server, "postmaster@localhost", uuid.uuid4().hex)
+    wait_in(path, rf"{second}: removed")
+    assert server.stop() == 0
+    old, new = rotated.read_text(), path.read_text()
+    assert f"{first}: client=" in old and second not in old
+    assert f"{second}: client=" in new and first not in new
+    assert "Traceback" not in server.log()  # stderr: nothing but what precedes setup
+    for text, received in ((old, 1), (new, 1), (old + new, 2)):
+        joined = tmp_path / "joined"
+        joined.write_text(text)
+        report = subprocess.run(
+            [pflogsumm, "--syslog-name=mailhaven", str(joined)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert re.search(rf"^\s+{received}\s+received\b", report, re.M), report
+        assert re.search(rf"^\s+{received}\s+delivered\b", report, re.M), report
+
+
+def test_syslog_target_sends_mail_facility_lines(
+    mail_server: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "log.sock"
+    syslogd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    syslogd.bind(str(path))
+    syslogd.settimeout(10)
+    try:
+        server = mail_server(settings={"local_users": ["postmaster"], "log": f"syslog:{path}"})
+        qid = send(server, "postmaster@localhost", uuid.uuid4().hex)
+        lines: list[str] = []
+        while not any(f"{qid}: removed" in line for line in lines):
+            lines.append(syslogd.recv(8192).decode())
+        assert server.stop() == 0
+    finally:
+        syslogd.close()
+    shape = re.compile(r"<(\d+)>[A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d mailhaven/([a-z]+)\[\d+\]: ")
+    for line in lines:
+        match = shape.match(line)
+        assert match, line
+        assert int(match.group(1)) // 8 == 2, line  # facility mail
+    roles = {shape.match(line).group(2) for line in lines}  # type: ignore[union-attr]
+    assert {"smtpd", "cleanup", "qmgr"} <= roles, roles

@@ -119,7 +119,7 @@ def _serve(
     from mailhaven.workers import WorkerRole
 
     assert isinstance(config, Config)
-    maillog.setup(config.hostname, config.log_level)
+    maillog.setup(config.hostname, config.log_level, target=config.log, log_format=config.log_format)
     role = None
     if worker_fds:
         role = WorkerRole(shard, tuple(int(fd) for fd in worker_fds.split(",")), lifeline)
