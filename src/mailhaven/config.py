@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import socket
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +302,50 @@ def validate(config: Config) -> Config:
     return config
 
 
+#: Like Postfix's /etc/postfix/main.cf: what every command reads when told nothing else.
+SYSTEM_CONFIG = Path("/etc/mailhaven/mailhaven.toml")
+#: The environment variable that names the configuration (a file, or a directory holding one).
+CONFIG_ENV = "MAILHAVEN_CONFIG"
+
+
+def locate(path: str | Path | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The configuration file every command uses: `-c` > $MAILHAVEN_CONFIG > SYSTEM_CONFIG when
+    it exists > None (the built-in defaults). A directory means its `mailhaven.toml`."""
+    env = os.environ if env is None else env
+    chosen = str(path) if path else env.get(CONFIG_ENV) or None
+    if chosen is None:
+        return str(SYSTEM_CONFIG) if SYSTEM_CONFIG.is_file() else None
+    return os.path.join(chosen, "mailhaven.toml") if os.path.isdir(chosen) else chosen
+
+
+def require_state(config: Config) -> None:
+    """Refuse to work on a state directory that does not exist when only the built-in defaults
+    name it: their `./mailhaven-data` is relative to the caller's directory, and a command run
+    from cron or a web application elsewhere would make a second, unseen queue there."""
+    if config.source is None and not config.state_path.is_dir():
+        raise ConfigError(
+            f"no mailhaven state directory at {config.state_path}: with the built-in defaults it "
+            f"is ./{config.state_dir} of the directory the server runs in; name the server's "
+            f"configuration file (-c FILE; sendmail: -C FILE), set ${CONFIG_ENV}, or install "
+            f"it as {SYSTEM_CONFIG}"
+        )
+
+
+def _anchor(config: Config, base: Path) -> Config:
+    """Relative paths in a file are relative to the file's directory, never the caller's."""
+
+    def anchored(value: str) -> str:
+        return value if not value or os.path.isabs(value) else str(base / value)
+
+    tls = dataclasses.replace(config.tls, cert=anchored(config.tls.cert), key=anchored(config.tls.key))
+    return dataclasses.replace(
+        config,
+        state_dir=anchored(config.state_dir),
+        users_file=anchored(config.users_file),
+        tls=tls,
+    )
+
+
 def load(path: str | Path | None) -> Config:
     """Built-in defaults, overridden by the TOML file at `path` when given."""
     if path is None:
@@ -312,7 +358,7 @@ def load(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: TOML syntax error: {err}") from None
     try:
-        config = _build(Config, data, "")
+        config = _anchor(_build(Config, data, ""), Path(path).absolute().parent)
         return validate(dataclasses.replace(config, source=str(path)))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None

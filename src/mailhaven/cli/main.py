@@ -15,31 +15,71 @@ import sys
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailhaven", description="a complete mail server")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="mailhaven",
+        description="a complete mail server",
+        epilog="-c FILE may stand anywhere on the line; without it every command reads "
+        "$MAILHAVEN_CONFIG, else /etc/mailhaven/mailhaven.toml when it exists, else the "
+        "built-in defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailhaven {_version()}")
+    parser.add_argument("-c", "--config", help="TOML configuration file")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server (built-in defaults without -c)")
-    serve.add_argument("-c", "--config", help="TOML configuration file")
     # internal: how the daemon starts its worker processes (mailhaven.workers)
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
     serve.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
     check = sub.add_parser("config", help="configuration tools")
     check_sub = check.add_subparsers(dest="config_command", required=True)
-    check_cmd = check_sub.add_parser("check", help="validate a configuration file")
-    check_cmd.add_argument("-c", "--config", help="TOML configuration file")
+    check_sub.add_parser("check", help="validate a configuration file")
     tls = sub.add_parser("tls", help="TLS tools")
     tls_sub = tls.add_subparsers(dest="tls_command", required=True)
     self_signed = tls_sub.add_parser("selfsigned", help="create a self-signed certificate")
-    self_signed.add_argument("-c", "--config", help="TOML configuration file")
     self_signed.add_argument("--out", help="directory (default: <state_dir>/tls)")
     user = sub.add_parser("user", help="manage mailbox users (add|passwd|delete|list)")
-    user.add_argument("-c", "--config", help="TOML configuration file")
     user.add_argument("args", nargs=argparse.REMAINDER)
+    # Handled before argparse (their options are not argparse's); listed here for --help.
+    sub.add_parser("queue", help="inspect and manage the queue (list|show|flush|hold|...)")
+    sub.add_parser("mailq", help="list the queue like Postfix's mailq")
+    sub.add_parser("sendmail", help="submit a message like /usr/sbin/sendmail (see its --help)")
+    links = sub.add_parser(
+        "install-links", help="make sendmail, mailq and newaliases names for this program"
+    )
+    links.add_argument("--prefix", default="/usr/local", help="default: /usr/local")
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mailhaven")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 #: Program names that mean "behave as sendmail" (`sendmail_args` sets the mode from the name).
 SENDMAIL_NAMES = ("sendmail", "mailq", "newaliases")
+#: Where `install-links` puts each name, below the prefix (Postfix's places).
+LINKS = {"sendmail": "sbin", "mailq": "bin", "newaliases": "bin"}
+
+
+def take_config_option(argv: list[str]) -> tuple[list[str], str | None]:
+    """`-c FILE`, `--config FILE` or `--config=FILE` from anywhere on the line, and the rest."""
+    rest: list[str] = []
+    path: str | None = None
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            path = next(words, None)
+            if path is None:
+                raise SystemExit(f"mailhaven: {word} needs a file name")
+        elif word.startswith("--config="):
+            path = word.partition("=")[2]
+        else:
+            rest.append(word)
+    return rest, path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             return _sendmail(argv, prog)
     if argv and argv[0] == "sendmail":
         return _sendmail(argv[1:], "sendmail")
+    argv, config_path = take_config_option(argv)
     if argv and argv[0] in ("queue", "mailq"):
-        return _queue(argv[0], argv[1:])
+        return _queue(argv[0], argv[1:], config_path)
     args = _parser().parse_args(argv)
     from mailhaven import config as configuration
 
     try:
-        config = configuration.load(getattr(args, "config", None))
+        config = configuration.load(configuration.locate(config_path))
     except configuration.ConfigError as err:
         print(f"mailhaven: {err}", file=sys.stderr)
         return 2
@@ -80,9 +121,48 @@ def main(argv: list[str] | None = None) -> int:
         case "user":
             from mailhaven.cli.user import main as user_main
 
+            if config.source is None and not config.state_path.is_dir():
+                # Adding users before the first start is the try-it path: allowed, not silent.
+                print(f"mailhaven: built-in defaults: using state directory "
+                      f"{config.state_path} (run the server from {config.state_path.parent})",
+                      file=sys.stderr)
             config.users_path.parent.mkdir(parents=True, exist_ok=True)
             return user_main(args.args, users_file=config.users_path)
+        case "install-links":
+            return _install_links(args.prefix)
     return 2
+
+
+def _install_links(prefix: str) -> int:
+    """Symlinks under `prefix` that run this program as sendmail, mailq and newaliases, so
+    cron, PHP's mail() and scripts find `/usr/sbin/sendmail`-style names."""
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which(sys.argv[0]) or shutil.which("mailhaven")
+    if found is None:
+        print("mailhaven: cannot tell where the mailhaven program is", file=sys.stderr)
+        return 1
+    target = Path(found).resolve()
+    for name, folder in LINKS.items():
+        link = Path(prefix) / folder / name
+        try:
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                if link.resolve() == target:
+                    print(f"{link} -> {target} (already)")
+                    continue
+                if not link.is_symlink():
+                    print(f"mailhaven: {link} exists and is not our link; left alone",
+                          file=sys.stderr)
+                    return 1
+                link.unlink()
+            link.symlink_to(target)
+        except OSError as err:
+            print(f"mailhaven: {link}: {err.strerror}", file=sys.stderr)
+            return 1
+        print(f"{link} -> {target}")
+    return 0
 
 
 def _sendmail(argv: list[str], prog: str) -> int:
@@ -92,16 +172,16 @@ def _sendmail(argv: list[str], prog: str) -> int:
     return sendmail_main(argv, prog)
 
 
-def _queue(word: str, argv: list[str]) -> int:
-    """`mailhaven queue [-c FILE] VERB ...` and `mailhaven mailq [-c FILE]`."""
+def _queue(word: str, argv: list[str], path: str | None) -> int:
+    """`mailhaven queue VERB ...` and `mailhaven mailq` (`-c FILE` taken off already)."""
     from mailhaven import config as configuration
     from mailhaven.cli import queue
 
-    path = None
-    if argv[:1] in (["-c"], ["--config"]) and len(argv) > 1:
-        path, argv = argv[1], argv[2:]
+    if argv[:1] in (["-h"], ["--help"]) or (word == "queue" and not argv):
+        return queue.main(argv or ["--help"], config=configuration.Config())
     try:
-        config = configuration.load(path)
+        config = configuration.load(configuration.locate(path))
+        configuration.require_state(config)
     except configuration.ConfigError as err:
         print(f"mailhaven: {err}", file=sys.stderr)
         return 2

@@ -617,13 +617,28 @@ def _smtp_refusal(err: SubmitError) -> Reply:
 
 
 def load_config(args: SendmailArgs) -> Config:
-    """-C file (or a directory holding mailhaven.toml), else $MAILHAVEN_CONFIG, else defaults."""
+    """-C file (or a directory holding mailhaven.toml), else what every command reads
+    (`config.locate`: $MAILHAVEN_CONFIG, /etc/mailhaven/mailhaven.toml, built-in defaults)."""
     from mailhaven import config as configuration
 
-    path = args.config_dir or os.environ.get("MAILHAVEN_CONFIG") or None
-    if path is not None and os.path.isdir(path):
-        path = os.path.join(path, "mailhaven.toml")
-    return configuration.load(path)
+    return configuration.load(configuration.locate(args.config_dir))
+
+
+USAGE = """\
+usage: sendmail [options] [recipient ...]       (mailhaven's sendmail-compatible entry)
+
+  -t            take recipients from To:, Cc: and Bcc: (Bcc: is removed)
+  -i, -oi       a line holding only a dot does not end the message
+  -f SENDER     envelope sender (-F NAME: full name for a From: header we add)
+  -bs           speak SMTP on standard input and output
+  -bp           list the queue (as mailq);  -q: flush the queue;  -qR DOMAIN, -qS DOMAIN
+  -bi           newaliases (aliases live in the configuration file)
+  -N NOTIFY     DSN notify (never, or success,delay,failure);  -R full|hdrs;  -V ENVID
+  -C FILE       configuration file or directory (else $MAILHAVEN_CONFIG,
+                /etc/mailhaven/mailhaven.toml, built-in defaults)
+
+Exit codes (sysexits.h): 0 queued, 64 usage, 65 bad data, 75 try again later, 78 configuration.
+"""
 
 
 def sendmail_main(
@@ -638,6 +653,10 @@ def sendmail_main(
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr
+    if argv in (["--help"], ["-?"]):
+        stdout.write(USAGE.encode())
+        stdout.flush()
+        return EX_OK
     try:
         args = parse_sendmail_args(argv, prog)
     except UsageError as err:
@@ -645,13 +664,19 @@ def sendmail_main(
         return EX_USAGE
     for warning in args.warnings:
         print(f"sendmail: warning: {warning}", file=stderr)
-    from mailhaven.config import ConfigError
+    from mailhaven.config import ConfigError, require_state
 
     try:
         config = load_config(args)
     except ConfigError as err:
         print(f"sendmail: {err}", file=stderr)
         return EX_CONFIG
+    if args.mode not in ("newaliases", "verify", "daemon", "ignore"):
+        try:
+            require_state(config)
+        except ConfigError as err:  # the mail would wait where no daemon ever looks
+            print(f"sendmail: {err}", file=stderr)
+            return EX_TEMPFAIL
     match args.mode:
         case "deliver":
             return deliver(args, config, stdin, stderr)
