@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -28,10 +29,10 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
+from mailhaven import __version__, control, maillog
 from mailhaven import config as configuration
-from mailhaven import control, maillog
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.base import DeliveryAgent, Route
@@ -43,7 +44,7 @@ from mailhaven.intake import Intake
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net import selfsigned
 from mailhaven.net.dns import Resolver
-from mailhaven.net.tls import ReloadableTLS
+from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.notifier import Notifier
 from mailhaven.pickup import IntakeDoor, Pickup
 from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
@@ -65,6 +66,7 @@ from mailhaven.spool.store import Spool
 from mailhaven.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
 
 log = logging.getLogger("mailhaven.master")
+
 
 #: How often the daemon tells systemd its queue size (`systemctl status`).
 STATUS_INTERVAL = 30.0
@@ -203,6 +205,7 @@ class App:
         self.ready = asyncio.Event()
         #: systemd's notify socket, when it started us (`Type=notify`)
         self.manager: systemd.Notifier | None = None
+        self._started = time.monotonic()
         self._smtp_sockets: list[socket.socket] = []
 
     # ------------------------------------------------------------------ wiring
@@ -506,6 +509,7 @@ class App:
             etrn=self.part_time.etrn,
             release_domains=self.part_time.release,
             forget_dead=self.runner.forget_dead,
+            about=self._about,
         )
         handlers: control.Handlers = admin
         if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too
@@ -550,6 +554,26 @@ class App:
         self.reload()
         if self.manager is not None:
             self.manager.send("READY=1")
+
+    def _about(self) -> dict[str, Any]:
+        """What `mailhaven status` shows besides the queue: who, since when, where, which
+        certificate (and how long it has left)."""
+        listen = self.config.listen
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "hostname": self.config.hostname,
+            "config": self.config.source or "(built-in defaults)",
+            "state_dir": str(self.config.state_path),
+            "uptime": round(time.monotonic() - self._started, 1),
+            "listeners": {
+                name: list(getattr(listen, name))
+                for name in ("smtp", "submission", "submissions", "pop3", "pop3s")
+                if getattr(listen, name)
+            },
+            "processes": self.config.smtp_processes,
+            "certificate": certificate_facts(self.tls.cert_file) if self.tls else None,
+        }
 
     async def _status(self) -> str:
         queued = await self.spool.count()

@@ -92,6 +92,8 @@ class Handlers(Protocol):
 
     async def release_domains(self, domains: Sequence[str]) -> int: ...
 
+    async def status(self) -> dict[str, Any]: ...
+
 
 class BadRequest(ValueError):
     pass
@@ -153,6 +155,8 @@ async def dispatch(handlers: Handlers, request: Any) -> dict[str, Any]:
                 ):
                     raise BadRequest("domains: expected a list of domain names")
                 count = await handlers.release_domains(domains)
+            case "status":
+                return {"ok": True, "count": 0, "status": await handlers.status()}
             case other:
                 raise BadRequest(f"unknown command {other[:40]!r}")
     except BadRequest as err:
@@ -303,6 +307,8 @@ class AdminSpool(Protocol):
 
     async def release_domain(self, domain: str) -> int: ...
 
+    async def counts(self) -> dict[str, int]: ...
+
 
 def _nothing() -> None:
     return None
@@ -327,10 +333,12 @@ class QueueAdmin:
         etrn: Callable[[str, str], Awaitable[Reply]] | None = None,
         release_domains: Callable[[Sequence[str]], Awaitable[int]] | None = None,
         forget_dead: Callable[[], None] = _nothing,
+        about: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.spool = spool
         self.wake = wake
         self.forget_dead = forget_dead
+        self._about = about
         self._pickup = pickup
         self._etrn = etrn
         self._release_domains = release_domains
@@ -403,6 +411,21 @@ class QueueAdmin:
         return await self._release_domains(domains)
 
 
+    async def status(self) -> dict[str, Any]:
+        """What the process says of itself (`about`), with its shard's queue counts."""
+        facts = dict(self._about()) if self._about is not None else {}
+        facts["queue"] = await self.spool.counts()
+        return facts
+
+
+def add_counts(total: dict[str, int], more: Any) -> None:
+    """Add one shard's queue counts (a worker's answer: checked, it is another process's)."""
+    if isinstance(more, dict):
+        for key, value in more.items():
+            if isinstance(key, str) and isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+
+
 class Forwarding:
     """The daemon's `Handlers` with worker processes: each queue verb runs on the daemon's own
     shard and is passed on to every worker's control socket; the answer adds up the counts.
@@ -446,6 +469,30 @@ class Forwarding:
 
     async def release_domains(self, domains: Sequence[str]) -> int:
         return await self.local.release_domains(domains)
+
+    async def status(self) -> dict[str, Any]:
+        """The daemon's facts, its queue counts added to every worker's shard's."""
+        import asyncio
+
+        facts = await self.local.status()
+        answers = await asyncio.gather(
+            *(asyncio.to_thread(_ask_status, path) for path in self.peers)
+        )
+        facts["workers"] = sum(1 for answer in answers if answer is not None)
+        for answer in answers:
+            if answer is not None:
+                add_counts(facts["queue"], answer.get("queue"))
+        return facts
+
+
+def _ask_status(path: Path) -> dict[str, Any] | None:
+    try:
+        answer = request(path, {"cmd": "status"}, 10.0)
+    except ControlError as err:
+        log.warning("control: %s: %s", path, err)
+        return None
+    status = answer.get("status") if answer else None
+    return status if isinstance(status, dict) else None
 
 
 async def ask_all(paths: Sequence[Path], obj: dict[str, Any]) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mailhaven import __version__
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -22,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         "$MAILHAVEN_CONFIG, else /etc/mailhaven/mailhaven.toml when it exists, else the "
         "built-in defaults.",
     )
-    parser.add_argument("--version", action="version", version=f"mailhaven {_version()}")
+    parser.add_argument("--version", action="version", version=f"mailhaven {__version__}")
     parser.add_argument("-c", "--config", help="TOML configuration file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server (built-in defaults without -c)")
@@ -43,20 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("queue", help="inspect and manage the queue (list|show|flush|hold|...)")
     sub.add_parser("mailq", help="list the queue like Postfix's mailq")
     sub.add_parser("sendmail", help="submit a message like /usr/sbin/sendmail (see its --help)")
+    status = sub.add_parser("status", help="is the daemon running: listeners, queue, certificate")
+    status.add_argument("--json", action="store_true", help="the facts as one JSON object")
     links = sub.add_parser(
         "install-links", help="make sendmail, mailq and newaliases names for this program"
     )
     links.add_argument("--prefix", default="/usr/local", help="default: /usr/local")
     return parser
 
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mailhaven")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 #: Program names that mean "behave as sendmail" (`sendmail_args` sets the mode from the name).
@@ -128,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             config.users_path.parent.mkdir(parents=True, exist_ok=True)
             return user_main(args.args, users_file=config.users_path)
+        case "status":
+            from mailhaven.cli import status as status_command
+
+            return status_command.main(config, as_json=args.json)
         case "install-links":
             return _install_links(args.prefix)
     return 2

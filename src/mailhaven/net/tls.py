@@ -66,3 +66,25 @@ class ReloadableTLS:
         self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
     ) -> None:
         conn.context = self._backend
+
+
+def certificate_facts(cert_file: Path) -> dict[str, object]:
+    """Subject, issuer and expiry of the first certificate in `cert_file`, for status reports
+    (an error text instead when it cannot be read)."""
+    import datetime
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError) as err:
+        return {"file": str(cert_file), "error": str(err)}
+    expires = cert.not_valid_after_utc
+    left = expires - datetime.datetime.now(datetime.UTC)
+    return {
+        "file": str(cert_file),
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "not_after": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "days_left": left.days,
+    }

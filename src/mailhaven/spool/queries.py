@@ -373,3 +373,19 @@ def requeue(conn: sqlite3.Connection, queue_id: str | None, now: float) -> int:
             (now, queue_id, *_UNFINISHED),
         )
     return cur.rowcount
+
+
+def queue_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """See `Spool.counts`; two scans, no per-row Python (a status request, not the hot path)."""
+    messages = int(conn.execute("SELECT count(*) FROM message").fetchone()[0])
+    row = conn.execute(
+        "SELECT"
+        " coalesce(sum(active = 1), 0),"
+        " coalesce(sum(active = 0 AND hold = 0 AND status = 'pending'), 0),"
+        " coalesce(sum(active = 0 AND hold = 0 AND status = 'deferred'), 0),"
+        " coalesce(sum(active = 0 AND hold != 0), 0)"
+        " FROM recipient WHERE status IN ('pending', 'deferred')"
+    ).fetchone()
+    active, incoming, deferred, held = (int(n) for n in row)
+    return {"messages": messages, "active": active, "incoming": incoming,
+            "deferred": deferred, "held": held}

@@ -240,6 +240,11 @@ class Spool:
             lambda c: int(c.execute("SELECT count(*) FROM message").fetchone()[0]), write=False
         )
 
+    async def counts(self) -> dict[str, int]:
+        """Messages, and unfinished recipients by state, for `mailhaven status`: in flight
+        (active), never tried (incoming), waiting to retry (deferred), held."""
+        return await self._committer.run(queries.queue_counts, write=False)
+
     # -- scheduler ------------------------------------------------------------------------------
     async def due(self, now: float, limit: int) -> list[DueRecipient]:
         """Attemptable recipients with `next_attempt <= now`: up to `limit` never-tried ones
