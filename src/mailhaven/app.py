@@ -40,6 +40,8 @@ from mailhaven.delivery.local import LocalAgent
 from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
 from mailhaven.envelope import Envelope
 from mailhaven.etrn import PartTimeHosts
+from mailhaven.faults import arm as arm_crash_points
+from mailhaven.faults import crash_point
 from mailhaven.intake import Intake
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net import selfsigned
@@ -195,7 +197,10 @@ class App:
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
-        self.spool = Spool(shards.shard_path(config.spool_path, worker.shard if worker else 0))
+        self.spool = Spool(
+            shards.shard_path(config.spool_path, worker.shard if worker else 0),
+            checkpoint=crash_point,
+        )
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
         self.runner: Runner | None = None
@@ -349,6 +354,7 @@ class App:
         self._start_runner()
         await self._start_workers()
         self.ready.set()
+        arm_crash_points()  # tests only: start-up's own commits are not crash points
 
     def _lock_queue(self) -> control.DaemonLock:
         lock = control.DaemonLock.acquire(control.lock_path(self.spool.root))

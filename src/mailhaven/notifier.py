@@ -27,6 +27,7 @@ from mailhaven.bounce import (
     should_notify,
 )
 from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.faults import crash_point
 from mailhaven.intake import Intake
 from mailhaven.spool.records import RecipientState, Status, StoredMessage
 from mailhaven.spool.store import Spool
@@ -97,6 +98,7 @@ class Notifier:
                 return_content=return_content_for(env, kind),
                 postmaster_address=self.postmaster,
             )
+        crash_point("bounce_built")
         to = env.sender if target == "sender" else self.postmaster
         sender = "" if target == "sender" else self.double_bounce_sender
         envelope = Envelope(
@@ -109,6 +111,7 @@ class Notifier:
         writer = self._spool.new_message()
         writer.write(report)
         outcome = await self._intake().submit(writer, envelope)
+        crash_point("bounce_queued")
         qid = getattr(outcome, "queue_id", None)
         label = {"sender": "sender", "postmaster": "postmaster"}[target]
         log.info("%s: %s %s notification: %s", message.queue_id, label, _label(kind), qid)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol, assert_never
 
 from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.faults import crash_point
 from mailhaven.intake import Intake, Outcome, Queued, Refused
 from mailhaven.maildrop import (
     NAME_PATTERN,
@@ -240,10 +241,12 @@ class Pickup:
         except BaseException:
             writer.abort()
             raise
+        crash_point("pickup_read")
         outcome = await self._door.submit(writer, envelope)
         match outcome:
             case Queued(queue_id=qid):
                 log.info("%s: uid=%s from=<%s>", qid, envelope.extra["uid"], envelope.sender)
+                crash_point("pickup_queued")
                 await asyncio.to_thread(self._remove, path)
                 return 1
             case Refused(reply=reply):

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from mailhaven.faults import crash_point
+
 #: Maildir spec: a maildir is these three directories.
 SUBDIRS = ("tmp", "new", "cur")
 #: Mailboxes are private to their owner.
@@ -226,6 +228,7 @@ def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str, names: Uniqu
     new_dir = maildir / "new"
     for attempt in range(NAME_ATTEMPTS):
         final = new_dir / f"{base if attempt == 0 else names.next()}{suffix}"
+        crash_point("maildir_tmp_written")
         try:
             os.link(tmp_path, final)
         except FileExistsError:
@@ -236,6 +239,7 @@ def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str, names: Uniqu
             os.rename(tmp_path, final)  # unique name: nothing to clobber
         else:
             os.unlink(tmp_path)
+        crash_point("maildir_linked")
         try:
             _fsync_dir(new_dir)
         except BaseException:

@@ -52,6 +52,7 @@ from collections.abc import Callable, Mapping, Sequence
 from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, Route
 from mailhaven.envelope import Envelope
+from mailhaven.faults import crash_point
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
 from mailhaven.scheduler.outcome import (
@@ -464,6 +465,7 @@ class Runner:
         replies: Mapping[str, Reply]
         try:
             result = await agent.deliver(request)
+            crash_point("delivered")
             replies, relay, crashed = result, relay_name(result, d.route), False
         except Exception as exc:  # unknown errors are temporary (ARCHITECTURE, idea 4)
             log.warning("%s: delivery agent %r failed: %r", d.queue_id, d.route.transport, exc)

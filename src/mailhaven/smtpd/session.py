@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from mailhaven import maillog
 from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
@@ -437,6 +438,8 @@ class SMTPSession(asyncio.BufferedProtocol):
             log.exception("%s: cannot queue message from %s", writer.queue_id, self.label)
             writer.abort()
             reply = INTERNAL_ERROR
+        if reply.code == 250:
+            crash_point("before_250")
         self.conn.respond(reply)
         if self.service.shutting_down:
             self.close_with(

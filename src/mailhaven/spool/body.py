@@ -177,6 +177,7 @@ class MessageWriter:
         self._closed = True
         self._reap(0)
         self._file.flush()
+        checkpoint("body_written")
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None

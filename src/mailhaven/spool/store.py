@@ -19,7 +19,8 @@ is safe to call from many tasks at once. Recipients marked in flight (`claim`) a
 to `due()` until their result is recorded, so the scheduler never needs an in-memory view of
 the whole queue.
 
-Crash injection: `checkpoint(name)` is called at "body_synced", "body_linked" (big bodies only),
+Crash injection: `checkpoint(name)` is called at "body_written", "body_synced", "body_linked"
+(big bodies only),
 "before_commit" and "after_commit"; the default does nothing.
 """
 
