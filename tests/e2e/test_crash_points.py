@@ -21,6 +21,7 @@ import smtplib
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -246,3 +247,58 @@ def check_disk_at_crash(server: MailServer, case: Case) -> None:
             assert len(list((server.state_dir / "maildrop" / "new").iterdir())) == 1
         case _:
             raise AssertionError(f"no disk check for {case.point}")
+
+
+@pytest.mark.parametrize("point", ["before_commit", "after_commit"])
+def test_crash_in_a_group_commit(mail_server: ServerFactory, point: str) -> None:
+    """Several clients' messages end DATA together, so one COMMIT may carry several of them;
+    a crash there loses none of the retried ones and duplicates only what had committed."""
+    clients = 6
+    server = mail_server(start=False)
+    server.env[ENV] = point
+    server.start()
+    marks = [uuid.uuid4().hex for _ in range(clients)]
+    datas = [
+        message(m, sender="sender@example.org", to="postmaster@localhost", size=2000)
+        for m in marks
+    ]
+    ready = threading.Barrier(clients, timeout=20)
+    acked: list[str | None] = [None] * clients
+
+    def client(i: int) -> None:
+        try:
+            with smtplib.SMTP(server.host, server.smtp_port, "client.test", timeout=20) as s:
+                s.ehlo()
+                assert s.mail("sender@example.org")[0] == 250
+                assert s.rcpt("postmaster@localhost")[0] == 250
+                ready.wait()
+                code, text = s.data(datas[i])
+            acked[i] = text.decode() if code == 250 else None
+        except (smtplib.SMTPServerDisconnected, ConnectionError):
+            pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    wait_for_crash(server, point)
+    assert acked == [None] * clients  # the first COMMIT after start-up was the crash
+    committed = queue_size(server)
+    if point == "before_commit":
+        assert committed == 0
+    else:
+        assert 1 <= committed <= clients
+    print(f"{point}: {committed} of {clients} message(s) committed at the crash")
+
+    del server.env[ENV]
+    server.start()
+    for i in range(clients):  # every client retries its unacknowledged message
+        assert try_send(server, "sender@example.org", "postmaster@localhost", datas[i])
+
+    def total() -> int:
+        return sum(maildir_copies(server, "postmaster", f"END {m}") for m in marks)
+
+    assert wait_idle(server, total, clients + committed) == clients + committed
+    for m in marks:
+        assert maildir_copies(server, "postmaster", f"END {m}") in (1, 2)
