@@ -171,7 +171,8 @@ class MessageWriter:
     def seal_to(self, target: Path, checkpoint: Callable[[str], None]) -> None:
         """Make the spilled body durable as `target` (blocking: run it in a thread).
 
-        `checkpoint` is the spool's crash-injection hook, called after each durable step.
+        `checkpoint` is the spool's crash-injection hook, called before the fsync and after
+        each durable step.
         """
         assert self._file is not None and self._path is not None and not self._closed
         self._closed = True

@@ -20,8 +20,8 @@ to `due()` until their result is recorded, so the scheduler never needs an in-me
 the whole queue.
 
 Crash injection: `checkpoint(name)` is called at "body_written", "body_synced", "body_linked"
-(big bodies only),
-"before_commit" and "after_commit"; the default does nothing.
+(big bodies only), "before_commit" and "after_commit"; the default does nothing (the daemon
+passes `faults.crash_point`).
 """
 
 from __future__ import annotations
