@@ -57,7 +57,7 @@ WRITER = textwrap.dedent(
     """
 )
 
-POINTS = ["body_synced", "body_linked", "before_commit", "after_commit"]
+POINTS = ["body_written", "body_synced", "body_linked", "before_commit", "after_commit"]
 
 
 def run_writer(root: Path, point: str, crash_at: int, size: int, concurrency: int) -> tuple[
