@@ -49,7 +49,7 @@ from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.notifier import Notifier
 from mailhaven.pickup import IntakeDoor, Pickup
-from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
+from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials
 from mailhaven.proto.smtp_server import ServerSettings
@@ -194,6 +194,10 @@ class App:
         self._mx: ListenerProfile | None = None
         self.auth_limiter = AuthLimiter()
         self.pop3: list[Pop3Listener] = []
+        #: per-address connection counts and rates over every POP3 listener (`[limits]`)
+        self.pop3_clients = ClientLimits(
+            config.limits.connections_per_ip, config.limits.connection_rate
+        )
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
@@ -318,7 +322,10 @@ class App:
                 implicit_tls=implicit,
                 allow_plaintext_on_loopback=True,
                 hostname=config.hostname,
+                idle_timeout=config.timeouts.pop3_idle,
+                tls_handshake_timeout=config.timeouts.tls_handshake,
                 limiter=self.auth_limiter,
+                clients=self.pop3_clients,
             )
             self.pop3.append(listener)
             log.info("pop3%s listening on %s", "s" if implicit else "", address)
@@ -631,8 +638,15 @@ class App:
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
         self.authenticator.users = self.users
-        for listener in self.pop3:  # POP3 logins too
+        for listener in self.pop3:  # POP3 logins too, and its limits and timeouts
             listener.services.users = self.users
+            listener.services.settings = replace(
+                listener.services.settings,
+                idle_timeout=new.timeouts.pop3_idle,
+                tls_handshake_timeout=new.timeouts.tls_handshake,
+            )
+        self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
+        self.pop3_clients.rate.limit = new.limits.connection_rate
         self.router = build_router(new, self.users)
         if self.tls is not None:
             try:
@@ -652,6 +666,8 @@ class App:
         # Our sessions and the workers' finish their transactions side by side; the control
         # socket stays up meanwhile (a worker may still forward an ETRN).
         stopping = [self.smtp.shutdown()] if self.smtp is not None else []
+        grace = self.config.timeouts.shutdown_grace
+        stopping += [listener.wait_closed(grace) for listener in self.pop3]
         if self.workers is not None:
             stopping.append(self.workers.stop(self.config.timeouts.shutdown_grace))
         await asyncio.gather(*stopping)

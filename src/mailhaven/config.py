@@ -86,6 +86,8 @@ class Timeouts:
     #: A TLS handshake (STARTTLS or implicit TLS) must finish within this (Postfix's
     #: smtpd_starttls_timeout); a client that stalls in it holds a connection slot.
     tls_handshake: float = 60.0
+    #: POP3 inactivity autologout (RFC 1939 §3: at least 10 minutes; Dovecot's is 10 minutes).
+    pop3_idle: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("limits.command_line: RFC 5321 4.5.3.1.4 requires at least 512")
     if config.limits.message_size < 1024:
         raise ConfigError("limits.message_size: must be at least 1024")
+    if config.timeouts.pop3_idle <= 0:
+        raise ConfigError("timeouts.pop3_idle: must be positive")
     if not 1 <= config.smtp_processes <= 64:
         raise ConfigError("smtp_processes: between 1 and 64")
     for net in config.trusted_networks:

@@ -252,6 +252,7 @@ async def test_stls_after_a_failed_login_from_a_closed_client_ends_the_session(
                     break
                 await asyncio.sleep(0.05)
             assert not server.sessions
+            assert not server.clients.per_ip  # each address's count given back, once
         client = await LineClient.connect(server.port)
         assert (await client.login()).startswith(b"+OK Logged in")
         assert await client.cmd("QUIT") == b"+OK Logging out\r\n"

@@ -8,8 +8,11 @@ Port 995 is implicit TLS (RFC 8314 §3.3) and needs `implicit_tls=True`; port 11
 a TLS context is given (RFC 2595). Sessions in flight at shutdown get `-ERR [SYS/TEMP]` at their
 next read and commit nothing, as RFC 1939 §6 requires for a session that did not QUIT.
 
-SECURITY: at most `max_sessions` sessions run at once; more are told `-ERR [SYS/TEMP]` and closed
-before any parsing. A session's failure is logged and contained in its own task.
+SECURITY: at most `max_sessions` sessions run at once, at most `[limits] connections_per_ip` from
+one client address, and at most `connection_rate` new ones per address per minute (the SMTP
+limits, counted over every POP3 listener by one `ClientLimits`); more are told `-ERR [SYS/TEMP]`
+and closed before any parsing. A session's failure is logged and contained in its own task,
+whose end releases its slot and its address's count exactly once.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from pathlib import Path
 
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.mailbox.users import UserDB
 from mailhaven.pop3d.session import MIN_IDLE_TIMEOUT, Services, Session, Settings
 from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
+from mailhaven.smtpd.rates import RateCounter
 
 log = logging.getLogger("mailhaven.pop3d")
 
@@ -32,10 +37,41 @@ MAX_SESSIONS = 1000
 SHUTDOWN_GRACE = 10.0
 
 
+#: Postfix smtpd_client_connection_count_limit = 50, as `[limits] connections_per_ip`.
+CONNECTIONS_PER_IP = 50
+
+
+class ClientLimits:
+    """Connections per client address and their rate (Postfix anvil's count and rate limits),
+    shared by every POP3 listener of the process. `connection_rate` 0 is off."""
+
+    def __init__(self, connections_per_ip: int = CONNECTIONS_PER_IP, connection_rate: int = 0):
+        self.connections_per_ip = connections_per_ip
+        self.rate = RateCounter(connection_rate)
+        self.per_ip: Counter[str] = Counter()
+
+    def admit(self, ip: str, now: float) -> str | None:
+        """Count a new connection from `ip`; the refusal text when it is over a limit."""
+        if self.per_ip[ip] >= self.connections_per_ip:
+            return "Too many connections from your address, try again later"
+        if not self.rate.allow(ip, now):
+            return "Too many connections from your address, slow down"
+        self.per_ip[ip] += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+
+
 class Pop3Listener:
-    def __init__(self, services: Services, max_sessions: int) -> None:
+    def __init__(
+        self, services: Services, max_sessions: int, clients: ClientLimits | None = None
+    ) -> None:
         self.services = services
         self.max_sessions = max_sessions
+        self.clients = clients or ClientLimits()
         self.server: asyncio.Server | None = None
         self.sessions: dict[Session, asyncio.Task[None]] = {}
 
@@ -52,10 +88,21 @@ class Pop3Listener:
             stream.write(b"-ERR [SYS/TEMP] Too many connections, try again later\r\n")
             stream.close()
             return
+        loop = asyncio.get_running_loop()
         session = Session(stream, self.services)
-        task = asyncio.get_running_loop().create_task(session.run(), name=f"pop3-{session.id}")
+        refusal = self.clients.admit(session.rip, loop.time())
+        if refusal is not None:
+            log.warning("%s: rip=%s", refusal, session.rip)
+            stream.write(f"-ERR [SYS/TEMP] {refusal}\r\n".encode())
+            stream.close()
+            return
+        task = loop.create_task(session.run(), name=f"pop3-{session.id}")
         self.sessions[session] = task
-        task.add_done_callback(lambda _: self.sessions.pop(session, None))
+        task.add_done_callback(lambda _: self._release(session))
+
+    def _release(self, session: Session) -> None:
+        if self.sessions.pop(session, None) is not None:
+            self.clients.release(session.rip)
 
     def close(self) -> None:
         """Stop listening and ask every session to end at its next read."""
@@ -90,8 +137,10 @@ async def start_pop3_server(
     allow_plaintext_on_loopback: bool,
     hostname: str,
     idle_timeout: float = MIN_IDLE_TIMEOUT,
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT,
     limiter: AuthLimiter | None = None,
     max_sessions: int = MAX_SESSIONS,
+    clients: ClientLimits | None = None,
 ) -> Pop3Listener:
     """Listen for POP3 and serve until `close()`; see the module docstring."""
     if implicit_tls and tls_context is None:
@@ -99,15 +148,16 @@ async def start_pop3_server(
     if idle_timeout < MIN_IDLE_TIMEOUT:
         log.warning("idle_timeout %.0fs is below RFC 1939's 10 minutes", idle_timeout)
     settings = Settings(mail_root, hostname, tls_context, implicit_tls,
-                        allow_plaintext_on_loopback, idle_timeout)
-    listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions)
+                        allow_plaintext_on_loopback, idle_timeout, tls_handshake_timeout)
+    listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions,
+                            clients)
     loop = asyncio.get_running_loop()
     listener.server = await loop.create_server(
         lambda: Stream(listener._accept),
         host,
         port,
         ssl=tls_context if implicit_tls else None,
-        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+        ssl_handshake_timeout=tls_handshake_timeout if implicit_tls else None,
         reuse_address=True,
     )
     log.info("listening on %s port %d (%s)", host or "*", listener.port,

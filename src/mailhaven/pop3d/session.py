@@ -33,7 +33,7 @@ from typing import assert_never
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.mailbox import maildrop as md
 from mailhaven.mailbox.users import UserDB, normalize_name
-from mailhaven.pop3d.stream import Stream
+from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.proto import pop3
 
 log = logging.getLogger("mailhaven.pop3d")
@@ -50,6 +50,7 @@ class Settings:
     implicit_tls: bool
     allow_plaintext_on_loopback: bool
     idle_timeout: float = MIN_IDLE_TIMEOUT
+    tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
 
 
 @dataclass(slots=True)
@@ -152,7 +153,8 @@ class Session:
                     assert self.settings.tls_context is not None
                     self.stream.write(core.data_to_send())
                     core.tls_started()
-                    await self.stream.start_tls(self.settings.tls_context)
+                    await self.stream.start_tls(self.settings.tls_context,
+                                                self.settings.tls_handshake_timeout)
                 case pop3.Login():
                     await self._login(event)
                 case pop3.Quit():

@@ -110,8 +110,11 @@ class Stream(asyncio.Protocol):
             if self.closed.done():
                 raise ConnectionResetError("connection lost")
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """Upgrade to TLS as the server; plaintext received before this call is discarded."""
+    async def start_tls(
+        self, context: ssl.SSLContext, timeout: float = TLS_HANDSHAKE_TIMEOUT
+    ) -> None:
+        """Upgrade to TLS as the server; plaintext received before this call is discarded.
+        The handshake must finish within `timeout` seconds (`[timeouts] tls_handshake`)."""
         assert self.transport is not None
         del self._inbox[:]  # same synchronous step as the protocol swap below: nothing slips in
         if self._eof or self.transport.is_closing():
@@ -121,10 +124,9 @@ class Stream(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         # The outer bound too: the loop's handshake timer does not cover every way a
         # handshake can stall (a peer that goes away while it is being set up).
-        async with asyncio.timeout(TLS_HANDSHAKE_TIMEOUT + 1):
+        async with asyncio.timeout(timeout + 1):
             new = await loop.start_tls(
-                self.transport, self, context, server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout,
             )
         if new is None:
             raise ConnectionResetError("connection lost during TLS handshake")
