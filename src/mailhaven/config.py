@@ -81,6 +81,13 @@ class Timeouts:
     command: float = 300.0
     #: RFC 5321 §4.5.3.2.5/.6: a data block within 3 minutes.
     data: float = 180.0
+    #: A whole command line, from when the server is ready for it: a client trickling one byte
+    #: at a time within `command` is still cut here (Postfix smtpd_per_record_deadline with
+    #: smtpd_timeout = 300 s). 0: off.
+    command_deadline: float = 300.0
+    #: A whole message body (DATA, or BDAT chunks up to LAST), from its first chunk: at 10 KB/s
+    #: a maximal 36 MiB message takes an hour. 0: off.
+    message_deadline: float = 3600.0
     #: On SIGTERM: how long in-flight transactions may finish before they are cut.
     shutdown_grace: float = 10.0
     #: A TLS handshake (STARTTLS or implicit TLS) must finish within this (Postfix's

@@ -324,3 +324,69 @@ async def test_starttls_that_never_completes_releases_its_slot(ending: str) -> N
         assert refused == {}
     finally:
         await h.service.shutdown(grace=0.2)
+
+
+async def trickle(writer: asyncio.StreamWriter, data: bytes, reader: asyncio.StreamReader) -> bytes:
+    """Send `data` a byte every 0.1 s (well within the idle timeout) until the server answers
+    or hangs up; what it answered (bounded: at most len(data) bytes are sent)."""
+    for byte in data:
+        try:
+            return await asyncio.wait_for(reader.readline(), 0.1)
+        except TimeoutError:
+            writer.write(bytes([byte]))
+    return await asyncio.wait_for(reader.readline(), 5)
+
+
+@pytest.mark.both_loops
+async def test_trickling_clients_hit_the_command_and_message_deadlines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 16 #22: a client sending a byte every 0.1 s never trips the 2 s idle timeout, yet
+    is cut with 421 4.4.2 by the deadline for a whole command (0.8 s) or message (1.2 s);
+    a normal client meanwhile is served."""
+    monkeypatch.setattr(server_module, "REAPER_INTERVAL", 0.05)
+    timeouts = Timeouts(command=2.0, data=2.0, command_deadline=0.8, message_deadline=1.2)
+    h = await start(mx_profile, timeouts=timeouts)
+    h.service._reaper = asyncio.ensure_future(h.service._reap())
+
+    async def command_trickler() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        assert (await reader.readline()).startswith(b"220")
+        answer = await trickle(writer, b"EHLO " + b"x" * 60 + b"\r\n", reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and disconnected
+        writer.close()
+        return answer
+
+    async def message_trickler() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", h.port)
+        assert (await reader.readline()).startswith(b"220")
+        for command in (
+            b"HELO c.test",
+            b"MAIL FROM:<a@example.org>",
+            b"RCPT TO:<alice@localhost>",
+            b"DATA",
+        ):
+            writer.write(command + b"\r\n")
+            assert (await asyncio.wait_for(reader.readline(), 5))[:1] in (b"2", b"3")
+        answer = await trickle(writer, b"Subject: slow\r\n\r\n" + b"y" * 60 + b"\r\n.\r\n", reader)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        return answer
+
+    try:
+        command_cut, message_cut, refused = await asyncio.gather(
+            command_trickler(),
+            message_trickler(),
+            asyncio.to_thread(send_with_smtplib, h.port, ["alice@localhost"]),
+        )
+        assert command_cut.startswith(b"421 4.4.2 mx.test Error: timeout exceeded"), command_cut
+        assert message_cut.startswith(b"421 4.4.2 mx.test Error: timeout exceeded"), message_cut
+        assert refused == {}
+        assert len(h.sink.messages) == 1  # only the normal client's message
+        for _ in range(100):  # the last disconnect may still be on its way
+            if not h.service.sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert not h.service.sessions
+    finally:
+        await h.service.shutdown(grace=0.2)

@@ -176,6 +176,11 @@ class ServerConnection:
         return out
 
     @property
+    def has_output(self) -> bool:
+        """Replies are waiting for `data_to_send` (the session made progress)."""
+        return bool(self._out)
+
+    @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
 

@@ -3,8 +3,10 @@ and stop gracefully.
 
 One `SMTPService` serves every SMTP listener (MX, submission, submissions), so the connection
 limits (`limits.connections` in all, `limits.connections_per_ip` per client address) are shared,
-like Postfix's anvil. Idle timeouts are enforced by one reaper task that looks at every session
-once a second, instead of a timer per connection (cheaper for 10,000 idle clients).
+like Postfix's anvil. Idle timeouts, and the deadlines for a whole command line and a whole
+message (which a client trickling bytes within the idle timeout would otherwise stretch without
+end), are enforced by one reaper task that looks at every session once a second, instead of a
+timer per connection (cheaper for 10,000 idle clients).
 
 Shutdown (SIGTERM): stop accepting, answer 421 to sessions that are between transactions, let
 transactions in flight finish until `timeouts.shutdown_grace`, then cut the rest with 421.
@@ -140,13 +142,26 @@ class SMTPService:
         while True:
             await asyncio.sleep(REAPER_INTERVAL)
             now = self.loop.time()
+            t = self.timeouts
             for session in list(self.sessions):
                 if session._busy:  # a commit or handshake in flight is ours to finish
                     continue
                 in_data = session.conn.phase in (Phase.DATA, Phase.BDAT)
-                limit = self.timeouts.data if in_data else self.timeouts.command
+                limit = t.data if in_data else t.command
                 if now - session.last_activity > limit:
                     session.timeout()
+                elif (
+                    t.message_deadline
+                    and session.message_started is not None
+                    and now - session.message_started > t.message_deadline
+                ):
+                    session.timeout("message deadline exceeded")
+                elif (
+                    t.command_deadline
+                    and not in_data
+                    and now - session.waiting_since > t.command_deadline
+                ):
+                    session.timeout("command deadline exceeded")
 
     # ------------------------------------------------------------------ shutdown
 

@@ -105,6 +105,12 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.writer: Writer | None = None
         self.last_activity = 0.0
+        #: When the core last made progress (an event or a reply): the command deadline runs
+        #: from here, so a command trickled in byte by byte cannot take forever.
+        self.waiting_since = 0.0
+        #: When the body of the current message began (DATA or the first BDAT), for the
+        #: message deadline; None outside a body.
+        self.message_started: float | None = None
         self._busy = False
         self._write_paused = False
         self._auth: AuthStep | None = None
@@ -125,7 +131,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.facts.client_ip = str(peer[0])
         if transport.get_extra_info("ssl_object") is not None:
             self.facts.tls = self._tls_summary()
-        self.last_activity = self.service.loop.time()
+        self.last_activity = self.waiting_since = self.service.loop.time()
         maillog.info(log, "connect from %s", self.label)
         refusal = self.service.admit(self)
         if refusal is not None:
@@ -244,9 +250,10 @@ class SMTPSession(asyncio.BufferedProtocol):
             self.writer.abort()
             self.writer = None
 
-    def timeout(self) -> None:
-        """Called by the service's reaper when the client has been silent too long."""
-        log.info("timeout after %s from %s", self.conn.phase.value.upper(), self.label)
+    def timeout(self, what: str = "timeout") -> None:
+        """Called by the service's reaper when the client has been silent too long, or has
+        taken too long over one command or one message (`what` says which)."""
+        log.info("%s after %s from %s", what, self.conn.phase.value.upper(), self.label)
         self.close_with(
             Reply(421, f"{self.profile.settings.hostname} Error: timeout exceeded", "4.4.2")
         )
@@ -269,12 +276,15 @@ class SMTPSession(asyncio.BufferedProtocol):
     def _process(self) -> None:
         if self._busy or self.transport is None:
             return
+        progress = False
         try:
             while not self._busy:
                 event = self.conn.next_event()
                 if isinstance(event, Wait):
                     break  # NEED_DATA, or PAUSED while a decision is answered elsewhere
+                progress = True
                 self._handle(event)
+            self._track_deadlines(progress)
         except Exception:
             log.exception("%s: internal error in session", self.label)
             self.close_with(Reply(421, "Error: internal error", "4.3.0"))
@@ -284,6 +294,19 @@ class SMTPSession(asyncio.BufferedProtocol):
             self.transport.close()
         elif self.service.shutting_down and not self.conn.in_transaction and not self._busy:
             self.shutdown()
+
+    def _track_deadlines(self, progress: bool) -> None:
+        """Restart the command deadline when the core made progress; start or end the message
+        deadline as a body begins or its transaction ends."""
+        now = self.service.loop.time()
+        if progress or self.conn.has_output:
+            self.waiting_since = now
+        in_body = self.conn.phase in (Phase.DATA, Phase.BDAT)
+        if in_body or self.conn.in_transaction:
+            if in_body and self.message_started is None:
+                self.message_started = now
+        else:
+            self.message_started = None
 
     def _handle(self, event: ev.Event) -> None:
         try:
