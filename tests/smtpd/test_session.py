@@ -326,6 +326,68 @@ async def test_starttls_that_never_completes_releases_its_slot(ending: str) -> N
         await h.service.shutdown(grace=0.2)
 
 
+# ---------------------------------------------------------------- TLS edges
+
+
+def finished_command_and_close_notify(port: int) -> bytes:
+    """A memory-BIO TLS client that sends its Finished, `EHLO` and close_notify in one
+    `send` (one TCP segment); returns what the server sent back after it, decrypted."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not stream.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        assert stream.readline().startswith(b"220 2.0.0")
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_tls().wrap_bio(incoming, outgoing, server_hostname="localhost")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if pending := outgoing.read():
+                    sock.sendall(pending)
+                incoming.write(sock.recv(65536))
+        tls.write(b"EHLO client.test\r\n")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.unwrap()  # queues close_notify, then waits for the server's
+        sock.sendall(outgoing.read())  # Finished + EHLO + close_notify: one segment
+        answer = b""
+        while data := sock.recv(65536):
+            incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                while chunk := tls.read(65536):
+                    answer += chunk
+        return answer
+
+
+@pytest.mark.both_loops
+async def test_finished_command_and_close_notify_in_one_segment(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 16 #21: asyncio hands over the command and the EOF before `start_tls` returns;
+    that is a normal close: no traceback, every slot released, the next client served."""
+    h = await start(
+        lambda: mx_profile(starttls=True), limits=Limits(connections=4, connections_per_ip=4)
+    )
+    try:
+        for _ in range(5):
+            await asyncio.to_thread(finished_command_and_close_notify, h.port)
+        for _ in range(100):
+            if not h.service.sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert not h.service.sessions and not h.service.per_ip
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+        assert "ProtocolUsageError" not in caplog.text
+        refused = await asyncio.to_thread(send_with_smtplib, h.port, ["alice@localhost"])
+        assert refused == {}
+    finally:
+        await h.service.shutdown(grace=0.2)
+
+
 async def trickle(writer: asyncio.StreamWriter, data: bytes, reader: asyncio.StreamReader) -> bytes:
     """Send `data` a byte every 0.1 s (well within the idle timeout) until the server answers
     or hangs up; what it answered (bounded: at most len(data) bytes are sent)."""

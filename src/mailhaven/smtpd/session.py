@@ -119,6 +119,9 @@ class SMTPSession(asyncio.BufferedProtocol):
         #: Decrypted input that arrived while the STARTTLS handshake was finishing (see
         #: `_start_tls`); None when no handshake is in progress.
         self._tls_early: bytearray | None = None
+        #: The client's close_notify came with its Finished (during `_start_tls`): an end of
+        #: input fed after `_tls_early`.
+        self._tls_eof = False
         self._gone = False
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -161,6 +164,9 @@ class SMTPSession(asyncio.BufferedProtocol):
         self._process()
 
     def eof_received(self) -> bool:
+        if self._tls_early is not None:
+            self._tls_eof = True  # the core is still in STARTTLS: see `_start_tls`
+            return False
         self.conn.receive_data(b"")
         self._process()
         return False
@@ -512,15 +518,24 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._ended()
             return
         early, self._tls_early = self._tls_early, None
+        eof, self._tls_eof = self._tls_eof, False
         if new is None:
+            self._ended()
+            return
+        if self.conn.phase is not Phase.STARTTLS:  # closed meanwhile (shutdown, timeout)
+            new.abort()
             self._ended()
             return
         self.transport = new
         self.conn.tls_established()
         self.facts.tls = self._tls_summary()
         log.info("%s: TLS established: %s", self.label, self.facts.tls)
+        # processed when `_resume` runs: the first command, then the client's close_notify
+        # when it came in the same segment (asyncio delivers both before start_tls returns)
         if early:
-            self.conn.receive_data(bytes(early))  # processed when `_resume` runs
+            self.conn.receive_data(bytes(early))
+        if eof:
+            self.conn.receive_data(b"")
 
     async def _auth_step(self, mechanism: str, line: str | None, *, start: bool) -> None:
         auth = self.profile.authenticator
