@@ -8,6 +8,7 @@ import contextlib
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -452,3 +453,38 @@ async def test_trickling_clients_hit_the_command_and_message_deadlines(
         assert not h.service.sessions
     finally:
         await h.service.shutdown(grace=0.2)
+
+
+@pytest.mark.both_loops
+async def test_shutdown_during_a_starttls_handshake_writes_no_plaintext() -> None:
+    # A client inside its handshake at shutdown: a plaintext 421 would land in its TLS layer
+    # as garbage. It gets the connection cut instead, and the slot is released.
+    h = await start(lambda: mx_profile(starttls=True), timeouts=Timeouts(tls_handshake=30))
+
+    def stalled() -> bytes:
+        with socket.create_connection(("127.0.0.1", h.port), timeout=10) as raw:
+            f = raw.makefile("rb")
+            assert f.readline().startswith(b"220")
+            raw.sendall(b"EHLO c\r\n")
+            while not f.readline().startswith(b"250 "):
+                pass
+            raw.sendall(b"STARTTLS\r\n")
+            assert f.readline().startswith(b"220 2.0.0")
+            ready.set()
+            rest = b""
+            with contextlib.suppress(OSError):
+                while chunk := raw.recv(4096):
+                    rest += chunk
+            return rest
+
+    ready = threading.Event()
+    client = asyncio.ensure_future(asyncio.to_thread(stalled))
+    await asyncio.to_thread(ready.wait, 10)
+    await asyncio.sleep(0.1)
+    await h.service.shutdown(grace=0.2)
+    assert await asyncio.wait_for(client, 10) == b""
+    for _ in range(100):  # the handshake's failure path runs once the abort is seen
+        if not h.service.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert not h.service.sessions

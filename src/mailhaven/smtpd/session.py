@@ -265,6 +265,14 @@ class SMTPSession(asyncio.BufferedProtocol):
         )
 
     def close_with(self, reply: Reply) -> None:
+        if self._tls_early is not None:
+            # Inside a STARTTLS handshake a plaintext reply would be garbage to the client's
+            # TLS layer: cut the connection and end the session now (uvloop's start_tls only
+            # notices the abort at its handshake timeout; `_ended` runs once either way).
+            if self.transport is not None:
+                self.transport.abort()
+            self._ended()
+            return
         self.conn.close_with(reply)
         self._flush()
         if self.transport is not None:
@@ -517,6 +525,11 @@ class SMTPSession(asyncio.BufferedProtocol):
             self.transport.abort()
             self._ended()
             return
+        except asyncio.CancelledError:  # shutting down: the slot is released all the same
+            self._tls_early = None
+            self.transport.abort()
+            self._ended()
+            raise
         early, self._tls_early = self._tls_early, None
         eof, self._tls_eof = self._tls_eof, False
         if new is None:
