@@ -13,7 +13,13 @@ import pytest
 from argon2 import PasswordHasher
 
 from mailhaven.mailbox import users as users_module
-from mailhaven.mailbox.users import VERIFY_CONCURRENCY, UserDB, UserDBError, normalize_name
+from mailhaven.mailbox.users import (
+    VERIFY_CONCURRENCY,
+    UserDB,
+    UserDBError,
+    UsersFileError,
+    normalize_name,
+)
 
 FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
@@ -194,3 +200,43 @@ async def test_existing_hashes_verify_with_their_own_parameters(tmp_path: Path) 
     db = UserDB(tmp_path / "passwd")  # default parameters for new hashes
     assert await db.verify("carol", "old pw")
     assert not await db.verify("carol", "new pw")
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "why"),
+    [
+        (b"# users\nalice:{X}h:::::\nbob:\xff\xfe:::::\n", 3, "not valid UTF-8"),
+        (b"alice:{X}h:::::\n\n\xc3\n", 3, "not valid UTF-8"),
+        (b"alice:{X}h:::::\njust a name\n", 2, "expected user:password"),
+        (b"# ok\nAlice:{X}h:::::\n", 2, "not a valid user name"),
+        (b"../etc:{X}h:::::\n", 1, "not a valid user name"),
+        (b"alice:{X}h:::::\nbob:{X}h\nalice:{X}i:::::\n", 3, "user alice again (first on line 1)"),
+    ],
+)
+def test_a_malformed_file_is_refused_naming_the_line(
+    tmp_path: Path, content: bytes, line: int, why: str
+) -> None:
+    path = tmp_path / "passwd"
+    path.write_bytes(content)
+    with pytest.raises(UsersFileError) as caught:
+        UserDB(path, hasher=FAST).load()
+    assert f"{path}: line {line}: " in str(caught.value) and why in str(caught.value)
+
+
+async def test_a_broken_rewrite_keeps_the_last_good_file_in_service(
+    db: UserDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Edited by hand into something unusable: logins, mailbox names and admin commands keep
+    the last good content (admin commands say why they refuse), logged once per change."""
+    good = db.path.read_bytes()
+    db.path.write_bytes(good + b"bob:\xe9t\xe9:::::\n")
+    os.utime(db.path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert db.names() == {"alice"}
+    assert await db.verify("alice", "correct horse")
+    assert db.names() == {"alice"}
+    refusals = [r for r in caplog.records if "users file refused" in r.getMessage()]
+    assert len(refusals) == 1 and "line 2: not valid UTF-8" in refusals[0].getMessage()
+    with pytest.raises(UserDBError, match="line 2"):
+        db.add("carol", "pw")
+    db.path.write_bytes(good + b"bob:{X}h:::::\n")  # fixed: read again
+    assert db.names() == {"alice", "bob"}

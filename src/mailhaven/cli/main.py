@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         case "serve":
             return _serve(config, args.worker_fds, args.shard, args.lifeline)
         case "config":
+            from mailhaven.mailbox.users import UserDB, UsersFileError
+
+            try:  # the users file is part of the configuration: serve and reload refuse it too
+                UserDB(config.users_path).load()
+            except UsersFileError as err:
+                print(f"mailhaven: {err}", file=sys.stderr)
+                return 2
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")
             return 0
         case "tls":
@@ -196,6 +203,7 @@ def _serve(
     from mailhaven import eventloop, maillog
     from mailhaven.app import App
     from mailhaven.config import Config
+    from mailhaven.mailbox.users import UsersFileError
     from mailhaven.workers import WorkerRole
 
     assert isinstance(config, Config)
@@ -210,6 +218,9 @@ def _serve(
     except eventloop.LoopUnavailable as err:
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)
         return 1
+    except UsersFileError as err:
+        print(f"mailhaven: cannot start: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         # Typically a listen address in use or a state directory we may not write.
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)

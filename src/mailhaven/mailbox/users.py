@@ -7,7 +7,10 @@ the same file can serve Dovecot's `passdb { driver = passwd-file }`.
 
 In: the file path. Out: `names()`, `verify()`, and the admin mutations `add`, `set_password`,
 `delete`. The file is re-read when its (mtime, size, inode) changes, so `mailhaven user add` in
-another process is seen without a restart. Rewrites take `<file>.lock` (flock), re-read the file
+another process is seen without a restart. A file that is not UTF-8 or has a line that is
+neither blank, a comment nor `name:password[:...]` with a valid name (or names a user twice) is
+refused whole with `UsersFileError` naming the line: at start-up and `config check` that is an
+error; a changed file that is refused is logged and the last good one stays in service. Rewrites take `<file>.lock` (flock), re-read the file
 under it, write `<file>.tmp`, fsync, rename over, then fsync the directory: readers see the old
 file or the new one, never half of either.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -62,6 +66,8 @@ FIELDS = 8  # user:password:uid:gid:gecos:home:shell:extra
 #: default-parameter verify already uses p=4 lanes, so two keep a small host's CPUs busy.
 VERIFY_CONCURRENCY = 2
 
+log = logging.getLogger("mailhaven.auth")
+
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
@@ -79,6 +85,10 @@ def _verify_pool() -> ThreadPoolExecutor:
 
 class UserDBError(Exception):
     """An admin operation that cannot be done; the message says why."""
+
+
+class UsersFileError(UserDBError):
+    """The users file cannot be used as a whole; the message names the file and the line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,37 +117,49 @@ class UserDB:
         self._lines: list[str] = []
         self._hashes: dict[str, str] = {}
         self._signature: _Signature | None = None
+        #: a changed file that was refused: not read (and logged) again until it changes again
+        self._refused: _Signature | None = None
         self._dummy: str | None = None
         self._lock = threading.Lock()
 
     # -- reading -------------------------------------------------------------------------------
     def load(self) -> None:
-        """Read the file now (a missing file is an empty database)."""
+        """Read the file now (a missing file is an empty database); `UsersFileError` when it
+        is malformed, and then what was loaded before stays."""
         with self._lock:
             self._load_locked()
 
     def _load_locked(self) -> None:
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
-                text = f.read()
+                data = f.read()
         except FileNotFoundError:
             self._lines, self._hashes, self._signature = [], {}, None
             return
-        self._lines = text.splitlines()
-        self._hashes = dict(_parse(self._lines))
+        except OSError as err:
+            raise UsersFileError(f"{self.path}: cannot read: {err.strerror}") from None
+        lines = _decode(self.path, data)
+        self._hashes = _check(self.path, lines)
+        self._lines = lines
         self._signature = _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
 
     def reload_if_changed(self) -> bool:
-        """Re-read the file if its mtime, size or inode moved; True when it did."""
+        """Re-read the file if its mtime, size or inode moved; True when it did. A changed
+        file that is malformed is logged once and the last good one stays in service."""
         try:
             st = self.path.stat()
             sig: _Signature | None = _Signature(st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             sig = None
-        if sig == self._signature:
+        if sig == self._signature or (sig is not None and sig == self._refused):
             return False
-        self.load()
+        try:
+            self.load()
+        except UsersFileError as err:
+            self._refused = sig
+            log.error("users file refused, keeping the last good one: %s", err)
+            return False
         return True
 
     def names(self) -> set[str]:
@@ -208,6 +230,36 @@ class UserDB:
             self.load()
         finally:
             os.close(lock_fd)
+
+
+def _decode(path: Path, data: bytes) -> list[str]:
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UsersFileError(f"{path}: line {line}: not valid UTF-8") from None
+
+
+def _check(path: Path, lines: list[str]) -> dict[str, str]:
+    """name -> password of every user line; `UsersFileError` at the first malformed line."""
+    found: dict[str, tuple[int, str]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if ":" not in line:
+            raise UsersFileError(f"{path}: line {number}: expected user:password[:...]")
+        name, password = line.split(":", 2)[:2]
+        if normalize_name(name) != name:
+            raise UsersFileError(
+                f"{path}: line {number}: {name[:80]!r} is not a valid user name"
+                f" (lower case, a dot-atom local part without '/', at most {MAX_NAME} octets)"
+            )
+        if name in found:
+            raise UsersFileError(
+                f"{path}: line {number}: user {name} again (first on line {found[name][0]})"
+            )
+        found[name] = (number, password)
+    return {name: password for name, (_number, password) in found.items()}
 
 
 def _parse(lines: list[str]) -> Iterator[tuple[str, str]]:
