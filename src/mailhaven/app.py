@@ -11,8 +11,11 @@ at start-up, when poked over the control socket (`<state_dir>/control.sock`, als
 lock (`control.DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
 
 Signals: SIGTERM/SIGINT stop gracefully (see `SMTPService.shutdown`); SIGHUP re-reads the
-config file and applies what can change without restart (domains, users, aliases, trusted
-networks, limits for new sessions). An invalid file is logged and the old config kept.
+config file and applies every setting except `RESTART_ONLY` ones (domains, users, aliases,
+trusted networks, ETRN's held domains and clients, limits and timeouts for new sessions, the
+TLS certificate, relay and queue settings, the log level). Reload validates everything first
+(the file, the users file, the certificate) and then applies all of it or, when anything is
+wrong, none of it; the log says which and why. The daemon forwards SIGHUP to its workers.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ from mailhaven.etrn import PartTimeHosts
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
 from mailhaven.intake import Intake
-from mailhaven.mailbox.users import UserDB
+from mailhaven.mailbox.users import UserDB, UsersFileError
 from mailhaven.net import selfsigned
 from mailhaven.net.dns import Resolver
-from mailhaven.net.tls import ReloadableTLS, certificate_facts
+from mailhaven.net.tls import ReloadableTLS, build_server_context, certificate_facts
 from mailhaven.notifier import Notifier
 from mailhaven.pickup import IntakeDoor, Pickup
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
@@ -69,16 +72,20 @@ from mailhaven.workers import WorkerPool, WorkerRole, control_socket, watch_life
 
 log = logging.getLogger("mailhaven.master")
 
+#: Settings a reload keeps (logged when the file changes them): the listening sockets, the
+#: processes, the loop and the queue's place are made once; the host name is baked into the
+#: engine (Received: fields, bounces, Maildir names, HELO), so it changes all at once or not.
+RESTART_ONLY = ("listen", "state_dir", "smtp_processes", "event_loop", "hostname")
 
 #: How often the daemon tells systemd its queue size (`systemctl status`).
 STATUS_INTERVAL = 30.0
 
 
-def load_tls(config: Config) -> ReloadableTLS | None:
+def tls_files(config: Config) -> tuple[Path, Path] | None:
     """The configured certificate; without one, a self-signed one under the state directory
     (made at first start, logged) when a listener needs TLS; None when nothing needs it."""
     if config.tls.cert:
-        return ReloadableTLS(Path(config.tls.cert), Path(config.tls.key))
+        return Path(config.tls.cert), Path(config.tls.key)
     listen = config.listen
     if not (listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
         return None
@@ -93,7 +100,35 @@ def load_tls(config: Config) -> ReloadableTLS | None:
         selfsigned.create(cert, key, config.hostname)  # `hostname` changed: follow it
         log.warning("self-signed certificate %s was for %s: made again for %s",
                     cert, old_name, config.hostname)
-    return ReloadableTLS(cert, key)
+    return cert, key
+
+
+def load_tls(config: Config) -> ReloadableTLS | None:
+    files = tls_files(config)
+    return ReloadableTLS(*files) if files is not None else None
+
+
+def backoff_policy(config: Config) -> BackoffPolicy:
+    q = config.queue
+    return BackoffPolicy(
+        minimal=q.minimal_backoff,
+        maximal=q.maximal_backoff,
+        lifetime=q.lifetime,
+        delay_warning=q.delay_warning or None,
+    )
+
+
+def plan_limits(config: Config) -> PlanLimits:
+    """The processes share the configured limits: a remote host sees at most
+    `destination_concurrency` connections from all of us together (rounded up)."""
+    q = config.queue
+    processes = max(1, config.smtp_processes)
+    return PlanLimits(
+        max_deliveries=-(-q.concurrency // processes),
+        per_destination=-(-q.destination_concurrency // processes),
+        per_delivery=q.recipients_per_transaction,
+        dead_time=q.minimal_backoff,
+    )
 
 
 def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]]:
@@ -200,6 +235,7 @@ class App:
         )
         self.part_time: PartTimeHosts | None = None
         self._background: list[asyncio.Future[None]] = []
+        self._release_task: asyncio.Future[None] | None = None
         self._route: Callable[[str], Route] = lambda address: self.router.route(address)
         self.spool = Spool(
             shards.shard_path(config.spool_path, worker.shard if worker else 0),
@@ -262,6 +298,15 @@ class App:
         """Where a released part-time domain's mail goes: its transport entry, else its MX."""
         config = self.config
         return Route("relay", config.relay.transport.get(domain) or config.relayhost or domain)
+
+    def _schedule_releases(self) -> None:
+        """(Re)start the periodic release of held domains (the daemon releases every shard)."""
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
+        interval = self.config.etrn.release_interval
+        if interval > 0 and self.worker is None:
+            self._release_task = asyncio.ensure_future(self._release_schedule(interval))
 
     async def _release_schedule(self, interval: float) -> None:
         while True:
@@ -406,9 +451,6 @@ class App:
             hostname=config.hostname,
             postmaster=f"postmaster@{config.local_domains[0]}",
         )
-        q = config.queue
-        # The processes share the configured limits: a remote host sees at most
-        # `destination_concurrency` connections from all of us together (rounded up).
         processes = max(1, config.smtp_processes)
         self.runner = Runner(
             self.spool,
@@ -416,18 +458,8 @@ class App:
             lambda address: self._route(address),  # late-bound: part-time hosts wrap it below
             on_failures=notifier.on_failures,
             on_delay=notifier.on_delay,
-            policy=BackoffPolicy(
-                minimal=q.minimal_backoff,
-                maximal=q.maximal_backoff,
-                lifetime=q.lifetime,
-                delay_warning=q.delay_warning or None,
-            ),
-            limits=PlanLimits(
-                max_deliveries=-(-q.concurrency // processes),
-                per_destination=-(-q.destination_concurrency // processes),
-                per_delivery=q.recipients_per_transaction,
-                dead_time=q.minimal_backoff,
-            ),
+            policy=backoff_policy(config),
+            limits=plan_limits(config),
         )
         daemon_with_workers = self.worker is None and processes > 1
         self.part_time = PartTimeHosts(
@@ -438,10 +470,7 @@ class App:
             elsewhere=self._release_in_workers if daemon_with_workers else None,
         )
         self._route = self.part_time.route(lambda a: self.router.route(a), self._release_route)
-        if config.etrn.release_interval > 0 and self.worker is None:
-            self._background.append(
-                asyncio.ensure_future(self._release_schedule(config.etrn.release_interval))
-            )
+        self._schedule_releases()
         intake = Intake(
             self.spool,
             hostname=config.hostname,
@@ -614,32 +643,56 @@ class App:
         self._stop.set()
 
     def reload(self) -> None:
+        """SIGHUP: validate the whole new configuration, then apply all of it or none."""
         if self.workers is not None:
             self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
         path = self.config.source
         try:
-            new = configuration.load(path)
-        except configuration.ConfigError as err:
-            log.error("reload: keeping the old configuration: %s", err)
+            new, users, certificate = self._prepare_reload()
+        except (configuration.ConfigError, UsersFileError, OSError, ssl.SSLError) as err:
+            log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
             return
-        # Listener addresses, processes, the event loop and the state directory need a
-        # restart; keep them.
-        new = replace(
-            new,
-            listen=self.config.listen,
-            state_dir=self.config.state_dir,
-            smtp_processes=self.config.smtp_processes,
-            event_loop=self.config.event_loop,
-        )
+        self._apply_reload(new, users, certificate)
+        log.info("reload: configuration %s applied", path or "(built-in defaults)")
+        # last, so that line is logged even when the new level hides it (as maillog.setup)
+        logging.getLogger("mailhaven").setLevel(new.log_level.upper())
+
+    def _prepare_reload(
+        self,
+    ) -> tuple[Config, UserDB, tuple[ssl.SSLContext, Path, Path] | None]:
+        """Everything a reload needs that can fail, made without touching what runs: the
+        configuration, its users file and its certificate (read afresh: a renewal)."""
+        new = configuration.load(self.config.source)
+        for name in RESTART_ONLY:
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("reload: %s changed; it takes effect at the next restart", name)
+        new = replace(new, **{name: getattr(self.config, name) for name in RESTART_ONLY})
+        users = UserDB(new.users_path)
+        users.load()
+        files = tls_files(new) if self.tls is not None or new.tls.cert else None
+        certificate = None
+        if files is not None:
+            try:
+                certificate = (build_server_context(*files), *files)
+            except (OSError, ssl.SSLError) as err:
+                raise configuration.ConfigError(f"TLS certificate {files[0]}: {err}") from None
+        return new, users, certificate
+
+    def _apply_reload(
+        self,
+        new: Config,
+        users: UserDB,
+        certificate: tuple[ssl.SSLContext, Path, Path] | None,
+    ) -> None:
+        """Swap in a prepared configuration; nothing here can fail half-way."""
         self.config = new
         self._mx = None  # the next connection builds the profile from the new configuration
-        self.users = UserDB(new.users_path)
-        self.users.load()
+        self.users = users
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
-        self.authenticator.users = self.users
+        self.authenticator.users = users
         for listener in self.pop3:  # POP3 logins too, and its limits and timeouts
-            listener.services.users = self.users
+            listener.services.users = users
             listener.services.settings = replace(
                 listener.services.settings,
                 idle_timeout=new.timeouts.pop3_idle,
@@ -647,20 +700,26 @@ class App:
             )
         self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
         self.pop3_clients.rate.limit = new.limits.connection_rate
-        self.router = build_router(new, self.users)
-        if self.tls is not None:
-            try:
-                self.tls.reload()
-            except (OSError, ssl.SSLError) as err:
-                log.error("reload: keeping the old TLS certificate: %s", err)
+        self.router = build_router(new, users)
+        if certificate is not None:
+            if self.tls is None:  # a certificate where there was none: STARTTLS on the MX
+                self.tls = ReloadableTLS(certificate[1], certificate[2])
+            self.tls.use(*certificate)
         if self.smtp is not None:
-            self.smtp.limits = new.limits
-            self.smtp.timeouts = new.timeouts
-        log.info("reload: configuration %s applied", path or "(built-in defaults)")
+            self.smtp.reconfigure(new.limits, new.timeouts)
+        if self.part_time is not None:
+            self.part_time.configure(new.etrn.held_domains, new.etrn.clients)
+            self._schedule_releases()
+        if self.relay_agent is not None:
+            self.relay_agent.reconfigure(build_relay_agent(new))
+        if self.runner is not None:
+            self.runner.reconfigure(backoff_policy(new), plan_limits(new))
 
     async def shutdown(self) -> None:
         for task in self._background:
             task.cancel()
+        if self._release_task is not None:
+            self._release_task.cancel()
         for listener in self.pop3:
             listener.close()
         # Our sessions and the workers' finish their transactions side by side; the control

@@ -40,14 +40,19 @@ class PartTimeHosts:
         clock: Callable[[], float] = time.monotonic,
         elsewhere: Callable[[Sequence[str]], Awaitable[int]] | None = None,
     ) -> None:
-        self.held = {d.lower().rstrip(".") for d in held_domains}
-        self.clients = [ipaddress.ip_network(c, strict=False) for c in clients]
+        self.configure(held_domains, clients)
         self._release = release
         self._wake = wake
         self._clock = clock
         #: the same release in the other processes' queue shards (`mailhaven.workers`)
         self._elsewhere = elsewhere
         self._open_until: dict[str, float] = {}
+
+    def configure(self, held_domains: Collection[str], clients: Sequence[str]) -> None:
+        """The held domains and the clients allowed to say ETRN (again on a reload; open
+        release windows stay open)."""
+        self.held = {d.lower().rstrip(".") for d in held_domains}
+        self.clients = [ipaddress.ip_network(c, strict=False) for c in clients]
 
     def releasing(self, domain: str) -> bool:
         until = self._open_until.get(domain.lower())

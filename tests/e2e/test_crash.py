@@ -285,11 +285,11 @@ def test_sighup_reload(mail_server: ServerFactory) -> None:
     good = server.config_path.read_text()
     server.write_config(good + "\n[limits]\nrecipients = 5\n")  # below RFC 5321's minimum
     server.reload()
-    line = server.wait_for_log(r"reload: keeping the old configuration: .*recipients")[0]
+    line = server.wait_for_log(r"reload: refused, keeping the old configuration \(nothing applied\): .*recipients")[0]
     assert "4.5.3.1.8" in line.string
     server.write_config("hostname = \n")  # TOML syntax error
     server.reload()
-    server.wait_for_log(r"reload: keeping the old configuration: .*TOML syntax error", count=1)
+    server.wait_for_log(r"reload: refused, keeping the old configuration \(nothing applied\): .*TOML syntax error", count=1)
     assert rcpt("newbie@localhost") == 550
     assert rcpt("postmaster@localhost") == 250
     # a valid file with a new user applies without a restart

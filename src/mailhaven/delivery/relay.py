@@ -100,6 +100,12 @@ class RelayAgent:
         self._smarthosts = {s.nexthop: s for s in smarthosts}
         self._parked: dict[tuple[str, int], list[tuple[float, SMTPClientConnection]]] = {}
 
+    def reconfigure(self, other: RelayAgent) -> None:
+        """Take `other`'s resolver, settings and smarthosts (a reload), keeping our parked
+        connections; deliveries in flight finish with what they started with."""
+        self.resolver, self.settings = other.resolver, other.settings
+        self._smarthosts = other._smarthosts
+
     async def deliver(self, request: DeliveryRequest) -> RelayResult:
         nexthop = request.route.nexthop
         smarthost = self._smarthosts.get(nexthop)

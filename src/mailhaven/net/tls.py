@@ -10,7 +10,8 @@ TLS 1.3 suites are OpenSSL's defaults, which are all AEAD.
 Reload story: `ReloadableTLS.context` is a *front* context handed to listeners once. Its SNI
 callback, which OpenSSL runs on every ClientHello (with or without a server name), switches the
 connection to the newest *backend* context. `reload()` builds a new backend from the files and
-swaps it in; if the new files are broken it raises and the old certificate stays in service
+swaps it in (`use()` swaps in one built from other files, named by a reloaded configuration);
+if the new files are broken it raises and the old certificate stays in service
 (`postfix reload` semantics). Handshakes in progress and established sessions are untouched.
 
 SECURITY: the key file is read once per (re)load and never logged; a failed load never leaves a
@@ -61,6 +62,11 @@ class ReloadableTLS:
     def reload(self) -> None:
         """Rebuild from the files; on error raise and keep serving the old certificate."""
         self._backend = build_server_context(self.cert_file, self.key_file)
+
+    def use(self, backend: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+        """Serve `backend` (built by the caller from `cert_file` and `key_file`, which may be
+        other files than before: a renewal under a new name) to new connections from now on."""
+        self._backend, self.cert_file, self.key_file = backend, cert_file, key_file
 
     def _select(
         self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext

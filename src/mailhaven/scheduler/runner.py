@@ -131,6 +131,13 @@ class Runner:
         self._revisit = False
 
     # -- control --------------------------------------------------------------------------------
+    def reconfigure(self, policy: BackoffPolicy, limits: Limits) -> None:
+        """New retry policy and concurrency limits (a reload), used from the next plan on;
+        deliveries in flight finish under the old ones."""
+        self._policy, self._limits = policy, limits
+        self._fresh_limit = max(64, 2 * limits.max_deliveries)
+        self.wake()
+
     def wake(self) -> None:
         """Read the queue again soon (new mail committed without `offer`, a release)."""
         self._rescan = True

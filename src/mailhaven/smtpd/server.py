@@ -56,6 +56,13 @@ class SMTPService:
         self.connection_rate = RateCounter(limits.connection_rate)
         self.message_rate = RateCounter(limits.message_rate)
 
+    def reconfigure(self, limits: Limits, timeouts: Timeouts) -> None:
+        """New limits and timeouts (a reload) for new connections and the next checks; the
+        rate counters keep what they counted so far."""
+        self.limits, self.timeouts = limits, timeouts
+        self.connection_rate.limit = limits.connection_rate
+        self.message_rate.limit = limits.message_rate
+
     # ------------------------------------------------------------------ listeners
 
     async def listen(
