@@ -30,7 +30,7 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -182,6 +182,21 @@ def build_relay_agent(config: Config) -> RelayAgent:
         ),
         smarthosts=smarthosts,
     )
+
+
+@dataclass(frozen=True)
+class PreparedReload:
+    """What a reload swaps in, all of it read and checked before anything is applied."""
+
+    config: Config
+    users: UserDB
+    router: Router
+    relay_agent: RelayAgent  # its settings, for the running agent
+    #: a renewed certificate for the running `ReloadableTLS`, and the files it came from
+    tls_backend: ssl.SSLContext | None = None
+    tls_files: tuple[Path, Path] | None = None
+    #: the first certificate (none was needed before)
+    new_tls: ReloadableTLS | None = None
 
 
 class SpoolSink:
@@ -648,18 +663,16 @@ class App:
             self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
         path = self.config.source
         try:
-            new, users, certificate = self._prepare_reload()
-        except (configuration.ConfigError, UsersFileError, OSError, ssl.SSLError) as err:
+            prepared = self._prepare_reload()
+        except (configuration.ConfigError, UsersFileError) as err:
             log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
             return
-        self._apply_reload(new, users, certificate)
+        self._apply_reload(prepared)
         log.info("reload: configuration %s applied", path or "(built-in defaults)")
         # last, so that line is logged even when the new level hides it (as maillog.setup)
-        logging.getLogger("mailhaven").setLevel(new.log_level.upper())
+        logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
 
-    def _prepare_reload(
-        self,
-    ) -> tuple[Config, UserDB, tuple[ssl.SSLContext, Path, Path] | None]:
+    def _prepare_reload(self) -> PreparedReload:
         """Everything a reload needs that can fail, made without touching what runs: the
         configuration, its users file and its certificate (read afresh: a renewal)."""
         new = configuration.load(self.config.source)
@@ -669,25 +682,27 @@ class App:
         new = replace(new, **{name: getattr(self.config, name) for name in RESTART_ONLY})
         users = UserDB(new.users_path)
         users.load()
-        files = tls_files(new) if self.tls is not None or new.tls.cert else None
-        certificate = None
-        if files is not None:
-            try:
-                certificate = (build_server_context(*files), *files)
-            except (OSError, ssl.SSLError) as err:
-                raise configuration.ConfigError(f"TLS certificate {files[0]}: {err}") from None
-        return new, users, certificate
+        try:
+            relay_agent = build_relay_agent(new)
+        except OSError as err:  # the system's resolver configuration
+            raise configuration.ConfigError(f"relay: {err}") from None
+        prepared = PreparedReload(new, users, build_router(new, users), relay_agent)
+        try:
+            files = tls_files(new) if self.tls is not None or new.tls.cert else None
+            if files is None:
+                return prepared
+            if self.tls is None:  # a certificate where there was none: STARTTLS on the MX
+                return replace(prepared, new_tls=ReloadableTLS(*files))
+            return replace(prepared, tls_backend=build_server_context(*files), tls_files=files)
+        except (OSError, ssl.SSLError) as err:
+            where = new.tls.cert or new.state_path / "tls"  # the configured or self-signed
+            raise configuration.ConfigError(f"TLS certificate {where}: {err}") from None
 
-    def _apply_reload(
-        self,
-        new: Config,
-        users: UserDB,
-        certificate: tuple[ssl.SSLContext, Path, Path] | None,
-    ) -> None:
+    def _apply_reload(self, prepared: PreparedReload) -> None:
         """Swap in a prepared configuration; nothing here can fail half-way."""
-        self.config = new
+        new = self.config = prepared.config
         self._mx = None  # the next connection builds the profile from the new configuration
-        self.users = users
+        users = self.users = prepared.users
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
         self.authenticator.users = users
@@ -700,18 +715,18 @@ class App:
             )
         self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
         self.pop3_clients.rate.limit = new.limits.connection_rate
-        self.router = build_router(new, users)
-        if certificate is not None:
-            if self.tls is None:  # a certificate where there was none: STARTTLS on the MX
-                self.tls = ReloadableTLS(certificate[1], certificate[2])
-            self.tls.use(*certificate)
+        self.router = prepared.router
+        if prepared.new_tls is not None:
+            self.tls = prepared.new_tls
+        if self.tls is not None and prepared.tls_backend is not None and prepared.tls_files:
+            self.tls.use(prepared.tls_backend, *prepared.tls_files)
         if self.smtp is not None:
             self.smtp.reconfigure(new.limits, new.timeouts)
         if self.part_time is not None:
             self.part_time.configure(new.etrn.held_domains, new.etrn.clients)
             self._schedule_releases()
         if self.relay_agent is not None:
-            self.relay_agent.reconfigure(build_relay_agent(new))
+            self.relay_agent.reconfigure(prepared.relay_agent)
         if self.runner is not None:
             self.runner.reconfigure(backoff_policy(new), plan_limits(new))
 

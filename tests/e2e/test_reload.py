@@ -16,7 +16,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,6 +276,88 @@ def test_a_certificate_replaced_in_place(mail_server: ServerFactory, tmp_path: P
     server.wait_for_log(APPLIED)
     assert common_name_over_s_client(server.smtp_port) == "second.test"
     assert common_name_over_starttls(server) == "second.test"
+
+
+def test_a_first_certificate_turns_starttls_on(
+    mail_server: ServerFactory, tmp_path: Path
+) -> None:
+    """An MX-only server without a certificate offers no STARTTLS; a reload that names one
+    makes the MX offer it (no restart)."""
+    server = mail_server()
+    with smtplib.SMTP(server.host, server.smtp_port, "client.test", 10) as s:
+        s.ehlo()
+        assert not s.has_extn("starttls")
+    cert, key, _ = issue(tmp_path / "new", "first.test")
+    reload_with(server, {"tls": {"cert": str(cert), "key": str(key)}})
+    assert common_name_over_starttls(server) == "first.test"
+
+
+def accepted_recipients(server: MailServer) -> int:
+    with smtplib.SMTP(server.host, server.smtp_port, "client.test", 10) as s:
+        s.ehlo()
+        s.mail("sender@example.org")
+        return sum(s.rcpt("postmaster@localhost")[0] == 250 for _ in range(101))
+
+
+def second_connection(server: MailServer) -> int:
+    with RawClient(server.host, server.smtp_port) as first:
+        first.reply()
+        return greeting_code(server)
+
+
+def codes(server: MailServer, *commands: str) -> list[int]:
+    """Reply codes to `commands` after EHLO, until the server hangs up."""
+    out = []
+    with RawClient(server.host, server.smtp_port) as client:
+        client.reply()
+        client.command("EHLO client.test")
+        for command in commands:
+            try:
+                out.append(client.command(command)[0])
+            except (ConnectionError, EOFError):
+                break
+    return out
+
+
+def early_talker(server: MailServer) -> int:
+    with RawClient(server.host, server.smtp_port) as client:
+        client.send("EHLO client.test\r\n")
+        return client.reply()[0]
+
+
+#: [limits] key -> (new value, probe, what it shows before the reload, and after)
+LIMITS: dict[str, tuple[float, Callable[[MailServer], object], object, object]] = {
+    "recipients": (100, accepted_recipients, 101, 100),
+    "connections": (1, second_connection, 220, 421),
+    "connections_per_ip": (1, second_connection, 220, 421),
+    "hard_error_limit": (
+        2, lambda s: codes(s, "FOO", "FOO", "FOO"), [500, 500, 500], [500, 500, 421]
+    ),
+    "commands_per_session": (
+        3, lambda s: codes(s, "NOOP", "NOOP", "NOOP"), [250] * 3, [250, 250, 421]
+    ),
+    "command_line": (2000, lambda s: codes(s, "NOOP " + "x" * 1000), [500], [250]),
+    "greet_pause": (1.0, early_talker, 220, 554),
+}
+
+
+@pytest.mark.parametrize("key", sorted(LIMITS))
+def test_limits(mail_server: ServerFactory, key: str) -> None:
+    value, probe, before, after = LIMITS[key]
+    server = mail_server(settings={"limits": {"error_sleep": 0.0}})
+    assert probe(server) == before
+    reload_with(server, {"limits": {key: value}})
+    assert probe(server) == after
+
+
+def test_catch_all_and_recipient_delimiter(mail_server: ServerFactory) -> None:
+    server = mail_server()
+    assert rcpt(server, "postmaster+tag@localhost") == 550
+    assert rcpt(server, "nobody@localhost") == 550
+    reload_with(server, {"recipient_delimiter": "+"})
+    assert rcpt(server, "postmaster+tag@localhost") == 250
+    reload_with(server, {"catch_all": "postmaster"})
+    assert rcpt(server, "nobody@localhost") == 250
 
 
 # ---------------------------------------------------------------------- all or nothing
