@@ -488,3 +488,43 @@ async def test_shutdown_during_a_starttls_handshake_writes_no_plaintext() -> Non
             break
         await asyncio.sleep(0.05)
     assert not h.service.sessions
+
+
+async def test_an_authenticator_error_answers_454_and_the_session_continues(
+    tmp_path: Path,
+) -> None:
+    """A failure inside the password check (e.g. the users file cannot be read) used to leave
+    AUTH without any reply: the session's error path answered it like a plain command, which
+    the protocol core refuses during AUTH."""
+
+    class BrokenUsers(UserDB):
+        async def verify(self, user: str, password: str) -> bool:
+            raise RuntimeError("users file unreadable")
+
+    auth = SMTPAuthenticator(BrokenUsers(tmp_path / "users.passwd"), AuthLimiter())
+
+    def profile() -> ListenerProfile:
+        return ListenerProfile(
+            name="submissions",
+            settings=ServerSettings(
+                hostname="mx.test", tls_on_connect=True, auth_mechanisms=("PLAIN",)
+            ),
+            policy=SMTPPolicy(router, PolicySettings(require_auth=True)),
+            tls_context=server_tls,
+            authenticator=auth,
+        )
+
+    service = SMTPService(sink=MemorySink(), limits=Limits(), timeouts=Timeouts())
+    await service.listen("127.0.0.1:0", profile, implicit_tls=True)
+    port = service.addresses[0][1]
+
+    def session() -> list[int]:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls(), timeout=10) as c:
+            c.ehlo()
+            token = base64.b64encode(b"\0alice\0pw").decode()
+            return [c.docmd("AUTH", f"PLAIN {token}")[0], c.noop()[0]]
+
+    try:
+        assert await asyncio.to_thread(session) == [454, 250]
+    finally:
+        await service.shutdown(grace=0.2)

@@ -555,11 +555,19 @@ class SMTPSession(asyncio.BufferedProtocol):
         if auth is None:
             self.conn.auth_finish(Reply(454, "Temporary authentication failure", "4.7.0"), None)
             return
-        if start:
-            self._auth = auth.start(self.facts, mechanism, line)
-            line = None
-        assert self._auth is not None
-        result = await self._auth.respond(line)
+        try:
+            if start:
+                self._auth = auth.start(self.facts, mechanism, line)
+                line = None
+            assert self._auth is not None
+            result = await self._auth.respond(line)
+        except Exception:
+            # Answered here: during AUTH the core takes only auth_finish(), so `_resume`'s
+            # generic 451 would be refused and the client left without any reply.
+            log.exception("%s: internal error in AUTH", self.label)
+            self._auth = None
+            self.conn.auth_finish(Reply(454, "Temporary authentication failure", "4.7.0"), None)
+            return
         if isinstance(result, str):
             self.conn.auth_challenge(result)
             return
