@@ -203,6 +203,22 @@ def test_relay_port(mail_server: ServerFactory, sink: Sink) -> None:
     assert received.rcpt_tos == ["bob@remote.test"]
 
 
+def test_queue_lifetime(mail_server: ServerFactory) -> None:
+    """The scheduler takes the new `[queue]` policy: mail older than the new lifetime is
+    returned at its next attempt instead of deferred again."""
+    server = mail_server(
+        settings={
+            "queue": {"minimal_backoff": 1, "maximal_backoff": 1, "lifetime": 3600},
+            "relay": {"port": free_port(), "transport": {"remote.test": "[127.0.0.1]"}},
+        }
+    )
+    send(server, ["bob@remote.test"], mark="expiring", sender="postmaster@localhost")
+    server.wait_for_log(r"to=<bob@remote.test>.*status=deferred")
+    reload_with(server, {"queue": {"lifetime": 1}})
+    server.wait_for_log(r"from=<postmaster@localhost>, status=expired, returned to sender")
+    server.wait_for_messages("postmaster", 1)  # the sender's non-delivery report
+
+
 def test_log_level(mail_server: ServerFactory) -> None:
     server = mail_server()
     greeting_code(server)
