@@ -192,6 +192,8 @@ class PreparedReload:
     users: UserDB
     router: Router
     relay_agent: RelayAgent  # its settings, for the running agent
+    #: `RESTART_ONLY` settings the file changed (kept as they are until a restart)
+    kept: tuple[str, ...] = ()
     #: a renewed certificate for the running `ReloadableTLS`, and the files it came from
     tls_backend: ssl.SSLContext | None = None
     tls_files: tuple[Path, Path] | None = None
@@ -668,6 +670,8 @@ class App:
             log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
             return
         self._apply_reload(prepared)
+        for name in prepared.kept:
+            log.warning("reload: %s changed; it takes effect at the next restart", name)
         log.info("reload: configuration %s applied", path or "(built-in defaults)")
         # last, so that line is logged even when the new level hides it (as maillog.setup)
         logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
@@ -676,9 +680,7 @@ class App:
         """Everything a reload needs that can fail, made without touching what runs: the
         configuration, its users file and its certificate (read afresh: a renewal)."""
         new = configuration.load(self.config.source)
-        for name in RESTART_ONLY:
-            if getattr(new, name) != getattr(self.config, name):
-                log.warning("reload: %s changed; it takes effect at the next restart", name)
+        kept = tuple(n for n in RESTART_ONLY if getattr(new, n) != getattr(self.config, n))
         new = replace(new, **{name: getattr(self.config, name) for name in RESTART_ONLY})
         users = UserDB(new.users_path)
         users.load()
@@ -686,7 +688,7 @@ class App:
             relay_agent = build_relay_agent(new)
         except OSError as err:  # the system's resolver configuration
             raise configuration.ConfigError(f"relay: {err}") from None
-        prepared = PreparedReload(new, users, build_router(new, users), relay_agent)
+        prepared = PreparedReload(new, users, build_router(new, users), relay_agent, kept)
         try:
             files = tls_files(new) if self.tls is not None or new.tls.cert else None
             if files is None:
@@ -700,7 +702,8 @@ class App:
 
     def _apply_reload(self, prepared: PreparedReload) -> None:
         """Swap in a prepared configuration; nothing here can fail half-way."""
-        new = self.config = prepared.config
+        old, new = self.config, prepared.config
+        self.config = new
         self._mx = None  # the next connection builds the profile from the new configuration
         users = self.users = prepared.users
         # AUTH must check the same (possibly newly named) users file that the router now
@@ -724,7 +727,8 @@ class App:
             self.smtp.reconfigure(new.limits, new.timeouts)
         if self.part_time is not None:
             self.part_time.configure(new.etrn.held_domains, new.etrn.clients)
-            self._schedule_releases()
+            if new.etrn.release_interval != old.etrn.release_interval:
+                self._schedule_releases()
         if self.relay_agent is not None:
             self.relay_agent.reconfigure(prepared.relay_agent)
         if self.runner is not None:
