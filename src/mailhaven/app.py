@@ -83,11 +83,13 @@ STATUS_INTERVAL = 30.0
 
 def tls_files(config: Config) -> tuple[Path, Path] | None:
     """The configured certificate; without one, a self-signed one under the state directory
-    (made at first start, logged) when a listener needs TLS; None when nothing needs it."""
+    (made at first start, logged) when any listener serves; None when none does. The MX port
+    offers STARTTLS with it too, like Debian's Postfix with its snakeoil certificate: senders
+    on port 25 do not check certificates, and opportunistic TLS beats cleartext."""
     if config.tls.cert:
         return Path(config.tls.cert), Path(config.tls.key)
     listen = config.listen
-    if not (listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
+    if not (listen.smtp or listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
         return None
     cert, key = (
         config.state_path / "tls" / "selfsigned.crt",
