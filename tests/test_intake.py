@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -9,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from mailhaven.envelope import Envelope, RecipientSpec
-from mailhaven.intake import Intake, Queued, Refused, received_header, scan_header
+from mailhaven.intake import (
+    Intake,
+    Queued,
+    Refused,
+    needs_separator,
+    received_header,
+    scan_header,
+)
 from mailhaven.spool import FreshMessage, Spool, list_queue
 
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
@@ -244,3 +253,51 @@ async def test_a_failed_claimed_commit_gives_the_reservation_back(
     with pytest.raises(OSError):
         await intake.submit(writer, env("bob@example.net"))
     assert handoff.calls == [("reserve", None), ("cancel", None)]
+
+
+@pytest.mark.parametrize(
+    ("data", "needed"),
+    [
+        (b"look ma no headers!\r\n", True),
+        (b"", True),
+        (b"  indented: first line\r\n", True),  # a continuation line with no field before it
+        (b"From alice@example.org Mon Jan  1\r\n", True),  # an mbox line is no header field
+        (b"Subject: hi\r\n\r\nbody\r\n", False),
+        (b"Subject : obsolete syntax\r\n\r\n", False),  # RFC 5322 §4.5
+        (b"\r\nbody after an empty header section\r\n", False),  # the separator is there
+    ],
+)
+def test_needs_separator_looks_at_the_first_line_only(data: bytes, needed: bool) -> None:
+    assert needs_separator(data) is needed
+
+
+@pytest.mark.parametrize("size", [20, 5000])  # inline and spilled (inline_limit=1024)
+async def test_a_message_without_headers_is_stored_with_the_separator(
+    spool: Spool, size: int
+) -> None:
+    """Issue 16 #1: our trace fields are followed by the empty line, so readers see the body."""
+    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    writer = spool.new_message()
+    body = b"look ma no headers!\r\n" + b"x" * size + b"\r\n"
+    writer.write(body[:7])
+    writer.write(body[7:])  # chunk by chunk, as a session writes it
+    outcome = await intake.submit(writer, env("bob@example.net", protocol="local"))
+    assert isinstance(outcome, Queued)
+    msg = await spool.load(outcome.queue_id)
+    assert msg is not None
+    with msg.open() as f:
+        data = f.read()
+    assert data.endswith(b"\r\n\r\n" + body)
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed.defects == [] and "Date" in parsed and "Message-ID" in parsed
+    assert parsed.get_payload().encode() == body
+
+
+async def test_a_message_with_headers_gets_no_extra_empty_line(spool: Spool) -> None:
+    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    writer = spool.new_message()
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    outcome = await intake.submit(writer, env("bob@example.net"))
+    assert isinstance(outcome, Queued)
+    msg = await spool.load(outcome.queue_id)
+    assert msg is not None and not msg.header.endswith(b"\r\n\r\n")

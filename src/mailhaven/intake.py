@@ -11,7 +11,11 @@ Steps, in order:
    routing); each final recipient remembers its original envelope recipient, NOTIFY and ORCPT
    for DSNs; duplicates after expansion are delivered once;
 3. build our `Received:` trace field (RFC 5321 §4.4, Postfix's shape) and commit header + body
-   to the spool, which returns only when all of it is on stable storage;
+   to the spool, which returns only when all of it is on stable storage. When the client's data
+   has no header section (its first line is no header field), the stored header ends with the
+   empty line that separates it from the body (RFC 5322 §2.1, as Postfix's cleanup does): the
+   first line alone decides, so the body is never read whole; every copy (local, relayed,
+   returned in a bounce) is then readable;
 4. hand the message to the scheduler: when its `handoff` has room, the commit already claims
    the recipients and the stored message is offered to it whole (no queue read to deliver it);
    otherwise the scheduler is woken to read the queue;
@@ -51,6 +55,9 @@ HEAD_SCAN_LIMIT = 64 * 1024
 SOFTWARE = "mailhaven"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The start of a header field (RFC 5322 §2.2: printable name, then a colon; §4.5 obsolete
+#: syntax allows white space before the colon, as Postfix's is_header() does).
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 class QueueSink(Protocol):
@@ -137,6 +144,16 @@ def scan_header(head: bytes) -> HeaderFacts:
         current = [line]
     finish(current)
     return HeaderFacts(received, message_id, has_date)
+
+
+def needs_separator(head: bytes) -> bool:
+    """True when the data starting with `head` has no header section: it is empty, or its first
+    line is not a header field. Our trace fields then need the empty line after them, or the
+    body's first line would be read as a header. A data that starts with the empty line
+    already has its separator."""
+    if head.startswith((b"\n", b"\r\n")):
+        return False
+    return _FIELD_START.match(head) is None
 
 
 def missing_headers(facts: HeaderFacts, *, queue_id: str, hostname: str, now: float) -> bytes:
@@ -257,7 +274,8 @@ class Intake:
         """
         qid = writer.queue_id
         try:
-            facts = scan_header(writer.head(HEAD_SCAN_LIMIT))
+            head = writer.head(HEAD_SCAN_LIMIT)
+            facts = scan_header(head)
             if facts.received_count > MAX_HOPS:
                 cleanup_log.warning(
                     "%s: reject: too many hops (%d Received: headers) from=<%s>",
@@ -274,6 +292,8 @@ class Intake:
             )
             if envelope.auth_user is not None or envelope.protocol == "local":
                 header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
+            if needs_separator(head):
+                header += b"\r\n"
             if facts.message_id is not None:
                 maillog.info(cleanup_log, "%s: message-id=%s", qid, facts.message_id)
             if not recipients:

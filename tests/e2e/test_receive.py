@@ -10,6 +10,7 @@ own server, which costs ~0.2 s.
 from __future__ import annotations
 
 import concurrent.futures
+import email.policy
 import email.utils
 import hashlib
 import os
@@ -224,6 +225,18 @@ def test_smtplib_message_is_stored_as_sent(server: MailServer) -> None:
     )
     assert rest == to_lf(message)
     assert b"\r" not in data
+
+
+def test_a_message_without_headers_gets_its_separator(server: MailServer) -> None:
+    """Issue 16 #1: `DATA` then `look ma no headers!` must not make the body line a header."""
+    mark = marker()
+    message = f"look ma no headers! {mark}\r\n".encode()
+    qid = send(server, "sender@example.org", ["postmaster@localhost"], message)
+    data = wait_for_qid(server, "postmaster", qid)
+    _, rest = split_trace(data)
+    assert rest == b"\n" + to_lf(message)  # the empty line, then the body as sent
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert parsed.defects == [] and parsed.get_content() == to_lf(message).decode()
 
 
 def test_alias_and_several_recipients_each_get_one_copy(server: MailServer) -> None:
