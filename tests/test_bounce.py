@@ -213,9 +213,20 @@ def test_per_recipient_fields() -> None:
 
 
 def test_from_reply_derives_status_without_enhanced_code() -> None:
-    result = RecipientResult.from_reply("a@b", Reply(451, "try later"), "delayed")
+    said = Reply(451, "try later", answered="RCPT TO")
+    result = RecipientResult.from_reply("a@b", said, "delayed", remote_mta="mx.example")
     assert result.status == "4.0.0"
     assert result.diagnostic_code == "smtp; 451 try later"
+
+
+def test_from_reply_gives_our_own_words_without_a_code_or_remote_mta() -> None:
+    """Issue 16 #5: nothing "said" a connection refusal: Postfix's X-Postfix shape."""
+    ours = Reply(421, "connect to mx.example[192.0.2.1]:25: Connection refused", "4.4.1")
+    result = RecipientResult.from_reply("a@b", ours, "delayed")
+    assert result.diagnostic_code == (
+        "X-Mailhaven; connect to mx.example[192.0.2.1]:25: Connection refused"
+    )
+    assert result.remote_mta is None
 
 
 def test_bad_status_is_refused() -> None:

@@ -129,3 +129,37 @@ async def test_expired_reports_last_temporary_error_as_permanent(spool: Spool) -
     assert "Status: 5.3.0" in text and "Action: failed" in text
     assert "451 4.3.0 try later" in text
     assert replace(busy).code == 451
+
+
+@pytest.mark.parametrize(
+    ("relay", "reply", "story"),
+    [
+        (  # a DNS failure: no host at all
+            "none",
+            Reply(550, "Host or domain name not found. Name service error for name=x.test"
+                  " type=MX: Host not found", "5.4.4"),
+            "<bob@example.net>: Host or domain name not found.",
+        ),
+        (  # our own words about a host that said nothing (stored by the scheduler as "none")
+            "none",
+            Reply(421, "connect to mx.x.test[127.0.0.1]:3999: Connection refused", "4.4.1"),
+            "<bob@example.net>: connect to mx.x.test[127.0.0.1]:3999: Connection refused",
+        ),
+    ],
+)
+async def test_reports_name_no_remote_mta_that_said_nothing(
+    spool: Spool, relay: str, reply: Reply, story: str
+) -> None:
+    """Issue 16 #5: no `host none said:`, no `Remote-MTA: dns; none`, no made-up code."""
+    intake = FakeIntake()
+    msg = await stored(spool, "alice@example.org")
+    bounced = replace(state("bob@example.net", Status.BOUNCED, reply), last_relay=relay)
+    await notifier(spool, intake).on_failures(msg, [bounced])
+    [(_, data)] = intake.sent
+    text = data.decode()
+    assert "said" not in text and "Remote-MTA" not in text and "none" not in text
+    assert story in " ".join(text.split()).replace("> : ", ">: ")
+    report = email.message_from_bytes(data, policy=email.policy.default)
+    status = report.get_payload()[1].as_string()  # type: ignore[index]
+    diagnostic = " ".join(status.partition("Diagnostic-Code:")[2].split())
+    assert diagnostic.startswith("X-Mailhaven; " + " ".join(reply.text.split())[:30])

@@ -92,14 +92,21 @@ class RecipientResult:
         last_attempt: float | None = None,
         will_retry_until: float | None = None,
     ) -> RecipientResult:
-        """The result a delivery agent's `Reply` stands for (status from its enhanced code)."""
+        """The result a delivery agent's `Reply` stands for (status from its enhanced code).
+
+        A reply a remote MTA sent is quoted whole with type `smtp`; our own words (no
+        `remote_mta`: connection refused, timeouts, DNS, local delivery) are typed
+        `X-Mailhaven` and carry only the text, as Postfix's `X-Postfix; connect to ...`."""
+        text = " ".join(x for x in reply.lines if x)
         return cls(
             final_recipient=recipient,
             action=action,
             status=reply.dsn,
             original_recipient=original_recipient,
             remote_mta=remote_mta,
-            diagnostic_code=f"smtp; {reply.one_line()}",
+            diagnostic_code=(
+                f"smtp; {reply.one_line()}" if remote_mta else f"X-Mailhaven; {text or reply.code}"
+            ),
             last_attempt=last_attempt,
             will_retry_until=will_retry_until,
         )

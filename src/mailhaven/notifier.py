@@ -122,11 +122,12 @@ class Notifier:
         if kind == "success" and state.last_relay and state.last_relay != "local":
             action = "relayed"  # handed to a host that may not report further (RFC 3464 §2.3.3)
         reply = state.last_reply
-        remote = (
-            state.last_relay.split("[")[0]
-            if state.last_relay and state.last_relay != "local"
-            else None
-        )
+        # a host name only when that host said the reply (`scheduler.outcome` stores "none"
+        # for our own words: connection refused, timeouts, DNS failures)
+        remote = None
+        if "[" in (state.last_relay or ""):
+            name, _, rest = (state.last_relay or "").partition("[")
+            remote = name or rest.partition("]")[0]
         if reply is None:
             return RecipientResult(
                 final_recipient=state.address,

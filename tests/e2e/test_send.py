@@ -142,7 +142,7 @@ def test_all_mx_down_deferred_then_retried_and_delivered(
 
     [deferred] = wait_attempt(server, qid, "bob@down.test", "deferred")
     assert deferred["dsn"].startswith("4.")
-    assert deferred["relay"] == f"mx.down.test[127.0.0.4]:{port}"
+    assert deferred["relay"] == "none"  # no connection: Postfix logs relay=none
     check_delays(deferred)
     late.start()
     started = time.monotonic()
@@ -397,7 +397,7 @@ def test_smarthost_untrusted_certificate_defers(
 
     [line] = wait_attempt(server, qid, "carol@example.net", "deferred")  # type: ignore[arg-type]
     assert line["dsn"].startswith("4.")
-    assert "certificate" in line["text"].lower()
+    assert line["text"] == "Server certificate not verified"  # Postfix's words
     assert sink.received == [] and sink.auth_failures == 0
 
 

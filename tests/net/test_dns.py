@@ -109,6 +109,10 @@ async def test_timeout_is_temporary(dns_server: Factory) -> None:
     r = Resolver(nameservers=[server.address], timeout=0.3)
     result = await r.resolve_mx("slow.test")
     assert isinstance(result, LookupFailed) and not result.permanent
+    assert result.reply.text == (  # Postfix's words (issue 16 #5)
+        "Host or domain name not found. Name service error for name=slow.test type=MX:"
+        " Host not found, try again"
+    )
 
 
 async def test_addresses_ipv6_and_ipv4(server: DNSServer) -> None:

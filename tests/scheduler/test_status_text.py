@@ -69,3 +69,16 @@ def test_attempt_line_for_a_remote_refusal() -> None:
         " dsn=5.1.1, status=bounced (host mx.example[192.0.2.1] said: 550 5.1.1 <bob@x.example>:"
         " Recipient address rejected: User unknown (in reply to RCPT TO command))"
     )
+
+
+def test_the_stored_relay_names_only_a_host_that_said_the_reply() -> None:
+    """Issue 16 #5: a timeout after connecting is our own words: the DSN must not read
+    "host H said" nor name H as Remote-MTA, so the host is not stored with it."""
+    due = [DueRecipient("Q", i, f"r{i}@x.example", f"r{i}@x.example", 0, 1000.0, 1000.0)
+           for i in range(2)]  # fmt: skip
+    ours = reply(421, "4.4.2", "conversation with mx.example[192.0.2.1] timed out while sending"
+                 " RCPT TO")  # fmt: skip
+    replies = {"r0@x.example": REFUSED, "r1@x.example": ours}
+    said, timed_out = judge(due, replies, policy=BackoffPolicy(), now=1001.0,
+                            null_sender=False, relay=MX)  # fmt: skip
+    assert said.update.relay == MX and timed_out.update.relay == "none"

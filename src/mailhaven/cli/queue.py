@@ -71,7 +71,8 @@ def reason(rcpt: RecipientState) -> str:
 def format_reply(reply: Reply, relay: str | None = None) -> str:
     text = " ".join(line for line in reply.lines if line)
     said = f"{reply.code} {reply.enhanced + ' ' if reply.enhanced else ''}{text}".strip()
-    return f"host {relay} said: {said}" if relay else said
+    # only a host that said the reply is named ("none": our own words, e.g. connect to ...)
+    return f"host {relay} said: {said}" if relay and "[" in relay else said
 
 
 #: holds that make mailq show "!" (a route hold waits for ETRN and shows as deferred)

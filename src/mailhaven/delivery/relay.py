@@ -120,8 +120,14 @@ class RelayAgent:
             for address in target.addresses:
                 conn = await self._connection(target.host, address, port, smarthost)
                 if isinstance(conn, SessionFailure):
-                    last, last_relay = conn.reply, conn.relay or f"{target.host}[{address}]:{port}"
-                    log.info("%s: connect to %s: %s", request.queue_id, last_relay, last.one_line())
+                    # relay "none" when no connection was made (Postfix logs relay=none)
+                    last, last_relay = conn.reply, conn.relay
+                    said = " ".join(x for x in last.lines if x)
+                    if last.answered in ("greeting", "EHLO", "HELO"):
+                        said = f"host {last_relay} refused to talk to me: {last.one_line()}"
+                    elif last.answered is not None:
+                        said = f"host {last_relay} said: {last.one_line()}"
+                    log.info("%s: %s", request.queue_id, said)
                     continue
                 with request.open_message() as body:
                     replies = await conn.send(txn, body)
@@ -143,7 +149,9 @@ class RelayAgent:
         if isinstance(addresses, LookupFailed):
             return addresses
         if not addresses:
-            return LookupFailed(Reply(451, f"Error: no address for {host}", "4.4.3"))
+            why = "Host found but no data record of requested type"
+            text = f"Host or domain name not found. Name service error for name={host} type=A"
+            return LookupFailed(Reply(451, f"{text}: {why}", "4.4.3"))
         return [Target(host, 0, tuple(addresses))]
 
     async def _connection(

@@ -93,11 +93,13 @@ MXResult = MXHosts | NullMX | LookupFailed
 
 
 def _failure(name: str, rdtype: str, why: str, *, permanent: bool) -> LookupFailed:
-    """Postfix's wording, so logs read the same: dsn 5.4.4 when final, 4.4.3 when not."""
+    """Postfix's wording, so logs read the same: dsn 5.4.4 when final, 4.4.3 when not (then
+    always "Host not found, try again", whatever the resolver's reason: the details are not
+    the sender's business)."""
     text = f"Host or domain name not found. Name service error for name={name} type={rdtype}"
     if permanent:
         return LookupFailed(Reply(550, f"{text}: {why}", "5.4.4"))
-    return LookupFailed(Reply(451, f"{text}: {why}, try again", "4.4.3"))
+    return LookupFailed(Reply(451, f"{text}: Host not found, try again", "4.4.3"))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -248,11 +250,12 @@ class Resolver:
         except dns.resolver.NXDOMAIN:
             return _failure(name, rdtype, "Host not found", permanent=True)
         except dns.exception.Timeout:
-            return _failure(name, rdtype, "Host not found (timeout)", permanent=False)
+            return _failure(name, rdtype, "timeout", permanent=False)
         except dns.resolver.NoNameservers:  # SERVFAIL or REFUSED from every server
-            return _failure(name, rdtype, "Host not found (server failure)", permanent=False)
+            return _failure(name, rdtype, "server failure", permanent=False)
         except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel,
-                dns.name.BadEscape, dns.name.IDNAException) as exc:  # fmt: skip
-            return _failure(name, rdtype, f"bad name ({exc})", permanent=True)
-        except dns.exception.DNSException as exc:
-            return _failure(name, rdtype, f"{type(exc).__name__}: {exc}", permanent=False)
+                dns.name.BadEscape, dns.name.IDNAException):  # fmt: skip
+            text = f"Name service error for {name}: invalid host or domain name"
+            return LookupFailed(Reply(550, text, "5.4.4"))
+        except dns.exception.DNSException:
+            return _failure(name, rdtype, "resolver error", permanent=False)

@@ -25,6 +25,8 @@ it). Credentials go out only over TLS unless `allow_plaintext_auth` is set.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ from mailhaven.proto.smtp_client import (
     TransactionDone,
 )
 
+log = logging.getLogger("mailhaven.smtp")
+
 TLSPolicy = Literal["none", "may", "encrypt", "verify"]
 #: How much of the body we read and hand to the transport at a time.
 BODY_CHUNK = 64 * 1024
@@ -75,9 +79,33 @@ def client_tls_context(verify: bool, cafile: str | None = None) -> ssl.SSLContex
     return ctx
 
 
+def _why(exc: BaseException) -> str:
+    """The system's words for a socket error (strerror, as Postfix's %m), not Python's."""
+    if isinstance(exc, TimeoutError):
+        return "Connection timed out"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or "handshake failure"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return "Connection failed"
+
+
+def connect_failure(relay: str, exc: BaseException) -> Reply:
+    """Postfix's `connect to host[ip]:port: Connection refused`; an implicit-TLS handshake
+    that fails is Postfix's `Cannot start TLS: handshake failure` (4.7.5)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        log.info("SSL_connect error to %s: %s", relay, _why(exc))
+        return Reply(421, "Server certificate not verified", "4.7.5")
+    if isinstance(exc, ssl.SSLError):
+        log.info("SSL_connect error to %s: %s", relay, _why(exc))
+        return Reply(421, "Cannot start TLS: handshake failure", "4.7.5")
+    return Reply(421, f"connect to {relay}: {_why(exc)}", "4.4.1")
+
+
 @dataclass(frozen=True, slots=True)
 class SessionFailure:
-    """No usable session: `phase` None means the TCP connection itself failed."""
+    """No usable session: `phase` None means the TCP connection itself failed or closed;
+    `relay` is "none" when no connection was made (as Postfix logs it)."""
 
     reply: Reply
     phase: Phase | None
@@ -222,6 +250,7 @@ class SMTPClientConnection:
         for _ in range(2):  # the second round is the clear-text retry after a "may" failure
             core = ClientConnection(
                 helo_name,
+                peer=f"{name}[{dial}]",
                 starttls=core_policy,
                 credentials=credentials,
                 allow_plaintext_auth=allow_plaintext_auth,
@@ -241,13 +270,11 @@ class SMTPClientConnection:
                         ssl_handshake_timeout=timeouts.starttls if implicit_tls else None,
                     )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
-                why = str(exc) or type(exc).__name__
-                return SessionFailure(
-                    Reply(421, f"connect to {relay}: {why}", "4.4.1"), None, relay
-                )
+                return SessionFailure(connect_failure(relay, exc), None, "none")
             assert stream.transport is not None
             peer = stream.transport.get_extra_info("peername")
-            relay = f"{name}[{peer[0] if peer else dial}]:{port}"
+            core.peer = f"{name}[{peer[0] if peer else dial}]"
+            relay = f"{core.peer}:{port}"
             conn = cls(core, stream, relay, timeouts)
             try:
                 failure = await conn._setup(ssl_context, name)
@@ -347,7 +374,9 @@ class SMTPClientConnection:
                     try:
                         await self._stream.start_tls(ctx, name, self.timeouts.starttls)
                     except (OSError, TimeoutError, ssl.SSLError) as exc:
-                        self._core.tls_failed(str(exc) or type(exc).__name__)
+                        log.info("SSL_connect error to %s: %s", self.relay, _why(exc))
+                        unverified = isinstance(exc, ssl.SSLCertVerificationError)
+                        self._core.tls_failed(_why(exc), unverified=unverified)
                     else:
                         self._core.tls_started()
                 case SessionFailed(reply=reply, phase=phase):
@@ -379,7 +408,7 @@ class SMTPClientConnection:
                 return event
             data = await self._stream.read(self.timeouts.for_phase(self._core.phase))
             if data is None:
-                self._core.connection_lost(f"conversation with {self.relay} timed out")
+                self._core.connection_lost(f"conversation with {self._core.peer} timed out")
             else:
                 self._core.receive_data(data)
 
@@ -390,9 +419,9 @@ class SMTPClientConnection:
         try:
             await self._stream.write(data, self.timeouts.for_phase(self._core.phase))
         except TimeoutError:
-            self._core.connection_lost(f"conversation with {self.relay} timed out")
+            self._core.connection_lost(f"conversation with {self._core.peer} timed out")
         except OSError:
-            self._core.connection_lost(f"lost connection with {self.relay}")
+            self._core.connection_lost(f"lost connection with {self._core.peer}")
         else:
             return True
         self._stream.close()

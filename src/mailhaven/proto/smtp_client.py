@@ -89,6 +89,25 @@ MAX_REPLY_LINE_ACCEPTED = 2048
 MAX_REPLY_LINES = 100
 #: What a reply in each phase answered, in Postfix's words ("in reply to end of DATA command").
 _ANSWERED = {P.DATA_END: "end of DATA"}
+#: What we were doing when the connection broke, in Postfix smtp(8)'s words ("lost connection
+#: with H while ..."; "conversation with H timed out while ...").
+_DOING = {
+    P.GREETING: "receiving the initial server greeting",
+    P.EHLO: "performing the EHLO handshake",
+    P.HELO: "performing the HELO handshake",
+    P.STARTTLS: "receiving the STARTTLS response",
+    P.TLS_HANDSHAKE: "performing the TLS handshake",
+    P.AUTH: "performing the SASL authentication",
+    P.MAIL: "sending MAIL FROM",
+    P.RCPT: "sending RCPT TO",
+    P.DATA_INIT: "sending DATA command",
+    P.DATA_BLOCK: "sending message body",
+    P.DATA_END: "sending end of data -- message may be sent more than once",
+    P.RSET: "sending RSET",
+    P.QUIT: "sending QUIT",
+    P.READY: "waiting for the next command",
+    P.CLOSED: "closing the session",
+}
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
@@ -444,12 +463,15 @@ class ClientConnection:
         credentials: Credentials | None = None,
         allow_plaintext_auth: bool = False,
         tls_active: bool = False,
+        peer: str = "server",
     ) -> None:
         if not (
             helo_name.isascii() and helo_name.isprintable() and helo_name.split() == [helo_name]
         ):
             raise ValueError(f"bad HELO name: {helo_name!r}")
         self.helo_name = helo_name
+        #: how our own failure texts name the peer: Postfix's `host[address]`
+        self.peer = peer
         self.starttls_policy = starttls
         self.credentials = credentials
         self.allow_plaintext_auth = allow_plaintext_auth
@@ -502,7 +524,7 @@ class ClientConnection:
                 if got is not None:
                     self._on_reply(got)
                 elif self._eof:
-                    self._lost(self._lost_reply("lost connection"))
+                    self._lost(self._lost_reply(f"lost connection with {self.peer}"))
                 else:
                     return NEED_DATA
             self._check(before)
@@ -523,9 +545,15 @@ class ClientConnection:
         self._command("EHLO " + self.helo_name, P.EHLO)
         self._check(P.TLS_HANDSHAKE)
 
-    def tls_failed(self, reason: str) -> None:
+    def tls_failed(self, reason: str, *, unverified: bool = False) -> None:
+        """The handshake failed; `reason` is for the adapter's log, not for the DSN: Postfix
+        reports only "Cannot start TLS: handshake failure", or "Server certificate not
+        verified" when the certificate check failed (`unverified`)."""
         self._require(P.TLS_HANDSHAKE)
-        self._lost(_temp("4.7.5", f"TLS handshake failed: {reason}"))
+        if unverified:
+            self._lost(_temp("4.7.5", "Server certificate not verified"))
+        else:
+            self._lost(_temp("4.7.5", "Cannot start TLS: handshake failure"))
 
     # -- the caller's side ---------------------------------------------------------------
     def start(self, txn: MailTransaction) -> None:
@@ -606,7 +634,8 @@ class ClientConnection:
         self._command("QUIT", P.QUIT)
 
     def _lost_reply(self, reason: str) -> Reply:
-        return Reply(421, f"{reason} while waiting for the {self.phase.value} reply", "4.4.2")
+        """`reason` names what happened, e.g. "lost connection with mx[192.0.2.1]"."""
+        return Reply(421, f"{reason} while {_DOING[self.phase]}", "4.4.2")
 
     def _lost(self, reply: Reply) -> None:
         phase = self.phase

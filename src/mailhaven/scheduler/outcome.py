@@ -78,9 +78,19 @@ def judge(
         else:
             label, status = "deferred", Status.DEFERRED
             when = next_attempt(policy, rcpt.arrival, now)
-        update = RecipientUpdate(rcpt.index, status, when, r, attempted, relay)
+        update = RecipientUpdate(rcpt.index, status, when, r, attempted, _teller(r, relay))
         out.append(Verdict(rcpt, r, label, update))
     return out
+
+
+def _teller(r: Reply, relay: str | None) -> str | None:
+    """The relay to store with reply `r`: the host only when that host said it. Our own words
+    (connection refused, timed out, TLS failed) are stored with relay "none", so the DSN has no
+    Remote-MTA and reads "connect to ...", never "host H said: ..." (RFC 3464 §2.3.5: the
+    Remote-MTA is the one that reported the status)."""
+    if relay is None or relay == "local" or r.answered is not None:
+        return relay
+    return "none"
 
 
 def relay_name(result: object, route: Route) -> str:
