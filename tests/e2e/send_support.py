@@ -262,6 +262,7 @@ def send(
     mark: str = "m1",
     sender: str = "alice@localhost",
     port: int | None = None,
+    rcpt_options: Sequence[str] = (),
 ) -> str:
     """Submit one message over SMTP (from a trusted loopback client); returns the queue id."""
     with smtplib.SMTP(server.host, port or server.smtp_port, timeout=20) as s:
@@ -269,7 +270,7 @@ def send(
         code, text = s.mail(sender)
         assert code == 250, text
         for rcpt in recipients:
-            code, text = s.rcpt(rcpt)
+            code, text = s.rcpt(rcpt, list(rcpt_options))
             assert code == 250, (rcpt, code, text)
         code, text = s.data(message_bytes(mark, recipients[0], sender))
         assert code == 250, text

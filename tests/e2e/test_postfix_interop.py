@@ -636,6 +636,30 @@ def test_dsn_success_from_mailhaven_to_postfix(
     assert group["Original-Recipient"].replace(" ", "") == "rfc822;dora@mh.test"  # Postfix's ORCPT
 
 
+def test_dsn_success_passed_on_to_postfix_gets_one_notice(
+    mailhaven: MailServer, postfix: PostfixInstance
+) -> None:
+    """Issue 16 #4: Postfix advertises DSN, so mailhaven passes NOTIFY=SUCCESS on and sends no
+    "relayed" notice of its own (RFC 3461 §4.1): dora gets Postfix's "delivered" report only."""
+    mark = uuid.uuid4().hex
+    data = message(mark, "bob@pf.test", "dora@mh.test")
+    qid = submit(
+        mailhaven.smtp_port,
+        "dora@mh.test",
+        ["bob@pf.test"],
+        data,
+        mail_options=("RET=HDRS", f"ENVID={mark}"),
+        rcpt_options=("NOTIFY=SUCCESS",),
+    )
+    wait_marked(lambda: postfix.messages("bob"), mark)
+    [report] = wait_marked(lambda: mailhaven.messages("dora"), mark)
+    dsn = read_dsn(report)
+    assert dsn.per_message["Reporting-MTA"] == f"dns; {PF_HOST}"  # Postfix's, not ours
+    assert recipient_group(dsn, "bob@pf.test")["Action"] == "delivered"
+    mailhaven.wait_for_log(rf"\b{qid}: removed$")  # notices are queued before the removal
+    assert not re.search(rf"\b{qid}: sender delivery notification", mailhaven.log())
+
+
 def test_starttls_from_postfix(mailhaven: MailServer, postfix: PostfixInstance) -> None:
     """Postfix's `smtptls` transport (security level encrypt, trustme CA) to mailhaven."""
     mark = uuid.uuid4().hex

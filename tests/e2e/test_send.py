@@ -217,6 +217,23 @@ def test_permanent_failure_bounces_to_local_sender(
     assert b"Return-Path: <>" in raw
 
 
+def test_success_notice_says_relayed_when_the_next_hop_has_no_dsn(
+    mail_server: ServerFactory, dns: DNSServer, port: int, sinks: list[Sink]
+) -> None:
+    """Issue 16 #4, the other half: a next hop without DSN cannot report delivery, so NOTIFY
+    stays with us and the sender gets our "relayed" notice (RFC 3461 §4.1)."""
+    sink = sink_for(sinks, "mx.mixed.test", port).start()
+    server = mail_server(settings=relay_settings(dns=dns.address, port=port))
+    qid = send(server, ["someone@mixed.test"], mark="notify", rcpt_options=["NOTIFY=SUCCESS"])
+    [got] = sink.wait_for(1)
+    assert got.rcpt_tos == ["someone@mixed.test"]
+    wait_removed(server, qid)
+    dsn = read_dsn(bounce_for(server, qid))
+    assert dsn.per_message["Reporting-MTA"] == "dns; mx.test"  # ours: the sink cannot report
+    group = recipient_group(dsn, "someone@mixed.test")
+    assert group["Action"] == "relayed" and group["Remote-MTA"] == "dns; mx.mixed.test"
+
+
 def test_mixed_results_in_one_transaction(
     mail_server: ServerFactory, dns: DNSServer, port: int, sinks: list[Sink]
 ) -> None:

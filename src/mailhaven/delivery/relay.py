@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -41,11 +41,19 @@ IDLE_REUSE = 5.0
 
 
 class RelayResult(dict[str, Reply]):
-    """Per-recipient replies plus the relay that gave them (the scheduler's RelayReport)."""
+    """Per-recipient replies plus the relay that gave them (the scheduler's RelayReport).
 
-    def __init__(self, replies: dict[str, Reply], relay: str) -> None:
+    `notify_passed`: the recipients accepted by a next hop that advertised DSN, with their
+    NOTIFY=SUCCESS passed on: that hop now reports their delivery, so we must not also send
+    our "relayed" notice (RFC 3461 §4.1; Postfix does the same).
+    """
+
+    def __init__(
+        self, replies: dict[str, Reply], relay: str, notify_passed: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__(replies)
         self.relay = relay
+        self.notify_passed = notify_passed
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,18 @@ def split_nexthop(nexthop: str, default_port: int) -> tuple[str, int, bool]:
         host, _, p = host.rpartition(":")
         port = int(p)
     return host, port, mx
+
+
+def _notify_passed(txn: MailTransaction, replies: Mapping[str, Reply]) -> list[str]:
+    """Recipients that went with NOTIFY=SUCCESS (the core sends NOTIFY to a DSN peer) and
+    were accepted."""
+    return [
+        spec.address
+        for spec in txn.recipients
+        if "SUCCESS" in (n.upper() for n in spec.notify)
+        and (r := replies.get(spec.address)) is not None
+        and r.is_success
+    ]
 
 
 class RelayAgent:
@@ -131,8 +151,9 @@ class RelayAgent:
                     continue
                 with request.open_message() as body:
                     replies = await conn.send(txn, body)
+                passed = _notify_passed(txn, replies) if conn.capabilities.has("DSN") else ()
                 self._park(target.host, port, conn)
-                return RelayResult(dict(replies), conn.relay)
+                return RelayResult(dict(replies), conn.relay, frozenset(passed))
         return RelayResult({r: last for r in request.recipients}, last_relay)
 
     async def _targets(self, host: str, use_mx: bool) -> list[Target] | NullMX | LookupFailed:

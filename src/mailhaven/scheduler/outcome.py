@@ -65,6 +65,8 @@ def judge(
 ) -> list[Verdict]:
     """One verdict per recipient, in order; `relay` is stored for the DSN's Remote-MTA."""
     out = []
+    # an agent may name recipients whose NOTIFY=SUCCESS the next hop took over (RelayResult)
+    passed: frozenset[str] = getattr(replies, "notify_passed", frozenset())
     for rcpt in recipients:
         r = replies.get(rcpt.address, NO_RESULT)
         label: Label
@@ -78,7 +80,10 @@ def judge(
         else:
             label, status = "deferred", Status.DEFERRED
             when = next_attempt(policy, rcpt.arrival, now)
-        update = RecipientUpdate(rcpt.index, status, when, r, attempted, _teller(r, relay))
+        update = RecipientUpdate(
+            rcpt.index, status, when, r, attempted, _teller(r, relay),
+            notify_passed=r.is_success and rcpt.address in passed,
+        )  # fmt: skip
         out.append(Verdict(rcpt, r, label, update))
     return out
 

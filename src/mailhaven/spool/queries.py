@@ -178,7 +178,9 @@ def apply_updates(
         "UPDATE recipient SET status = ?, active = 0, attempts = attempts + ?,"
         " next_attempt = coalesce(?, next_attempt), last_attempt = ?,"
         " last_code = coalesce(?, last_code), last_dsn = coalesce(?, last_dsn),"
-        " last_text = coalesce(?, last_text), last_relay = coalesce(?, last_relay)"
+        " last_text = coalesce(?, last_text), last_relay = coalesce(?, last_relay),"
+        " notify = CASE WHEN ? THEN"
+        " trim(replace(',' || upper(notify) || ',', ',SUCCESS,', ','), ',') ELSE notify END"
         " WHERE qid = ? AND idx = ?",
         [
             (
@@ -190,6 +192,7 @@ def apply_updates(
                 u.reply.dsn if u.reply else None,
                 _reply_text(u.reply) if u.reply else None,
                 u.relay,
+                u.notify_passed,
                 queue_id,
                 u.index,
             )

@@ -98,6 +98,9 @@ class RecipientUpdate:
     attempted: bool = True
     #: the host that answered, for logs and the DSN's Remote-MTA (None: not reported)
     relay: str | None = None
+    #: the next hop took over NOTIFY=SUCCESS (it advertised DSN): SUCCESS is dropped from the
+    #: stored NOTIFY, so no "relayed" notice duplicates its "delivered" one (RFC 3461 §4.1)
+    notify_passed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
