@@ -47,6 +47,8 @@ def test_toml_overrides(tmp_path: Path) -> None:
         ("[listen]\nsmtp = ['nowhere']", "bad listen address"),
         ("[tls]\ncert = 'a.pem'", "both cert and key"),
         ("this is not toml", "TOML syntax error"),
+        ("[queue]\nnotice_rate_limit = -1", "queue.notice_rate_limit"),
+        ("[queue]\nnotice_rate_window = 0", "queue.notice_rate_limit"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -13,7 +13,7 @@ from tests.spool.spool_helpers import FakeClock
 
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.intake import Queued
-from mailhaven.notifier import Notifier
+from mailhaven.notifier import NoticeLimiter, Notifier
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import QueuedRecipient, Spool
 from mailhaven.spool.body import MessageWriter
@@ -163,3 +163,40 @@ async def test_reports_name_no_remote_mta_that_said_nothing(
     status = report.get_payload()[1].as_string()  # type: ignore[index]
     diagnostic = " ".join(status.partition("Diagnostic-Code:")[2].split())
     assert diagnostic.startswith("X-Mailhaven; " + " ".join(reply.text.split())[:30])
+
+
+def test_notice_limiter_is_a_token_bucket_per_address() -> None:
+    limiter = NoticeLimiter(2, 3600.0)
+    assert limiter.allow("Forged@victim.example", 0.0)
+    assert limiter.allow("forged@victim.example", 1.0)  # the same address, any case
+    assert not limiter.allow("forged@victim.example", 2.0)  # the third within the hour
+    assert limiter.allow("other@victim.example", 2.0)  # counted per address
+    assert not limiter.allow("forged@victim.example", 1000.0)  # refilled 0.55 of one by now
+    assert limiter.allow("forged@victim.example", 1802.0)  # half an hour: one notice back
+    assert NoticeLimiter(0, 3600.0).allow("x@y", 0.0)  # 0: no limit
+
+
+async def test_notices_to_one_address_are_rate_limited(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16 #23: backscatter to a forged sender is capped per address; the surplus is
+    logged, not queued."""
+    intake = FakeIntake()
+    clock = FakeClock()
+    notes = Notifier(spool, lambda: intake, hostname="mx.test", postmaster="postmaster@mx.test",  # type: ignore[arg-type,return-value]
+                     clock=clock, limiter=NoticeLimiter(2, 3600.0))  # fmt: skip
+    victim = [await stored(spool, "victim@example.org") for _ in range(3)]
+    other = await stored(spool, "someone@example.org")
+    with caplog.at_level("WARNING", logger="mailhaven.bounce"):
+        for msg in [*victim, other]:
+            await notes.on_failures(msg, [state("bob@example.net", Status.BOUNCED, NO_USER)])
+    assert [e.recipients[0].address for e, _ in intake.sent] == [
+        "victim@example.org",
+        "victim@example.org",
+        "someone@example.org",
+    ]
+    assert any(
+        f"{victim[2].queue_id}: sender non-delivery notification to <victim@example.org>"
+        " suppressed" in m
+        for m in caplog.messages
+    )

@@ -50,7 +50,7 @@ from mailhaven.mailbox.users import UserDB, UsersFileError
 from mailhaven.net import selfsigned
 from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS, build_server_context, certificate_facts
-from mailhaven.notifier import Notifier
+from mailhaven.notifier import NoticeLimiter, Notifier
 from mailhaven.pickup import IntakeDoor, Pickup
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
@@ -469,6 +469,11 @@ class App:
             lambda: intake,
             hostname=config.hostname,
             postmaster=f"postmaster@{config.local_domains[0]}",
+            # each process keeps its own count: its share of the limit (rounded up)
+            limiter=NoticeLimiter(
+                -(-config.queue.notice_rate_limit // max(1, config.smtp_processes)),
+                config.queue.notice_rate_window,
+            ),
         )
         processes = max(1, config.smtp_processes)
         self.runner = Runner(

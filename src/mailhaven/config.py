@@ -110,6 +110,10 @@ class Queue:
     concurrency: int = 100
     destination_concurrency: int = 20
     recipients_per_transaction: int = 50
+    #: Backscatter limit: at most this many notices (bounces, delay warnings, success reports)
+    #: to one address per `notice_rate_window` seconds; the rest are logged and dropped. 0: off.
+    notice_rate_limit: int = 20
+    notice_rate_window: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("timeouts.pop3_idle: must be positive")
     if not 1 <= config.smtp_processes <= 64:
         raise ConfigError("smtp_processes: between 1 and 64")
+    if config.queue.notice_rate_limit < 0 or config.queue.notice_rate_window <= 0:
+        raise ConfigError("queue.notice_rate_limit: 0 or more, per a positive notice_rate_window")
     for net in config.trusted_networks:
         try:
             ipaddress.ip_network(net, strict=False)

@@ -8,6 +8,12 @@ Loop safety (RFC 5321 §4.5.5, §6.1): reports go out with the null sender, so a
 is never bounced back to anybody; if a null-sender message fails, one copy goes to the
 postmaster from `double-bounce@<hostname>` (Postfix's double bounce), and if *that* fails it is
 only logged. NOTIFY=NEVER and the NOTIFY list are respected per recipient.
+
+Backscatter: a forged sender address would receive our notices about mail it never sent. Mail
+that fails the sender checks (`smtpd.policy`: AUTH required, sender/login mismatch) is refused
+at MAIL FROM, so it is never queued and never notified about; for the rest, `NoticeLimiter`
+caps the notices one address receives (`queue.notice_rate_limit` per `notice_rate_window`);
+the surplus is logged and dropped, not queued.
 """
 
 from __future__ import annotations
@@ -34,6 +40,33 @@ from mailhaven.spool.store import Spool
 
 log = logging.getLogger("mailhaven.bounce")
 
+#: Addresses the limiter remembers at most (memory bound under a flood of forged senders);
+#: past it, the least recently charged are forgotten.
+MAX_TRACKED_ADDRESSES = 100_000
+
+
+class NoticeLimiter:
+    """At most `limit` notices per `window` seconds to one address (a token bucket per
+    lower-cased address, refilled continuously). `limit` 0: no limit."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when)
+
+    def allow(self, address: str, now: float) -> bool:
+        """Charge one notice to `address`; False when its allowance is used up."""
+        if self.limit <= 0:
+            return True
+        key = address.lower()
+        tokens, then = self._buckets.pop(key, (float(self.limit), now))
+        tokens = min(float(self.limit), tokens + (now - then) * self.limit / self.window)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)  # now the newest
+        while len(self._buckets) > MAX_TRACKED_ADDRESSES:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
+
 
 class Notifier:
     """Builds and queues DSNs; one per finished message and kind."""
@@ -46,6 +79,7 @@ class Notifier:
         hostname: str,
         postmaster: str,
         clock: Callable[[], float] = time.time,
+        limiter: NoticeLimiter | None = None,
     ) -> None:
         self._spool = spool
         self._intake = intake
@@ -53,6 +87,7 @@ class Notifier:
         self.postmaster = postmaster
         self.double_bounce_sender = f"double-bounce@{hostname}"
         self._clock = clock
+        self._limiter = limiter or NoticeLimiter(0, 1.0)
 
     async def on_failures(self, message: StoredMessage, states: Sequence[RecipientState]) -> None:
         """The scheduler's finish hook: report failures (and successes asked for by NOTIFY)."""
@@ -84,6 +119,15 @@ class Notifier:
             log.info("%s: dropping %s notice about a notice (no loop)", message.queue_id, kind)
             return None
         now = self._clock()
+        to = env.sender if target == "sender" else self.postmaster
+        if not self._limiter.allow(to, now):
+            log.warning(
+                "%s: %s %s notification to <%s> suppressed: more than %d notices in %g s"
+                " (queue.notice_rate_limit)",
+                message.queue_id, target, _label(kind), to, self._limiter.limit,
+                self._limiter.window,
+            )  # fmt: skip
+            return None
         results = [self._result(s, kind, now) for s in states]
         with message.open() as original:
             report = build_dsn(
@@ -99,7 +143,6 @@ class Notifier:
                 postmaster_address=self.postmaster,
             )
         crash_point("bounce_built")
-        to = env.sender if target == "sender" else self.postmaster
         sender = "" if target == "sender" else self.double_bounce_sender
         envelope = Envelope(
             sender=sender,

@@ -17,6 +17,7 @@ status=.. (..)` and `QID: removed`).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import ssl
@@ -232,6 +233,27 @@ def test_success_notice_says_relayed_when_the_next_hop_has_no_dsn(
     assert dsn.per_message["Reporting-MTA"] == "dns; mx.test"  # ours: the sink cannot report
     group = recipient_group(dsn, "someone@mixed.test")
     assert group["Action"] == "relayed" and group["Remote-MTA"] == "dns; mx.mixed.test"
+
+
+def test_bounces_to_one_sender_are_rate_limited(
+    mail_server: ServerFactory, dns: DNSServer, port: int, sinks: list[Sink]
+) -> None:
+    """Issue 16 #23: `queue.notice_rate_limit` caps the notices one address gets (backscatter);
+    the surplus is logged and never queued."""
+    refuse = {"nobody@mixed.test": "550 5.1.1 No such user"}
+    sink_for(sinks, "mx.mixed.test", port, rcpt_replies=refuse).start()
+    settings = relay_settings(dns=dns.address, port=port)
+    settings["queue"]["notice_rate_limit"] = 1
+    server = mail_server(settings=settings)
+    first = send(server, ["nobody@mixed.test"], mark="bs1")
+    wait_removed(server, first)
+    second = send(server, ["nobody@mixed.test"], mark="bs2")
+    server.wait_for_log(
+        rf"\b{second}: sender non-delivery notification to <alice@localhost> suppressed"
+    )
+    wait_removed(server, second)
+    bounce_for(server, first)  # the first one did go out
+    assert not re.search(rf"\b{second}: sender non-delivery notification: ", server.log())
 
 
 def test_mixed_results_in_one_transaction(
