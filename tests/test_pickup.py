@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -89,6 +91,19 @@ async def test_eight_bit_body_without_declaration_becomes_8bitmime(
     assert await Pickup(root, IntakeDoor(spool, intake)).collect() == 1
     stored = await spool.load(queued(spool)[0].queue_id)
     assert stored is not None and stored.envelope.body_type == "8BITMIME"
+
+
+async def test_a_drop_file_without_headers_is_queued_with_the_separator(
+    spool: Spool, intake: Intake, root: Path
+) -> None:
+    """Issue 16 #1 on the pickup path: the body line must not become a header."""
+    drop(root, b"look ma no headers!\r\n")
+    assert await Pickup(root, IntakeDoor(spool, intake)).collect() == 1
+    stored = await spool.load(queued(spool)[0].queue_id)
+    assert stored is not None
+    with stored.open() as f:
+        parsed = email.message_from_bytes(f.read(), policy=email.policy.default)
+    assert parsed.defects == [] and parsed.get_content() == "look ma no headers!\r\n"
 
 
 async def test_corrupt_files_are_quarantined_and_the_rest_collected(
