@@ -136,8 +136,12 @@ async def test_expired_reports_last_temporary_error_as_permanent(spool: Spool) -
     [
         (  # a DNS failure: no host at all
             "none",
-            Reply(550, "Host or domain name not found. Name service error for name=x.test"
-                  " type=MX: Host not found", "5.4.4"),
+            Reply(
+                550,
+                "Host or domain name not found. Name service error for name=x.test"
+                " type=MX: Host not found",
+                "5.4.4",
+            ),
             "<bob@example.net>: Host or domain name not found.",
         ),
         (  # our own words about a host that said nothing (stored by the scheduler as "none")
