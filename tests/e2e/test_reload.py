@@ -294,15 +294,13 @@ def test_a_certificate_replaced_in_place(mail_server: ServerFactory, tmp_path: P
     assert common_name_over_starttls(server) == "second.test"
 
 
-def test_a_first_certificate_turns_starttls_on(
+def test_a_configured_certificate_replaces_the_self_signed_one_on_reload(
     mail_server: ServerFactory, tmp_path: Path
 ) -> None:
-    """An MX-only server without a certificate offers no STARTTLS; a reload that names one
-    makes the MX offer it (no restart)."""
+    """An MX-only server without a certificate serves its self-signed one; a reload that
+    names a certificate makes the MX serve that one (no restart)."""
     server = mail_server()
-    with smtplib.SMTP(server.host, server.smtp_port, "client.test", 10) as s:
-        s.ehlo()
-        assert not s.has_extn("starttls")
+    assert common_name_over_starttls(server) == "mx.test"  # the self-signed placeholder
     cert, key, _ = issue(tmp_path / "new", "first.test")
     reload_with(server, {"tls": {"cert": str(cert), "key": str(key)}})
     assert common_name_over_starttls(server) == "first.test"
