@@ -47,7 +47,7 @@ from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
 from mailhaven.intake import Intake
 from mailhaven.mailbox.users import UserDB, UsersFileError
-from mailhaven.net import selfsigned
+from mailhaven.net import acme, selfsigned
 from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS, build_server_context, certificate_facts
 from mailhaven.notifier import NoticeLimiter, Notifier
@@ -88,6 +88,10 @@ def tls_files(config: Config) -> tuple[Path, Path] | None:
     on port 25 do not check certificates, and opportunistic TLS beats cleartext."""
     if config.tls.cert:
         return Path(config.tls.cert), Path(config.tls.key)
+    if config.tls.acme.domains:
+        paths = acme.Paths(config.state_path / "acme")
+        acme.placeholder(paths, config.hostname, selfsigned.create)
+        return paths.cert, paths.key
     listen = config.listen
     if not (listen.smtp or listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
         return None
@@ -424,6 +428,7 @@ class App:
         await self._start_listeners()
         self._start_runner()
         await self._start_workers()
+        self._start_acme()
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
 
@@ -505,6 +510,18 @@ class App:
         )
         return intake
 
+    def _start_acme(self) -> None:
+        """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""
+        settings = self.config.tls.acme
+        if not settings.domains or self.tls is None:
+            return
+        if self.worker is not None:
+            task = acme.follow(self.tls, acme.FOLLOW_INTERVAL)
+        else:
+            paths = acme.Paths(self.config.state_path / "acme")
+            task = acme.AcmeManager(settings, paths, self.tls).run()
+        self._background.append(asyncio.ensure_future(task))
+
     async def _release_in_workers(self, domains: Sequence[str]) -> int:
         request = {"cmd": "release_domains", "domains": list(domains)}
         return await control.ask_all(self._worker_sockets(), request)
@@ -548,6 +565,7 @@ class App:
         for fd in role.fds:
             await self.smtp.listen("", self._mx_profile, sock=socket.socket(fileno=fd))
         self._start_runner()
+        self._start_acme()
         if role.lifeline is not None:
             watch_lifeline(role.lifeline, self.stop)
         log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),

@@ -117,11 +117,32 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class Acme:
+    """Certificates from an ACME CA (RFC 8555, `mailhaven.net.acme`); no domains: off."""
+
+    domains: tuple[str, ...] = ()
+    #: The CA's directory URL (e.g. Let's Encrypt's).
+    directory: str = ""
+    #: Contact for the account (expiry notices); empty: none.
+    email: str = ""
+    #: Where the HTTP-01 responder listens while an order is in progress (the CA connects to
+    #: port 80 of each domain: forward it here, or listen there).
+    http01_listen: str = "0.0.0.0:80"
+    #: CA bundle (PEM) to verify the directory's HTTPS with; empty: the system's.
+    directory_ca: str = ""
+    #: Renew when fewer days than this are left (certbot's default).
+    renew_before_days: float = 30.0
+    #: Seconds between checks (certbot's timer runs twice a day).
+    check_interval: float = 43200.0
+
+
+@dataclass(frozen=True)
 class TLS:
     """Server certificate; empty: STARTTLS not offered and the implicit-TLS listeners stay off."""
 
     cert: str = ""
     key: str = ""
+    acme: Acme = field(default_factory=Acme)
 
 
 @dataclass(frozen=True)
@@ -294,6 +315,7 @@ def validate(config: Config) -> Config:
             parse_hostport(addr)
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls: give both cert and key, or neither")
+    _validate_acme(config.tls)
     for policy in (config.relay.tls, config.relay.relayhost_tls):
         if policy not in ("none", "may", "encrypt", "verify"):
             raise ConfigError(f"relay: TLS policy {policy!r} is not none, may, encrypt or verify")
@@ -361,6 +383,22 @@ def _anchor(config: Config, base: Path) -> Config:
         users_file=anchored(config.users_file),
         tls=tls,
     )
+
+
+def _validate_acme(tls: TLS) -> None:
+    acme = tls.acme
+    if not acme.domains:
+        return
+    if tls.cert:
+        raise ConfigError("tls: give cert and key, or acme, not both")
+    if not acme.directory.startswith("https://"):
+        raise ConfigError("tls.acme.directory: an https:// URL of the CA's directory is needed")
+    for domain in acme.domains:
+        if not domain or "*" in domain:
+            raise ConfigError(f"tls.acme.domains: {domain!r}: HTTP-01 validates plain host names")
+    parse_hostport(acme.http01_listen)
+    if acme.renew_before_days <= 0 or acme.check_interval <= 0:
+        raise ConfigError("tls.acme: renew_before_days and check_interval must be positive")
 
 
 def load(path: str | Path | None) -> Config:

@@ -1,0 +1,232 @@
+"""ACME: the renewal decision (pure), the HTTP-01 responder, and orders against a real CA
+(Debian's `pebble` on loopback, resolving the test domain through our loopback DNS server)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tests.support import pebble
+from tests.support.dns_server import DNSServer
+from tests.support.server import free_port, port_listening
+
+from mailhaven.config import Acme
+from mailhaven.net import acme, selfsigned
+from mailhaven.net.tls import ReloadableTLS
+
+DOMAIN = "mail.example.test"
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+
+
+def info(days_left: float, names: tuple[str, ...] = (DOMAIN,), *, self_signed: bool = False
+         ) -> acme.CertInfo:
+    return acme.CertInfo(frozenset(names), NOW + datetime.timedelta(days=days_left), self_signed)
+
+
+def decide(cert: acme.CertInfo | None, domains: tuple[str, ...] = (DOMAIN,)) -> acme.Decision:
+    return acme.decide(cert, domains, NOW, renew_before_days=30, check_interval=43200)
+
+
+# ------------------------------------------------------------------ decisions
+
+
+def test_renews_without_a_certificate_or_with_the_placeholder() -> None:
+    assert decide(None).renew
+    placeholder = decide(info(365, self_signed=True))
+    assert placeholder.renew and "self-signed" in placeholder.reason
+
+
+def test_renews_when_a_domain_is_missing() -> None:
+    decision = decide(info(80), (DOMAIN, "Other.example.test"))
+    assert decision.renew and "other.example.test" in decision.reason
+
+
+def test_renews_inside_the_window_only() -> None:
+    assert decide(info(29.5)).renew
+    assert decide(info(-1)).renew  # expired: renew too
+    later = decide(info(90))
+    assert not later.renew and later.next_check == 43200
+
+
+def test_next_check_never_passes_the_renewal_date() -> None:
+    decision = decide(info(30 + 1 / 24))  # due in an hour, well before the next 12 h check
+    assert not decision.renew and decision.next_check == pytest.approx(3600)
+
+
+def test_read_cert_of_the_placeholder(tmp_path: Path) -> None:
+    paths = acme.Paths(tmp_path)
+    acme.placeholder(paths, DOMAIN, selfsigned.create)
+    cert = acme.read_cert(paths.cert)
+    assert cert is not None and cert.self_signed and DOMAIN in cert.names
+    assert acme.read_cert(tmp_path / "missing.pem") is None
+
+
+# ------------------------------------------------------------------ HTTP-01 responder
+
+
+def test_responder_answers_only_pending_tokens() -> None:
+    responder = acme.Http01Responder("127.0.0.1", 0)
+    responder.tokens["tok"] = "tok.thumb"
+    assert responder.answer(b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\n\r\n") == (
+        "200 OK", b"tok.thumb")
+    assert responder.answer(b"GET /.well-known/acme-challenge/other HTTP/1.1\r\n\r\n")[0] == (
+        "404 Not Found")
+    assert responder.answer(b"GET / HTTP/1.1\r\n\r\n")[0] == "404 Not Found"
+    assert responder.answer(b"POST /.well-known/acme-challenge/tok HTTP/1.1\r\n\r\n")[0] == (
+        "405 Method Not Allowed")
+
+
+async def test_responder_over_a_socket() -> None:
+    port = free_port()
+    responder = acme.Http01Responder("127.0.0.1", port)
+    responder.tokens["abc"] = "abc.xyz"
+    await responder.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /.well-known/acme-challenge/abc HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nabc.xyz")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * (acme.MAX_REQUEST_HEAD * 16))  # no end of head: refused, not held
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 ")
+    finally:
+        await responder.close()
+
+
+# ------------------------------------------------------------------ against pebble
+
+
+needs_pebble = pytest.mark.skipif(
+    not pebble.available(), reason="pebble (Debian package) is not installed: "
+    "scripts/install-test-deps installs it")
+
+
+class CA:
+    """Pebble plus our DNS server, and settings for an order of DOMAIN from it."""
+
+    def __init__(self, base: Path) -> None:
+        self.http_port = free_port()
+        self.dns = DNSServer({DOMAIN: {"A": ["127.0.0.1"]}}).start()
+        self.pebble = pebble.Pebble(base, http_port=self.http_port, dns=self.dns.address).start()
+        self.settings = Acme(
+            domains=(DOMAIN,),
+            directory=self.pebble.directory,
+            email="postmaster@example.test",
+            http01_listen=f"127.0.0.1:{self.http_port}",
+            directory_ca=str(self.pebble.ca_bundle),
+        )
+
+    def stop(self) -> None:
+        self.pebble.stop()
+        self.dns.stop()
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Iterator[CA]:
+    running = CA(tmp_path)
+    yield running
+    running.stop()
+
+
+def manager(tmp_path: Path, settings: Acme) -> acme.AcmeManager:
+    paths = acme.Paths(tmp_path / "acme")
+    acme.placeholder(paths, DOMAIN, selfsigned.create)
+    return acme.AcmeManager(settings, paths, ReloadableTLS(paths.cert, paths.key))
+
+
+def issuer_chain_verifies(chain_pem: bytes, root_pem: str) -> bool:
+    """The leaf verifies against pebble's root, through the intermediate in the chain."""
+    certs = x509.load_pem_x509_certificates(chain_pem)
+    root = x509.load_pem_x509_certificate(root_pem.encode())
+    leaf, intermediate = certs[0], certs[1]
+    leaf.verify_directly_issued_by(intermediate)
+    intermediate.verify_directly_issued_by(root)
+    return True
+
+
+def chain_leaf(chain_pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificates(chain_pem)[0].public_bytes(
+        serialization.Encoding.DER)
+
+
+async def handshake_leaf(server_ctx: ssl.SSLContext, root_pem: str) -> bytes:
+    """The certificate a verifying client (trusting pebble's root, SNI DOMAIN) receives."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    client_ctx = ssl.create_default_context(cadata=root_pem)
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname=DOMAIN)
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True)
+        writer.close()
+        return bytes(der)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@needs_pebble
+async def test_obtains_a_certificate_and_serves_it(ca: CA, tmp_path: Path) -> None:
+    m = manager(tmp_path, ca.settings)
+    placeholder = m.paths.cert.read_bytes()
+    next_check = await m.check()
+    assert next_check == ca.settings.check_interval
+    chain = m.paths.cert.read_bytes()
+    assert chain != placeholder
+    assert issuer_chain_verifies(chain, ca.pebble.root_pem())
+    cert = acme.read_cert(m.paths.cert)
+    assert cert is not None and cert.names == {DOMAIN} and not cert.self_signed
+    assert (m.paths.key.stat().st_mode & 0o777) == 0o600
+    # the listener-facing context hands out the new certificate, no restart
+    assert await handshake_leaf(m.tls.context, ca.pebble.root_pem()) == chain_leaf(chain)
+    # the port is free again: the responder only listens during an order
+    assert port_listening(ca.http_port) is not True
+
+
+@needs_pebble
+async def test_ca_down_keeps_the_certificate(
+    ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = manager(tmp_path, ca.settings)
+    await m.check()
+    issued = m.paths.cert.read_bytes()
+    root = ca.pebble.root_pem()
+    ca.pebble.stop()
+    renew_now = acme.AcmeManager(
+        Acme(**{**ca.settings.__dict__, "renew_before_days": 100000.0, "check_interval": 5.0}),
+        m.paths, m.tls)
+    with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+        retry = await renew_now.check()
+    assert retry == 5.0
+    assert m.paths.cert.read_bytes() == issued
+    assert "failed, keeping the current certificate" in caplog.text
+    assert "Connection refused" in caplog.text or "ConnectionError" in caplog.text
+    assert await handshake_leaf(m.tls.context, root) == chain_leaf(issued)
+
+
+@needs_pebble
+async def test_refused_order_keeps_the_placeholder(
+    ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A name our DNS does not know: pebble refuses the validation; nothing is replaced."""
+    settings = Acme(**{**ca.settings.__dict__, "domains": ("unknown.example.test",)})
+    m = manager(tmp_path, settings)
+    before = m.paths.cert.read_bytes()
+    with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+        retry = await m.check()
+    assert retry == acme.RETRY_AFTER_FAILURE
+    assert m.paths.cert.read_bytes() == before
+    assert "unknown.example.test" in caplog.text and "keeping the current certificate" in (
+        caplog.text)
