@@ -9,12 +9,12 @@ import logging
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tests.support import pebble
-from tests.support.dns_server import DNSServer
 from tests.support.server import free_port, port_listening
 
 from mailhaven.config import Acme
@@ -112,31 +112,16 @@ needs_pebble = pytest.mark.skipif(
     "scripts/install-test-deps installs it")
 
 
-class CA:
-    """Pebble plus our DNS server, and settings for an order of DOMAIN from it."""
-
-    def __init__(self, base: Path) -> None:
-        self.http_port = free_port()
-        self.dns = DNSServer({DOMAIN: {"A": ["127.0.0.1"]}}).start()
-        self.pebble = pebble.Pebble(base, http_port=self.http_port, dns=self.dns.address).start()
-        self.settings = Acme(
-            domains=(DOMAIN,),
-            directory=self.pebble.directory,
-            email="postmaster@example.test",
-            http01_listen=f"127.0.0.1:{self.http_port}",
-            directory_ca=str(self.pebble.ca_bundle),
-        )
-
-    def stop(self) -> None:
-        self.pebble.stop()
-        self.dns.stop()
-
-
 @pytest.fixture
-def ca(tmp_path: Path) -> Iterator[CA]:
-    running = CA(tmp_path)
+def ca(tmp_path: Path) -> Iterator[pebble.AcmeCA]:
+    running = pebble.AcmeCA(tmp_path, DOMAIN)
     yield running
     running.stop()
+
+
+def settings(ca: pebble.AcmeCA, **override: Any) -> Acme:
+    table = ca.acme_table(**override)
+    return Acme(**{**table, "domains": tuple(table["domains"])})
 
 
 def manager(tmp_path: Path, settings: Acme) -> acme.AcmeManager:
@@ -178,11 +163,11 @@ async def handshake_leaf(server_ctx: ssl.SSLContext, root_pem: str) -> bytes:
 
 
 @needs_pebble
-async def test_obtains_a_certificate_and_serves_it(ca: CA, tmp_path: Path) -> None:
-    m = manager(tmp_path, ca.settings)
+async def test_obtains_a_certificate_and_serves_it(ca: pebble.AcmeCA, tmp_path: Path) -> None:
+    m = manager(tmp_path, settings(ca))
     placeholder = m.paths.cert.read_bytes()
     next_check = await m.check()
-    assert next_check == ca.settings.check_interval
+    assert next_check == Acme().check_interval
     chain = m.paths.cert.read_bytes()
     assert chain != placeholder
     assert issuer_chain_verifies(chain, ca.pebble.root_pem())
@@ -197,15 +182,15 @@ async def test_obtains_a_certificate_and_serves_it(ca: CA, tmp_path: Path) -> No
 
 @needs_pebble
 async def test_ca_down_keeps_the_certificate(
-    ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    m = manager(tmp_path, ca.settings)
+    m = manager(tmp_path, settings(ca))
     await m.check()
     issued = m.paths.cert.read_bytes()
     root = ca.pebble.root_pem()
     ca.pebble.stop()
     renew_now = acme.AcmeManager(
-        Acme(**{**ca.settings.__dict__, "renew_before_days": 100000.0, "check_interval": 5.0}),
+        settings(ca, renew_before_days=100000.0, check_interval=5.0),
         m.paths, m.tls)
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         retry = await renew_now.check()
@@ -218,11 +203,10 @@ async def test_ca_down_keeps_the_certificate(
 
 @needs_pebble
 async def test_refused_order_keeps_the_placeholder(
-    ca: CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A name our DNS does not know: pebble refuses the validation; nothing is replaced."""
-    settings = Acme(**{**ca.settings.__dict__, "domains": ("unknown.example.test",)})
-    m = manager(tmp_path, settings)
+    m = manager(tmp_path, settings(ca, domains=["unknown.example.test"]))
     before = m.paths.cert.read_bytes()
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         retry = await m.check()

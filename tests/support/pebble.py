@@ -5,6 +5,9 @@
         ca.ca_bundle        # PEM that verifies pebble's own HTTPS (made here with trustme)
         ca.root_pem()       # the root that issued certificates chain up to (new every start)
 
+or `AcmeCA(tmp_path, "mail.example.test")`: pebble, a DNS server that resolves the domain to
+127.0.0.1, and `acme_table()`, the `[tls] acme` settings for ordering it from there.
+
 Pebble validates HTTP-01 at `http_port` of 127.0.0.1 (its `httpPort`) after resolving the
 domain through `-dnsserver` (our loopback test DNS server), never through the real DNS.
 `PEBBLE_VA_NOSLEEP=1` skips its artificial validation delays and `PEBBLE_WFE_NONCEREJECT=0`
@@ -26,8 +29,10 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import trustme
+from tests.support.dns_server import DNSServer
 from tests.support.server import free_port, port_accepts
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
@@ -116,3 +121,32 @@ class Pebble:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class AcmeCA:
+    """Pebble with its own loopback DNS server answering A 127.0.0.1 for `domain`."""
+
+    def __init__(self, base: Path, domain: str) -> None:
+        self.domain = domain
+        self.http_port = free_port()
+        self.dns = DNSServer({domain: {"A": ["127.0.0.1"]}}).start()
+        try:
+            self.pebble = Pebble(base, http_port=self.http_port, dns=self.dns.address).start()
+        except BaseException:
+            self.dns.stop()
+            raise
+
+    def acme_table(self, **override: Any) -> dict[str, Any]:
+        """`[tls] acme` settings that order `domain` from this CA."""
+        table: dict[str, Any] = {
+            "domains": [self.domain],
+            "directory": self.pebble.directory,
+            "email": "postmaster@example.test",
+            "http01_listen": f"127.0.0.1:{self.http_port}",
+            "directory_ca": str(self.pebble.ca_bundle),
+        }
+        return table | override
+
+    def stop(self) -> None:
+        self.pebble.stop()
+        self.dns.stop()
