@@ -46,6 +46,16 @@ def test_toml_overrides(tmp_path: Path) -> None:
         ("trusted_networks = ['10.0.0.0/33']", "trusted_networks"),
         ("[listen]\nsmtp = ['nowhere']", "bad listen address"),
         ("[tls]\ncert = 'a.pem'", "both cert and key"),
+        ("[tls]\ncert = 'a'\nkey = 'b'\nacme = { domains = ['x.org'], directory = 'https://ca/d' }",
+         "cert and key, or acme, not both"),
+        ("[tls]\nacme = { domains = ['x.org'] }", "tls.acme.directory: an https:// URL"),
+        ("[tls]\nacme = { domains = ['x.org'], directory = 'http://ca/d' }", "https:// URL"),
+        ("[tls]\nacme = { domains = ['*.x.org'], directory = 'https://ca/d' }", "plain host"),
+        ("[tls]\nacme = { domains = ['x.org'], directory = 'https://ca/d', "
+         "http01_listen = '80' }", "bad listen address"),
+        ("[tls]\nacme = { domains = ['x.org'], directory = 'https://ca/d', "
+         "check_interval = 0 }", "must be positive"),
+        ("[tls]\nacme = { domain = ['x.org'] }", r"tls\.acme: unknown key\(s\) domain"),
         ("this is not toml", "TOML syntax error"),
         ("[queue]\nnotice_rate_limit = -1", "queue.notice_rate_limit"),
         ("[queue]\nnotice_rate_window = 0", "queue.notice_rate_limit"),
@@ -57,6 +67,16 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as info:
         load(f)
     assert str(f) in str(info.value)
+
+
+def test_acme_table(tmp_path: Path) -> None:
+    f = tmp_path / "m.toml"
+    f.write_text('[tls]\nacme = { domains = ["mx.example.org"], '
+                 'directory = "https://acme.example/dir", email = "pm@example.org" }\n')
+    acme = load(f).tls.acme
+    assert acme.domains == ("mx.example.org",) and acme.email == "pm@example.org"
+    assert acme.http01_listen == "0.0.0.0:80" and acme.renew_before_days == 30
+    assert load(None).tls.acme.domains == ()  # off by default
 
 
 def test_missing_file(tmp_path: Path) -> None:
