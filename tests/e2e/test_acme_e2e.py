@@ -5,7 +5,9 @@ restart, and keeps serving the last good one while the CA is down."""
 from __future__ import annotations
 
 import smtplib
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tests.e2e.conftest import ServerFactory
 from tests.support import pebble
-from tests.support.server import MailServer
+from tests.support.server import MailServer, free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -97,3 +99,25 @@ def test_acme_certificate_issued_renewed_and_kept_while_ca_is_down(
         assert smtp.ehlo()[0] == 250
     assert server.pid == pid and server.running
     assert "Traceback" not in server.log()
+
+
+def test_stop_does_not_wait_for_an_order_in_flight(mail_server: ServerFactory) -> None:
+    """A CA that accepts the connection and never answers: SIGTERM still stops the daemon
+    promptly (the order's blocking thread must not hold the exit for its network timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nothing is ever sent
+        port = silent.getsockname()[1]
+        server = mail_server(
+            services=("smtp", "submission"),
+            hostname=DOMAIN,
+            settings={"tls": {"acme": {
+                "domains": [DOMAIN],
+                "directory": f"https://127.0.0.1:{port}/dir",
+                "http01_listen": f"127.0.0.1:{free_port()}",
+            }}},
+        )
+        server.wait_for_log(r"acme: ordering a certificate for mail\.example\.test")
+        time.sleep(0.5)  # let the order reach the silent server
+        assert server.stop(timeout=10) == 0, server.log_tail()
+    assert "stopped" in server.log()

@@ -7,8 +7,8 @@ Roles, pure decisions apart from the I/O:
 - `decide` (pure): renew when there is no certificate, when it is our self-signed placeholder,
   when it does not cover the configured domains, or when less than `renew_before_days` are
   left; otherwise look again after `check_interval`.
-- `obtain` (blocking, run in a thread): one order with certbot's `acme` library (the maintained
-  RFC 8555 client; it is synchronous, on `requests`, so `asyncio.to_thread` keeps the event
+- `obtain` (blocking, run in a daemon thread): one order with certbot's `acme` library (the
+  maintained RFC 8555 client; it is synchronous, on `requests`, so a thread keeps the event
   loop free). Account key: `<state_dir>/acme/account.key`, made once; the CA finds the account
   again from the key (RFC 8555 §7.3.1), so no account URL is stored.
 - `Http01Responder`: answers `GET /.well-known/acme-challenge/<token>` (RFC 8555 §8.3). It
@@ -36,16 +36,18 @@ import datetime
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from mailhaven.config import Acme
     from mailhaven.net.tls import ReloadableTLS
 
 log = logging.getLogger("mailhaven.acme")
+T = TypeVar("T")
 
 #: After a failed attempt, try again this much later (Let's Encrypt's rate limits allow
 #: 5 failed validations per hour per account and name).
@@ -372,8 +374,8 @@ class AcmeManager:
         responder = Http01Responder(host, port)
         await responder.start()
         try:
-            key_pem, chain_pem = await asyncio.to_thread(
-                self._order, self.settings, self.paths, responder.tokens
+            key_pem, chain_pem = await in_daemon_thread(
+                lambda: self._order(self.settings, self.paths, responder.tokens)
             )
         finally:
             await responder.close()
@@ -396,6 +398,32 @@ class AcmeManager:
         os.replace(staged_key, self.paths.key)
         os.replace(staged_cert, self.paths.cert)
         self.tls.reload()
+
+
+async def in_daemon_thread(work: Callable[[], T]) -> T:
+    """`work()` in a daemon thread of its own. Not `asyncio.to_thread`: the loop's executor is
+    joined at exit, so a stop during an order would wait for its network timeouts."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as err:  # handed to the awaiting task
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="acme-order", daemon=True).start()
+    return await future
 
 
 def _hostport(text: str) -> tuple[str, int]:
