@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,3 +216,73 @@ async def test_refused_order_keeps_the_placeholder(
     assert m.paths.cert.read_bytes() == before
     assert "unknown.example.test" in caplog.text and "keeping the current certificate" in (
         caplog.text)
+
+
+# ------------------------------------------------------------------ without a CA
+
+
+async def test_responder_port_in_use_is_a_clear_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The HTTP-01 port is taken: the order is not even started, the placeholder stays."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        m = manager(tmp_path, Acme(
+            domains=(DOMAIN,), directory="https://127.0.0.1:1/dir",
+            http01_listen=f"127.0.0.1:{port}"))
+        before = m.paths.cert.read_bytes()
+        with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+            assert await m.check() == acme.RETRY_AFTER_FAILURE
+    assert m.paths.cert.read_bytes() == before
+    assert f"the HTTP-01 responder cannot listen on 127.0.0.1:{port}" in caplog.text
+
+
+async def served_der(ctx: ssl.SSLContext) -> bytes:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=ctx)
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # self-signed test certificates: looked at, not trusted
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1], ssl=client)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return bytes(der)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_worker_follows_the_daemons_new_certificate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    paths = acme.Paths(tmp_path / "acme")
+    acme.placeholder(paths, "old.example.test", selfsigned.create)
+    tls = ReloadableTLS(paths.cert, paths.key)
+    old = await served_der(tls.context)
+    task = asyncio.ensure_future(acme.follow(tls, 0.02))
+    try:
+        # a broken file (e.g. caught half-written by another tool) is logged, the old one stays
+        (tmp_path / "junk.pem").write_text("not a certificate")
+        os.replace(tmp_path / "junk.pem", paths.cert)
+        for _ in range(500):  # bounded: 10 s at most
+            if "keeping the current certificate" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "keeping the current certificate" in caplog.text
+        assert await served_der(tls.context) == old
+        # what the daemon installs: made beside, renamed over
+        selfsigned.create(tmp_path / "new.crt", tmp_path / "new.key", "new.example.test")
+        os.replace(tmp_path / "new.key", paths.key)
+        os.replace(tmp_path / "new.crt", paths.cert)
+        new = old
+        for _ in range(500):
+            if (new := await served_der(tls.context)) != old:
+                break
+            await asyncio.sleep(0.02)
+        assert x509.load_der_x509_certificate(new).subject.rfc4514_string() == (
+            "CN=new.example.test")
+    finally:
+        task.cancel()

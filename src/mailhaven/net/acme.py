@@ -66,6 +66,10 @@ USER_AGENT = "mailhaven"
 FOLLOW_INTERVAL = 60.0
 
 
+class AcmeError(Exception):
+    """A failure of ours around an order; its text is the whole log message."""
+
+
 # ------------------------------------------------------------------ decisions (pure)
 
 
@@ -295,6 +299,8 @@ def describe(err: BaseException) -> str:
     import requests
     from acme import errors
 
+    if isinstance(err, AcmeError):
+        return str(err)
     if isinstance(err, requests.ConnectionError):
         return f"cannot reach the ACME server: {err}"
     if isinstance(err, errors.ValidationError):
@@ -370,9 +376,13 @@ class AcmeManager:
 
     async def renew(self) -> None:
         """One order; the new certificate is in service when this returns."""
-        host, port = _hostport(self.settings.http01_listen)
-        responder = Http01Responder(host, port)
-        await responder.start()
+        listen = self.settings.http01_listen
+        responder = Http01Responder(*_hostport(listen))
+        try:
+            await responder.start()
+        except OSError as err:
+            raise AcmeError(f"the HTTP-01 responder cannot listen on {listen}: "
+                            f"{err.strerror or err}") from err
         try:
             key_pem, chain_pem = await in_daemon_thread(
                 lambda: self._order(self.settings, self.paths, responder.tokens)
@@ -444,19 +454,20 @@ async def follow(tls: ReloadableTLS, interval: float) -> None:
             return None
         return (st.st_ino, st.st_mtime_ns)
 
-    seen = stamp()
+    # None: the first look reloads, so a change between `tls`'s load and now is not missed
+    seen: tuple[int, int] | None = None
     while True:
-        await asyncio.sleep(interval)
         now = stamp()
-        if now == seen:
-            continue
-        try:
-            tls.reload()
-        except (OSError, ssl.SSLError) as err:
-            log.error("acme: keeping the current certificate: %s", err)
-            continue
-        seen = now
-        log.info("acme: certificate %s reloaded", tls.cert_file)
+        if now != seen:
+            try:
+                tls.reload()
+            except (OSError, ssl.SSLError) as err:  # logged once per version of the file
+                log.error("acme: %s: keeping the current certificate: %s", tls.cert_file, err)
+            else:
+                if seen is not None:
+                    log.info("acme: certificate %s reloaded", tls.cert_file)
+            seen = now
+        await asyncio.sleep(interval)
 
 
 def placeholder(paths: Paths, hostname: str, make: Callable[[Path, Path, str], None]) -> None:
