@@ -286,3 +286,17 @@ async def test_worker_follows_the_daemons_new_certificate(
             "CN=new.example.test")
     finally:
         task.cancel()
+
+
+@needs_pebble
+async def test_order_refused_by_the_ca_says_why(
+    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pebble refuses the order itself (a name with `_`): its problem detail is logged."""
+    m = manager(tmp_path, settings(ca, domains=["bad_name.example.test"]))
+    before = m.paths.cert.read_bytes()
+    with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+        assert await m.check() == acme.RETRY_AFTER_FAILURE
+    assert m.paths.cert.read_bytes() == before
+    assert "the ACME server refused the request: " in caplog.text
+    assert "illegal character" in caplog.text and "acme:error:malformed" in caplog.text

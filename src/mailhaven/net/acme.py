@@ -297,7 +297,7 @@ def obtain(settings: Acme, paths: Paths, tokens: dict[str, str]) -> tuple[bytes,
 def describe(err: BaseException) -> str:
     """One log line for a failed order: the CA's problem details when it sent them."""
     import requests
-    from acme import errors
+    from acme import errors, messages
 
     if isinstance(err, AcmeError):
         return str(err)
@@ -311,6 +311,8 @@ def describe(err: BaseException) -> str:
                     name = authzr.body.identifier.value
                     problems.append(f"{name}: {challenge.error.detail or challenge.error}")
         return "validation failed: " + "; ".join(problems)
+    if isinstance(err, messages.Error):  # an RFC 7807 problem document from the CA
+        return f"the ACME server refused the request: {err}"
     if isinstance(err, errors.TimeoutError):
         return f"the order did not finish within {ORDER_TIMEOUT:.0f} s"
     text = str(err) or type(err).__name__
