@@ -55,6 +55,10 @@ def test_toml_overrides(tmp_path: Path) -> None:
          "http01_listen = '80' }", "bad listen address"),
         ("[tls]\nacme = { domains = ['x.org'], directory = 'https://ca/d', "
          "check_interval = 0 }", "must be positive"),
+        ("[tls]\nacme = { domains = ['x.org'], directory = 'https://ca/d', "
+         "http01_listen = '' }", "http01_listen or tls_alpn01_listen is needed"),
+        ("[tls]\nacme = { domains = ['x.org'], directory = 'https://ca/d', "
+         "tls_alpn01_listen = '443' }", "bad listen address"),
         ("[tls]\nacme = { domain = ['x.org'] }", r"tls\.acme: unknown key\(s\) domain"),
         ("this is not toml", "TOML syntax error"),
         ("[queue]\nnotice_rate_limit = -1", "queue.notice_rate_limit"),

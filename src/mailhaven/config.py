@@ -128,6 +128,9 @@ class Acme:
     #: Where the HTTP-01 responder listens while an order is in progress (the CA connects to
     #: port 80 of each domain: forward it here, or listen there).
     http01_listen: str = "0.0.0.0:80"
+    #: Where the TLS-ALPN-01 responder (RFC 8737) listens while an order is in progress (the
+    #: CA connects to port 443); empty: off. With both, HTTP-01 is used.
+    tls_alpn01_listen: str = ""
     #: CA bundle (PEM) to verify the directory's HTTPS with; empty: the system's.
     directory_ca: str = ""
     #: Renew when fewer days than this are left (certbot's default).
@@ -396,7 +399,11 @@ def _validate_acme(tls: TLS) -> None:
     for domain in acme.domains:
         if not domain or "*" in domain:
             raise ConfigError(f"tls.acme.domains: {domain!r}: HTTP-01 validates plain host names")
-    parse_hostport(acme.http01_listen)
+    if not (acme.http01_listen or acme.tls_alpn01_listen):
+        raise ConfigError("tls.acme: http01_listen or tls_alpn01_listen is needed")
+    for listen in (acme.http01_listen, acme.tls_alpn01_listen):
+        if listen:
+            parse_hostport(listen)
     if acme.renew_before_days <= 0 or acme.check_interval <= 0:
         raise ConfigError("tls.acme: renew_before_days and check_interval must be positive")
 

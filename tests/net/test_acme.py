@@ -300,3 +300,56 @@ async def test_order_refused_by_the_ca_says_why(
     assert m.paths.cert.read_bytes() == before
     assert "the ACME server refused the request: " in caplog.text
     assert "illegal character" in caplog.text and "acme:error:malformed" in caplog.text
+
+
+# ------------------------------------------------------------------ TLS-ALPN-01 (RFC 8737)
+
+
+@needs_pebble
+async def test_obtains_a_certificate_over_tls_alpn_01(
+    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # HTTP-01 off; the responder on a port pebble does not use: validation fails
+    elsewhere = manager(tmp_path / "elsewhere", settings(
+        ca, http01_listen="", tls_alpn01_listen=f"127.0.0.1:{free_port()}"))
+    with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+        assert await elsewhere.check() == acme.RETRY_AFTER_FAILURE
+    assert "validation failed: mail.example.test" in caplog.text
+    # on pebble's tlsPort: issued
+    m = manager(tmp_path, settings(ca, http01_listen="",
+                                   tls_alpn01_listen=f"127.0.0.1:{ca.tls_port}"))
+    assert await m.check() == Acme().check_interval
+    chain = m.paths.cert.read_bytes()
+    assert issuer_chain_verifies(chain, ca.pebble.root_pem())
+    assert port_listening(ca.tls_port) is not True
+
+
+async def test_alpn_responder_shows_the_challenge_certificate() -> None:
+    import hashlib
+
+    from mailhaven.net import acme_alpn
+
+    port = free_port()
+    responder = acme_alpn.Responder("127.0.0.1", port)
+    responder.add(DOMAIN, "token.thumbprint")
+    await responder.start()
+    client = ssl.create_default_context()
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE  # the CA checks the extension, not a chain
+    client.set_alpn_protocols([acme_alpn.ALPN_PROTOCOL])
+    try:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname=DOMAIN)
+        tls = writer.get_extra_info("ssl_object")
+        assert tls.selected_alpn_protocol() == "acme-tls/1"
+        cert = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+        writer.close()
+        extension = cert.extensions.get_extension_for_oid(acme_alpn.ACME_IDENTIFIER)
+        assert extension.critical
+        digest = hashlib.sha256(b"token.thumbprint").digest()
+        assert extension.value.public_bytes() == b"\x04\x20" + digest
+        with pytest.raises((ssl.SSLError, ConnectionError)):  # no pending challenge: refused
+            await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client, server_hostname="other.example.test")
+    finally:
+        await responder.close()

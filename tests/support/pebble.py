@@ -8,7 +8,8 @@
 or `AcmeCA(tmp_path, "mail.example.test")`: pebble, a DNS server that resolves the domain to
 127.0.0.1, and `acme_table()`, the `[tls] acme` settings for ordering it from there.
 
-Pebble validates HTTP-01 at `http_port` of 127.0.0.1 (its `httpPort`) after resolving the
+Pebble validates HTTP-01 at `http_port` of 127.0.0.1 (its `httpPort`; TLS-ALPN-01 at
+`tls_port`, its `tlsPort`) after resolving the
 domain through `-dnsserver` (our loopback test DNS server), never through the real DNS.
 `PEBBLE_VA_NOSLEEP=1` skips its artificial validation delays and `PEBBLE_WFE_NONCEREJECT=0`
 its deliberate bad-nonce rejections, so runs are deterministic. Started and stopped by PID;
@@ -45,12 +46,14 @@ def available() -> bool:
 
 
 class Pebble:
-    def __init__(self, base: Path, *, http_port: int, dns: tuple[str, int]) -> None:
+    def __init__(self, base: Path, *, http_port: int, dns: tuple[str, int],
+                 tls_port: int = 0) -> None:
         self.base = base / "pebble"
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.management_port = free_port()
         self.http_port = http_port
+        self.tls_port = tls_port or free_port()
         self.dns = dns
         self.proc: subprocess.Popen[bytes] | None = None
         ca = trustme.CA()
@@ -66,7 +69,7 @@ class Pebble:
                 "certificate": str(self.base / "cert.pem"),
                 "privateKey": str(self.base / "key.pem"),
                 "httpPort": http_port,
-                "tlsPort": free_port(),
+                "tlsPort": self.tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": False,
             }
@@ -129,9 +132,11 @@ class AcmeCA:
     def __init__(self, base: Path, domain: str) -> None:
         self.domain = domain
         self.http_port = free_port()
+        self.tls_port = free_port()
         self.dns = DNSServer({domain: {"A": ["127.0.0.1"]}}).start()
         try:
-            self.pebble = Pebble(base, http_port=self.http_port, dns=self.dns.address).start()
+            self.pebble = Pebble(base, http_port=self.http_port, dns=self.dns.address,
+                                 tls_port=self.tls_port).start()
         except BaseException:
             self.dns.stop()
             raise

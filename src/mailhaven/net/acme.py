@@ -21,7 +21,8 @@ Roles, pure decisions apart from the I/O:
 
 Until the first certificate is issued the listeners serve a self-signed placeholder at the same
 paths (made at start, logged), so TLS works from the first second and the swap is one rename.
-TLS-ALPN-01 is not implemented: HTTP-01 needs no change to the TLS listeners.
+TLS-ALPN-01 (RFC 8737, `mailhaven.net.acme_alpn`) is the alternative when port 80 cannot be
+used: its responder is a separate listener (`tls_alpn01_listen`), also only during an order.
 
 SECURITY: keys are written mode 0600 and never logged; the responder serves only the key
 authorizations of pending challenges, reads at most `MAX_REQUEST_HEAD` bytes per request within
@@ -40,10 +41,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 if TYPE_CHECKING:
     from mailhaven.config import Acme
+    from mailhaven.net import acme_alpn
     from mailhaven.net.tls import ReloadableTLS
 
 log = logging.getLogger("mailhaven.acme")
@@ -247,11 +249,41 @@ def _certificate_key() -> bytes:
     )
 
 
-def obtain(settings: Acme, paths: Paths, tokens: dict[str, str]) -> tuple[bytes, bytes]:
-    """One ACME order over HTTP-01: (key PEM, full chain PEM). Blocking; raises on failure."""
-    from acme import challenges, client, crypto_util, errors, messages
+@dataclass(frozen=True)
+class Responders:
+    """What can answer challenges during one order (HTTP-01 preferred when both)."""
+
+    http01: Http01Responder | None = None
+    alpn: acme_alpn.Responder | None = None
+
+
+def _answer(authz: Any, account_key: Any, responders: Responders) -> tuple[Any, Any]:
+    """The challenge of `authz` we take and our response, with its responder armed."""
+    from acme import challenges, errors
+
+    from mailhaven.net import acme_alpn
+
+    name = authz.body.identifier.value
+    for c in authz.body.challenges:
+        if responders.http01 is not None and isinstance(c.chall, challenges.HTTP01):
+            response, validation = c.chall.response_and_validation(account_key)
+            responders.http01.tokens[c.chall.encode("token")] = validation
+            return c, response
+        if responders.alpn is not None and isinstance(c.chall, acme_alpn.TLSALPN01):
+            response, validation = c.chall.response_and_validation(account_key)
+            responders.alpn.add(name, validation)
+            return c, response
+    offered = ", ".join(c.chall.typ for c in authz.body.challenges)
+    raise errors.Error(f"{name}: none of the CA's challenges ({offered}) is configured")
+
+
+def obtain(settings: Acme, paths: Paths, responders: Responders) -> tuple[bytes, bytes]:
+    """One ACME order: (key PEM, full chain PEM). Blocking; raises on failure."""
+    from acme import client, crypto_util, errors, messages
     from cryptography.hazmat.primitives import serialization
     from josepy.jwk import JWKRSA
+
+    from mailhaven.net import acme_alpn  # noqa: F401  # registers the tls-alpn-01 type
 
     paths.root.mkdir(parents=True, exist_ok=True)
     account_pem = _account_key(paths.account_key)
@@ -277,15 +309,7 @@ def obtain(settings: Acme, paths: Paths, tokens: dict[str, str]) -> tuple[bytes,
         for authz in order.authorizations:
             if authz.body.status == messages.STATUS_VALID:
                 continue  # the CA reuses an earlier validation
-            challenge = next(
-                (c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)),
-                None,
-            )
-            if challenge is None:
-                raise errors.Error(f"{authz.body.identifier.value}: the CA offers no HTTP-01")
-            assert isinstance(challenge.chall, challenges.HTTP01)
-            response, validation = challenge.chall.response_and_validation(account_key)
-            tokens[challenge.chall.encode("token")] = validation
+            challenge, response = _answer(authz, account_key, responders)
             acme.answer_challenge(challenge, response)
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=ORDER_TIMEOUT)
         order = acme.poll_and_finalize(order, deadline)
@@ -322,7 +346,7 @@ def describe(err: BaseException) -> str:
 # ------------------------------------------------------------------ the loop (daemon)
 
 
-Obtain = Callable[["Acme", Paths, dict[str, str]], tuple[bytes, bytes]]
+Obtain = Callable[["Acme", Paths, Responders], tuple[bytes, bytes]]
 
 
 class AcmeManager:
@@ -378,19 +402,30 @@ class AcmeManager:
 
     async def renew(self) -> None:
         """One order; the new certificate is in service when this returns."""
-        listen = self.settings.http01_listen
-        responder = Http01Responder(*_hostport(listen))
+        from mailhaven.net import acme_alpn
+
+        s = self.settings
+        http01 = Http01Responder(*_hostport(s.http01_listen)) if s.http01_listen else None
+        alpn = acme_alpn.Responder(*_hostport(s.tls_alpn01_listen)) if s.tls_alpn01_listen else None
+        started: list[Http01Responder | acme_alpn.Responder] = []
         try:
-            await responder.start()
-        except OSError as err:
-            raise AcmeError(f"the HTTP-01 responder cannot listen on {listen}: "
-                            f"{err.strerror or err}") from err
-        try:
+            for responder, kind, listen in ((http01, "HTTP-01", s.http01_listen),
+                                            (alpn, "TLS-ALPN-01", s.tls_alpn01_listen)):
+                if responder is None:
+                    continue
+                try:
+                    await responder.start()
+                except OSError as err:
+                    raise AcmeError(f"the {kind} responder cannot listen on {listen}: "
+                                    f"{err.strerror or err}") from err
+                started.append(responder)
+            responders = Responders(http01, alpn)
             key_pem, chain_pem = await in_daemon_thread(
-                lambda: self._order(self.settings, self.paths, responder.tokens)
+                lambda: self._order(self.settings, self.paths, responders)
             )
         finally:
-            await responder.close()
+            for responder in started:
+                await responder.close()
         await asyncio.to_thread(self._install, key_pem, chain_pem)
         if self.on_renewed is not None:
             self.on_renewed()
