@@ -129,7 +129,7 @@ class Acme:
     #: port 80 of each domain: forward it here, or listen there).
     http01_listen: str = "0.0.0.0:80"
     #: Where the TLS-ALPN-01 responder (RFC 8737) listens while an order is in progress (the
-    #: CA connects to port 443); empty: off. With both, HTTP-01 is used.
+    #: CA connects to port 443); empty: off. With both: HTTP-01 when the CA offers it.
     tls_alpn01_listen: str = ""
     #: CA bundle (PEM) to verify the directory's HTTPS with; empty: the system's.
     directory_ca: str = ""

@@ -251,7 +251,8 @@ def _certificate_key() -> bytes:
 
 @dataclass(frozen=True)
 class Responders:
-    """What can answer challenges during one order (HTTP-01 preferred when both)."""
+    """What can answer challenges during one order: per name, HTTP-01 when the CA offers it
+    and it is configured, else TLS-ALPN-01."""
 
     http01: Http01Responder | None = None
     alpn: acme_alpn.Responder | None = None
@@ -346,9 +347,6 @@ def describe(err: BaseException) -> str:
 # ------------------------------------------------------------------ the loop (daemon)
 
 
-Obtain = Callable[["Acme", Paths, Responders], tuple[bytes, bytes]]
-
-
 class AcmeManager:
     """Keeps `tls` on a current ACME certificate; `run()` until cancelled."""
 
@@ -357,15 +355,10 @@ class AcmeManager:
         settings: Acme,
         paths: Paths,
         tls: ReloadableTLS,
-        *,
-        on_renewed: Callable[[], None] | None = None,
-        order: Obtain = obtain,
     ) -> None:
         self.settings = settings
         self.paths = paths
         self.tls = tls
-        self.on_renewed = on_renewed
-        self._order = order
 
     async def run(self) -> None:
         while True:
@@ -421,14 +414,12 @@ class AcmeManager:
                 started.append(responder)
             responders = Responders(http01, alpn)
             key_pem, chain_pem = await in_daemon_thread(
-                lambda: self._order(self.settings, self.paths, responders)
+                lambda: obtain(self.settings, self.paths, responders)
             )
         finally:
             for responder in started:
                 await responder.close()
         await asyncio.to_thread(self._install, key_pem, chain_pem)
-        if self.on_renewed is not None:
-            self.on_renewed()
 
     def _install(self, key_pem: bytes, chain_pem: bytes) -> None:
         """Check the pair loads, keep the old files as `.old`, then swap both in."""
