@@ -353,3 +353,17 @@ async def test_alpn_responder_shows_the_challenge_certificate() -> None:
                 "127.0.0.1", port, ssl=client, server_hostname="other.example.test")
     finally:
         await responder.close()
+
+
+@needs_pebble
+async def test_untrusted_ca_certificate_is_a_clear_error(
+    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without `directory_ca` pebble's HTTPS is not trusted: refused, logged, nothing replaced."""
+    m = manager(tmp_path, settings(ca, directory_ca=""))
+    before = m.paths.cert.read_bytes()
+    with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
+        assert await m.check() == acme.RETRY_AFTER_FAILURE
+    assert m.paths.cert.read_bytes() == before
+    assert "cannot reach the ACME server" in caplog.text
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
