@@ -250,8 +250,9 @@ async def test_a_failed_claimed_commit_gives_the_reservation_back(
     monkeypatch.setattr(spool, "commit_claimed", disk_full)
     writer = spool.new_message()
     writer.write(b"Subject: x\r\n\r\nx\r\n")
-    with pytest.raises(OSError):
-        await intake.submit(writer, env("bob@example.net"))
+    outcome = await intake.submit(writer, env("bob@example.net"))
+    assert isinstance(outcome, Refused)  # a full disk is refused with 452 4.3.1, not raised
+    assert (outcome.reply.code, outcome.reply.enhanced) == (452, "4.3.1")
     assert handoff.calls == [("reserve", None), ("cancel", None)]
 
 

@@ -263,6 +263,7 @@ class App:
         self.spool = Spool(
             shards.shard_path(config.spool_path, worker.shard if worker else 0),
             checkpoint=crash_point,
+            minfree=config.queue.minfree,
         )
         self._stop = asyncio.Event()
         self.smtp: SMTPService | None = None
@@ -420,7 +421,8 @@ class App:
         await asyncio.to_thread(self.spool.open)
         intake = self._build_engine()
         self.smtp = SMTPService(
-            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
+            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts,
+            storage=self.spool.storage_refusal,
         )
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
@@ -550,7 +552,8 @@ class App:
         intake = self._build_engine()
         assert self.runner is not None and self.part_time is not None
         self.smtp = SMTPService(
-            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts
+            sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts,
+            storage=self.spool.storage_refusal,
         )
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),

@@ -110,6 +110,10 @@ class Queue:
     concurrency: int = 100
     destination_concurrency: int = 20
     recipients_per_transaction: int = 50
+    #: Bytes the queue's file system must keep free: less, and new mail is refused with
+    #: `452 4.3.1` at MAIL FROM (SIZE=) or DATA (Postfix queue_minfree; 64 MiB exceeds 1.5 x
+    #: the default message size, as Postfix wants).
+    minfree: int = 64 * 1024 * 1024
     #: Backscatter limit: at most this many notices (bounces, delay warnings, success reports)
     #: to one address per `notice_rate_window` seconds; the rest are logged and dropped. 0: off.
     notice_rate_limit: int = 20

@@ -43,6 +43,7 @@ from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.records import FreshMessage, Hold, QueuedRecipient
+from mailhaven.spool.space import STORAGE_FULL, is_storage_full
 
 log = logging.getLogger("mailhaven.queue")
 #: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
@@ -269,7 +270,8 @@ class Intake:
         """Queue the message or refuse it. A refused or failed message's writer is aborted.
 
         `tls` is a summary for the trace header, e.g. "using TLSv1.3 with cipher X (256/256
-        bits)". Unexpected exceptions (disk full, expand failure) propagate: the session
+        bits)". A full disk (the body's file or the database) is refused with `452 4.3.1`
+        and one log line. Unexpected exceptions (expand failure) propagate: the session
         answers 451 4.3.0 and the client retries.
         """
         qid = writer.queue_id
@@ -303,6 +305,14 @@ class Intake:
                 return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
             attemptable = any(r.hold is Hold.NONE for r in recipients)
             fresh = await self._commit(writer, envelope, recipients, header, attemptable)
+        except Exception as exc:
+            writer.abort()
+            if not is_storage_full(exc):
+                raise
+            log.warning(
+                "%s: reject: %s; from=<%s>: %s", qid, STORAGE_FULL.one_line(), envelope.sender, exc
+            )
+            return Refused(STORAGE_FULL)
         except BaseException:
             writer.abort()
             raise

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailhaven.proto import smtp_events as ev
@@ -152,6 +153,9 @@ class ServerConnection:
         self._bdat_active = False
         self._bdat_refusal: Reply | None = None
         self._overshoot = 0
+        #: Asked when a body is about to start (DATA, first BDAT chunk): a refusal such as
+        #: `452 4.3.1` (spool full) is sent instead of 354 / instead of taking the chunk.
+        self.data_gate: Callable[[], Reply | None] | None = None
         self._advertised: frozenset[str] = frozenset()
         self._advertised_for: tuple[bool, bool] | None = None
 
@@ -617,6 +621,8 @@ class ServerConnection:
             return self._send(_r(503, "5.5.1", "Error: need MAIL command"))
         if not self.recipients:
             return self._send(_r(503, "5.5.1", "Error: need RCPT command"))
+        if self.data_gate is not None and (refusal := self.data_gate()) is not None:
+            return self._send(refusal)
         self._pending_cmd = ""  # DATA is counted once, by its final reply
         self._send(Reply(354, "End data with <CR><LF>.<CR><LF>"))
         self.phase = Phase.DATA
@@ -675,6 +681,8 @@ class ServerConnection:
             refusal = _r(503, "5.5.1", "Error: need MAIL command")
         elif not self.recipients:
             refusal = _r(503, "5.5.1", "Error: need RCPT command")
+        elif not self._bdat_active and self.data_gate is not None:
+            refusal = self.data_gate()
         self._bdat_remaining = size
         self._bdat_last = last
         self._bdat_refusal = refusal

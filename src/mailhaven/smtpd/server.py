@@ -42,8 +42,11 @@ class SMTPService:
         limits: Limits,
         timeouts: Timeouts,
         loop: asyncio.AbstractEventLoop | None = None,
+        storage: Callable[[int], Reply | None] | None = None,
     ) -> None:
         self.sink = sink
+        #: `452 4.3.1` when the queue's disk is (nearly) full for a message of N bytes
+        self.storage = storage
         self.limits = limits
         self.timeouts = timeouts
         self.loop = loop or asyncio.get_running_loop()

@@ -123,6 +123,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         #: input fed after `_tls_early`.
         self._tls_eof = False
         self._gone = False
+        if service.storage is not None:
+            self.conn.data_gate = self._data_gate
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -356,6 +358,9 @@ class SMTPSession(asyncio.BufferedProtocol):
                     refusal = Reply(
                         450, f"Error: too much mail from {self.facts.client_ip}", "4.7.1"
                     )
+                size = event.params.size
+                if refusal is None and self.service.storage is not None and size is not None:
+                    refusal = self.service.storage(size)  # without SIZE=: asked at DATA
                 if refusal is not None:
                     self._log_reject("MAIL", refusal, event.address, None)
                     self.conn.respond(refusal)
@@ -420,6 +425,14 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self.conn.respond(INTERNAL_ERROR)
         self._set_reading()
         self._process()
+
+    def _data_gate(self) -> Reply | None:
+        """Refuse a body before it is sent when the queue's disk is (nearly) full."""
+        assert self.service.storage is not None
+        refusal = self.service.storage(0)
+        if refusal is not None:
+            self._log_reject("DATA", refusal, self._sender(), None)
+        return refusal
 
     def _sender(self) -> str:
         return self.conn.mail.address if self.conn.mail else ""

@@ -13,8 +13,9 @@ copy and the kernel's dirty-page throttling then overlap with the event loop's p
 next chunk instead of stalling it (measured: ~15 % more 10 MiB messages per second from one
 session). At most `MAX_IN_FLIGHT` bytes per message wait for that thread; past it `write`
 waits for the oldest, so memory stays bounded when the disk is slower than the network. A write
-error is raised by the next `write` or by `seal_to`, so a message whose bytes did not reach the
-file is never committed.
+error (a full disk) is kept, later chunks are dropped and the file is removed at once; the
+commit (`take_inline`/`seal_to`) raises it, so a message whose bytes did not reach the file is
+never committed, and the session logs it once instead of once per chunk.
 
 Durability steps for a spilled body (run off the event loop by the spool): flush, fsync the file,
 rename it into `bodies/`, fsync the directory. Only then may the database row that points at it
@@ -73,6 +74,8 @@ class MessageWriter:
             collections.deque()
         )
         self._in_flight_bytes = 0
+        #: the first write error (a full disk): later chunks are dropped, the commit raises it
+        self.error: OSError | None = None
 
     # -- the receiver's side ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -81,15 +84,28 @@ class MessageWriter:
         if not data:
             return
         self._size += len(data)
+        if self.error is not None:
+            return  # the body is lost already; read the client's data to its end, once
         if self._file is None and len(self._buffer) + len(data) <= self._inline_limit:
             self._buffer += data
             return
-        if self._file is None:
-            self._spill()
-        assert self._file is not None
-        self._in_flight.append((_WRITER.submit(self._file.write, data), len(data)))
-        self._in_flight_bytes += len(data)
-        self._reap(MAX_IN_FLIGHT)
+        try:
+            if self._file is None:
+                self._spill()
+            assert self._file is not None
+            self._in_flight.append((_WRITER.submit(self._file.write, data), len(data)))
+            self._in_flight_bytes += len(data)
+            self._reap(MAX_IN_FLIGHT)
+        except OSError as exc:
+            # Not raised here: the session would log every later chunk's failure. The file
+            # goes now (giving its space back); the commit raises this error.
+            self.error = exc
+            self._drop_file()
+
+    def check(self) -> None:
+        """Raise the write error, if any (before anything of this message is committed)."""
+        if self.error is not None:
+            raise self.error
 
     def _reap(self, allowed: int) -> None:
         """Collect finished writes (raising the first error); wait while more than `allowed`
@@ -131,10 +147,14 @@ class MessageWriter:
         """Discard the message: nothing of it will ever be queued. Idempotent."""
         self._closed = True
         self._buffer = bytearray()
+        self._drop_file()
+
+    def _drop_file(self) -> None:
         if self._file is not None:
             with contextlib.suppress(Exception):  # the file is discarded either way
                 self._reap(0)
-            self._file.close()
+            with contextlib.suppress(OSError):  # closing flushes: may fail on a full disk
+                self._file.close()
             self._file = None
         if self._path is not None:
             self._path.unlink(missing_ok=True)
@@ -163,6 +183,7 @@ class MessageWriter:
     def take_inline(self) -> bytes:
         """Close the writer and hand over the in-memory body (spool use; not spilled only)."""
         assert self._file is None and not self._closed
+        self.check()
         self._closed = True
         data = bytes(self._buffer)
         self._buffer = bytearray()
@@ -174,6 +195,7 @@ class MessageWriter:
         `checkpoint` is the spool's crash-injection hook, called before the fsync and after
         each durable step.
         """
+        self.check()
         assert self._file is not None and self._path is not None and not self._closed
         self._closed = True
         self._reap(0)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailhaven.envelope import Envelope
+from mailhaven.proto.replies import Reply
 from mailhaven.spool import queries
 from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.committer import CommitStats, Committer, savepoint
@@ -54,11 +55,15 @@ from mailhaven.spool.records import (
     StoredMessage,
 )
 from mailhaven.spool.recovery import RecoveryReport, recover
+from mailhaven.spool.space import Reserve, storage_refusal
 
 log = logging.getLogger("mailhaven.spool")
 
 #: bodies up to this size are stored inside the database transaction (no extra file fsyncs)
 DEFAULT_INLINE_LIMIT = 128 * 1024
+#: refuse new mail when less than this would stay free (Postfix queue_minfree; config
+#: `queue.minfree` overrides it)
+DEFAULT_MINFREE = 64 * 1024 * 1024
 
 
 def _no_checkpoint(point: str) -> None:
@@ -73,8 +78,11 @@ class Spool:
         inline_limit: int = DEFAULT_INLINE_LIMIT,
         clock: Callable[[], float] = time.time,
         checkpoint: Callable[[str], None] = _no_checkpoint,
+        minfree: int = DEFAULT_MINFREE,
     ) -> None:
         self.root = root
+        self.minfree = minfree
+        self.reserve = Reserve(root / "reserve")
         self.db_path = root / "queue.db"
         self.tmp_dir = root / "tmp"
         self.bodies_dir = root / "bodies"
@@ -94,6 +102,7 @@ class Spool:
         for d in (self.root, self.tmp_dir, self.bodies_dir, self.quarantine_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._committer.start()
+        self.reserve.ensure()
         report = self._committer.call(
             lambda conn: recover(conn, self.tmp_dir, self.bodies_dir, self.quarantine_dir)
         )
@@ -118,6 +127,11 @@ class Spool:
         return self._committer.stats
 
     # -- intake ---------------------------------------------------------------------------------
+    def storage_refusal(self, size: int = 0) -> Reply | None:
+        """`452 4.3.1` when a message of `size` bytes would leave less than `minfree` free
+        (asked at MAIL FROM with SIZE= and at DATA, before the client sends the body)."""
+        return storage_refusal(self.root, self.minfree, size)
+
     def new_message(self) -> MessageWriter:
         """A writer for one incoming body; its queue id is fixed from now on."""
         return MessageWriter(self._new_id(), self.tmp_dir, self.inline_limit)
