@@ -31,9 +31,9 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply
@@ -55,15 +55,19 @@ from mailhaven.spool.records import (
     StoredMessage,
 )
 from mailhaven.spool.recovery import RecoveryReport, recover
-from mailhaven.spool.space import Reserve, storage_refusal
+from mailhaven.spool.space import Reserve, is_storage_full, storage_refusal
 
 log = logging.getLogger("mailhaven.spool")
+
+T = TypeVar("T")
 
 #: bodies up to this size are stored inside the database transaction (no extra file fsyncs)
 DEFAULT_INLINE_LIMIT = 128 * 1024
 #: refuse new mail when less than this would stay free (Postfix queue_minfree; config
 #: `queue.minfree` overrides it)
 DEFAULT_MINFREE = 64 * 1024 * 1024
+#: seconds between tries to record a delivery result on a full disk (first, at most)
+RECORD_RETRY = (0.05, 5.0)
 
 
 def _no_checkpoint(point: str) -> None:
@@ -83,6 +87,7 @@ class Spool:
         self.root = root
         self.minfree = minfree
         self.reserve = Reserve(root / "reserve")
+        self._reserve_released = False
         self.db_path = root / "queue.db"
         self.tmp_dir = root / "tmp"
         self.bodies_dir = root / "bodies"
@@ -130,7 +135,11 @@ class Spool:
     def storage_refusal(self, size: int = 0) -> Reply | None:
         """`452 4.3.1` when a message of `size` bytes would leave less than `minfree` free
         (asked at MAIL FROM with SIZE= and at DATA, before the client sends the body)."""
-        return storage_refusal(self.root, self.minfree, size)
+        refusal = storage_refusal(self.root, self.minfree, size)
+        if refusal is None and self._reserve_released and self.reserve.ensure():
+            self._reserve_released = False  # space came back: set the reserve aside again
+            log.info("spool %s: disk space is back; reserve restored", self.root)
+        return refusal
 
     def new_message(self) -> MessageWriter:
         """A writer for one incoming body; its queue id is fixed from now on."""
@@ -284,9 +293,39 @@ class Spool:
     async def record(self, queue_id: str, updates: Sequence[RecipientUpdate]) -> int:
         """Durably store attempt results; returns the message's unfinished recipient count."""
         now = self._clock()
-        return await self._committer.run(
-            lambda c: queries.apply_updates(c, queue_id, updates, now), inline=True
+        return await self._until_recorded(
+            queue_id,
+            lambda: self._committer.run(
+                lambda c: queries.apply_updates(c, queue_id, updates, now), inline=True
+            ),
         )
+
+    async def _until_recorded(self, queue_id: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` (a delivery result's write) until it succeeds on a full disk.
+
+        A result that is not stored means the message is delivered again after a restart, so
+        it must not need new space: the first "disk full" releases the reserve and retries at
+        once; after that it keeps retrying (with back-off) until space returns. Other errors
+        are raised."""
+        delay = RECORD_RETRY[0]
+        while True:
+            try:
+                result = await attempt()
+            except Exception as exc:
+                if not is_storage_full(exc):
+                    raise
+                if self.reserve.release():
+                    self._reserve_released = True
+                    continue
+                if delay == RECORD_RETRY[0]:
+                    log.warning("%s: disk full: cannot record the delivery result yet; retrying",
+                                queue_id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_RETRY[1])
+                continue
+            if delay != RECORD_RETRY[0]:
+                log.info("%s: delivery result recorded after the disk had been full", queue_id)
+            return result
 
     async def record_and_finish(
         self, queue_id: str, updates: Sequence[RecipientUpdate]
@@ -307,7 +346,9 @@ class Spool:
                 quiet = queries.remove_if_quiet(c, queue_id) if remaining == 0 else None
             return remaining, quiet
 
-        remaining, body_file = await self._committer.run(job, atomic=True, inline=True)
+        remaining, body_file = await self._until_recorded(
+            queue_id, lambda: self._committer.run(job, atomic=True, inline=True)
+        )
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
         return remaining, body_file is not None
