@@ -412,7 +412,9 @@ class App:
             # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
-        config.mail_root.mkdir(parents=True, exist_ok=True)
+        # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
+        config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        config.mail_root.mkdir(mode=0o700, exist_ok=True)
         self.users.load()
         self.tls = load_tls(config)
         self.authenticator = SMTPAuthenticator(self.users, self.auth_limiter)

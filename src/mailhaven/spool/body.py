@@ -30,6 +30,7 @@ import contextlib
 import io
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -76,6 +77,8 @@ class MessageWriter:
         self._in_flight_bytes = 0
         #: the first write error (a full disk): later chunks are dropped, the commit raises it
         self.error: OSError | None = None
+        #: CRC-32 of a spilled body, computed as it streams in (checked before delivery)
+        self.crc = 0
 
     # -- the receiver's side ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -93,6 +96,7 @@ class MessageWriter:
             if self._file is None:
                 self._spill()
             assert self._file is not None
+            self.crc = zlib.crc32(data, self.crc)
             self._in_flight.append((_WRITER.submit(self._file.write, data), len(data)))
             self._in_flight_bytes += len(data)
             self._reap(MAX_IN_FLIGHT)
@@ -177,6 +181,7 @@ class MessageWriter:
         fd, name = tempfile.mkstemp(prefix=f"{self.queue_id}.", dir=self._tmp_dir)
         self._path = Path(name)
         self._file = open(fd, "wb", buffering=_FILE_BUFFER)  # noqa: SIM115 - closed by seal/abort
+        self.crc = zlib.crc32(self._buffer)
         self._file.write(self._buffer)
         self._buffer = bytearray()  # release the memory, not just the length
 
@@ -237,6 +242,18 @@ class _Concat(io.RawIOBase):
             self._tail.close()
             self._tail = None
         super().close()
+
+
+def body_matches(path: Path, size: int, crc: int) -> bool:
+    """Whether the body file still holds what was committed (size and CRC-32; blocking): a
+    file damaged in place, even to the same size, must not be sent."""
+    value = 0
+    length = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(_FILE_BUFFER * 4):
+            value = zlib.crc32(chunk, value)
+            length += len(chunk)
+    return length == size and value == crc
 
 
 def open_stored(header: bytes, inline_body: bytes | None, body_path: Path | None) -> BinaryIO:

@@ -44,14 +44,15 @@ def insert_message(
     recipients: Sequence[QueuedRecipient],
     *,
     claimed: bool = False,
+    body_crc: int | None = None,
 ) -> None:
     """`claimed`: recipients not held are stored in flight (`active`), for the scheduler's
     fast path (`Spool.commit_claimed`). Atomic by itself (the committer's `atomic` job): when
     the recipients cannot be stored, the message row goes again, and with it (trigger) any
     recipient row already written; a failed statement undoes only itself in SQLite."""
     conn.execute(
-        "INSERT INTO message (qid, arrival, sender, envelope, header, body, body_file, size)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO message (qid, arrival, sender, envelope, header, body, body_file, size,"
+        " body_crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             queue_id,
             arrival,
@@ -61,6 +62,7 @@ def insert_message(
             body,
             int(body is None),
             size,
+            body_crc,
         ),
     )
     try:
@@ -216,13 +218,13 @@ def _reply_text(reply: Reply) -> str:
 
 def load_message(conn: sqlite3.Connection, queue_id: str, bodies: Path) -> StoredMessage | None:
     row = conn.execute(
-        "SELECT arrival, envelope, header, body, body_file, size FROM message"
+        "SELECT arrival, envelope, header, body, body_file, size, body_crc FROM message"
         " WHERE qid = ? AND quarantined = 0",
         (queue_id,),
     ).fetchone()
     if row is None:
         return None
-    arrival, envelope, header, body, body_file, size = row
+    arrival, envelope, header, body, body_file, size, body_crc = row
     return StoredMessage(
         queue_id=queue_id,
         envelope=Envelope.from_dict(json.loads(envelope)),
@@ -231,6 +233,7 @@ def load_message(conn: sqlite3.Connection, queue_id: str, bodies: Path) -> Store
         size=size,
         inline_body=None if body_file else bytes(body or b""),
         body_path=bodies / queue_id if body_file else None,
+        body_crc=body_crc,
     )
 
 
@@ -317,6 +320,15 @@ def delete_if_delivered(
         (queue_id, "SUCCESS", Status.SENT.value, *delivered),
     ).fetchone()
     return None if row is None else bool(row[0])
+
+
+def quarantine(conn: sqlite3.Connection, queue_id: str) -> None:
+    """Set a damaged message aside: flagged, and its recipients held (`Hold.QUARANTINE`)."""
+    conn.execute("UPDATE message SET quarantined = 1 WHERE qid = ?", (queue_id,))
+    conn.execute(
+        "UPDATE recipient SET hold = hold | ?, active = 0 WHERE qid = ?",
+        (int(Hold.QUARANTINE), queue_id),
+    )
 
 
 def finished_messages(conn: sqlite3.Connection) -> list[str]:

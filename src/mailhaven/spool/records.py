@@ -138,6 +138,8 @@ class StoredMessage:
     size: int
     inline_body: bytes | None
     body_path: Path | None
+    #: CRC-32 of the body file (None: inline, or stored before checksums)
+    body_crc: int | None = None
 
     def open(self) -> BinaryIO:
         return open_stored(self.header, self.inline_body, self.body_path)

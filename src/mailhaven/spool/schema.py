@@ -7,8 +7,9 @@ the WAL is fsync'd, which is what makes "250 queued" a promise across power loss
 Tables:
 - `message`: one row per queued message: envelope (JSON of `Envelope.to_dict()`), arrival,
   trace header, and the body either inline (`body` BLOB) or in `bodies/<qid>` (`body_file` = 1).
-  `quarantined` marks a message whose stored body was found damaged at recovery; `warned` that
-  its sender was sent a delay warning (at most once per message).
+  `quarantined` marks a message whose stored body was found damaged at recovery (or, by its
+  `body_crc`, the CRC-32 of a body file, before a delivery); `warned` that its sender was sent
+  a delay warning (at most once per message).
 - `recipient`: one row per final recipient with its delivery state. `hold` is a `Hold` bit set;
   `active` = 1 while a delivery attempt is in flight (reset at start-up: at-least-once).
   Deleting a `message` row deletes its recipients (trigger `message_takes_recipients`), so
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS message (
     body_file   INTEGER NOT NULL DEFAULT 0,
     size        INTEGER NOT NULL,
     quarantined INTEGER NOT NULL DEFAULT 0,
-    warned      INTEGER NOT NULL DEFAULT 0
+    warned      INTEGER NOT NULL DEFAULT 0,
+    body_crc    INTEGER
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS recipient (
@@ -102,6 +104,9 @@ def connect(
         conn.close()
         raise RuntimeError(f"{path}: queue schema {version} is newer than this mailhaven")
     conn.executescript(SCHEMA)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(message)")}
+    if "body_crc" not in columns:  # a spool made before body checksums: add the column
+        conn.execute("ALTER TABLE message ADD COLUMN body_crc INTEGER")
     if version != SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     return conn

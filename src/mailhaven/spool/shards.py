@@ -97,8 +97,14 @@ def adopt(spool_path: Path, orphan: Path) -> int:
                 _link_all(orphan / sub, spool_path / sub)
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # by name: an orphan made before a column was added lacks it
+                cols = ", ".join(
+                    name for (name,) in conn.execute(
+                        "SELECT name FROM pragma_table_info('message', 'orphan')"
+                    )
+                )
                 moved = conn.execute(
-                    "INSERT INTO main.message SELECT * FROM orphan.message AS o"
+                    f"INSERT INTO main.message ({cols}) SELECT {cols} FROM orphan.message AS o"
                     " WHERE o.qid NOT IN (SELECT qid FROM main.message)"
                 ).rowcount
                 conn.execute(

@@ -27,6 +27,7 @@ passes `faults.crash_point`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -38,7 +39,7 @@ from typing import BinaryIO, TypeVar
 from mailhaven.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import queries
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.body import MessageWriter, body_matches
 from mailhaven.spool.committer import CommitStats, Committer, savepoint
 from mailhaven.spool.ids import QueueIdFactory, is_queue_id
 from mailhaven.spool.listing import list_queue
@@ -106,6 +107,13 @@ class Spool:
         (With `smtp_processes` > 1 each process opens a spool of its own: `spool.shards`.)"""
         for d in (self.root, self.tmp_dir, self.bodies_dir, self.quarantine_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        exposed = self.root.stat().st_mode & 0o007
+        if exposed:
+            # queued mail is private: never serve from a spool anyone on the host may read
+            raise PermissionError(
+                f"spool {self.root} is accessible to every user (mode "
+                f"{self.root.stat().st_mode & 0o777:04o}); fix it with: chmod o-rwx {self.root}"
+            )
         self._committer.start()
         self.reserve.ensure()
         report = self._committer.call(
@@ -208,10 +216,12 @@ class Spool:
                 writer,
                 target,
                 lambda c: queries.insert_message(
-                    c, qid, arrival, envelope, header, None, size, recipients, claimed=claimed
+                    c, qid, arrival, envelope, header, None, size, recipients, claimed=claimed,
+                    body_crc=writer.crc,
                 ),
             )
-        message = StoredMessage(qid, envelope, arrival, header, size, body, target)
+        crc = writer.crc if target is not None else None
+        message = StoredMessage(qid, envelope, arrival, header, size, body, target, crc)
         if not claimed:
             return FreshMessage(message, ())
         due = tuple(
@@ -242,10 +252,28 @@ class Spool:
 
     # -- delivery -----------------------------------------------------------------------------
     async def load(self, queue_id: str) -> StoredMessage | None:
-        """The stored message (None if it was removed or is quarantined)."""
-        return await self._committer.run(
+        """The stored message (None if it was removed or is quarantined). A body file that
+        no longer matches its checksum is quarantined (held and logged) and None returned, so
+        a damaged message is never sent."""
+        msg = await self._committer.run(
             lambda c: queries.load_message(c, queue_id, self.bodies_dir), write=False, inline=True
         )
+        if msg is None or msg.body_path is None or msg.body_crc is None:
+            return msg
+        body_size = msg.size - len(msg.header)
+        try:
+            intact = await asyncio.to_thread(body_matches, msg.body_path, body_size, msg.body_crc)
+            problem = "body file does not match its checksum"
+        except OSError as exc:
+            intact, problem = False, f"body unreadable: {exc.strerror or exc}"
+        if intact:
+            return msg
+        log.warning("%s: quarantined: %s; recipients held", queue_id, problem)
+        await self._committer.run(lambda c: queries.quarantine(c, queue_id), inline=True)
+        if is_queue_id(queue_id):
+            with contextlib.suppress(OSError):
+                os.rename(msg.body_path, self.quarantine_dir / queue_id)
+        return None
 
     async def open_body(self, queue_id: str) -> BinaryIO:
         """A fresh stream over trace header + body; KeyError if there is no such message."""
