@@ -1,4 +1,4 @@
-"""`mailhaven queue list|show|flush|hold|release|delete|requeue` and `mailhaven mailq`.
+"""`mailhaven queue list|show|flush|hold|release|delete|requeue|salvage` and `mailhaven mailq`.
 
 In: argv (without the `queue` word) and the `Config`. Out: text on stdout, an exit status:
 0 done, 1 something failed (no such message, daemon error, queue busy), 2 usage.
@@ -457,6 +457,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_parser(verb, help=text).add_argument(
             "ids", nargs="+", help="queue ids; ALL: every message; -: ids from stdin"
         )
+    salvage = sub.add_parser("salvage", help="check queue.db; rebuild a damaged one from the"
+                             " spool files (postsuper -s; daemon stopped)")
+    salvage.add_argument("--force", action="store_true", help="rebuild even a sound one")
     return parser
 
 
@@ -502,6 +505,10 @@ def main(
                 print("mailhaven queue: flush takes --domain or ids, not both", file=err)
                 return 2
             return change(config, "flush", args.ids, args.domain, out, err)
+        case "salvage":
+            from mailhaven.cli import salvage
+
+            return salvage.run(config, force=args.force, out=out, err=err)
         case verb:
             ids = expand_ids(config, args.ids, stdin or sys.stdin)
             if not ids and (ALL in args.ids or STDIN in args.ids):

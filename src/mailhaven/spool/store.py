@@ -56,6 +56,7 @@ from mailhaven.spool.records import (
     StoredMessage,
 )
 from mailhaven.spool.recovery import RecoveryReport, recover
+from mailhaven.spool.salvage import check, salvage, sidecar_path, write_sidecar
 from mailhaven.spool.space import Reserve, is_storage_full, storage_refusal
 
 log = logging.getLogger("mailhaven.spool")
@@ -114,6 +115,12 @@ class Spool:
                 f"spool {self.root} is accessible to every user (mode "
                 f"{self.root.stat().st_mode & 0o777:04o}); fix it with: chmod o-rwx {self.root}"
             )
+        problem = check(self.db_path)
+        if problem is not None:
+            # Start anyway, in a safe mode: the damaged file is kept aside, the queue rebuilt.
+            log.error("spool %s: queue.db is damaged (%s); rebuilding the queue from the spool"
+                      " files (as `mailhaven queue salvage`)", self.root, problem)
+            salvage(self.root, clock=self._clock())
         self._committer.start()
         self.reserve.ensure()
         report = self._committer.call(
@@ -215,6 +222,10 @@ class Spool:
             await self._commit_spilled(
                 writer,
                 target,
+                lambda: write_sidecar(
+                    sidecar_path(target), self.tmp_dir, arrival=arrival, envelope=envelope,
+                    recipients=recipients, header=header, size=size, body_crc=writer.crc,
+                ),
                 lambda c: queries.insert_message(
                     c, qid, arrival, envelope, header, None, size, recipients, claimed=claimed,
                     body_crc=writer.crc,
@@ -232,14 +243,26 @@ class Spool:
         return FreshMessage(message, due)
 
     async def _commit_spilled(
-        self, writer: MessageWriter, target: Path, insert: Callable[[sqlite3.Connection], None]
+        self,
+        writer: MessageWriter,
+        target: Path,
+        sidecar: Callable[[], None],
+        insert: Callable[[sqlite3.Connection], None],
     ) -> None:
-        """A big body: file fsync'd and renamed into `bodies/` first, then its row."""
+        """A big body: its envelope sidecar (for `salvage`) and the file fsync'd and renamed
+        into `bodies/` first (seal_to's directory fsync covers both), then its row."""
+
+        def seal() -> None:
+            writer.check()
+            sidecar()
+            writer.seal_to(target, self._checkpoint)
+
         try:
-            await asyncio.to_thread(writer.seal_to, target, self._checkpoint)
+            await asyncio.to_thread(seal)
         except BaseException:
             writer.abort()
             target.unlink(missing_ok=True)
+            sidecar_path(target).unlink(missing_ok=True)
             raise
         fut = self._committer.submit(insert, atomic=True)
         try:
@@ -248,6 +271,7 @@ class Spool:
             # Not acknowledged. Keep the file only if the row may have committed.
             if fut.cancelled() or (fut.done() and fut.exception() is not None):
                 target.unlink(missing_ok=True)
+                sidecar_path(target).unlink(missing_ok=True)
             raise
 
     # -- delivery -----------------------------------------------------------------------------
@@ -379,6 +403,7 @@ class Spool:
         )
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
+            sidecar_path(self.bodies_dir / queue_id).unlink(missing_ok=True)
         return remaining, body_file is not None
 
     async def mark_warned(self, queue_id: str) -> bool:
@@ -402,6 +427,7 @@ class Spool:
         if body_file and is_queue_id(queue_id):
             # After the commit: a crash here leaves an orphan file that recovery deletes.
             (self.bodies_dir / queue_id).unlink(missing_ok=True)
+            sidecar_path(self.bodies_dir / queue_id).unlink(missing_ok=True)
         return body_file is not None
 
     # -- administration (postsuper / postqueue) -------------------------------------------------
