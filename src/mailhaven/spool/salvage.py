@@ -142,7 +142,11 @@ def _copy_rows(conn: sqlite3.Connection, damaged: Path) -> int:
         for source in (damaged, recovered):
             if source is None:
                 continue
-            conn.execute("ATTACH DATABASE ? AS old", (str(source),))
+            try:
+                conn.execute("ATTACH DATABASE ? AS old", (str(source),))
+            except sqlite3.DatabaseError as exc:
+                log.warning("spool salvage: cannot read %s: %s", source.name, exc)
+                continue
             try:
                 kept = max(kept, _copy_attached(conn))
             finally:
