@@ -15,7 +15,7 @@ from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
 
-BIG = 300 * 1024  # over the spool's inline limit: the body is a file with an envelope sidecar
+BIG = 300 * 1024  # over the spool's inline limit: the body is a file ending in its envelope record
 
 
 def _send(server: MailServer, marker: str, size: int) -> str:
@@ -79,7 +79,7 @@ def test_queue_salvage_rebuilds_with_the_daemon_stopped(queued: tuple[MailServer
     server, big = queued
     done = _queue(server, "salvage")
     assert done.returncode == 0, done.stderr
-    assert "queue.db is damaged" in done.stdout and "1 from envelope files" in done.stdout
+    assert "queue.db is damaged" in done.stdout and "1 from body files" in done.stdout
     assert _listed(server) == {big: "sender@client.test"}
     again = _queue(server, "salvage")
     assert again.returncode == 0 and "queue.db is sound" in again.stdout, again

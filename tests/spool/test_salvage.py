@@ -1,5 +1,5 @@
 """Rebuilding a damaged queue database (`spool.salvage`, issue 16 item 16): readable rows keep
-their recipients' states, big messages come back from their envelope sidecars, and a spool
+their recipients' states, big messages come back from the envelope record in their body file, and a spool
 whose database has a damaged page still opens."""
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ async def test_a_sound_database_rebuilt_keeps_every_message_and_state(
     small, big = await _fill(root, clock, 5)
     assert check(root / "queue.db") is None
     report = salvage(root, clock=clock.now)
-    assert (report.from_rows, report.from_sidecars, report.unrecoverable) == (6, 0, 0)
+    assert (report.from_rows, report.from_files, report.unrecoverable) == (6, 0, 0)
     listed = {m.queue_id: m for m in list_queue(root)}
     assert set(listed) == {*small, big}
     assert listed[small[0]].recipients[0].status is Status.DEFERRED
 
 
-async def test_a_lost_database_comes_back_from_the_sidecars(
+async def test_a_lost_database_comes_back_from_the_body_files(
     tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = tmp_path / "spool"
@@ -81,7 +81,7 @@ async def test_a_damaged_page_does_not_stop_the_spool(tmp_path: Path, clock: Fak
         assert check(db) is None  # it now runs on a sound, rebuilt database
         assert list(root.glob("damaged-*/queue.db"))  # the damaged one was kept aside
         listed = {m.queue_id for m in list_queue(root)}
-        assert big in listed  # its sidecar, or its row
+        assert big in listed  # from its body file, or its row
         assert len(listed) > 100  # most rows were still readable
     finally:
         s.close()

@@ -77,7 +77,7 @@ async def test_adopt_moves_rows_and_bodies_then_deletes_the_orphan(
                        big: ["c@example.net"]}
         loaded = await spool.load(big)
         assert loaded is not None and loaded.body_path is not None
-        assert loaded.body_path.read_bytes() == BIG
+        assert loaded.body_path.read_bytes()[: len(BIG)] == BIG  # then the envelope trailer
     finally:
         spool.close()
 
@@ -104,7 +104,7 @@ async def test_adopting_again_after_a_crash_gives_the_same_queue(
     assert adopt(main, orphan) == 0  # already there
     [msg] = list_queue(main)
     assert msg.queue_id == big and len(msg.recipients) == 1
-    assert (main / "bodies" / big).read_bytes() == BIG
+    assert (main / "bodies" / big).read_bytes()[: len(BIG)] == BIG
 
 
 async def test_a_queue_id_clash_keeps_the_orphan(tmp_path: Path, clock: FakeClock) -> None:

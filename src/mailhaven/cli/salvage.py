@@ -40,7 +40,7 @@ def run(config: Config, *, force: bool, out: TextIO, err: TextIO) -> int:
                 return 1
             print(
                 f"{root}: queue rebuilt: {report.from_rows} message(s) from database rows,"
-                f" {report.from_sidecars} from envelope files, {report.unrecoverable} body"
+                f" {report.from_files} from body files, {report.unrecoverable} body"
                 f" file(s) without an envelope moved to quarantine/; old database kept in"
                 f" {report.moved_to}",
                 file=out,

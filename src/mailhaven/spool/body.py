@@ -106,6 +106,14 @@ class MessageWriter:
             self.error = exc
             self._drop_file()
 
+    def append_trailer(self, data: bytes) -> None:
+        """Write `data` after the body (spool use, before `seal_to`, blocking): the envelope
+        record `salvage` reads back; not part of the body, its size or its checksum."""
+        self.check()
+        assert self._file is not None and not self._closed
+        self._reap(0)
+        self._file.write(data)
+
     def check(self) -> None:
         """Raise the write error, if any (before anything of this message is committed)."""
         if self.error is not None:
@@ -219,10 +227,12 @@ class MessageWriter:
 class _Concat(io.RawIOBase):
     """A read-only raw stream over a bytes prefix followed by a file."""
 
-    def __init__(self, prefix: bytes, tail: io.FileIO | None) -> None:
+    def __init__(self, prefix: bytes, tail: io.FileIO | None, limit: int | None = None) -> None:
         self._prefix = memoryview(prefix)
         self._pos = 0
         self._tail = tail
+        #: bytes of the tail still to give (None: to its end); what follows is a trailer
+        self._left = limit
 
     def readable(self) -> bool:
         return True
@@ -235,7 +245,13 @@ class _Concat(io.RawIOBase):
             return n
         if self._tail is None:
             return 0
-        return self._tail.readinto(buffer)
+        if self._left is None:
+            return self._tail.readinto(buffer)
+        if self._left <= 0:
+            return 0
+        n = self._tail.readinto(memoryview(buffer)[: min(len(buffer), self._left)])
+        self._left -= n or 0
+        return n
 
     def close(self) -> None:
         if self._tail is not None:
@@ -250,15 +266,18 @@ def body_matches(path: Path, size: int, crc: int) -> bool:
     value = 0
     length = 0
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_FILE_BUFFER * 4):
+        while length < size and (chunk := f.read(min(_FILE_BUFFER * 4, size - length))):
             value = zlib.crc32(chunk, value)
             length += len(chunk)
     return length == size and value == crc
 
 
-def open_stored(header: bytes, inline_body: bytes | None, body_path: Path | None) -> BinaryIO:
-    """A fresh binary stream over a stored message: trace header, then the body."""
+def open_stored(
+    header: bytes, inline_body: bytes | None, body_path: Path | None, body_size: int | None = None
+) -> BinaryIO:
+    """A fresh binary stream over a stored message: trace header, then the body (the first
+    `body_size` bytes of the file: an envelope trailer may follow)."""
     if body_path is None:
         return io.BytesIO(header + (inline_body or b""))
     tail = open(body_path, "rb", buffering=0)  # noqa: SIM115 - owned by the returned stream
-    return io.BufferedReader(_Concat(header, tail), buffer_size=_FILE_BUFFER)
+    return io.BufferedReader(_Concat(header, tail, body_size), buffer_size=_FILE_BUFFER)

@@ -142,7 +142,8 @@ class StoredMessage:
     body_crc: int | None = None
 
     def open(self) -> BinaryIO:
-        return open_stored(self.header, self.inline_body, self.body_path)
+        body_size = None if self.body_path is None else self.size - len(self.header)
+        return open_stored(self.header, self.inline_body, self.body_path, body_size)
 
 
 @dataclass(frozen=True, slots=True)

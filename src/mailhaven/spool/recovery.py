@@ -24,7 +24,6 @@ from pathlib import Path
 
 from mailhaven.spool.ids import is_queue_id
 from mailhaven.spool.records import Hold
-from mailhaven.spool.salvage import SIDECAR_SUFFIX
 
 log = logging.getLogger("mailhaven.spool")
 
@@ -53,7 +52,6 @@ def recover(conn: sqlite3.Connection, tmp: Path, bodies: Path, quarantine: Path)
         "SELECT qid, size - length(header), quarantined FROM message WHERE body_file = 1"
     ).fetchall()
     quarantined: list[str] = []
-    committed = {qid for qid, _, _ in expected}
     for qid, body_size, already in expected:
         entry = on_disk.pop(qid) if qid in on_disk else None
         if already:
@@ -65,11 +63,6 @@ def recover(conn: sqlite3.Connection, tmp: Path, bodies: Path, quarantine: Path)
 
     orphans = 0
     for name, orphan in on_disk.items():
-        owner = name.removesuffix(SIDECAR_SUFFIX)
-        if owner != name and is_queue_id(owner):
-            if owner not in committed:  # an envelope sidecar (salvage.py) of no message
-                Path(orphan.path).unlink(missing_ok=True)
-            continue
         if is_queue_id(name):
             Path(orphan.path).unlink(missing_ok=True)
             orphans += 1
@@ -89,7 +82,7 @@ def _check_body(entry: os.DirEntry[str] | None, body_size: int) -> str | None:
         st = entry.stat(follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             return "body is not a regular file"
-        if st.st_size != body_size:
+        if st.st_size < body_size:  # more is the envelope trailer (salvage.py)
             return f"body size {st.st_size} != {body_size} committed"
         with open(entry.path, "rb") as f:
             f.read(1)

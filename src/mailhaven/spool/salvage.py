@@ -1,9 +1,10 @@
 """Rebuilding the queue when `queue.db` is damaged (like Postfix's `postsuper -s`).
 
-What the spool files hold: a body above the inline limit lives in `bodies/<qid>`; next to it,
-written and fsync'd before the row commits (the same durable step as the body), an envelope
-sidecar `bodies/<qid>.env` (`write_sidecar`: JSON with the envelope, final recipients, trace
-header, arrival, size and body CRC). So every big message can be rebuilt from files alone.
+What the spool files hold: a body above the inline limit lives in `bodies/<qid>`; after its
+last byte, in the same file and so the same fsync (no extra cost), an envelope record
+(`trailer`: JSON with the envelope, final recipients, trace header, arrival, size and body CRC,
+then `TRAILER_MAGIC` and its length). Readers stop at the body's committed size. So every big
+message can be rebuilt from its file alone.
 Small bodies live only inside the database (a file per message would cost an fsync per
 message); they are rebuilt from whatever rows of the damaged database can still be read.
 
@@ -11,8 +12,8 @@ message); they are rebuilt from whatever rows of the damaged database can still 
 `salvage(root)`: move the damaged `queue.db` (and its WAL) aside to `damaged-<time>/`, create a
 new one, copy every readable message row with its recipients (SQLite's `.recover` through the
 `sqlite3` shell when installed, else row by row until the damage stops the read), then add the
-messages known only from sidecars. Recipient states are kept where the rows were readable;
-messages rebuilt from a sidecar start over with every recipient pending (delivery is
+messages known only from their body files' envelope records. Recipient states are kept where the rows were readable;
+messages rebuilt from a body file start over with every recipient pending (delivery is
 at-least-once: a recipient may get a second copy, no message is lost).
 Run before the spool's writer starts (at `Spool.open`, or by `mailhaven queue salvage` with
 the daemon stopped); start-up recovery then checks the bodies as usual.
@@ -43,18 +44,13 @@ from mailhaven.spool.schema import connect
 
 log = logging.getLogger("mailhaven.spool")
 
-SIDECAR_SUFFIX = ".env"
+#: ends a body file's envelope record: magic, then the record's length in 12 digits
+TRAILER_MAGIC = b"\nMHENV1:"
 #: seconds the `sqlite3` shell may take for `.recover` before we fall back to reading rows
 RECOVER_TIMEOUT = 300.0
 
 
-def sidecar_path(body: Path) -> Path:
-    return body.with_name(body.name + SIDECAR_SUFFIX)
-
-
-def write_sidecar(
-    path: Path,
-    tmp_dir: Path,
+def trailer(
     *,
     arrival: float,
     envelope: Envelope,
@@ -62,9 +58,8 @@ def write_sidecar(
     header: bytes,
     size: int,
     body_crc: int,
-) -> None:
-    """Write `path` durably (file fsync'd; the caller fsyncs the directory with the body's),
-    through `tmp_dir` (whose leftovers recovery deletes)."""
+) -> bytes:
+    """The envelope record written after a body file's last byte (same fsync as the body)."""
     record = {
         "arrival": arrival,
         "envelope": envelope.to_dict(),
@@ -77,12 +72,27 @@ def write_sidecar(
             for r in recipients
         ],
     }
-    tmp = tmp_dir / (path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json.dumps(record, separators=(",", ":")).encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    data = json.dumps(record, separators=(",", ":")).encode("utf-8")
+    return data + TRAILER_MAGIC + b"%012d" % len(data)
+
+
+def read_trailer(path: Path) -> dict[str, Any] | None:
+    """The envelope record at the end of a body file (None: the file has none)."""
+    footer = len(TRAILER_MAGIC) + 12
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end < footer:
+            return None
+        f.seek(end - footer)
+        tail = f.read(footer)
+        if not tail.startswith(TRAILER_MAGIC) or not tail[-12:].isdigit():
+            return None
+        length = int(tail[-12:])
+        if length > end - footer:
+            return None
+        f.seek(end - footer - length)
+        record: dict[str, Any] = json.loads(f.read(length))
+    return record
 
 
 def check(db: Path) -> str | None:
@@ -90,7 +100,7 @@ def check(db: Path) -> str | None:
     from a spool that holds no message files either: a new spool)."""
     if not db.exists():
         bodies = db.parent / "bodies"
-        if bodies.is_dir() and any(e.name.endswith(SIDECAR_SUFFIX) for e in os.scandir(bodies)):
+        if bodies.is_dir() and any(is_queue_id(e.name) for e in os.scandir(bodies)):
             return "queue.db is missing but bodies/ holds queued messages"
         return None
     try:
@@ -108,8 +118,8 @@ def check(db: Path) -> str | None:
 class SalvageReport:
     moved_to: Path
     from_rows: int
-    from_sidecars: int
-    #: bodies/ files that had neither a readable row nor a sidecar (moved to quarantine/)
+    from_files: int
+    #: bodies/ files that had neither a readable row nor an envelope record (in quarantine/)
     unrecoverable: int
 
 
@@ -124,14 +134,14 @@ def salvage(root: Path, *, clock: float | None = None) -> SalvageReport:
     damaged = aside / "queue.db"
     with contextlib.closing(connect(db)) as conn:
         from_rows = _copy_rows(conn, damaged) if damaged.exists() else 0
-        from_sidecars = _from_sidecars(conn, root / "bodies")
+        from_files = _from_trailers(conn, root / "bodies")
         unrecoverable = _without_record(conn, root / "bodies", root / "quarantine")
     log.warning(
-        "spool %s: queue rebuilt: %d message(s) from the damaged database, %d from envelope "
-        "files, %d body file(s) without an envelope; damaged database kept in %s",
-        root, from_rows, from_sidecars, unrecoverable, aside,
+        "spool %s: queue rebuilt: %d message(s) from the damaged database, %d from body "
+        "files, %d body file(s) without an envelope (quarantined); damaged database kept in %s",
+        root, from_rows, from_files, unrecoverable, aside,
     )
-    return SalvageReport(aside, from_rows, from_sidecars, unrecoverable)
+    return SalvageReport(aside, from_rows, from_files, unrecoverable)
 
 
 def _copy_rows(conn: sqlite3.Connection, damaged: Path) -> int:
@@ -229,19 +239,19 @@ def _copy_attached(conn: sqlite3.Connection) -> int:
     return int(kept)
 
 
-def _from_sidecars(conn: sqlite3.Connection, bodies: Path) -> int:
+def _from_trailers(conn: sqlite3.Connection, bodies: Path) -> int:
     added = 0
     known = {q for (q,) in conn.execute("SELECT qid FROM message")}
     for entry in sorted(os.scandir(bodies), key=lambda e: e.name):
-        qid = entry.name.removesuffix(SIDECAR_SUFFIX)
-        if entry.name == qid or not is_queue_id(qid) or qid in known:
-            continue
-        if not (bodies / qid).exists():
+        qid = entry.name
+        if not is_queue_id(qid) or qid in known:
             continue
         try:
-            record = json.loads(Path(entry.path).read_bytes())
+            record = read_trailer(Path(entry.path))
+            if record is None:
+                continue
             recipients = [
-                QueuedRecipient(a, o, tuple(n), tuple(oc) if oc else None, Hold(h))
+                QueuedRecipient(a, o, tuple(n), (oc[0], oc[1]) if oc else None, Hold(h))
                 for a, o, n, oc, h in record["recipients"]
             ]
             conn.execute("BEGIN IMMEDIATE")
@@ -257,15 +267,15 @@ def _from_sidecars(conn: sqlite3.Connection, bodies: Path) -> int:
                 conn.execute("ROLLBACK")
                 raise
         except (OSError, ValueError, KeyError, TypeError, sqlite3.Error) as exc:
-            log.warning("spool salvage: %s: unreadable envelope file: %s", qid, exc)
+            log.warning("spool salvage: %s: unreadable envelope record: %s", qid, exc)
             continue
-        log.info("%s: restored from its envelope file", qid)
+        log.info("%s: restored from the envelope record of its body file", qid)
         added += 1
     return added
 
 
 def _without_record(conn: sqlite3.Connection, bodies: Path, quarantine: Path) -> int:
-    """Body files nothing describes: moved to quarantine/ (recovery would delete them as
+    """Body files nothing describes (no row, no envelope record): moved to quarantine/ (recovery would delete them as
     never committed), for an administrator to look at."""
     known = {q for (q,) in conn.execute("SELECT qid FROM message")}
     lost = [e.name for e in os.scandir(bodies) if is_queue_id(e.name) and e.name not in known]

@@ -56,7 +56,7 @@ from mailhaven.spool.records import (
     StoredMessage,
 )
 from mailhaven.spool.recovery import RecoveryReport, recover
-from mailhaven.spool.salvage import check, salvage, sidecar_path, write_sidecar
+from mailhaven.spool.salvage import check, salvage, trailer
 from mailhaven.spool.space import Reserve, is_storage_full, storage_refusal
 
 log = logging.getLogger("mailhaven.spool")
@@ -222,8 +222,8 @@ class Spool:
             await self._commit_spilled(
                 writer,
                 target,
-                lambda: write_sidecar(
-                    sidecar_path(target), self.tmp_dir, arrival=arrival, envelope=envelope,
+                lambda: trailer(
+                    arrival=arrival, envelope=envelope,
                     recipients=recipients, header=header, size=size, body_crc=writer.crc,
                 ),
                 lambda c: queries.insert_message(
@@ -246,15 +246,14 @@ class Spool:
         self,
         writer: MessageWriter,
         target: Path,
-        sidecar: Callable[[], None],
+        trailer: Callable[[], bytes],
         insert: Callable[[sqlite3.Connection], None],
     ) -> None:
-        """A big body: its envelope sidecar (for `salvage`) and the file fsync'd and renamed
-        into `bodies/` first (seal_to's directory fsync covers both), then its row."""
+        """A big body: the file, with its envelope record after the body (for `salvage`),
+        fsync'd and renamed into `bodies/` first, then its row."""
 
         def seal() -> None:
-            writer.check()
-            sidecar()
+            writer.append_trailer(trailer())
             writer.seal_to(target, self._checkpoint)
 
         try:
@@ -262,7 +261,6 @@ class Spool:
         except BaseException:
             writer.abort()
             target.unlink(missing_ok=True)
-            sidecar_path(target).unlink(missing_ok=True)
             raise
         fut = self._committer.submit(insert, atomic=True)
         try:
@@ -271,7 +269,6 @@ class Spool:
             # Not acknowledged. Keep the file only if the row may have committed.
             if fut.cancelled() or (fut.done() and fut.exception() is not None):
                 target.unlink(missing_ok=True)
-                sidecar_path(target).unlink(missing_ok=True)
             raise
 
     # -- delivery -----------------------------------------------------------------------------
@@ -403,7 +400,6 @@ class Spool:
         )
         if body_file and is_queue_id(queue_id):
             (self.bodies_dir / queue_id).unlink(missing_ok=True)  # after the commit, as remove()
-            sidecar_path(self.bodies_dir / queue_id).unlink(missing_ok=True)
         return remaining, body_file is not None
 
     async def mark_warned(self, queue_id: str) -> bool:
@@ -427,7 +423,6 @@ class Spool:
         if body_file and is_queue_id(queue_id):
             # After the commit: a crash here leaves an orphan file that recovery deletes.
             (self.bodies_dir / queue_id).unlink(missing_ok=True)
-            sidecar_path(self.bodies_dir / queue_id).unlink(missing_ok=True)
         return body_file is not None
 
     # -- administration (postsuper / postqueue) -------------------------------------------------
