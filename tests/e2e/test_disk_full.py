@@ -20,6 +20,8 @@ from tests.e2e.conftest import ServerFactory
 from tests.support.server import MailServer
 from tests.support.small_fs import fill, small_tmpfs
 
+from mailhaven.spool.salvage import check
+
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
@@ -54,6 +56,7 @@ def _assert_clean(server: MailServer) -> None:
     assert "Traceback" not in log, log
     assert "4.3.0" not in log, log
     assert list((server.state_dir / "spool" / "tmp").iterdir()) == []
+    assert check(server.queue_db) is None  # the database came through intact
 
 
 def test_below_minfree_refuses_at_mail_and_data(fs: Path, mail_server: ServerFactory) -> None:
