@@ -86,3 +86,25 @@ def test_queue_salvage_rebuilds_with_the_daemon_stopped(queued: tuple[MailServer
     server.start()
     assert "queue.db is damaged" not in server.log()
     assert _listed(server) == {big: "sender@client.test"}
+
+
+def test_a_body_file_damaged_to_the_same_size_is_held_not_sent(
+    mail_server: ServerFactory,
+) -> None:
+    """Issue 16, item 23: the stored CRC is checked before a delivery reads the body."""
+    server = mail_server(
+        settings={"local_users": ["postmaster"], "timeouts": {"shutdown_grace": 1.0}}
+    )
+    qid = _send(server, "damaged", BIG)
+    server.stop()
+    body = server.state_dir / "spool" / "bodies" / qid
+    with open(body, "r+b") as f:  # same size, different bytes
+        f.seek(BIG // 2)
+        f.write(b"X")
+    server.start()
+    assert _queue(server, "flush").returncode == 0
+    server.wait_for_log(f"{qid}: quarantined: body file does not match its checksum")
+    shown = _queue(server, "list", "--json")
+    [entry] = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert entry["queue_id"] == qid
+    assert "status=sent" not in server.log()
