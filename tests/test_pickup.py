@@ -199,6 +199,29 @@ async def test_a_refused_message_is_set_aside(spool: Spool, intake: Intake, root
     assert os.listdir(root / "corrupt") == [name]
 
 
+class FullDoor(FailingDoor):
+    """Intake's answer on a full spool: a temporary refusal, the first `failures` times."""
+
+    async def submit(self, writer: BodyWriter, envelope: Envelope) -> Outcome:
+        if self.failures:
+            self.failures -= 1
+            writer.abort()
+            return Refused(reply(452, "4.3.1", "Insufficient system storage"))
+        return await self.inner.submit(writer, envelope)
+
+
+async def test_a_temporary_refusal_keeps_the_file_for_the_next_round(
+    spool: Spool, intake: Intake, root: Path
+) -> None:
+    drop(root, b"Subject: later\r\n\r\nhi\r\n")
+    pickup = Pickup(root, FullDoor(IntakeDoor(spool, intake), failures=1))
+    assert await pickup.collect() == 0
+    assert len(os.listdir(root / "new")) == 1 and queued(spool) == []
+    assert not (root / "corrupt").exists() or os.listdir(root / "corrupt") == []
+    assert await pickup.collect() == 1
+    assert len(queued(spool)) == 1
+
+
 async def test_stale_tmp_files_are_removed(spool: Spool, intake: Intake, root: Path) -> None:
     DropDirs(root).create()
     old = root / "tmp" / "1.2.abcdef01"

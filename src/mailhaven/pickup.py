@@ -249,6 +249,10 @@ class Pickup:
                 crash_point("pickup_queued")
                 await asyncio.to_thread(self._remove, path)
                 return 1
+            case Refused(reply=reply) if reply.code < 500:
+                # e.g. 452 4.3.1, the spool is full: the drop file stays for the next round
+                log.warning("%s: not collected now: %s", name, reply.one_line())
+                return 0
             case Refused(reply=reply):
                 await asyncio.to_thread(
                     self._quarantine, name, f"refused by intake: {reply.code} {reply.text}"
