@@ -12,7 +12,7 @@ import pytest
 from tests.spool.spool_helpers import FakeClock
 
 from mailhaven.envelope import Envelope, RecipientSpec
-from mailhaven.intake import Queued
+from mailhaven.intake import Queued, Refused
 from mailhaven.notifier import NoticeLimiter, Notifier
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import QueuedRecipient, Spool
@@ -204,3 +204,21 @@ async def test_notices_to_one_address_are_rate_limited(
         " suppressed" in m
         for m in caplog.messages
     )
+class FullIntake(FakeIntake):
+    """Intake on a full spool: `452 4.3.1`, a temporary refusal."""
+
+    async def submit(  # type: ignore[override]
+        self, writer: MessageWriter, envelope: Envelope, *, tls: str | None = None
+    ) -> Refused:
+        writer.abort()
+        return Refused(Reply(452, "Insufficient system storage", "4.3.1"))
+
+
+async def test_a_report_refused_for_now_fails_the_hook_so_the_message_is_kept(
+    spool: Spool,
+) -> None:
+    msg = await stored(spool, "alice@example.org")
+    with pytest.raises(OSError, match=r"4\.3\.1"):
+        await notifier(spool, FullIntake()).on_failures(
+            msg, [state("bob@example.net", Status.BOUNCED, NO_USER)]
+        )

@@ -34,7 +34,7 @@ from mailhaven.bounce import (
 )
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.faults import crash_point
-from mailhaven.intake import Intake
+from mailhaven.intake import Intake, Refused
 from mailhaven.spool.records import RecipientState, Status, StoredMessage
 from mailhaven.spool.store import Spool
 
@@ -154,6 +154,10 @@ class Notifier:
         writer = self._spool.new_message()
         writer.write(report)
         outcome = await self._intake().submit(writer, envelope)
+        if isinstance(outcome, Refused) and outcome.reply.code < 500:
+            # A full spool (452): fail the hook so the runner keeps the message and the
+            # report is tried again, instead of a report lost with a removed message.
+            raise OSError(f"{message.queue_id}: report not queued: {outcome.reply.one_line()}")
         crash_point("bounce_queued")
         qid = getattr(outcome, "queue_id", None)
         label = {"sender": "sender", "postmaster": "postmaster"}[target]
