@@ -9,7 +9,9 @@ fsync'd, renamed into `bodies/` and its directory fsync'd before its row commits
 point before that leaves nothing the scheduler could deliver half-written; see `recovery.py`.
 
 Layout under `root`: `queue.db` (+ WAL files), `tmp/` (bodies being received), `bodies/<qid>`
-(bodies above the inline limit), `quarantine/` (damaged entries set aside at recovery).
+(bodies above the inline limit, each followed by its envelope record: `salvage.py`),
+`quarantine/` (damaged entries set aside), `reserve` (space for delivery results on a full
+disk: `space.py`), `damaged-<time>/` (a damaged `queue.db` moved aside at `open`).
 
 Concurrency: all SQLite access goes through the committer (`committer.py`), which commits the
 work of many concurrent callers in one transaction. The per-message jobs (insert, claim,
