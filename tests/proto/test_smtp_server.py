@@ -7,7 +7,7 @@ from tests.proto.smtp_driver import Run, converse
 
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_server import ServerConnection, ServerSettings
+from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings
 
 EHLO = b"EHLO client.test\r\n"
 ENVELOPE = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
@@ -482,6 +482,55 @@ def test_auth_exchange_with_challenge() -> None:
     assert b"334 VXNlcm5hbWU6\r\n" in out
     assert b"235 2.7.0 Authentication successful\r\n" in out
     assert conn.authenticated == "user"
+
+
+def _login_then(response: bytes, *, pieces: int) -> tuple[bytes, list[ev.Event], ServerConnection]:
+    """EHLO, AUTH LOGIN (answered with a challenge), then `response` in `pieces` chunks."""
+    settings = ServerSettings(hostname="mx.test", tls_on_connect=True, auth_mechanisms=("LOGIN",))
+    conn = ServerConnection(settings)
+    conn.greet()
+    conn.receive_data(EHLO)
+    assert isinstance(conn.next_event(), ev.Hello)
+    conn.accept()
+    conn.receive_data(b"AUTH LOGIN\r\n")
+    assert isinstance(conn.next_event(), ev.AuthStart)
+    conn.auth_challenge("VXNlcm5hbWU6")
+    conn.data_to_send()
+    size = -(-len(response) // pieces)
+    events: list[ev.Event] = []
+    for i in range(0, len(response), size):
+        conn.receive_data(response[i : i + size])
+        while (event := conn.next_event()) is not NEED_DATA:
+            assert event is not PAUSED
+            events.append(event)
+            if isinstance(event, ev.AuthResponse):
+                conn.auth_finish(Reply(535, "Authentication failed", "5.7.8"), None)
+    return conn.data_to_send(), events, conn
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 50])
+def test_overlong_auth_response_gets_one_reply_however_it_arrives(pieces: int) -> None:
+    # Found by the protocol fuzzer: split so that the buffer overflowed before the LF, the line
+    # was answered "500 line too long" and then handed on as an empty AuthResponse too (two
+    # replies to one line, and a bogus empty credential for the application).
+    out, events, conn = _login_then(b"x" * 20_000 + b"\r\nNOOP\r\n", pieces=pieces)
+    assert out == b"500 5.5.6 Error: authentication line too long\r\n250 2.0.0 Ok\r\n"
+    assert not any(isinstance(e, ev.AuthResponse) for e in events)
+    assert conn.authenticated is None
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 50])
+def test_overlong_command_counts_once_however_it_arrives(pieces: int) -> None:
+    conn = ServerConnection(no_pipelining_check())
+    conn.greet()
+    data = b"AUTH " + b"x" * 20_000 + b"\r\nNOOP\r\n"
+    size = -(-len(data) // pieces)
+    for i in range(0, len(data), size):
+        conn.receive_data(data[i : i + size])
+        assert conn.next_event() is NEED_DATA
+    assert conn.data_to_send().endswith(b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n")
+    assert conn.command_count == 2
+    assert conn.stats == {"auth": [0, 1], "noop": [1, 1]}
 
 
 def test_unknown_auth_mechanism() -> None:

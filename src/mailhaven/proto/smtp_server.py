@@ -143,6 +143,8 @@ class ServerConnection:
         self._pending: ev.Event | None = None
         self._pending_cmd = ""
         self._discarding_line = False
+        #: The start of the overlong line being skipped (see `_read_line`).
+        self._discarded = b""
         self._early_input = False
         self._decoder: DotDecoder | None = None
         self._body_size = 0
@@ -417,7 +419,10 @@ class ServerConnection:
                 return False
 
     def _read_line(self, limit: int) -> bytes | None:
-        """One line without its LF (and CR); None if incomplete. Overlong lines are skipped."""
+        """One line without its LF (and CR); None if incomplete. An overlong line is not kept:
+        only its start is, and that start comes back as the line once the LF arrives. It is
+        longer than any limit, so callers refuse it exactly as if it had arrived whole (one
+        reply, same counters), however the bytes were split."""
         nl = self._in.find(b"\n")
         if self._discarding_line:
             if nl < 0:
@@ -425,11 +430,13 @@ class ServerConnection:
                 return None
             del self._in[: nl + 1]
             self._discarding_line = False
-            self._send(_r(500, "5.5.2", "Error: line too long"))
-            return b""  # an empty marker: caller re-steps
+            start, self._discarded = self._discarded, b""
+            return start
         if nl < 0:
-            if len(self._in) > limit + MAIL_LINE_EXTRA + 2:
+            cap = limit + MAIL_LINE_EXTRA + 2
+            if len(self._in) > cap:
                 self._discarding_line = True
+                self._discarded = bytes(self._in[: cap + 1])
                 self._in.clear()
             return None
         line = bytes(self._in[:nl])
@@ -437,12 +444,9 @@ class ServerConnection:
         return line[:-1] if line.endswith(b"\r") else line
 
     def _step_command(self) -> bool:
-        was_discarding = self._discarding_line
         raw = self._read_line(max(self.settings.command_line_limit, MAX_AUTH_LINE))
         if raw is None:
             return False
-        if was_discarding:
-            return True
         self._command(raw)
         return True
 
