@@ -1,4 +1,10 @@
-"""Suite-wide pytest hooks.
+"""Suite-wide settings and hooks.
+
+The hypothesis profile CI runs with: with CI=true (as `.ci/run` sets it) property tests run
+derandomized and without the example database, so a CI run is reproducible from the commit
+alone: the same examples every time, and nothing read from or written to a local `.hypothesis`
+directory. HYPOTHESIS_PROFILE names another profile explicitly (e.g. `dev` to explore new random
+inputs).
 
 `pytest.mark.both_loops` on an async test (or module) runs it once on the standard library's
 event loop and once on uvloop (ids `[asyncio]`, `[uvloop]`): for servers run in the test's own
@@ -8,10 +14,21 @@ loop, what `event_loop = "uvloop"` does for `mailhaven serve`.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 
 import pytest
 import uvloop
+from hypothesis import settings
+
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+
+_profile = os.environ.get("HYPOTHESIS_PROFILE") or (
+    "ci" if os.environ.get("CI", "").lower() in ("true", "1") else None
+)
+if _profile:
+    settings.load_profile(_profile)
 
 
 def pytest_asyncio_loop_factories(

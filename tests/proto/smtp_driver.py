@@ -15,6 +15,12 @@ from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings, Wait
 
 Policy = Callable[[ev.Event], Reply | None]
+#: Answers an AuthStart/AuthResponse through `auth_challenge` or `auth_finish`.
+AuthPolicy = Callable[[ServerConnection, ev.AuthStart | ev.AuthResponse], None]
+
+
+def auth_accept_all(conn: ServerConnection, event: ev.AuthStart | ev.AuthResponse) -> None:
+    conn.auth_finish(Reply(235, "Authentication successful", "2.7.0"), "user")
 
 
 def accept_all(event: ev.Event) -> Reply | None:
@@ -55,7 +61,9 @@ class Run:
         return self.output.decode("utf-8", "replace")
 
 
-def drive(conn: ServerConnection, policy: Policy, run: Run) -> None:
+def drive(
+    conn: ServerConnection, policy: Policy, run: Run, auth: AuthPolicy = auth_accept_all
+) -> None:
     while True:
         event = conn.next_event()
         if event is NEED_DATA:
@@ -68,7 +76,7 @@ def drive(conn: ServerConnection, policy: Policy, run: Run) -> None:
             case ev.StartTLS():
                 conn.tls_established()
             case ev.AuthStart() | ev.AuthResponse():
-                conn.auth_finish(Reply(235, "Authentication successful", "2.7.0"), "user")
+                auth(conn, event)
             case (
                 ev.Hello()
                 | ev.MailFrom()
