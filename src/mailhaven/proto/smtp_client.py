@@ -290,7 +290,7 @@ class ReplyReader:
             del self._buf[: end + 1]
             self._scan = 0
             head = line[:3]
-            if not (head.isascii() and head.isdigit() and head[0] in "2345"):
+            if not (len(head) == 3 and head.isascii() and head.isdigit() and head[0] in "2345"):
                 raise ReplyError(f"not a reply line: {line[:40]!r}")
             if line[3:4] not in ("", " ", "-"):
                 raise ReplyError(f"bad separator in reply line: {line[:40]!r}")
