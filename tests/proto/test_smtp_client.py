@@ -215,6 +215,23 @@ def test_data_rejected_applies_to_accepted_recipients(bytewise: bool) -> None:
     assert d.client().endswith(b"DATA\r\nRSET\r\n")
 
 
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_2xx_to_data_is_a_protocol_error_not_a_delivery(bytewise: bool, pipelining: bool) -> None:
+    # Found by the protocol fuzzer: a 250 to DATA (instead of 354) was taken as the final
+    # reply, so the accepted recipients were reported delivered though no body was ever sent.
+    d, _ = session(bytewise, EHLO_PIPE if pipelining else EHLO_BASIC)
+    d.conn.start(txn("a@x.org", "b@x.org"))
+    d.server(b"250 ok\r\n")
+    d.server(b"250 ok\r\n550 5.1.1 unknown\r\n")
+    done, closed = d.server(b"250 2.0.0 Ok\r\n")
+    assert isinstance(done, TransactionDone) and closed == Closed()
+    sent = done.results["a@x.org"]
+    assert sent.is_temporary and sent.enhanced == "4.5.0", sent
+    assert "250 2.0.0 Ok" in sent.text
+    assert done.results["b@x.org"].code == 550
+    assert d.client().endswith(b"DATA\r\n")  # nothing more: the peer's state is unknown
+
+
 def test_size_refusal_sends_nothing() -> None:
     d, _ = session(False)
     d.conn.start(txn("a@x.org", "b@x.org", size=1001))

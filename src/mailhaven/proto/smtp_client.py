@@ -767,6 +767,11 @@ class ClientConnection:
             case P.DATA_INIT if reply.code == 354:  # RFC 2920 §3.1: nobody to send it to
                 self._out += b".\r\n"
                 self._pending.append(P.DATA_END)
+            case P.DATA_INIT if reply.is_success:
+                # No body went out, so this is no delivery; and the peer's state is unknown
+                # (it may be reading a body), so nothing more is said: hang up.
+                why = f"protocol error: {reply.one_line()} in reply to DATA, expected 354"
+                self._lost(_temp("4.5.0", why))
             case P.DATA_INIT:
                 self._finish(txn, reply, rset=txn.mail_ok)
             case P.DATA_END:
