@@ -240,6 +240,22 @@ def test_line_length_limits(bytewise: bool) -> None:
     assert out.startswith(GREETING + b"-ERR Line too long\r\n-ERR Line too long\r\n+OK Capab")
 
 
+@pytest.mark.parametrize(
+    "prefix",
+    [b"USER alice\r\nPASS ", b"AUTH PLAIN ", b"AUTH PLAIN\r\n"],
+    ids=["pass", "auth", "sasl"],
+)
+def test_overlong_secret_line_is_refused_however_it_arrives(bytewise: bool, prefix: bytes) -> None:
+    # Found by the protocol fuzzer: a PASS line over MAX_AUTH_LINE that arrived in one read
+    # became a Login with a 13000-octet password (the same bytes in small reads: "Line too
+    # long"); over-long AUTH lines got another error text depending on the reads.
+    line = prefix + b"a" * (pop3.MAX_AUTH_LINE + 100) + b"\r\n"
+    out = transcript(line + b"CAPA\r\n", bytewise)
+    _, events, _ = drive(line, bytewise=bytewise)
+    assert events == []
+    assert b"-ERR Line too long\r\n+OK Capab" in out
+
+
 def test_unbounded_line_is_not_buffered() -> None:
     conn = Connection("hi", tls_available=False)
     for _ in range(100):

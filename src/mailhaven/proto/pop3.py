@@ -308,7 +308,9 @@ class Connection:
             line = bytes(self._in[:lf]).removesuffix(b"\r")
             del self._in[: lf + 1]
             self._scanned = 0
-            if self._discarding:
+            # The bound holds for a line that came whole, too: one read must not pass what
+            # several reads would discard (see above).
+            if self._discarding or lf > MAX_AUTH_LINE:
                 self._discarding, self._sasl = False, None
                 self._bad("Line too long")
                 if self.state is State.CLOSED:
