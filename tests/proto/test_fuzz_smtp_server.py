@@ -39,7 +39,7 @@ CODES = frozenset(
      552, 553, 554, 555}
 )  # fmt: skip
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 GOOD_AUTH = base64.b64encode(b"\0user\0secret").decode()
 
@@ -370,7 +370,7 @@ def test_same_replies_and_state_however_the_bytes_are_split(
     assert pieces_state == whole_state
 
 
-@settings(FUZZ, max_examples=40)
+@settings(FUZZ, max_examples=60)
 @given(segments(), server_settings)
 def test_one_byte_at_a_time_is_the_same_as_all_at_once(
     segs: list[bytes], config: ServerSettings
