@@ -6,7 +6,7 @@ import pytest
 from tests.proto.smtp_driver import Run, converse
 
 from mailhaven.proto import smtp_events as ev
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import MAX_REPLY_LINE, Reply
 from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings
 
 EHLO = b"EHLO client.test\r\n"
@@ -358,6 +358,17 @@ def test_overlong_command_line() -> None:
 def test_huge_line_without_newline_is_discarded() -> None:
     run = converse(b"X" * 100_000 + b"\r\nNOOP\r\n", settings=no_pipelining_check())
     assert run.codes == [220, 500, 250]
+
+
+@pytest.mark.parametrize("verb", [b"MAIL FROM:<a@x.test>", b"RCPT TO:<b@y.test>"])
+def test_unknown_parameter_reply_stays_within_the_reply_line_limit(verb: bytes) -> None:
+    # Found by the protocol fuzzer: the reply quoted the whole keyword, up to ~1000 octets.
+    mail = b"" if verb.startswith(b"MAIL") else b"MAIL FROM:<a@x.test>\r\n"
+    run = both(EHLO + mail + verb + b" " + b"X" * 900 + b"=1\r\n", settings=no_pipelining_check())
+    assert run.codes[-1] == 555
+    last = run.output.split(b"\r\n")[-2]
+    assert len(last) + 2 <= MAX_REPLY_LINE, len(last)
+    assert last.startswith(b"555 5.5.4 Error: unsupported ") and b" XXXX" in last
 
 
 def test_local_part_too_long() -> None:

@@ -261,7 +261,7 @@ def parse_mail_params(text: str, *, extensions: frozenset[str]) -> MailParams:
         elif key == "AUTH" and "AUTH" in extensions:
             auth = value  # RFC 4954 §5: informational; we never trust it.
         else:
-            raise _bad(555, "5.5.4", f"Error: unsupported MAIL parameter {key}")
+            raise _bad(555, "5.5.4", f"Error: unsupported MAIL parameter {key[:40]}")
     return MailParams(size, body, smtputf8, ret, envid, auth)
 
 
@@ -293,5 +293,5 @@ def parse_rcpt_params(text: str, *, extensions: frozenset[str]) -> RcptParams:
                 decoded = xtext_decode(addr)
             orcpt = (addr_type.lower(), decoded)
         else:
-            raise _bad(555, "5.5.4", f"Error: unsupported RCPT parameter {key}")
+            raise _bad(555, "5.5.4", f"Error: unsupported RCPT parameter {key[:40]}")
     return RcptParams(notify, orcpt)
