@@ -81,14 +81,15 @@ _junk = st.binary(max_size=24)
 _mail_params = st.lists(
     st.sampled_from(
         [b"SIZE=100", b"SIZE=999999999999", b"BODY=8BITMIME", b"BODY=BINARYMIME", b"SMTPUTF8",
-         b"RET=FULL", b"RET=HDRS", b"ENVID=abc+2Bx", b"AUTH=<>", b"FOO=bar", b"SIZE=", b"=x"]
+         b"RET=FULL", b"RET=HDRS", b"ENVID=abc+2Bx", b"AUTH=<>", b"FOO=bar", b"SIZE=", b"=x",
+         b"X" * 600 + b"=1"]
     ),
     max_size=3,
 ).map(b" ".join)  # fmt: skip
 _rcpt_params = st.lists(
     st.sampled_from(
         [b"NOTIFY=NEVER", b"NOTIFY=SUCCESS,FAILURE", b"ORCPT=rfc822;a@b", b"ORCPT=utf-8;a@b",
-         b"NOTIFY=BOGUS", b"X=1"]
+         b"NOTIFY=BOGUS", b"X=1", b"Y" * 480]
     ),
     max_size=2,
 ).map(b" ".join)  # fmt: skip
@@ -213,9 +214,9 @@ _prefix = st.sampled_from(
 @st.composite
 def _transaction(draw: st.DrawFn) -> bytes:
     """A mostly valid transaction: MAIL, RCPTs, then a DATA body or BDAT chunks."""
-    out = b"MAIL FROM:" + draw(_address()) + b"\r\n"
+    out = b"MAIL FROM:" + draw(_address()) + draw(_mail_params.map(lambda p: b" " + p)) + b"\r\n"
     for _ in range(draw(st.integers(1, 3))):
-        out += b"RCPT TO:" + draw(_address()) + b"\r\n"
+        out += b"RCPT TO:" + draw(_address()) + draw(_rcpt_params.map(lambda p: b" " + p)) + b"\r\n"
     if draw(st.booleans()):
         return out + b"DATA\r\n" + draw(_data_body())
     return out + b"".join(draw(st.lists(_bdat(), min_size=1, max_size=3)))
