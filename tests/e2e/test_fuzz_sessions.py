@@ -52,6 +52,11 @@ BASES = [
     b"VRFY alice\r\nEXPN alice\r\nHELP MAIL\r\nETRN example.org\r\nQUIT\r\n",
     b"EHLO fuzz.test\r\nSTARTTLS\r\nAUTH PLAIN AGFsaWNlAHNlY3JldA==\r\nAUTH LOGIN\r\n*\r\n"
     b"MAIL FROM:<a@example.org>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\nx\r\n.\r\nQUIT\r\n",
+    # long values the server might quote in its replies
+    b"EHLO " + b"h" * 400 + b"\r\nMAIL FROM:<a@example.org> " + b"K" * 900 + b"=1\r\n"
+    b"MAIL FROM:<" + b"l" * 64 + b"@" + b".".join([b"d" * 63] * 3) + b">\r\n"
+    b"RCPT TO:<" + b"r" * 64 + b"@" + b".".join([b"e" * 63] * 3) + b">\r\n"
+    b"VRFY " + b"v" * 500 + b"\r\nETRN " + b"t" * 500 + b"\r\nHELP " + b"p" * 500 + b"\r\nQUIT\r\n",
 ]
 INSERTS = [
     b"\x00",
