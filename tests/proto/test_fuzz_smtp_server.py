@@ -326,11 +326,16 @@ def assert_well_formed(output: bytes) -> None:
 
 def events_of(run: Run) -> list[ev.Event]:
     """The events with adjacent BodyData joined (how the body is cut follows the input's cuts)
-    and none before a BodyAborted (how much of a refused body was passed on before the refusal,
-    e.g. over the size limit, depends on the cuts too; the application discards it all)."""
+    and none before a BodyAborted or Closed (how much of a refused or cut-off body was passed on
+    before the end, e.g. up to the size limit, depends on the cuts too; the application discards
+    it all)."""
     out: list[ev.Event] = []
     for event in run.events:
-        if isinstance(event, ev.BodyAborted) and out and isinstance(out[-1], ev.BodyData):
+        if (
+            isinstance(event, ev.BodyAborted | ev.Closed)
+            and out
+            and isinstance(out[-1], ev.BodyData)
+        ):
             out[-1] = event
         elif isinstance(event, ev.BodyData) and out and isinstance(out[-1], ev.BodyData):
             out[-1] = ev.BodyData(out[-1].data + event.data)
