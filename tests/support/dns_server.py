@@ -45,7 +45,8 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-#: Records: {name: {"MX": [(pref, host)], "A": [ip], "AAAA": [ip], "CNAME": [name], "TXT": [s]}}
+#: Records: {name: {"MX": [(pref, host)], "A": [ip], "AAAA": [ip], "CNAME": [name], "TXT": [s],
+#: "PTR": [name]}}; a PTR record's owner is the reverse name, e.g. "1.0.0.127.in-addr.arpa".
 Records = Mapping[str, Mapping[str, Sequence[Any]]]
 TTL = 300
 #: RFC 1035 §4.2.1: a UDP message without EDNS carries at most 512 octets.
@@ -64,7 +65,7 @@ def _rdata_texts(rdtype: str, values: Sequence[Any]) -> list[str]:
     match rdtype:
         case "MX":
             return [f"{pref} {host if host.endswith('.') else host + '.'}" for pref, host in values]
-        case "CNAME" | "NS":
+        case "CNAME" | "NS" | "PTR":
             return [v if v.endswith(".") else v + "." for v in values]
         case "TXT":
             return ['"' + str(v).replace('"', '\\"') + '"' for v in values]

@@ -31,7 +31,9 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.PTR
 import dns.resolver
+import dns.reversename
 
 from mailhaven.proto.replies import Reply
 
@@ -87,6 +89,14 @@ class Target:
     host: str
     preference: int
     addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PTRNames:
+    """The names a reverse zone gives an address (none: NODATA), and the answer's TTL."""
+
+    names: tuple[str, ...]
+    ttl: int
 
 
 MXResult = MXHosts | NullMX | LookupFailed
@@ -226,6 +236,24 @@ class Resolver:
             return found
         temporary = [f for f in failures if not f.permanent]
         return (temporary or failures)[0]
+
+    async def resolve_ptr(self, address: str) -> PTRNames | LookupFailed:
+        """The PTR names of `address` (RFC 1035 §3.5, RFC 3596 §2.5), lower case, no final dot."""
+        try:
+            qname = dns.reversename.from_address(address)
+        except (ValueError, dns.exception.SyntaxError):
+            return _failure(address, "PTR", "not an IP address", permanent=True)
+        answer = await self._query(qname.to_text(), "PTR")
+        if isinstance(answer, LookupFailed):
+            return answer
+        if answer is None:
+            return PTRNames((), 0)
+        names = tuple(
+            r.target.to_text(omit_final_dot=True).lower()
+            for r in answer
+            if isinstance(r, dns.rdtypes.ANY.PTR.PTR)
+        )
+        return PTRNames(names, answer.rrset.ttl if answer.rrset is not None else 0)
 
     async def resolve_targets(
         self, domain: str, *, max_hosts: int = DEFAULT_MAX_HOSTS, self_names: Collection[str] = ()
