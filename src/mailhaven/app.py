@@ -48,6 +48,7 @@ from mailhaven.faults import crash_point
 from mailhaven.intake import Intake
 from mailhaven.mailbox.users import UserDB, UsersFileError
 from mailhaven.net import acme, selfsigned
+from mailhaven.net.client_names import ClientNames
 from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS, build_server_context, certificate_facts
 from mailhaven.notifier import NoticeLimiter, Notifier
@@ -279,6 +280,12 @@ class App:
 
     # ------------------------------------------------------------------ wiring
 
+    def _client_names(self, config: Config) -> ClientNames | None:
+        """Client name lookups through the relay's resolver (`[relay] nameservers`)."""
+        if not config.reverse_lookup or self.relay_agent is None:
+            return None
+        return ClientNames(self.relay_agent.resolver, config.timeouts.client_lookup)
+
     def _tls_context(self) -> ssl.SSLContext | None:
         return self.tls.context if self.tls is not None else None
 
@@ -424,7 +431,7 @@ class App:
         intake = self._build_engine()
         self.smtp = SMTPService(
             sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts,
-            storage=self.spool.storage_refusal,
+            storage=self.spool.storage_refusal, client_names=self._client_names(config),
         )
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
@@ -555,7 +562,7 @@ class App:
         assert self.runner is not None and self.part_time is not None
         self.smtp = SMTPService(
             sink=SpoolSink(self.spool, intake), limits=config.limits, timeouts=config.timeouts,
-            storage=self.spool.storage_refusal,
+            storage=self.spool.storage_refusal, client_names=self._client_names(config),
         )
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),
@@ -761,6 +768,8 @@ class App:
                 self._schedule_releases()
         if self.relay_agent is not None:
             self.relay_agent.reconfigure(prepared.relay_agent)
+        if self.smtp is not None:
+            self.smtp.client_names = self._client_names(new)
         if self.runner is not None:
             self.runner.reconfigure(backoff_policy(new), plan_limits(new))
 

@@ -95,6 +95,9 @@ class Timeouts:
     tls_handshake: float = 60.0
     #: POP3 inactivity autologout (RFC 1939 §3: at least 10 minutes; Dovecot's is 10 minutes).
     pop3_idle: float = 600.0
+    #: The client name lookup before the greeting (`reverse_lookup`), PTR and forward lookups
+    #: together; past it the client is `unknown` (Postfix's resolver: 5 s per try).
+    client_lookup: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,11 @@ class Config:
     #: The asyncio event loop: "asyncio" (the standard library's, the default) or "uvloop"
     #: (libuv's, the optional extra `mailhaven[uvloop]`; see `mailhaven.eventloop`).
     event_loop: str = "asyncio"
+    #: Name SMTP clients as Postfix does, `name[address]` in the log and `Received:`, from a
+    #: PTR lookup their name's A/AAAA records confirm (FCrDNS), through `[relay] nameservers`.
+    #: Off by default: the defaults serve loopback, and a host without working DNS would make
+    #: each new client wait `timeouts.client_lookup` for nothing.
+    reverse_lookup: bool = False
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -308,6 +316,8 @@ def validate(config: Config) -> Config:
         raise ConfigError("limits.message_size: must be at least 1024")
     if config.timeouts.pop3_idle <= 0:
         raise ConfigError("timeouts.pop3_idle: must be positive")
+    if config.timeouts.client_lookup <= 0:
+        raise ConfigError("timeouts.client_lookup: must be positive")
     if not 1 <= config.smtp_processes <= 64:
         raise ConfigError("smtp_processes: between 1 and 64")
     if config.queue.notice_rate_limit < 0 or config.queue.notice_rate_window <= 0:

@@ -245,5 +245,5 @@ def reopen() -> None:
 
 
 def client_label(address: str, name: str = "") -> str:
-    """Postfix's `name[address]`; we do no reverse DNS unless asked, so name is `unknown`."""
+    """Postfix's `name[address]`; the name is `unknown` unless `reverse_lookup` verified one."""
     return f"{name or 'unknown'}[{address}]"

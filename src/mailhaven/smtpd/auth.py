@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.mailbox.users import UserDB, normalize_name
+from mailhaven.maillog import client_label
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.sasl import Challenge, Credentials, Failure, SaslExchange, smtp_reply
 from mailhaven.smtpd.policy import SessionFacts
@@ -76,6 +77,7 @@ class _Exchange:
 
     async def _verify(self, cred: Credentials) -> tuple[Reply, str | None]:
         auth, ip = self.auth, self.facts.client_ip
+        client = client_label(ip, self.facts.client_name)
         # One canonical name for the limiter and the lookup; a name that can be no user's is
         # counted against the address alone.
         name = normalize_name(cred.authcid)
@@ -83,8 +85,8 @@ class _Exchange:
         verdict = auth.limiter.check(ip, name, auth.now())
         if not verdict.allowed:
             log.warning(
-                "unknown[%s]: SASL %s authentication blocked for %s: too many failures",
-                ip,
+                "%s: SASL %s authentication blocked for %s: too many failures",
+                client,
                 self.mechanism,
                 user,
             )
@@ -93,11 +95,11 @@ class _Exchange:
         auth.users.reload_if_changed()
         if name is not None and await auth.users.verify(name, cred.password):
             auth.limiter.succeeded(ip, name, auth.now())
-            log.info("unknown[%s]: sasl_method=%s, sasl_username=%s", ip, self.mechanism, name)
+            log.info("%s: sasl_method=%s, sasl_username=%s", client, self.mechanism, name)
             return AUTH_OK, name
         if name is None:
             await auth.users.verify("", cred.password)  # the same work as a wrong password
         auth.limiter.failed(ip, name, auth.now())
-        log.warning("unknown[%s]: SASL %s authentication failed: user=%s", ip, self.mechanism, user)
+        log.warning("%s: SASL %s authentication failed: user=%s", client, self.mechanism, user)
         await asyncio.sleep(auth.limiter.failure_delay)
         return AUTH_FAILED, None

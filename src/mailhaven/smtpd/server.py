@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from mailhaven.config import Limits, Timeouts, parse_hostport
+from mailhaven.net.client_names import ClientNames
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import Phase
 from mailhaven.smtpd.rates import RateCounter
@@ -43,10 +44,13 @@ class SMTPService:
         timeouts: Timeouts,
         loop: asyncio.AbstractEventLoop | None = None,
         storage: Callable[[int], Reply | None] | None = None,
+        client_names: ClientNames | None = None,
     ) -> None:
         self.sink = sink
         #: `452 4.3.1` when the queue's disk is (nearly) full for a message of N bytes
         self.storage = storage
+        #: FCrDNS of each client before its greeting; None: every client is `unknown`
+        self.client_names = client_names
         self.limits = limits
         self.timeouts = timeouts
         self.loop = loop or asyncio.get_running_loop()

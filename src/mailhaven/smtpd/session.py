@@ -27,6 +27,7 @@ from mailhaven import maillog
 from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
+from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import Phase, ServerConnection, ServerSettings, Wait
@@ -125,6 +126,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         self._gone = False
         if service.storage is not None:
             self.conn.data_gate = self._data_gate
+        #: the client name lookup before the greeting, while it runs
+        self._lookup: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -137,17 +140,44 @@ class SMTPSession(asyncio.BufferedProtocol):
         if transport.get_extra_info("ssl_object") is not None:
             self.facts.tls = self._tls_summary()
         self.last_activity = self.waiting_since = self.service.loop.time()
-        maillog.info(log, "connect from %s", self.label)
         refusal = self.service.admit(self)
-        if refusal is not None:
+        if refusal is not None:  # refused before any lookup: a flood costs us no DNS
+            maillog.info(log, "connect from %s", self.label)
             log.warning("%s: %s", self.label, refusal.text)
             self.conn.greet(refusal)
             self._flush()
             transport.close()
             return
+        names = self.service.client_names
+        if names is None:
+            self._connected(self.last_activity)
+        else:
+            # Postfix names the client before it logs the connect and greets; in a task of
+            # this session's own, so other sessions never wait for its DNS. Input is not
+            # paused: the core still sees a client that talks before the greeting.
+            self._lookup = asyncio.ensure_future(self._name_client(names, self.last_activity))
+
+    async def _name_client(self, names: ClientNames, since: float) -> None:
+        try:
+            found = await names.lookup(self.facts.client_ip)
+        except Exception:  # a bug in the lookup must not cost the client its session
+            log.exception("%s: client name lookup failed", self.label)
+            found = UNKNOWN
+        self._lookup = None
+        if self._gone:
+            return
+        self.facts.client_name = found.name
+        if found.warning:
+            log.warning("%s", found.warning)
+        self._connected(since)
+
+    def _connected(self, since: float) -> None:
+        """Log the connect and greet, `greet_pause` after the connection came (`since`)."""
+        maillog.info(log, "connect from %s", self.label)
         pause = self.service.limits.greet_pause
-        if pause > 0:
-            self.service.loop.call_later(pause, self._greet)
+        left = since + pause - self.service.loop.time() if pause > 0 else 0.0
+        if left > 0:
+            self.service.loop.call_later(left, self._greet)
         else:
             self._greet()
 
@@ -182,6 +212,10 @@ class SMTPSession(asyncio.BufferedProtocol):
         if self._gone:
             return
         self._gone = True
+        if self._lookup is not None:  # gone while being named: its connect is still logged
+            self._lookup.cancel()
+            self._lookup = None
+            maillog.info(log, "connect from %s", self.label)
         self._discard_message()
         self.service.forget(self)
         if self.conn.phase is not Phase.CLOSED and self.conn.in_transaction:
