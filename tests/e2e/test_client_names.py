@@ -117,3 +117,18 @@ def test_a_slow_lookup_holds_up_only_its_own_session(
     server.wait_for_log(r"connect from unknown\[127\.0\.0\.1\]$")
     server.wait_for_log(r"disconnect from unknown\[127\.0\.0\.1\] commands=0")
     assert b"(two.test [127.0.0.2])" in server.wait_for_messages("postmaster", 1)[0].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "dns", [{REVERSE: {"PTR": ["localhost"]}, "localhost": {"A": ["127.0.0.1"]}}], indirect=True
+)
+def test_reload_turns_it_on(mail_server: ServerFactory, dns: DNSServer) -> None:
+    server = serve(mail_server, dns, reverse_lookup=False)
+    deliver(server)
+    assert dns.queries == []
+    server.update_config({"reverse_lookup": True})
+    server.reload()
+    server.wait_for_log(r"reload: configuration .* applied")
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as client:
+        client.noop()
+    server.wait_for_log(r"disconnect from localhost\[127\.0\.0\.1\] ")
