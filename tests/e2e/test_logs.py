@@ -4,11 +4,15 @@ standard Postfix log summariser) counts our messages correctly from it.
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -299,3 +303,44 @@ def test_syslog_target_sends_mail_facility_lines(
         assert int(match.group(1)) // 8 == 2, line  # facility mail
     roles = {shape.match(line).group(2) for line in lines}  # type: ignore[union-attr]
     assert {"smtpd", "cleanup", "qmgr"} <= roles, roles
+
+
+F2B = Path(__file__).parents[2] / ".tools" / "fail2ban"
+
+
+def test_fail2bans_postfix_filter_bans_what_we_reject(mail_server: ServerFactory) -> None:
+    """fail2ban's own postfix filter (its aggressive mode: rejects, SASL failures, sessions
+    that failed AUTH) matches our lines once its `_daemon` names us, as a jail would set it:
+    `filter = postfix[mode=aggressive, _daemon="mailhaven/\\w+"]`."""
+    regex = F2B / "usr" / "bin" / "fail2ban-regex"
+    if not regex.exists():
+        pytest.skip("fail2ban is not unpacked (scripts/install-test-deps)")
+    server = mail_server(settings={"local_users": ["postmaster"], "trusted_networks": []},
+                         services=("smtp", "submission"))
+    with smtplib.SMTP(server.host, server.smtp_port, "client.test", 10) as smtp:
+        smtp.ehlo()
+        smtp.mail("a@example.org")
+        assert smtp.rcpt("nosuch@localhost")[0] == 550
+        assert smtp.rcpt("x@remote.example")[0] == 554
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # self-signed
+    with smtplib.SMTP(server.host, server.port("submission"), "client.test", 10) as smtp:
+        smtp.starttls(context=context)
+        smtp.ehlo()
+        token = base64.b64encode(b"\0bob\0wrong").decode()
+        assert smtp.docmd("AUTH", f"PLAIN {token}")[0] == 535
+    server.wait_for_log(r"SASL PLAIN authentication failed")
+    assert server.stop() == 0
+    flt = F2B / "etc" / "fail2ban" / "filter.d" / "postfix.conf"
+    result = subprocess.run(
+        [sys.executable, str(regex), "--out", "msg", str(server.log_path),
+         f'{flt}[mode=aggressive, _daemon="mailhaven/\\w+"]'],
+        env={**os.environ, "PYTHONPATH": str(F2B / "usr" / "lib" / "python3" / "dist-packages")},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    matched = result.stdout.splitlines()
+    assert any("RCPT from unknown[127.0.0.1]: 550 5.1.1" in line for line in matched), matched
+    assert any("Relay access denied" in line for line in matched), matched
+    assert any("SASL PLAIN authentication failed" in line for line in matched), matched
+    assert all("[127.0.0.1]" in line for line in matched), matched
