@@ -13,8 +13,10 @@ Loading never half-applies: `load()` either returns a complete, validated `Confi
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import types
@@ -28,7 +30,15 @@ from mailhaven import eventloop, logtargets
 
 
 class ConfigError(ValueError):
-    """A configuration file is unreadable or invalid; the message says where and why."""
+    """A configuration file is unreadable or invalid; the message says where and why.
+
+    `key` (dotted, e.g. "limits.recipients") lets `load` add the line it is on; without it
+    the key is read from the message's "key: ..." prefix. `hint` follows the line number."""
+
+    def __init__(self, message: str, *, key: str | None = None, hint: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -297,9 +307,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - names)
+    unknown = [k for k in data if k not in names]  # file order: the first typo first
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        key = unknown[0]
+        table = f" in [{where}]" if where else ""
+        close = difflib.get_close_matches(key, sorted(names), n=1)
+        raise ConfigError(
+            f'unknown key "{key}"{table}',
+            key=f"{where}.{key}" if where else key,
+            hint=f'did you mean "{close[0]}"?' if close else "",
+        )
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -329,13 +346,18 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"trusted_networks: {err}") from None
     for service in dataclasses.fields(Listen):
         for addr in getattr(config.listen, service.name):
-            parse_hostport(addr)
+            try:
+                parse_hostport(addr)
+            except ConfigError as err:
+                raise ConfigError(f"listen.{service.name}: {err}") from None
     if bool(config.tls.cert) != bool(config.tls.key):
         raise ConfigError("tls: give both cert and key, or neither")
     _validate_acme(config.tls)
-    for policy in (config.relay.tls, config.relay.relayhost_tls):
+    for name, policy in (("tls", config.relay.tls), ("relayhost_tls", config.relay.relayhost_tls)):
         if policy not in ("none", "may", "encrypt", "verify"):
-            raise ConfigError(f"relay: TLS policy {policy!r} is not none, may, encrypt or verify")
+            raise ConfigError(
+                f"relay.{name}: TLS policy {policy!r} is not none, may, encrypt or verify"
+            )
     for server in config.relay.nameservers:
         parse_hostport(server)
     for net in config.etrn.clients:
@@ -355,7 +377,194 @@ def validate(config: Config) -> Config:
         raise ConfigError('log_format: "text" or "json"')
     if not config.local_domains:
         raise ConfigError("local_domains: at least one domain is needed")
+    _check_numbers(config)
+    _check_next_hops(config)
+    _check_aliases(config)
     return config
+
+
+#: Numbers that must be above zero (elsewhere 0 means "off" or "at once"); no number in the
+#: configuration may be negative.
+POSITIVE = frozenset({
+    "limits.connections", "limits.connections_per_ip", "limits.hard_error_limit",
+    "limits.commands_per_session", "timeouts.command", "timeouts.data",
+    "timeouts.tls_handshake", "queue.minimal_backoff", "queue.maximal_backoff",
+    "queue.concurrency", "queue.destination_concurrency", "queue.recipients_per_transaction",
+    "relay.max_hosts",
+})
+#: TCP ports (RFC 793: 16 bits; port 0 cannot be connected to).
+MAX_PORT = 65535
+
+
+def _check_numbers(config: Config) -> None:
+    """Negative times and limits, and zeros where zero makes no sense, found from the
+    dataclasses themselves so a key added later is covered too."""
+    _check_table(config, "")
+    if config.queue.maximal_backoff < config.queue.minimal_backoff:
+        raise ConfigError("queue.maximal_backoff: must not be less than minimal_backoff")
+    if not 1 <= config.relay.port <= MAX_PORT:
+        raise ConfigError(f"relay.port: between 1 and {MAX_PORT}, got {config.relay.port}")
+
+
+def _check_table(table: Any, prefix: str) -> None:
+    for item in dataclasses.fields(table):
+        value, key = getattr(table, item.name), prefix + item.name
+        if dataclasses.is_dataclass(value):
+            _check_table(value, key + ".")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            if value < 0:
+                raise ConfigError(f"{key}: must not be negative, got {value}")
+            if value == 0 and key in POSITIVE:
+                raise ConfigError(f"{key}: must be more than 0")
+
+
+def check_next_hop(text: str) -> str | None:
+    """Why `text` is not a next hop (`domain`, `domain:port`, `[host]` or `[host]:port`, the
+    forms `mailhaven.delivery.relay.split_nexthop` reads), or None when it is one."""
+    from mailhaven.proto.address import is_valid_domain
+
+    bracketed = text.startswith("[")
+    if bracketed:
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return "expected [host] or [host]:port"
+        port = rest[1:] if rest else None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        host, port = (host, port_text) if sep else (text, None)
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= MAX_PORT):
+        return f"bad port {port!r}: a number from 1 to {MAX_PORT}"
+    if bracketed and _is_ip(host):
+        return None
+    if not is_valid_domain(host.rstrip(".")) or host.startswith("["):
+        return f"bad host {host!r}: a domain name, or an IP address in brackets"
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_next_hops(config: Config) -> None:
+    hops = [("relayhost", config.relayhost)] if config.relayhost else []
+    hops += [(f"relay.transport.{d}", hop) for d, hop in config.relay.transport.items()]
+    for key, hop in hops:
+        if (why := check_next_hop(hop)) is not None:
+            raise ConfigError(f"{key}: {hop!r}: {why}")
+
+
+def _check_aliases(config: Config) -> None:
+    """Alias targets are local names or addresses; anything else would be dropped silently
+    when the alias is expanded (a list written as one string: "alice, bob")."""
+    from mailhaven.proto.address import is_valid_domain, is_valid_local_part, split_mailbox
+
+    for name, targets in config.aliases.items():
+        for target in targets:
+            try:
+                local, domain = split_mailbox(target) if "@" in target else (target, "x")
+            except ValueError:
+                local, domain = "", ""
+            if not (is_valid_local_part(local, utf8=True) and is_valid_domain(domain, utf8=True)):
+                raise ConfigError(
+                    f"aliases.{name}: {target!r} is not a local name or an address"
+                    " (give several targets as a list: [\"alice\", \"bob@example.net\"])"
+                )
+
+
+def hostname_warning(config: Config) -> str | None:
+    """A warning when `hostname` is not a fully qualified domain name: remote servers check
+    the HELO name (Postfix reject_non_fqdn_helo_hostname) and bounces name it. Not an error:
+    the try-it default is the machine's own name, often without a domain."""
+    name = config.hostname.rstrip(".")
+    if "." in name and name.lower() != "localhost" and not name.lower().endswith(".localhost"):
+        return None
+    return (
+        f"hostname {config.hostname!r} is not a fully qualified domain name: other mail "
+        f"servers may refuse our HELO; set hostname = \"mail.example.org\""
+    )
+
+
+def check_files(config: Config) -> None:
+    """The files the configuration names, as `serve` will need them: the TLS certificate and
+    key must be readable and load as a pair (otherwise the server would fail only when it
+    starts its listeners, or a reload later)."""
+    if not config.tls.cert:
+        return
+    import ssl
+
+    from mailhaven.net.tls import build_server_context
+
+    for name in ("cert", "key"):
+        path = getattr(config.tls, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise _with_line(
+                ConfigError(f"tls.{name}: cannot read {path}: {err.strerror}"), config.source
+            ) from None
+    try:
+        build_server_context(Path(config.tls.cert), Path(config.tls.key))
+    except (ssl.SSLError, OSError) as err:
+        raise _with_line(
+            ConfigError(
+                f"tls.cert: {config.tls.cert} and {config.tls.key} are not a PEM certificate "
+                f"and its private key: {err}"
+            ),
+            config.source,
+        ) from None
+
+
+#: "limits.recipients: ..." or "trusted_networks[2]: ...": the key a message is about.
+_KEY_PREFIX = re.compile(r"([A-Za-z_][\w.-]*)(?:\[\d+\])?:")
+_TABLE = re.compile(r"\s*\[+\s*([^\]]+?)\s*\]+\s*(?:#.*)?$")
+_KEY_LINE = re.compile(r"\s*([\w\-.\"' ]+?)\s*=")
+
+
+def _dotted(text: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in text.split(".")]
+
+
+def key_line(text: str, key: str) -> int | None:
+    """The 1-based line where the dotted `key` is set in TOML `text` (its table header when the
+    key itself is not on a line of its own, e.g. inside an inline table); None if absent."""
+    path = _dotted(key)
+    while path:
+        table: list[str] = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if header := _TABLE.match(line):
+                table = _dotted(header.group(1))
+                if table == path:
+                    return number
+            elif (assignment := _KEY_LINE.match(line)) and table + _dotted(
+                assignment.group(1)
+            ) == path:
+                return number
+        path = path[:-1]
+    return None
+
+
+def _with_line(err: ConfigError, source: str | None, text: str | None = None) -> ConfigError:
+    """`err` with the line of its key in the file added: `... (line N)`."""
+    message = str(err)
+    key = err.key
+    if key is None and (prefix := _KEY_PREFIX.match(message)):
+        key = prefix.group(1)
+    if source is not None and text is None:
+        try:
+            text = Path(source).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = None
+    line = key_line(text, key) if key and text is not None else None
+    if line is not None:
+        message += f" (line {line})"
+    if err.hint:
+        message += f"; {err.hint}"
+    return ConfigError(f"{source}: {message}" if source else message)
 
 
 #: Like Postfix's /etc/postfix/main.cf: what every command reads when told nothing else.
@@ -428,13 +637,16 @@ def load(path: str | Path | None) -> Config:
         return validate(Config())
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            text = fh.read().decode("utf-8")
+        data = tomllib.loads(text)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:  # TOML is UTF-8 (TOML 1.0 "Spec")
+        raise ConfigError(f"{path}: not UTF-8 (byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: TOML syntax error: {err}") from None
     try:
         config = _anchor(_build(Config, data, ""), Path(path).absolute().parent)
         return validate(dataclasses.replace(config, source=str(path)))
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise _with_line(err, str(path), text) from None

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = configuration.load(configuration.locate(config_path))
+        if args.command in ("serve", "config"):  # what would fail only later, when it is used
+            configuration.check_files(config)
     except configuration.ConfigError as err:
         print(f"mailhaven: {err}", file=sys.stderr)
         return 2
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             except UsersFileError as err:
                 print(f"mailhaven: {err}", file=sys.stderr)
                 return 2
+            if warning := configuration.hostname_warning(config):
+                print(f"mailhaven: warning: {warning}", file=sys.stderr)
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")
             return 0
         case "tls":
@@ -200,9 +204,11 @@ def _queue(word: str, argv: list[str], path: str | None) -> int:
 def _serve(
     config: object, worker_fds: str | None = None, shard: int = 1, lifeline: int | None = None
 ) -> int:
+    import logging
+
     from mailhaven import eventloop, maillog
     from mailhaven.app import App
-    from mailhaven.config import Config
+    from mailhaven.config import Config, hostname_warning
     from mailhaven.mailbox.users import UsersFileError
     from mailhaven.workers import WorkerRole
 
@@ -213,6 +219,8 @@ def _serve(
         role = WorkerRole(shard, tuple(int(fd) for fd in worker_fds.split(",")), lifeline)
     else:
         print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
+        if warning := hostname_warning(config):
+            logging.getLogger("mailhaven.master").warning("%s", warning)
     try:
         return eventloop.run(config.event_loop, App(config, worker=role).run())
     except eventloop.LoopUnavailable as err:
