@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +126,43 @@ def test_the_documented_defaults_are_a_valid_configuration(tmp_path: Path) -> No
     assert documented.smtp_processes == 1 and documented.log_level == "info"
     assert documented.aliases == {}
 
+
+def _documented_block() -> str:
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert block is not None
+    return block.group(1)
+
+
+def _keys(cls: type[Any], prefix: str = "") -> list[str]:
+    """Every configuration key, from the dataclasses (so a key added later is included)."""
+    keys = []
+    for item in dataclasses.fields(cls):
+        if item.name == "source":
+            continue
+        default = item.default_factory() if callable(item.default_factory) else item.default
+        if dataclasses.is_dataclass(default):
+            keys += _keys(type(default), f"{prefix}{item.name}.")
+        else:
+            keys.append(prefix + item.name)
+    return keys
+
+
+def test_every_key_is_documented_with_its_default() -> None:
+    """docs/configuration.md's annotated block sets every key of the dataclasses, in its table,
+    to its built-in default (the machine-dependent `hostname` excepted)."""
+    documented = tomllib.loads(_documented_block())
+    for key in _keys(configuration.Config):
+        *tables, name = key.split(".")
+        table, default = documented, configuration.Config()
+        for section in tables:
+            table, default = table.get(section, {}), getattr(default, section)
+        assert name in table, f"{key} is not in docs/configuration.md"
+        if key == "hostname":
+            continue
+        default = getattr(default, name)
+        value = table[name]
+        value = tuple(value) if isinstance(value, list) else value
+        assert value == default and type(value) is type(default), f"{key}: documented {table[name]!r}, default {default!r}"
