@@ -273,16 +273,23 @@ async def test_auth_plain_login_and_brute_force_brake(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- STARTTLS that never completes
 
 
-def _stalled_starttls(port: int, ending: str) -> None:
-    """STARTTLS, read 220, then end as an attacker would: reset, silence, or not TLS at all."""
+def starttls_sent(port: int) -> socket.socket:
+    """A plaintext connection that has said EHLO and STARTTLS and read `220 Ready`: the next
+    bytes on it belong to the TLS handshake."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     f = raw.makefile("rb")
     assert f.readline().startswith(b"220")
-    raw.sendall(b"EHLO attacker.test\r\n")
+    raw.sendall(b"EHLO client.test\r\n")
     while not f.readline().startswith(b"250 "):
         pass
     raw.sendall(b"STARTTLS\r\n")
     assert f.readline().startswith(b"220 2.0.0")
+    return raw
+
+
+def _stalled_starttls(port: int, ending: str) -> None:
+    """STARTTLS, read 220, then end as an attacker would: reset, silence, or not TLS at all."""
+    raw = starttls_sent(port)
     match ending:
         case "reset":
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -333,14 +340,7 @@ async def test_starttls_that_never_completes_releases_its_slot(ending: str) -> N
 def finished_command_and_close_notify(port: int) -> bytes:
     """A memory-BIO TLS client that sends its Finished, `EHLO` and close_notify in one
     `send` (one TCP segment); returns what the server sent back after it, decrypted."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        stream = sock.makefile("rb")
-        assert stream.readline().startswith(b"220")
-        sock.sendall(b"EHLO client.test\r\n")
-        while not stream.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"STARTTLS\r\n")
-        assert stream.readline().startswith(b"220 2.0.0")
+    with starttls_sent(port) as sock:
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = client_tls().wrap_bio(incoming, outgoing, server_hostname="localhost")
         while True:
@@ -462,14 +462,7 @@ async def test_shutdown_during_a_starttls_handshake_writes_no_plaintext() -> Non
     h = await start(lambda: mx_profile(starttls=True), timeouts=Timeouts(tls_handshake=30))
 
     def stalled() -> bytes:
-        with socket.create_connection(("127.0.0.1", h.port), timeout=10) as raw:
-            f = raw.makefile("rb")
-            assert f.readline().startswith(b"220")
-            raw.sendall(b"EHLO c\r\n")
-            while not f.readline().startswith(b"250 "):
-                pass
-            raw.sendall(b"STARTTLS\r\n")
-            assert f.readline().startswith(b"220 2.0.0")
+        with starttls_sent(h.port) as raw:
             ready.set()
             rest = b""
             with contextlib.suppress(OSError):

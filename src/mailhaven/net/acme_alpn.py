@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import ssl
 import tempfile
@@ -24,9 +23,9 @@ from typing import Any
 
 from acme import challenges
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
+
+from mailhaven.net import selfsigned
 
 #: RFC 8737 §6.2: the ALPN protocol name of the validation handshake.
 ALPN_PROTOCOL = "acme-tls/1"
@@ -56,23 +55,11 @@ class TLSALPN01(challenges.KeyAuthorizationChallenge):
 
 def challenge_context(domain: str, key_authorization: str) -> ssl.SSLContext:
     """A server context with the RFC 8737 §3 certificate for `domain`, offering acme-tls/1."""
-    key = ec.generate_private_key(ec.SECP256R1())
     digest = hashlib.sha256(key_authorization.encode()).digest()
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-        # the extension's value is a DER OCTET STRING holding the 32-byte digest
-        .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER, b"\x04\x20" + digest),
-                       critical=True)
-        .sign(key, hashes.SHA256())
+    # the extension's value is a DER OCTET STRING holding the 32-byte digest
+    identifier = x509.UnrecognizedExtension(ACME_IDENTIFIER, b"\x04\x20" + digest)
+    key, cert = selfsigned.self_signed(
+        domain, [x509.DNSName(domain)], days=7, extensions=[(identifier, True)]
     )
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # RFC 8737 §4

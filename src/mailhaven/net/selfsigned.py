@@ -13,7 +13,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def made_for(cert_file: Path) -> str | None:
@@ -48,29 +50,52 @@ def toml_hint(cert_file: Path, key_file: Path) -> str:
     return f"[tls]\ncert = {_toml_string(cert)}\nkey = {_toml_string(key)}\n"
 
 
-def create(cert_file: Path, key_file: Path, hostname: str) -> None:
-    """Write a new key (mode 0600) and certificate; overwrites existing files."""
+def self_signed(
+    common_name: str,
+    names: list[Any],
+    *,
+    days: int,
+    extensions: Sequence[tuple[Any, bool]] = (),
+) -> tuple[Any, Any]:
+    """A new ECDSA P-256 key and a self-signed certificate for it: `common_name` as subject and
+    issuer, `names` as subject alternative names, valid from five minutes ago for `days`, plus
+    `extensions` as (extension, critical). Shared by this module and ACME's TLS-ALPN-01
+    challenge certificate, which differ only in names, lifetime and one extension."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
-    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
-    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return key, builder.sign(key, hashes.SHA256())
+
+
+def create(cert_file: Path, key_file: Path, hostname: str) -> None:
+    """Write a new key (mode 0600) and certificate; overwrites existing files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    key, cert = self_signed(
+        hostname,
+        names,
+        days=365,
+        extensions=[(x509.BasicConstraints(ca=False, path_length=None), True)],
     )
     cert_file.parent.mkdir(parents=True, exist_ok=True)
     key_bytes = key.private_bytes(
