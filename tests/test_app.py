@@ -48,3 +48,26 @@ async def test_the_mx_profile_is_built_once_per_configuration(tmp_path: Path) ->
     path.write_text(conf % 200_000)
     app.reload()
     assert app._mx_profile().settings.max_message_size == 200_000
+
+
+async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Path) -> None:
+    """[limits] auth_* apply to the one limiter SMTP AUTH and POP3 share; its counts so far
+    survive a reload (a SIGHUP must not give a guesser a fresh start)."""
+    path = tmp_path / "mailhaven.toml"
+    conf = (
+        f'state_dir = "{tmp_path / "state"}"\n[limits]\n'
+        "auth_failures = %d\nauth_address_failures = 50\nauth_failure_delay = %s\n"
+    )
+    path.write_text(conf % (3, "0.5"))
+    app = App(configuration.load(path))
+    app.authenticator = SMTPAuthenticator(app.users, app.auth_limiter)  # as start() does
+    limiter = app.auth_limiter
+    assert (limiter.max_failures, limiter.max_address_failures) == (3, 50)
+    for t in range(2):
+        limiter.failed("192.0.2.1", "alice", float(t))
+    assert limiter.penalty("192.0.2.1", 2.0) == 1.0
+    path.write_text(conf % (2, "0.25"))
+    app.reload()
+    assert app.auth_limiter is limiter and app.authenticator.limiter is limiter
+    assert limiter.failure_delay == 0.25 and limiter.penalty("192.0.2.1", 2.0) == 0.5
+    assert not limiter.check("192.0.2.1", "alice", 2.0).allowed  # the two failures were kept

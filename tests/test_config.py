@@ -67,6 +67,10 @@ def test_toml_overrides(tmp_path: Path) -> None:
         ("this is not toml", "TOML syntax error"),
         ("[queue]\nnotice_rate_limit = -1", "queue.notice_rate_limit"),
         ("[queue]\nnotice_rate_window = 0", "queue.notice_rate_limit"),
+        ("[limits]\nauth_failures = 0", "limits.auth_failures"),
+        ("[limits]\nauth_address_failures = 0", "limits.auth_address_failures"),
+        ("[limits]\nauth_failure_delay = -1", "limits.auth_failure_delay"),
+        ("[limits]\nauth_failure_delay = 31", "limits.auth_failure_delay: between 0 and 30"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

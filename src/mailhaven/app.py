@@ -251,7 +251,11 @@ class App:
         self.router = build_router(config, self.users)
         self.tls: ReloadableTLS | None = None
         self._mx: ListenerProfile | None = None
-        self.auth_limiter = AuthLimiter()
+        self.auth_limiter = AuthLimiter(
+            max_failures=config.limits.auth_failures,
+            max_address_failures=config.limits.auth_address_failures,
+            failure_delay=config.limits.auth_failure_delay,
+        )
         self.pop3: list[Pop3Listener] = []
         #: per-address connection counts and rates over every POP3 listener (`[limits]`)
         self.pop3_clients = ClientLimits(
@@ -753,6 +757,10 @@ class App:
                 idle_timeout=new.timeouts.pop3_idle,
                 tls_handshake_timeout=new.timeouts.tls_handshake,
             )
+        # the limiter keeps its counts; only its limits change
+        self.auth_limiter.max_failures = new.limits.auth_failures
+        self.auth_limiter.max_address_failures = new.limits.auth_address_failures
+        self.auth_limiter.failure_delay = new.limits.auth_failure_delay
         self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
         self.pop3_clients.rate.limit = new.limits.connection_rate
         self.router = prepared.router

@@ -52,6 +52,11 @@ class Listen:
     pop3s: tuple[str, ...] = ("127.0.0.1:2995",)
 
 
+#: The back-off reaches 7.5 times auth_failure_delay; capped so it stays below the 5 minutes a
+#: client waits for a reply (RFC 5321 4.5.3.2.7).
+MAX_AUTH_FAILURE_DELAY = 30.0
+
+
 @dataclass(frozen=True)
 class Limits:
     """Named limits; RFC 5321 §4.5.3.1 minimums are enforced at load time."""
@@ -82,6 +87,15 @@ class Limits:
     message_rate: int = 0
     #: Seconds to wait before the greeting, to catch early talkers (0: off, no delay).
     greet_pause: float = 0.0
+    #: Failed logins (SMTP AUTH and POP3) of one user from one client address in 10 minutes
+    #: before that pair is refused; other addresses are not affected (`auth_limiter`).
+    auth_failures: int = 10
+    #: Failed logins from one client address, any users, in 10 minutes before it is refused.
+    auth_address_failures: int = 30
+    #: Dovecot auth_failure_delay: every failure is answered after this many seconds, and an
+    #: address with recent failures waits it, doubled per failure up to 7.5 times, before its
+    #: next attempt is looked at (Dovecot's auth penalty: 2, 4, 8, 15 s).
+    auth_failure_delay: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -331,6 +345,12 @@ def validate(config: Config) -> Config:
         raise ConfigError("limits.command_line: RFC 5321 4.5.3.1.4 requires at least 512")
     if config.limits.message_size < 1024:
         raise ConfigError("limits.message_size: must be at least 1024")
+    if config.limits.auth_failures < 1 or config.limits.auth_address_failures < 1:
+        raise ConfigError("limits.auth_failures, limits.auth_address_failures: at least 1")
+    if not 0 <= config.limits.auth_failure_delay <= MAX_AUTH_FAILURE_DELAY:
+        raise ConfigError(
+            f"limits.auth_failure_delay: between 0 and {MAX_AUTH_FAILURE_DELAY:g} seconds"
+        )
     if config.timeouts.pop3_idle <= 0:
         raise ConfigError("timeouts.pop3_idle: must be positive")
     if config.timeouts.client_lookup <= 0:

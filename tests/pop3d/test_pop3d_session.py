@@ -114,7 +114,7 @@ async def test_failed_logins_are_delayed_limited_and_logged(
     users: UserDB, mail_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "mailhaven.pop3d")
-    limiter = AuthLimiter(max_failures=2, window=60.0, failure_delay=0.2)
+    limiter = AuthLimiter(max_failures=2, max_address_failures=2, window=60.0, failure_delay=0.2)
     async with running_server(mail_root, users, limiter=limiter) as server:
         client = await LineClient.connect(server.port)
         loop = asyncio.get_running_loop()

@@ -171,6 +171,8 @@ class Session:
     async def _login(self, event: pop3.Login) -> None:
         services, loop = self.services, asyncio.get_running_loop()
         name = normalize_name(event.user)
+        # the address's back-off (Dovecot's auth penalty) holds this session only
+        await asyncio.sleep(services.limiter.penalty(self.rip, loop.time()))
         verdict = services.limiter.check(self.rip, name, loop.time())
         good = (
             verdict.allowed

@@ -2,9 +2,12 @@
 
 The SASL parsing is `proto.sasl` (pure); the password check is `UserDB.verify` (argon2id in a
 thread); the brute-force brake is `auth_limiter.AuthLimiter`, shared with POP3 so a client that
-guesses on one protocol is slowed on both. Every failure is answered `535 5.7.8` after a delay
-(never a silent disconnect); a blocked client or user gets `454 4.7.0` without any hash being
-computed. Successes and failures are logged like Postfix (`sasl_method=`, `sasl_username=`).
+guesses on one protocol is slowed on both; it counts per (address, normalised user) and per
+address, so a guesser cannot lock the user out elsewhere. An address with recent failures waits
+its back-off before each AUTH is looked at (in this session's task only). Every failure is
+answered `535 5.7.8` after a delay (never a silent disconnect); a blocked client or user gets
+`454 4.7.0` without any hash being computed. Successes and failures are logged like Postfix
+(`sasl_method=`, `sasl_username=`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class _Exchange:
         # counted against the address alone.
         name = normalize_name(cred.authcid)
         user = name or cred.authcid  # the log line escapes what the client sent
+        await asyncio.sleep(auth.limiter.penalty(ip, auth.now()))
         verdict = auth.limiter.check(ip, name, auth.now())
         if not verdict.allowed:
             log.warning(
