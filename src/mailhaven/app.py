@@ -58,7 +58,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials
 from mailhaven.proto.smtp_server import ServerSettings
 from mailhaven.routing import Router
-from mailhaven.runtime import systemd
+from mailhaven.runtime import privileges, systemd
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits as PlanLimits
 from mailhaven.scheduler.runner import Runner
@@ -76,7 +76,12 @@ log = logging.getLogger("mailhaven.master")
 #: Settings a reload keeps (logged when the file changes them): the listening sockets, the
 #: processes, the loop and the queue's place are made once; the host name is baked into the
 #: engine (Received: fields, bounces, Maildir names, HELO), so it changes all at once or not.
-RESTART_ONLY = ("listen", "state_dir", "smtp_processes", "event_loop", "hostname")
+RESTART_ONLY = (
+    "listen", "state_dir", "smtp_processes", "event_loop", "hostname", "user", "group"
+)
+
+#: The listeners, as named in `[listen]` and by systemd's `FileDescriptorName=`.
+LISTENER_NAMES = ("smtp", "submission", "submissions", "pop3", "pop3s")
 
 #: How often the daemon tells systemd its queue size (`systemctl status`).
 STATUS_INTERVAL = 30.0
@@ -108,6 +113,30 @@ def tls_files(config: Config) -> tuple[Path, Path] | None:
         log.warning("self-signed certificate %s was for %s: made again for %s",
                     cert, old_name, config.hostname)
     return cert, key
+
+
+def bind_address(address: str) -> list[socket.socket]:
+    """Sockets bound to one `host:port` (as `loop.create_server` would bind them), made before
+    the privilege drop so that ports below 1024 work; OSError names the address."""
+    host, port = parse_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    out: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        for fam, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(fam, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)  # listen(2) comes when serving starts: no early connections
+    except OSError as err:
+        for sock in out:
+            sock.close()
+        raise OSError(err.errno, f"cannot listen on {address}: {err.strerror or err}") from None
+    return out
 
 
 def load_tls(config: Config) -> ReloadableTLS | None:
@@ -281,6 +310,8 @@ class App:
         self.manager: systemd.Notifier | None = None
         self._started = time.monotonic()
         self._smtp_sockets: list[socket.socket] = []
+        #: the listening sockets per listener name, bound (or inherited) before the drop
+        self._bound: dict[str, list[tuple[str, socket.socket]]] = {}
 
     # ------------------------------------------------------------------ wiring
 
@@ -372,30 +403,36 @@ class App:
     async def _start_listeners(self) -> None:
         config = self.config
         assert self.smtp is not None
-        for address in config.listen.smtp:
-            server = await self.smtp.listen(address, self._mx_profile)
+        bound = self._bound
+        for address, sock in bound.get("smtp", []):
+            server = await self.smtp.listen(address, self._mx_profile, sock=sock)
             self._smtp_sockets.extend(server.sockets)
             log.info("smtp listening on %s", address)
-        for address in config.listen.submission:
-            await self.smtp.listen(address, lambda: self._submission_profile(implicit_tls=False))
+        for address, sock in bound.get("submission", []):
+            await self.smtp.listen(
+                address, lambda: self._submission_profile(implicit_tls=False), sock=sock
+            )
             log.info("submission listening on %s", address)
-        tls_listeners = [*config.listen.submissions, *config.listen.pop3s]
+        tls_listeners = [*bound.get("submissions", []), *bound.get("pop3s", [])]
         if self.tls is None and tls_listeners:
             log.warning("no TLS certificate: submissions and pop3s listeners are off")
+            for _, sock in tls_listeners:
+                sock.close()
         if self.tls is not None:
-            for address in config.listen.submissions:
+            for address, sock in bound.get("submissions", []):
                 await self.smtp.listen(
-                    address, lambda: self._submission_profile(implicit_tls=True), implicit_tls=True
+                    address, lambda: self._submission_profile(implicit_tls=True),
+                    implicit_tls=True, sock=sock,
                 )
                 log.info("submissions (implicit TLS) listening on %s", address)
-        pop3 = [(a, False) for a in config.listen.pop3]
+        pop3 = [(a, s, False) for a, s in bound.get("pop3", [])]
         if self.tls is not None:
-            pop3 += [(a, True) for a in config.listen.pop3s]
-        for address, implicit in pop3:
-            host, port = parse_hostport(address)
+            pop3 += [(a, s, True) for a, s in bound.get("pop3s", [])]
+        for address, sock, implicit in pop3:
             listener = await start_pop3_server(
-                host,
-                port,
+                None,
+                0,
+                sock=sock,
                 mail_root=config.mail_root,
                 users=self.users,
                 tls_context=self._tls_context(),
@@ -423,6 +460,8 @@ class App:
             # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
+        self._bound = self._bind_listeners()
+        self._drop_privileges()
         # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
@@ -446,6 +485,52 @@ class App:
         self._start_acme()
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
+
+    def _bind_listeners(self) -> dict[str, list[tuple[str, socket.socket]]]:
+        """Every listening socket, per listener name: systemd's (socket activation) replace the
+        `[listen]` addresses of their name (unnamed ones are `smtp`); the rest we bind."""
+        bound: dict[str, list[tuple[str, socket.socket]]] = {}
+        for name, sock in systemd.listen_sockets():
+            name = name or "smtp"
+            if name not in LISTENER_NAMES:
+                log.warning("ignoring a socket from systemd named %r: not one of %s",
+                            name, ", ".join(LISTENER_NAMES))
+                sock.close()
+                continue
+            address = sock.getsockname()
+            label = f"{address[0]}:{address[1]} (from systemd)" if isinstance(
+                address, tuple) else f"{address!r} (from systemd)"
+            bound.setdefault(name, []).append((label, sock))
+        try:
+            for name in LISTENER_NAMES:
+                if name in bound:
+                    continue
+                for address in getattr(self.config.listen, name):
+                    bound.setdefault(name, []).extend(
+                        (address, sock) for sock in bind_address(address)
+                    )
+        except OSError:
+            for socks in bound.values():
+                for _, sock in socks:
+                    sock.close()
+            raise
+        return bound
+
+    def _drop_privileges(self) -> None:
+        """Started as root with `user` set: hand the state directory over and become the user,
+        before anything reads network input or writes state (runtime.privileges)."""
+        config = self.config
+        if os.geteuid() != 0:
+            return
+        if not config.user:
+            log.warning("running as root: set `user` to run as an unprivileged account")
+            return
+        try:
+            who = privileges.resolve(config.user, config.group)
+        except LookupError as err:
+            raise OSError(str(err)) from None
+        privileges.hand_over(config.state_path, who)
+        privileges.drop(who)
 
     def _lock_queue(self) -> control.DaemonLock:
         lock = control.DaemonLock.acquire(control.lock_path(self.spool.root))

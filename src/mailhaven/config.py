@@ -213,6 +213,10 @@ class Etrn:
 class Config:
     hostname: str = field(default_factory=socket.gethostname)
     state_dir: str = "mailhaven-data"
+    #: Started as root: the account to run as once the listeners are bound (empty: stay who
+    #: we are; see `mailhaven.runtime.privileges`). `group` defaults to the user's own group.
+    user: str = ""
+    group: str = ""
     local_domains: tuple[str, ...] = ("localhost",)
     #: Mailboxes that receive mail (more come from the users file).
     local_users: tuple[str, ...] = ("postmaster",)
@@ -400,6 +404,15 @@ def validate(config: Config) -> Config:
     _check_numbers(config)
     _check_next_hops(config)
     _check_aliases(config)
+    if config.group and not config.user:
+        raise ConfigError("group: only with user")
+    if config.user:
+        from mailhaven.runtime import privileges
+
+        try:
+            privileges.resolve(config.user, config.group)
+        except LookupError as err:
+            raise ConfigError(str(err)) from None
     return config
 
 

@@ -112,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if warning := configuration.hostname_warning(config):
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
+            from pathlib import Path
+
+            from mailhaven.runtime.privileges import loose_modes
+
+            keys = [Path(config.tls.key) if config.tls.key else
+                    config.state_path / "tls" / "selfsigned.key"]
+            for warning in loose_modes(config.state_path, keys, config.users_path):
+                print(f"mailhaven: warning: {warning}", file=sys.stderr)
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")
             return 0
         case "tls":

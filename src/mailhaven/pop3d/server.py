@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections import Counter
 from pathlib import Path
@@ -130,6 +131,7 @@ async def start_pop3_server(
     host: str | None,
     port: int,
     *,
+    sock: socket.socket | None = None,
     mail_root: Path,
     users: UserDB,
     tls_context: ssl.SSLContext | None,
@@ -152,14 +154,22 @@ async def start_pop3_server(
     listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions,
                             clients)
     loop = asyncio.get_running_loop()
-    listener.server = await loop.create_server(
-        lambda: Stream(listener._accept),
-        host,
-        port,
-        ssl=tls_context if implicit_tls else None,
-        ssl_handshake_timeout=tls_handshake_timeout if implicit_tls else None,
-        reuse_address=True,
-    )
-    log.info("listening on %s port %d (%s)", host or "*", listener.port,
+    tls = tls_context if implicit_tls else None
+    handshake = tls_handshake_timeout if implicit_tls else None
+    if sock is not None:  # bound before the privilege drop, or inherited from systemd
+        listener.server = await loop.create_server(
+            lambda: Stream(listener._accept), sock=sock, ssl=tls, ssl_handshake_timeout=handshake
+        )
+    else:
+        listener.server = await loop.create_server(
+            lambda: Stream(listener._accept),
+            host,
+            port,
+            ssl=tls,
+            ssl_handshake_timeout=handshake,
+            reuse_address=True,
+        )
+    shown = sock.getsockname()[0] if sock is not None else host
+    log.info("listening on %s port %d (%s)", shown or "*", listener.port,
              "implicit TLS" if implicit_tls else "STLS" if tls_context else "plaintext")
     return listener
