@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from mailhaven import __version__, control, maillog
+from mailhaven import __version__, control, logtargets, maillog
 from mailhaven import config as configuration
 from mailhaven.auth_limiter import AuthLimiter
 from mailhaven.config import Config, parse_hostport
@@ -460,7 +460,7 @@ class App:
             # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
-        self._bound = self._bind_listeners()
+        self._bound = self._bind_listeners(systemd.listen_sockets())
         self._drop_privileges()
         # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -486,11 +486,14 @@ class App:
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
 
-    def _bind_listeners(self) -> dict[str, list[tuple[str, socket.socket]]]:
-        """Every listening socket, per listener name: systemd's (socket activation) replace the
-        `[listen]` addresses of their name (unnamed ones are `smtp`); the rest we bind."""
+    def _bind_listeners(
+        self, inherited: Sequence[tuple[str, socket.socket]]
+    ) -> dict[str, list[tuple[str, socket.socket]]]:
+        """Every listening socket, per listener name: the `inherited` ones (systemd's socket
+        activation) replace the `[listen]` addresses of their name (unnamed ones are `smtp`);
+        the rest we bind."""
         bound: dict[str, list[tuple[str, socket.socket]]] = {}
-        for name, sock in systemd.listen_sockets():
+        for name, sock in inherited:
             name = name or "smtp"
             if name not in LISTENER_NAMES:
                 log.warning("ignoring a socket from systemd named %r: not one of %s",
@@ -530,6 +533,10 @@ class App:
         except LookupError as err:
             raise OSError(str(err)) from None
         privileges.hand_over(config.state_path, who)
+        kind, where = logtargets.parse(config.log)
+        if kind == "file":  # opened already; the user reopens it on SIGUSR1 (logrotate)
+            with contextlib.suppress(OSError):
+                os.chown(where, who.uid, who.gid)
         privileges.drop(who)
 
     def _lock_queue(self) -> control.DaemonLock:

@@ -79,3 +79,31 @@ nameservers = ["127.0.0.1:{free_port()}"]
     assert proc.returncode == 0, text
     assert f"smtp listening on 127.0.0.1:{smtp_port} (from systemd)" in text
     assert f"pop3 listening on 127.0.0.1:{pop3_port} (from systemd)" in text
+
+
+def test_inherited_sockets_replace_their_name_unnamed_is_smtp_unknown_closed(
+    tmp_path: Path,
+) -> None:
+    from mailhaven.app import App
+    from mailhaven.config import Config, Listen
+
+    submission = free_port()
+    config = Config(
+        state_dir=str(tmp_path / "state"),
+        listen=Listen(
+            smtp=(f"127.0.0.1:{free_port()}",), submission=(f"127.0.0.1:{submission}",),
+            submissions=(), pop3=(), pop3s=(),
+        ),
+    )
+    unnamed, pop3, unknown = (socket.create_server(("127.0.0.1", 0)) for _ in range(3))
+    bound = App(config)._bind_listeners([("", unnamed), ("pop3", pop3), ("imap", unknown)])
+    try:
+        assert {name: [s for _, s in socks] for name, socks in bound.items()} == {
+            "smtp": [unnamed], "pop3": [pop3], "submission": [bound["submission"][0][1]],
+        }
+        assert bound["submission"][0][1].getsockname() == ("127.0.0.1", submission)
+        assert unknown.fileno() == -1  # closed, not leaked
+    finally:
+        for socks in bound.values():
+            for _, sock in socks:
+                sock.close()
