@@ -72,10 +72,10 @@ def test_config_check_warns_about_loose_modes_but_passes(tmp_path: Path) -> None
     path = write(tmp_path / "m.toml", f'state_dir = "{state}"\n')
     done = subprocess.run([*CHECK, str(path)], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "configuration is valid" in done.stdout
-    assert f"warning: state directory {state} has mode 0755; expected at most 0700" in done.stderr
+    assert f"warning: state directory {state} has mode 0755; expected at most 0750" in done.stderr
     assert f"warning: private key {key} has mode 0644; expected at most 0600" in done.stderr
     assert f"warning: users file {users} has mode 0644; expected at most 0640" in done.stderr
-    state.chmod(0o700)
+    state.chmod(0o750)
     key.chmod(0o600)
     users.chmod(0o640)
     done = subprocess.run([*CHECK, str(path)], capture_output=True, text=True, check=False)
@@ -203,7 +203,7 @@ nameservers = ["127.0.0.1:{free_port()}"]
         workers = children(proc.pid)
         assert len(workers) == 1
         assert ids(workers[0])["Uid"] == [uid] * 4
-        assert state.stat().st_uid == uid and (state.stat().st_mode & 0o777) == 0o700
+        assert state.stat().st_uid == uid and (state.stat().st_mode & 0o777) == 0o750
 
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("a@example.org", ["postmaster@localhost"], b"Subject: x\r\n\r\nhi\r\n")

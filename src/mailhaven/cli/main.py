@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
             from mailhaven.runtime.privileges import loose_modes
 
-            keys = [Path(config.tls.key) if config.tls.key else
-                    config.state_path / "tls" / "selfsigned.key"]
+            state = config.state_path
+            keys = [Path(config.tls.key) if config.tls.key else state / "tls" / "selfsigned.key",
+                    state / "acme" / "key.pem", state / "acme" / "account.key"]
             for warning in loose_modes(config.state_path, keys, config.users_path):
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
             print(f"{config.source or '(built-in defaults)'}: configuration is valid")

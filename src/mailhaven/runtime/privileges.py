@@ -28,9 +28,10 @@ from pathlib import Path
 
 log = logging.getLogger("mailhaven.master")
 
-#: Modes `mailhaven config check` expects at most (bits beyond them draw a warning): only the
-#: service user reads the state directory and private keys; its group may read the users file.
-STATE_DIR_MODE = 0o700
+#: Modes `mailhaven config check` expects at most (bits beyond them draw a warning): private
+#: keys are the service user's alone; its group may enter the state directory (as start-up
+#: makes it) and read the users file; other users get nothing.
+STATE_DIR_MODE = 0o750
 KEY_MODE = 0o600
 USERS_FILE_MODE = 0o640
 
@@ -64,7 +65,7 @@ def resolve(user: str, group: str = "") -> Identity:
 
 
 def hand_over(state_dir: Path, who: Identity) -> None:
-    """Make `state_dir` the user's (created mode 0700 if absent). A tree that is not the user's
+    """Make `state_dir` the user's (created mode 0750 if absent). A tree that is not the user's
     yet (a previous run as root) is chowned whole, once, and logged."""
     state_dir.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     top = state_dir.lstat()
