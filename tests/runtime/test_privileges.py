@@ -69,7 +69,7 @@ def test_config_check_warns_about_loose_modes_but_passes(tmp_path: Path) -> None
     state.chmod(0o755)
     key.chmod(0o644)
     users.chmod(0o644)
-    path = write(tmp_path / "m.toml", f'state_dir = "{state}"\n')
+    path = write(tmp_path / "m.toml", f'hostname = "mx.example.org"\nstate_dir = "{state}"\n')
     done = subprocess.run([*CHECK, str(path)], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "configuration is valid" in done.stdout
     assert f"warning: state directory {state} has mode 0755; expected at most 0750" in done.stderr
