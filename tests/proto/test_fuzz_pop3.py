@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.proto.splits import cut_into
 
 from mailhaven.proto import pop3
 
@@ -209,14 +210,6 @@ def _is_status(line: bytes) -> bool:
     return line in (b"+OK", b"-ERR") or line.startswith((b"+OK ", b"-ERR ", b"+ "))
 
 
-def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        out.append(data[pos : pos + cuts[i % len(cuts)]])
-        pos += cuts[i % len(cuts)]
-        i += 1
-    return out
-
 
 # ------------------------------------------------------------------------------------ properties
 @FUZZ
@@ -226,11 +219,11 @@ def test_pop3_core_same_responses_however_the_bytes_are_split(
 ) -> None:
     whole = play([[s] for s in segs], setup)
     assert_well_formed(whole[0])
-    assert play([_pieces(s, cuts) for s in segs], setup) == whole
+    assert play([cut_into(s, cuts) for s in segs], setup) == whole
 
 
 @settings(FUZZ, max_examples=60)
 @given(segments(), setups)
 def test_pop3_core_one_byte_at_a_time(segs: list[bytes], setup: Setup) -> None:
     whole = play([[s] for s in segs], setup)
-    assert play([_pieces(s, [1]) for s in segs], setup) == whole
+    assert play([cut_into(s, [1]) for s in segs], setup) == whole

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.proto.splits import cut_into
 
 from mailhaven.envelope import RecipientSpec
 from mailhaven.proto import smtp_client as sc
@@ -233,14 +234,6 @@ def assert_client_output_well_formed(out: bytes) -> None:
         assert b"\r" not in line and b"\n" not in line and b"\0" not in line, line[:80]
 
 
-def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        out.append(data[pos : pos + cuts[i % len(cuts)]])
-        pos += cuts[i % len(cuts)]
-        i += 1
-    return out
-
 
 @FUZZ
 @given(scenarios(), st.lists(st.integers(1, 30), min_size=1, max_size=6))
@@ -250,7 +243,7 @@ def test_client_core_same_outcome_however_replies_are_split(
     segments, setup = scenario
     whole_events, whole_out = play([[s] for s in segments], setup)
     assert_client_output_well_formed(whole_out)
-    split_events, split_out = play([_pieces(s, cuts) for s in segments], setup)
+    split_events, split_out = play([cut_into(s, cuts) for s in segments], setup)
     assert split_events == whole_events
     assert split_out == whole_out
 
@@ -260,6 +253,6 @@ def test_client_core_same_outcome_however_replies_are_split(
 def test_client_core_one_byte_at_a_time(scenario: tuple[list[bytes], Setup]) -> None:
     segments, setup = scenario
     whole_events, whole_out = play([[s] for s in segments], setup)
-    single_events, single_out = play([_pieces(s, [1]) for s in segments], setup)
+    single_events, single_out = play([cut_into(s, [1]) for s in segments], setup)
     assert single_events == whole_events
     assert single_out == whole_out

@@ -28,6 +28,7 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.proto.smtp_driver import Run, accept_all, drive
+from tests.proto.splits import cut_into
 
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import MAX_REPLY_LINE, Reply
@@ -351,15 +352,6 @@ def assert_nothing_after_close(run: Run) -> None:
         assert closes[0] == len(run.events) - 1, run.events[closes[0] :]
 
 
-def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
-    out, pos, i = [], 0, 0
-    while pos < len(data):
-        size = cuts[i % len(cuts)]
-        out.append(data[pos : pos + size])
-        pos += size
-        i += 1
-    return out
-
 
 # ------------------------------------------------------------------------------------ properties
 @FUZZ
@@ -370,7 +362,7 @@ def test_same_replies_and_state_however_the_bytes_are_split(
     whole, whole_state = play([[s] for s in segs], config)
     assert_well_formed(whole.output)
     assert_nothing_after_close(whole)
-    pieces, pieces_state = play([_pieces(s, cuts) for s in segs], config)
+    pieces, pieces_state = play([cut_into(s, cuts) for s in segs], config)
     assert pieces.output == whole.output
     assert events_of(pieces) == events_of(whole)
     assert pieces_state == whole_state
@@ -382,7 +374,7 @@ def test_one_byte_at_a_time_is_the_same_as_all_at_once(
     segs: list[bytes], config: ServerSettings
 ) -> None:
     whole, whole_state = play([[s] for s in segs], config)
-    single, single_state = play([_pieces(s, [1]) for s in segs], config)
+    single, single_state = play([cut_into(s, [1]) for s in segs], config)
     assert single.output == whole.output
     assert events_of(single) == events_of(whole)
     assert single_state == whole_state
@@ -398,6 +390,6 @@ def test_one_byte_at_a_time_is_the_same_as_all_at_once(
 def test_strict_pipelining_sessions_never_raise_and_answer_well_formed(
     segs: list[bytes], config: ServerSettings, cuts: list[int], eof: bool
 ) -> None:
-    run, _ = play([_pieces(s, cuts) for s in segs], config, eof=eof)
+    run, _ = play([cut_into(s, cuts) for s in segs], config, eof=eof)
     assert_well_formed(run.output)
     assert_nothing_after_close(run)
