@@ -455,7 +455,7 @@ class Runner:
 
     async def _attempt(self, d: Delivery, planned: float, msg: StoredMessage | None) -> None:
         if msg is None:
-            msg = await self._spool.load(d.queue_id)
+            msg = await self._spool.load_to_send(d.queue_id)
         if msg is None:  # deleted or quarantined meanwhile
             await self._spool.unclaim([r.key for r in d.recipients])
             return

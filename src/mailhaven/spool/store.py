@@ -275,12 +275,16 @@ class Spool:
 
     # -- delivery -----------------------------------------------------------------------------
     async def load(self, queue_id: str) -> StoredMessage | None:
-        """The stored message (None if it was removed or is quarantined). A body file that
-        no longer matches its checksum is quarantined (held and logged) and None returned, so
-        a damaged message is never sent."""
-        msg = await self._committer.run(
+        """The stored message (None if it was removed or is quarantined); its body is not read."""
+        return await self._committer.run(
             lambda c: queries.load_message(c, queue_id, self.bodies_dir), write=False, inline=True
         )
+
+    async def load_to_send(self, queue_id: str) -> StoredMessage | None:
+        """`load`, for a delivery attempt: a body file that no longer matches its checksum is
+        quarantined (held and logged) and None returned, so a damaged message is never sent.
+        Only here is the body read for the check: once per attempt, not at every lookup."""
+        msg = await self.load(queue_id)
         if msg is None or msg.body_path is None or msg.body_crc is None:
             return msg
         body_size = msg.size - len(msg.header)
