@@ -7,7 +7,6 @@ from __future__ import annotations
 import fcntl
 import os
 import poplib
-import signal
 import smtplib
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.support.server import free_port, port_listening
+from tests.support.server import free_port, port_listening, terminate
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +66,7 @@ nameservers = ["127.0.0.1:{free_port()}"]
         assert not port_listening(configured["smtp"])
         assert not port_listening(configured["pop3"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
         for sock in passed.values():
             sock.close()
     text = log.read_text()

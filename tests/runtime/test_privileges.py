@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import signal
 import smtplib
 import socket
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.support.server import free_port, port_listening
+from tests.support.server import free_port, port_listening, terminate
 
 import mailhaven
 from mailhaven.config import ConfigError, load
@@ -214,11 +213,6 @@ nameservers = ["127.0.0.1:{free_port()}"]
         assert (state / "spool").stat().st_uid == uid
         assert (state / "control.sock").stat().st_uid == uid
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, 30)
     assert proc.returncode == 0, log.read_text()
     assert f"running as user {NOBODY}" in log.read_text()

@@ -143,6 +143,18 @@ def to_toml(data: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float = STOP_TIMEOUT) -> int:
+    """SIGTERM `proc` (ours, by its PID), wait up to `timeout`, then SIGKILL; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+    return proc.returncode
+
+
 class MailServer(LogWatch):
     """One mailhaven process with its own directory, config, ports, state and log."""
 
@@ -293,14 +305,7 @@ class MailServer(LogWatch):
         if self.proc is None:
             return 0
         try:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(STOP_TIMEOUT)
-            return self.proc.returncode
+            return terminate(self.proc, timeout)
         finally:
             self._close_files()
 
