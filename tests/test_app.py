@@ -8,8 +8,8 @@ import pytest
 
 from mailhaven import config as configuration
 from mailhaven.app import App
+from mailhaven.runtime.workers import WorkerRole
 from mailhaven.smtpd.auth import SMTPAuthenticator
-from mailhaven.workers import WorkerRole
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,12 @@
 receive (smtpd) -> intake -> spool -> scheduler -> delivery agents (local Maildir, relay)
 -> bounce. Each role gets only the narrow callables it needs; nothing else here has logic.
 With `smtp_processes` > 1 the same engine (`_build_engine`) also runs in each worker process on
-its own queue shard (`mailhaven.workers`, `spool.shards`); `App(config, worker=role)` is one.
+its own queue shard (`mailhaven.runtime.workers`, `spool.shards`); `App(config, worker=role)` is one.
 
 Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
 at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by
 `mailhaven queue` and `sendmail -q`) and when the directory changes. The daemon holds the queue
-lock (`control.DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
+lock (`DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
 
 Signals: SIGTERM/SIGINT stop gracefully (see `SMTPService.shutdown`); SIGHUP re-reads the
 config file and applies every setting except `RESTART_ONLY` ones (domains, users, aliases,
@@ -34,31 +34,36 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
-from mailhaven import __version__, control, logtargets, maillog
+from mailhaven import __version__, maillog
 from mailhaven import config as configuration
-from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.bounce.notifier import NoticeLimiter, Notifier
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.config import Config, parse_hostport
-from mailhaven.delivery.base import DeliveryAgent, Route
+from mailhaven.control import channel as control
+from mailhaven.control.forwarding import Forwarding
+from mailhaven.control.queue_admin import QueueAdmin
+from mailhaven.delivery.base import DeliveryAgent
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
-from mailhaven.envelope import Envelope
-from mailhaven.etrn import PartTimeHosts
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
-from mailhaven.intake import Intake
+from mailhaven.intake.cleanup import Intake
 from mailhaven.mailbox.users import UserDB, UsersFileError
 from mailhaven.net import acme, selfsigned
 from mailhaven.net.client_names import ClientNames
 from mailhaven.net.dns import Resolver
 from mailhaven.net.tls import ReloadableTLS, build_server_context, certificate_facts
-from mailhaven.notifier import NoticeLimiter, Notifier
-from mailhaven.pickup import IntakeDoor, Pickup
+from mailhaven.pickup.collector import IntakeDoor, Pickup
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials
 from mailhaven.proto.smtp_server import ServerSettings
-from mailhaven.routing import Router
-from mailhaven.runtime import privileges, systemd
+from mailhaven.routing.held import PartTimeHosts
+from mailhaven.routing.route import Route
+from mailhaven.routing.router import Router
+from mailhaven.runtime import logtargets, privileges, systemd
+from mailhaven.runtime.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits as PlanLimits
 from mailhaven.scheduler.runner import Runner
@@ -68,8 +73,8 @@ from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import ListenerProfile, Writer
 from mailhaven.spool import shards
 from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.lock import DaemonLock, lock_path
 from mailhaven.spool.store import Spool
-from mailhaven.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
 
 log = logging.getLogger("mailhaven.master")
 
@@ -272,7 +277,7 @@ class App:
 
     def __init__(self, config: Config, *, worker: WorkerRole | None = None) -> None:
         self.config = config
-        #: set in a worker process (see `mailhaven.workers`): the engine on a shard of its own
+        #: set in a worker process (see `mailhaven.runtime.workers`): the engine on a shard of its own
         self.worker = worker
         self.workers: WorkerPool | None = None
         self.relay_agent: RelayAgent | None = None
@@ -304,7 +309,7 @@ class App:
         self.runner: Runner | None = None
         self.pickup: Pickup | None = None
         self.control: control.ControlServer | None = None
-        self._queue_lock: control.DaemonLock | None = None
+        self._queue_lock: DaemonLock | None = None
         self.ready = asyncio.Event()
         #: systemd's notify socket, when it started us (`Type=notify`)
         self.manager: systemd.Notifier | None = None
@@ -539,8 +544,8 @@ class App:
                 os.chown(where, who.uid, who.gid)
         privileges.drop(who)
 
-    def _lock_queue(self) -> control.DaemonLock:
-        lock = control.DaemonLock.acquire(control.lock_path(self.spool.root))
+    def _lock_queue(self) -> DaemonLock:
+        lock = DaemonLock.acquire(lock_path(self.spool.root))
         if lock is None:
             raise OSError(f"{self.spool.root}: the queue is in use (another mailhaven?)")
         return lock
@@ -550,7 +555,7 @@ class App:
         ours before our recovery runs; one that is locked (a worker of an old daemon still
         stopping) waits for our next start."""
         for orphan in shards.orphans(self.config.spool_path, self.config.smtp_processes):
-            lock = control.DaemonLock.acquire(control.lock_path(orphan))
+            lock = DaemonLock.acquire(lock_path(orphan))
             if lock is None:
                 log.error("spool %s is in use; not adopting it now", orphan)
                 continue
@@ -662,7 +667,7 @@ class App:
         )
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),
-            control.QueueAdmin(
+            QueueAdmin(
                 self.spool,
                 wake=self.runner.revisit,
                 release_domains=self.part_time.release,
@@ -694,7 +699,7 @@ class App:
 
         self._background.append(asyncio.ensure_future(collect_then_watch()))
         assert self.runner is not None and self.part_time is not None
-        admin = control.QueueAdmin(
+        admin = QueueAdmin(
             self.spool,
             wake=self.runner.revisit,
             pickup=pickup.collect,
@@ -705,7 +710,7 @@ class App:
         )
         handlers: control.Handlers = admin
         if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too
-            handlers = control.Forwarding(admin, self._worker_sockets())
+            handlers = Forwarding(admin, self._worker_sockets())
         self.control = control.ControlServer(state / control.SOCKET_NAME, handlers)
         await self.control.start()
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailhaven import eventloop, logtargets
+from mailhaven.runtime import eventloop, logtargets
 
 
 class ConfigError(ValueError):
@@ -236,12 +236,12 @@ class Config:
     #: Engine processes. 1: one process does everything (the default). N > 1: the daemon
     #: starts N - 1 worker processes that share the `smtp` listening sockets, each running the
     #: whole engine (receive, queue, deliver, bounce) on a queue shard of its own
-    #: (`mailhaven.workers`), so mail uses more than one core. The daemon alone keeps
+    #: (`mailhaven.runtime.workers`), so mail uses more than one core. The daemon alone keeps
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     smtp_processes: int = 1
     #: The asyncio event loop: "asyncio" (the standard library's, the default) or "uvloop"
-    #: (libuv's, the optional extra `mailhaven[uvloop]`; see `mailhaven.eventloop`).
+    #: (libuv's, the optional extra `mailhaven[uvloop]`; see `mailhaven.runtime.eventloop`).
     event_loop: str = "asyncio"
     #: Name SMTP clients as Postfix does, `name[address]` in the log and `Received:`, from a
     #: PTR lookup their name's A/AAAA records confirm (FCrDNS), through `[relay] nameservers`.

@@ -210,8 +210,8 @@ def setup(
     log_format: str = "text",
 ) -> None:
     """Route the `mailhaven` loggers in maillog shape to `stream`, or else to the `log` setting's
-    target in its `log_format` (`mailhaven.logtargets`)."""
-    from mailhaven import logtargets  # it builds on this module's formatter
+    target in its `log_format` (`mailhaven.runtime.logtargets`)."""
+    from mailhaven.runtime import logtargets  # it builds on this module's formatter
 
     logging.logThreads = False
     logging.logProcesses = False

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 from tests.spool.spool_helpers import FakeClock, put
 
-from mailhaven import control
 from mailhaven.cli.queue import mailq_main, main
 from mailhaven.config import Config
-from mailhaven.control import SOCKET_NAME, ControlServer, DaemonLock, QueueAdmin, lock_path
-from mailhaven.maildrop import DropDirs, DropWriter
+from mailhaven.control import channel as control
+from mailhaven.control.channel import SOCKET_NAME, ControlServer
+from mailhaven.control.queue_admin import QueueAdmin
+from mailhaven.pickup.dropfile import DropDirs, DropWriter
 from mailhaven.proto.replies import reply
 from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
+from mailhaven.spool.lock import DaemonLock, lock_path
 
 NOW = 1_700_000_000.0
 

@@ -19,7 +19,7 @@ from mailhaven.cli.sendmail import (
     rfc5322_date,
     sendmail_main,
 )
-from mailhaven.maildrop import Drop, DropDirs, open_drop
+from mailhaven.pickup.dropfile import Drop, DropDirs, open_drop
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"

@@ -13,10 +13,11 @@ from typing import BinaryIO
 import pytest
 
 from mailhaven.delivery import local as local_mod
-from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, Route
+from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
 from mailhaven.delivery.local import LocalAgent, refuse_loops, trace_lines
-from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.mailbox import maildir as md
+from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.routing.route import Route
 
 BODY = b"Received: from x\r\nSubject: test\r\n\r\nHello\r\n.. dot\r\n"
 

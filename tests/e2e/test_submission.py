@@ -52,7 +52,7 @@ from tests.e2e.send_support import Sink, free_port_on, relay_settings
 from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer, RawClient, merge
 
-from mailhaven.auth_limiter import FAILURE_DELAY, MAX_FAILURES
+from mailhaven.checks.auth_failures import FAILURE_DELAY, MAX_FAILURES
 from mailhaven.mailbox.users import UserDB
 
 pytestmark = pytest.mark.e2e

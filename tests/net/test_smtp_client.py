@@ -18,13 +18,13 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailhaven.envelope import RecipientSpec
 from mailhaven.net.smtp_client import (
     BODY_CHUNK,
     SessionFailure,
     SMTPClientConnection,
     client_tls_context,
 )
+from mailhaven.proto.envelope import RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials, MailTransaction, Phase, Timeouts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import trustme
 from argon2 import PasswordHasher
 
-from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox.users import UserDB
 from mailhaven.pop3d.server import Pop3Listener, start_pop3_server
 

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.proto.splits import cut_into
 
-from mailhaven.envelope import RecipientSpec
 from mailhaven.proto import smtp_client as sc
+from mailhaven.proto.envelope import RecipientSpec
 from mailhaven.proto.replies import Reply
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

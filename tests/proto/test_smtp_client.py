@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import (
     NEED_DATA,

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import trustme
 
-from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.config import Limits, Timeouts
-from mailhaven.envelope import Envelope
 from mailhaven.mailbox.users import UserDB
 from mailhaven.proto import smtp_events as ev
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerSettings
-from mailhaven.routing import Router
+from mailhaven.routing.router import Router
 from mailhaven.smtpd import server as server_module
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.spool import QueuedRecipient, Spool
 
 

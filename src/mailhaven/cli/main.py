@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="TOML configuration file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the server (built-in defaults without -c)")
-    # internal: how the daemon starts its worker processes (mailhaven.workers)
+    # internal: how the daemon starts its worker processes (mailhaven.runtime.workers)
     serve.add_argument("--worker-fds", help=argparse.SUPPRESS)
     serve.add_argument("--shard", type=int, default=1, help=argparse.SUPPRESS)
     serve.add_argument("--lifeline", type=int, help=argparse.SUPPRESS)
@@ -215,11 +215,12 @@ def _serve(
 ) -> int:
     import logging
 
-    from mailhaven import eventloop, maillog
+    from mailhaven import maillog
     from mailhaven.app import App
     from mailhaven.config import Config, hostname_warning
     from mailhaven.mailbox.users import UsersFileError
-    from mailhaven.workers import WorkerRole
+    from mailhaven.runtime import eventloop
+    from mailhaven.runtime.workers import WorkerRole
 
     assert isinstance(config, Config)
     maillog.setup(config.hostname, config.log_level, target=config.log, log_format=config.log_format)

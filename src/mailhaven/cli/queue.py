@@ -9,8 +9,8 @@ safe while the daemon writes (WAL snapshot), and never touches body files. With 
 
 Changing (`flush`, `hold`, `release`, `delete`, `requeue`): through the control socket when the
 daemon runs (it owns the spool and wakes its scheduler). When no daemon answers, the CLI takes
-the queue lock (`control.DaemonLock`, also held by the daemon) of each shard, opens the `Spool` itself (its
-recovery is safe then: no one else writes) and applies the same `control.QueueAdmin` verbs; a
+the queue lock (`DaemonLock`, also held by the daemon) of each shard, opens the `Spool` itself (its
+recovery is safe then: no one else writes) and applies the same `QueueAdmin` verbs; a
 flush then only makes mail due, and it goes out when the daemon starts.
 
 `mailq` prints Postfix's `postqueue -p` format with long queue ids (ours are 15 characters):
@@ -41,10 +41,12 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, TextIO
 
-from mailhaven import control
 from mailhaven.config import Config
+from mailhaven.control import channel as control
+from mailhaven.control.queue_admin import QueueAdmin
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.ids import is_queue_id
+from mailhaven.spool.lock import DaemonLock, lock_path
 from mailhaven.spool.records import Hold, MessageSummary, RecipientState, Status
 from mailhaven.spool.shards import existing_shards, list_all
 
@@ -135,7 +137,7 @@ def _shown(text: str) -> str:
 def maildrop_entries(state_path: Path) -> list[MessageSummary]:
     """What waits in the maildrop, not yet picked up (Postfix's showq lists that queue too).
     Files this user cannot read, or that are not well-formed drop files, are left out."""
-    from mailhaven.maildrop import NAME_PATTERN, CorruptDrop, DropDirs, open_drop
+    from mailhaven.pickup.dropfile import NAME_PATTERN, CorruptDrop, DropDirs, open_drop
 
     new = DropDirs(state_path / "maildrop").new
     try:
@@ -326,7 +328,7 @@ def apply_offline(config: Config, command: str, ids: Sequence[str], domain: str 
 def _apply_offline_to(root: Path, command: str, ids: Sequence[str], domain: str | None) -> int:
     from mailhaven.spool.store import Spool
 
-    lock = control.DaemonLock.acquire(control.lock_path(root))
+    lock = DaemonLock.acquire(lock_path(root))
     if lock is None:
         return -1
     with lock:
@@ -335,7 +337,7 @@ def _apply_offline_to(root: Path, command: str, ids: Sequence[str], domain: str 
         spool = Spool(root)
         spool.open()
         try:
-            admin = control.QueueAdmin(spool)
+            admin = QueueAdmin(spool)
             request: dict[str, Any] = {"cmd": command, "ids": list(ids)}
             if domain is not None:
                 request["domain"] = domain

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from mailhaven import control
 from mailhaven.config import Config
+from mailhaven.spool.lock import DaemonLock, lock_path
 from mailhaven.spool.salvage import check, salvage
 from mailhaven.spool.shards import existing_shards
 
@@ -21,7 +21,7 @@ def run(config: Config, *, force: bool, out: TextIO, err: TextIO) -> int:
     for root in existing_shards(config.spool_path):
         if not root.is_dir():
             continue
-        lock = control.DaemonLock.acquire(control.lock_path(root))
+        lock = DaemonLock.acquire(lock_path(root))
         if lock is None:
             print(f"mailhaven queue: {root} is locked (is the daemon running?); stop it first",
                   file=err)

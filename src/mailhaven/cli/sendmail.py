@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from mailhaven.cli.sendmail_args import EX_USAGE, SendmailArgs, UsageError, parse_sendmail_args
-from mailhaven.maildrop import DropDirs, DropWriter
+from mailhaven.pickup.dropfile import DropDirs, DropWriter
 
 if TYPE_CHECKING:
     from mailhaven.config import Config
@@ -464,14 +464,14 @@ def deliver(args: SendmailArgs, config: Config, stdin: BinaryIO, stderr: TextIO)
 
 def poke(config: Config) -> None:
     """Tell a running daemon to collect the drop directory now; silent if that fails."""
-    from mailhaven import control
+    from mailhaven.control import channel as control
 
     with contextlib.suppress(control.ControlError, OSError):
         control.request(config.state_path / control.SOCKET_NAME, {"cmd": "pickup"}, timeout=2.0)
 
 
 def flush(args: SendmailArgs, config: Config, stderr: TextIO) -> int:
-    from mailhaven import control
+    from mailhaven.control import channel as control
 
     req: dict[str, Any] = {"cmd": "flush"}
     if args.flush_site:

@@ -11,8 +11,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from mailhaven import control
 from mailhaven.config import Config
+from mailhaven.control import channel as control
 
 
 def main(config: Config, *, as_json: bool, out: TextIO | None = None) -> int:

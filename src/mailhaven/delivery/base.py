@@ -10,26 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, Protocol
+from typing import BinaryIO, Protocol
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
-
-#: local: a mailbox here; relay: another host (MX lookup or a configured next hop);
-#: hold: queued for a part-time host until ETRN or a schedule releases it.
-Transport = Literal["local", "relay", "hold"]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Where one recipient goes.
-
-    `nexthop` is, for local: the mailbox (user) name; for relay: the destination domain, or an
-    explicit `[host]:port` / `host:port` smarthost; for hold: the held domain.
-    """
-
-    transport: Transport
-    nexthop: str
+from mailhaven.routing.route import Route
 
 
 @dataclass(frozen=True, slots=True)

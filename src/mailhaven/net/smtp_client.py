@@ -133,7 +133,7 @@ class _Stream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
-        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        # subclasses, though they provide its interface (`mailhaven.runtime.eventloop`)
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:

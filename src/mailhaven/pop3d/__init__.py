@@ -1,1 +1,6 @@
-"""pop3d."""
+"""The mailbox access role: POP3 (RFC 1939) on the users' Maildirs.
+
+`server` accepts connections, `session` drives the sans-I/O core `proto.pop3` over `maildrop`,
+the POP3 view of one Maildir (RFC 1939's "maildrop": a snapshot, deletions applied at QUIT).
+May import mailbox, checks, net and proto.
+"""

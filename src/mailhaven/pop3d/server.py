@@ -24,11 +24,11 @@ import ssl
 from collections import Counter
 from pathlib import Path
 
-from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.checks.auth_failures import AuthLimiter
+from mailhaven.checks.rates import RateCounter
 from mailhaven.mailbox.users import UserDB
 from mailhaven.pop3d.session import MIN_IDLE_TIMEOUT, Services, Session, Settings
 from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
-from mailhaven.smtpd.rates import RateCounter
 
 log = logging.getLogger("mailhaven.pop3d")
 

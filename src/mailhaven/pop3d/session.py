@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import assert_never
 
-from mailhaven.auth_limiter import AuthLimiter
-from mailhaven.mailbox import maildrop as md
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox.users import UserDB, normalize_name
+from mailhaven.pop3d import maildrop as md
 from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.proto import pop3
 

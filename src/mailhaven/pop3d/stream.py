@@ -44,7 +44,7 @@ class Stream(asyncio.Protocol):
     # -- transport callbacks --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
-        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        # subclasses, though they provide its interface (`mailhaven.runtime.eventloop`)
         self.transport = cast(asyncio.Transport, transport)
         if self._on_connect is not None:
             self._on_connect(self)

@@ -37,8 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import assert_never
 
-from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.proto.address import xtext_encode
+from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 
 

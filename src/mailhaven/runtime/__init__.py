@@ -1,2 +1,4 @@
-"""The process around the engine: how it meets its service manager (systemd's notify protocol
-and socket activation). Imports nothing of ours; the composition root calls it."""
+"""The process around the engine: worker processes, the event loop choice, privileges, log
+targets, and systemd's notify protocol and socket activation. The composition root calls it;
+it calls no role.
+"""

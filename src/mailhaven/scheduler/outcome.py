@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from mailhaven.delivery.base import Route
 from mailhaven.proto.replies import Reply, reply
+from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import BackoffPolicy, expired, next_attempt
 from mailhaven.spool.records import DueRecipient, RecipientUpdate, Status
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 
-from mailhaven.delivery.base import Route
 from mailhaven.proto.replies import Reply
+from mailhaven.routing.route import Route
 from mailhaven.spool.records import DueRecipient
 
 

@@ -50,10 +50,11 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
 from mailhaven import maillog
-from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, Route
-from mailhaven.envelope import Envelope
+from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
 from mailhaven.faults import crash_point
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
+from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
 from mailhaven.scheduler.outcome import (
     UNAVAILABLE,

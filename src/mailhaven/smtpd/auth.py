@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from mailhaven.auth_limiter import AuthLimiter
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox.users import UserDB, normalize_name
 from mailhaven.maillog import client_label
 from mailhaven.proto.replies import Reply

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.replies import Reply
-from mailhaven.routing import Router
+from mailhaven.routing.router import Router
 
 
 @dataclass(slots=True)

@@ -21,11 +21,11 @@ import socket
 from collections import Counter
 from collections.abc import Callable
 
+from mailhaven.checks.rates import RateCounter
 from mailhaven.config import Limits, Timeouts, parse_hostport
 from mailhaven.net.client_names import ClientNames
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import Phase
-from mailhaven.smtpd.rates import RateCounter
 from mailhaven.smtpd.session import ListenerProfile, MessageSink, SMTPSession
 
 log = logging.getLogger("mailhaven.smtpd")

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from mailhaven import maillog
-from mailhaven.envelope import Envelope, RecipientSpec
 from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.proto import smtp_events as ev
+from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import Phase, ServerConnection, ServerSettings, Wait
 from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
@@ -133,7 +133,7 @@ class SMTPSession(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
-        # subclasses, though they provide its interface (`mailhaven.eventloop`)
+        # subclasses, though they provide its interface (`mailhaven.runtime.eventloop`)
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.facts.client_ip = str(peer[0])

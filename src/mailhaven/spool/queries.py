@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.records import (
     DueRecipient,

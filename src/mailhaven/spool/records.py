@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.body import open_stored
 

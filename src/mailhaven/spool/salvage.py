@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
 from mailhaven.spool import queries
 from mailhaven.spool.ids import is_queue_id
 from mailhaven.spool.records import Hold, QueuedRecipient

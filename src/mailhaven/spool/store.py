@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import queries
 from mailhaven.spool.body import MessageWriter, body_matches

@@ -1,0 +1,7 @@
+"""What a session asks before it says yes: limits and checks on clients, senders and messages.
+
+Each module is one family of checks (connection and message rates, authentication failures, and
+as they land: DNS lists, greylisting, milters, SPF/DKIM/DMARC/ARC). Checks are policy: they
+return verdicts or `Reply` values and never write to the client themselves. In: client and
+message facts. Out: verdicts. May import net (DNS), spool and proto; never smtpd or pop3d.
+"""

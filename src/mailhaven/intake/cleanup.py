@@ -1,0 +1,351 @@
+"""Intake: the only door into the queue (Postfix's cleanup).
+
+In: a finished `MessageWriter` (the body as the client sent it), the `Envelope`, and the session
+facts (TLS summary). Out: a queue id, once the message is durable, or a refusal `Reply`.
+
+Steps, in order:
+1. inspect the first `HEAD_SCAN_LIMIT` bytes of the body (never the whole body) for the header
+   block: count `Received:` fields (loop protection, RFC 5321 §6.3: more than `MAX_HOPS` means
+   the message is looping: 554 5.4.6) and find the `Message-ID:` for the log;
+2. expand each envelope recipient through the injected `expand` (alias expansion lives in
+   routing); each final recipient remembers its original envelope recipient, NOTIFY and ORCPT
+   for DSNs; duplicates after expansion are delivered once;
+3. build our `Received:` trace field (RFC 5321 §4.4, Postfix's shape) and commit header + body
+   to the spool, which returns only when all of it is on stable storage. When the client's data
+   has no header section (its first line is no header field), the stored header ends with the
+   empty line that separates it from the body (RFC 5322 §2.1, as Postfix's cleanup does): the
+   first line alone decides, so the body is never read whole; every copy (local, relayed,
+   returned in a bounce) is then readable;
+4. hand the message to the scheduler: when its `handoff` has room, the commit already claims
+   the recipients and the stored message is offered to it whole (no queue read to deliver it);
+   otherwise the scheduler is woken to read the queue;
+5. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`.
+
+Trust: the envelope and the HELO name come from the client. They were syntax-checked by the SMTP
+core, but control characters are still replaced here before they go into a header, so a hostile
+HELO can never inject header lines.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Protocol
+
+from mailhaven import maillog
+from mailhaven.proto.envelope import Envelope
+from mailhaven.proto.replies import Reply, reply
+from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.records import FreshMessage, Hold, QueuedRecipient
+from mailhaven.spool.space import STORAGE_FULL, is_storage_full
+
+log = logging.getLogger("mailhaven.queue")
+#: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
+cleanup_log = logging.getLogger("mailhaven.intake")
+
+#: More Received: fields than this means a mail loop (RFC 5321 §6.3; Postfix hopcount_limit).
+MAX_HOPS = 50
+#: Only this much of the message start is scanned for header fields (cheap, bounded).
+HEAD_SCAN_LIMIT = 64 * 1024
+SOFTWARE = "mailhaven"
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: The start of a header field (RFC 5322 §2.2: printable name, then a colon; §4.5 obsolete
+#: syntax allows white space before the colon, as Postfix's is_header() does).
+_FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
+
+
+class QueueSink(Protocol):
+    """What intake needs from the spool."""
+
+    async def commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> str: ...
+
+    async def commit_claimed(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> FreshMessage: ...
+
+
+class Handoff(Protocol):
+    """The scheduler's fast path for new mail (`scheduler.Runner` provides it): a message it
+    has room for is committed with its recipients claimed and handed over whole, so delivering
+    it needs no queue read. `reserve` must be followed by exactly one `offer` or `cancel`."""
+
+    def reserve(self) -> bool: ...
+    def offer(self, fresh: FreshMessage) -> None: ...
+    def cancel(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    queue_id: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reply: Reply
+
+
+Outcome = Queued | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderFacts:
+    received_count: int
+    message_id: str | None
+    has_date: bool = False
+
+
+def scan_header(head: bytes) -> HeaderFacts:
+    """Count Received: fields and find Message-ID in the header block within `head`.
+
+    Stops at the empty line ending the header (RFC 5322 §2.1) or at the end of `head`.
+    """
+    received = 0
+    message_id: str | None = None
+    has_date = False
+    current: list[bytes] = []
+
+    def finish(field: list[bytes]) -> None:
+        nonlocal received, message_id, has_date
+        if not field:
+            return
+        name, _, value = b"".join(field).partition(b":")
+        name = name.strip().lower()
+        if name == b"received":
+            received += 1
+        elif name == b"message-id" and message_id is None:
+            message_id = value.decode("utf-8", "replace").strip()
+        elif name == b"date":
+            has_date = True
+
+    for line in head.splitlines():
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            current.append(b" " + line.strip())
+            continue
+        finish(current)
+        current = [line]
+    finish(current)
+    return HeaderFacts(received, message_id, has_date)
+
+
+def needs_separator(head: bytes) -> bool:
+    """True when the data starting with `head` has no header section: it is empty, or its first
+    line is not a header field. Our trace fields then need the empty line after them, or the
+    body's first line would be read as a header. A data that starts with the empty line
+    already has its separator."""
+    if head.startswith((b"\n", b"\r\n")):
+        return False
+    return _FIELD_START.match(head) is None
+
+
+def missing_headers(facts: HeaderFacts, *, queue_id: str, hostname: str, now: float) -> bytes:
+    """Submission fix-ups (RFC 6409 §8, Postfix cleanup for local and authenticated clients):
+    add `Date:` and `Message-ID:` when the author's program left them out. The body and the
+    existing header fields are never touched."""
+    out = []
+    if not facts.has_date:
+        out.append(f"Date: {format_datetime(datetime.fromtimestamp(now, UTC))}\r\n")
+    if facts.message_id is None:
+        stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H%M%S")
+        out.append(f"Message-ID: <{stamp}.{queue_id}@{hostname}>\r\n")
+    return "".join(out).encode("ascii")
+
+
+def _clean(text: str) -> str:
+    return _CONTROL.sub("?", text)
+
+
+def _address_literal(ip: str) -> str:
+    """RFC 5321 §4.1.3: IPv6 literals carry the `IPv6:` tag."""
+    return f"IPv6:{ip}" if ":" in ip else ip
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(second: int) -> str:
+    """The trace date, computed once per second (formatting showed in profiles)."""
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
+def received_header(
+    envelope: Envelope,
+    *,
+    queue_id: str,
+    hostname: str,
+    now: float,
+    tls: str | None = None,
+) -> bytes:
+    """Our trace field, Postfix-shaped (RFC 5321 §4.4), folded with CRLF TAB.
+
+    `for <rcpt>` appears only with exactly one envelope recipient: naming one of several would
+    disclose the others' existence to each (Postfix does the same).
+    """
+    lines: list[str] = []
+    if envelope.client_address or envelope.helo:
+        name = _clean(envelope.client_name or "unknown")
+        helo = _clean(envelope.helo or envelope.client_name or "unknown")
+        ip = _clean(envelope.client_address)
+        tcp_info = f"{name} [{_address_literal(ip)}]" if ip else name
+        lines.append(f"Received: from {helo} ({tcp_info})")
+        if tls:
+            lines.append(f"\t({_clean(tls)})")
+        if envelope.auth_user:
+            lines.append(f"\t(Authenticated sender: {_clean(envelope.auth_user)})")
+        lines.append(f"\tby {hostname} ({SOFTWARE}) with {_clean(envelope.protocol)} id {queue_id}")
+    else:
+        lines.append(f"Received: by {hostname} ({SOFTWARE}) id {queue_id}")
+    date = _rfc5322_date(int(now))
+    if len(envelope.recipients) == 1:
+        lines.append(f"\tfor <{_clean(envelope.recipients[0].address)}>; {date}")
+    else:
+        lines[-1] += f"; {date}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def expand_recipients(
+    envelope: Envelope,
+    expand: Callable[[str], Sequence[str]],
+    held: Callable[[str], bool] | None = None,
+) -> list[QueuedRecipient]:
+    """Final recipients in envelope order, each delivered once, with its original kept.
+
+    `held(address)` marks recipients for part-time hosts at commit time, so holding them costs
+    no second transaction (the scheduler would otherwise find them due and hold them then).
+    """
+    seen: set[str] = set()
+    out: list[QueuedRecipient] = []
+    for spec in envelope.recipients:
+        for final in expand(spec.address):
+            if final in seen:
+                continue
+            seen.add(final)
+            hold = Hold.ROUTE if held is not None and held(final) else Hold.NONE
+            out.append(QueuedRecipient(final, spec.address, spec.notify, spec.orcpt, hold))
+    return out
+
+
+class Intake:
+    """Built once by the composition root; shared by every receiving session."""
+
+    def __init__(
+        self,
+        spool: QueueSink,
+        *,
+        hostname: str,
+        expand: Callable[[str], Sequence[str]],
+        held: Callable[[str], bool] | None = None,
+        wake: Callable[[], None],
+        handoff: Handoff | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._handoff = handoff
+        self._hostname = hostname
+        self._expand = expand
+        self._held = held
+        self._wake = wake
+        self._clock = clock
+
+    async def submit(
+        self, writer: MessageWriter, envelope: Envelope, *, tls: str | None = None
+    ) -> Outcome:
+        """Queue the message or refuse it. A refused or failed message's writer is aborted.
+
+        `tls` is a summary for the trace header, e.g. "using TLSv1.3 with cipher X (256/256
+        bits)". A full disk (the body's file or the database) is refused with `452 4.3.1`
+        and one log line. Unexpected exceptions (expand failure) propagate: the session
+        answers 451 4.3.0 and the client retries.
+        """
+        qid = writer.queue_id
+        try:
+            head = writer.head(HEAD_SCAN_LIMIT)
+            facts = scan_header(head)
+            if facts.received_count > MAX_HOPS:
+                cleanup_log.warning(
+                    "%s: reject: too many hops (%d Received: headers) from=<%s>",
+                    qid,
+                    facts.received_count,
+                    envelope.sender,
+                )
+                writer.abort()
+                return Refused(reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
+            recipients = expand_recipients(envelope, self._expand, self._held)
+            now = self._clock()
+            header = received_header(
+                envelope, queue_id=qid, hostname=self._hostname, now=now, tls=tls
+            )
+            if envelope.auth_user is not None or envelope.protocol == "local":
+                header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
+            if needs_separator(head):
+                header += b"\r\n"
+            if facts.message_id is not None:
+                maillog.info(cleanup_log, "%s: message-id=%s", qid, facts.message_id)
+            if not recipients:
+                # Every recipient expanded to nothing (e.g. an alias to no one): accepted, done.
+                writer.abort()
+                log.info("%s: removed (no recipients after expansion)", qid)
+                return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+            attemptable = any(r.hold is Hold.NONE for r in recipients)
+            fresh = await self._commit(writer, envelope, recipients, header, attemptable)
+        except Exception as exc:
+            writer.abort()
+            if not is_storage_full(exc):
+                raise
+            log.warning(
+                "%s: reject: %s; from=<%s>: %s", qid, STORAGE_FULL.one_line(), envelope.sender, exc
+            )
+            return Refused(STORAGE_FULL)
+        except BaseException:
+            writer.abort()
+            raise
+        if fresh is not None:
+            assert self._handoff is not None
+            self._handoff.offer(fresh)
+        maillog.info(
+            log,
+            "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
+            qid,
+            envelope.sender,
+            len(header) + writer.size,
+            len(recipients),
+        )
+        if attemptable and fresh is None:
+            self._wake()  # held mail waits for ETRN: nothing for the scheduler to do now
+        return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+
+    async def _commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+        attemptable: bool,
+    ) -> FreshMessage | None:
+        """Commit through the scheduler's fast path when it has room (the message is then
+        returned for `offer`), else plainly (None: the caller wakes the scheduler)."""
+        if not attemptable or self._handoff is None or not self._handoff.reserve():
+            await self._spool.commit(writer, envelope, recipients, header)
+            return None
+        try:
+            return await self._spool.commit_claimed(writer, envelope, recipients, header)
+        except BaseException:
+            self._handoff.cancel()
+            raise

@@ -1,0 +1,8 @@
+"""The routing role: is a recipient welcome, what does it expand to, and where does it go.
+
+`router` is the pure policy (local domains, aliases, relay permission, transport map); `route`
+is the record it returns (`Route`: transport and next hop) for the scheduler to group by;
+`held` keeps mail for part-time hosts until they ask for it (ETRN) and decides where released
+mail goes. In: addresses and client facts. Out: `Reply` refusals, expansions, `Route`s. May
+import proto only; no I/O.
+"""
