@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mailhaven.net import hostport
 from mailhaven.runtime import eventloop, logtargets
 
 
@@ -280,14 +281,11 @@ class Config:
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
-    """`127.0.0.1:2525`, `[::1]:2525` or `localhost:25` -> (host, port)."""
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"bad listen address {text!r}: expected host:port or [v6addr]:port")
-    return host, int(port)
+    """`127.0.0.1:2525`, `[::1]:2525` or `localhost:25` -> (host, port); ConfigError if not."""
+    try:
+        return hostport.parse_hostport(text)
+    except hostport.BadHostPort as err:
+        raise ConfigError(str(err)) from None
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:

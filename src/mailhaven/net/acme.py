@@ -465,7 +465,7 @@ async def in_daemon_thread(work: Callable[[], T]) -> T:
 
 
 def _hostport(text: str) -> tuple[str, int]:
-    from mailhaven.config import parse_hostport
+    from mailhaven.net.hostport import parse_hostport
 
     return parse_hostport(text)
 
