@@ -33,7 +33,7 @@ def test_unit_verifies_and_matches_what_the_daemon_does(tmp_path: Path) -> None:
 def test_socket_units_verify_and_name_the_listeners_they_replace(tmp_path: Path) -> None:
     """One socket unit per listener name (FileDescriptorName= names all sockets of a unit),
     each a name the daemon takes (`app.LISTENER_NAMES`) and each activating mailhaven.service."""
-    from mailhaven.app import LISTENER_NAMES
+    from mailhaven.app.listeners import LISTENER_NAMES
 
     sockets = sorted(UNIT.parent.glob("mailhaven-*.socket"))
     assert [s.name for s in sockets] == [

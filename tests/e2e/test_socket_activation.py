@@ -78,7 +78,7 @@ nameservers = ["127.0.0.1:{free_port()}"]
 def test_inherited_sockets_replace_their_name_unnamed_is_smtp_unknown_closed(
     tmp_path: Path,
 ) -> None:
-    from mailhaven.app import App
+    from mailhaven.app.listeners import bind_listeners
     from mailhaven.config import Config, Listen
 
     submission = free_port()
@@ -90,7 +90,7 @@ def test_inherited_sockets_replace_their_name_unnamed_is_smtp_unknown_closed(
         ),
     )
     unnamed, pop3, unknown = (socket.create_server(("127.0.0.1", 0)) for _ in range(3))
-    bound = App(config)._bind_listeners([("", unnamed), ("pop3", pop3), ("imap", unknown)])
+    bound = bind_listeners(config, [("", unnamed), ("pop3", pop3), ("imap", unknown)])
     try:
         assert {name: [s for _, s in socks] for name, socks in bound.items()} == {
             "smtp": [unnamed], "pop3": [pop3], "submission": [bound["submission"][0][1]],

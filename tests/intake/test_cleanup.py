@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from mailhaven.intake.cleanup import (
     scan_header,
 )
 from mailhaven.proto.envelope import Envelope, RecipientSpec
-from mailhaven.spool import FreshMessage, Spool, list_queue
+from mailhaven.scheduler.active import ActiveQueue
+from mailhaven.spool import Spool, list_queue
 
 NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 
@@ -39,7 +39,10 @@ def env(*rcpts: str, **kw: object) -> Envelope:
 
 def test_received_header_single_recipient_with_tls() -> None:
     header = received_header(
-        env("bob@example.net"), queue_id="QID123", hostname="mx.example.net", now=NOW,
+        env("bob@example.net"),
+        queue_id="QID123",
+        hostname="mx.example.net",
+        now=NOW,
         tls="using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384 (256/256 bits)",
     )
     assert header == (
@@ -52,9 +55,17 @@ def test_received_header_single_recipient_with_tls() -> None:
 
 def test_received_header_several_recipients_ipv6_and_hostile_helo() -> None:
     header = received_header(
-        env("a@example.net", "b@example.net", helo="evil\r\nBcc: x@y", client_name="",
-            client_address="2001:db8::1", protocol="ESMTP"),
-        queue_id="Q", hostname="mx", now=NOW,
+        env(
+            "a@example.net",
+            "b@example.net",
+            helo="evil\r\nBcc: x@y",
+            client_name="",
+            client_address="2001:db8::1",
+            protocol="ESMTP",
+        ),
+        queue_id="Q",
+        hostname="mx",
+        now=NOW,
     )
     assert header == (
         b"Received: from evil??Bcc: x@y (unknown [IPv6:2001:db8::1])\r\n"
@@ -66,7 +77,9 @@ def test_received_header_several_recipients_ipv6_and_hostile_helo() -> None:
 def test_received_header_local_submission() -> None:
     header = received_header(
         env("bob@example.net", client_name="", client_address="", helo="", protocol="local"),
-        queue_id="Q", hostname="mx", now=NOW,
+        queue_id="Q",
+        hostname="mx",
+        now=NOW,
     )
     assert header.startswith(b"Received: by mx (mailhaven) id Q\r\n\tfor <bob@example.net>; ")
 
@@ -109,8 +122,9 @@ async def test_submit_expands_aliases_keeps_originals_and_logs(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
     wake = Wake()
-    intake = Intake(spool, hostname="mx.example.net", expand=expand, wake=wake,
-                    clock=lambda: NOW)
+    intake = Intake(
+        ActiveQueue(spool, wake=wake), hostname="mx.example.net", expand=expand, clock=lambda: NOW
+    )
     writer = spool.new_message()
     writer.write(b"Message-ID: <m1@example.org>\r\nSubject: hi\r\n\r\n")
     writer.write(b"body " * 1000)  # spills to a file: the head is still scanned
@@ -141,7 +155,7 @@ async def test_submit_expands_aliases_keeps_originals_and_logs(
 
 async def test_too_many_hops_is_refused_and_nothing_queued(spool: Spool) -> None:
     wake = Wake()
-    intake = Intake(spool, hostname="mx", expand=expand, wake=wake)
+    intake = Intake(ActiveQueue(spool, wake=wake), hostname="mx", expand=expand)
     writer = spool.new_message()
     writer.write(b"".join(b"Received: from hop%d by x; date\r\n" % i for i in range(51)))
     writer.write(b"\r\nbody\r\n")
@@ -154,14 +168,14 @@ async def test_too_many_hops_is_refused_and_nothing_queued(spool: Spool) -> None
 
 
 async def test_fifty_hops_is_still_accepted(spool: Spool) -> None:
-    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    intake = Intake(ActiveQueue(spool, wake=Wake()), hostname="mx", expand=expand)
     writer = spool.new_message()
     writer.write(b"".join(b"Received: from hop%d\r\n" % i for i in range(50)) + b"\r\nx\r\n")
     assert isinstance(await intake.submit(writer, env("bob@example.net")), Queued)
 
 
 async def test_everything_expanding_to_nothing_queues_nothing(spool: Spool) -> None:
-    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    intake = Intake(ActiveQueue(spool, wake=Wake()), hostname="mx", expand=expand)
     writer = spool.new_message()
     writer.write(b"Subject: x\r\n\r\nx\r\n")
     outcome = await intake.submit(writer, env("void@example.net"))
@@ -172,7 +186,7 @@ async def test_expand_failure_propagates_and_discards(spool: Spool) -> None:
     def broken(address: str) -> Sequence[str]:
         raise LookupError("alias map unreadable")
 
-    intake = Intake(spool, hostname="mx", expand=broken, wake=Wake())
+    intake = Intake(ActiveQueue(spool, wake=Wake()), hostname="mx", expand=broken)
     writer = spool.new_message()
     writer.write(b"x" * 5000)
     with pytest.raises(LookupError):
@@ -189,71 +203,6 @@ def test_submission_fixups_add_date_and_message_id_only_when_missing() -> None:
     assert b"Message-ID: <20231114221320.QID1@mx.test>\r\n" in added
     full = scan_header(b"Date: x\r\nMessage-ID: <a@b>\r\n\r\n")
     assert missing_headers(full, queue_id="Q", hostname="h", now=0.0) == b""
-
-
-class Handoff:
-    """Records the fast-path calls; `room` says whether `reserve` succeeds."""
-
-    def __init__(self, room: bool) -> None:
-        self.room = room
-        self.calls: list[tuple[str, object]] = []
-
-    def reserve(self) -> bool:
-        self.calls.append(("reserve", None))
-        return self.room
-
-    def offer(self, fresh: FreshMessage) -> None:
-        self.calls.append(("offer", fresh))
-
-    def cancel(self) -> None:
-        self.calls.append(("cancel", None))
-
-
-async def test_new_mail_is_offered_to_the_scheduler_when_it_has_room(spool: Spool) -> None:
-    wake, handoff = Wake(), Handoff(room=True)
-    intake = Intake(spool, hostname="mx", expand=expand, wake=wake, handoff=handoff)
-    writer = spool.new_message()
-    writer.write(b"Subject: x\r\n\r\nx\r\n")
-    outcome = await intake.submit(writer, env("bob@example.net"))
-    assert isinstance(outcome, Queued) and wake.count == 0
-    [(verb, _), (verb2, fresh)] = handoff.calls
-    assert verb == "reserve" and verb2 == "offer" and isinstance(fresh, FreshMessage)
-    assert fresh.message.queue_id == outcome.queue_id
-    assert [r.address for r in fresh.recipients] == ["bob@example.net"]
-    assert await spool.due(time.time() + 1, 10) == []  # claimed: only the scheduler has it
-
-
-async def test_without_room_or_for_held_mail_the_scheduler_is_woken_or_left_alone(
-    spool: Spool,
-) -> None:
-    wake, handoff = Wake(), Handoff(room=False)
-    intake = Intake(spool, hostname="mx", expand=expand, wake=wake, handoff=handoff,
-                    held=lambda a: a.endswith("@held.example"))
-    for rcpt in ("bob@example.net", "pt@held.example"):
-        writer = spool.new_message()
-        writer.write(b"x" * 5000)
-        assert isinstance(await intake.submit(writer, env(rcpt)), Queued)
-    # held mail asks for nothing: it waits for ETRN
-    assert handoff.calls == [("reserve", None)] and wake.count == 1
-    assert [d.address for d in await spool.due(time.time() + 1, 10)] == ["bob@example.net"]
-
-
-async def test_a_failed_claimed_commit_gives_the_reservation_back(
-    spool: Spool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    handoff = Handoff(room=True)
-    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake(), handoff=handoff)
-
-    async def disk_full(*args: object) -> FreshMessage:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(spool, "commit_claimed", disk_full)
-    writer = spool.new_message()
-    writer.write(b"Subject: x\r\n\r\nx\r\n")
-    outcome = await intake.submit(writer, env("bob@example.net"))
-    assert isinstance(outcome, Refused)  # a full disk is refused with 452 4.3.1, not raised
-    assert (outcome.reply.code, outcome.reply.enhanced) == (452, "4.3.1")
-    assert handoff.calls == [("reserve", None), ("cancel", None)]
 
 
 @pytest.mark.parametrize(
@@ -277,7 +226,7 @@ async def test_a_message_without_headers_is_stored_with_the_separator(
     spool: Spool, size: int
 ) -> None:
     """Issue 16 #1: our trace fields are followed by the empty line, so readers see the body."""
-    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    intake = Intake(ActiveQueue(spool, wake=Wake()), hostname="mx", expand=expand)
     writer = spool.new_message()
     body = b"look ma no headers!\r\n" + b"x" * size + b"\r\n"
     writer.write(body[:7])
@@ -295,7 +244,7 @@ async def test_a_message_without_headers_is_stored_with_the_separator(
 
 
 async def test_a_message_with_headers_gets_no_extra_empty_line(spool: Spool) -> None:
-    intake = Intake(spool, hostname="mx", expand=expand, wake=Wake())
+    intake = Intake(ActiveQueue(spool, wake=Wake()), hostname="mx", expand=expand)
     writer = spool.new_message()
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     outcome = await intake.submit(writer, env("bob@example.net"))

@@ -24,6 +24,7 @@ from mailhaven.pickup.collector import (
 from mailhaven.pickup.dropfile import DropDirs, DropWriter
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import reply
+from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.spool import Spool, list_queue
 
 
@@ -54,7 +55,7 @@ async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
 
 @pytest.fixture
 def intake(spool: Spool) -> Intake:
-    return Intake(spool, hostname="mx.test", expand=lambda a: [a], wake=lambda: None)
+    return Intake(ActiveQueue(spool, wake=lambda: None), hostname="mx.test", expand=lambda a: [a])
 
 
 @pytest.fixture
@@ -279,16 +280,18 @@ def test_meta_validation(bad: dict[str, Any]) -> None:
 
 
 def test_meta_never_carries_client_facts() -> None:
-    forged = {**meta("bob@example.net"), "client_address": "10.0.0.1", "auth_user": "admin",
-              "helo": "trusted.example"}
+    forged = {
+        **meta("bob@example.net"),
+        "client_address": "10.0.0.1",
+        "auth_user": "admin",
+        "helo": "trusted.example",
+    }
     env = envelope_from_meta(forged, uid=1000, eight_bit=False)
     assert (env.client_address, env.auth_user, env.helo) == ("", None, "")
     assert env.extra == {"uid": "1000", "origin": "pickup"}
 
 
-async def test_arrival_is_when_the_file_reached_the_maildrop(
-    tmp_path: Path, root: Path
-) -> None:
+async def test_arrival_is_when_the_file_reached_the_maildrop(tmp_path: Path, root: Path) -> None:
     """`delay=` counts from the maildrop's arrival (Postfix keeps the posting time), not from
     the pickup: mail that waited in the maildrop while the daemon was down shows that wait."""
     name = drop(root, b"Subject: waited\r\n\r\nhi\r\n")
@@ -297,7 +300,9 @@ async def test_arrival_is_when_the_file_reached_the_maildrop(
     spool = Spool(tmp_path / "spool2", clock=lambda: later)
     await asyncio.to_thread(spool.open)
     try:
-        intake = Intake(spool, hostname="mx.test", expand=lambda a: [a], wake=lambda: None)
+        intake = Intake(
+            ActiveQueue(spool, wake=lambda: None), hostname="mx.test", expand=lambda a: [a]
+        )
         assert await Pickup(root, IntakeDoor(spool, intake)).collect() == 1
         [msg] = queued(spool)
         assert msg.arrival == pytest.approx(dropped, abs=1.0)

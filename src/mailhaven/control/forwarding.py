@@ -7,13 +7,17 @@ counts added up.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mailhaven.control.channel import _ask_status, ask_all
+from mailhaven.control.channel import SOCKET_NAME, ControlError, _ask_status, ask_all, request
 from mailhaven.control.queue_admin import QueueAdmin, add_counts
 from mailhaven.proto.replies import Reply
+
+log = logging.getLogger("mailhaven.control")
 
 
 class Forwarding:
@@ -62,8 +66,6 @@ class Forwarding:
 
     async def status(self) -> dict[str, Any]:
         """The daemon's facts, its queue counts added to every worker's shard's."""
-        import asyncio
-
         facts = await self.local.status()
         answers = await asyncio.gather(
             *(asyncio.to_thread(_ask_status, path) for path in self.peers)
@@ -73,3 +75,24 @@ class Forwarding:
             if answer is not None:
                 add_counts(facts["queue"], answer.get("queue"))
         return facts
+
+
+async def forward_etrn(state_dir: Path, client_ip: str, argument: str) -> Reply:
+    """A worker's ETRN: the daemon opens the release windows in every shard, so the worker
+    asks it over the control socket and gives its client the daemon's reply."""
+    path = state_dir / SOCKET_NAME
+    obj = {"cmd": "etrn", "client": client_ip, "node": argument}
+    try:
+        answer = await asyncio.to_thread(request, path, obj, 10.0)
+    except ControlError as err:
+        answer = {"ok": False, "error": str(err)}
+    if answer and answer.get("ok") and isinstance(answer.get("reply"), list):
+        code, enhanced, text = answer["reply"]
+        return Reply(int(code), str(text), enhanced)
+    log.error("ETRN %s: the daemon did not answer: %s", argument, answer)
+    return Reply(458, f"Unable to queue messages for node {argument}", "4.3.0")
+
+
+async def release_in_workers(peers: Sequence[Path], domains: Sequence[str]) -> int:
+    """Open ETRN release windows for `domains` in every worker's shard; the count released."""
+    return await ask_all(peers, {"cmd": "release_domains", "domains": list(domains)})

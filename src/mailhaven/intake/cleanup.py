@@ -16,9 +16,9 @@ Steps, in order:
    empty line that separates it from the body (RFC 5322 §2.1, as Postfix's cleanup does): the
    first line alone decides, so the body is never read whole; every copy (local, relayed,
    returned in a bounce) is then readable;
-4. hand the message to the scheduler: when its `handoff` has room, the commit already claims
-   the recipients and the stored message is offered to it whole (no queue read to deliver it);
-   otherwise the scheduler is woken to read the queue;
+4. (the same step) the scheduler learns of the message: the `QueueDoor` it provides
+   (`scheduler.active`) hands the stored message over whole when it has room, else wakes the
+   scheduler to read the queue;
 5. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`.
 
 Trust: the envelope and the HELO name come from the client. They were syntax-checked by the SMTP
@@ -42,7 +42,7 @@ from mailhaven import maillog
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.spool.body import MessageWriter
-from mailhaven.spool.records import FreshMessage, Hold, QueuedRecipient
+from mailhaven.spool.records import Hold, QueuedRecipient
 from mailhaven.spool.space import STORAGE_FULL, is_storage_full
 
 log = logging.getLogger("mailhaven.queue")
@@ -61,8 +61,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FIELD_START = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
-class QueueSink(Protocol):
-    """What intake needs from the spool."""
+class QueueDoor(Protocol):
+    """Where intake commits (`scheduler.active.ActiveQueue`): the message and its recipients
+    are durable when `commit` returns, and the scheduler has learnt of them (handed over
+    whole when it has room, else woken to read the queue); `attemptable` False (every
+    recipient held) asks nothing of the scheduler."""
 
     async def commit(
         self,
@@ -70,25 +73,9 @@ class QueueSink(Protocol):
         envelope: Envelope,
         recipients: Sequence[QueuedRecipient],
         header: bytes,
-    ) -> str: ...
-
-    async def commit_claimed(
-        self,
-        writer: MessageWriter,
-        envelope: Envelope,
-        recipients: Sequence[QueuedRecipient],
-        header: bytes,
-    ) -> FreshMessage: ...
-
-
-class Handoff(Protocol):
-    """The scheduler's fast path for new mail (`scheduler.Runner` provides it): a message it
-    has room for is committed with its recipients claimed and handed over whole, so delivering
-    it needs no queue read. `reserve` must be followed by exactly one `offer` or `cancel`."""
-
-    def reserve(self) -> bool: ...
-    def offer(self, fresh: FreshMessage) -> None: ...
-    def cancel(self) -> None: ...
+        *,
+        attemptable: bool,
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,21 +234,17 @@ class Intake:
 
     def __init__(
         self,
-        spool: QueueSink,
+        queue: QueueDoor,
         *,
         hostname: str,
         expand: Callable[[str], Sequence[str]],
         held: Callable[[str], bool] | None = None,
-        wake: Callable[[], None],
-        handoff: Handoff | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._spool = spool
-        self._handoff = handoff
+        self._queue = queue
         self._hostname = hostname
         self._expand = expand
         self._held = held
-        self._wake = wake
         self._clock = clock
 
     async def submit(
@@ -304,7 +287,9 @@ class Intake:
                 log.info("%s: removed (no recipients after expansion)", qid)
                 return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
             attemptable = any(r.hold is Hold.NONE for r in recipients)
-            fresh = await self._commit(writer, envelope, recipients, header, attemptable)
+            await self._queue.commit(
+                writer, envelope, recipients, header, attemptable=attemptable
+            )
         except Exception as exc:
             writer.abort()
             if not is_storage_full(exc):
@@ -316,9 +301,6 @@ class Intake:
         except BaseException:
             writer.abort()
             raise
-        if fresh is not None:
-            assert self._handoff is not None
-            self._handoff.offer(fresh)
         maillog.info(
             log,
             "%s: from=<%s>, size=%d, nrcpt=%d (queue active)",
@@ -327,25 +309,4 @@ class Intake:
             len(header) + writer.size,
             len(recipients),
         )
-        if attemptable and fresh is None:
-            self._wake()  # held mail waits for ETRN: nothing for the scheduler to do now
         return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
-
-    async def _commit(
-        self,
-        writer: MessageWriter,
-        envelope: Envelope,
-        recipients: Sequence[QueuedRecipient],
-        header: bytes,
-        attemptable: bool,
-    ) -> FreshMessage | None:
-        """Commit through the scheduler's fast path when it has room (the message is then
-        returned for `offer`), else plainly (None: the caller wakes the scheduler)."""
-        if not attemptable or self._handoff is None or not self._handoff.reserve():
-            await self._spool.commit(writer, envelope, recipients, header)
-            return None
-        try:
-            return await self._spool.commit_claimed(writer, envelope, recipients, header)
-        except BaseException:
-            self._handoff.cancel()
-            raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
@@ -112,3 +112,19 @@ class PartTimeHosts:
     async def release_all(self) -> int:
         """The schedule: release every held domain."""
         return await self.release(sorted(self.held))
+
+    async def release_periodically(self, interval: float) -> None:
+        """The `etrn.release_interval` schedule: release every held domain every `interval`
+        seconds, for a part-time host that never says ETRN (runs until cancelled)."""
+        import asyncio
+
+        while True:
+            await asyncio.sleep(interval)
+            count = await self.release_all()
+            log.info("scheduled release of part-time domains: %d message(s)", count)
+
+
+def release_route(domain: str, transport_map: Mapping[str, str], relayhost: str) -> Route:
+    """Where a released part-time domain's mail goes: its transport-map next hop, else the
+    relayhost, else the domain's MX."""
+    return Route("relay", transport_map.get(domain) or relayhost or domain)

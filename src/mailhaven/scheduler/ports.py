@@ -7,9 +7,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from mailhaven.proto.envelope import Envelope
+from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.records import (
     DueRecipient,
+    FreshMessage,
     Hold,
+    QueuedRecipient,
     RecipientKey,
     RecipientState,
     RecipientUpdate,
@@ -23,7 +27,29 @@ from mailhaven.spool.records import (
 OnFailures = Callable[[StoredMessage, Sequence[RecipientState]], Awaitable[None]]
 
 
-class SchedulerSpool(Protocol):
+class ActiveSpool(Protocol):
+    """What the active queue needs from the spool."""
+
+    async def commit(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> str: ...
+
+    async def commit_claimed(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> FreshMessage: ...
+
+    async def unclaim(self, keys: Sequence[RecipientKey]) -> None: ...
+
+
+class SchedulerSpool(ActiveSpool, Protocol):
     """What the scheduler needs from the spool (`mailhaven.spool.Spool` provides it)."""
 
     async def due(self, now: float, limit: int) -> list[DueRecipient]: ...

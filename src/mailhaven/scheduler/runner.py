@@ -17,16 +17,11 @@ message. Scheduling cost per delivery therefore does not grow with the backlog. 
 planned from the backlog is claimed only if the spool still finds it attemptable, so an
 operator's hold or delete in between wins.
 
-The fast path for new mail (Postfix's cleanup handing a new message straight to qmgr): while the
-runner holds fewer than `fresh_limit` messages (and less than `FRESH_BYTES` of inline bodies)
-it `reserve`s room for intake, which commits the message with its recipients already claimed
-and `offer`s it whole; it is planned with the next pass, alongside what the queue read
-returned, and delivered without a queue read, a claim or a load (measured: the queue reads
-were ~18 % of the relay profile). Fresh recipients that find no slot wait in memory, still claimed. `revisit()` (the
-operator changed the queue: hold, delete, requeue) first gives them back to the spool, so the
-next read sees the operator's change, as for the backlog. The queue is otherwise read only when
-something may be there that the runner does not hold: after `wake()`, once the next due time
-has come, or when the last read was cut at `Limits.scan` and the backlog ran dry.
+New mail and the backlog are held by the `ActiveQueue` (`scheduler.active`), the seam intake
+commits through: the runner takes them into each plan and puts back what found no slot. The
+queue is otherwise read only when something may be there that the runner does not hold: after
+`wake()`, once the next due time has come, or when the last read was cut at `Limits.scan` and
+the backlog ran dry.
 
 Invariants:
 - a recipient being attempted is `claim`ed in the spool, so `due()` never returns it twice;
@@ -55,6 +50,7 @@ from mailhaven.faults import crash_point
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
 from mailhaven.routing.route import Route
+from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
 from mailhaven.scheduler.outcome import (
     UNAVAILABLE,
@@ -68,7 +64,6 @@ from mailhaven.scheduler.plan import Delivery, Limits, Suspension, is_site_failu
 from mailhaven.scheduler.ports import OnFailures, SchedulerSpool
 from mailhaven.spool.records import (
     DueRecipient,
-    FreshMessage,
     Hold,
     RecipientKey,
     RecipientUpdate,
@@ -82,9 +77,6 @@ log = logging.getLogger("mailhaven.queue")
 ERROR_PAUSE = 10.0
 #: while a backlog is kept, the queue is read again at most this often (event-loop seconds)
 RESCAN_INTERVAL = 0.05
-#: no new reservation while the fast path holds this many inline body bytes (messages waiting for
-#: a slot); the messages already reserved may add at most one spool inline limit each
-FRESH_BYTES = 8 * 1024 * 1024
 
 
 class Runner:
@@ -115,7 +107,6 @@ class Runner:
         self._dead: dict[Route, Suspension] = {}
         self._stopped = asyncio.Event()
         self._running = False
-        self._backlog: tuple[DueRecipient, ...] = ()
         self._rescan = True
         self._last_scan = -RESCAN_INTERVAL
         #: the last queue read hit `Limits.scan`: more may be due than the backlog holds
@@ -123,12 +114,11 @@ class Runner:
         #: `next_due_time` must be asked again (a read, a deferral, a wake)
         self._due_changed = True
         self._next_due: float | None = None
-        # the fast path: offered recipients (claimed, not dispatched) and their messages
-        self._fresh_limit = max(64, 2 * self._limits.max_deliveries)
-        self._fresh: list[DueRecipient] = []
-        self._fresh_messages: dict[str, StoredMessage] = {}
-        self._fresh_bytes = 0
-        self._reserved = 0
+        #: new mail (committed through it) and the backlog
+        self.active = ActiveQueue(
+            spool, wake=self.wake, arrived=self._wakeup.set,
+            max_deliveries=self._limits.max_deliveries,
+        )
         self._revisit = False
 
     # -- control --------------------------------------------------------------------------------
@@ -136,7 +126,7 @@ class Runner:
         """New retry policy and concurrency limits (a reload), used from the next plan on;
         deliveries in flight finish under the old ones."""
         self._policy, self._limits = policy, limits
-        self._fresh_limit = max(64, 2 * limits.max_deliveries)
+        self.active.set_limit(limits.max_deliveries)
         self.wake()
 
     def wake(self) -> None:
@@ -162,47 +152,8 @@ class Runner:
         self._revisit = True
         self.wake()
 
-    # -- the fast path for new mail (intake's `Handoff`) -----------------------------------------
-    def reserve(self) -> bool:
-        """Room for one more offered message? Follow a True with exactly one `offer` (after
-        `Spool.commit_claimed`) or `cancel`."""
-        if (
-            self._stopping
-            or not self._running
-            or len(self._fresh_messages) + self._reserved >= self._fresh_limit
-            or self._fresh_bytes >= FRESH_BYTES
-        ):
-            return False
-        self._reserved += 1
-        return True
-
-    def cancel(self) -> None:
-        self._reserved -= 1
-
-    def offer(self, fresh: FreshMessage) -> None:
-        """A message committed with its recipients claimed for us: plan it with the next pass."""
-        msg = fresh.message
-        self.cancel()
-        if not fresh.recipients:
-            return
-        if self._stopping:  # stop() already gave back what it held: do the same for this one
-            keys = [r.key for r in fresh.recipients]
-            task = asyncio.ensure_future(self._spool.unclaim(keys))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            return
-        self._fresh_messages[msg.queue_id] = msg
-        self._fresh_bytes += _held_size(msg)
-        self._fresh.extend(fresh.recipients)
-        self._wakeup.set()
-
     async def _give_back_fresh(self) -> None:
-        """Unclaim the fresh recipients not dispatched (they are then read from the queue)."""
-        keys = [r.key for r in self._fresh]
-        self._fresh = []
-        self._fresh_messages.clear()
-        self._fresh_bytes = 0
-        if keys:
-            await self._spool.unclaim(keys)
+        await self.active.give_back()
         self._rescan = True
 
     @property
@@ -212,7 +163,7 @@ class Runner:
     async def run(self) -> None:
         """The loop; returns after `stop()`. An unexpected error in a pass is logged and the
         pass retried after `ERROR_PAUSE` seconds: the daemon keeps running."""
-        self._running = True
+        self._running = self.active.running = True
         try:
             try:
                 await self.sweep()
@@ -237,7 +188,7 @@ class Runner:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop planning; let deliveries finish for `grace` seconds, then cancel the rest."""
-        self._stopping = True
+        self._stopping = self.active.stopping = True
         self.wake()
         if self._running:
             await self._stopped.wait()  # no new deliveries after this
@@ -267,7 +218,7 @@ class Runner:
             self._revisit = False
             await self._give_back_fresh()
         due = await self._due(now)
-        fresh, self._fresh = self._fresh, []
+        fresh = self.active.take_fresh()
         fresh_keys = {r.key for r in fresh}
         candidates = [*due, *fresh]  # the queue's (older) first
         routes, broken = self._routes(candidates)
@@ -280,8 +231,7 @@ class Runner:
             limits=self._limits,
             now=now,
         )
-        self._backlog = tuple(r for r in plan.left if r.key not in fresh_keys)
-        self._fresh[:0] = [r for r in plan.left if r.key in fresh_keys]  # still claimed
+        self.active.keep(plan.left, fresh_keys)
         await self._defer(broken, now)
         if plan.held:
             await self._spool.hold_recipients([r.key for r in plan.held], Hold.ROUTE)
@@ -295,7 +245,7 @@ class Runner:
         await self._defer_suspended(plan.suspended, now)
         if plan.deliveries:
             await self._dispatch(plan.deliveries, fresh_keys, now)
-        self._drop_dispatched_messages()
+        self.active.drop_dispatched()
         if plan.waiting:
             # All usable slots are taken: a finishing delivery wakes us; a pending rescan
             # (new mail meanwhile) must not wait for that longer than the interval.
@@ -322,27 +272,21 @@ class Runner:
             if not d.recipients:
                 continue
             self._busy[d.route] += 1
-            msg = self._fresh_messages.get(d.queue_id)
+            msg = self.active.message(d.queue_id)
             task = asyncio.create_task(self._deliver(d, now, msg), name=f"deliver {d.queue_id}")
             self._tasks[task] = d
             task.add_done_callback(self._delivery_done)
 
-    def _drop_dispatched_messages(self) -> None:
-        """Keep in memory only the messages that still have a fresh recipient waiting."""
-        waiting = {r.queue_id for r in self._fresh}
-        for qid in [q for q in self._fresh_messages if q not in waiting]:
-            self._fresh_bytes -= _held_size(self._fresh_messages.pop(qid))
-
     async def _due(self, now: float) -> Sequence[DueRecipient]:
         """The candidates of this pass from the queue: a fresh read, or the kept backlog."""
         loop_now = asyncio.get_running_loop().time()
-        if not self._rescan and not self._backlog:
+        if not self._rescan and not self.active.backlog:
             # (with a backlog the answer would count the backlog's own recipients as unread)
             await self._refresh_next_due()
         stale = self._rescan or (self._next_due is not None and now >= self._next_due)
-        read = stale and (not self._backlog or loop_now - self._last_scan >= RESCAN_INTERVAL)
-        if not read and not (self._more and not self._backlog):
-            return self._backlog
+        read = stale and (not self.active.backlog or loop_now - self._last_scan >= RESCAN_INTERVAL)
+        if not read and not (self._more and not self.active.backlog):
+            return self.active.backlog
         self._rescan = False
         self._last_scan = loop_now
         self._due_changed = True
@@ -582,11 +526,6 @@ class Runner:
         """Finish messages a crash left with nothing to do (between record and remove)."""
         for qid in await self._spool.finished():
             await self._finish(qid)
-
-
-def _held_size(msg: StoredMessage) -> int:
-    """What a message held for the fast path costs in memory: its bytes if stored inline."""
-    return msg.size if msg.inline_body is not None else 0
 
 
 def _postpone(v: Verdict, not_before: Mapping[int, float]) -> Verdict:

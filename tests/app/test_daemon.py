@@ -9,7 +9,6 @@ import pytest
 from mailhaven import config as configuration
 from mailhaven.app import App
 from mailhaven.runtime.workers import WorkerRole
-from mailhaven.smtpd.auth import SMTPAuthenticator
 
 
 @pytest.mark.parametrize(
@@ -27,9 +26,8 @@ async def test_queue_limits_are_divided_among_the_processes(
         "[queue]\nconcurrency = 10\ndestination_concurrency = 5\n"
     )
     app = App(configuration.load(path), worker=worker)
-    app._build_engine()
-    assert app.runner is not None
-    limits = app.runner._limits
+    engine = app._build_engine()
+    limits = engine.runner._limits
     assert (limits.max_deliveries, limits.per_destination) == expected
     assert app.spool.root.name == ("spool" if worker is None else f"spool-{worker.shard}")
 
@@ -41,13 +39,12 @@ async def test_the_mx_profile_is_built_once_per_configuration(tmp_path: Path) ->
     conf = f'state_dir = "{tmp_path / "state"}"\n[limits]\nmessage_size = %d\n'
     path.write_text(conf % 100_000)
     app = App(configuration.load(path))
-    app.authenticator = SMTPAuthenticator(app.users, app.auth_limiter)  # as start() does
-    first = app._mx_profile()
-    assert app._mx_profile() is first
+    first = app.profiles.mx()
+    assert app.profiles.mx() is first
     assert first.settings.max_message_size == 100_000
     path.write_text(conf % 200_000)
     app.reload()
-    assert app._mx_profile().settings.max_message_size == 200_000
+    assert app.profiles.mx().settings.max_message_size == 200_000
 
 
 async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Path) -> None:
@@ -60,7 +57,6 @@ async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Pa
     )
     path.write_text(conf % (3, "0.5"))
     app = App(configuration.load(path))
-    app.authenticator = SMTPAuthenticator(app.users, app.auth_limiter)  # as start() does
     limiter = app.auth_limiter
     assert (limiter.max_failures, limiter.max_address_failures) == (3, 50)
     for t in range(2):

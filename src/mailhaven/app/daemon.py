@@ -1,0 +1,544 @@
+"""One running mailhaven process: start, serve until told to stop, reload on SIGHUP, stop.
+
+The daemon (shard 0) binds the listeners, drops privileges, runs the engine (`engine`), the
+local submission (pickup and the control socket), POP3, the worker processes
+(`smtp_processes` > 1) and ACME. A worker process (`App(config, worker=role)`) runs the same
+engine on a queue shard of its own (`runtime.workers`, `spool.shards`) on the daemon's `smtp`
+sockets. Every task of the process lives in one `asyncio.TaskGroup`: none outlives `run()`,
+and one that dies of an unexpected error stops the process (systemd restarts it) instead of
+failing silently.
+
+Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
+at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by
+`mailhaven queue` and `sendmail -q`) and when the directory changes. The daemon holds the queue
+lock (`DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
+
+Signals: SIGTERM/SIGINT stop gracefully (see `SMTPService.shutdown`); SIGHUP re-reads the
+config file and applies every setting except `reload.RESTART_ONLY` ones (domains, users,
+aliases, trusted networks, ETRN's held domains and clients, limits and timeouts for new
+sessions, the TLS certificate, relay and queue settings, the log level). Reload validates
+everything first (`reload.prepare_reload`) and then applies all of it or, when anything is
+wrong, none of it; the log says which and why. The daemon forwards SIGHUP to its workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mailhaven import __version__, maillog
+from mailhaven import config as configuration
+from mailhaven.app.engine import Engine, build_engine, client_names
+from mailhaven.app.listeners import (
+    LISTENER_NAMES,
+    Bound,
+    Profiles,
+    bind_listeners,
+    load_tls,
+)
+from mailhaven.app.live import Live
+from mailhaven.app.reload import PreparedReload, prepare_reload
+from mailhaven.app.settings import backoff_policy, plan_limits
+from mailhaven.checks.auth_failures import AuthLimiter
+from mailhaven.config import Config
+from mailhaven.control import channel as control
+from mailhaven.control.forwarding import Forwarding, forward_etrn, release_in_workers
+from mailhaven.control.queue_admin import QueueAdmin
+from mailhaven.faults import arm as arm_crash_points
+from mailhaven.faults import crash_point
+from mailhaven.mailbox.users import UsersFileError
+from mailhaven.net import acme
+from mailhaven.net.tls import ReloadableTLS, certificate_facts
+from mailhaven.pickup.collector import IntakeDoor, Pickup
+from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
+from mailhaven.proto.replies import Reply
+from mailhaven.runtime import logtargets, privileges, systemd
+from mailhaven.runtime.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
+from mailhaven.smtpd.auth import SMTPAuthenticator
+from mailhaven.smtpd.policy import SessionFacts
+from mailhaven.spool import shards
+from mailhaven.spool.lock import DaemonLock, lock_path
+from mailhaven.spool.store import Spool
+
+__all__ = ["LISTENER_NAMES", "App"]
+
+log = logging.getLogger("mailhaven.master")
+
+#: How often the daemon tells systemd its queue size (`systemctl status`).
+STATUS_INTERVAL = 30.0
+
+
+class App:
+    """One running mailhaven: call `await App(config).run()`; `stop()` from elsewhere."""
+
+    def __init__(self, config: Config, *, worker: WorkerRole | None = None) -> None:
+        self.live = Live(config)
+        #: set in a worker process (see `mailhaven.runtime.workers`): the engine on a shard of
+        #: its own
+        self.worker = worker
+        self.auth_limiter = AuthLimiter(
+            max_failures=config.limits.auth_failures,
+            max_address_failures=config.limits.auth_address_failures,
+            failure_delay=config.limits.auth_failure_delay,
+        )
+        self.authenticator = SMTPAuthenticator(self.live.users, self.auth_limiter)
+        #: per-address connection counts and rates over every POP3 listener (`[limits]`)
+        self.pop3_clients = ClientLimits(
+            config.limits.connections_per_ip, config.limits.connection_rate
+        )
+        self.spool = Spool(
+            shards.shard_path(config.spool_path, worker.shard if worker else 0),
+            checkpoint=crash_point,
+            minfree=config.queue.minfree,
+        )
+        self.tls: ReloadableTLS | None = None
+        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator, self._etrn)
+        self.engine: Engine | None = None
+        self.workers: WorkerPool | None = None
+        self.pop3: list[Pop3Listener] = []
+        self.pickup: Pickup | None = None
+        self.control: control.ControlServer | None = None
+        self.ready = asyncio.Event()
+        #: systemd's notify socket, when it started us (`Type=notify`)
+        self.manager: systemd.Notifier | None = None
+        self._stop = asyncio.Event()
+        self._queue_lock: DaemonLock | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._background: list[asyncio.Task[Any]] = []
+        self._release_task: asyncio.Task[None] | None = None
+        self._runner_task: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+        self._smtp_sockets: list[socket.socket] = []
+        #: the listening sockets per listener name, bound (or inherited) before the drop
+        self._bound: Bound = {}
+
+    @property
+    def config(self) -> Config:
+        return self.live.config
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        assert self._tasks is not None, "tasks start inside run()"
+        task = self._tasks.create_task(coro)
+        self._background.append(task)
+        return task
+
+    def _worker_sockets(self) -> list[Path]:
+        state = self.config.state_path
+        return [control_socket(state, k) for k in range(1, self.config.smtp_processes)]
+
+    # ------------------------------------------------------------------ wiring
+
+    def _build_engine(self) -> Engine:
+        daemon_with_workers = self.worker is None and self.config.smtp_processes > 1
+        peers = self._worker_sockets()
+
+        async def elsewhere(domains: Sequence[str]) -> int:
+            return await release_in_workers(peers, domains)
+
+        self.engine = build_engine(
+            self.live, self.spool, release_elsewhere=elsewhere if daemon_with_workers else None
+        )
+        return self.engine
+
+    async def _etrn(self, facts: SessionFacts, argument: str) -> Reply:
+        if self.worker is not None:  # the daemon opens the release windows in every shard
+            return await forward_etrn(self.config.state_path, facts.client_ip, argument)
+        assert self.engine is not None
+        return await self.engine.part_time.etrn(facts.client_ip, argument)
+
+    def _schedule_releases(self) -> None:
+        """(Re)start the periodic release of held domains (the daemon releases every shard)."""
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
+        interval = self.config.etrn.release_interval
+        if interval > 0 and self.worker is None and self.engine is not None:
+            self._release_task = self._spawn(self.engine.part_time.release_periodically(interval))
+
+    async def _start_listeners(self, engine: Engine) -> None:
+        config = self.config
+        bound = self._bound
+        for address, sock in bound.get("smtp", []):
+            server = await engine.smtp.listen(address, self.profiles.mx, sock=sock)
+            self._smtp_sockets.extend(server.sockets)
+            log.info("smtp listening on %s", address)
+        for address, sock in bound.get("submission", []):
+            await engine.smtp.listen(
+                address, lambda: self.profiles.submission(implicit_tls=False), sock=sock
+            )
+            log.info("submission listening on %s", address)
+        tls_listeners = [*bound.get("submissions", []), *bound.get("pop3s", [])]
+        if self.tls is None and tls_listeners:
+            log.warning("no TLS certificate: submissions and pop3s listeners are off")
+            for _, sock in tls_listeners:
+                sock.close()
+        if self.tls is not None:
+            for address, sock in bound.get("submissions", []):
+                await engine.smtp.listen(
+                    address, lambda: self.profiles.submission(implicit_tls=True),
+                    implicit_tls=True, sock=sock,
+                )
+                log.info("submissions (implicit TLS) listening on %s", address)
+        pop3 = [(a, s, False) for a, s in bound.get("pop3", [])]
+        if self.tls is not None:
+            pop3 += [(a, s, True) for a, s in bound.get("pop3s", [])]
+        for address, sock, implicit in pop3:
+            listener = await start_pop3_server(
+                None,
+                0,
+                sock=sock,
+                mail_root=config.mail_root,
+                users=self.live.users,
+                tls_context=self.profiles.tls_context(),
+                implicit_tls=implicit,
+                allow_plaintext_on_loopback=True,
+                hostname=config.hostname,
+                idle_timeout=config.timeouts.pop3_idle,
+                tls_handshake_timeout=config.timeouts.tls_handshake,
+                limiter=self.auth_limiter,
+                clients=self.pop3_clients,
+            )
+            self.pop3.append(listener)
+            log.info("pop3%s listening on %s", "s" if implicit else "", address)
+
+    async def start(self) -> None:
+        if self.worker is not None:
+            await self._start_as_worker(self.worker)
+            return
+        config = self.config
+        log.info(
+            "starting mailhaven: hostname=%s state_dir=%s config=%s event_loop=%s",
+            config.hostname,
+            config.state_path,
+            config.source or "(built-in defaults)",
+            # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
+            type(asyncio.get_running_loop()).__module__.partition(".")[0],
+        )
+        self._bound = bind_listeners(config, systemd.listen_sockets())
+        self._drop_privileges()
+        # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
+        config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
+        config.mail_root.mkdir(mode=0o700, exist_ok=True)
+        self.live.users.load()
+        self.tls = load_tls(config)
+        self._queue_lock = self._lock_queue()
+        await asyncio.to_thread(self._adopt_orphans)
+        await asyncio.to_thread(self.spool.open)
+        engine = self._build_engine()
+        self._schedule_releases()
+        # The control socket is up before any listener: once a client can connect, a
+        # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
+        await self._start_local_submission(engine)
+        await self._start_listeners(engine)
+        self._runner_task = self._spawn(engine.runner.run())
+        await self._start_workers()
+        self._start_acme()
+        self.ready.set()
+        arm_crash_points()  # tests only: start-up's own commits are not crash points
+
+    def _drop_privileges(self) -> None:
+        """Started as root with `user` set: hand the state directory over and become the user,
+        before anything reads network input or writes state (runtime.privileges)."""
+        config = self.config
+        if os.geteuid() != 0:
+            return
+        if not config.user:
+            log.warning("running as root: set `user` to run as an unprivileged account")
+            return
+        try:
+            who = privileges.resolve(config.user, config.group)
+        except LookupError as err:
+            raise OSError(str(err)) from None
+        privileges.hand_over(config.state_path, who)
+        kind, where = logtargets.parse(config.log)
+        if kind == "file":  # opened already; the user reopens it on SIGUSR1 (logrotate)
+            with contextlib.suppress(OSError):
+                os.chown(where, who.uid, who.gid)
+        privileges.drop(who)
+
+    def _lock_queue(self) -> DaemonLock:
+        lock = DaemonLock.acquire(lock_path(self.spool.root))
+        if lock is None:
+            raise OSError(f"{self.spool.root}: the queue is in use (another mailhaven?)")
+        return lock
+
+    def _adopt_orphans(self) -> None:
+        """Shards that no process serves any more (`smtp_processes` was lowered) move into
+        ours before our recovery runs; one that is locked (a worker of an old daemon still
+        stopping) waits for our next start."""
+        for orphan in shards.orphans(self.config.spool_path, self.config.smtp_processes):
+            lock = DaemonLock.acquire(lock_path(orphan))
+            if lock is None:
+                log.error("spool %s is in use; not adopting it now", orphan)
+                continue
+            with lock:
+                try:
+                    shards.adopt(self.config.spool_path, orphan)
+                except (OSError, RuntimeError, sqlite3.Error) as err:
+                    log.error("spool %s: cannot adopt it: %s", orphan, err)
+
+    def _start_acme(self) -> None:
+        """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""
+        settings = self.config.tls.acme
+        if not settings.domains or self.tls is None:
+            return
+        if self.worker is not None:
+            self._spawn(acme.follow(self.tls, acme.FOLLOW_INTERVAL))
+        else:
+            paths = acme.Paths(self.config.state_path / "acme")
+            self._spawn(acme.AcmeManager(settings, paths, self.tls).run())
+
+    async def _start_workers(self) -> None:
+        """`smtp_processes` > 1: worker processes on our `smtp` listening sockets."""
+        extra = self.config.smtp_processes - 1
+        if extra <= 0:
+            return
+        fds = [s.fileno() for s in self._smtp_sockets]
+        self.workers = WorkerPool(extra, self.config.source, fds)
+        await self.workers.start()
+
+    async def _start_as_worker(self, role: WorkerRole) -> None:
+        """A worker process: the whole engine on its own shard, on the daemon's sockets."""
+        config = self.config
+        self.live.users.load()
+        self.tls = load_tls(config)  # the daemon made any self-signed certificate already
+        self._queue_lock = self._lock_queue()
+        await asyncio.to_thread(self.spool.open)
+        engine = self._build_engine()
+        self.control = control.ControlServer(
+            control_socket(config.state_path, role.shard),
+            QueueAdmin(
+                self.spool,
+                wake=engine.runner.revisit,
+                release_domains=engine.part_time.release,
+                forget_dead=engine.runner.forget_dead,
+            ),
+        )
+        await self.control.start()
+        for fd in role.fds:
+            await engine.smtp.listen("", self.profiles.mx, sock=socket.socket(fileno=fd))
+        self._runner_task = self._spawn(engine.runner.run())
+        self._start_acme()
+        if role.lifeline is not None:
+            watch_lifeline(role.lifeline, self.stop)
+        log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
+                 self.spool.root)
+        self.ready.set()
+
+    async def _start_local_submission(self, engine: Engine) -> None:
+        """The pickup (collects what `sendmail` dropped, also while we were down) and the
+        control socket that `sendmail` pokes and `mailhaven queue` drives."""
+        state = self.config.state_path
+        pickup = Pickup(state / "maildrop", IntakeDoor(self.spool, engine.intake))
+        await asyncio.to_thread(pickup.prepare)
+        self.pickup = pickup
+
+        async def collect_then_watch() -> None:
+            await pickup.collect()
+            await pickup.run()
+
+        self._spawn(collect_then_watch())
+        admin = QueueAdmin(
+            self.spool,
+            wake=engine.runner.revisit,
+            pickup=pickup.collect,
+            etrn=engine.part_time.etrn,
+            release_domains=engine.part_time.release,
+            forget_dead=engine.runner.forget_dead,
+            about=self._about,
+        )
+        handlers: control.Handlers = admin
+        if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too
+            handlers = Forwarding(admin, self._worker_sockets())
+        self.control = control.ControlServer(state / control.SOCKET_NAME, handlers)
+        await self.control.start()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def run(self) -> int:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                await self._serve()
+        except BaseExceptionGroup as group:
+            # one failure (a listen address in use...) surfaces as itself, for the CLI
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            self._tasks = None
+        return 0
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Read (and unset) before any worker is spawned: only the daemon talks to systemd.
+        self.manager = systemd.Notifier.from_environ() if self.worker is None else None
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+            loop.add_signal_handler(signal.SIGUSR1, self._reopen_log)
+        if self.manager is not None:
+            self.manager.send("READY=1", f"STATUS={await self._status()}")
+            self._spawn(self._report_to_manager())
+        await self._stop.wait()
+        if self.manager is not None:
+            self.manager.send("STOPPING=1", "STATUS=finishing transactions in flight")
+        await self.shutdown()
+
+    def _reopen_log(self) -> None:
+        """SIGUSR1 (logrotate's postrotate): reopen a log file here and in every worker."""
+        if self.workers is not None:
+            self.workers.signal(signal.SIGUSR1)
+        maillog.reopen()
+
+    def _reload_signalled(self) -> None:
+        """SIGHUP, bracketed for systemd (`Type=notify-reload` wants RELOADING=1 with the
+        monotonic time, then READY=1 once the new configuration is in force)."""
+        if self.manager is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.manager.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        self.reload()
+        if self.manager is not None:
+            self.manager.send("READY=1")
+
+    def _about(self) -> dict[str, Any]:
+        """What `mailhaven status` shows besides the queue: who, since when, where, which
+        certificate (and how long it has left)."""
+        listen = self.config.listen
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "hostname": self.config.hostname,
+            "config": self.config.source or "(built-in defaults)",
+            "state_dir": str(self.config.state_path),
+            "uptime": round(time.monotonic() - self._started, 1),
+            "listeners": {
+                name: list(getattr(listen, name))
+                for name in LISTENER_NAMES
+                if getattr(listen, name)
+            },
+            "processes": self.config.smtp_processes,
+            "certificate": certificate_facts(self.tls.cert_file) if self.tls else None,
+        }
+
+    async def _status(self) -> str:
+        queued = await self.spool.count()
+        return f"serving; {queued} message(s) in the queue"
+
+    async def _report_to_manager(self) -> None:
+        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings and systemd
+        restarts us), and a STATUS= line with the queue size for `systemctl status`."""
+        assert self.manager is not None
+        watchdog = self.manager.watchdog_interval
+        interval = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
+        next_status = asyncio.get_running_loop().time() + STATUS_INTERVAL
+        while True:
+            await asyncio.sleep(interval)
+            fields = ["WATCHDOG=1"] if watchdog else []
+            if asyncio.get_running_loop().time() >= next_status:
+                next_status += STATUS_INTERVAL
+                with contextlib.suppress(Exception):  # a busy spool skips one report
+                    fields.append(f"STATUS={await self._status()}")
+            if fields:
+                self.manager.send(*fields)
+
+    def stop(self) -> None:
+        log.info("stopping: finishing transactions in flight")
+        self._stop.set()
+
+    def reload(self) -> None:
+        """SIGHUP: validate the whole new configuration, then apply all of it or none."""
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
+        path = self.config.source
+        try:
+            prepared = prepare_reload(self.config, has_tls=self.tls is not None)
+        except (configuration.ConfigError, UsersFileError) as err:
+            log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
+            return
+        self._apply_reload(prepared)
+        for name in prepared.kept:
+            log.warning("reload: %s changed; it takes effect at the next restart", name)
+        log.info("reload: configuration %s applied", path or "(built-in defaults)")
+        # last, so that line is logged even when the new level hides it (as maillog.setup)
+        logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
+
+    def _apply_reload(self, prepared: PreparedReload) -> None:
+        """Swap in a prepared configuration; nothing here can fail half-way."""
+        old, new = self.config, prepared.config
+        users = prepared.users
+        self.live.swap(new, users, prepared.router)
+        self.profiles.forget()  # the next connection builds the profile from the new config
+        # AUTH must check the same (possibly newly named) users file that the router now
+        # delivers to; the old UserDB would keep accepting logins of users no longer in it.
+        self.authenticator.users = users
+        for listener in self.pop3:  # POP3 logins too, and its limits and timeouts
+            listener.services.users = users
+            listener.services.settings = replace(
+                listener.services.settings,
+                idle_timeout=new.timeouts.pop3_idle,
+                tls_handshake_timeout=new.timeouts.tls_handshake,
+            )
+        # the limiter keeps its counts; only its limits change
+        self.auth_limiter.max_failures = new.limits.auth_failures
+        self.auth_limiter.max_address_failures = new.limits.auth_address_failures
+        self.auth_limiter.failure_delay = new.limits.auth_failure_delay
+        self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
+        self.pop3_clients.rate.limit = new.limits.connection_rate
+        if prepared.new_tls is not None:
+            self.tls = prepared.new_tls
+        if self.tls is not None and prepared.tls_backend is not None and prepared.tls_files:
+            self.tls.use(prepared.tls_backend, *prepared.tls_files)
+        engine = self.engine
+        if engine is None:
+            return
+        engine.smtp.reconfigure(new.limits, new.timeouts)
+        engine.part_time.configure(new.etrn.held_domains, new.etrn.clients)
+        if new.etrn.release_interval != old.etrn.release_interval:
+            self._schedule_releases()
+        engine.relay_agent.reconfigure(prepared.relay_agent)
+        engine.smtp.client_names = (
+            client_names(new, engine.relay_agent)
+        )
+        engine.runner.reconfigure(backoff_policy(new), plan_limits(new))
+
+    async def shutdown(self) -> None:
+        for task in self._background:
+            if task is not self._runner_task:
+                task.cancel()
+        for listener in self.pop3:
+            listener.close()
+        engine = self.engine
+        # Our sessions and the workers' finish their transactions side by side; the control
+        # socket stays up meanwhile (a worker may still forward an ETRN).
+        stopping = [engine.smtp.shutdown()] if engine is not None else []
+        grace = self.config.timeouts.shutdown_grace
+        stopping += [listener.wait_closed(grace) for listener in self.pop3]
+        if self.workers is not None:
+            stopping.append(self.workers.stop(grace))
+        await asyncio.gather(*stopping)
+        if self.control is not None:
+            await self.control.close()
+        if engine is not None:
+            await engine.runner.stop(grace=grace)
+            if self._runner_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._runner_task
+            await engine.relay_agent.close()
+        await asyncio.to_thread(self.spool.close)
+        if self._queue_lock is not None:
+            self._queue_lock.release()
+        log.info("stopped")

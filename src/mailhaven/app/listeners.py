@@ -1,0 +1,182 @@
+"""The listening sockets and what each listener offers (its `ListenerProfile`).
+
+Sockets are bound (or taken over from systemd's socket activation) before the privilege drop,
+so ports below 1024 work without running as root; `listen(2)` comes only when serving starts.
+Profiles say per listener which SMTP settings, policy, TLS and authentication apply: the MX
+port (STARTTLS with whatever certificate we have, ETRN when part-time hosts are configured)
+and submission (RFC 6409: AUTH only under TLS before MAIL, sender-login check).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from mailhaven.app.live import Live
+from mailhaven.app.settings import server_settings
+from mailhaven.config import Config, parse_hostport
+from mailhaven.net import acme, selfsigned
+from mailhaven.net.tls import ReloadableTLS
+from mailhaven.proto.replies import Reply
+from mailhaven.smtpd.auth import SMTPAuthenticator
+from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
+from mailhaven.smtpd.session import ListenerProfile
+
+log = logging.getLogger("mailhaven.master")
+
+#: The listeners, as named in `[listen]` and by systemd's `FileDescriptorName=`.
+LISTENER_NAMES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+
+Bound = dict[str, list[tuple[str, socket.socket]]]
+
+
+def tls_files(config: Config) -> tuple[Path, Path] | None:
+    """The configured certificate; without one, a self-signed one under the state directory
+    (made at first start, logged) when any listener serves; None when none does. The MX port
+    offers STARTTLS with it too, like Debian's Postfix with its snakeoil certificate: senders
+    on port 25 do not check certificates, and opportunistic TLS beats cleartext."""
+    if config.tls.cert:
+        return Path(config.tls.cert), Path(config.tls.key)
+    if config.tls.acme.domains:
+        paths = acme.Paths(config.state_path / "acme")
+        acme.placeholder(paths, config.hostname, selfsigned.create)
+        return paths.cert, paths.key
+    listen = config.listen
+    if not (listen.smtp or listen.submission or listen.submissions or listen.pop3 or listen.pop3s):
+        return None
+    cert, key = (
+        config.state_path / "tls" / "selfsigned.crt",
+        config.state_path / "tls" / "selfsigned.key",
+    )
+    if not (cert.exists() and key.exists()):
+        selfsigned.create(cert, key, config.hostname)
+        log.warning("no TLS certificate configured: created a self-signed one in %s", cert.parent)
+    elif (old_name := selfsigned.made_for(cert)) != config.hostname:
+        selfsigned.create(cert, key, config.hostname)  # `hostname` changed: follow it
+        log.warning("self-signed certificate %s was for %s: made again for %s",
+                    cert, old_name, config.hostname)
+    return cert, key
+
+
+def load_tls(config: Config) -> ReloadableTLS | None:
+    files = tls_files(config)
+    return ReloadableTLS(*files) if files is not None else None
+
+
+def bind_address(address: str) -> list[socket.socket]:
+    """Sockets bound to one `host:port` (as `loop.create_server` would bind them), made before
+    the privilege drop so that ports below 1024 work; OSError names the address."""
+    host, port = parse_hostport(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    out: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+        for fam, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(fam, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if fam == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)  # listen(2) comes when serving starts: no early connections
+    except OSError as err:
+        for sock in out:
+            sock.close()
+        raise OSError(err.errno, f"cannot listen on {address}: {err.strerror or err}") from None
+    return out
+
+
+def bind_listeners(config: Config, inherited: Sequence[tuple[str, socket.socket]]) -> Bound:
+    """Every listening socket, per listener name: the `inherited` ones (systemd's socket
+    activation) replace the `[listen]` addresses of their name (unnamed ones are `smtp`);
+    the rest we bind."""
+    bound: Bound = {}
+    for name, sock in inherited:
+        name = name or "smtp"
+        if name not in LISTENER_NAMES:
+            log.warning("ignoring a socket from systemd named %r: not one of %s",
+                        name, ", ".join(LISTENER_NAMES))
+            sock.close()
+            continue
+        address = sock.getsockname()
+        label = f"{address[0]}:{address[1]} (from systemd)" if isinstance(
+            address, tuple) else f"{address!r} (from systemd)"
+        bound.setdefault(name, []).append((label, sock))
+    try:
+        for name in LISTENER_NAMES:
+            if name in bound:
+                continue
+            for address in getattr(config.listen, name):
+                bound.setdefault(name, []).extend(
+                    (address, sock) for sock in bind_address(address)
+                )
+    except OSError:
+        for socks in bound.values():
+            for _, sock in socks:
+                sock.close()
+        raise
+    return bound
+
+
+class Profiles:
+    """The SMTP listeners' profiles, built from the live configuration. The MX profile is
+    built once per configuration (`forget` on reload), not per connection: per-connection
+    building showed in the relay profile."""
+
+    def __init__(
+        self,
+        live: Live,
+        tls: Callable[[], ReloadableTLS | None],
+        authenticator: SMTPAuthenticator,
+        etrn: Callable[[SessionFacts, str], Awaitable[Reply]],
+    ) -> None:
+        self.live = live
+        self._tls = tls
+        self.authenticator = authenticator
+        self._etrn = etrn
+        self._mx: ListenerProfile | None = None
+
+    def forget(self) -> None:
+        self._mx = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        tls = self._tls()
+        return tls.context if tls is not None else None
+
+    def mx(self) -> ListenerProfile:
+        if self._mx is None:
+            config = self.live.config
+            settings = server_settings(config, starttls=self._tls() is not None)
+            self._mx = ListenerProfile(
+                name="smtp",
+                settings=replace(settings, etrn=bool(config.etrn.held_domains)),
+                policy=SMTPPolicy(lambda: self.live.router, PolicySettings()),
+                tls_context=self.tls_context,
+                etrn=self._etrn,
+            )
+        return self._mx
+
+    def submission(self, *, implicit_tls: bool) -> ListenerProfile:
+        """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""
+        starttls = self._tls() is not None and not implicit_tls
+        settings = replace(
+            server_settings(self.live.config, starttls=starttls),
+            tls_on_connect=implicit_tls,
+            auth_mechanisms=self.authenticator.mechanisms,
+            auth_requires_tls=True,
+        )
+        return ListenerProfile(
+            name="submissions" if implicit_tls else "submission",
+            settings=settings,
+            policy=SMTPPolicy(
+                lambda: self.live.router,
+                PolicySettings(require_auth=True, sender_login_check=True),
+            ),
+            tls_context=self.tls_context,
+            authenticator=self.authenticator,
+        )

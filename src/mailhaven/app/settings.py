@@ -1,0 +1,109 @@
+"""From the configuration to each role's own settings object (pure translation, no I/O).
+
+Every role takes plain settings, not the `Config`: these functions are the only place that knows
+both, so a renamed key changes one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import cast
+
+from mailhaven.config import Config, parse_hostport
+from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
+from mailhaven.mailbox.users import UserDB
+from mailhaven.net.dns import Resolver
+from mailhaven.proto.smtp_client import Credentials
+from mailhaven.proto.smtp_server import ServerSettings
+from mailhaven.routing.router import Router
+from mailhaven.scheduler.backoff import BackoffPolicy
+from mailhaven.scheduler.plan import Limits as PlanLimits
+
+
+def backoff_policy(config: Config) -> BackoffPolicy:
+    q = config.queue
+    return BackoffPolicy(
+        minimal=q.minimal_backoff,
+        maximal=q.maximal_backoff,
+        lifetime=q.lifetime,
+        delay_warning=q.delay_warning or None,
+    )
+
+
+def plan_limits(config: Config) -> PlanLimits:
+    """The processes share the configured limits: a remote host sees at most
+    `destination_concurrency` connections from all of us together (rounded up)."""
+    q = config.queue
+    processes = max(1, config.smtp_processes)
+    return PlanLimits(
+        max_deliveries=-(-q.concurrency // processes),
+        per_destination=-(-q.destination_concurrency // processes),
+        per_delivery=q.recipients_per_transaction,
+        dead_time=q.minimal_backoff,
+    )
+
+
+def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]]:
+    """Current mailbox names: `local_users` plus the users file (reloaded when it changes)."""
+    fixed = {u.lower() for u in config.local_users}
+
+    def names() -> Collection[str]:
+        return fixed | users.names()
+
+    return names
+
+
+def build_router(config: Config, users: UserDB) -> Router:
+    aliases: dict[str, Sequence[str]] = dict(config.aliases)
+    return Router(
+        local_domains=config.local_domains,
+        mailboxes=mailbox_names(config, users),
+        aliases=aliases,
+        catch_all=config.catch_all or None,
+        recipient_delimiter=config.recipient_delimiter,
+        trusted_networks=config.trusted_networks,
+        relay_domains=config.relay_domains,
+        relayhost=config.relayhost or None,
+        held_domains=config.etrn.held_domains,
+        transport_map=config.relay.transport,
+    )
+
+
+def build_relay_agent(config: Config) -> RelayAgent:
+    relay = config.relay
+    nameservers = [parse_hostport(n) for n in relay.nameservers] or None
+    smarthosts = []
+    if config.relayhost:
+        credentials = (
+            Credentials(relay.relayhost_username, relay.relayhost_password)
+            if relay.relayhost_username
+            else None
+        )
+        smarthosts.append(
+            Smarthost(config.relayhost, credentials, cast(TLSPolicy, relay.relayhost_tls))
+        )
+    return RelayAgent(
+        Resolver(nameservers),
+        RelaySettings(
+            helo_name=config.hostname,
+            port=relay.port,
+            tls_policy=cast(TLSPolicy, relay.tls),
+            max_hosts=relay.max_hosts,
+            self_names=(config.hostname,),
+        ),
+        smarthosts=smarthosts,
+    )
+
+
+def server_settings(config: Config, *, starttls: bool = False) -> ServerSettings:
+    limits = config.limits
+    return ServerSettings(
+        hostname=config.hostname,
+        max_message_size=limits.message_size,
+        max_recipients=limits.recipients,
+        command_line_limit=limits.command_line,
+        hard_error_limit=limits.hard_error_limit,
+        forbid_unauth_pipelining=limits.forbid_unauth_pipelining,
+        max_commands=limits.commands_per_session,
+        starttls=starttls,
+    )
