@@ -6,6 +6,11 @@ alone: the same examples every time, and nothing read from or written to a local
 directory. HYPOTHESIS_PROFILE names another profile explicitly (e.g. `dev` to explore new random
 inputs).
 
+Shared fixtures: `clock` (a `tests.fakes.FakeClock`), `spool` (an open Spool on that clock, in
+the test's temporary directory, small inline limit so bodies spill to files early) and `ca` (a
+trustme certificate authority). A package that needs other values overrides the fixture in its
+own conftest.py.
+
 `pytest.mark.both_loops` on an async test (or module) runs it once on the standard library's
 event loop and once on uvloop (ids `[asyncio]`, `[uvloop]`): for servers run in the test's own
 loop, what `event_loop = "uvloop"` does for `mailhaven serve`.
@@ -15,11 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import trustme
 import uvloop
 from hypothesis import settings
+from tests.fakes import FakeClock
+
+from mailhaven.spool import Spool
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.register_profile("dev", deadline=None)
@@ -37,3 +47,21 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("both_loops") is None:
         return {"asyncio": asyncio.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
+    s = Spool(tmp_path / "spool", inline_limit=4096, clock=clock)
+    s.open()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock
+from tests.fakes import FakeClock
 
 from mailhaven.bounce.notifier import NoticeLimiter, Notifier
 from mailhaven.intake.cleanup import Queued, Refused
@@ -30,14 +28,6 @@ class FakeIntake:
         self.sent.append((envelope, writer.head(1 << 20)))
         writer.abort()
         return Queued(writer.queue_id, Reply(250, "ok"))
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool", clock=FakeClock())
-    s.open()
-    yield s
-    s.close()
 
 
 def state(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 
 from mailhaven.cli.queue import mailq_main, main
 from mailhaven.config import Config

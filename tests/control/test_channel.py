@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import put
 
 from mailhaven.control.channel import ControlError, ControlServer, dispatch, request
 from mailhaven.control.forwarding import Forwarding
@@ -186,14 +186,6 @@ def test_daemon_lock_is_exclusive(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- QueueAdmin
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    s = Spool(tmp_path / "spool", clock=FakeClock())
-    await asyncio.to_thread(s.open)
-    yield s
-    await asyncio.to_thread(s.close)
 
 
 async def test_queue_admin_verbs(spool: Spool) -> None:

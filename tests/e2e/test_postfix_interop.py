@@ -92,11 +92,6 @@ def dns() -> Iterator[DNSServer]:
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
     """Both ports up front: each server's config names the other's."""
     return {"postfix": free_port(), "mailhaven": free_port(), "wiretap": free_port()}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
 
@@ -95,14 +94,6 @@ def test_scan_header_counts_received_and_finds_message_id() -> None:
     assert scan_header(b"").received_count == 0
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "q", inline_limit=1024)
-    s.open()
-    yield s
-    s.close()
-
-
 class Wake:
     def __init__(self) -> None:
         self.count = 0
@@ -158,7 +149,7 @@ async def test_too_many_hops_is_refused_and_nothing_queued(spool: Spool) -> None
     intake = Intake(ActiveQueue(spool, wake=wake), hostname="mx", expand=expand)
     writer = spool.new_message()
     writer.write(b"".join(b"Received: from hop%d by x; date\r\n" % i for i in range(51)))
-    writer.write(b"\r\nbody\r\n")
+    writer.write(b"\r\nbody\r\n" + b"x" * 4096)  # spills: the body file is removed too
     assert writer.spilled
     outcome = await intake.submit(writer, env("bob@example.net"))
     assert isinstance(outcome, Refused)

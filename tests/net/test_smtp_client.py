@@ -120,11 +120,6 @@ async def connect(port: int, **kwargs: Any) -> SMTPClientConnection:
 
 
 @pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def server_tls(ca: trustme.CA) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("mx.test", "127.0.0.1").configure_cert(ctx)

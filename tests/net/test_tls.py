@@ -12,11 +12,6 @@ import trustme
 from mailhaven.net.tls import ReloadableTLS, build_server_context
 
 
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 def write_cert(ca: trustme.CA, path: Path) -> str:
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert.private_key_and_cert_chain_pem.write_to_path(str(path))

@@ -7,7 +7,6 @@ import email
 import email.policy
 import logging
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +42,6 @@ def drop(root: Path, body: bytes, *rcpts: str, **kw: Any) -> str:
     w = DropWriter(dirs, meta(*(rcpts or ("bob@example.net",)), **kw))
     w.write(body)
     return w.commit()
-
-
-@pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    s = Spool(tmp_path / "spool", inline_limit=4096)
-    await asyncio.to_thread(s.open)
-    yield s
-    await asyncio.to_thread(s.close)
 
 
 @pytest.fixture

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
+from tests.fakes import FakeClock
+
 from mailhaven.routing.held import RELEASE_WINDOW, PartTimeHosts
 from mailhaven.routing.route import Route
 
 
-class Clock:
-    now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def hosts(
-    released: list[str], counts: dict[str, int], clock: Clock, woken: list[int]
+    released: list[str], counts: dict[str, int], clock: FakeClock, woken: list[int]
 ) -> PartTimeHosts:
     async def release(domain: str) -> int:
         released.append(domain)
@@ -32,7 +27,7 @@ def hosts(
 async def test_etrn_replies() -> None:
     released: list[str] = []
     woken: list[int] = []
-    clock = Clock()
+    clock = FakeClock()
     h = hosts(released, {"parttime.example": 3}, clock, woken)
     r = await h.etrn("127.0.0.1", "parttime.example")
     assert (r.code, r.text) == (253, "OK, 3 pending messages for node parttime.example started")
@@ -45,7 +40,7 @@ async def test_etrn_replies() -> None:
 
 
 async def test_release_window_routes_held_domain_normally() -> None:
-    clock = Clock()
+    clock = FakeClock()
     h = hosts([], {}, clock, [])
 
     def inner(address: str) -> Route:

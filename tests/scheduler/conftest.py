@@ -1,22 +1,11 @@
+"""The scheduler's tests run on a clock of their own (small numbers read well in assertions)."""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from tests.spool.spool_helpers import FakeClock
-
-from mailhaven.spool import Spool
+from tests.fakes import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(1000.0)
-
-
-@pytest.fixture
-def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
-    s = Spool(tmp_path / "spool", clock=clock)
-    s.open()
-    yield s
-    s.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, envelope, queued
+from tests.fakes import FakeClock, envelope, queued
 
 from mailhaven.scheduler import active as active_module
 from mailhaven.scheduler.active import ActiveQueue

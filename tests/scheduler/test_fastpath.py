@@ -9,8 +9,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from tests.fakes import FakeClock, envelope, put, queued
 from tests.scheduler.test_runner import OK, Agent, always, count_reads, make_runner
-from tests.spool.spool_helpers import FakeClock, envelope, put, queued
 
 from mailhaven.scheduler.plan import Limits
 from mailhaven.scheduler.runner import Runner

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
 from mailhaven.proto.replies import Reply, reply

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FailingCommit, put
+from tests.fakes import FailingCommit, put
 
 from mailhaven.spool import Spool, list_queue
 

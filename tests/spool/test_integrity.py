@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 
 from mailhaven.spool import Hold, Spool
 

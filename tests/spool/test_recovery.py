@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import put
+from tests.fakes import put
 
 from mailhaven.spool import Hold, Spool, list_queue
 from mailhaven.spool.queries import DUE_SQL, NEXT_DUE_SQL

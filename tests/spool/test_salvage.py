@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import RecipientUpdate, Spool, Status, list_queue

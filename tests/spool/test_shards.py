@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 
 from mailhaven.spool import Spool, list_queue
 from mailhaven.spool.shards import (

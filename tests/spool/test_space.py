@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FakeClock, put
+from tests.fakes import FakeClock, put
 from tests.support.small_fs import fill, small_tmpfs
 
 from mailhaven.proto.replies import Reply

@@ -10,7 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from tests.spool.spool_helpers import FailingCommit, FakeClock, envelope, put, queued
+from tests.fakes import FailingCommit, FakeClock, envelope, put, queued
 
 from mailhaven.proto.envelope import RecipientSpec
 from mailhaven.proto.replies import reply

@@ -52,6 +52,7 @@ from types import TracebackType
 from typing import Any
 
 import pytest
+from tests.fakes import free_port
 from tests.support.logwatch import LogWatch
 
 POSTFIX = Path("/usr/sbin/postfix")
@@ -115,10 +116,6 @@ def skip_reason() -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class PostfixInstance(LogWatch):

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from tests.fakes import free_port
 from tests.support.logwatch import LogWatch
 
 #: Every listener in `config.Listen`; those not in `services` are configured off.
@@ -57,12 +58,6 @@ class ServerError(RuntimeError):
     """The server did not start or stop as expected; the message includes its log tail."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on `host` (the kernel's pick; tiny race, fine for tests)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:

@@ -1,9 +1,35 @@
-"""Helpers shared by the spool and scheduler tests."""
+"""Fakes and helpers shared across the test suite (fixtures built on them: tests/conftest.py).
+
+A clock the tests move by hand, a free loopback port, and the small records most spool and
+scheduler tests need. Fakes of *peers* do not belong here: interoperability tests run the real
+programs (tests/support/).
+"""
 
 from __future__ import annotations
 
+import socket
+
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.spool import QueuedRecipient, Spool
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host` (the kernel's pick; tiny race, fine for tests)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Wake:
+    """A wake-up callback that counts its calls."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
 
 
 class FakeClock:
