@@ -2,9 +2,9 @@
 
 Why a choice: the standard library's selector loop does its transport bookkeeping in Python;
 uvloop (libuv, compiled) does it in C behind the same `asyncio` interfaces we use (protocols,
-`BufferedProtocol`, `start_tls`, `add_reader`, executors, signal handlers). Measured
-(docs/benchmarks.md): an idle connection costs 3.3 KiB instead of 4.4; throughput only
-1.03-1.09x (bench/ab.py), because most of a message's time is our own Python, not the loop's.
+`BufferedProtocol`, `start_tls`, `add_reader`, executors, signal handlers). Idle connections
+cost less memory on it; throughput gains little, because most of a message's time is our own
+Python, not the loop's (docs/benchmarks.md).
 It stays an optional extra (`pip install mailhaven[uvloop]`): the default is the standard
 library, and nothing in mailhaven depends on which loop runs it.
 """

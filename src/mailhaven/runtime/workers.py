@@ -26,10 +26,7 @@ How they live:
 SECURITY: workers run with the daemon's privileges and configuration file; their control
 sockets are made like the daemon's (mode 0600, peer credentials checked).
 
-Measured (docs/benchmarks.md): on this 2-core machine, with the load generator and the sink on
-the same cores, `smtp_processes = 2` accepts 1.1-1.4x as many messages per second as 1, and
-relays 1.2-1.3x (before the scheduler's fast path made one process cheaper per message:
-1.4-1.5x), varying from run to run (`bench/ab.py relay --b-set smtp_processes=2`).
+What it buys on a 2-core machine: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ Out: a stored message is the trace header (kept in the database) followed by the
 
 Writes to a spilled body happen on one background thread (`_WRITER`), in order: the page-cache
 copy and the kernel's dirty-page throttling then overlap with the event loop's parsing of the
-next chunk instead of stalling it (measured: ~15 % more 10 MiB messages per second from one
-session). At most `MAX_IN_FLIGHT` bytes per message wait for that thread; past it `write`
+next chunk instead of stalling it (docs/benchmarks.md). At most `MAX_IN_FLIGHT` bytes per message wait for that thread; past it `write`
 waits for the oldest, so memory stays bounded when the disk is slower than the network. A write
 error (a full disk) is kept, later chunks are dropped and the file is removed at once; the
 commit (`take_inline`/`seal_to`) raises it, so a message whose bytes did not reach the file is

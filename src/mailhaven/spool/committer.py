@@ -15,22 +15,16 @@ COMMIT itself fails, every job of the batch fails. Read-only jobs skip the trans
 A job that is atomic by itself (`atomic=True`: one statement, or one that undoes its own
 partial work when it fails, with `savepoint` or otherwise) runs without the SAVEPOINT/RELEASE
 pair: for the two jobs of a relayed message (insert, delete) the pair was half of the
-statements (9 -> 3 with the one-statement delete). Measured when they ran on the writer
-thread, the relay rate did not change beyond the noise (bench/ab.py: 0.98x); it is less work.
+statements.
 
 Inline batches (`run(..., inline=True)`, the per-message jobs of intake, delivery and the
 scheduler): the jobs run on the event loop thread itself, inside a transaction opened there,
 and only the COMMIT (the fsync) is handed to the writer thread. Why: the sqlite3 module gives up
 the GIL around every statement, so the writer thread had to take it back from the busy event
-loop after each one. Measured on a 1 KiB acceptance run (one process): a batch of 5 inserts
-took 1.2-1.6 ms on the writer thread for 0.45-0.6 ms of its CPU, and the writer switched
-context 5.7 times per message. Inline, the same statements take 0.17-0.2 ms per batch on the
-loop; the writer thread wakes once per batch for the COMMIT, and the loop never waits for the
-disk. bench/ab.py: acceptance 1.16x with one process, 1.09x with two; relay 1.02x.
-What is left of a batch's latency is mostly waking threads on two busy vCPUs: 0.6 ms median
-from handing the COMMIT over to the writer running it, 1.0 ms for the COMMIT itself. Tried:
-the loop committing by itself took 0.21-0.25 ms per COMMIT, but batches shrank to 1.2 jobs and
-acceptance fell to 0.8x, since the loop stands still during each fsync. Ownership of the
+loop after each one; inline, the writer thread wakes once per batch for the COMMIT and the loop
+never waits for the disk. The loop does not COMMIT by itself: it would stand still during each
+fsync. (The measurements behind these choices: docs/benchmarks.md, "Design measurements".)
+Ownership of the
 connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER`); it is
 never used by both at once. Jobs that may scan the whole queue (listing, requeue, due scans)
 stay on the writer thread.
@@ -71,13 +65,8 @@ Job = Callable[[sqlite3.Connection], T]
 #: at most this many jobs share one transaction (bounds the latency of the first one)
 MAX_BATCH = 1024
 #: Seconds a write batch of the writer thread waits, once, for one more job when the queue ran
-#: empty (PostgreSQL's commit_delay, MySQL's binlog_group_commit_sync_delay). Inline batches
-#: never wait (a 1 ms wait there measured 1.03x, within the noise); this now serves big bodies
-#: and administration. Why it came: with `smtp_processes = 2` each process saw ~2 jobs per
-#: transaction against ~9 in one process, and every transaction costs a BEGIN/COMMIT, its WAL
-#: pages and an fsync. Measured then (bench/ab.py, 4-5 runs each, before inline batches): 0.3
-#: ms against none, CPU per relayed message 1.62 -> 1.49 ms (two processes), 1.16 -> 1.10 ms
-#: (one); 1 ms against 0.3 ms, relay 1.10x (two processes) and 1.07x (one).
+#: empty (PostgreSQL's commit_delay): fewer, fuller transactions, each costing an fsync. Inline
+#: batches never wait (it measured no gain there: docs/benchmarks.md).
 LINGER = 0.001
 
 

@@ -3,8 +3,8 @@
 Why shards: one Python process is one core (the GIL). With `smtp_processes = N` the daemon and
 N - 1 worker processes each run the whole engine (receive, queue, schedule, deliver, bounce) on
 a spool of their own, so they never wait for each other: each commits to its own SQLite file
-with its own group commit and fsync. Measured on a 2-core machine, two shards relay 1.4-1.5x
-as many messages per second as one (docs/benchmarks.md); one shared SQLite file measured no gain.
+with its own group commit and fsync (one shared SQLite file measured no gain:
+docs/benchmarks.md).
 
 Layout: shard 0 is `<state_dir>/spool` (the daemon's, and the only one with the default
 `smtp_processes = 1`); shard k is `<state_dir>/spool-<k>`. Readers (`mailq`, `queue list`) merge
