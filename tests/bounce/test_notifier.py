@@ -14,7 +14,7 @@ from mailhaven.intake.cleanup import Queued, Refused
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import QueuedRecipient, Spool
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import Hold, RecipientState, Status, StoredMessage
 
 

@@ -27,7 +27,7 @@ from mailhaven.routing.held import PartTimeHosts, release_route
 from mailhaven.scheduler.runner import Runner
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import Writer
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.store import Spool
 
 

@@ -41,7 +41,7 @@ from typing import Protocol
 from mailhaven import maillog
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply, reply
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import Hold, QueuedRecipient
 from mailhaven.spool.space import STORAGE_FULL, is_storage_full
 

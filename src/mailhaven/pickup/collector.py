@@ -50,7 +50,7 @@ from mailhaven.pickup.dropfile import (
     open_drop,
 )
 from mailhaven.proto.envelope import Envelope, RecipientSpec
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.store import Spool
 
 log = logging.getLogger("mailhaven.pickup")

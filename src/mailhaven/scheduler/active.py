@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from mailhaven.proto.envelope import Envelope
 from mailhaven.scheduler.ports import ActiveSpool
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import (
     DueRecipient,
     FreshMessage,

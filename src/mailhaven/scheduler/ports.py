@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from mailhaven.proto.envelope import Envelope
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import (
     DueRecipient,
     FreshMessage,

@@ -1,7 +1,7 @@
 """The durable queue: ids, envelope records, commit, recovery, scan. See `store.Spool`."""
 
-from mailhaven.spool.body import MessageWriter
 from mailhaven.spool.listing import list_queue
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import (
     DueRecipient,
     FreshMessage,

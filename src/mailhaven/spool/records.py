@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
-from mailhaven.spool.body import open_stored
+from mailhaven.spool.message_writer import open_stored
 
 
 class Status(enum.StrEnum):

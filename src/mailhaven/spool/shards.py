@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-from mailhaven.spool.body import fsync_directory
 from mailhaven.spool.listing import list_queue
+from mailhaven.spool.message_writer import fsync_directory
 from mailhaven.spool.records import MessageSummary
 from mailhaven.spool.schema import connect
 

@@ -41,10 +41,10 @@ from typing import BinaryIO, TypeVar
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.spool import queries
-from mailhaven.spool.body import MessageWriter, body_matches
 from mailhaven.spool.committer import CommitStats, Committer, savepoint
 from mailhaven.spool.ids import QueueIdFactory, is_queue_id
 from mailhaven.spool.listing import list_queue
+from mailhaven.spool.message_writer import MessageWriter, body_matches
 from mailhaven.spool.records import (
     DueRecipient,
     FreshMessage,
