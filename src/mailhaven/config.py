@@ -241,9 +241,9 @@ class Config:
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     smtp_processes: int = 1
-    #: The asyncio event loop: "asyncio" (the standard library's, the default) or "uvloop"
-    #: (libuv's, the optional extra `mailhaven[uvloop]`; see `mailhaven.runtime.eventloop`).
-    event_loop: str = "asyncio"
+    #: The asyncio event loop: "uvloop" (libuv's, the default; the standard library's loop when
+    #: it cannot be imported, logged) or "asyncio" (see `mailhaven.runtime.eventloop`).
+    event_loop: str = eventloop.DEFAULT
     #: Name SMTP clients as Postfix does, `name[address]` in the log and `Received:`, from a
     #: PTR lookup their name's A/AAAA records confirm (FCrDNS), through `[relay] nameservers`.
     #: Off by default: the defaults serve loopback, and a host without working DNS would make

@@ -16,8 +16,8 @@ async def _loop_package() -> str:
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
 
 
-def test_asyncio_is_the_default_loop() -> None:
-    assert load(None).event_loop == "asyncio"
+def test_uvloop_is_the_default_loop_and_asyncio_a_choice() -> None:
+    assert load(None).event_loop == "uvloop"
     assert eventloop.run("asyncio", _loop_package()) == "asyncio"
 
 
@@ -26,12 +26,13 @@ def test_uvloop_runs_the_coroutine_on_uvloop() -> None:
     assert eventloop.run("uvloop", _loop_package()) == "uvloop"
 
 
-def test_uvloop_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uvloop_missing_falls_back_to_asyncio_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
-    main = _loop_package()
-    with pytest.raises(eventloop.LoopUnavailable, match=r"pip install 'mailhaven\[uvloop\]'"):
-        eventloop.run("uvloop", main)
-    assert main.cr_frame is None  # closed, not left to warn "never awaited"
+    with caplog.at_level("WARNING", logger="mailhaven"):
+        assert eventloop.run("uvloop", _loop_package()) == "asyncio"
+    assert "uvloop cannot be imported" in caplog.text
 
 
 def test_an_unknown_loop_is_a_config_error(tmp_path: Path) -> None:

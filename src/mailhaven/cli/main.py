@@ -233,9 +233,6 @@ def _serve(
             logging.getLogger("mailhaven.master").warning("%s", warning)
     try:
         return eventloop.run(config.event_loop, App(config, worker=role).run())
-    except eventloop.LoopUnavailable as err:
-        print(f"mailhaven: cannot start: {err}", file=sys.stderr)
-        return 1
     except UsersFileError as err:
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)
         return 2
