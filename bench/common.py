@@ -244,3 +244,10 @@ def fmt(x: float | None) -> str:
 
 def python_version() -> str:
     return sys.version.split()[0]
+
+
+def maildir_count(root: Path) -> int:
+    """Messages delivered under `root`: files in every Maildir `new/` below it."""
+    if not root.exists():
+        return 0
+    return sum(len(os.listdir(new)) for new in root.glob("**/new") if new.is_dir())

@@ -27,6 +27,11 @@ from common import HOST
 MAILHAVEN = common.ROOT / ".venv" / "bin" / "mailhaven"
 
 
+#: the local-delivery scenario's recipients: a mailbox of each system
+LOCAL_RCPT = "postmaster@localhost"
+POSTFIX_LOCAL_RCPT = "rcpt@vlocal.test"
+
+
 class Mailhaven:
     #: Settings for every instance (run.py --set), applied last: e.g. to measure an engine
     #: option that is off by default. {"table": {"key": value}}; table "" is the top level.
@@ -75,7 +80,7 @@ class Mailhaven:
         }
         if self.mode == "relay":
             tables["relay"] = {"tls": "none", "relayhost_tls": "none"}
-        else:
+        elif self.mode == "hold":
             tables["etrn"] = {"held_domains": ["bench.test"]}
         for source in (self.extra, self.overrides):
             for name, keys in source.items():
@@ -260,6 +265,7 @@ flush     unix  n       -       n       1000?   0       flush
 proxymap  unix  -       -       n       -       -       proxymap
 proxywrite unix -       -       n       -       1       proxymap
 smtp      unix  -       -       n       -       -       smtp
+virtual   unix  -       n       n       -       -       virtual
 relay     unix  -       -       n       -       -       smtp
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
@@ -284,6 +290,8 @@ class Postfix:
         self.sink_port = sink_port
         # deferred.test goes to a port nobody listens on: its mail is deferred (queue scale)
         self.closed_port = common.free_port()
+        #: virtual(8)'s Maildirs (the local-delivery scenario)
+        self.vmail = self.base / "vmail"
         self.running = False
 
     def _pf(self, *args: str, timeout: float = 120.0, check: bool = True) -> str:
@@ -296,9 +304,11 @@ class Postfix:
         if self.queue.exists():  # a stale instance from an interrupted run
             self.kill_stale()
         shutil.rmtree(self.base, ignore_errors=True)
-        for d in (self.etc, self.queue, self.data):
+        for d in (self.etc, self.queue, self.data, self.vmail):
             d.mkdir(parents=True)
         os.chown(self.data, *_ids("postfix"))
+        vuid, vgid = _ids("nobody")
+        os.chown(self.vmail, vuid, vgid)
         main = {
             "compatibility_level": "3.6",
             "queue_directory": str(self.queue),
@@ -330,6 +340,13 @@ class Postfix:
             "notify_classes": "",
             "message_size_limit": str(200 * 2**20),
             "mailbox_size_limit": "0",
+            # local delivery: virtual(8) into one Maildir, as nobody (virtual_minimum_uid 100)
+            "virtual_mailbox_domains": "vlocal.test",
+            "virtual_mailbox_base": str(self.vmail),
+            "virtual_mailbox_maps": f"inline:{{{POSTFIX_LOCAL_RCPT}=vlocal.test/rcpt/}}",
+            "virtual_uid_maps": f"static:{vuid}",
+            "virtual_gid_maps": f"static:{vgid}",
+            "virtual_mailbox_limit": "0",
             "maillog_file": str(self.base / "postfix.log"),
             "maillog_file_prefixes": str(self.base),
             "syslog_name": "postfix-mhbench",
@@ -375,6 +392,12 @@ class Postfix:
 
     def clear_queue(self) -> None:
         common.run(["postsuper", "-c", str(self.etc), "-d", "ALL"], timeout=600, check=False)
+
+    def clear_maildirs(self) -> None:
+        """Empty virtual(8)'s Maildir (its directories stay, owned by nobody)."""
+        for sub in ("new", "cur", "tmp"):
+            for path in (self.vmail / "vlocal.test" / "rcpt" / sub).glob("*"):
+                path.unlink()
 
     def mailq(self) -> str:
         return common.run(["postqueue", "-c", str(self.etc), "-p"], timeout=600,

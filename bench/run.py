@@ -37,7 +37,7 @@ import queue_scale
 import report
 import throughput
 
-THROUGHPUT = ("accept_1k", "relay_1k", "accept_100k", "accept_10m")
+THROUGHPUT = ("accept_1k", "relay_1k", "local_1k", "local_100k", "accept_100k", "accept_10m")
 ALL = (*THROUGHPUT, "memory", "queue", "pop3")
 
 
@@ -87,15 +87,18 @@ class Peers:
         self.aio.start()
         self.hold = peers.Mailhaven("mailhaven-hold", "hold")
         self.relay = peers.Mailhaven("mailhaven-relay", "relay", sink_port=self.sink.port)
+        self.local = peers.Mailhaven("mailhaven-local", "local")
 
     def systems(self, name: str) -> list[throughput.System]:
         if name == "relay_1k":
             return [throughput.mailhaven(self.relay), throughput.postfix_relay(self.postfix)]
+        if name.startswith("local_"):
+            return [throughput.mailhaven(self.local), throughput.postfix_local(self.postfix)]
         return [throughput.mailhaven(self.hold), throughput.postfix_hold(self.postfix),
                 throughput.aiosmtpd(self.aio)]
 
     def close(self) -> None:
-        for mh in (self.hold, self.relay):
+        for mh in (self.hold, self.relay, self.local):
             mh.stop()
         self.aio.stop()
         self.postfix.stop()
@@ -147,6 +150,7 @@ def main() -> int:
         if "peers" in held:  # a mailhaven left half-started by the failure
             held["peers"].hold.stop()
             held["peers"].relay.stop()
+            held["peers"].local.stop()
         held.setdefault("failed", []).append(title)
     try:
         todo = [t for t in ALL if t in a.only]
