@@ -4,6 +4,7 @@
     .venv/bin/python bench/ab.py relay --a-rev 74cb3d4              # an older commit vs this tree
     .venv/bin/python bench/ab.py relay --a-set 'log_level="warning"'  # what the maillog costs
     .venv/bin/python bench/ab.py hold --count 6000 --reps 4         # acceptance only
+    .venv/bin/python bench/ab.py local --count 2000                 # delivery into a Maildir
 
 A variant is this working tree (default) or a git revision (`--a-rev`, `--b-rev`: checked out
 as a worktree under bench/tmp and put first on the server's PYTHONPATH), plus settings
@@ -59,7 +60,7 @@ def variant(name: str, rev: str | None, items: list[str]) -> Variant:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["relay", "hold"])
+    ap.add_argument("mode", choices=["relay", "hold", "local"])
     ap.add_argument("--count", type=int, default=4000)
     ap.add_argument("--reps", type=int, default=4)
     for side in ("a", "b"):
@@ -92,7 +93,8 @@ def main() -> int:
                 rec = load.measure(
                     mh.port, lambda mh=mh: common.tree_cpu(mh.pid), size=1024, sessions=10,
                     count=a.count,
-                    drained=(lambda mh=mh: mh.queue_count() == 0) if a.mode == "relay" else None,
+                    drained=(lambda mh=mh: mh.queue_count() == 0) if a.mode != "hold" else None,
+                    rcpt=peers.LOCAL_RCPT if a.mode == "local" else "rcpt@bench.test",
                 )
                 mh.stop()
                 rate = rec.get("e2e_msgs_per_s", rec["msgs_per_s"])
