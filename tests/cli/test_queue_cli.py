@@ -18,7 +18,7 @@ from mailhaven.control import channel as control
 from mailhaven.control.channel import SOCKET_NAME, ControlServer
 from mailhaven.control.queue_admin import QueueAdmin
 from mailhaven.pickup.dropfile import DropDirs, DropWriter
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply
 from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
 from mailhaven.spool.lock import DaemonLock, lock_path
 
@@ -39,13 +39,13 @@ def config(tmp_path: Path) -> Config:
 async def fill(spool: Spool) -> tuple[str, str, str]:
     a = await put(spool, b"Subject: a\r\n\r\n" + b"x" * 3000, "bob@example.net")
     await spool.record(a, [
-        RecipientUpdate(0, Status.DEFERRED, NOW + 300, reply(451, "4.7.1", "Try again later"),
+        RecipientUpdate(0, Status.DEFERRED, NOW + 300, Reply(451, "Try again later", "4.7.1"),
                         relay="mx.example.net[192.0.2.1]:25")
     ])
     b = await put(spool, b"bounce\r\n", "x@one.example", "y@two.example", sender="")
     await spool.hold(b)
     c = await put(spool, b"c\r\n", "done@example.net", "todo@example.net")
-    await spool.record(c, [RecipientUpdate(0, Status.SENT, None, reply(250, "2.0.0", "ok"))])
+    await spool.record(c, [RecipientUpdate(0, Status.SENT, None, Reply(250, "ok", "2.0.0"))])
     return a, b, c
 
 
@@ -264,7 +264,7 @@ def test_reason_unavailable_after_a_reason() -> None:
     def rcpt(index: int, status: Status, why: str | None) -> RecipientState:
         return RecipientState(
             index, f"r{index}@x.example", f"r{index}@x.example", (), None, status, Hold.NONE,
-            False, 1 if why else 0, NOW, reply(450, None, why) if why else None, None, None,
+            False, 1 if why else 0, NOW, Reply(450, why, None) if why else None, None, None,
         )
 
     msg = MessageSummary(
@@ -294,7 +294,7 @@ def test_mailq_output_goes_out_in_chunks_and_is_unchanged(
         for n in range(700):  # 4 lines each: 2,800 lines, more than one write's worth
             state = RecipientState(
                 0, f"r{n}@x.example", f"r{n}@x.example", (), None, Status.DEFERRED, Hold.NONE,
-                False, 1, NOW, reply(451, "4.7.1", "try later"), None, None,
+                False, 1, NOW, Reply(451, "try later", "4.7.1"), None, None,
             )
             yield MessageSummary(f"1K132SF6WGPH{n:03d}", NOW, 1500, "a@b.example", False, (state,))
 

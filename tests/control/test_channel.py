@@ -16,7 +16,7 @@ from tests.fakes import put
 from mailhaven.control.channel import ControlError, ControlServer, dispatch, request
 from mailhaven.control.forwarding import Forwarding
 from mailhaven.control.queue_admin import QueueAdmin
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.spool import Hold, RecipientUpdate, Spool, Status, list_queue
 from mailhaven.spool.lock import DaemonLock, lock_path
 
@@ -50,7 +50,7 @@ class Recorder:
 
     async def etrn(self, client_ip: str, node: str) -> Reply:
         self.calls.append(("etrn", (client_ip, node)))
-        return reply(253, "2.0.0", f"OK, 1 pending messages for node {node} started")
+        return Reply(253, f"OK, 1 pending messages for node {node} started", "2.0.0")
 
     async def release_domains(self, domains: Sequence[str]) -> int:
         self.calls.append(("release_domains", list(domains)))
@@ -202,7 +202,7 @@ async def test_queue_admin_verbs(spool: Spool) -> None:
     c = await put(spool, b"c\r\n", "w@three.example")
     later = 1_700_000_000.0 + 3600
     for qid in (a, b, c):
-        await spool.record(qid, [RecipientUpdate(0, Status.DEFERRED, later, reply(451, "4.0.0", "x"))])
+        await spool.record(qid, [RecipientUpdate(0, Status.DEFERRED, later, Reply(451, "x", "4.0.0"))])
     assert await dispatch(admin, {"cmd": "hold", "ids": [a, "NOSUCHID0000000"]}) == {
         "ok": True, "count": 1
     }

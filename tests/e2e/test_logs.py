@@ -22,7 +22,7 @@ import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.support.server import MailServer, RawClient
 
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.outcome import attempt_line, judge
 from mailhaven.spool.records import DueRecipient
@@ -217,12 +217,12 @@ def test_pflogsumm_reads_remote_delivery_lines(pflogsumm: str, tmp_path: Path) -
     written by the real formatter, are counted and explained by pflogsumm as Postfix's are."""
     relay = "mx.x.example[192.0.2.1]:25"
     said = {
-        "ok@x.example": (reply(250, "2.0.0", "Ok: queued as 77AB"), "end of DATA"),
-        "bob@x.example": (reply(550, "5.1.1", "<bob@x.example>: User unknown"), "RCPT TO"),
-        "later@x.example": (reply(450, "4.2.1", "Mailbox busy"), "RCPT TO"),
+        "ok@x.example": (Reply(250, "Ok: queued as 77AB", "2.0.0"), "end of DATA"),
+        "bob@x.example": (Reply(550, "<bob@x.example>: User unknown", "5.1.1"), "RCPT TO"),
+        "later@x.example": (Reply(450, "Mailbox busy", "4.2.1"), "RCPT TO"),
     }
     replies = {a: replace(r, answered=cmd) for a, (r, cmd) in said.items()}
-    replies["far@y.example"] = reply(421, "4.4.1", "connect to mx.y.example[192.0.2.2]:25: refused")
+    replies["far@y.example"] = Reply(421, "connect to mx.y.example[192.0.2.2]:25: refused", "4.4.1")
     due = [DueRecipient("4Xk9Q1", i, a, a, 0, 1000.0, 1000.0) for i, a in enumerate(replies)]
     verdicts = judge(due, replies, policy=BackoffPolicy(), now=1001.0, null_sender=False)
     log = tmp_path / "maillog"

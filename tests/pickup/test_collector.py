@@ -22,7 +22,7 @@ from mailhaven.pickup.collector import (
 )
 from mailhaven.pickup.dropfile import DropDirs, DropWriter
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.spool import Spool, list_queue
 
@@ -188,7 +188,7 @@ async def test_a_failed_submit_keeps_the_file_for_the_next_round(
 class RefusingDoor(FailingDoor):
     async def submit(self, writer: BodyWriter, envelope: Envelope) -> Outcome:
         writer.abort()
-        return Refused(reply(554, "5.4.6", "Too many hops"))
+        return Refused(Reply(554, "Too many hops", "5.4.6"))
 
 
 async def test_a_refused_message_is_set_aside(spool: Spool, intake: Intake, root: Path) -> None:
@@ -204,7 +204,7 @@ class FullDoor(FailingDoor):
         if self.failures:
             self.failures -= 1
             writer.abort()
-            return Refused(reply(452, "4.3.1", "Insufficient system storage"))
+            return Refused(Reply(452, "Insufficient system storage", "4.3.1"))
         return await self.inner.submit(writer, envelope)
 
 

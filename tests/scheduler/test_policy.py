@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 
 import pytest
 
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import (
     DAY,
@@ -109,8 +109,8 @@ def test_new_and_deferred_mail_alternate() -> None:
 
 
 def test_hold_unavailable_and_suspended_routes() -> None:
-    dead = {Route("relay", "dead.example"): Suspension(200.0, reply(421, "4.4.1", "no"))}
-    over = {Route("relay", "over.example"): Suspension(50.0, reply(421, "4.4.1", "no"))}
+    dead = {Route("relay", "dead.example"): Suspension(200.0, Reply(421, "no", "4.4.1"))}
+    over = {Route("relay", "over.example"): Suspension(50.0, Reply(421, "no", "4.4.1"))}
     due = [
         rcpt("A", 0, "a@held.example"),
         rcpt("A", 1, "b@dead.example"),
@@ -125,9 +125,9 @@ def test_hold_unavailable_and_suspended_routes() -> None:
 
 
 def test_site_failure_detection() -> None:
-    assert is_site_failure({"a": reply(421, "4.4.1", "x"), "b": reply(451, "4.4.2", "y")})
-    assert not is_site_failure({"a": reply(452, "4.2.2", "mailbox full")})
-    assert not is_site_failure({"a": reply(421, "4.4.1", "x"), "b": reply(250, None, "ok")})
+    assert is_site_failure({"a": Reply(421, "x", "4.4.1"), "b": Reply(451, "y", "4.4.2")})
+    assert not is_site_failure({"a": Reply(452, "mailbox full", "4.2.2")})
+    assert not is_site_failure({"a": Reply(421, "x", "4.4.1"), "b": Reply(250, "ok", None)})
     assert not is_site_failure({})
 
 
@@ -137,7 +137,7 @@ def test_judge_and_log_line() -> None:
         DueRecipient("Q", 1, "b@x.example", "b@x.example", 0, 1000.0, 1000.0),
         DueRecipient("Q", 2, "c@x.example", "c@x.example", 0, 1000.0, 1000.0),
     ]
-    replies = {"a@x.example": reply(250, "2.0.0", "ok"), "b@x.example": reply(550, "5.1.1", "no")}
+    replies = {"a@x.example": Reply(250, "ok", "2.0.0"), "b@x.example": Reply(550, "no", "5.1.1")}
     verdicts = judge(due, replies, policy=P, now=1001.5, null_sender=False, relay="mx[1.2.3.4]")
     assert [v.label for v in verdicts] == ["sent", "bounced", "deferred"]
     assert [v.update.status for v in verdicts] == [Status.SENT, Status.BOUNCED, Status.DEFERRED]

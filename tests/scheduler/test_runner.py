@@ -12,16 +12,16 @@ import pytest
 from tests.fakes import FakeClock, put
 
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.plan import Limits
 from mailhaven.scheduler.runner import Runner
 from mailhaven.spool import RecipientState, RecipientUpdate, Spool, Status, StoredMessage
 
-OK = reply(250, "2.0.0", "Ok: queued as XYZ")
-BUSY = reply(451, "4.2.0", "try later")
-NO_USER = reply(550, "5.1.1", "no such user")
+OK = Reply(250, "Ok: queued as XYZ", "2.0.0")
+BUSY = Reply(451, "try later", "4.2.0")
+NO_USER = Reply(550, "no such user", "5.1.1")
 
 
 class Agent:
@@ -278,7 +278,7 @@ async def test_flush_forgets_the_dead_destination(spool: Spool, clock: FakeClock
     def answer(req: DeliveryRequest) -> Mapping[str, Reply]:
         if down:
             raise ConnectionRefusedError("connection refused")
-        return always(reply(250, "2.0.0", "ok"))(req)
+        return always(Reply(250, "ok", "2.0.0"))(req)
 
     agent = Agent(answer, clock)
     runner = make_runner(spool, clock, {"relay": agent}, limits=Limits(dead_time=600.0))

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.scheduler.backoff import BackoffPolicy
 from mailhaven.scheduler.outcome import attempt_line, judge, status_text
 from mailhaven.spool.records import DueRecipient
@@ -19,7 +19,7 @@ def remote(r: Reply, answered: str) -> Reply:
 
 
 REFUSED = remote(
-    reply(550, "5.1.1", "<bob@x.example>: Recipient address rejected: User unknown"), "RCPT TO"
+    Reply(550, "<bob@x.example>: Recipient address rejected: User unknown", "5.1.1"), "RCPT TO"
 )
 
 
@@ -27,30 +27,30 @@ REFUSED = remote(
     ("r", "relay", "text"),
     [
         # what a remote server said: code and enhanced code first, like Postfix
-        (remote(reply(250, "2.0.0", "Ok: queued as 4Xk9"), "end of DATA"), MX,
+        (remote(Reply(250, "Ok: queued as 4Xk9", "2.0.0"), "end of DATA"), MX,
          "250 2.0.0 Ok: queued as 4Xk9"),
-        (remote(reply(250, None, "ok"), "end of DATA"), MX, "250 ok"),
+        (remote(Reply(250, "ok", None), "end of DATA"), MX, "250 ok"),
         (REFUSED, MX,
          "host mx.example[192.0.2.1] said: 550 5.1.1 <bob@x.example>: Recipient address"
          " rejected: User unknown (in reply to RCPT TO command)"),
-        (remote(reply(451, "4.3.0", "queue file write error"), "end of DATA"), MX,
+        (remote(Reply(451, "queue file write error", "4.3.0"), "end of DATA"), MX,
          "host mx.example[192.0.2.1] said: 451 4.3.0 queue file write error"
          " (in reply to end of DATA command)"),
-        (remote(reply(553, "5.7.1", "sender rejected"), "MAIL FROM"), "[2001:db8::1]:2525",
+        (remote(Reply(553, "sender rejected", "5.7.1"), "MAIL FROM"), "[2001:db8::1]:2525",
          "host [2001:db8::1] said: 553 5.7.1 sender rejected (in reply to MAIL FROM command)"),
-        (remote(reply(554, None, "no service", "go away"), "greeting"), MX,
+        (remote(Reply(554, "no service", None, ("go away",)), "greeting"), MX,
          "host mx.example[192.0.2.1] refused to talk to me: 554-no service 554 go away"),
-        (remote(reply(421, "4.3.2", "busy"), "EHLO"), MX,
+        (remote(Reply(421, "busy", "4.3.2"), "EHLO"), MX,
          "host mx.example[192.0.2.1] refused to talk to me: 421 4.3.2 busy"),
         (REFUSED, "none",  # no relay name: the reply alone
          "550 5.1.1 <bob@x.example>: Recipient address rejected: User unknown"),
         # our own words keep their shape
-        (reply(421, "4.4.1", "connect to mx.example[192.0.2.1]:25: Connection refused"), MX,
+        (Reply(421, "connect to mx.example[192.0.2.1]:25: Connection refused", "4.4.1"), MX,
          "connect to mx.example[192.0.2.1]:25: Connection refused"),
-        (reply(451, "4.4.3", "Host or domain name not found"), "none",
+        (Reply(451, "Host or domain name not found", "4.4.3"), "none",
          "Host or domain name not found"),
-        (reply(250, "2.0.0", "delivered to maildir"), "local", "delivered to maildir"),
-        (reply(421, "4.4.1", "delivery temporarily suspended: connect to x[1.2.3.4]:25: no"),
+        (Reply(250, "delivered to maildir", "2.0.0"), "local", "delivered to maildir"),
+        (Reply(421, "delivery temporarily suspended: connect to x[1.2.3.4]:25: no", "4.4.1"),
          "none", "delivery temporarily suspended: connect to x[1.2.3.4]:25: no"),
         (Reply(451), "none", "451"),
     ],
@@ -76,8 +76,8 @@ def test_the_stored_relay_names_only_a_host_that_said_the_reply() -> None:
     "host H said" nor name H as Remote-MTA, so the host is not stored with it."""
     due = [DueRecipient("Q", i, f"r{i}@x.example", f"r{i}@x.example", 0, 1000.0, 1000.0)
            for i in range(2)]  # fmt: skip
-    ours = reply(421, "4.4.2", "conversation with mx.example[192.0.2.1] timed out while sending"
-                 " RCPT TO")  # fmt: skip
+    ours = Reply(421, "conversation with mx.example[192.0.2.1] timed out while sending"
+                 " RCPT TO", "4.4.2")  # fmt: skip
     replies = {"r0@x.example": REFUSED, "r1@x.example": ours}
     said, timed_out = judge(due, replies, policy=BackoffPolicy(), now=1001.0,
                             null_sender=False, relay=MX)  # fmt: skip

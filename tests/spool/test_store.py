@@ -13,7 +13,7 @@ import pytest
 from tests.fakes import FailingCommit, FakeClock, envelope, put, queued
 
 from mailhaven.proto.envelope import RecipientSpec
-from mailhaven.proto.replies import reply
+from mailhaven.proto.replies import Reply
 from mailhaven.spool import (
     Hold,
     QueuedRecipient,
@@ -250,9 +250,9 @@ async def test_scheduler_state_round_trip(spool: Spool, clock: FakeClock) -> Non
     assert [d.attempts for d in due] == [0, 0]
     await spool.claim([due[0].key])
     assert [d.address for d in await spool.due(clock.now, 10)] == ["b@two.example"]
-    r451 = reply(451, "4.4.1", "connect timed out")
+    r451 = Reply(451, "connect timed out", "4.4.1")
     remaining = await spool.record(qid, [
-        RecipientUpdate(0, Status.SENT, None, reply(250, "2.0.0", "ok"), relay="mx[1.2.3.4]"),
+        RecipientUpdate(0, Status.SENT, None, Reply(250, "ok", "2.0.0"), relay="mx[1.2.3.4]"),
         RecipientUpdate(1, Status.DEFERRED, clock.now + 300, r451),
     ])
     assert remaining == 1
@@ -290,7 +290,7 @@ async def test_route_hold_and_release_domain(spool: Spool, clock: FakeClock) -> 
 
 async def test_finished_messages_are_found(spool: Spool) -> None:
     qid = await put(spool, b"body")
-    await spool.record(qid, [RecipientUpdate(0, Status.SENT, None, reply(250, None, "ok"))])
+    await spool.record(qid, [RecipientUpdate(0, Status.SENT, None, Reply(250, "ok", None))])
     assert await spool.finished() == [qid]
 
 
@@ -317,7 +317,7 @@ def test_queue_ids_unique_and_increasing_with_a_stuck_clock() -> None:
 
 
 async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) -> None:
-    ok = reply(250, "2.0.0", "ok")
+    ok = Reply(250, "ok", "2.0.0")
     done = await put(spool, b"done", "a@x.example", "b@x.example")
     assert await spool.record_and_finish(done, [RecipientUpdate(0, Status.SENT, None, ok)]) == (
         1,
@@ -329,7 +329,7 @@ async def test_record_and_finish_removes_only_what_owes_no_report(spool: Spool) 
     )
     assert await spool.load(done) is None
     failed = await put(spool, b"failed", "c@x.example")
-    bounce = RecipientUpdate(0, Status.BOUNCED, None, reply(550, "5.1.1", "no such user"))
+    bounce = RecipientUpdate(0, Status.BOUNCED, None, Reply(550, "no such user", "5.1.1"))
     assert await spool.record_and_finish(failed, [bounce]) == (0, False)
     assert await spool.load(failed) is not None  # kept for the bounce hook
     assert await spool.finished() == [failed]

@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ READ_CHUNK = 64 * 1024
 #: looks at the header).
 HEADER_SCAN_LIMIT = 1024 * 1024
 
-DELIVERED = reply(250, "2.0.0", "delivered to maildir")
+DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
 
 
 class ForwardingLoop(Exception):
@@ -98,7 +98,7 @@ class LocalAgent:
                 chunks = refuse_loops(_read_chunks(stream), rcpt)
                 deliver(maildir, chunks, prepend=prepend, names=self._names)
         except ForwardingLoop:
-            return reply(554, "5.4.6", f"mail forwarding loop for {_clean(rcpt)}")
+            return Reply(554, f"mail forwarding loop for {_clean(rcpt)}", "5.4.6")
         except OSError as exc:
             result = io_failure(exc)
             log.warning(
@@ -113,7 +113,7 @@ class LocalAgent:
             log.exception(
                 "%s: to=<%s>, relay=local, unexpected error", request.queue_id, _clean(rcpt)
             )
-            return reply(451, "4.3.0", "temporary failure in local delivery")
+            return Reply(451, "temporary failure in local delivery", "4.3.0")
         return DELIVERED
 
 
@@ -126,10 +126,10 @@ def trace_lines(sender: str, recipient: str) -> bytes:
 def io_failure(exc: OSError) -> Reply:
     """A temporary reply for a failed write, as precise as RFC 3463 allows."""
     if exc.errno == errno.EDQUOT:
-        return reply(452, "4.2.2", "mailbox full")
+        return Reply(452, "mailbox full", "4.2.2")
     if exc.errno == errno.ENOSPC:
-        return reply(452, "4.3.1", "insufficient system storage")
-    return reply(451, "4.3.0", f"temporary failure writing maildir: {exc.strerror or exc}")
+        return Reply(452, "insufficient system storage", "4.3.1")
+    return Reply(451, f"temporary failure writing maildir: {exc.strerror or exc}", "4.3.0")
 
 
 def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
@@ -183,4 +183,4 @@ def _clean(text: str) -> str:
 
 
 def _no_such_user(rcpt: str) -> Reply:
-    return reply(550, "5.1.1", f"<{_clean(rcpt)}>: user unknown (no such mailbox)")
+    return Reply(550, f"<{_clean(rcpt)}>: user unknown (no such mailbox)", "5.1.1")

@@ -40,7 +40,7 @@ from typing import Protocol
 
 from mailhaven import maillog
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import Hold, QueuedRecipient
 from mailhaven.spool.space import STORAGE_FULL, is_storage_full
@@ -269,7 +269,7 @@ class Intake:
                     envelope.sender,
                 )
                 writer.abort()
-                return Refused(reply(554, "5.4.6", "Too many hops: mail forwarding loop"))
+                return Refused(Reply(554, "Too many hops: mail forwarding loop", "5.4.6"))
             recipients = expand_recipients(envelope, self._expand, self._held)
             now = self._clock()
             header = received_header(
@@ -285,7 +285,7 @@ class Intake:
                 # Every recipient expanded to nothing (e.g. an alias to no one): accepted, done.
                 writer.abort()
                 log.info("%s: removed (no recipients after expansion)", qid)
-                return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+                return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))
             attemptable = any(r.hold is Hold.NONE for r in recipients)
             await self._queue.commit(
                 writer, envelope, recipients, header, attemptable=attemptable
@@ -309,4 +309,4 @@ class Intake:
             len(header) + writer.size,
             len(recipients),
         )
-        return Queued(qid, reply(250, "2.0.0", f"Ok: queued as {qid}"))
+        return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))

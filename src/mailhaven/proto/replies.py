@@ -12,6 +12,10 @@ core, `proto.smtp_client`) and names what they answered: "greeting" or the comma
 "MAIL FROM", "RCPT TO", "DATA", "end of DATA", ...). Replies we make up ourselves (connection
 refused, DNS failure, "delivered to maildir") leave it None. Logs use it to tell "host H said:
 550 ..." from our own words, as Postfix's smtp(8) does; it takes no part in equality.
+
+One constructor, one argument order everywhere: `Reply(code, text, enhanced, more)` (the
+optional parts last). The texts mailhaven's own protocol cores send live in the catalogue at the
+end of this module, so a reply can be found by its words.
 """
 
 from __future__ import annotations
@@ -82,8 +86,3 @@ class Reply:
         parts.append(" ".join(x for x in self.lines if x))
         return " ".join(p for p in parts if p)
 
-
-def reply(code: int, enhanced: str | None, *lines: str) -> Reply:
-    """Shorthand: `reply(250, "2.1.0", "Ok")`."""
-    first, *rest = lines or ("",)
-    return Reply(code, first, enhanced, tuple(rest))

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import idna
 
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 
 #: Alias chains longer than this are cut (sendmail uses 10, Postfix's
@@ -184,18 +184,18 @@ def _display(address: str) -> str:
 
 
 def user_unknown(address: str) -> Reply:
-    return reply(
+    return Reply(
         550,
-        "5.1.1",
         f"<{_display(address)}>: Recipient address rejected: User unknown in local recipient table",
+        "5.1.1",
     )
 
 
 def relay_denied(address: str) -> Reply:
-    return reply(554, "5.7.1", f"<{_display(address)}>: Relay access denied")
+    return Reply(554, f"<{_display(address)}>: Relay access denied", "5.7.1")
 
 
-BAD_SYNTAX = reply(501, "5.1.3", "Bad recipient address syntax")
+BAD_SYNTAX = Reply(501, "Bad recipient address syntax", "5.1.3")
 
 
 class Router:

@@ -25,15 +25,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import BackoffPolicy, expired, next_attempt
 from mailhaven.spool.records import DueRecipient, RecipientUpdate, Status
 
 Label = Literal["sent", "bounced", "deferred", "expired"]
 
-NO_RESULT = reply(451, "4.3.0", "delivery agent returned no result for this recipient")
-UNAVAILABLE = reply(451, "4.3.0", "mail transport unavailable")
+NO_RESULT = Reply(451, "delivery agent returned no result for this recipient", "4.3.0")
+UNAVAILABLE = Reply(451, "mail transport unavailable", "4.3.0")
 
 
 class RelayReport(Protocol):
@@ -50,7 +50,7 @@ class Verdict:
 
 def crash_reply(exc: BaseException) -> Reply:
     """An agent raised: unknown errors count as temporary (the mail is never lost)."""
-    return reply(451, "4.3.0", f"delivery agent failed: {type(exc).__name__}: {exc}"[:300])
+    return Reply(451, f"delivery agent failed: {type(exc).__name__}: {exc}"[:300], "4.3.0")
 
 
 def judge(

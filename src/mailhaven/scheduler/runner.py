@@ -48,7 +48,7 @@ from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
 from mailhaven.faults import crash_point
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
@@ -317,7 +317,7 @@ class Runner:
                 routes[rcpt.address] = self._route(rcpt.address)
             except Exception as exc:
                 log.exception("%s: routing <%s> failed", rcpt.queue_id, rcpt.address)
-                broken.append((rcpt, reply(451, "4.3.0", f"routing failed: {exc}"[:300])))
+                broken.append((rcpt, Reply(451, f"routing failed: {exc}"[:300], "4.3.0")))
         return routes, broken
 
     async def _defer_unavailable(
@@ -353,10 +353,10 @@ class Runner:
             by_message[rcpt.queue_id].append((rcpt, suspension))
         for qid, pairs in by_message.items():
             replies = {
-                r.address: reply(
+                r.address: Reply(
                     s.reason.code,
-                    s.reason.enhanced,
                     "delivery temporarily suspended: " + " ".join(s.reason.lines),
+                    s.reason.enhanced,
                 )
                 for r, s in pairs
             }
