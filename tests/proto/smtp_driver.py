@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings, Wait
 
@@ -77,6 +77,9 @@ def drive(
                 conn.tls_established()
             case ev.AuthStart() | ev.AuthResponse():
                 auth(conn, event)
+            case ev.LmtpBodyEnd():  # one answer per recipient, in order (RFC 2033 §4.2)
+                for rcpt in event.recipients:
+                    conn.respond(policy(rcpt) or Reply(250, f"Ok: <{rcpt.address}> delivered", "2.0.0"))
             case (
                 ev.Hello()
                 | ev.MailFrom()

@@ -169,7 +169,7 @@ def play(chunks_per_segment: list[list[bytes]], setup: Setup) -> tuple[bytes, li
         if conn.state is pop3.State.CLOSED:
             break
         conn.receive_data(chunk)
-        while not isinstance(event := conn.next_event(), pop3.NeedData):
+        while (event := conn.next_event()) is not pop3.NEED_DATA:
             events.append(event)
             answer(conn, event, deleted)
             out += conn.data_to_send()

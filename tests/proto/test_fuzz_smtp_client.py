@@ -183,7 +183,7 @@ def play(segments: list[list[bytes]], setup: Setup) -> tuple[list[sc.Event], byt
         event = conn.next_event()
         out += conn.data_to_send()
         match event:
-            case sc.NeedData():
+            case sc.Wait.NEED_DATA:
                 if chunks:
                     conn.receive_data(chunks.pop(0))
                 else:
@@ -191,13 +191,13 @@ def play(segments: list[list[bytes]], setup: Setup) -> tuple[list[sc.Event], byt
                     conn.receive_data(b"")
                     eof = True
                 continue
-            case sc.Paused() if conn.phase is sc.Phase.READY:
+            case sc.Wait.PAUSED if conn.phase is sc.Phase.READY:
                 if todo:
                     started.append(todo.pop(0))
                     conn.start(started[-1])
                 else:
                     conn.quit()
-            case sc.Paused():
+            case sc.Wait.PAUSED:
                 raise AssertionError(f"paused in {conn.phase}")
             case sc.StartTLS():
                 if setup.tls_works:

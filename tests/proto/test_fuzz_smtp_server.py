@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from tests.proto.smtp_driver import Run, accept_all, drive
 from tests.proto.splits import cut_into
 
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.replies import MAX_REPLY_LINE, Reply
 from mailhaven.proto.smtp_server import ServerConnection, ServerSettings
 
@@ -270,9 +270,9 @@ server_settings = st.builds(
 
 
 # ------------------------------------------------------------------------------------ checks
-def _state(conn: ServerConnection) -> tuple[object, ...]:
+def _state(conn: ServerConnection, run: Run) -> tuple[object, ...]:
     return (
-        conn.phase,
+        conn.state,
         conn.helo,
         conn.extended,
         conn.authenticated,
@@ -281,7 +281,7 @@ def _state(conn: ServerConnection) -> tuple[object, ...]:
         tuple(conn.recipients),
         conn.error_count,
         conn.command_count,
-        {k: tuple(v) for k, v in conn.stats.items()},
+        [(e.command, e.reply.code) for e in run.events if isinstance(e, ev.Answered)],
     )
 
 
@@ -304,7 +304,7 @@ def play(
         conn.receive_data(b"")
         drive(conn, policy, run, auth)
     run.output += conn.data_to_send()
-    return run, _state(conn)
+    return run, _state(conn, run)
 
 
 def assert_well_formed(output: bytes) -> None:

@@ -18,9 +18,9 @@ from mailhaven.proto.pop3 import (
     ConnectionClosed,
     CrlfCounter,
     Event,
-    LocalProtocolError,
     RespCode,
     State,
+    UsageError,
 )
 
 MESSAGE = b"Subject: hi\n\nline1\n.dot\n..two\nlast"
@@ -318,12 +318,12 @@ def test_answering_discipline() -> None:
     conn = Connection("hi", tls_available=False, insecure_auth=True)
     conn.receive_data(b"USER a\r\nPASS b\r\nCAPA\r\n")
     assert isinstance(conn.next_event(), pop3.Login)
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(UsageError):
         conn.next_event()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(UsageError):
         conn.ok()
     conn.accept_login()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(UsageError):
         conn.accept_login()
 
 

@@ -22,8 +22,6 @@ from mailhaven.proto.smtp_client import (
     Credentials,
     Event,
     MailTransaction,
-    NeedData,
-    Paused,
     Phase,
     Ready,
     ReplyError,
@@ -35,6 +33,7 @@ from mailhaven.proto.smtp_client import (
     Timeouts,
     TransactionDone,
     UsageError,
+    Wait,
     utf8_addr_xtext,
 )
 
@@ -71,7 +70,7 @@ class Dialogue:
         events: list[Event] = []
         while True:
             event = self.conn.next_event()
-            if isinstance(event, NeedData | Paused):
+            if isinstance(event, Wait):
                 return events
             events.append(event)
             if isinstance(event, Closed):
@@ -649,12 +648,12 @@ def test_random_replies_never_break_the_machine(
         conn.receive_data(caps if ehlo else f"{code} text\r\n".encode())
         while True:
             event = conn.next_event()
-            if isinstance(event, NeedData | Closed):
+            if event is NEED_DATA or isinstance(event, Closed):
                 break
             if isinstance(event, TransactionDone):
                 assert set(event.results) <= {"a@x.org", "b@x.org"}
                 assert all(200 <= r.code < 600 for r in event.results.values())
-            if not isinstance(event, Paused):
+            if event is not PAUSED:
                 continue
             if conn.phase is Phase.TLS_HANDSHAKE:
                 conn.tls_started()

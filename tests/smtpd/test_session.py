@@ -19,7 +19,7 @@ import trustme
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.config import Limits, Timeouts
 from mailhaven.mailbox.users import UserDB
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerSettings

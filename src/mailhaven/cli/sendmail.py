@@ -497,9 +497,9 @@ def smtp_session(
     config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO | None = None
 ) -> int:
     """-bs: one SMTP session on stdin/stdout, driven through the sans-I/O server core."""
-    from mailhaven.proto import smtp_events as ev
+    from mailhaven.proto import smtp_server_events as ev
     from mailhaven.proto.replies import Reply
-    from mailhaven.proto.smtp_server import NEED_DATA, Phase, ServerConnection, ServerSettings
+    from mailhaven.proto.smtp_server import NEED_DATA, ServerConnection, ServerSettings, State
 
     limits = config.limits
     conn = ServerConnection(
@@ -558,7 +558,7 @@ def smtp_session(
             if conn.closed:
                 break
             chunk = line_ends(read(CHUNK))
-            lost_in_data = lost_in_data or (not chunk and conn.phase is Phase.DATA)
+            lost_in_data = lost_in_data or (not chunk and conn.state is State.DATA)
             conn.receive_data(chunk)
             continue
         match event:

@@ -42,8 +42,6 @@ from mailhaven.proto.smtp_client import (
     Credentials,
     Event,
     MailTransaction,
-    NeedData,
-    Paused,
     Phase,
     Ready,
     SendBody,
@@ -52,6 +50,7 @@ from mailhaven.proto.smtp_client import (
     StartTLSPolicy,
     Timeouts,
     TransactionDone,
+    Wait,
 )
 
 log = logging.getLogger("mailhaven.smtp")
@@ -331,7 +330,7 @@ class SMTPClientConnection:
                         await self._send_body(message)
                     case TransactionDone(results=results):
                         return dict(results)
-                    case Ready() | StartTLS() | SessionFailed() | Closed() | NeedData() | Paused():
+                    case Ready() | StartTLS() | SessionFailed() | Closed() | Wait():
                         raise AssertionError(f"unexpected {event!r} in a transaction")
         except BaseException:  # cancelled, or the spool file failed: the session is unusable
             self.close()
@@ -386,7 +385,7 @@ class SMTPClientConnection:
                     self._stream.close()
                     reply = Reply(421, "connection closed during session setup", "4.4.2")
                     return SessionFailure(reply, None, self.relay)
-                case TransactionDone() | SendBody() | NeedData() | Paused():
+                case TransactionDone() | SendBody() | Wait():
                     raise AssertionError(f"unexpected {event!r} during session setup")
 
     async def _until_ready(self) -> bool:
@@ -400,11 +399,11 @@ class SMTPClientConnection:
         self._stream.close()
         return False
 
-    async def _next_event(self) -> Event:
+    async def _next_event(self) -> Event | Wait:
         while True:
             event = self._core.next_event()
             await self._flush()  # what the core said in answer, before we wait for more
-            if not isinstance(event, NeedData):
+            if event is not Wait.NEED_DATA:
                 return event
             data = await self._stream.read(self.timeouts.for_phase(self._core.phase))
             if data is None:

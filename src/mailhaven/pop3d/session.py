@@ -131,7 +131,7 @@ class Session:
             if not isinstance(event, pop3.StartTls):  # no await between STLS and the swap
                 await self._flush()
             match event:
-                case pop3.NeedData.NEED_DATA:
+                case pop3.Wait.NEED_DATA:
                     data = await self.stream.read(self.settings.idle_timeout)
                     if data is None:
                         stopping = self.stream.stopping

@@ -21,10 +21,48 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import assert_never
+from typing import Literal, assert_never
 
 from mailhaven.proto import sasl
+from mailhaven.proto.pop3_events import (
+    ConnectionClosed,
+    Dele,
+    Event,
+    ListMessages,
+    Login,
+    Quit,
+    Retr,
+    Rset,
+    StartTls,
+    Stat,
+    Top,
+    Uidl,
+)
+from mailhaven.proto.sansio import NEED_DATA, UsageError, Wait
+
+__all__ = [
+    "COMMANDS",
+    "NEED_DATA",
+    "BodyEncoder",
+    "Connection",
+    "ConnectionClosed",
+    "CrlfCounter",
+    "Dele",
+    "Event",
+    "ListMessages",
+    "Login",
+    "Quit",
+    "RespCode",
+    "Retr",
+    "Rset",
+    "StartTls",
+    "Stat",
+    "State",
+    "Top",
+    "Uidl",
+    "UsageError",
+    "Wait",
+]
 
 #: RFC 2449 §4: a command line is at most 255 octets including CRLF.
 MAX_COMMAND_LINE = 255
@@ -71,85 +109,6 @@ class RespCode(enum.Enum):
     IN_USE = "IN-USE"
     SYS_TEMP = "SYS/TEMP"
     SYS_PERM = "SYS/PERM"
-
-
-class NeedData(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA = NeedData.NEED_DATA
-
-
-# ---------------------------------------------------------------------------------------- events
-@dataclass(frozen=True, slots=True)
-class Login:
-    """USER/PASS or AUTH PLAIN completed: check the credentials, then accept or reject."""
-
-    user: str
-    password: str
-    mechanism: str  # "USER" or "PLAIN"
-    authzid: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Stat:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ListMessages:
-    number: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Uidl:
-    number: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Retr:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Top:
-    number: int
-    lines: int
-
-
-@dataclass(frozen=True, slots=True)
-class Dele:
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rset:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Quit:
-    """QUIT in TRANSACTION: the state is now UPDATE; commit deletions, then answer."""
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """`+OK` is already queued; flush it, call `tls_started()`, then run the handshake."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The session is over (EOF, QUIT in AUTHORIZATION, too many errors): close the transport."""
-
-
-Event = (
-    Login | Stat | ListMessages | Uidl | Retr | Top | Dele | Rset | Quit | StartTls
-    | ConnectionClosed
-)
-
-
-class LocalProtocolError(Exception):
-    """The application misused the core (answered twice, answered nothing...): a bug, not input."""
 
 
 # --------------------------------------------------------------------------------- body encoding
@@ -274,15 +233,15 @@ class Connection:
 
     def receive_data(self, data: bytes) -> None:
         if self._eof and data:
-            raise LocalProtocolError("data after EOF")
+            raise UsageError("data after EOF")
         if not data:
             self._eof = True
         elif self.state is not State.CLOSED:
             self._in += data
 
-    def next_event(self) -> Event | NeedData:
+    def next_event(self) -> Event | Literal[Wait.NEED_DATA]:
         if self._pending is not None:
-            raise LocalProtocolError(f"{self._pending!r} has not been answered")
+            raise UsageError(f"{self._pending!r} has not been answered")
         while self.state is not State.CLOSED:
             line = self._next_line()
             if line is None:
@@ -341,8 +300,11 @@ class Connection:
 
     def _dispatch(self, keyword: str, arg: str) -> Event | None:
         if keyword in ("USER", "PASS", "AUTH", "APOP") and not self.auth_allowed:
-            self._reply(False, "Plaintext authentication disallowed on non-secure connections",
-                        RespCode.AUTH)
+            self._reply(
+                False,
+                "Plaintext authentication disallowed on non-secure connections",
+                RespCode.AUTH,
+            )
             return None
         match keyword:
             case "CAPA":
@@ -471,7 +433,7 @@ class Connection:
     def _answered(self, *kinds: type) -> Event:
         event = self._pending
         if event is None or not isinstance(event, kinds):
-            raise LocalProtocolError(f"no pending {kinds} to answer (pending: {event!r})")
+            raise UsageError(f"no pending {kinds} to answer (pending: {event!r})")
         self._pending = None
         return event
 

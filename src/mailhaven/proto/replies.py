@@ -86,3 +86,78 @@ class Reply:
         parts.append(" ".join(x for x in self.lines if x))
         return " ".join(p for p in parts if p)
 
+
+# --------------------------------------------------------------------------------- catalogue
+# What the SMTP server core (`proto.smtp_server`) answers, in Postfix's words where Postfix has
+# words for it, so clients and log readers see familiar text. Parametrised ones are functions.
+
+OK = Reply(250, "Ok", "2.0.0")
+SENDER_OK = Reply(250, "Ok", "2.1.0")
+RECIPIENT_OK = Reply(250, "Ok", "2.1.5")
+BYE = Reply(221, "Bye", "2.0.0")
+START_DATA = Reply(354, "End data with <CR><LF>.<CR><LF>")
+START_TLS = Reply(220, "Ready to start TLS", "2.0.0")
+
+# line-level refusals (before the command is looked at)
+SYNC_ERROR = Reply(554, "Error: SMTP protocol synchronization", "5.5.0")
+LINE_TOO_LONG = Reply(500, "Error: line too long", "5.5.2")
+AUTH_LINE_TOO_LONG = Reply(500, "Error: authentication line too long", "5.5.6")
+NUL_IN_COMMAND = Reply(500, "Error: NUL character in command", "5.5.2")
+BARE_CR_IN_COMMAND = Reply(500, "Error: bare <CR> in command", "5.5.2")
+BAD_UTF8_IN_COMMAND = Reply(500, "Error: invalid UTF-8 in command", "5.5.2")
+EIGHT_BIT_IN_COMMAND = Reply(500, "Error: 8-bit characters in command", "5.5.2")
+UNRECOGNIZED = Reply(500, "Error: command not recognized", "5.5.2")
+NOT_IMPLEMENTED = Reply(502, "Error: command not implemented", "5.5.1")
+#: HELO/EHLO on an LMTP listener (RFC 2033 §4.1: LHLO replaces them).
+LMTP_NEEDS_LHLO = Reply(500, "Error: this is LMTP, send LHLO", "5.5.1")
+
+# command sequence (RFC 5321 §4.1.4): the transition table's refusals
+NEED_HELO = Reply(503, "Error: send HELO/EHLO first", "5.5.1")
+NEED_LHLO = Reply(503, "Error: send LHLO first", "5.5.1")
+NEED_EHLO = Reply(503, "Error: send EHLO first", "5.5.1")
+NEED_MAIL = Reply(503, "Error: need MAIL command", "5.5.1")
+NEED_RCPT = Reply(503, "Error: need RCPT command", "5.5.1")
+NESTED_MAIL = Reply(503, "Error: nested MAIL command", "5.5.1")
+IN_TRANSACTION = Reply(503, "Error: MAIL transaction in progress", "5.5.1")
+BDAT_IN_PROGRESS = Reply(503, "Error: BDAT transfer in progress", "5.5.1")
+CHUNKING_NOT_OFFERED = Reply(503, "Error: CHUNKING not offered, send EHLO first", "5.5.1")
+ALREADY_AUTHENTICATED = Reply(503, "Error: already authenticated", "5.5.1")
+TLS_ACTIVE = Reply(554, "Error: TLS already active", "5.5.1")
+AUTH_NOT_ENABLED = Reply(502, "Error: authentication not enabled", "5.5.1")
+AUTH_NEEDS_TLS = Reply(538, "Error: encryption required for requested authentication", "5.7.11")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "Error: unsupported authentication mechanism", "5.5.4")
+
+# arguments
+NEEDS_SMTPUTF8 = Reply(553, "Error: must declare SMTPUTF8 to send non-ASCII addresses", "5.6.7")
+SIZE_EXCEEDED = Reply(552, "Error: message size exceeds fixed maximum message size", "5.3.4")
+TOO_MANY_RECIPIENTS = Reply(452, "Error: too many recipients", "4.5.3")
+ETRN_SYNTAX = Reply(500, "Syntax: ETRN domain", "5.5.2")
+
+# message content
+MESSAGE_TOO_BIG = Reply(552, "Error: message file too big", "5.3.4")
+BARE_NEWLINE = Reply(554, "Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)", "5.5.2")
+
+
+def syntax(usage: str) -> Reply:
+    """501 for a command whose arguments do not parse: `usage` shows the right form."""
+    return Reply(501, f"Syntax: {usage}", "5.5.4")
+
+
+def greeting(hostname: str, banner: str) -> Reply:
+    return Reply(220, f"{hostname} {banner}")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, f"{hostname} Error: too many errors", "4.7.0")
+
+
+def too_many_commands(hostname: str) -> Reply:
+    return Reply(421, f"{hostname} Error: too many commands", "4.7.0")
+
+
+def chunk_received(octets: int) -> Reply:
+    return Reply(250, f"Ok: {octets} octets received", "2.0.0")
+
+
+def help_unknown(argument: str) -> Reply:
+    return Reply(504, f"Error: unknown command {argument[:30]!r}", "5.5.1")

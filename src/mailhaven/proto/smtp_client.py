@@ -40,6 +40,40 @@ from typing import assert_never
 from mailhaven.proto.address import xtext_encode
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
+from mailhaven.proto.sansio import NEED_DATA, PAUSED, UsageError, Wait
+from mailhaven.proto.smtp_client_events import (
+    Closed,
+    Event,
+    Ready,
+    SendBody,
+    SessionFailed,
+    StartTLS,
+    TransactionDone,
+)
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "Capabilities",
+    "ClientConnection",
+    "Closed",
+    "Credentials",
+    "Event",
+    "MailTransaction",
+    "Phase",
+    "Ready",
+    "ReplyError",
+    "ReplyReader",
+    "SendBody",
+    "SessionFailed",
+    "StartTLS",
+    "StartTLSPolicy",
+    "Timeouts",
+    "TransactionDone",
+    "UsageError",
+    "Wait",
+    "soft_bounce",
+]
 
 
 class Phase(enum.Enum):
@@ -48,6 +82,7 @@ class Phase(enum.Enum):
     GREETING = "greeting"
     EHLO = "EHLO"
     HELO = "HELO"
+    LHLO = "LHLO"  # LMTP (RFC 2033 §4.1) instead of EHLO/HELO
     STARTTLS = "STARTTLS"
     TLS_HANDSHAKE = "TLS handshake"  # the adapter's turn: handshake, then tls_started()
     AUTH = "AUTH"
@@ -65,11 +100,12 @@ class Phase(enum.Enum):
 P = Phase
 #: The legal phase changes, as data (h11's idea): checked on every step, drawable in the docs.
 TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
-    P.GREETING: frozenset({P.EHLO, P.QUIT, P.CLOSED}),
+    P.GREETING: frozenset({P.EHLO, P.LHLO, P.QUIT, P.CLOSED}),
     P.EHLO: frozenset({P.HELO, P.STARTTLS, P.AUTH, P.READY, P.QUIT, P.CLOSED}),
     P.HELO: frozenset({P.AUTH, P.READY, P.QUIT, P.CLOSED}),
+    P.LHLO: frozenset({P.STARTTLS, P.AUTH, P.READY, P.QUIT, P.CLOSED}),
     P.STARTTLS: frozenset({P.TLS_HANDSHAKE, P.AUTH, P.READY, P.QUIT, P.CLOSED}),
-    P.TLS_HANDSHAKE: frozenset({P.EHLO, P.CLOSED}),
+    P.TLS_HANDSHAKE: frozenset({P.EHLO, P.LHLO, P.CLOSED}),
     P.AUTH: frozenset({P.READY, P.QUIT, P.CLOSED}),
     P.READY: frozenset({P.MAIL, P.QUIT, P.CLOSED}),
     P.MAIL: frozenset({P.RCPT, P.READY, P.CLOSED}),
@@ -81,7 +117,7 @@ TRANSITIONS: Mapping[Phase, frozenset[Phase]] = {
     P.QUIT: frozenset({P.CLOSED}),
     P.CLOSED: frozenset(),
 }
-_SETUP = frozenset({P.GREETING, P.EHLO, P.HELO, P.STARTTLS, P.TLS_HANDSHAKE, P.AUTH})
+_SETUP = frozenset({P.GREETING, P.EHLO, P.HELO, P.LHLO, P.STARTTLS, P.TLS_HANDSHAKE, P.AUTH})
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY", "NEVER"})
 #: RFC 5321 §4.5.3.1.5 allows 512 octets; like Postfix (line_length_limit) we accept 2048.
 MAX_REPLY_LINE_ACCEPTED = 2048
@@ -95,6 +131,7 @@ _DOING = {
     P.GREETING: "receiving the initial server greeting",
     P.EHLO: "performing the EHLO handshake",
     P.HELO: "performing the HELO handshake",
+    P.LHLO: "performing the LHLO handshake",
     P.STARTTLS: "receiving the STARTTLS response",
     P.TLS_HANDSHAKE: "performing the TLS handshake",
     P.AUTH: "performing the SASL authentication",
@@ -188,66 +225,6 @@ class MailTransaction:
     def needs_smtputf8(self) -> bool:
         addresses = [self.sender, *(r.address for r in self.recipients)]
         return self.smtputf8 or not all(a.isascii() for a in addresses)
-
-
-@dataclass(frozen=True, slots=True)
-class NeedData:
-    """Read from the peer and call receive_data()."""
-
-
-NEED_DATA = NeedData()
-
-
-@dataclass(frozen=True, slots=True)
-class Paused:
-    """The caller's turn (READY, DATA_BLOCK or TLS_HANDSHAKE): see `phase` for what to do."""
-
-
-PAUSED = Paused()
-
-
-@dataclass(frozen=True, slots=True)
-class StartTLS:
-    """The peer said 220 to STARTTLS: handshake now, then call tls_started() or tls_failed()."""
-
-
-@dataclass(frozen=True, slots=True)
-class Ready:
-    """The session can carry a transaction: call start() or quit()."""
-
-    capabilities: Capabilities
-
-
-@dataclass(frozen=True, slots=True)
-class SendBody:
-    """The peer said 354: call send_body() for each chunk, then end_body()."""
-
-
-@dataclass(frozen=True, slots=True)
-class TransactionDone:
-    """One reply per (distinct) recipient of the transaction."""
-
-    results: Mapping[str, Reply]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionFailed:
-    """The session never became ready, or broke outside a transaction; try another host."""
-
-    reply: Reply
-    phase: Phase
-
-
-@dataclass(frozen=True, slots=True)
-class Closed:
-    """Nothing more will happen: close the transport."""
-
-
-Event = NeedData | Paused | StartTLS | Ready | SendBody | TransactionDone | SessionFailed | Closed
-
-
-class UsageError(RuntimeError):
-    """The caller broke the protocol contract (e.g. start() while a reply is awaited)."""
 
 
 class ReplyError(ValueError):
@@ -410,6 +387,8 @@ class _Txn:
     pipelined: bool
     mail: Reply | None = None
     rcpt: dict[str, Reply] = field(default_factory=dict)
+    #: LMTP: each accepted recipient's own reply to the end of the message, as they come.
+    data: dict[str, Reply] = field(default_factory=dict)
     rcpt_sent: int = 0
 
     @property
@@ -420,8 +399,16 @@ class _Txn:
     def accepted(self) -> bool:
         return self.mail_ok and any(r.is_success for r in self.rcpt.values())
 
+    @property
+    def accepted_addresses(self) -> list[str]:
+        """The recipients whose RCPT succeeded, in the order sent (LMTP answers in this order)."""
+        if not self.mail_ok:
+            return []
+        return [address for address, reply in self.rcpt.items() if reply.is_success]
+
     def outcome(self, final: Reply) -> dict[str, Reply]:
-        """MAIL failure for all, else each RCPT failure, else the final (end-of-data) reply."""
+        """MAIL failure for all, else each RCPT failure, else the recipient's own end-of-data
+        reply (LMTP), else the final (end-of-data) reply."""
         out = dict(self.results)
         for spec in self.recipients:
             rcpt = self.rcpt.get(spec.address)
@@ -429,6 +416,8 @@ class _Txn:
                 out[spec.address] = self.mail
             elif rcpt is not None and not rcpt.is_success:
                 out[spec.address] = rcpt
+            elif spec.address in self.data:
+                out[spec.address] = self.data[spec.address]
             else:
                 out[spec.address] = final
         return out
@@ -464,6 +453,7 @@ class ClientConnection:
         allow_plaintext_auth: bool = False,
         tls_active: bool = False,
         peer: str = "server",
+        lmtp: bool = False,
     ) -> None:
         if not (
             helo_name.isascii() and helo_name.isprintable() and helo_name.split() == [helo_name]
@@ -472,6 +462,8 @@ class ClientConnection:
         self.helo_name = helo_name
         #: how our own failure texts name the peer: Postfix's `host[address]`
         self.peer = peer
+        #: Speak LMTP (RFC 2033): LHLO, and one reply per accepted recipient after the body.
+        self.lmtp = lmtp
         self.starttls_policy = starttls
         self.credentials = credentials
         self.allow_plaintext_auth = allow_plaintext_auth
@@ -508,7 +500,7 @@ class ClientConnection:
         self._out.clear()
         return out
 
-    def next_event(self) -> Event:
+    def next_event(self) -> Event | Wait:
         while not self._events:
             before = self.phase
             if before is P.CLOSED:
@@ -542,7 +534,7 @@ class ClientConnection:
         self._reader.clear()
         self.tls_active = True
         self.capabilities = Capabilities()
-        self._command("EHLO " + self.helo_name, P.EHLO)
+        self._hello()
         self._check(P.TLS_HANDSHAKE)
 
     def tls_failed(self, reason: str, *, unverified: bool = False) -> None:
@@ -602,7 +594,9 @@ class ClientConnection:
         if self._body_cr or not self._body_bol:
             self._out += b"\r\n"
         self._out += b".\r\n"
-        self._pending.append(P.DATA_END)
+        # LMTP (RFC 2033 §4.2): one reply for each recipient whose RCPT succeeded, in order
+        due = len(self._txn.accepted_addresses) if self.lmtp and self._txn else 1
+        self._pending.extend([P.DATA_END] * max(due, 1))
 
     def quit(self) -> None:
         """Say goodbye when idle; Closed follows the reply (or the peer's EOF)."""
@@ -619,6 +613,12 @@ class ClientConnection:
         after = self.phase
         if after is not before and after not in TRANSITIONS[before]:
             raise AssertionError(f"illegal transition {before.name} -> {after.name}")
+
+    def _hello(self) -> None:
+        if self.lmtp:
+            self._command("LHLO " + self.helo_name, P.LHLO)
+        else:
+            self._command("EHLO " + self.helo_name, P.EHLO)
 
     def _command(self, line: str, expect: Phase) -> None:
         self._out += line.encode("utf-8") + b"\r\n"
@@ -655,15 +655,15 @@ class ClientConnection:
         self._pending.popleft()
         match phase:
             case P.GREETING if reply.is_success:
-                self._command("EHLO " + self.helo_name, P.EHLO)
-            case P.EHLO if reply.is_success:
+                self._hello()
+            case P.EHLO | P.LHLO if reply.is_success:
                 self.capabilities = Capabilities.from_ehlo(reply)
                 self._after_hello()
             case P.EHLO if reply.is_permanent:  # an old server: fall back to HELO
                 self._command("HELO " + self.helo_name, P.HELO)
             case P.HELO if reply.is_success:
                 self._after_hello()
-            case P.GREETING | P.EHLO | P.HELO:
+            case P.GREETING | P.EHLO | P.HELO | P.LHLO:
                 self._fail(reply, phase)
             case P.STARTTLS:
                 self._on_starttls(reply)
@@ -774,7 +774,11 @@ class ClientConnection:
                 self._lost(_temp("4.5.0", why))
             case P.DATA_INIT:
                 self._finish(txn, reply, rset=txn.mail_ok)
+            case P.DATA_END if self.lmtp and len(txn.data) + 1 < len(txn.accepted_addresses):
+                txn.data[txn.accepted_addresses[len(txn.data)]] = reply  # more are due
             case P.DATA_END:
+                if self.lmtp and txn.accepted_addresses:
+                    txn.data[txn.accepted_addresses[len(txn.data)]] = reply
                 self._finish(txn, reply, rset=False)
             case _:
                 raise AssertionError(f"not a transaction phase: {phase.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 HELP_TEXT: dict[str, str] = {
     "HELO": "HELO <hostname> - identify yourself (plain SMTP)",
     "EHLO": "EHLO <hostname> - identify yourself and list the ESMTP extensions",
+    "LHLO": "LHLO <hostname> - identify yourself and list the extensions (LMTP)",
     "MAIL": "MAIL FROM:<sender> [SIZE=n] [BODY=8BITMIME] [SMTPUTF8] [RET=] [ENVID=] - start a message",
     "RCPT": "RCPT TO:<recipient> [NOTIFY=] [ORCPT=] - add a recipient (repeat for more)",
     "DATA": "DATA - send the message, end it with a line holding only a dot",

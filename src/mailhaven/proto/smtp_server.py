@@ -1,4 +1,5 @@
-"""The SMTP server protocol core, sans-I/O (RFC 5321 with PIPELINING, CHUNKING, DSN, SMTPUTF8).
+"""The SMTP server protocol core, sans-I/O (RFC 5321 with PIPELINING, CHUNKING, DSN, SMTPUTF8;
+LMTP, RFC 2033, with `ServerSettings.lmtp`).
 
 Bytes in (`receive_data`), events out (`next_event`), replies out (`data_to_send`). No sockets,
 clocks or files: the asyncio adapter in `mailhaven.smtpd` moves bytes and answers decisions.
@@ -6,7 +7,14 @@ clocks or files: the asyncio adapter in `mailhaven.smtpd` moves bytes and answer
 The core decides what is *legal*: syntax, command order, limits, PIPELINING rules, body framing.
 The application decides what is *welcome*: it answers each decision event with `accept()` (the
 standard positive reply) or `respond(reply)`. While a decision is outstanding the core reads no
-further input, so pipelined commands are answered strictly in order (RFC 2920 §3.2).
+further input, so pipelined commands are answered strictly in order (RFC 2920 §3.2). The command
+sequence is data: `State` and the (state, verb) table in `proto.smtp_states`, consulted for every
+command; every state change is checked against `TRANSITIONS`. Reply texts are in
+`proto.replies`; the listener's offer (EHLO keywords, line limits, HELP) in `proto.smtp_commands`.
+The core keeps no statistics: it says which command each reply answered (`Answered`).
+
+LMTP mode: LHLO replaces HELO/EHLO (which get 500); after the end of a message the application
+gets `LmtpBodyEnd` with the accepted recipients and calls `respond()` once for each, in order.
 
 Security properties kept here, once, for every listener:
 - one framing rule for DATA and BDAT (see `proto.body`): bare CR/LF taints a message, which is
@@ -22,12 +30,11 @@ Security properties kept here, once, for every listener:
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import replies as r
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.address import (
     AddressError,
     MailParams,
@@ -37,16 +44,40 @@ from mailhaven.proto.address import (
 )
 from mailhaven.proto.body import DotDecoder, has_bare_newline
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_help import HELP_TEXT, OBSOLETE, ORDER
+from mailhaven.proto.sansio import NEED_DATA as NEED_DATA
+from mailhaven.proto.sansio import PAUSED as PAUSED
+from mailhaven.proto.sansio import UsageError, Wait
+from mailhaven.proto.smtp_commands import (
+    MAIL_LINE_EXTRA,
+    MAX_AUTH_LINE,
+    ServerSettings,
+    capabilities,
+    check_line,
+    help_reply,
+    keywords,
+    parse_bdat,
+    refuse_unavailable,
+)
+from mailhaven.proto.smtp_help import OBSOLETE
+from mailhaven.proto.smtp_states import (
+    COMMAND_STATES,
+    LMTP_COMMANDS,
+    SMTP_COMMANDS,
+    TRANSITIONS,
+    State,
+)
 
-#: RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
-MAX_COMMAND_LINE = 512
-#: RFC 3461 §5 and RFC 4954 §5 lengthen MAIL by ENVID (100) and AUTH= (500).
-MAIL_LINE_EXTRA = 600
-#: RFC 3461 §5: ORCPT lengthens RCPT by 500.
-RCPT_LINE_EXTRA = 500
-#: RFC 4954 §4: an AUTH line (command or response) may be 12288 octets.
-MAX_AUTH_LINE = 12288
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "ServerConnection",
+    "ServerSettings",
+    "State",
+    "UsageError",
+    "Wait",
+    "transaction_params",
+]
+
 #: RFC 5321 §4.5.3.1.8: at least 100 recipients must be accepted (Postfix: 1000).
 MIN_RECIPIENTS = 100
 #: Postfix's smtpd_recipient_overshoot_limit: recipients past the limit answered 452 before
@@ -54,71 +85,8 @@ MIN_RECIPIENTS = 100
 RECIPIENT_OVERSHOOT = 1000
 #: Commands after which a client must wait for the reply (RFC 2920 §3.1, RFC 3207, RFC 4954).
 _GROUP_ENDERS = frozenset(
-    {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "NOOP", "HELP", "ETRN", "AUTH", "STARTTLS"}
+    {"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "HELP", "ETRN", "AUTH"}
 )
-
-
-class Wait(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-    PAUSED = "PAUSED"
-
-
-NEED_DATA = Wait.NEED_DATA
-#: A decision event is outstanding: answer it before asking for the next event.
-PAUSED = Wait.PAUSED
-
-
-class Phase(enum.Enum):
-    GREETING = "greeting"
-    COMMAND = "command"
-    DATA = "data"
-    BDAT = "bdat"
-    AUTH = "auth"
-    STARTTLS = "starttls"
-    CLOSED = "closed"
-
-
-class ProtocolUsageError(RuntimeError):
-    """The application called the core out of turn (a bug in the caller, not the client)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """What this listener offers and its limits (each overridable from configuration)."""
-
-    hostname: str = "localhost"
-    banner: str = "ESMTP mailhaven"
-    max_message_size: int = 36_700_160
-    max_recipients: int = 1000
-    command_line_limit: int = MAX_COMMAND_LINE
-    hard_error_limit: int = 20
-    enhanced_status_codes: bool = True
-    pipelining: bool = True
-    chunking: bool = True
-    dsn: bool = True
-    smtputf8: bool = True
-    eightbitmime: bool = True
-    #: A certificate is configured: offer STARTTLS.
-    starttls: bool = False
-    #: The connection is already TLS (implicit TLS listener, RFC 8314).
-    tls_on_connect: bool = False
-    auth_mechanisms: tuple[str, ...] = ()
-    auth_requires_tls: bool = True
-    etrn: bool = False
-    forbid_unauth_pipelining: bool = True
-    #: Commands in one session before 421 (a runaway or abusive client; 0: no limit).
-    max_commands: int = 10_000
-
-
-def _r(code: int, enhanced: str | None, text: str) -> Reply:
-    return Reply(code, text, enhanced)
-
-
-OK = _r(250, "2.0.0", "Ok")
-SENDER_OK = _r(250, "2.1.0", "Ok")
-RECIPIENT_OK = _r(250, "2.1.5", "Ok")
-BAD_SEQUENCE_HELO = _r(503, "5.5.1", "Error: send HELO/EHLO first")
-SYNC_ERROR = _r(554, "5.5.0", "Error: SMTP protocol synchronization")
 
 
 class ServerConnection:
@@ -126,7 +94,7 @@ class ServerConnection:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.phase = Phase.GREETING
+        self.state = State.GREETING
         self.tls = settings.tls_on_connect
         self.helo: str | None = None
         self.extended = False
@@ -135,13 +103,18 @@ class ServerConnection:
         self.recipients: list[ev.RcptTo] = []
         self.error_count = 0
         self.command_count = 0
-        #: Postfix-style per-command statistics for the disconnect log: name -> [ok, total].
-        self.stats: dict[str, list[int]] = {}
+        #: Asked when a body is about to start (DATA, first BDAT chunk): a refusal such as
+        #: `452 4.3.1` (spool full) is sent instead of 354 / instead of taking the chunk.
+        self.data_gate: Callable[[], Reply | None] | None = None
+        self._commands = LMTP_COMMANDS if settings.lmtp else SMTP_COMMANDS
         self._in = bytearray()
         self._out = bytearray()
         self._events: deque[ev.Event] = deque()
         self._pending: ev.Event | None = None
-        self._pending_cmd = ""
+        #: The verb whose reply is due, for `Answered` ("" once counted).
+        self._verb = ""
+        #: LMTP: recipient replies still due for the message (`LmtpBodyEnd`).
+        self._replies_due = 0
         self._discarding_line = False
         #: The start of the overlong line being skipped (see `_read_line`).
         self._discarded = b""
@@ -152,27 +125,25 @@ class ServerConnection:
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_cr = False
-        self._bdat_active = False
         self._bdat_refusal: Reply | None = None
+        #: Where a refused BDAT chunk returns once it has been read.
+        self._bdat_return = State.READY
         self._overshoot = 0
-        #: Asked when a body is about to start (DATA, first BDAT chunk): a refusal such as
-        #: `452 4.3.1` (spool full) is sent instead of 354 / instead of taking the chunk.
-        self.data_gate: Callable[[], Reply | None] | None = None
-        self._advertised: frozenset[str] = frozenset()
-        self._advertised_for: tuple[bool, bool] | None = None
+        self._keywords: frozenset[str] = frozenset()
+        self._keywords_for: tuple[bool, bool] | None = None
 
     # ------------------------------------------------------------------ bytes in / out
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the client; `b""` means the client closed its side."""
-        if self.phase is Phase.CLOSED:
+        if self.state is State.CLOSED:
             return
         if not data:
             self._close("lost connection")
             return
-        if self.phase is Phase.GREETING:
+        if self.state is State.GREETING:
             self._early_input = True
-        if self.phase is Phase.STARTTLS:
+        if self.state is State.STARTTLS:
             return  # plaintext after STARTTLS: dropped, never interpreted (CVE-2011-0411)
         self._in += data
 
@@ -188,7 +159,12 @@ class ServerConnection:
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.state is State.CLOSED
+
+    @property
+    def in_body(self) -> bool:
+        """Message content is being read (DATA, or a BDAT chunk)."""
+        return self.state is State.DATA or self.state is State.BDAT
 
     @property
     def awaiting_decision(self) -> bool:
@@ -200,41 +176,19 @@ class ServerConnection:
         return self.mail is not None
 
     @property
+    def replies_due(self) -> int:
+        """LMTP: how many recipient replies the outstanding `LmtpBodyEnd` still needs."""
+        return self._replies_due
+
+    @property
     def advertised(self) -> frozenset[str]:
         """ESMTP keywords in force (empty after HELO: no parameters allowed then). Asked for
         each MAIL and RCPT; it changes only with EHLO/HELO and TLS, so it is kept per state."""
-        state = (self.extended, self.tls)
-        if state != self._advertised_for:
-            self._advertised = self._advertise()
-            self._advertised_for = state
-        return self._advertised
-
-    def _advertise(self) -> frozenset[str]:
-        if not self.extended:
-            return frozenset()
-        s = self.settings
-        names = {"ENHANCEDSTATUSCODES"} if s.enhanced_status_codes else set()
-        for flag, name in (
-            (s.pipelining, "PIPELINING"),
-            (s.chunking, "CHUNKING"),
-            (s.dsn, "DSN"),
-            (s.smtputf8, "SMTPUTF8"),
-            (s.eightbitmime, "8BITMIME"),
-            (s.etrn, "ETRN"),
-            (True, "SIZE"),
-        ):
-            if flag:
-                names.add(name)
-        if s.starttls and not self.tls:
-            names.add("STARTTLS")
-        if self._auth_offered:
-            names.add("AUTH")
-        return frozenset(names)
-
-    @property
-    def _auth_offered(self) -> bool:
-        s = self.settings
-        return bool(s.auth_mechanisms) and (self.tls or not s.auth_requires_tls)
+        key = (self.extended, self.tls)
+        if key != self._keywords_for:
+            self._keywords = keywords(self.settings, self.tls) if self.extended else frozenset()
+            self._keywords_for = key
+        return self._keywords
 
     # ------------------------------------------------------------------ events
 
@@ -243,18 +197,7 @@ class ServerConnection:
         while True:
             if self._events:
                 event = self._events.popleft()
-                if isinstance(
-                    event,
-                    ev.Hello
-                    | ev.MailFrom
-                    | ev.RcptTo
-                    | ev.BodyEnd
-                    | ev.Verify
-                    | ev.Expand
-                    | ev.Etrn
-                    | ev.AuthStart
-                    | ev.AuthResponse,
-                ):
+                if isinstance(event, ev.Decision):
                     self._pending = event
                 return event
             if self._pending is not None:
@@ -266,18 +209,18 @@ class ServerConnection:
 
     def greet(self, reply: Reply | None = None) -> None:
         """Send the 220 greeting (or a 421/554 refusal: then the session closes)."""
-        if self.phase is not Phase.GREETING:
-            raise ProtocolUsageError("greet() called twice")
+        if self.state is not State.GREETING:
+            raise UsageError("greet() called twice")
         if reply is not None and reply.code != 220:
             self._send(reply)
             self._close("refused at greeting")
             return
         if self._early_input and self.settings.forbid_unauth_pipelining:
-            self._send(SYNC_ERROR)
+            self._send(r.SYNC_ERROR)
             self._close("pregreet: client talked before the greeting")
             return
-        self._send(reply or Reply(220, f"{self.settings.hostname} {self.settings.banner}"))
-        self.phase = Phase.COMMAND
+        self._send(reply or r.greeting(self.settings.hostname, self.settings.banner))
+        self._set(State.CONNECTED)
 
     def accept(self) -> None:
         """Answer the outstanding decision with the standard positive reply."""
@@ -286,30 +229,31 @@ class ServerConnection:
             case ev.Hello():
                 self._hello_accepted(event)
             case ev.MailFrom():
-                self.mail = event
-                self._send(SENDER_OK)
+                self._mail_accepted(event)
+                self._send(r.SENDER_OK)
             case ev.RcptTo():
-                self.recipients.append(event)
-                self._send(RECIPIENT_OK)
+                self._rcpt_accepted(event)
+                self._send(r.RECIPIENT_OK)
             case _:
-                raise ProtocolUsageError(f"accept() has no default for {type(event).__name__}")
+                self._pending = event
+                raise UsageError(f"accept() has no default for {type(event).__name__}")
 
     def respond(self, reply: Reply) -> None:
-        """Answer the outstanding decision with `reply` (a refusal, or a full answer)."""
+        """Answer the outstanding decision with `reply` (a refusal, or a full answer). For
+        `LmtpBodyEnd`, call it once per recipient: the decision stays open until the last."""
         event = self._take_pending()
-        if isinstance(event, ev.AuthStart | ev.AuthResponse):
-            raise ProtocolUsageError("use auth_challenge()/auth_finish() during AUTH")
-        if reply.is_success:
-            match event:
-                case ev.Hello():
-                    self._hello_accepted(event, reply)
-                    return
-                case ev.MailFrom():
-                    self.mail = event
-                case ev.RcptTo():
-                    self.recipients.append(event)
-                case _:
-                    pass
+        match event:
+            case ev.AuthStart() | ev.AuthResponse():
+                self._pending = event
+                raise UsageError("use auth_challenge()/auth_finish() during AUTH")
+            case ev.Hello() if reply.is_success:
+                return self._hello_accepted(event, reply)
+            case ev.MailFrom() if reply.is_success:
+                self._mail_accepted(event)
+            case ev.RcptTo() if reply.is_success:
+                self._rcpt_accepted(event)
+            case ev.LmtpBodyEnd():
+                return self._recipient_reply(event, reply)
         self._send(reply)
         if isinstance(event, ev.BodyEnd):
             self._end_transaction()
@@ -318,33 +262,35 @@ class ServerConnection:
         """Send `334 text` and read the client's next line as an AuthResponse."""
         event = self._take_pending()
         if not isinstance(event, ev.AuthStart | ev.AuthResponse):
-            raise ProtocolUsageError("auth_challenge() outside AUTH")
+            self._pending = event
+            raise UsageError("auth_challenge() outside AUTH")
         self._out += f"334 {text}\r\n".encode("ascii")
-        self.phase = Phase.AUTH
+        self._set(State.AUTH)
 
     def auth_finish(self, reply: Reply, user: str | None) -> None:
         """End the AUTH exchange: `user` is the authenticated identity on success."""
         event = self._take_pending()
         if not isinstance(event, ev.AuthStart | ev.AuthResponse):
-            raise ProtocolUsageError("auth_finish() outside AUTH")
+            self._pending = event
+            raise UsageError("auth_finish() outside AUTH")
         if user is not None and reply.is_success:
             self.authenticated = user
-        self.phase = Phase.COMMAND
+        self._set(State.READY)
         self._send(reply)
 
     def tls_established(self) -> None:
         """The adapter finished the TLS handshake: start over as RFC 3207 §4.2 requires."""
-        if self.phase is not Phase.STARTTLS:
-            raise ProtocolUsageError("tls_established() without STARTTLS")
+        if self.state is not State.STARTTLS:
+            raise UsageError("tls_established() without STARTTLS")
         self.tls = True
         self.helo = None
         self.extended = False
         self._in.clear()
-        self.phase = Phase.COMMAND
+        self._set(State.CONNECTED)
 
     def close_with(self, reply: Reply, reason: str = "closed by server") -> None:
         """Send a final reply (421 on timeout or shutdown) and end the session."""
-        if self.phase is Phase.CLOSED:
+        if self.state is State.CLOSED:
             return
         self._pending = None
         self._send(reply, count=False)
@@ -352,34 +298,73 @@ class ServerConnection:
 
     # ------------------------------------------------------------------ internals
 
+    def _set(self, state: State) -> None:
+        """Change state; the transition table is checked on every change."""
+        if state is not self.state and state not in TRANSITIONS[self.state]:
+            raise AssertionError(f"illegal transition {self.state.name} -> {state.name}")
+        self.state = state
+
     def _take_pending(self) -> ev.Event:
         if self._pending is None:
-            raise ProtocolUsageError("no decision is outstanding")
+            raise UsageError("no decision is outstanding")
         event, self._pending = self._pending, None
         return event
 
     def _send(self, reply: Reply, *, count: bool = True) -> None:
         self._out += reply.to_bytes(self.settings.enhanced_status_codes)
-        if self._pending_cmd:
-            stat = self.stats.setdefault(self._pending_cmd, [0, 0])
-            stat[1] += 1
-            if reply.code < 400:
-                stat[0] += 1
-            self._pending_cmd = ""
-        if count and reply.code >= 400 and self.phase is not Phase.CLOSED:
+        if self._verb:
+            self._events.append(ev.Answered(self._verb, reply))
+            self._verb = ""
+        if count and reply.code >= 400 and self.state is not State.CLOSED:
             self.error_count += 1
             if self.error_count >= self.settings.hard_error_limit:
-                self._out += _r(
-                    421, "4.7.0", f"{self.settings.hostname} Error: too many errors"
-                ).to_bytes(self.settings.enhanced_status_codes)
+                self._out += r.too_many_errors(self.settings.hostname).to_bytes(
+                    self.settings.enhanced_status_codes
+                )
                 self._close("too many errors")
 
     def _close(self, reason: str) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.state is State.CLOSED:
             return
-        self.phase = Phase.CLOSED
+        self._set(State.CLOSED)
         self._in.clear()
         self._events.append(ev.Closed(reason))
+
+    def _after_hello(self) -> State:
+        """The command state without a transaction: READY once HELO/EHLO was accepted."""
+        return State.CONNECTED if self.helo is None else State.READY
+
+    def _hello_accepted(self, event: ev.Hello, reply: Reply | None = None) -> None:
+        self.helo = event.name
+        self.extended = event.extended
+        if self.state in COMMAND_STATES:  # not if the session was closed meanwhile
+            self._set(State.READY)
+        first = reply.text if reply else self.settings.hostname
+        if not event.extended:
+            self._send(Reply(250, first))
+        else:
+            self._send(Reply(250, first, None, capabilities(self.settings, self.tls)))
+
+    def _mail_accepted(self, event: ev.MailFrom) -> None:
+        self.mail = event
+        self._set(State.MAIL)
+
+    def _rcpt_accepted(self, event: ev.RcptTo) -> None:
+        self.recipients.append(event)
+        self._set(State.RCPT)
+
+    def _recipient_reply(self, event: ev.LmtpBodyEnd, reply: Reply) -> None:
+        """One of LMTP's per-recipient replies (RFC 2033 §4.2): the statistics count the last,
+        and none counts as the client's error (they are our verdicts on our mailboxes)."""
+        self._replies_due -= 1
+        if self._replies_due > 0:
+            self._pending = event
+            verb, self._verb = self._verb, ""
+            self._send(reply, count=False)
+            self._verb = verb
+            return
+        self._send(reply, count=False)
+        self._end_transaction()
 
     def _end_transaction(self) -> None:
         self.mail = None
@@ -388,35 +373,40 @@ class ServerConnection:
         self._decoder = None
         self._body_size = 0
         self._body_error = None
-        self._bdat_active = False
         self._bdat_cr = False
+        self._replies_due = 0
+        if self.state is not State.CLOSED:
+            self._set(self._after_hello())
 
     def _reset(self) -> None:
-        if self.mail is not None or self._bdat_active:
+        if self.mail is not None:
             self._events.append(ev.Reset())
         self._end_transaction()
 
     def _step(self) -> bool:
         """Make progress on buffered input; False when more bytes are needed."""
-        match self.phase:
-            case Phase.COMMAND:
+        match self.state:
+            case State.CONNECTED | State.READY | State.MAIL | State.RCPT | State.CHUNKING:
                 return self._step_command()
-            case Phase.DATA:
+            case State.DATA:
                 return self._step_data()
-            case Phase.BDAT:
+            case State.BDAT:
                 return self._step_bdat()
-            case Phase.AUTH:
-                line = self._read_line(MAX_AUTH_LINE)
-                if line is None:
-                    return False
-                if len(line) > MAX_AUTH_LINE:
-                    self.phase = Phase.COMMAND
-                    self._send(_r(500, "5.5.6", "Error: authentication line too long"))
-                    return True
-                self._events.append(ev.AuthResponse(line.decode("ascii", "replace")))
-                return True
-            case Phase.GREETING | Phase.STARTTLS | Phase.CLOSED:
+            case State.AUTH:
+                return self._step_auth()
+            case State.GREETING | State.STARTTLS | State.BODY_END | State.CLOSED:
                 return False
+
+    def _step_auth(self) -> bool:
+        line = self._read_line(MAX_AUTH_LINE)
+        if line is None:
+            return False
+        if len(line) > MAX_AUTH_LINE:
+            self._set(State.READY)
+            self._send(r.AUTH_LINE_TOO_LONG)
+            return True
+        self._events.append(ev.AuthResponse(line.decode("ascii", "replace")))
+        return True
 
     def _read_line(self, limit: int) -> bytes | None:
         """One line without its LF (and CR); None if incomplete. An overlong line is not kept:
@@ -451,78 +441,66 @@ class ServerConnection:
         return True
 
     def _command(self, raw: bytes) -> None:
+        s = self.settings
         self.command_count += 1
-        if self.settings.max_commands and self.command_count > self.settings.max_commands:
-            self._send(
-                _r(421, "4.7.0", f"{self.settings.hostname} Error: too many commands"), count=False
-            )
+        if s.max_commands and self.command_count > s.max_commands:
+            self._send(r.too_many_commands(s.hostname), count=False)
             return self._close("too many commands")
         text = raw.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
         verb = verb.upper() if verb.isascii() else verb
-        self._pending_cmd = verb.lower() if verb in HELP_TEXT or verb in OBSOLETE else "unknown"
-        limit = self.settings.command_line_limit - 2
-        if verb == "MAIL":
-            limit += MAIL_LINE_EXTRA
-        elif verb == "RCPT":
-            limit += RCPT_LINE_EXTRA
-        elif verb == "AUTH":
-            limit = MAX_AUTH_LINE
-        if len(raw) > limit:
-            return self._send(_r(500, "5.5.2", "Error: line too long"))
-        if b"\x00" in raw:
-            return self._send(_r(500, "5.5.2", "Error: NUL character in command"))
-        if b"\r" in raw:
-            return self._send(_r(500, "5.5.2", "Error: bare <CR> in command"))
-        if not raw.isascii():
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._send(_r(500, "5.5.2", "Error: invalid UTF-8 in command"))
-            if verb not in ("MAIL", "RCPT", "VRFY", "EXPN"):
-                return self._send(_r(500, "5.5.2", "Error: 8-bit characters in command"))
+        verdicts = self._commands[self.state]
+        known = (verb in verdicts and verdicts[verb] is not r.UNRECOGNIZED) or verb in OBSOLETE
+        self._verb = verb.lower() if known else "unknown"
+        refusal = check_line(s, verb, raw)
+        if refusal is not None:
+            return self._send(refusal)
         if (
             verb in _GROUP_ENDERS
             and self._in
-            and self.settings.forbid_unauth_pipelining
+            and s.forbid_unauth_pipelining
             and self.authenticated is None
-            and verb != "STARTTLS"
         ):
-            self._send(SYNC_ERROR, count=False)
+            self._send(r.SYNC_ERROR, count=False)
             return self._close(f"improper command pipelining after {verb}")
         arg = arg.strip(" ")
-        self._dispatch(verb, arg)
+        if verb not in verdicts:
+            return self._send(r.NOT_IMPLEMENTED if verb in OBSOLETE else r.UNRECOGNIZED)
+        refusal = refuse_unavailable(s, verb, self.tls)
+        if refusal is not None:
+            return self._send(refusal)
+        verdict = verdicts[verb]
+        if verb == "BDAT":  # refused or not, the chunk is read (RFC 3030 §2)
+            return self._bdat(arg, verdict)
+        if verdict is not None:
+            return self._send(verdict)
+        self._run(verb, arg)
 
-    def _dispatch(self, verb: str, arg: str) -> None:
+    # ------------------------------------------------------------------ commands
+    # Each runs only where the table in `proto.smtp_states` says RUN: no sequence checks here.
+
+    def _run(self, verb: str, arg: str) -> None:
         match verb:
-            case "HELO" | "EHLO":
-                if not arg or " " in arg.strip():
-                    return self._send(_r(501, "5.5.4", f"Syntax: {verb} hostname"))
-                self._reset()
-                self._events.append(ev.Hello(arg, verb == "EHLO"))
+            case "HELO" | "EHLO" | "LHLO":
+                self._hello(verb, arg)
             case "MAIL":
                 self._mail(arg)
             case "RCPT":
                 self._rcpt(arg)
             case "DATA":
                 self._data(arg)
-            case "BDAT":
-                self._bdat(arg)
             case "RSET":
-                if arg:
-                    return self._send(_r(501, "5.5.4", "Syntax: RSET"))
-                self._reset()
-                self._send(OK)
+                self._rset(arg)
             case "NOOP":
-                self._send(OK)
+                self._send(r.OK)
             case "QUIT":
-                self._send(_r(221, "2.0.0", "Bye"))
+                self._send(r.BYE)
                 self._close("quit")
             case "HELP":
-                self._help(arg)
+                self._send(help_reply(self.settings, arg, self.tls))
             case "VRFY" | "EXPN":
                 if not arg:
-                    return self._send(_r(501, "5.5.4", f"Syntax: {verb} address"))
+                    return self._send(r.syntax(f"{verb} address"))
                 self._events.append(ev.Verify(arg) if verb == "VRFY" else ev.Expand(arg))
             case "ETRN":
                 self._etrn(arg)
@@ -530,79 +508,45 @@ class ServerConnection:
                 self._starttls(arg)
             case "AUTH":
                 self._auth(arg)
-            case _ if verb in OBSOLETE:
-                self._send(_r(502, "5.5.1", "Error: command not implemented"))
             case _:
-                self._send(_r(500, "5.5.2", "Error: command not recognized"))
+                raise AssertionError(f"no handler for {verb}")
 
-    def _hello_accepted(self, event: ev.Hello, reply: Reply | None = None) -> None:
-        self.helo = event.name
-        self.extended = event.extended
-        first = reply.text if reply else self.settings.hostname
-        if not event.extended:
-            self._send(Reply(250, first))
-            return
-        s = self.settings
-        lines = []
-        if s.pipelining:
-            lines.append("PIPELINING")
-        lines.append(f"SIZE {s.max_message_size}")
-        if s.etrn:
-            lines.append("ETRN")
-        if s.starttls and not self.tls:
-            lines.append("STARTTLS")
-        if self._auth_offered:
-            lines.append("AUTH " + " ".join(s.auth_mechanisms))
-        if s.enhanced_status_codes:
-            lines.append("ENHANCEDSTATUSCODES")
-        if s.eightbitmime:
-            lines.append("8BITMIME")
-        if s.dsn:
-            lines.append("DSN")
-        if s.smtputf8:
-            lines.append("SMTPUTF8")
-        if s.chunking:
-            lines.append("CHUNKING")
-        self._send(Reply(250, first, None, tuple(lines)))
+    def _hello(self, verb: str, arg: str) -> None:
+        if not arg or " " in arg.strip():
+            return self._send(r.syntax(f"{verb} hostname"))
+        self._reset()
+        self._events.append(ev.Hello(arg, verb != "HELO"))
+
+    def _rset(self, arg: str) -> None:
+        if arg:
+            return self._send(r.syntax("RSET"))
+        self._reset()
+        self._send(r.OK)
 
     def _mail(self, arg: str) -> None:
-        if self.helo is None:
-            return self._send(BAD_SEQUENCE_HELO)
-        if self.mail is not None:
-            return self._send(_r(503, "5.5.1", "Error: nested MAIL command"))
         if arg[:5].upper() != "FROM:":
-            return self._send(_r(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
+            return self._send(r.syntax("MAIL FROM:<address>"))
         try:
             address, params_text = parse_path(arg[5:], null_ok=True, utf8=True)
             params = parse_mail_params(params_text, extensions=self.advertised)
-            if not address.isascii() and not params.smtputf8:
-                return self._send(
-                    _r(553, "5.6.7", "Error: must declare SMTPUTF8 to send non-ASCII addresses")
-                )
         except AddressError as err:
             return self._send(err.reply)
+        if not address.isascii() and not params.smtputf8:
+            return self._send(r.NEEDS_SMTPUTF8)
         if params.size is not None and params.size > self.settings.max_message_size:
-            return self._send(
-                _r(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
-            )
+            return self._send(r.SIZE_EXCEEDED)
         self._events.append(ev.MailFrom(address, params))
 
     def _rcpt(self, arg: str) -> None:
-        if self.mail is None:
-            return self._send(_r(503, "5.5.1", "Error: need MAIL command"))
-        if self._bdat_active:
-            return self._send(_r(503, "5.5.1", "Error: BDAT transfer in progress"))
+        assert self.mail is not None
         if arg[:3].upper() != "TO:":
-            return self._send(_r(501, "5.5.4", "Syntax: RCPT TO:<address>"))
-        utf8 = self.mail.params.smtputf8
+            return self._send(r.syntax("RCPT TO:<address>"))
         try:
             address, params_text = parse_path(
                 arg[3:], null_ok=False, utf8=True, bare_postmaster_ok=True
             )
-            if not address.isascii() and not utf8:
-                return self._send(
-                    _r(553, "5.6.7", "Error: must declare SMTPUTF8 to send non-ASCII addresses")
-                )
+            if not address.isascii() and not self.mail.params.smtputf8:
+                return self._send(r.NEEDS_SMTPUTF8)
             params = parse_rcpt_params(params_text, extensions=self.advertised)
         except AddressError as err:
             return self._send(err.reply)
@@ -610,26 +554,48 @@ class ServerConnection:
             # 452 asks the client to send the rest in another transaction (RFC 5321
             # §4.5.3.1.10); it is not the client's error until it overshoots by far.
             self._overshoot += 1
-            return self._send(
-                _r(452, "4.5.3", "Error: too many recipients"),
-                count=self._overshoot > RECIPIENT_OVERSHOOT,
-            )
+            return self._send(r.TOO_MANY_RECIPIENTS, count=self._overshoot > RECIPIENT_OVERSHOOT)
         self._events.append(ev.RcptTo(address, params))
 
     def _data(self, arg: str) -> None:
         if arg:
-            return self._send(_r(501, "5.5.4", "Syntax: DATA"))
-        if self._bdat_active:
-            return self._send(_r(503, "5.5.1", "Error: BDAT transfer in progress"))
-        if self.mail is None:
-            return self._send(_r(503, "5.5.1", "Error: need MAIL command"))
-        if not self.recipients:
-            return self._send(_r(503, "5.5.1", "Error: need RCPT command"))
+            return self._send(r.syntax("DATA"))
         if self.data_gate is not None and (refusal := self.data_gate()) is not None:
             return self._send(refusal)
-        self._pending_cmd = ""  # DATA is counted once, by its final reply
-        self._send(Reply(354, "End data with <CR><LF>.<CR><LF>"))
-        self.phase = Phase.DATA
+        self._start_data()
+
+    def _etrn(self, arg: str) -> None:
+        if not arg or " " in arg:
+            return self._send(r.ETRN_SYNTAX)
+        self._events.append(ev.Etrn(arg))
+
+    def _starttls(self, arg: str) -> None:
+        if arg:
+            return self._send(r.syntax("STARTTLS"))
+        self._send(r.START_TLS)
+        self._in.clear()  # plaintext pipelined after STARTTLS is never interpreted
+        self._set(State.STARTTLS)
+        self._events.append(ev.StartTLS())
+
+    def _auth(self, arg: str) -> None:
+        s = self.settings
+        if not self.extended:
+            return self._send(r.NEED_LHLO if s.lmtp else r.NEED_EHLO)
+        if self.authenticated is not None:
+            return self._send(r.ALREADY_AUTHENTICATED)
+        mech, _, initial = arg.partition(" ")
+        if not mech or " " in initial:
+            return self._send(r.syntax("AUTH mechanism [initial-response]"))
+        if mech.upper() not in s.auth_mechanisms:
+            return self._send(r.AUTH_UNKNOWN_MECHANISM)
+        self._events.append(ev.AuthStart(mech.upper(), initial or None))
+
+    # ------------------------------------------------------------------ message bodies
+
+    def _start_data(self) -> None:
+        self._verb = ""  # DATA is counted once, by its final reply
+        self._send(r.START_DATA)
+        self._set(State.DATA)
         self._decoder = DotDecoder()
         self._body_size = 0
         self._body_error = None
@@ -639,25 +605,31 @@ class ServerConnection:
             return
         self._body_size += len(data)
         if self._body_size > self.settings.max_message_size:
-            self._body_error = _r(552, "5.3.4", "Error: message file too big")
+            self._body_error = r.MESSAGE_TOO_BIG
         else:
             self._events.append(ev.BodyData(data))
 
     def _finish_body(self, bad_newline: bool) -> None:
-        self.phase = Phase.COMMAND
+        self._verb = "data" if self._decoder else "bdat"
         if bad_newline and self._body_error is None:
-            self._body_error = _r(
-                554, "5.5.2", "Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
-            )
+            self._body_error = r.BARE_NEWLINE
+        lmtp = self.settings.lmtp
         if self._body_error is not None:
             reply = self._body_error
+            self._set(State.READY)
             self._events.append(ev.BodyAborted(reply))
-            self._pending_cmd = "data" if self._decoder else "bdat"
+            if lmtp:  # one reply per recipient, and one error for the client (RFC 2033 §4.2)
+                for _ in self.recipients[1:]:
+                    self._out += reply.to_bytes(self.settings.enhanced_status_codes)
             self._send(reply)
             self._end_transaction()
             return
-        self._pending_cmd = "data" if self._decoder else "bdat"
-        self._events.append(ev.BodyEnd(self._body_size))
+        self._set(State.BODY_END)
+        if lmtp:
+            self._replies_due = len(self.recipients)
+            self._events.append(ev.LmtpBodyEnd(self._body_size, tuple(self.recipients)))
+        else:
+            self._events.append(ev.BodyEnd(self._body_size))
 
     def _step_data(self) -> bool:
         if not self._in:
@@ -671,28 +643,21 @@ class ServerConnection:
             self._finish_body(self._decoder.bad_newline)
         return True
 
-    def _bdat(self, arg: str) -> None:
-        parts = arg.split(" ")
-        last = len(parts) == 2 and parts[1].upper() == "LAST"
-        if not parts[0].isdigit() or len(parts[0]) > 18 or not (len(parts) == 1 or last):
-            self._send(_r(501, "5.5.4", "Syntax: BDAT size [LAST]"), count=False)
+    def _bdat(self, arg: str, refusal: Reply | None) -> None:
+        parsed = parse_bdat(arg)
+        if parsed is None:
+            self._send(r.syntax("BDAT size [LAST]"), count=False)
             return self._close("unparsable BDAT: cannot resynchronise")
-        size = int(parts[0])
-        refusal: Reply | None = None
+        size, last = parsed
         if not self.settings.chunking or not self.extended:
-            refusal = _r(503, "5.5.1", "Error: CHUNKING not offered, send EHLO first")
-        elif self.mail is None:
-            refusal = _r(503, "5.5.1", "Error: need MAIL command")
-        elif not self.recipients:
-            refusal = _r(503, "5.5.1", "Error: need RCPT command")
-        elif not self._bdat_active and self.data_gate is not None:
+            refusal = r.CHUNKING_NOT_OFFERED
+        elif refusal is None and self.state is State.RCPT and self.data_gate is not None:
             refusal = self.data_gate()
         self._bdat_remaining = size
         self._bdat_last = last
         self._bdat_refusal = refusal
-        if refusal is None:
-            self._bdat_active = True
-        self.phase = Phase.BDAT
+        self._bdat_return = self.state
+        self._set(State.BDAT)
         self._step_bdat()
 
     def _step_bdat(self) -> bool:
@@ -705,105 +670,23 @@ class ServerConnection:
             if self._bdat_refusal is None:
                 bad, self._bdat_cr = has_bare_newline(take, after_cr=self._bdat_cr)
                 if bad and self._body_error is None:
-                    self._body_error = _r(
-                        554, "5.5.2", "Error: bare <CR> or <LF> in message data (RFC 5321 2.3.8)"
-                    )
+                    self._body_error = r.BARE_NEWLINE
                 self._add_body(take)
             if self._bdat_remaining:
                 return True
-        self.phase = Phase.COMMAND
         if self._bdat_refusal is not None:
+            self._set(self._bdat_return)
             self._send(self._bdat_refusal)
         elif self._bdat_last:
             self._finish_body(self._bdat_cr)
-        elif self._body_error is not None:
-            self._send(self._body_error)
         else:
-            self._send(_r(250, "2.0.0", f"Ok: {self._body_size} octets received"))
+            self._set(State.CHUNKING)
+            self._send(self._body_error or r.chunk_received(self._body_size))
         return True
-
-    def _help(self, arg: str) -> None:
-        if not arg:
-            names = " ".join(verb for verb in ORDER if self._unavailable(verb) is None)
-            self._send(
-                Reply(214, "Commands:", "2.0.0", (names, "HELP <command> explains one command"))
-            )
-            return
-        verb = arg.upper()
-        text = HELP_TEXT.get(verb)
-        if text is None:
-            return self._send(_r(504, "5.5.1", f"Error: unknown command {arg[:30]!r}"))
-        why = self._unavailable(verb)
-        if why is not None:
-            text = f"{text}; not available here: {why}"
-        self._send(_r(214, "2.0.0", text))
-
-    def _unavailable(self, verb: str) -> str | None:
-        """Why `verb` answers 502 on this listener whatever the client does (None: it works);
-        HELP lists only what works here."""
-        s = self.settings
-        match verb:
-            case "STARTTLS" if self.tls:
-                return "TLS is already active"
-            case "STARTTLS" if not s.starttls:
-                return "no certificate configured"
-            case "AUTH" if not s.auth_mechanisms:
-                return "authentication is offered on the submission ports only"
-            case "ETRN" if not s.etrn:
-                return "no mail is held for part-time hosts"
-            case "BDAT" if not s.chunking:
-                return "CHUNKING is turned off"
-        return None
-
-    def _etrn(self, arg: str) -> None:
-        if not self.settings.etrn:
-            return self._send(_r(502, "5.5.1", "Error: command not implemented"))
-        if self.helo is None:
-            return self._send(BAD_SEQUENCE_HELO)
-        if self.mail is not None:
-            return self._send(_r(503, "5.5.1", "Error: MAIL transaction in progress"))
-        if not arg or " " in arg:
-            return self._send(_r(500, "5.5.2", "Syntax: ETRN domain"))
-        self._events.append(ev.Etrn(arg))
-
-    def _starttls(self, arg: str) -> None:
-        if not self.settings.starttls:
-            return self._send(_r(502, "5.5.1", "Error: command not implemented"))
-        if self.tls:
-            return self._send(_r(554, "5.5.1", "Error: TLS already active"))
-        if arg:
-            return self._send(_r(501, "5.5.4", "Syntax: STARTTLS"))
-        if self.mail is not None:
-            return self._send(_r(503, "5.5.1", "Error: MAIL transaction in progress"))
-        self._send(_r(220, "2.0.0", "Ready to start TLS"))
-        self._in.clear()  # plaintext pipelined after STARTTLS is never interpreted
-        self.phase = Phase.STARTTLS
-        self._events.append(ev.StartTLS())
-
-    def _auth(self, arg: str) -> None:
-        s = self.settings
-        if not s.auth_mechanisms:
-            return self._send(_r(502, "5.5.1", "Error: authentication not enabled"))
-        if not self._auth_offered:
-            return self._send(
-                _r(538, "5.7.11", "Error: encryption required for requested authentication")
-            )
-        if not self.extended:
-            return self._send(_r(503, "5.5.1", "Error: send EHLO first"))
-        if self.authenticated is not None:
-            return self._send(_r(503, "5.5.1", "Error: already authenticated"))
-        if self.mail is not None:
-            return self._send(_r(503, "5.5.1", "Error: MAIL transaction in progress"))
-        mech, _, initial = arg.partition(" ")
-        if not mech or " " in initial:
-            return self._send(_r(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
-        if mech.upper() not in s.auth_mechanisms:
-            return self._send(_r(504, "5.5.4", "Error: unsupported authentication mechanism"))
-        self._events.append(ev.AuthStart(mech.upper(), initial or None))
 
 
 def transaction_params(conn: ServerConnection) -> MailParams:
     """The MAIL parameters of the current transaction (for building the envelope)."""
     if conn.mail is None:
-        raise ProtocolUsageError("no transaction")
+        raise UsageError("no transaction")
     return conn.mail.params

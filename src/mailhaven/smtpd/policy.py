@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.router import Router
 

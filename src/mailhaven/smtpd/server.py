@@ -25,7 +25,6 @@ from mailhaven.checks.rates import RateCounter
 from mailhaven.config import Limits, Timeouts, parse_hostport
 from mailhaven.net.client_names import ClientNames
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_server import Phase
 from mailhaven.smtpd.session import ListenerProfile, MessageSink, SMTPSession
 
 log = logging.getLogger("mailhaven.smtpd")
@@ -160,7 +159,7 @@ class SMTPService:
             for session in list(self.sessions):
                 if session._busy:  # a commit or handshake in flight is ours to finish
                     continue
-                in_data = session.conn.phase in (Phase.DATA, Phase.BDAT)
+                in_data = session.conn.in_body
                 limit = t.data if in_data else t.command
                 if now - session.last_activity > limit:
                     session.timeout()

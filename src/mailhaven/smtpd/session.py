@@ -27,10 +27,10 @@ from mailhaven import maillog
 from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_server import Phase, ServerConnection, ServerSettings, Wait
+from mailhaven.proto.smtp_server import ServerConnection, ServerSettings, State, Wait
 from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
 
 if TYPE_CHECKING:
@@ -89,6 +89,29 @@ class ListenerProfile:
     authenticator: Authenticator | None = None
 
 
+class CommandStats:
+    """Per-command counts for the disconnect log, in Postfix's shape: `name=ok` or
+    `name=ok/total` when some failed, then `commands=` for all (pflogsumm reads these). Fed by
+    the core's `Answered` events."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+
+    def count(self, answered: ev.Answered) -> None:
+        stat = self.counts.setdefault(answered.command, [0, 0])
+        stat[1] += 1
+        if answered.reply.code < 400:
+            stat[0] += 1
+
+    def summary(self) -> str:
+        counts = self.counts.items()
+        words = [f"{name}={ok}" if ok == n else f"{name}={ok}/{n}" for name, (ok, n) in counts]
+        ok = sum(good for good, _ in self.counts.values())
+        total = sum(n for _, n in self.counts.values())
+        words.append(f"commands={ok}" if ok == total else f"commands={ok}/{total}")
+        return " ".join(words)
+
+
 #: One receive buffer for every session of the event loop: `buffer_updated` consumes it before
 #: returning, so sharing is safe, and it spares asyncio's 256 KiB allocation per recv() (which
 #: showed as the largest single cost in profiles) and a buffer per idle connection.
@@ -128,6 +151,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self.conn.data_gate = self._data_gate
         #: the client name lookup before the greeting, while it runs
         self._lookup: asyncio.Future[None] | None = None
+        self.stats = CommandStats()
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -218,15 +242,12 @@ class SMTPSession(asyncio.BufferedProtocol):
             maillog.info(log, "connect from %s", self.label)
         self._discard_message()
         self.service.forget(self)
-        if self.conn.phase is not Phase.CLOSED and self.conn.in_transaction:
+        if not self.conn.closed and self.conn.in_transaction:
             log.info("lost connection after %s from %s", self._last_command(), self.label)
-        # Postfix's shape: `name=ok/total` where any failed, and the same for `commands=`.
-        counts = self.conn.stats.items()
-        words = [f"{name}={ok}" if ok == total else f"{name}={ok}/{total}" for name, (ok, total) in counts]
-        ok = sum(good for _, (good, _) in counts)
-        total = sum(n for _, (_, n) in counts)
-        words.append(f"commands={ok}" if ok == total else f"commands={ok}/{total}")
-        maillog.info(log, "disconnect from %s %s", self.label, " ".join(words))
+        while not isinstance(event := self.conn.next_event(), Wait):
+            if isinstance(event, ev.Answered):  # a reply sent as the session was cut
+                self.stats.count(event)
+        maillog.info(log, "disconnect from %s %s", self.label, self.stats.summary())
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -243,7 +264,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         return client_label(self.facts.client_ip, self.facts.client_name)
 
     def _last_command(self) -> str:
-        return "DATA" if self.conn.phase in (Phase.DATA, Phase.BDAT) else "MAIL"
+        return "DATA" if self.conn.in_body else "MAIL"
 
     def _greet(self) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -295,7 +316,7 @@ class SMTPSession(asyncio.BufferedProtocol):
     def timeout(self, what: str = "timeout") -> None:
         """Called by the service's reaper when the client has been silent too long, or has
         taken too long over one command or one message (`what` says which)."""
-        log.info("%s after %s from %s", what, self.conn.phase.value.upper(), self.label)
+        log.info("%s after %s from %s", what, self.conn.state.value.upper(), self.label)
         self.close_with(
             Reply(421, f"{self.profile.settings.hostname} Error: timeout exceeded", "4.4.2")
         )
@@ -351,7 +372,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         now = self.service.loop.time()
         if progress or self.conn.has_output:
             self.waiting_since = now
-        in_body = self.conn.phase in (Phase.DATA, Phase.BDAT)
+        in_body = self.conn.in_body
         if in_body or self.conn.in_transaction:
             if in_body and self.message_started is None:
                 self.message_started = now
@@ -439,6 +460,8 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self._run(self._auth_step(event.mechanism, event.initial, start=True))
             case ev.AuthResponse():
                 self._run(self._auth_step("", event.line, start=False))
+            case ev.Answered():
+                self.stats.count(event)
             case ev.Closed():
                 pass
 
@@ -582,7 +605,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         if new is None:
             self._ended()
             return
-        if self.conn.phase is not Phase.STARTTLS:  # closed meanwhile (shutdown, timeout)
+        if self.conn.state is not State.STARTTLS:  # closed meanwhile (shutdown, timeout)
             new.abort()
             self._ended()
             return

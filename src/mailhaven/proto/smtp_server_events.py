@@ -1,11 +1,12 @@
-"""Events the sans-I/O SMTP server core hands to the application.
+"""Events the sans-I/O SMTP (and LMTP) server core hands to the application.
 
 Two kinds:
-- *decisions* (`Hello`, `MailFrom`, `RcptTo`, `BodyEnd`, `Verify`, `Expand`, `Etrn`, `AuthStart`,
-  `AuthResponse`): the core stops reading until the application answers through
-  `ServerConnection.accept()` / `.respond()` (or the AUTH calls). This is where policy lives.
-- *notices* (`BodyData`, `BodyAborted`, `Reset`, `StartTLS`, `Closed`): the core has already
-  answered; the application only acts (store the chunk, discard the message, start TLS, close).
+- *decisions* (`Hello`, `MailFrom`, `RcptTo`, `BodyEnd`, `LmtpBodyEnd`, `Verify`, `Expand`,
+  `Etrn`, `AuthStart`, `AuthResponse`): the core stops reading until the application answers
+  through `ServerConnection.accept()` / `.respond()` (or the AUTH calls). Policy lives here.
+- *notices* (`BodyData`, `BodyAborted`, `Reset`, `StartTLS`, `Answered`, `Closed`): the core has
+  already answered; the application only acts (store the chunk, discard the message, start TLS,
+  count the command, close).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mailhaven.proto.replies import Reply
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """HELO (extended=False) or EHLO (extended=True). Accept sends the greeting reply."""
+    """HELO (extended=False), EHLO or LMTP's LHLO (extended=True). Accept sends the greeting."""
 
     name: str
     extended: bool
@@ -48,6 +49,15 @@ class BodyEnd:
     """The whole body arrived intact: answer with the queueing result (250 only once durable)."""
 
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LmtpBodyEnd:
+    """LMTP (RFC 2033 §4.2): the whole body arrived intact; answer once per recipient, in the
+    order of `recipients`, by calling `respond()` that many times (each reply leaves at once)."""
+
+    size: int
+    recipients: tuple[RcptTo, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +111,17 @@ class AuthResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class Answered:
+    """The core answered a command: `command` is its verb in lower case ("unknown" when not
+    recognised), for the adapter's Postfix-style statistics (`ehlo=1 mail=1 rcpt=0/1 ...`).
+    DATA and BDAT count once, with the reply to the end of the message (for LMTP, the last
+    recipient's); an AUTH exchange counts once, with its final reply."""
+
+    command: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The session is over (QUIT, error budget, protocol violation, or EOF): flush and close."""
 
@@ -113,6 +134,7 @@ Event = (
     | RcptTo
     | BodyData
     | BodyEnd
+    | LmtpBodyEnd
     | BodyAborted
     | Reset
     | Verify
@@ -121,5 +143,20 @@ Event = (
     | StartTLS
     | AuthStart
     | AuthResponse
+    | Answered
     | Closed
+)
+
+#: The events that wait for the application's answer (see the module docstring).
+Decision = (
+    Hello
+    | MailFrom
+    | RcptTo
+    | BodyEnd
+    | LmtpBodyEnd
+    | Verify
+    | Expand
+    | Etrn
+    | AuthStart
+    | AuthResponse
 )
