@@ -222,9 +222,6 @@ def test_client_core_against_server_core(pipelining: bool) -> None:
             elif isinstance(event, TransactionDone):
                 results = event.results
                 conn.quit()
-            elif not isinstance(event, ev.Closed):
-                if conn.phase is Phase.READY and results is None:
-                    conn.start(spec("b@y.test", "no@y.test", "c@y.test"))
         if conn.phase is Phase.READY and results is None and conn.next_event() is Wait.PAUSED:
             conn.start(spec("b@y.test", "no@y.test", "c@y.test"))
         server.receive_data(conn.data_to_send())
