@@ -649,8 +649,8 @@ class ServerConnection:
             self._send(r.syntax("BDAT size [LAST]"), count=False)
             return self._close("unparsable BDAT: cannot resynchronise")
         size, last = parsed
-        if not self.settings.chunking or not self.extended:
-            refusal = r.CHUNKING_NOT_OFFERED
+        if not self.settings.chunking or (self.helo is not None and not self.extended):
+            refusal = r.CHUNKING_NOT_OFFERED  # (after HELO, whatever the table says)
         elif refusal is None and self.state is State.RCPT and self.data_gate is not None:
             refusal = self.data_gate()
         self._bdat_remaining = size

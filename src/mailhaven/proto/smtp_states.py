@@ -86,7 +86,8 @@ def command_table(lmtp: bool) -> Mapping[State, Mapping[str, Verdict]]:
     busy = r.IN_TRANSACTION
     per_state: dict[State, dict[str, Verdict]] = {
         S.CONNECTED: {
-            "MAIL": hello_first, "RCPT": r.NEED_MAIL, "DATA": r.NEED_MAIL, "BDAT": r.NEED_MAIL,
+            "MAIL": hello_first, "RCPT": r.NEED_MAIL, "DATA": r.NEED_MAIL,
+            "BDAT": r.NEED_LHLO if lmtp else r.CHUNKING_NOT_OFFERED,
             "ETRN": hello_first, "STARTTLS": RUN, "AUTH": ehlo_first,
         },
         S.READY: {
