@@ -12,11 +12,15 @@ The single framing rule (SMTP smuggling, CVE-2023-51764 family): the end of data
 rejects it once the real end has been read (`smtpd_forbid_bare_newline = reject` style). So
 `\\n.\\n`, `\\n.\\r\\n`, `\\r.\\r\\n` never end a message, and a message containing them is
 never queued.
+
+`MessageBody` applies both framings to one message and adds the size limit (RFC 1870).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mailhaven.proto.replies import BARE_NEWLINE, MESSAGE_TOO_BIG, Reply
 
 END_MARKER = b"\r\n.\r\n"
 #: A carry longer than this is no candidate for a marker: flush it (see `DotDecoder.feed`).
@@ -88,3 +92,55 @@ def dot_stuff(data: bytes) -> bytes:
     if data.startswith(b"."):
         data = b"." + data
     return data.replace(b"\r\n.", b"\r\n..")
+
+
+class MessageBody:
+    """One message's content as it arrives, by DATA or by BDAT chunks: the framing above, the
+    size limit and the bare-newline taint. The first fault is the message's verdict (`error`);
+    content after it is dropped, never handed on, but still read to the end of the message."""
+
+    __slots__ = ("_cr", "_decoder", "_max", "error", "size")
+
+    def __init__(self, max_size: int, *, chunked: bool) -> None:
+        self._decoder = None if chunked else DotDecoder()
+        self._cr = False  # BDAT: the last chunk ended in CR (CRLF or bare CR, decided later)
+        self._max = max_size
+        self.size = 0
+        self.error: Reply | None = None
+
+    @property
+    def chunked(self) -> bool:
+        return self._decoder is None
+
+    def read_data(self, buf: bytearray) -> tuple[bytes, bool]:
+        """DATA: decode all of `buf` (consumed); returns the content to hand on and whether the
+        end marker came. What followed the marker (pipelined commands) is left in `buf`."""
+        assert self._decoder is not None
+        piece = self._decoder.feed(bytes(buf))
+        buf.clear()
+        if piece.done:
+            buf += piece.rest
+        return self._keep(piece.data), piece.done
+
+    def add_chunk(self, data: bytes) -> bytes:
+        """BDAT: the octets of an accepted chunk, in order; returns the content to hand on."""
+        bad, self._cr = has_bare_newline(data, after_cr=self._cr)
+        if bad and self.error is None:
+            self.error = BARE_NEWLINE
+        return self._keep(data)
+
+    def end(self) -> Reply | None:
+        """The whole message is in: None, or the reply refusing it."""
+        bare = self._decoder.bad_newline if self._decoder is not None else self._cr
+        if bare and self.error is None:
+            self.error = BARE_NEWLINE
+        return self.error
+
+    def _keep(self, data: bytes) -> bytes:
+        if not data or self.error is not None:
+            return b""
+        self.size += len(data)
+        if self.size > self._max:
+            self.error = MESSAGE_TOO_BIG
+            return b""
+        return data

@@ -1,10 +1,11 @@
-"""What an SMTP server listener offers and how one command line is read: pure functions.
+"""What an SMTP server listener offers and how one command is read: pure functions.
 
 In: a listener's `ServerSettings` and one raw command line. Out: the EHLO capability lines (the
 one place they are built: the EHLO reply and the MAIL/RCPT parameter check both derive from
-`capabilities`), the verdict on a line before its verb is looked up (`check_line`), and the
-replies that depend only on the listener (`unavailable`, `help_reply`). The command *sequence* is
-`proto.smtp_states`; the session state is `proto.smtp_server`.
+`capabilities`), the verdict on a line before its verb is looked up (`check_line`), the replies
+that depend only on the listener (`unavailable`, `help_reply`), and each command's argument
+parsed into its event or a refusal (`parse_*`). The command *sequence* is `proto.smtp_states`;
+the session state is `proto.smtp_server`.
 
 SECURITY: a command line is untrusted: its length is bounded per verb (RFC 5321 §4.5.3.1.4, with
 the RFC 3461/4954 extensions), and NUL, bare CR and 8-bit octets outside addresses are refused
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailhaven.proto import replies as r
+from mailhaven.proto import smtp_server_events as ev
+from mailhaven.proto.address import AddressError, parse_mail_params, parse_path, parse_rcpt_params
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_help import HELP_TEXT, ORDER
 
@@ -189,3 +192,73 @@ def parse_bdat(argument: str) -> tuple[int, bool] | None:
     if not parts[0].isdigit() or len(parts[0]) > 18 or not (len(parts) == 1 or last):
         return None
     return int(parts[0]), last
+
+
+# ------------------------------------------------------------------------ command arguments
+# Each parser turns one command's argument into its event, or into the reply refusing it. They
+# see no session state beyond what they are given: the sequence was checked before.
+
+
+def parse_hello(verb: str, arg: str) -> ev.Hello | Reply:
+    """HELO/EHLO/LHLO domain (RFC 5321 §4.1.1.1, RFC 2033 §4.1)."""
+    if not arg or " " in arg.strip():
+        return r.syntax(f"{verb} hostname")
+    return ev.Hello(arg, verb != "HELO")
+
+
+def parse_mail(
+    arg: str, advertised: frozenset[str], settings: ServerSettings
+) -> ev.MailFrom | Reply:
+    """MAIL FROM:<path> [parameters] (RFC 5321 §4.1.1.2; SIZE, BODY, SMTPUTF8, RET, ENVID)."""
+    if arg[:5].upper() != "FROM:":
+        return r.syntax("MAIL FROM:<address>")
+    try:
+        address, params_text = parse_path(arg[5:], null_ok=True, utf8=True)
+        params = parse_mail_params(params_text, extensions=advertised)
+    except AddressError as err:
+        return err.reply
+    if not address.isascii() and not params.smtputf8:
+        return r.NEEDS_SMTPUTF8
+    if params.size is not None and params.size > settings.max_message_size:
+        return r.SIZE_EXCEEDED
+    return ev.MailFrom(address, params)
+
+
+def parse_rcpt(arg: str, advertised: frozenset[str], *, smtputf8: bool) -> ev.RcptTo | Reply:
+    """RCPT TO:<path> [parameters] (RFC 5321 §4.1.1.3; NOTIFY, ORCPT); `smtputf8` is MAIL's."""
+    if arg[:3].upper() != "TO:":
+        return r.syntax("RCPT TO:<address>")
+    try:
+        address, params_text = parse_path(
+            arg[3:], null_ok=False, utf8=True, bare_postmaster_ok=True
+        )
+        if not address.isascii() and not smtputf8:
+            return r.NEEDS_SMTPUTF8
+        params = parse_rcpt_params(params_text, extensions=advertised)
+    except AddressError as err:
+        return err.reply
+    return ev.RcptTo(address, params)
+
+
+def parse_lookup(verb: str, arg: str) -> ev.Verify | ev.Expand | Reply:
+    """VRFY or EXPN with its argument (RFC 5321 §4.1.1.6, §4.1.1.7)."""
+    if not arg:
+        return r.syntax(f"{verb} address")
+    return ev.Verify(arg) if verb == "VRFY" else ev.Expand(arg)
+
+
+def parse_etrn(arg: str) -> ev.Etrn | Reply:
+    """ETRN domain | @domain | #queue (RFC 1985)."""
+    if not arg or " " in arg:
+        return r.ETRN_SYNTAX
+    return ev.Etrn(arg)
+
+
+def parse_auth(arg: str, mechanisms: tuple[str, ...]) -> ev.AuthStart | Reply:
+    """AUTH mechanism [initial-response] (RFC 4954 §4)."""
+    mech, _, initial = arg.partition(" ")
+    if not mech or " " in initial:
+        return r.syntax("AUTH mechanism [initial-response]")
+    if mech.upper() not in mechanisms:
+        return r.AUTH_UNKNOWN_MECHANISM
+    return ev.AuthStart(mech.upper(), initial or None)

@@ -35,14 +35,9 @@ from collections.abc import Callable
 
 from mailhaven.proto import replies as r
 from mailhaven.proto import smtp_server_events as ev
-from mailhaven.proto.address import (
-    AddressError,
-    MailParams,
-    parse_mail_params,
-    parse_path,
-    parse_rcpt_params,
-)
-from mailhaven.proto.body import DotDecoder, has_bare_newline
+from mailhaven.proto.address import MailParams
+from mailhaven.proto.body import MessageBody
+from mailhaven.proto.lines import LineReader
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.sansio import NEED_DATA as NEED_DATA
 from mailhaven.proto.sansio import PAUSED as PAUSED
@@ -55,7 +50,13 @@ from mailhaven.proto.smtp_commands import (
     check_line,
     help_reply,
     keywords,
+    parse_auth,
     parse_bdat,
+    parse_etrn,
+    parse_hello,
+    parse_lookup,
+    parse_mail,
+    parse_rcpt,
     refuse_unavailable,
 )
 from mailhaven.proto.smtp_help import OBSOLETE
@@ -115,16 +116,11 @@ class ServerConnection:
         self._verb = ""
         #: LMTP: recipient replies still due for the message (`LmtpBodyEnd`).
         self._replies_due = 0
-        self._discarding_line = False
-        #: The start of the overlong line being skipped (see `_read_line`).
-        self._discarded = b""
+        self._lines = LineReader()
         self._early_input = False
-        self._decoder: DotDecoder | None = None
-        self._body_size = 0
-        self._body_error: Reply | None = None
+        self._body: MessageBody | None = None
         self._bdat_remaining = 0
         self._bdat_last = False
-        self._bdat_cr = False
         self._bdat_refusal: Reply | None = None
         #: Where a refused BDAT chunk returns once it has been read.
         self._bdat_return = State.READY
@@ -370,10 +366,7 @@ class ServerConnection:
         self.mail = None
         self.recipients = []
         self._overshoot = 0
-        self._decoder = None
-        self._body_size = 0
-        self._body_error = None
-        self._bdat_cr = False
+        self._body = None
         self._replies_due = 0
         if self.state is not State.CLOSED:
             self._set(self._after_hello())
@@ -409,29 +402,7 @@ class ServerConnection:
         return True
 
     def _read_line(self, limit: int) -> bytes | None:
-        """One line without its LF (and CR); None if incomplete. An overlong line is not kept:
-        only its start is, and that start comes back as the line once the LF arrives. It is
-        longer than any limit, so callers refuse it exactly as if it had arrived whole (one
-        reply, same counters), however the bytes were split."""
-        nl = self._in.find(b"\n")
-        if self._discarding_line:
-            if nl < 0:
-                self._in.clear()
-                return None
-            del self._in[: nl + 1]
-            self._discarding_line = False
-            start, self._discarded = self._discarded, b""
-            return start
-        if nl < 0:
-            cap = limit + MAIL_LINE_EXTRA + 2
-            if len(self._in) > cap:
-                self._discarding_line = True
-                self._discarded = bytes(self._in[: cap + 1])
-                self._in.clear()
-            return None
-        line = bytes(self._in[:nl])
-        del self._in[: nl + 1]
-        return line[:-1] if line.endswith(b"\r") else line
+        return self._lines.read(self._in, limit + MAIL_LINE_EXTRA + 2)
 
     def _step_command(self) -> bool:
         raw = self._read_line(max(self.settings.command_line_limit, MAX_AUTH_LINE))
@@ -484,7 +455,7 @@ class ServerConnection:
             case "HELO" | "EHLO" | "LHLO":
                 self._hello(verb, arg)
             case "MAIL":
-                self._mail(arg)
+                self._emit_or_send(parse_mail(arg, self.advertised, self.settings))
             case "RCPT":
                 self._rcpt(arg)
             case "DATA":
@@ -499,11 +470,9 @@ class ServerConnection:
             case "HELP":
                 self._send(help_reply(self.settings, arg, self.tls))
             case "VRFY" | "EXPN":
-                if not arg:
-                    return self._send(r.syntax(f"{verb} address"))
-                self._events.append(ev.Verify(arg) if verb == "VRFY" else ev.Expand(arg))
+                self._emit_or_send(parse_lookup(verb, arg))
             case "ETRN":
-                self._etrn(arg)
+                self._emit_or_send(parse_etrn(arg))
             case "STARTTLS":
                 self._starttls(arg)
             case "AUTH":
@@ -512,10 +481,11 @@ class ServerConnection:
                 raise AssertionError(f"no handler for {verb}")
 
     def _hello(self, verb: str, arg: str) -> None:
-        if not arg or " " in arg.strip():
-            return self._send(r.syntax(f"{verb} hostname"))
+        hello = parse_hello(verb, arg)
+        if isinstance(hello, Reply):
+            return self._send(hello)
         self._reset()
-        self._events.append(ev.Hello(arg, verb != "HELO"))
+        self._events.append(hello)
 
     def _rset(self, arg: str) -> None:
         if arg:
@@ -523,39 +493,17 @@ class ServerConnection:
         self._reset()
         self._send(r.OK)
 
-    def _mail(self, arg: str) -> None:
-        if arg[:5].upper() != "FROM:":
-            return self._send(r.syntax("MAIL FROM:<address>"))
-        try:
-            address, params_text = parse_path(arg[5:], null_ok=True, utf8=True)
-            params = parse_mail_params(params_text, extensions=self.advertised)
-        except AddressError as err:
-            return self._send(err.reply)
-        if not address.isascii() and not params.smtputf8:
-            return self._send(r.NEEDS_SMTPUTF8)
-        if params.size is not None and params.size > self.settings.max_message_size:
-            return self._send(r.SIZE_EXCEEDED)
-        self._events.append(ev.MailFrom(address, params))
-
     def _rcpt(self, arg: str) -> None:
         assert self.mail is not None
-        if arg[:3].upper() != "TO:":
-            return self._send(r.syntax("RCPT TO:<address>"))
-        try:
-            address, params_text = parse_path(
-                arg[3:], null_ok=False, utf8=True, bare_postmaster_ok=True
-            )
-            if not address.isascii() and not self.mail.params.smtputf8:
-                return self._send(r.NEEDS_SMTPUTF8)
-            params = parse_rcpt_params(params_text, extensions=self.advertised)
-        except AddressError as err:
-            return self._send(err.reply)
+        rcpt = parse_rcpt(arg, self.advertised, smtputf8=self.mail.params.smtputf8)
+        if isinstance(rcpt, Reply):
+            return self._send(rcpt)
         if len(self.recipients) >= max(self.settings.max_recipients, MIN_RECIPIENTS):
             # 452 asks the client to send the rest in another transaction (RFC 5321
             # §4.5.3.1.10); it is not the client's error until it overshoots by far.
             self._overshoot += 1
             return self._send(r.TOO_MANY_RECIPIENTS, count=self._overshoot > RECIPIENT_OVERSHOOT)
-        self._events.append(ev.RcptTo(address, params))
+        self._events.append(rcpt)
 
     def _data(self, arg: str) -> None:
         if arg:
@@ -563,11 +511,6 @@ class ServerConnection:
         if self.data_gate is not None and (refusal := self.data_gate()) is not None:
             return self._send(refusal)
         self._start_data()
-
-    def _etrn(self, arg: str) -> None:
-        if not arg or " " in arg:
-            return self._send(r.ETRN_SYNTAX)
-        self._events.append(ev.Etrn(arg))
 
     def _starttls(self, arg: str) -> None:
         if arg:
@@ -583,12 +526,14 @@ class ServerConnection:
             return self._send(r.NEED_LHLO if s.lmtp else r.NEED_EHLO)
         if self.authenticated is not None:
             return self._send(r.ALREADY_AUTHENTICATED)
-        mech, _, initial = arg.partition(" ")
-        if not mech or " " in initial:
-            return self._send(r.syntax("AUTH mechanism [initial-response]"))
-        if mech.upper() not in s.auth_mechanisms:
-            return self._send(r.AUTH_UNKNOWN_MECHANISM)
-        self._events.append(ev.AuthStart(mech.upper(), initial or None))
+        self._emit_or_send(parse_auth(arg, s.auth_mechanisms))
+
+    def _emit_or_send(self, outcome: ev.Event | Reply) -> None:
+        """A parsed command becomes its event; a refusal is answered at once."""
+        if isinstance(outcome, Reply):
+            self._send(outcome)
+        else:
+            self._events.append(outcome)
 
     # ------------------------------------------------------------------ message bodies
 
@@ -596,65 +541,50 @@ class ServerConnection:
         self._verb = ""  # DATA is counted once, by its final reply
         self._send(r.START_DATA)
         self._set(State.DATA)
-        self._decoder = DotDecoder()
-        self._body_size = 0
-        self._body_error = None
-
-    def _add_body(self, data: bytes) -> None:
-        if not data or self._body_error is not None:
-            return
-        self._body_size += len(data)
-        if self._body_size > self.settings.max_message_size:
-            self._body_error = r.MESSAGE_TOO_BIG
-        else:
-            self._events.append(ev.BodyData(data))
-
-    def _finish_body(self, bad_newline: bool) -> None:
-        self._verb = "data" if self._decoder else "bdat"
-        if bad_newline and self._body_error is None:
-            self._body_error = r.BARE_NEWLINE
-        lmtp = self.settings.lmtp
-        if self._body_error is not None:
-            reply = self._body_error
-            self._set(State.READY)
-            self._events.append(ev.BodyAborted(reply))
-            if lmtp:  # one reply per recipient, and one error for the client (RFC 2033 §4.2)
-                for _ in self.recipients[1:]:
-                    self._out += reply.to_bytes(self.settings.enhanced_status_codes)
-            self._send(reply)
-            self._end_transaction()
-            return
-        self._set(State.BODY_END)
-        if lmtp:
-            self._replies_due = len(self.recipients)
-            self._events.append(ev.LmtpBodyEnd(self._body_size, tuple(self.recipients)))
-        else:
-            self._events.append(ev.BodyEnd(self._body_size))
+        self._body = MessageBody(self.settings.max_message_size, chunked=False)
 
     def _step_data(self) -> bool:
         if not self._in:
             return False
-        assert self._decoder is not None
-        piece = self._decoder.feed(bytes(self._in))
-        self._in.clear()
-        self._add_body(piece.data)
-        if piece.done:
-            self._in += piece.rest
-            self._finish_body(self._decoder.bad_newline)
+        assert self._body is not None
+        content, done = self._body.read_data(self._in)
+        if content:
+            self._events.append(ev.BodyData(content))
+        if done:
+            self._finish_body(self._body)
         return True
+
+    def _finish_body(self, body: MessageBody) -> None:
+        self._verb = "bdat" if body.chunked else "data"
+        reply = body.end()
+        if reply is not None:
+            self._set(State.READY)
+            self._events.append(ev.BodyAborted(reply))
+            if self.settings.lmtp:  # a reply per recipient, one error (RFC 2033 §4.2)
+                for _ in self.recipients[1:]:
+                    self._out += reply.to_bytes(self.settings.enhanced_status_codes)
+            self._send(reply)
+            self._end_transaction()
+        elif self.settings.lmtp:
+            self._set(State.BODY_END)
+            self._replies_due = len(self.recipients)
+            self._events.append(ev.LmtpBodyEnd(body.size, tuple(self.recipients)))
+        else:
+            self._set(State.BODY_END)
+            self._events.append(ev.BodyEnd(body.size))
 
     def _bdat(self, arg: str, refusal: Reply | None) -> None:
         parsed = parse_bdat(arg)
         if parsed is None:
             self._send(r.syntax("BDAT size [LAST]"), count=False)
             return self._close("unparsable BDAT: cannot resynchronise")
-        size, last = parsed
         if not self.settings.chunking or (self.helo is not None and not self.extended):
             refusal = r.CHUNKING_NOT_OFFERED  # (after HELO, whatever the table says)
         elif refusal is None and self.state is State.RCPT and self.data_gate is not None:
             refusal = self.data_gate()
-        self._bdat_remaining = size
-        self._bdat_last = last
+        if refusal is None and self._body is None:
+            self._body = MessageBody(self.settings.max_message_size, chunked=True)
+        self._bdat_remaining, self._bdat_last = parsed
         self._bdat_refusal = refusal
         self._bdat_return = self.state
         self._set(State.BDAT)
@@ -667,21 +597,20 @@ class ServerConnection:
             take = bytes(self._in[: self._bdat_remaining])
             del self._in[: len(take)]
             self._bdat_remaining -= len(take)
-            if self._bdat_refusal is None:
-                bad, self._bdat_cr = has_bare_newline(take, after_cr=self._bdat_cr)
-                if bad and self._body_error is None:
-                    self._body_error = r.BARE_NEWLINE
-                self._add_body(take)
+            if self._bdat_refusal is None and self._body is not None:
+                content = self._body.add_chunk(take)
+                if content:
+                    self._events.append(ev.BodyData(content))
             if self._bdat_remaining:
                 return True
-        if self._bdat_refusal is not None:
+        if self._bdat_refusal is not None or self._body is None:
             self._set(self._bdat_return)
-            self._send(self._bdat_refusal)
+            self._send(self._bdat_refusal or r.NEED_MAIL)
         elif self._bdat_last:
-            self._finish_body(self._bdat_cr)
+            self._finish_body(self._body)
         else:
             self._set(State.CHUNKING)
-            self._send(self._body_error or r.chunk_received(self._body_size))
+            self._send(self._body.error or r.chunk_received(self._body.size))
         return True
 
 
