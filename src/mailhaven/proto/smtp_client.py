@@ -15,6 +15,11 @@ ends any open transaction with a 4xx for every undecided recipient. Every reply 
 carries `answered` (the greeting or the command it answered); the ones this core makes up
 (bad address, lost connection, TLS required) do not, so logs can say whose words they are.
 
+LMTP (RFC 2033) is a mode (`lmtp=True`): LHLO instead of EHLO, with no HELO fallback, and after
+the final dot one reply per recipient whose RCPT succeeded, in RCPT order; each becomes that
+recipient's result. A connection lost half-way keeps the replies already read and gives the rest
+a 4xx: they are retried (at least once, never lost), the others are not sent twice.
+
 Rules applied here, before anything reaches the wire: a CR, LF or NUL in an address fails that
 address (a CRLF in a path is command injection); a message larger than the peer's SIZE fails
 every recipient with 552 5.3.4 (RFC 1870 §6); a message that needs SMTPUTF8 (flagged, or with a
