@@ -589,3 +589,41 @@ def test_commands_per_session_limit() -> None:
     run = converse(b"NOOP\r\nNOOP\r\nNOOP\r\nNOOP\r\n", settings=settings)
     assert run.codes == [220, 250, 250, 250, 421]
     assert isinstance(run.events[-1], ev.Closed)
+
+
+@pytest.mark.parametrize(
+    ("before", "target", "answer"),
+    [
+        (EHLO + b"MAIL FROM:<a@x.test>\r\n", ev.MailFrom, "accept"),
+        (EHLO + ENVELOPE, ev.RcptTo, "accept"),
+        (EHLO + b"AUTH PLAIN\r\n", ev.AuthStart, "auth_finish"),
+        (EHLO + b"AUTH PLAIN\r\n", ev.AuthStart, "auth_challenge"),
+        (EHLO + ENVELOPE + b"DATA\r\nx\r\n.\r\n", ev.BodyEnd, "respond"),
+    ],
+)
+def test_an_answer_after_the_client_left_changes_nothing(
+    before: bytes, target: type, answer: str
+) -> None:
+    """The client hangs up while the application decides: the late answer is harmless."""
+    settings = ServerSettings(
+        hostname="mx.test", auth_mechanisms=("PLAIN",), auth_requires_tls=False,
+        forbid_unauth_pipelining=False,
+    )  # fmt: skip
+    conn = ServerConnection(settings)
+    conn.greet()
+    conn.receive_data(before)
+    while not isinstance(event := next_event(conn), target):
+        assert event is not NEED_DATA
+        if isinstance(event, ev.Decision):
+            conn.accept()
+    conn.receive_data(b"")  # the client is gone
+    match answer:
+        case "accept":
+            conn.accept()
+        case "auth_finish":
+            conn.auth_finish(Reply(235, "ok", "2.7.0"), "user")
+        case "auth_challenge":
+            conn.auth_challenge("")
+        case "respond":
+            conn.respond(Reply(250, "Ok: queued", "2.0.0"))
+    assert conn.closed

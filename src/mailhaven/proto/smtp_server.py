@@ -61,7 +61,6 @@ from mailhaven.proto.smtp_commands import (
 )
 from mailhaven.proto.smtp_help import OBSOLETE
 from mailhaven.proto.smtp_states import (
-    COMMAND_STATES,
     LMTP_COMMANDS,
     SMTP_COMMANDS,
     TRANSITIONS,
@@ -295,7 +294,10 @@ class ServerConnection:
     # ------------------------------------------------------------------ internals
 
     def _set(self, state: State) -> None:
-        """Change state; the transition table is checked on every change."""
+        """Change state; the transition table is checked on every change. A closed session
+        stays closed: an answer that comes after the client left changes nothing."""
+        if self.state is State.CLOSED:
+            return
         if state is not self.state and state not in TRANSITIONS[self.state]:
             raise AssertionError(f"illegal transition {self.state.name} -> {state.name}")
         self.state = state
@@ -333,8 +335,7 @@ class ServerConnection:
     def _hello_accepted(self, event: ev.Hello, reply: Reply | None = None) -> None:
         self.helo = event.name
         self.extended = event.extended
-        if self.state in COMMAND_STATES:  # not if the session was closed meanwhile
-            self._set(State.READY)
+        self._set(State.READY)
         first = reply.text if reply else self.settings.hostname
         if not event.extended:
             self._send(Reply(250, first))
