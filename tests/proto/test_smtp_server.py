@@ -7,7 +7,16 @@ from tests.proto.smtp_driver import Run, converse
 
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.replies import MAX_REPLY_LINE, Reply
-from mailhaven.proto.smtp_server import NEED_DATA, PAUSED, ServerConnection, ServerSettings, Wait
+from mailhaven.proto.smtp_server import (
+    NEED_DATA,
+    PAUSED,
+    ServerConnection,
+    ServerSettings,
+    State,
+    UsageError,
+    Wait,
+    transaction_params,
+)
 
 EHLO = b"EHLO client.test\r\n"
 ENVELOPE = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
@@ -627,3 +636,88 @@ def test_an_answer_after_the_client_left_changes_nothing(
         case "respond":
             conn.respond(Reply(250, "Ok: queued", "2.0.0"))
     assert conn.closed
+
+
+def test_the_application_misusing_the_core_is_told_and_can_still_answer() -> None:
+    settings = ServerSettings(hostname="mx.test", starttls=True, forbid_unauth_pipelining=False)
+    conn = ServerConnection(settings)
+    with pytest.raises(UsageError):
+        conn.tls_established()
+    with pytest.raises(UsageError):
+        conn.accept()  # nothing outstanding
+    conn.greet()
+    with pytest.raises(UsageError):
+        conn.greet()
+    conn.receive_data(b"EHLO c.test\r\nVRFY postmaster\r\n")
+    assert isinstance(next_event(conn), ev.Hello)
+    with pytest.raises(UsageError):
+        conn.auth_finish(Reply(235, "ok", "2.7.0"), "user")
+    with pytest.raises(UsageError):
+        conn.auth_challenge("")
+    conn.accept()  # the Hello is still outstanding after the misuse
+    assert isinstance(next_event(conn), ev.Verify)
+    with pytest.raises(UsageError):
+        conn.accept()  # no standard answer to VRFY
+    conn.respond(Reply(252, "Cannot VRFY user", "2.5.2"))
+    assert conn.data_to_send().endswith(b"252 2.5.2 Cannot VRFY user\r\n")
+    assert not conn.awaiting_decision
+    with pytest.raises(UsageError):
+        transaction_params(conn)
+
+
+def test_positive_answers_through_respond_keep_the_transaction() -> None:
+    conn = ServerConnection(no_pipelining_check())
+    conn.greet()
+    conn.receive_data(b"EHLO c.test\r\n" + ENVELOPE)
+    assert isinstance(next_event(conn), ev.Hello)
+    conn.respond(Reply(250, "mx.test at your service"))
+    assert isinstance(next_event(conn), ev.MailFrom)
+    conn.respond(Reply(250, "sender fine", "2.1.0"))
+    assert isinstance(next_event(conn), ev.RcptTo)
+    conn.respond(Reply(250, "recipient fine", "2.1.5"))
+    assert conn.state is State.RCPT and len(conn.recipients) == 1
+    assert transaction_params(conn).body == "7BIT"
+    out = conn.data_to_send()
+    assert b"250-mx.test at your service\r\n250-PIPELINING\r\n" in out
+    conn.close_with(Reply(421, "mx.test Service shutting down", "4.3.2"))
+    conn.close_with(Reply(421, "twice", "4.3.2"))  # once closed, nothing more is said
+    assert conn.data_to_send() == b"421 4.3.2 mx.test Service shutting down\r\n"
+    assert conn.closed and not conn.has_output
+
+
+def test_refusals_inside_allowed_commands() -> None:
+    settings = ServerSettings(
+        hostname="mx.test", starttls=True, auth_mechanisms=("PLAIN",),
+        auth_requires_tls=False, forbid_unauth_pipelining=False,
+    )  # fmt: skip
+    run = both(
+        b"STARTTLS now\r\nHELO c.test\r\nAUTH PLAIN\r\nEHLO c.test\r\nAUTH PLAIN\r\nAUTH PLAIN\r\n",
+        settings=settings,
+    )
+    # STARTTLS with an argument; AUTH after HELO; a second AUTH once authenticated
+    assert run.codes == [220, 501, 250, 503, 250, 235, 503]
+
+
+def test_the_data_gate_refuses_the_first_chunk_only() -> None:
+    calls: list[int] = []
+
+    def gate() -> Reply | None:
+        calls.append(1)
+        return Reply(452, "Insufficient system storage", "4.3.1") if len(calls) == 1 else None
+
+    conn = ServerConnection(no_pipelining_check())
+    conn.data_gate = gate
+    conn.greet()
+    conn.receive_data(EHLO + ENVELOPE + b"BDAT 2\r\nxyBDAT 1\r\nzBDAT 1 LAST\r\nw")
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, ev.Decision):
+            conn.accept() if not isinstance(event, ev.BodyEnd) else conn.respond(
+                Reply(250, "queued", "2.0.0")
+            )
+    assert b"452 4.3.1 Insufficient system storage\r\n250 2.0.0 Ok: 1 octets received\r\n" in (
+        conn.data_to_send()
+    )
+    assert len(calls) == 2  # asked for the first accepted chunk, not for the next ones
+    assert b"".join(e.data for e in events if isinstance(e, ev.BodyData)) == b"zw"
