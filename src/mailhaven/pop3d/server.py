@@ -27,8 +27,8 @@ from pathlib import Path
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.rates import RateCounter
 from mailhaven.mailbox.users import UserDB
+from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d.session import MIN_IDLE_TIMEOUT, Services, Session, Settings
-from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 
 log = logging.getLogger("mailhaven.pop3d")
 

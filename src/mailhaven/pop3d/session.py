@@ -32,8 +32,8 @@ from typing import assert_never
 
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox.users import UserDB, normalize_name
+from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d import maildrop as md
-from mailhaven.pop3d.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.proto import pop3
 
 log = logging.getLogger("mailhaven.pop3d")
@@ -153,8 +153,8 @@ class Session:
                     assert self.settings.tls_context is not None
                     self.stream.write(core.data_to_send())
                     core.tls_started()
-                    await self.stream.start_tls(self.settings.tls_context,
-                                                self.settings.tls_handshake_timeout)
+                    await self.stream.start_tls(self.settings.tls_context, server_side=True,
+                                                timeout=self.settings.tls_handshake_timeout)
                 case pop3.Login():
                     await self._login(event)
                 case pop3.Quit():
