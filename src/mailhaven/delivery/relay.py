@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mailhaven.delivery.base import DeliveryRequest
+from mailhaven.delivery.smtp_connection import SessionFailure, SMTPClientConnection
 from mailhaven.net.dns import LookupFailed, NullMX, Resolver, Target, parse_literal
-from mailhaven.net.smtp_client import SessionFailure, SMTPClientConnection
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials, MailTransaction, Timeouts
 

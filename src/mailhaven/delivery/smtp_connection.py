@@ -1,10 +1,15 @@
-"""Outbound SMTP over asyncio: drives `proto.smtp_client.ClientConnection` over a TCP stream.
+"""Outbound SMTP over asyncio: drives `proto.smtp_client.ClientConnection` over a `net.stream`.
+
+The delivery agents' SMTP client session (the relay agent today, an LMTP agent later): the
+asyncio side of the sans-I/O client core, as `smtpd.session` is for the server core and
+`pop3d.session` for POP3. It lives beside the agents that use it, not in `net/`, which holds
+only the role-free pieces (the stream, TLS contexts, DNS).
 
 In: a host (and optionally the address to dial), our HELO name, a TLS policy, optional
 credentials; then `MailTransaction`s with their message bodies. Out: a `dict[str, Reply]` per
 message, or a `SessionFailure` when no session could be set up (connect, greeting, EHLO, TLS,
 AUTH), so the caller can move on to the next MX. The core decides what is legal; this module
-owns the socket, the buffer, TLS and the clock: every wait is bounded by the RFC 5321 §4.5.3.2
+owns the session's clock: every wait on the stream is bounded by the RFC 5321 §4.5.3.2
 timeout of the phase the core reports (`Timeouts`).
 
 TLS policy (Postfix's smtp_tls_security_level): "none" never; "may" STARTTLS when offered,
@@ -16,10 +21,10 @@ The body is streamed from a binary file in `BODY_CHUNK` pieces and written with 
 so a 10 MiB message never sits in memory whole. Reading the spool file happens on the event
 loop: a local 64 KiB read is cheaper than a thread hop.
 
-SECURITY: we own the receive buffer (no StreamReader): it is emptied in the same synchronous
-step that hands the transport to TLS, so clear text sent after the 220 to STARTTLS is never
-read as if it came over TLS (CVE-2011-0411 class; Python 3.11's StreamWriter.start_tls keeps
-it). Credentials go out only over TLS unless `allow_plaintext_auth` is set.
+SECURITY: the stream owns the receive buffer and empties it in the same synchronous step that
+hands the transport to TLS, so clear text sent after the 220 to STARTTLS is never read as if
+it came over TLS (CVE-2011-0411 class; see `net.stream`). Credentials go out only over TLS
+unless `allow_plaintext_auth` is set.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, Literal, cast
+from typing import BinaryIO, Literal
 
 from mailhaven.net.dns import parse_literal
+from mailhaven.net.stream import Stream
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import (
     Capabilities,
@@ -58,8 +64,6 @@ log = logging.getLogger("mailhaven.smtp")
 TLSPolicy = Literal["none", "may", "encrypt", "verify"]
 #: How much of the body we read and hand to the transport at a time.
 BODY_CHUNK = 64 * 1024
-#: Unread input we hold before pausing the transport (replies are small; this is generous).
-MAX_INBOX = 64 * 1024
 _CORE_POLICY = {
     "none": StartTLSPolicy.NEVER,
     "may": StartTLSPolicy.OPPORTUNISTIC,
@@ -111,107 +115,11 @@ class SessionFailure:
     relay: str
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    """Let a waiting `_Stream.read` look again (input, EOF, loss, or its timer)."""
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
-
-
-class _Stream(asyncio.Protocol):
-    """A byte stream whose receive buffer we own (see SECURITY above)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self._inbox = bytearray()
-        self._eof = False
-        #: what `read` waits on: resolved by input, EOF, loss or its timer (None: no reader)
-        self._waiter: asyncio.Future[None] | None = None
-        self._write_ok = asyncio.Event()
-        self._write_ok.set()
-        self._paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # a cast, not an isinstance check: uvloop's transports are not asyncio.Transport
-        # subclasses, though they provide its interface (`mailhaven.runtime.eventloop`)
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._inbox += data
-        _wake(self._waiter)
-        if len(self._inbox) > MAX_INBOX and self.transport and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool | None:
-        self._eof = True
-        _wake(self._waiter)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._eof = True
-        _wake(self._waiter)
-        self._write_ok.set()
-
-    def pause_writing(self) -> None:
-        self._write_ok.clear()
-
-    def resume_writing(self) -> None:
-        self._write_ok.set()
-
-    async def read(self, timeout: float) -> bytes | None:
-        """What has arrived, b"" at EOF, None after `timeout` seconds of silence."""
-        if not self._inbox and not self._eof:  # a timer only when we have to wait
-            # One future and one timer per wait (an Event and asyncio.timeout() cost twice the
-            # calls: two waits per relayed message)
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-            if not self._inbox and not self._eof:
-                return None  # the timer fired
-        data = bytes(self._inbox)
-        self._inbox.clear()
-        if self._paused and self.transport and not self.transport.is_closing():
-            self._paused = False
-            self.transport.resume_reading()
-        return data
-
-    async def write(self, data: bytes, timeout: float) -> None:
-        """Write and wait while the transport is over its high-water mark; raise if gone."""
-        if self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        self.transport.write(data)
-        if not self._write_ok.is_set():  # over the high-water mark: wait, bounded
-            async with asyncio.timeout(timeout):
-                await self._write_ok.wait()
-        if self.transport.is_closing():
-            raise ConnectionResetError("connection lost")
-
-    async def start_tls(self, ctx: ssl.SSLContext, server_name: str | None, timeout: float) -> None:
-        assert self.transport is not None
-        self._inbox.clear()  # same synchronous step as the protocol swap: no clear text slips in
-        loop = asyncio.get_running_loop()
-        new = await loop.start_tls(
-            self.transport, self, ctx, server_hostname=server_name, ssl_handshake_timeout=timeout
-        )
-        if new is None:
-            raise ConnectionResetError("connection lost during TLS handshake")
-        self.transport = new
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-
 class SMTPClientConnection:
     """One outbound session, reusable for several messages; use `connect()` to make one."""
 
     def __init__(
-        self, core: ClientConnection, stream: _Stream, relay: str, timeouts: Timeouts
+        self, core: ClientConnection, stream: Stream, relay: str, timeouts: Timeouts
     ) -> None:
         self._core = core
         self._stream = stream
@@ -260,7 +168,7 @@ class SMTPClientConnection:
             try:
                 async with asyncio.timeout(timeouts.connect):
                     _, stream = await loop.create_connection(
-                        _Stream,
+                        Stream,
                         dial,
                         port,
                         local_addr=source_address,
@@ -270,8 +178,7 @@ class SMTPClientConnection:
                     )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 return SessionFailure(connect_failure(relay, exc), None, "none")
-            assert stream.transport is not None
-            peer = stream.transport.get_extra_info("peername")
+            peer = stream.extra("peername")
             core.peer = f"{name}[{peer[0] if peer else dial}]"
             relay = f"{core.peer}:{port}"
             conn = cls(core, stream, relay, timeouts)
@@ -305,7 +212,7 @@ class SMTPClientConnection:
     @property
     def tls_info(self) -> str | None:
         """For logs, e.g. "TLSv1.3 with cipher TLS_AES_256_GCM_SHA384"; None in clear text."""
-        sslobj = self._stream.transport and self._stream.transport.get_extra_info("ssl_object")
+        sslobj = self._stream.extra("ssl_object")
         if not isinstance(sslobj, ssl.SSLObject):
             return None
         cipher = sslobj.cipher()
@@ -371,7 +278,10 @@ class SMTPClientConnection:
                 case StartTLS():
                     assert ctx is not None
                     try:
-                        await self._stream.start_tls(ctx, name, self.timeouts.starttls)
+                        await self._stream.start_tls(
+                            ctx, server_side=False, server_hostname=name,
+                            timeout=self.timeouts.starttls,
+                        )
                     except (OSError, TimeoutError, ssl.SSLError) as exc:
                         log.info("SSL_connect error to %s: %s", self.relay, _why(exc))
                         unverified = isinstance(exc, ssl.SSLCertVerificationError)
@@ -415,8 +325,16 @@ class SMTPClientConnection:
         data = self._core.data_to_send()
         if not data:
             return True
+        stream = self._stream
         try:
-            await self._stream.write(data, self.timeouts.for_phase(self._core.phase))
+            # a peer that closed (or dropped) the connection takes no more commands: what
+            # the core says next is about a lost connection, not a reply we wait for
+            if stream.closing:
+                raise ConnectionResetError("connection lost")
+            stream.write(data)
+            await stream.drain(self.timeouts.for_phase(self._core.phase))
+            if stream.closing:
+                raise ConnectionResetError("connection lost")
         except TimeoutError:
             self._core.connection_lost(f"conversation with {self._core.peer} timed out")
         except OSError:

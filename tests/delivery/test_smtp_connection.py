@@ -18,7 +18,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailhaven.net.smtp_client import (
+from mailhaven.delivery.smtp_connection import (
     BODY_CHUNK,
     SessionFailure,
     SMTPClientConnection,
