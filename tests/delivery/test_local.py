@@ -57,9 +57,10 @@ def test_is_a_delivery_agent(tmp_path: Path) -> None:
 async def test_delivers_with_trace_lines(tmp_path: Path) -> None:
     agent = LocalAgent(tmp_path / "mail", "mx.example.org")
     result = await agent.deliver(request("alice", "alice@example.org"))
-    assert {k: v.one_line() for k, v in result.items()} == {
+    assert {k: v.one_line() for k, v in result.replies.items()} == {
         "alice@example.org": "250 2.0.0 delivered to maildir"
     }
+    assert result.relay_host == "local" and result.notify_passed == frozenset()
     (stored,) = messages(tmp_path / "mail", "alice")
     assert stored == (
         b"Return-Path: <sender@remote.example>\nDelivered-To: alice@example.org\n"
@@ -72,7 +73,7 @@ async def test_delivers_with_trace_lines(tmp_path: Path) -> None:
 async def test_one_copy_per_recipient_each_with_its_delivered_to(tmp_path: Path) -> None:
     agent = LocalAgent(tmp_path, "mx")
     req = request("alice", "alice@example.org", "alice+news@example.net", "alice@example.org")
-    result = await agent.deliver(req)
+    result = (await agent.deliver(req)).replies
     assert list(result) == ["alice@example.org", "alice+news@example.net"]
     assert all(r.code == 250 for r in result.values())
     got = messages(tmp_path, "alice")
@@ -108,7 +109,7 @@ async def test_runs_off_the_event_loop(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("user", ["", "..", "a/b", "Alice", "x%y"])
 async def test_invalid_user_is_permanent(tmp_path: Path, user: str) -> None:
-    result = await LocalAgent(tmp_path, "mx").deliver(request(user, "r@x"))
+    result = (await LocalAgent(tmp_path, "mx").deliver(request(user, "r@x"))).replies
     assert result["r@x"].code == 550 and result["r@x"].enhanced == "5.1.1"
     assert list(tmp_path.iterdir()) == []
 
@@ -116,9 +117,9 @@ async def test_invalid_user_is_permanent(tmp_path: Path, user: str) -> None:
 async def test_vanished_user_is_permanent(tmp_path: Path) -> None:
     users = {"alice"}
     agent = LocalAgent(tmp_path, "mx", users=lambda: users)
-    assert (await agent.deliver(request("alice", "alice@x")))["alice@x"].code == 250
+    assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 250
     users.clear()
-    result = await agent.deliver(request("alice", "alice@x"))
+    result = (await agent.deliver(request("alice", "alice@x"))).replies
     assert result["alice@x"].code == 550
     assert result["alice@x"].enhanced == "5.1.1"
 
@@ -140,7 +141,7 @@ async def test_io_errors_are_temporary(
 
     md.ensure_maildir(tmp_path / "alice")
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    result = await LocalAgent(tmp_path, "mx").deliver(request("alice", "alice@x"))
+    result = (await LocalAgent(tmp_path, "mx").deliver(request("alice", "alice@x"))).replies
     assert (result["alice@x"].code, result["alice@x"].enhanced) == (code, enhanced)
     assert os.listdir(tmp_path / "alice" / "new") == []
     assert os.listdir(tmp_path / "alice" / "tmp") == []
@@ -156,16 +157,16 @@ async def test_failed_fsync_of_a_new_maildir_is_retried(
 
     agent = LocalAgent(tmp_path, "mx")
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    assert (await agent.deliver(request("alice", "alice@x")))["alice@x"].code == 451
+    assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 451
     assert not (tmp_path / "alice").exists()  # undone, so the retry fsyncs it again
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert (await agent.deliver(request("alice", "alice@x")))["alice@x"].code == 250
+    assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 250
 
 
 async def test_unreadable_mail_root_is_temporary(tmp_path: Path) -> None:
     root = tmp_path / "file-not-dir"
     root.write_bytes(b"")
-    result = await LocalAgent(root, "mx").deliver(request("alice", "alice@x"))
+    result = (await LocalAgent(root, "mx").deliver(request("alice", "alice@x"))).replies
     assert result["alice@x"].is_temporary
 
 
@@ -173,16 +174,16 @@ async def test_unexpected_error_is_temporary(tmp_path: Path) -> None:
     def broken() -> BinaryIO:
         raise RuntimeError("spool corrupt")
 
-    result = await LocalAgent(tmp_path, "mx").deliver(request("alice", "alice@x", opener=broken))
+    result = (await LocalAgent(tmp_path, "mx").deliver(request("alice", "alice@x", opener=broken))).replies
     assert result["alice@x"].code == 451
 
 
 async def test_forwarding_loop_is_refused(tmp_path: Path) -> None:
     looped = b"Delivered-To: Alice@Example.org\r\n" + BODY
     agent = LocalAgent(tmp_path, "mx")
-    result = await agent.deliver(
+    result = (await agent.deliver(
         request("alice", "alice@example.org", "alice+x@example.org", body=looped)
-    )
+    )).replies
     assert result["alice@example.org"].code == 554
     assert result["alice@example.org"].enhanced == "5.4.6"
     assert result["alice+x@example.org"].code == 250

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.fakes import FakeClock, put
 
-from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
+from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, DeliveryResult
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.backoff import BackoffPolicy
@@ -27,7 +27,7 @@ NO_USER = Reply(550, "no such user", "5.1.1")
 class Agent:
     """Answers from a script; optionally blocks until released; counts concurrency."""
 
-    def __init__(self, answer: Callable[[DeliveryRequest], Mapping[str, Reply]],
+    def __init__(self, answer: Callable[[DeliveryRequest], Mapping[str, Reply] | DeliveryResult],
                  clock: FakeClock, gate: asyncio.Event | None = None) -> None:
         self.answer = answer
         self.clock = clock
@@ -42,7 +42,7 @@ class Agent:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(lambda: self.active.total() >= n), 10)
 
-    async def deliver(self, request: DeliveryRequest) -> Mapping[str, Reply]:
+    async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         self.calls.append((self.clock.now, request))
         nexthop = request.route.nexthop
         self.active[nexthop] += 1
@@ -55,7 +55,10 @@ class Agent:
                 await self.gate.wait()
             with request.open_message() as f:
                 assert f.read().startswith(b"Received:")
-            return self.answer(request)
+            result = self.answer(request)
+            if isinstance(result, DeliveryResult):
+                return result
+            return DeliveryResult(result, "local" if request.route.transport == "local" else "none")
         finally:
             self.active[nexthop] -= 1
 
@@ -312,10 +315,8 @@ async def test_hold_route_is_stored_held_and_not_attempted(
 async def test_relay_name_reported_by_the_agent_is_logged(
     spool: Spool, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    class Result(dict[str, Reply]):
-        relay = "mx.example.net[192.0.2.1]:25"
-
-    agent = Agent(lambda req: Result({a: OK for a in req.recipients}), clock)
+    relay = "mx.example.net[192.0.2.1]:25"
+    agent = Agent(lambda req: DeliveryResult({a: OK for a in req.recipients}, relay), clock)
     runner = make_runner(spool, clock, {"relay": agent})
     caplog.set_level("INFO", logger="mailhaven.queue")
     await put(spool, b"x", "r@example.net")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from mailhaven.delivery.base import DeliveryRequest
+from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
 from mailhaven.proto.replies import Reply
 
@@ -69,9 +69,10 @@ class LocalAgent:
         self._users = users
         self._names = names or UniqueNames(hostname)
 
-    async def deliver(self, request: DeliveryRequest) -> dict[str, Reply]:
+    async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         known = self._users() if self._users is not None else None
-        return await asyncio.to_thread(self.deliver_blocking, request, known)
+        replies = await asyncio.to_thread(self.deliver_blocking, request, known)
+        return DeliveryResult(replies, "local")
 
     def deliver_blocking(
         self, request: DeliveryRequest, known: Collection[str] | None = None

@@ -2,8 +2,8 @@
 
 In: a `DeliveryRequest` whose route is `relay` with a next hop that is either a domain (MX
 lookup, RFC 5321 §5.1) or an explicit `[host]:port` / `host:port` (smarthost, transport map:
-no MX lookup, as in Postfix's brackets). Out: one `Reply` per recipient, in a `RelayResult`
-that also names the host that answered (`host[ip]:port`) for the log and the DSN.
+no MX lookup, as in Postfix's brackets). Out: a `DeliveryResult`, one `Reply` per recipient
+and the host that answered (`host[ip]:port`) for the log and the DSN.
 
 Order of trial: MX preference, random among equals (the DNS facade); each host's addresses in
 turn; at most `max_hosts` hosts. A connection failure, a 4xx/5xx greeting or a failed EHLO moves
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailhaven.delivery.base import DeliveryRequest
+from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.delivery.smtp_connection import SessionFailure, SMTPClientConnection
 from mailhaven.net.dns import LookupFailed, NullMX, Resolver, Target, parse_literal
 from mailhaven.proto.replies import Reply
@@ -38,22 +38,6 @@ TLSPolicy = Literal["none", "may", "encrypt", "verify"]
 NO_ROUTE = Reply(451, "Error: no mail exchanger could be reached", "4.4.1")
 #: How long a connection may wait idle for the next message to the same destination.
 IDLE_REUSE = 5.0
-
-
-class RelayResult(dict[str, Reply]):
-    """Per-recipient replies plus the relay that gave them (the scheduler's RelayReport).
-
-    `notify_passed`: the recipients accepted by a next hop that advertised DSN, with their
-    NOTIFY=SUCCESS passed on: that hop now reports their delivery, so we must not also send
-    our "relayed" notice (RFC 3461 §4.1; Postfix does the same).
-    """
-
-    def __init__(
-        self, replies: dict[str, Reply], relay: str, notify_passed: frozenset[str] = frozenset()
-    ) -> None:
-        super().__init__(replies)
-        self.relay = relay
-        self.notify_passed = notify_passed
 
 
 @dataclass(frozen=True)
@@ -126,13 +110,13 @@ class RelayAgent:
         self.resolver, self.settings = other.resolver, other.settings
         self._smarthosts = other._smarthosts
 
-    async def deliver(self, request: DeliveryRequest) -> RelayResult:
+    async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         nexthop = request.route.nexthop
         smarthost = self._smarthosts.get(nexthop)
         host, port, use_mx = split_nexthop(nexthop, self.settings.port)
         targets = await self._targets(host, use_mx)
         if isinstance(targets, NullMX | LookupFailed):
-            return RelayResult({r: targets.reply for r in request.recipients}, "none")
+            return DeliveryResult({r: targets.reply for r in request.recipients}, "none")
         txn = MailTransaction.from_envelope(request.envelope, request.recipients, request.size)
         last: Reply = NO_ROUTE
         last_relay = "none"
@@ -153,8 +137,8 @@ class RelayAgent:
                     replies = await conn.send(txn, body)
                 passed = _notify_passed(txn, replies) if conn.capabilities.has("DSN") else ()
                 self._park(target.host, port, conn)
-                return RelayResult(dict(replies), conn.relay, frozenset(passed))
-        return RelayResult({r: last for r in request.recipients}, last_relay)
+                return DeliveryResult(replies, conn.relay, frozenset(passed))
+        return DeliveryResult({r: last for r in request.recipients}, last_relay)
 
     async def _targets(self, host: str, use_mx: bool) -> list[Target] | NullMX | LookupFailed:
         literal = parse_literal(host) if not use_mx else None

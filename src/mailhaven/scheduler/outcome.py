@@ -4,11 +4,9 @@
 time, unless the message is past its queue lifetime: then bounced ("expired"), keeping the last
 temporary reply for the DSN (Postfix reports the last error with Action: failed).
 
-Relay names: a `Reply` has no room for "which host took it", and `Reply` is shared by everyone,
-so the convention is that an agent MAY return, instead of a plain dict, any mapping object that
-also has a `relay: str` attribute (the `RelayReport` protocol; e.g. a `dict` subclass with a
-`relay` field, "mx1.example.org[192.0.2.1]:25"). Without one the log says `relay=local` for the
-local transport and `relay=none` otherwise.
+Relay names: a `Reply` has no room for "which host took it", so an agent names it in its
+`DeliveryResult` (`relay_host`, e.g. "mx1.example.org[192.0.2.1]:25"). When an agent raised
+instead, the log says `relay=local` for the local transport and `relay=none` otherwise.
 
 The text in `status=S (text)` follows Postfix's smtp(8) (smtp_proto.c). A reply a remote server
 sent (`Reply.answered` set) is quoted whole, code and enhanced code first: `250 2.0.0 Ok: queued
@@ -23,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
@@ -34,10 +32,6 @@ Label = Literal["sent", "bounced", "deferred", "expired"]
 
 NO_RESULT = Reply(451, "delivery agent returned no result for this recipient", "4.3.0")
 UNAVAILABLE = Reply(451, "mail transport unavailable", "4.3.0")
-
-
-class RelayReport(Protocol):
-    relay: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +56,11 @@ def judge(
     null_sender: bool,
     attempted: bool = True,
     relay: str | None = None,
+    notify_passed: frozenset[str] = frozenset(),
 ) -> list[Verdict]:
-    """One verdict per recipient, in order; `relay` is stored for the DSN's Remote-MTA."""
+    """One verdict per recipient, in order; `relay` is stored for the DSN's Remote-MTA;
+    `notify_passed` names the recipients whose NOTIFY=SUCCESS the next hop took over."""
     out = []
-    # an agent may name recipients whose NOTIFY=SUCCESS the next hop took over (RelayResult)
-    passed: frozenset[str] = getattr(replies, "notify_passed", frozenset())
     for rcpt in recipients:
         r = replies.get(rcpt.address, NO_RESULT)
         label: Label
@@ -82,7 +76,7 @@ def judge(
             when = next_attempt(policy, rcpt.arrival, now)
         update = RecipientUpdate(
             rcpt.index, status, when, r, attempted, _teller(r, relay),
-            notify_passed=r.is_success and rcpt.address in passed,
+            notify_passed=r.is_success and rcpt.address in notify_passed,
         )  # fmt: skip
         out.append(Verdict(rcpt, r, label, update))
     return out
@@ -98,12 +92,8 @@ def _teller(r: Reply, relay: str | None) -> str | None:
     return "none"
 
 
-def relay_name(result: object, route: Route) -> str:
-    # `RelayReport` by attribute, not isinstance(): a runtime-checkable Protocol's isinstance
-    # walks the protocol's members on every call (once per delivery)
-    relay = getattr(result, "relay", None)
-    if isinstance(relay, str):
-        return relay
+def relay_without_result(route: Route) -> str:
+    """The relay logged when the agent gave no `DeliveryResult` (it raised)."""
     return "local" if route.transport == "local" else "none"
 
 

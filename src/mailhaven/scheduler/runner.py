@@ -58,7 +58,7 @@ from mailhaven.scheduler.outcome import (
     attempt_line,
     crash_reply,
     judge,
-    relay_name,
+    relay_without_result,
 )
 from mailhaven.scheduler.plan import Delivery, Limits, Suspension, is_site_failure, make_plan
 from mailhaven.scheduler.ports import OnFailures, SchedulerSpool
@@ -415,15 +415,17 @@ class Runner:
         agent = self._agents[d.route.transport]
         started = self._clock()
         replies: Mapping[str, Reply]
+        passed: frozenset[str] = frozenset()
         try:
             result = await agent.deliver(request)
             crash_point("delivered")
-            replies, relay, crashed = result, relay_name(result, d.route), False
+            replies, relay, passed = result.replies, result.relay_host, result.notify_passed
+            crashed = False
         except Exception as exc:  # unknown errors are temporary (ARCHITECTURE, idea 4)
             log.warning("%s: delivery agent %r failed: %r", d.queue_id, d.route.transport, exc)
             failure = crash_reply(exc)
             replies = {r.address: failure for r in d.recipients}
-            relay, crashed = relay_name(None, d.route), True
+            relay, crashed = relay_without_result(d.route), True
         now = self._clock()
         if crashed or is_site_failure(replies):
             first = next(iter(replies.values()))
@@ -437,6 +439,7 @@ class Runner:
             planned=planned,
             started=started,
             envelope=msg.envelope,
+            notify_passed=passed,
         )
 
     async def _conclude(
@@ -452,6 +455,7 @@ class Runner:
         attempted: bool = True,
         not_before: Mapping[int, float] | None = None,
         envelope: Envelope | None = None,
+        notify_passed: frozenset[str] = frozenset(),
     ) -> None:
         """Judge, log, record durably, and finish the message if nothing is left."""
         if envelope is None:
@@ -468,6 +472,7 @@ class Runner:
             null_sender=null_sender,
             attempted=attempted,
             relay=relay if attempted else None,
+            notify_passed=notify_passed,
         )
         if not_before:
             verdicts = [_postpone(v, not_before) for v in verdicts]
