@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
-from mailhaven.delivery.smtp_connection import SessionFailure, SMTPClientConnection
+from mailhaven.delivery.smtp_connection import (
+    Dialer,
+    SessionFailure,
+    SMTPClientConnection,
+    open_stream,
+)
 from mailhaven.net.dns import LookupFailed, NullMX, Resolver, Target, parse_literal
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials, MailTransaction, Timeouts
@@ -98,10 +103,12 @@ class RelayAgent:
         settings: RelaySettings,
         *,
         smarthosts: Sequence[Smarthost] = (),
+        dial: Dialer = open_stream,
     ) -> None:
         self.resolver = resolver
         self.settings = settings
         self._smarthosts = {s.nexthop: s for s in smarthosts}
+        self._dial = dial
         self._parked: dict[tuple[str, int], list[tuple[float, SMTPClientConnection]]] = {}
 
     def reconfigure(self, other: RelayAgent) -> None:
@@ -177,6 +184,7 @@ class RelayAgent:
             tls_policy=smarthost.tls_policy if smarthost else self.settings.tls_policy,
             credentials=smarthost.credentials if smarthost else None,
             timeouts=self.settings.timeouts,
+            dial=self._dial,
         )
 
     def _park(self, host: str, port: int, conn: SMTPClientConnection) -> None:

@@ -36,7 +36,7 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol
 
 from mailhaven.net.dns import parse_literal
 from mailhaven.net.stream import Stream
@@ -105,6 +105,45 @@ def connect_failure(relay: str, exc: BaseException) -> Reply:
     return Reply(421, f"connect to {relay}: {_why(exc)}", "4.4.1")
 
 
+class Dialer(Protocol):
+    """Opens the byte stream to one address: `open_stream` over TCP; tests pass a scripted
+    stream instead (the seam that lets the relay agent be tested without sockets)."""
+
+    async def __call__(
+        self,
+        address: str,
+        port: int,
+        *,
+        local_addr: tuple[str, int] | None,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+        handshake_timeout: float | None,
+    ) -> Stream: ...
+
+
+async def open_stream(
+    address: str,
+    port: int,
+    *,
+    local_addr: tuple[str, int] | None,
+    tls: ssl.SSLContext | None,
+    server_hostname: str | None,
+    handshake_timeout: float | None,
+) -> Stream:
+    """A TCP connection (with implicit TLS when `tls` is given) on a `net.stream.Stream`."""
+    loop = asyncio.get_running_loop()
+    _, stream = await loop.create_connection(
+        Stream,
+        address,
+        port,
+        local_addr=local_addr,
+        ssl=tls,
+        server_hostname=server_hostname,
+        ssl_handshake_timeout=handshake_timeout,
+    )
+    return stream
+
+
 @dataclass(frozen=True, slots=True)
 class SessionFailure:
     """No usable session: `phase` None means the TCP connection itself failed or closed;
@@ -141,6 +180,7 @@ class SMTPClientConnection:
         allow_plaintext_auth: bool = False,
         source_address: tuple[str, int] | None = None,
         timeouts: Timeouts | None = None,
+        dial: Dialer = open_stream,
     ) -> SMTPClientConnection | SessionFailure:
         """Dial `address` (default: `host`), then greeting, EHLO, STARTTLS and AUTH as needed.
 
@@ -150,36 +190,34 @@ class SMTPClientConnection:
         """
         timeouts = timeouts or Timeouts()
         name = parse_literal(host) or host.lower().rstrip(".")
-        dial = address or name
+        to = address or name
         if ssl_context is None and (tls_policy != "none" or implicit_tls):
             ssl_context = client_tls_context(verify=tls_policy == "verify")
         core_policy = _CORE_POLICY[tls_policy]
         for _ in range(2):  # the second round is the clear-text retry after a "may" failure
             core = ClientConnection(
                 helo_name,
-                peer=f"{name}[{dial}]",
+                peer=f"{name}[{to}]",
                 starttls=core_policy,
                 credentials=credentials,
                 allow_plaintext_auth=allow_plaintext_auth,
                 tls_active=implicit_tls,
             )
-            relay = f"{name}[{dial}]:{port}"
-            loop = asyncio.get_running_loop()
+            relay = f"{name}[{to}]:{port}"
             try:
                 async with asyncio.timeout(timeouts.connect):
-                    _, stream = await loop.create_connection(
-                        Stream,
-                        dial,
+                    stream = await dial(
+                        to,
                         port,
                         local_addr=source_address,
-                        ssl=ssl_context if implicit_tls else None,
+                        tls=ssl_context if implicit_tls else None,
                         server_hostname=name if implicit_tls else None,
-                        ssl_handshake_timeout=timeouts.starttls if implicit_tls else None,
+                        handshake_timeout=timeouts.starttls if implicit_tls else None,
                     )
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 return SessionFailure(connect_failure(relay, exc), None, "none")
             peer = stream.extra("peername")
-            core.peer = f"{name}[{peer[0] if peer else dial}]"
+            core.peer = f"{name}[{peer[0] if peer else to}]"
             relay = f"{core.peer}:{port}"
             conn = cls(core, stream, relay, timeouts)
             try:
