@@ -17,8 +17,10 @@ when the reader takes them; `drain` blocks while the transport's write buffer is
 large RETR or message body streams with a bounded footprint.
 
 The SMTP server (`smtpd.session`) keeps its own `BufferedProtocol` (one shared receive buffer
-for thousands of idle connections) under the same rules: its core owns the input, plaintext
-before a STARTTLS handshake is dropped, reading pauses while a decision is pending.
+for thousands of idle connections, no task per connection) under the same rules: its core
+owns the input and drops plaintext before a STARTTLS handshake, reading pauses while a
+decision is pending or the client does not read, and its handshake is this module's
+`start_tls`, with the same checks and bounds.
 
 SECURITY: the peer is untrusted. It can fill at most MAX_INBOX (plus one read) of our memory
 before we stop reading, it cannot hold a `read` or `drain` past its timeout, and it cannot
@@ -36,6 +38,43 @@ from typing import Any, cast
 MAX_INBOX = 64 * 1024
 #: How long a TLS handshake may take by default (implicit TLS, STLS, STARTTLS).
 TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+async def start_tls(
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    timeout: float = TLS_HANDSHAKE_TIMEOUT,
+) -> asyncio.Transport:
+    """`loop.start_tls` with the checks every caller needs; the TLS transport, or an error.
+
+    The caller must have dropped its unread input in the same synchronous step (the swap of
+    protocols happens before this function's first await). Raises ConnectionResetError when
+    the connection is closing already or is lost during the handshake, TimeoutError past
+    `timeout`, ssl.SSLError when the handshake fails.
+    """
+    if transport.is_closing():
+        # A handshake on a connection the peer already closed would wait for bytes that
+        # never come (the loop reports no loss of a transport it already closed).
+        raise ConnectionResetError("connection closed before the TLS handshake")
+    loop = asyncio.get_running_loop()
+    # The outer bound too: the loop's handshake timer does not cover every way a handshake
+    # can stall (a peer that goes away while it is being set up).
+    async with asyncio.timeout(timeout + 1):
+        new = await loop.start_tls(
+            transport,
+            protocol,
+            context,
+            server_side=server_side,
+            server_hostname=None if server_side else server_hostname,
+            ssl_handshake_timeout=timeout,
+        )
+    if new is None:
+        raise ConnectionResetError("connection lost during TLS handshake")
+    return new
 
 
 def _wake(waiter: asyncio.Future[None] | None) -> None:
@@ -161,27 +200,17 @@ class Stream(asyncio.Protocol):
         """
         assert self.transport is not None
         self._inbox.clear()  # same synchronous step as the protocol swap below: nothing slips in
-        if self._eof or self.transport.is_closing():
-            # A handshake on a connection the peer already closed would wait for bytes that
-            # never come (the loop reports no loss of a transport it already closed).
+        if self._eof:
             raise ConnectionResetError("connection closed before the TLS handshake")
-        # `loop.start_tls` resumes reading on the transport it wraps
-        self._reading_paused = False
-        loop = asyncio.get_running_loop()
-        # The outer bound too: the loop's handshake timer does not cover every way a
-        # handshake can stall (a peer that goes away while it is being set up).
-        async with asyncio.timeout(timeout + 1):
-            new = await loop.start_tls(
-                self.transport,
-                self,
-                context,
-                server_side=server_side,
-                server_hostname=None if server_side else server_hostname,
-                ssl_handshake_timeout=timeout,
-            )
-        if new is None:
-            raise ConnectionResetError("connection lost during TLS handshake")
-        self.transport = new
+        self._reading_paused = False  # `loop.start_tls` resumes reading on the transport it wraps
+        self.transport = await start_tls(
+            self.transport,
+            self,
+            context,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            timeout=timeout,
+        )
 
     @property
     def stopping(self) -> bool:

@@ -3,7 +3,8 @@
 An `asyncio.BufferedProtocol`, not streams: it owns the input buffer (through the core), so plaintext
 that arrives before a STARTTLS handshake is provably dropped, and an idle connection costs only
 this object, the core's state and the transport (no task, no StreamReader): the 10,000 idle
-connections target needs that.
+connections target needs that. The rules are those of `net.stream` (the POP3 and SMTP client
+stream), and the STARTTLS handshake is its `start_tls`.
 
 Flow: `data_received` feeds the core and answers its events. Synchronous decisions (HELO, MAIL,
 RCPT, VRFY, EXPN) are answered at once by `SMTPPolicy`; slow ones (queue commit, AUTH password
@@ -27,6 +28,7 @@ from mailhaven import maillog
 from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
+from mailhaven.net.stream import start_tls
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
@@ -582,12 +584,12 @@ class SMTPSession(asyncio.BufferedProtocol):
         # still discarded by the core (CVE-2011-0411).
         self._tls_early = bytearray()
         try:
-            new = await self.service.loop.start_tls(
+            new = await start_tls(
                 self.transport,
                 self,
                 context,
                 server_side=True,
-                ssl_handshake_timeout=self.service.timeouts.tls_handshake,
+                timeout=self.service.timeouts.tls_handshake,
             )
         except Exception as err:  # reset, timeout, not TLS at all: each ends the session
             self._tls_early = None
@@ -602,9 +604,6 @@ class SMTPSession(asyncio.BufferedProtocol):
             raise
         early, self._tls_early = self._tls_early, None
         eof, self._tls_eof = self._tls_eof, False
-        if new is None:
-            self._ended()
-            return
         if self.conn.state is not State.STARTTLS:  # closed meanwhile (shutdown, timeout)
             new.abort()
             self._ended()
