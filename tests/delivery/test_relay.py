@@ -18,13 +18,14 @@ from typing import Any, BinaryIO
 
 import pytest
 
+from mailhaven.delivery import relay as relay_module
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.delivery.relay import NO_ROUTE, RelayAgent, RelaySettings, Smarthost
 from mailhaven.net.dns import LookupFailed, NullMX, Resolver, Target
 from mailhaven.net.stream import Stream
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_client import Timeouts
+from mailhaven.proto.smtp_client import Credentials, Timeouts
 from mailhaven.routing.route import Route
 
 BODY = b"Received: from x\r\nSubject: test\r\n\r\nHello\r\n.leading dot\r\n"
@@ -209,7 +210,7 @@ class FakeResolver(Resolver):
     def __init__(
         self,
         mx: dict[str, list[Target] | NullMX | LookupFailed] | None = None,
-        hosts: dict[str, list[str]] | None = None,
+        hosts: dict[str, list[str] | LookupFailed] | None = None,
     ) -> None:
         super().__init__(nameservers=[("127.0.0.1", 9)])  # never queried
         self.mx = mx or {}
@@ -529,3 +530,85 @@ async def test_an_off_script_client_fails_the_test_loudly() -> None:
     dial.add("192.0.2.1", *greet(), Step("RSET", "250 Ok"))
     with pytest.raises(AssertionError, match="expected 'RSET'"):
         await agent(dial).deliver(request("bob@example.net"))
+
+
+async def test_a_host_and_port_nexthop_still_looks_up_mx() -> None:
+    # Postfix's rule: without brackets, host:port is a domain whose MX hosts take port `port`
+    dial = Dial()
+    dial.add("192.0.2.1", *greet(), *transaction(("bob@example.net", "250 Ok")))
+    resolver = FakeResolver({"example.net": [MX1]})
+    result = await agent(dial, resolver).deliver(
+        request("bob@example.net", nexthop="example.net:2525")
+    )
+    assert result.relay_host == "mx1.example.net[192.0.2.1]:2525"
+    assert resolver.asked == ["MX example.net"] and dial.calls == [("192.0.2.1", 2525)]
+
+
+async def test_an_address_literal_nexthop_is_dialled_without_dns() -> None:
+    dial = Dial()
+    dial.add("198.51.100.9", *greet(), *transaction(("bob@example.net", "250 Ok")))
+    resolver = FakeResolver()
+    result = await agent(dial, resolver).deliver(
+        request("bob@example.net", nexthop="[198.51.100.9]")
+    )
+    assert result.replies["bob@example.net"].is_success
+    assert resolver.asked == [] and dial.calls == [("198.51.100.9", 25)]
+
+
+async def test_a_smarthost_whose_lookup_fails_defers_with_the_dns_reply() -> None:
+    failed = LookupFailed(Reply(451, "Host or domain name not found: timeout", "4.4.3"))
+    resolver = FakeResolver(hosts={"smarthost.test": failed})
+    result = await agent(Dial(), resolver).deliver(
+        request("bob@example.net", nexthop="[smarthost.test]")
+    )
+    assert result.replies["bob@example.net"] == failed.reply
+
+
+async def test_a_smarthost_refusing_our_credentials_defers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dial = Dial()
+    dial.add("198.51.100.7", *greet("STARTTLS", "AUTH PLAIN"),
+             Step("STARTTLS", "220 Ready", handshake="ok"),
+             Step(f"EHLO {HELO}", "250-smarthost.test\r\n250 AUTH PLAIN"),
+             Step("AUTH PLAIN", "535 5.7.8 Error: authentication failed"),
+             Step("QUIT", "221 Bye"))
+    resolver = FakeResolver(hosts={"smarthost.test": ["198.51.100.7"]})
+    relay = RelayAgent(
+        resolver,
+        RelaySettings(helo_name=HELO, timeouts=Timeouts(greeting=1, helo=1)),
+        smarthosts=[Smarthost("[smarthost.test]", Credentials("relay-user", "secret"))],
+        dial=dial,
+    )
+    caplog.set_level("INFO", logger="mailhaven.smtp")
+    result = await relay.deliver(request("bob@example.net", nexthop="[smarthost.test]"))
+    reply = result.replies["bob@example.net"]
+    assert reply.is_temporary  # Postfix defers too: the credentials may be fixed by then
+    said = "SASL authentication failed; server said: 535 5.7.8 Error: authentication failed"
+    assert said in reply.one_line() and f"4RELAY1: {said}" in caplog.text
+    assert "secret" not in caplog.text and dial.streams[0].tls
+
+
+async def test_a_reload_keeps_the_parked_connections() -> None:
+    dial = Dial()
+    dial.add("192.0.2.1", *greet(), *transaction(("a@example.net", "250 Ok")),
+             *transaction(("b@example.net", "250 Ok")))
+    relay = agent(dial)
+    await relay.deliver(request("a@example.net"))
+    relay.reconfigure(agent(Dial(), tls_policy="none"))
+    assert relay.settings.tls_policy == "none"
+    second = await relay.deliver(request("b@example.net"))
+    assert second.replies["b@example.net"].is_success and len(dial.calls) == 1
+
+
+async def test_a_connection_idle_too_long_is_closed_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_module, "IDLE_REUSE", 0.0)  # every parked connection is stale
+    dial = Dial()
+    dial.add("192.0.2.1", *greet(), *transaction(("a@example.net", "250 Ok")))
+    dial.add("192.0.2.1", *greet(), *transaction(("b@example.net", "250 Ok")))
+    relay = agent(dial)
+    await relay.deliver(request("a@example.net"))
+    await relay.deliver(request("b@example.net"))
+    assert len(dial.calls) == 2 and dial.streams[0].closed_by_client and dial.finished()
