@@ -350,9 +350,25 @@ async def test_a_4xx_to_mail_from_defers_every_recipient_without_trying_on() -> 
     dial = Dial()
     dial.add("192.0.2.1", *greet(),
              Step("MAIL FROM:", "451 4.3.0 queue file write error"), Step("QUIT", "221 Bye"))
-    result = await agent(dial).deliver(request("bob@example.net", "carol@example.net"))
+    relay = agent(dial)
+    result = await relay.deliver(request("bob@example.net", "carol@example.net"))
     assert {r.code for r in result.replies.values()} == {451}
     assert result.relay_host == RELAY1 and dial.calls == [("192.0.2.1", 25)]
+    await relay.close()
+    assert dial.finished()
+
+
+async def test_a_session_is_reset_after_a_refused_transaction_and_reused() -> None:
+    dial = Dial()
+    dial.add("192.0.2.1", *greet(), Step("MAIL FROM:", "250 Ok"),
+             Step("RCPT TO:<gone@", "550 5.1.1 User unknown"), Step("RSET", "250 2.0.0 Ok"),
+             *transaction(("bob@example.net", "250 Ok")))
+    relay = agent(dial)
+    first = await relay.deliver(request("gone@example.net"))
+    assert first.replies["gone@example.net"].code == 550
+    second = await relay.deliver(request("bob@example.net"))
+    assert second.replies["bob@example.net"].is_success
+    assert len(dial.calls) == 1 and dial.finished()
 
 
 async def test_a_connection_dropped_mid_data_defers_every_recipient() -> None:
