@@ -27,13 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
-from mailhaven.delivery.smtp_connection import (
-    Dialer,
-    SessionFailure,
-    SMTPClientConnection,
-    open_stream,
-)
+from mailhaven.delivery.smtp_connection import SessionFailure, SMTPClientConnection
 from mailhaven.net.dns import LookupFailed, NullMX, Resolver, Target, parse_literal
+from mailhaven.net.stream import Dialer, open_stream
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import Credentials, MailTransaction, Timeouts
 

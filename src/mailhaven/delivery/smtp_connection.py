@@ -36,10 +36,10 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, Literal, Protocol
+from typing import BinaryIO, Literal
 
 from mailhaven.net.dns import parse_literal
-from mailhaven.net.stream import Stream
+from mailhaven.net.stream import Dialer, Stream, open_stream
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_client import (
     Capabilities,
@@ -103,45 +103,6 @@ def connect_failure(relay: str, exc: BaseException) -> Reply:
         log.info("SSL_connect error to %s: %s", relay, _why(exc))
         return Reply(421, "Cannot start TLS: handshake failure", "4.7.5")
     return Reply(421, f"connect to {relay}: {_why(exc)}", "4.4.1")
-
-
-class Dialer(Protocol):
-    """Opens the byte stream to one address: `open_stream` over TCP; tests pass a scripted
-    stream instead (the seam that lets the relay agent be tested without sockets)."""
-
-    async def __call__(
-        self,
-        address: str,
-        port: int,
-        *,
-        local_addr: tuple[str, int] | None,
-        tls: ssl.SSLContext | None,
-        server_hostname: str | None,
-        handshake_timeout: float | None,
-    ) -> Stream: ...
-
-
-async def open_stream(
-    address: str,
-    port: int,
-    *,
-    local_addr: tuple[str, int] | None,
-    tls: ssl.SSLContext | None,
-    server_hostname: str | None,
-    handshake_timeout: float | None,
-) -> Stream:
-    """A TCP connection (with implicit TLS when `tls` is given) on a `net.stream.Stream`."""
-    loop = asyncio.get_running_loop()
-    _, stream = await loop.create_connection(
-        Stream,
-        address,
-        port,
-        local_addr=local_addr,
-        ssl=tls,
-        server_hostname=server_hostname,
-        ssl_handshake_timeout=handshake_timeout,
-    )
-    return stream
 
 
 @dataclass(frozen=True, slots=True)

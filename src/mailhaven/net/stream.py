@@ -3,8 +3,8 @@
 In: transport callbacks (data, EOF, flow control, loss). Out: `read()` (whatever arrived, `b""`
 at EOF, None after a silent `timeout` or on `stop()`), `write()`, `drain()` (waits, bounded,
 while the transport is over its high-water mark), `start_tls()` (server or client side),
-`close()` and `abort()`. The protocol cores above it decide what the bytes mean; this class
-only moves them and bounds every wait.
+`close()` and `abort()`; `open_stream()` dials one for a client. The protocol cores above it
+decide what the bytes mean; this class only moves them and bounds every wait.
 
 Why not StreamReader/StreamWriter: Python 3.11's `StreamWriter.start_tls` leaves plaintext that
 arrived before the handshake in the reader's buffer, the CVE-2011-0411 class of bug. Owning the
@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 #: Unread input we hold before pausing the transport (a pipelining peer can't flood us).
 MAX_INBOX = 64 * 1024
@@ -230,3 +230,42 @@ class Stream(asyncio.Protocol):
         """Close now, dropping unsent output."""
         if self.transport:
             self.transport.abort()
+
+
+class Dialer(Protocol):
+    """Opens a client's stream to one address: `open_stream` over TCP; tests pass a scripted
+    stream instead (the seam that lets a client be tested without sockets)."""
+
+    async def __call__(
+        self,
+        address: str,
+        port: int,
+        *,
+        local_addr: tuple[str, int] | None,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+        handshake_timeout: float | None,
+    ) -> Stream: ...
+
+
+async def open_stream(
+    address: str,
+    port: int,
+    *,
+    local_addr: tuple[str, int] | None,
+    tls: ssl.SSLContext | None,
+    server_hostname: str | None,
+    handshake_timeout: float | None,
+) -> Stream:
+    """A TCP connection (with implicit TLS when `tls` is given) on a `net.stream.Stream`."""
+    loop = asyncio.get_running_loop()
+    _, stream = await loop.create_connection(
+        Stream,
+        address,
+        port,
+        local_addr=local_addr,
+        ssl=tls,
+        server_hostname=server_hostname,
+        ssl_handshake_timeout=handshake_timeout,
+    )
+    return stream
