@@ -18,6 +18,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mailhaven.delivery import smtp_connection
 from mailhaven.delivery.smtp_connection import (
     BODY_CHUNK,
     SessionFailure,
@@ -454,3 +455,25 @@ async def test_implicit_tls(server_tls: ssl.SSLContext, client_trusting: ssl.SSL
         await conn.quit()
     finally:
         server.close()
+
+
+async def test_the_tls_context_of_a_policy_is_made_once_per_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # loading the system roots costs tens of ms of CPU: not once per connection
+    made: list[bool] = []
+
+    def counting(verify: bool, cafile: str | None = None) -> ssl.SSLContext:
+        made.append(verify)
+        return client_tls_context(verify, cafile)
+
+    monkeypatch.setattr(smtp_connection, "client_tls_context", counting)
+    smtp_connection._policy_context.cache_clear()
+    try:
+        async with aiosmtpd(Recorder()) as port:
+            for _ in range(3):
+                conn = await connect(port, tls_policy="may")
+                await conn.quit()
+    finally:
+        smtp_connection._policy_context.cache_clear()
+    assert made == [False]

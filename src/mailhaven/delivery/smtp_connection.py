@@ -30,6 +30,7 @@ unless `allow_plaintext_auth` is set.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
@@ -80,6 +81,14 @@ def client_tls_context(verify: bool, cafile: str | None = None) -> ssl.SSLContex
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+@functools.cache
+def _policy_context(verify: bool) -> ssl.SSLContext:
+    """The context of a TLS policy, made once per process: loading the system roots costs
+    tens of milliseconds of CPU, too much for every new connection. Private, so that no
+    caller can change the shared object (`client_tls_context` makes a fresh one)."""
+    return client_tls_context(verify)
 
 
 def _why(exc: BaseException) -> str:
@@ -153,7 +162,7 @@ class SMTPClientConnection:
         name = parse_literal(host) or host.lower().rstrip(".")
         to = address or name
         if ssl_context is None and (tls_policy != "none" or implicit_tls):
-            ssl_context = client_tls_context(verify=tls_policy == "verify")
+            ssl_context = _policy_context(verify=tls_policy == "verify")
         core_policy = _CORE_POLICY[tls_policy]
         for _ in range(2):  # the second round is the clear-text retry after a "may" failure
             core = ClientConnection(
