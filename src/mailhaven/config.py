@@ -210,6 +210,134 @@ class Etrn:
     release_interval: float = 0.0
 
 
+# ------------------------------------------------------------------ checks (docs/filtering.md)
+
+
+@dataclass(frozen=True)
+class Access:
+    """Allow and block lists, applied before the expensive checks (`checks.access_lists`).
+
+    Clients: addresses or networks (`192.0.2.0/24`). Senders and recipients: `user@domain`,
+    `domain` or `@domain`, `.domain` (its subdomains), `user@` (any domain), `<>` (null sender).
+    A block entry refuses (554/550 5.7.1); an allow entry skips client checks, DNS lists and
+    greylisting. Block wins over allow."""
+
+    client_allow: tuple[str, ...] = ()
+    client_block: tuple[str, ...] = ()
+    sender_allow: tuple[str, ...] = ()
+    sender_block: tuple[str, ...] = ()
+    recipient_allow: tuple[str, ...] = ()
+    recipient_block: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dnsbl:
+    """DNS block and allow lists on the MX (postscreen's weighted scoring); empty: off."""
+
+    #: `zone[=filter][*weight]`, e.g. "zen.example=127.0.0.[2..11]*3" (negative: allow list).
+    sites: tuple[str, ...] = ()
+    #: Refuse at RCPT TO when the weights of the sites listing the client add up to this.
+    threshold: int = 1
+    #: Right-hand-side lists asked about the sender's domain (Postfix reject_rhsbl_sender).
+    sender_domain_sites: tuple[str, ...] = ()
+    #: Seconds from connect that RCPT TO waits for the answers; later ones count as unlisted.
+    wait: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClientChecks:
+    """Checks on the client's name and HELO (MX only; trusted/authenticated clients exempt)."""
+
+    #: Postfix reject_unknown_client_hostname (450 4.7.25): no verified reverse name.
+    reject_unknown_client: bool = False
+    #: Postfix reject_non_fqdn_helo_hostname (504 5.5.2).
+    reject_non_fqdn_helo: bool = False
+    #: HELO with our host name, a local domain or our address (554 5.7.1).
+    reject_own_helo: bool = True
+
+
+@dataclass(frozen=True)
+class Greylisting:
+    """RFC 6647 greylisting on the MX, in `<state_dir>/greylist.sqlite`; opt-in."""
+
+    enabled: bool = False
+    #: Seconds a new (client /24, sender, recipient) triplet must wait before its retry passes.
+    delay: float = 300.0
+    #: Seconds an unretried triplet is remembered.
+    retry_window: float = 172800.0
+    #: Seconds a passed triplet, or an auto-allowed client, stays allowed after its last use.
+    allow_lifetime: float = 3024000.0
+    #: Correct retries after which a client network skips greylisting (0: never).
+    auto_allow_after: int = 1
+    #: Client networks never greylisted.
+    allow_networks: tuple[str, ...] = ()
+    #: Sender domains, or verified client name domains, never greylisted (with subdomains).
+    allow_domains: tuple[str, ...] = ()
+    #: The most triplets kept; the least recently seen go first.
+    max_entries: int = 200_000
+
+
+@dataclass(frozen=True)
+class SenderLimits:
+    """Per authenticated user rates on submission (a stolen password's damage); 0: off."""
+
+    messages: int = 200
+    recipients: int = 1000
+    #: Seconds the rates are counted over (a sliding window).
+    window: float = 3600.0
+    #: Mail a notice to postmaster the first time a user hits a limit in a window.
+    notify_postmaster: bool = True
+
+
+@dataclass(frozen=True)
+class Checks:
+    access: Access = field(default_factory=Access)
+    dnsbl: Dnsbl = field(default_factory=Dnsbl)
+    client: ClientChecks = field(default_factory=ClientChecks)
+    greylist: Greylisting = field(default_factory=Greylisting)
+    sender_limits: SenderLimits = field(default_factory=SenderLimits)
+
+
+def _validate_checks(checks: Checks) -> None:
+    from mailhaven.net.dnslist import SiteError, parse_site
+
+    nets = [("access.client_allow", checks.access.client_allow),
+            ("access.client_block", checks.access.client_block),
+            ("greylist.allow_networks", checks.greylist.allow_networks)]  # fmt: skip
+    for key, values in nets:
+        for net in values:
+            try:
+                ipaddress.ip_network(net.strip(), strict=False)
+            except ValueError as err:
+                raise ConfigError(f"checks.{key}: {err}") from None
+    for name in ("sender_allow", "sender_block", "recipient_allow", "recipient_block"):
+        for entry in getattr(checks.access, name):
+            text = entry.strip()
+            if not text or any(c.isspace() for c in text) or text.count("@") > 1:
+                raise ConfigError(
+                    f"checks.access.{name}: {entry!r}: expected user@domain, domain, @domain, "
+                    ".domain, user@ or <>"
+                )
+    for key, sites in (("sites", checks.dnsbl.sites),
+                       ("sender_domain_sites", checks.dnsbl.sender_domain_sites)):  # fmt: skip
+        for site in sites:
+            try:
+                parse_site(site)
+            except SiteError as err:
+                raise ConfigError(f"checks.dnsbl.{key}: {err}") from None
+    if checks.dnsbl.threshold < 1:
+        raise ConfigError("checks.dnsbl.threshold: at least 1")
+    if not 0 < checks.dnsbl.wait <= 60:
+        raise ConfigError("checks.dnsbl.wait: more than 0 and at most 60 seconds")
+    grey = checks.greylist
+    if grey.retry_window <= grey.delay:
+        raise ConfigError("checks.greylist.retry_window: must be longer than delay")
+    if grey.max_entries < 1 or grey.allow_lifetime <= 0:
+        raise ConfigError("checks.greylist: max_entries and allow_lifetime must be positive")
+    if checks.sender_limits.window <= 0:
+        raise ConfigError("checks.sender_limits.window: must be positive")
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.gethostname)
@@ -256,6 +384,8 @@ class Config:
     tls: TLS = field(default_factory=TLS)
     relay: Relay = field(default_factory=Relay)
     etrn: Etrn = field(default_factory=Etrn)
+    #: What a session asks before it says yes (`[checks.*]`, docs/filtering.md).
+    checks: Checks = field(default_factory=Checks)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -402,6 +532,7 @@ def validate(config: Config) -> Config:
     _check_numbers(config)
     _check_next_hops(config)
     _check_aliases(config)
+    _validate_checks(config.checks)
     if config.group and not config.user:
         raise ConfigError("group: only with user")
     if config.user:

@@ -38,6 +38,7 @@ from typing import Any
 
 from mailhaven import __version__, maillog
 from mailhaven import config as configuration
+from mailhaven.app.alerts import PostmasterAlerts
 from mailhaven.app.engine import Engine, build_engine, client_names
 from mailhaven.app.listeners import (
     LISTENER_NAMES,
@@ -50,6 +51,7 @@ from mailhaven.app.live import Live
 from mailhaven.app.reload import PreparedReload, prepare_reload
 from mailhaven.app.settings import backoff_policy, plan_limits
 from mailhaven.checks.auth_failures import AuthLimiter
+from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.control import channel as control
 from mailhaven.control.forwarding import Forwarding, forward_etrn, release_in_workers
@@ -102,8 +104,12 @@ class App:
             minfree=config.queue.minfree,
         )
         self.tls: ReloadableTLS | None = None
-        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator, self._etrn)
         self.engine: Engine | None = None
+        #: access lists, DNS lists, greylisting, sender limits (`checks.services`)
+        self.checks = CheckServices(config, alert=PostmasterAlerts(
+            lambda: self.config, lambda: self.engine.smtp.sink if self.engine else None))
+        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator, self._etrn,
+                                 checks=self.checks)
         self.workers: WorkerPool | None = None
         self.pop3: list[Pop3Listener] = []
         self.pickup: Pickup | None = None
@@ -235,6 +241,7 @@ class App:
         await asyncio.to_thread(self._adopt_orphans)
         await asyncio.to_thread(self.spool.open)
         engine = self._build_engine()
+        await self.checks.open()
         self._schedule_releases()
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
@@ -315,6 +322,7 @@ class App:
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self.spool.open)
         engine = self._build_engine()
+        await self.checks.open()
         self.control = control.ControlServer(
             control_socket(config.state_path, role.shard),
             QueueAdmin(
@@ -514,6 +522,15 @@ class App:
             client_names(new, engine.relay_agent)
         )
         engine.runner.reconfigure(backoff_policy(new), plan_limits(new))
+        self.checks.reconfigure(new)
+        if new.checks.greylist.enabled and self.checks.greylist is None:
+            self._spawn(self._open_greylist())
+
+    async def _open_greylist(self) -> None:
+        """Greylisting turned on by a reload: its database opens in a thread, then the MX
+        profile is built afresh so new sessions use it."""
+        await self.checks.open()
+        self.profiles.forget()
 
     async def shutdown(self) -> None:
         for task in self._background:
@@ -538,6 +555,7 @@ class App:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._runner_task
             await engine.relay_agent.close()
+        await self.checks.close()
         await asyncio.to_thread(self.spool.close)
         if self._queue_lock is not None:
             self._queue_lock.release()

@@ -61,7 +61,7 @@ class SpoolSink:
 
 def client_names(config: Config, relay_agent: RelayAgent) -> ClientNames | None:
     """Client name lookups through the relay's resolver (`[relay] nameservers`)."""
-    if not config.reverse_lookup:
+    if not (config.reverse_lookup or config.checks.client.reject_unknown_client):
         return None
     return ClientNames(relay_agent.resolver, config.timeouts.client_lookup)
 

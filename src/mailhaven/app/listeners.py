@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mailhaven.app.live import Live
 from mailhaven.app.settings import server_settings
+from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config, parse_hostport
 from mailhaven.net import acme, selfsigned
 from mailhaven.net.tls import ReloadableTLS
@@ -134,8 +135,11 @@ class Profiles:
         tls: Callable[[], ReloadableTLS | None],
         authenticator: SMTPAuthenticator,
         etrn: Callable[[SessionFacts, str], Awaitable[Reply]],
+        *,
+        checks: CheckServices | None = None,
     ) -> None:
         self.live = live
+        self.checks = checks
         self._tls = tls
         self.authenticator = authenticator
         self._etrn = etrn
@@ -158,6 +162,7 @@ class Profiles:
                 policy=SMTPPolicy(lambda: self.live.router, PolicySettings()),
                 tls_context=self.tls_context,
                 etrn=self._etrn,
+                gate=self.checks.gate(screen=True) if self.checks else None,
             )
         return self._mx
 
@@ -179,4 +184,5 @@ class Profiles:
             ),
             tls_context=self.tls_context,
             authenticator=self.authenticator,
+            gate=self.checks.gate(screen=False) if self.checks else None,
         )

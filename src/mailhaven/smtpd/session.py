@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
 from mailhaven import maillog
+from mailhaven.checks.gate import Gate, Screen
 from mailhaven.faults import crash_point
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
@@ -89,6 +90,8 @@ class ListenerProfile:
     tls_context: Callable[[], ssl.SSLContext | None]
     etrn: Callable[[SessionFacts, str], Awaitable[Reply]] | None = None
     authenticator: Authenticator | None = None
+    #: the abuse checks (`checks.gate`): access lists, DNS lists, greylisting, sender limits
+    gate: Gate | None = None
 
 
 class CommandStats:
@@ -154,6 +157,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         #: the client name lookup before the greeting, while it runs
         self._lookup: asyncio.Future[None] | None = None
         self.stats = CommandStats()
+        #: this client's standing at the gate (its DNS list lookups start at connect)
+        self.screen: Screen | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -174,6 +179,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._flush()
             transport.close()
             return
+        self._open_gate()
         names = self.service.client_names
         if names is None:
             self._connected(self.last_activity)
@@ -415,6 +421,8 @@ class SMTPSession(asyncio.BufferedProtocol):
                     refusal = Reply(
                         450, f"Error: too much mail from {self.facts.client_ip}", "4.7.1"
                     )
+                if refusal is None and self.screen is not None and self.profile.gate:
+                    refusal = self.profile.gate.mail(self.screen, self.facts, event.address)
                 size = event.params.size
                 if refusal is None and self.service.storage is not None and size is not None:
                     refusal = self.service.storage(size)  # without SIZE=: asked at DATA
@@ -427,6 +435,14 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self.conn.accept()
             case ev.RcptTo():
                 refusal = policy.rcpt_to(self.facts, event)
+                if refusal is None and self.screen is not None and self.profile.gate:
+                    answer = self.profile.gate.rcpt(
+                        self.screen, self.facts, self._sender(), event.address
+                    )
+                    if answer is not None and not isinstance(answer, Reply):
+                        self._run(self._gate_rcpt(event.address, answer))
+                        return
+                    refusal = answer
                 if refusal is not None:
                     self._log_reject("RCPT", refusal, self._sender(), event.address)
                     self.conn.respond(refusal)
@@ -466,6 +482,27 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self.stats.count(event)
             case ev.Closed():
                 pass
+
+    # ------------------------------------------------------------------ the gate (checks/)
+
+    def _open_gate(self) -> None:
+        """Hand the new client to the listener's gate: its DNS list lookups start now, in
+        parallel with the client name lookup and the greeting."""
+        gate = self.profile.gate
+        if gate is None or self.transport is None:
+            return
+        local = self.transport.get_extra_info("sockname") or ("", 0)
+        self.screen = gate.connect(self.facts.client_ip, str(local[0]))
+
+    async def _gate_rcpt(self, address: str, answer: Awaitable[Reply | None]) -> None:
+        """A RCPT TO decision that waits on DNS lists or the greylist (reading paused)."""
+        refusal = await answer
+        if refusal is not None:
+            self._log_reject("RCPT", refusal, self._sender(), address)
+            self.conn.respond(refusal)
+        else:
+            self._log_client()
+            self.conn.accept()
 
     def _run(self, coro: Awaitable[None]) -> None:
         """Run a slow decision with reading paused; resume processing when it is answered."""

@@ -1,0 +1,68 @@
+"""Notices to the postmaster from the checks (a user hit the sender limits, `checks.gate`).
+
+In: a subject and a plain-text body, from a synchronous caller inside a session. Out: one small
+message from `MAILER-DAEMON@<hostname>` to `postmaster@<first local domain>`, queued through
+intake like any local mail (null sender: a failure is never bounced), in a task of its own so
+the session that triggered it does not wait; the result is logged. Intake adds Date: and
+Message-ID: (protocol "local").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mailhaven.config import Config
+from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.smtpd.session import MessageSink
+
+log = logging.getLogger("mailhaven.checks")
+
+
+def notice(config: Config, subject: str, text: str) -> tuple[Envelope, bytes]:
+    """The envelope and bytes of one notice to the postmaster."""
+    to = f"postmaster@{config.local_domains[0]}"
+    head = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{config.hostname}>\r\n"
+        f"To: <{to}>\r\nSubject: {subject}\r\nAuto-Submitted: auto-generated\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    )
+    data = (head + text.replace("\r\n", "\n").replace("\n", "\r\n")).encode("utf-8")
+    envelope = Envelope(sender="", recipients=(RecipientSpec(to),), protocol="local",
+                        body_type="7BIT" if data.isascii() else "8BITMIME")
+    return envelope, data
+
+
+class PostmasterAlerts:
+    """`alert(subject, text)` for `checks.services.CheckServices`; the sink comes late (it is
+    built with the engine)."""
+
+    def __init__(self, config: Callable[[], Config], sink: Callable[[], MessageSink | None]) -> None:
+        self._config = config
+        self._sink = sink
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def __call__(self, subject: str, text: str) -> None:
+        task = asyncio.ensure_future(self._send(subject, text))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, subject: str, text: str) -> None:
+        sink = self._sink()
+        envelope, data = notice(self._config(), subject, text)
+        to = envelope.recipients[0].address
+        if sink is None:
+            log.warning("notice to %s not sent (no queue yet): %s", to, subject)
+            return
+        writer = sink.new_message()
+        writer.write(data)
+        try:
+            reply = await sink.accept(writer, envelope, None)
+        except Exception:
+            log.exception("cannot queue the notice to %s: %s", to, subject)
+            return
+        if reply.is_success:
+            log.info("%s: notice to %s: %s", writer.queue_id, to, subject)
+        else:
+            log.warning("notice to %s not queued: %s", to, reply.one_line())
