@@ -238,7 +238,8 @@ class Dnsbl:
     sites: tuple[str, ...] = ()
     #: Refuse at RCPT TO when the weights of the sites listing the client add up to this.
     threshold: int = 1
-    #: Right-hand-side lists asked about the sender's domain (Postfix reject_rhsbl_sender).
+    #: Right-hand-side lists asked about the sender's domain (Postfix reject_rhsbl_sender):
+    #: one listing refuses, whatever `threshold` says.
     sender_domain_sites: tuple[str, ...] = ()
     #: Seconds from connect that RCPT TO waits for the answers; later ones count as unlisted.
     wait: float = 5.0
@@ -303,7 +304,7 @@ def _validate_checks(checks: Checks) -> None:
 
     nets = [("access.client_allow", checks.access.client_allow),
             ("access.client_block", checks.access.client_block),
-            ("greylist.allow_networks", checks.greylist.allow_networks)]  # fmt: skip
+            ("greylist.allow_networks", checks.greylist.allow_networks)]
     for key, values in nets:
         for net in values:
             try:
@@ -319,7 +320,7 @@ def _validate_checks(checks: Checks) -> None:
                     ".domain, user@ or <>"
                 )
     for key, sites in (("sites", checks.dnsbl.sites),
-                       ("sender_domain_sites", checks.dnsbl.sender_domain_sites)):  # fmt: skip
+                       ("sender_domain_sites", checks.dnsbl.sender_domain_sites)):
         for site in sites:
             try:
                 parse_site(site)

@@ -40,7 +40,7 @@ def test_block_wins_over_allow() -> None:
     lists = AccessLists.build(
         client_allow=["192.0.2.0/24"], client_block=["192.0.2.7"],
         sender_allow=["example.org"], sender_block=["spam@example.org"],
-    )  # fmt: skip
+    )
     assert lists.client("192.0.2.7") is BLOCK
     assert lists.client("192.0.2.8") is ALLOW
     assert lists.client("198.51.100.1") is None

@@ -10,7 +10,7 @@ OURS = frozenset({"mx.example.org", "example.org"})
 
 
 def check(settings: ClientCheckSettings, *, ip: str = "192.0.2.1", name: str = "mail.sender.test",
-          helo: str = "mail.sender.test", server: str = "198.51.100.25") -> int | None:  # fmt: skip
+          helo: str = "mail.sender.test", server: str = "198.51.100.25") -> int | None:
     reply = check_client(settings, client_ip=ip, client_name=name, helo=helo, own_addresses=(server,))
     return None if reply is None else reply.code
 
@@ -20,7 +20,7 @@ def check(settings: ClientCheckSettings, *, ip: str = "192.0.2.1", name: str = "
     [("mail.example.org", True), ("mail.example.org.", True), ("[192.0.2.1]", True),
      ("[IPv6:2001:db8::1]", True), ("localhost", False), ("DESKTOP-1234", False),
      ("192.0.2.1", False), ("a..b", False), ("[not-an-ip]", False), ("", False)],
-)  # fmt: skip
+)
 def test_fqdn(helo: str, fqdn: bool) -> None:
     assert is_fqdn(helo) is fqdn
 
@@ -37,8 +37,9 @@ def test_defaults_only_refuse_a_client_claiming_to_be_us() -> None:
 
 def test_a_client_on_this_host_may_name_us() -> None:
     settings = ClientCheckSettings(own_names=OURS)
-    assert check(settings, ip="127.0.0.1", helo="mx.example.org") is None
     assert check(settings, ip="198.51.100.25", helo="[198.51.100.25]") is None
+    assert check(settings, ip="198.51.100.25", helo="mx.example.org") is None
+    assert check(settings, ip="127.0.0.3", helo="mx.example.org") == 554
 
 
 def test_unknown_client_is_a_temporary_refusal() -> None:

@@ -58,7 +58,7 @@ async def test_cache_keeps_answers_for_their_ttl() -> None:
 
 async def test_a_stalled_list_costs_at_most_the_wait_and_lists_nobody() -> None:
     resolver = FakeResolver({"2.0.0.127.other.example": ListAnswer(("127.0.0.2",), 300)},
-                            stall=frozenset({"2.0.0.127.bl.example"}))  # fmt: skip
+                            stall=frozenset({"2.0.0.127.bl.example"}))
     lookup = DnsblLookup(resolver)
     pending = lookup.client(SITES, "127.0.0.2")
     started = time.monotonic()

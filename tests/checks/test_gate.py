@@ -42,7 +42,7 @@ class Lists:
 def config(tmp_path: Path, text: str) -> Config:
     path = tmp_path / "mailhaven.toml"
     path.write_text('hostname = "mx.example.org"\nlocal_domains = ["example.org"]\n'
-                    'trusted_networks = ["10.0.0.0/8"]\n' + text)  # fmt: skip
+                    'trusted_networks = ["10.0.0.0/8"]\n' + text)
     return load(path)
 
 
@@ -53,7 +53,7 @@ async def answer(value: Any) -> Reply | None:
 
 
 def make(tmp_path: Path, text: str = "", *, lists: Lists | None = None, grey: bool = False,
-         screen: bool = True, **kwargs: Any) -> Gate:  # fmt: skip
+         screen: bool = True, **kwargs: Any) -> Gate:
     settings = GateSettings.from_config(config(tmp_path, text), screen=screen)
     store = GreylistStore(tmp_path / "g.sqlite", GreylistSettings()) if grey else None
     if grey:
@@ -62,7 +62,7 @@ def make(tmp_path: Path, text: str = "", *, lists: Lists | None = None, grey: bo
 
 
 async def rcpt(gate: Gate, facts: Facts, sender: str = "a@sender.test",
-               to: str = "bob@example.org") -> Reply | None:  # fmt: skip
+               to: str = "bob@example.org") -> Reply | None:
     screen = gate.connect(facts.client_ip, "198.51.100.25")
     assert gate.mail(screen, facts, sender) is None or facts.auth_user
     return await answer(gate.rcpt(screen, facts, sender, to))
@@ -102,7 +102,7 @@ async def test_trusted_and_authenticated_clients_skip_the_lists(tmp_path: Path, 
 async def test_access_lists(tmp_path: Path) -> None:
     text = DNSBL + ('[checks.access]\nclient_allow = ["192.0.2.0/24"]\nclient_block = ["192.0.2.66"]\n'
                     'sender_block = ["spam.test"]\nrecipient_block = ["noreply@example.org"]\n'
-                    'sender_allow = ["friend.test"]\n')  # fmt: skip
+                    'sender_allow = ["friend.test"]\n')
     listed = Lists({"1.2.0.192.bl.example": ("127.0.0.2",), "1.113.0.203.bl.example": ("127.0.0.2",)})
     gate = make(tmp_path, text, lists=listed)
     assert await rcpt(gate, Facts()) is None  # allowed network: the listing is not asked about
@@ -156,7 +156,7 @@ async def test_greylist_failure_lets_mail_pass(tmp_path: Path) -> None:
 async def test_sender_limits_alert_once(tmp_path: Path) -> None:
     alerts: list[tuple[str, str]] = []
     gate = make(tmp_path, screen=False, senders=SenderLimiter(messages=2, recipients=3),
-                alert=lambda subject, text: alerts.append((subject, text)))  # fmt: skip
+                alert=lambda subject, text: alerts.append((subject, text)))
     facts = Facts(auth_user="bob")
     screen = gate.connect(facts.client_ip)
     assert gate.mail(screen, facts, "bob@example.org") is None

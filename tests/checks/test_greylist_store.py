@@ -10,7 +10,7 @@ from mailhaven.checks.greylist import GreylistSettings
 from mailhaven.checks.greylist_store import GreylistStore
 
 S = GreylistSettings(delay=300, retry_window=3600, allow_lifetime=86400, auto_allow_after=1,
-                     max_entries=50)  # fmt: skip
+                     max_entries=50)
 
 
 def test_triplets_survive_a_reopen(tmp_path: Path) -> None:

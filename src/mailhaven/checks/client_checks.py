@@ -14,8 +14,8 @@ client sees a reply it can log and we log sender and recipient).
   their machine's short name.
 - `reject_own_helo`: HELO claims to be us (our host name, a local domain, or our listening
   address as a literal): only spam software does that. On by default; trusted and
-  authenticated clients are never checked, nor a client on this very host (from loopback or
-  our own address), which says the truth when it names us.
+  authenticated clients are never checked, nor a client connecting from the very address it
+  connects to (a program on this host), which says the truth when it names us.
 
 Pure and synchronous. SECURITY: the HELO argument is the client's word; it is only compared
 and quoted (the SMTP core already bounded its length and charset).
@@ -79,13 +79,6 @@ def claims_to_be_us(helo: str, own_names: Collection[str], own_addresses: Collec
     return any(str(literal) == a for a in own_addresses if a)
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def check_client(
     settings: ClientCheckSettings,
     *,
@@ -97,8 +90,7 @@ def check_client(
     """The first check the client fails, or None (see the module docstring)."""
     if settings.reject_unknown_client and client_name == "unknown":
         return Reply(450, f"Client host rejected: cannot find your hostname, [{client_ip}]", "4.7.25")
-    from_us = client_ip in own_addresses or _is_loopback(client_ip)
-    own = settings.reject_own_helo and helo and not from_us
+    own = settings.reject_own_helo and helo and client_ip not in own_addresses
     if own and claims_to_be_us(helo, settings.own_names, own_addresses):
         return Reply(554, f"<{helo}>: Helo command rejected: host claims to be us", "5.7.1")
     if settings.reject_non_fqdn_helo and not is_fqdn(helo):

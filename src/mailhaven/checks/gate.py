@@ -53,6 +53,11 @@ log = logging.getLogger("mailhaven.checks")
 
 Answer = Reply | None | Awaitable[Reply | None]
 
+#: A sender domain is refused when its lists' weights add up to 1 (Postfix's
+#: reject_rhsbl_sender: one listing is enough); a negative weight still lets an allow list
+#: outweigh them. The client threshold is about scoring many client lists, not these.
+RHS_THRESHOLD = 1
+
 
 class ClientFacts(Protocol):
     """What the gate reads of a session (`smtpd.policy.SessionFacts` has it)."""
@@ -271,7 +276,7 @@ class Gate:
 
     def _domain_listed(self, screen: Screen, sender: str, score: Score) -> Reply | None:
         domain = sender.rpartition("@")[2].lower()
-        if not score.blocks(self.settings.dnsbl_threshold):
+        if not score.blocks(RHS_THRESHOLD):
             return None
         return Reply(554, f"Service unavailable; sender domain {domain} blocked using "
                           f"{score.named}", "5.7.1")
