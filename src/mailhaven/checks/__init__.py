@@ -4,4 +4,9 @@ Each module is one family of checks (connection and message rates, authenticatio
 as they land: DNS lists, greylisting, milters, SPF/DKIM/DMARC/ARC). Checks are policy: they
 return verdicts or `Reply` values and never write to the client themselves. In: client and
 message facts. Out: verdicts. May import net (DNS), spool and proto; never smtpd or pop3d.
+
+The abuse defences (docs/filtering.md): `gate` is the facade a session asks at connect, MAIL
+FROM and RCPT TO, and `services` builds it from the configuration; behind it `access_lists`,
+`client_checks`, `dnsbl` (scores) with `dnsbl_lookup` (parallel, cached, bounded lookups),
+`greylist` (RFC 6647 decisions) with `greylist_store` (SQLite), and `sender_limits`.
 """
