@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -197,3 +198,38 @@ def test_client_checks(mail_server: ServerFactory, dns: DNSServer) -> None:
     assert rcpt(server, "127.0.0.10")[0] == 250  # ten.test confirms 127.0.0.10
     code, text = rcpt(server, "127.0.0.10", helo="desktop")
     assert code == 504 and "<desktop>: Helo command rejected: need fully-qualified hostname" in text
+
+
+def test_reload_turns_lists_and_greylisting_on(mail_server: ServerFactory, dns: DNSServer) -> None:
+    """SIGHUP applies new `[checks]` to new sessions: a DNS list and greylisting, both off at
+    start, refuse and defer after the reload; a bad site keeps the old configuration."""
+    server = mail_server(settings=settings(dns, dnsbl={"sites": []}))
+    assert rcpt(server, "127.0.0.2")[0] == 250
+    server.update_config({"checks": {"dnsbl": {"sites": ["zen.example=127.0.0.[2..9]*3"]},
+                                     "greylist": {"enabled": True}}})
+    server.reload()
+    server.wait_for_log(r"reload: configuration .* applied")
+    assert rcpt(server, "127.0.0.2")[0] == 554
+    deadline = time.monotonic() + 10
+    while (code := rcpt(server, "127.0.0.3")[0]) == 250 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the greylist database opens in a thread just after the reload
+    assert code == 450
+    server.update_config({"checks": {"dnsbl": {"sites": ["zen.example=127.0.0"]}}})
+    server.reload()
+    server.wait_for_log(r"reload: refused, keeping the old configuration .*checks\.dnsbl\.sites")
+    assert rcpt(server, "127.0.0.2")[0] == 554
+
+
+def test_client_hanging_up_while_its_rcpt_waits(mail_server: ServerFactory, dns: DNSServer) -> None:
+    """A RCPT TO waiting on a silent list, then the client leaves: no traceback, no hang, and
+    the next client is served."""
+    server = mail_server(settings=settings(dns, dnsbl={"wait": 3.0}))
+    with socket.create_connection((server.host, server.smtp_port), timeout=10,
+                                  source_address=("127.0.0.5", 0)) as raw:
+        raw.recv(1024)
+        raw.sendall(b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\n")
+        time.sleep(0.3)
+    assert rcpt(server, "127.0.0.3")[0] == 250
+    server.wait_for_log(r"disconnect from unknown\[127\.0\.0\.5\]")
+    time.sleep(3.0)  # past the wait: the abandoned decision has been answered into the void
+    assert "Traceback" not in server.log() and "internal error" not in server.log()
