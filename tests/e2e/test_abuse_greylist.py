@@ -64,6 +64,22 @@ def test_defer_then_pass_across_a_restart(mail_server: ServerFactory) -> None:
         assert db.execute("SELECT count(*) FROM triplets WHERE passed = 1").fetchone()[0] == 1
 
 
+def test_processes_share_the_triplets(mail_server: ServerFactory) -> None:
+    """With `smtp_processes = 2` each process opens the same database: whichever process takes
+    the retry knows the first attempt."""
+    server = mail_server(settings={
+        "trusted_networks": [], "smtp_processes": 2,
+        "checks": {"greylist": {"enabled": True, "delay": DELAY, "retry_window": 60.0,
+                                "auto_allow_after": 0}},
+    })
+    first = time.monotonic()
+    assert attempt(server, "127.0.0.2")[0] == 450
+    time.sleep(max(0.0, first + DELAY + 0.2 - time.monotonic()))
+    codes = [attempt(server, "127.0.0.2")[0] for _ in range(6)]
+    assert codes == [250] * 6
+    assert "Traceback" not in server.log()
+
+
 def test_allow_networks_and_null_sender(mail_server: ServerFactory) -> None:
     server = serve(mail_server, allow_networks=["127.0.0.5/32"], auto_allow_after=0)
     assert attempt(server, "127.0.0.5")[0] == 250
