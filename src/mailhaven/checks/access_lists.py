@@ -20,6 +20,7 @@ SECURITY: the addresses come from the client; they are only compared, never inte
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +53,14 @@ def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address |
     return ip
 
 
-def in_networks(address: str, networks: Sequence[IPNetwork]) -> bool:
-    ip = client_address(address)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def in_networks(address: str | IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
+    """Is `address` (text, or parsed once by `client_address`) in one of `networks`?"""
+    if not networks:  # the usual case: no parsing at all
+        return False
+    ip = client_address(address) if isinstance(address, str) else address
     return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 
@@ -87,10 +94,16 @@ class AddressList:
         return cls(frozenset(addresses), frozenset(domains), tuple(parents),
                    frozenset(locals_), null)
 
+    @functools.cached_property
+    def empty(self) -> bool:
+        return not (self.addresses or self.domains or self.parents or self.locals or self.null)
+
     def __bool__(self) -> bool:
-        return bool(self.addresses or self.domains or self.parents or self.locals or self.null)
+        return not self.empty
 
     def matches(self, address: str) -> bool:
+        if self.empty:  # the usual case, asked at every RCPT TO
+            return False
         if not address:
             return self.null
         text = address.lower()
@@ -144,7 +157,7 @@ class AccessLists:
             AddressList.parse(recipient_block),
         )
 
-    def client(self, address: str) -> Verdict | None:
+    def client(self, address: str | IPAddress | None) -> Verdict | None:
         if in_networks(address, self.client_block):
             return BLOCK
         if in_networks(address, self.client_allow):

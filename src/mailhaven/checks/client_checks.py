@@ -69,6 +69,8 @@ def claims_to_be_us(helo: str, own_names: Collection[str], own_addresses: Collec
     name = helo.rstrip(".").lower()
     if name in own_names:
         return True
+    if not own_addresses or not (name[:1].isdigit() or name[:1] in "[:"):
+        return False  # not an address: no parsing (this runs at every RCPT TO)
     literal = _literal(helo)
     if literal is None:
         # a bare dotted address with our number, without brackets, counts too

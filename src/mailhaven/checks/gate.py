@@ -34,8 +34,10 @@ from mailhaven.checks.access_lists import (
     BLOCK,
     AccessLists,
     AddressList,
+    IPAddress,
     IPNetwork,
     Verdict,
+    client_address,
     in_networks,
     parse_network,
 )
@@ -124,14 +126,18 @@ class GateSettings:
 class Screen:
     """One session's state at the gate: what is known of its client, lookups in flight."""
 
-    __slots__ = ("client_access", "client_ip", "dnsbl", "logged", "rhs", "server_ip", "trusted")
+    __slots__ = ("address", "client_access", "client_check", "client_ip", "dnsbl", "logged",
+                 "rhs", "server_ip", "trusted")
 
-    def __init__(self, client_ip: str, trusted: bool, client_access: Verdict | None,
-                 server_ip: str) -> None:
+    def __init__(self, client_ip: str, address: IPAddress | None, trusted: bool,
+                 client_access: Verdict | None, server_ip: str) -> None:
         self.client_ip = client_ip
+        self.address = address  # parsed once, for the network lists
         self.trusted = trusted
         self.client_access = client_access
         self.server_ip = server_ip
+        #: the client checks' verdict for (name, HELO), which rarely change within a session
+        self.client_check: tuple[str, str, Reply | None] | None = None
         self.dnsbl: Pending | None = None
         self.rhs: dict[str, Pending] = {}
         self.logged = False
@@ -164,8 +170,9 @@ class Gate:
     def connect(self, client_ip: str, server_ip: str = "") -> Screen:
         """A new client: its network's standing, and its DNS list lookups started."""
         s = self.settings
-        screen = Screen(client_ip, in_networks(client_ip, s.trusted), s.access.client(client_ip),
-                        server_ip)
+        address = client_address(client_ip)
+        screen = Screen(client_ip, address, in_networks(address, s.trusted),
+                        s.access.client(address), server_ip)
         if (
             s.screen and s.dnsbl_sites and self.dnsbl is not None
             and not screen.trusted and screen.client_access is None
@@ -210,12 +217,15 @@ class Gate:
             return None
         s = self.settings
         if s.client.enabled:
-            refusal = check_client(
-                s.client, client_ip=facts.client_ip, client_name=facts.client_name,
-                helo=facts.helo, own_addresses=(screen.server_ip,),
-            )
-            if refusal is not None:
-                return refusal
+            known = screen.client_check
+            if known is None or known[:2] != (facts.client_name, facts.helo):
+                refusal = check_client(
+                    s.client, client_ip=facts.client_ip, client_name=facts.client_name,
+                    helo=facts.helo, own_addresses=(screen.server_ip,),
+                )
+                known = screen.client_check = (facts.client_name, facts.helo, refusal)
+            if known[2] is not None:
+                return known[2]
         slow = self._fast_lists(screen, sender)
         if isinstance(slow, Reply):
             return slow
@@ -297,7 +307,7 @@ class Gate:
     async def _greylist(self, screen: Screen, facts: ClientFacts, sender: str,
                         recipient: str) -> Reply | None:
         s = self.settings
-        if in_networks(facts.client_ip, s.greylist_networks):
+        if in_networks(screen.address, s.greylist_networks):
             return None
         if s.greylist_domains.matches(sender.rpartition("@")[2]) or (
             facts.client_name != "unknown" and s.greylist_domains.matches(facts.client_name)
