@@ -233,3 +233,18 @@ def test_client_hanging_up_while_its_rcpt_waits(mail_server: ServerFactory, dns:
     server.wait_for_log(r"disconnect from unknown\[127\.0\.0\.5\]")
     time.sleep(3.0)  # past the wait: the abandoned decision has been answered into the void
     assert "Traceback" not in server.log() and "internal error" not in server.log()
+
+
+def test_pipelined_recipients_wait_in_order(server: MailServer) -> None:
+    """A pipelining client from an address whose list is silent: every RCPT TO waits (at most
+    the wait), and the replies come back in order, then the message is taken."""
+    smtp = client(server, "127.0.0.5")
+    with smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("pipelining")
+        smtp.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<postmaster@localhost>\r\n"
+                  b"RCPT TO:<noreply@localhost>\r\nRCPT TO:<nosuch@localhost>\r\nDATA\r\n")
+        codes = [smtp.getreply()[0] for _ in range(5)]
+        assert codes == [250, 250, 550, 550, 354]  # noreply is blocked, nosuch unknown
+        smtp.send(MESSAGE + b".\r\n")
+        assert smtp.getreply()[0] == 250
