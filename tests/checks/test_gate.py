@@ -170,3 +170,15 @@ async def test_sender_limits_alert_once(tmp_path: Path) -> None:
     assert refused is not None and refused.code == 450
     # one alert per user and window, whichever limit came first
     assert [s for s, _ in alerts] == ["sender rate limit exceeded by bob"]
+
+
+async def test_sender_domain_lookups_per_session_are_bounded(tmp_path: Path) -> None:
+    from mailhaven.checks.gate import MAX_SENDER_DOMAINS
+
+    gate = make(tmp_path, '[checks.dnsbl]\nsender_domain_sites = ["dbl.example"]\n')
+    facts = Facts()
+    screen = gate.connect(facts.client_ip)
+    for n in range(50):
+        gate.mail(screen, facts, f"x@domain{n}.test")
+    assert len(screen.rhs) == MAX_SENDER_DOMAINS
+    assert await answer(gate.rcpt(screen, facts, "x@domain49.test", "bob@example.org")) is None

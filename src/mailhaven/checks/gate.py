@@ -59,6 +59,9 @@ Answer = Reply | None | Awaitable[Reply | None]
 #: reject_rhsbl_sender: one listing is enough); a negative weight still lets an allow list
 #: outweigh them. The client threshold is about scoring many client lists, not these.
 RHS_THRESHOLD = 1
+#: Sender domains whose list lookups one session keeps (memory per session stays bounded
+#: however many MAIL FROM commands it sends).
+MAX_SENDER_DOMAINS = 8
 
 
 class ClientFacts(Protocol):
@@ -192,6 +195,8 @@ class Gate:
         domain = sender.rpartition("@")[2].lower()
         wanted = s.rhs_sites and domain and domain not in screen.rhs
         if wanted and self.dnsbl is not None and self._screened(screen, facts):
+            if len(screen.rhs) >= MAX_SENDER_DOMAINS:  # a session trying domain after domain
+                del screen.rhs[next(iter(screen.rhs))]
             screen.rhs[domain] = self.dnsbl.domain(s.rhs_sites, domain)  # awaited at RCPT TO
         return None
 
