@@ -248,3 +248,20 @@ def test_pipelined_recipients_wait_in_order(server: MailServer) -> None:
         assert codes == [250, 250, 550, 550, 354]  # noreply is blocked, nosuch unknown
         smtp.send(MESSAGE + b".\r\n")
         assert smtp.getreply()[0] == 250
+
+
+def test_ipv6_client_is_looked_up_by_nibbles(mail_server: ServerFactory) -> None:
+    """RFC 5782 §2.4: an IPv6 client (::1 here) is asked about as 32 reversed nibbles."""
+    nibbles = ".".join(reversed("0" * 31 + "1"))
+    with DNSServer({f"{nibbles}.zen.example": {"A": ["127.0.0.2"]}}) as six:
+        host, port = six.address
+        server = mail_server(host="::1", settings={
+            "trusted_networks": [], "relay": {"nameservers": [f"{host}:{port}"]},
+            "checks": {"dnsbl": {"sites": ["zen.example"], "wait": 2.0}},
+        })
+        with smtplib.SMTP("::1", server.smtp_port, "client.test", 10) as smtp:
+            smtp.ehlo()
+            smtp.mail("sender@example.org")
+            code, text = smtp.rcpt("postmaster@localhost")
+        assert (code, text.decode()) == (554, "5.7.1 Service unavailable; client [::1] blocked using zen.example")
+        assert (f"{nibbles}.zen.example", "A", "udp") in six.queries
