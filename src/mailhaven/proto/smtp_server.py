@@ -88,6 +88,22 @@ _GROUP_ENDERS = frozenset(
     {"EHLO", "HELO", "LHLO", "DATA", "VRFY", "EXPN", "NOOP", "HELP", "ETRN", "AUTH"}
 )
 
+#: The event types that wait for an answer (`ev.Decision`), for a cheap test per event.
+_DECISIONS = frozenset(ev.Decision.__args__)
+#: Verbs that some listeners cannot run at all (`refuse_unavailable`).
+_LISTENER_VERBS = frozenset({"STARTTLS", "ETRN", "AUTH"})
+
+
+def _stat_names(lmtp: bool) -> dict[str, str]:
+    """Verb -> its name in the statistics (`Answered`); absent verbs count as "unknown"."""
+    verdicts = (LMTP_COMMANDS if lmtp else SMTP_COMMANDS)[State.READY]
+    known = [v for v, verdict in verdicts.items() if verdict is not r.UNRECOGNIZED]
+    return {verb: verb.lower() for verb in (*known, *OBSOLETE)}
+
+
+_SMTP_STAT_NAMES = _stat_names(lmtp=False)
+_LMTP_STAT_NAMES = _stat_names(lmtp=True)
+
 
 class ServerConnection:
     """One SMTP session's protocol state. Not thread-safe; one per connection."""
@@ -107,6 +123,7 @@ class ServerConnection:
         #: `452 4.3.1` (spool full) is sent instead of 354 / instead of taking the chunk.
         self.data_gate: Callable[[], Reply | None] | None = None
         self._commands = LMTP_COMMANDS if settings.lmtp else SMTP_COMMANDS
+        self._stat_names = _LMTP_STAT_NAMES if settings.lmtp else _SMTP_STAT_NAMES
         self._in = bytearray()
         self._out = bytearray()
         self._events: deque[ev.Event] = deque()
@@ -192,7 +209,7 @@ class ServerConnection:
         while True:
             if self._events:
                 event = self._events.popleft()
-                if isinstance(event, ev.Decision):
+                if type(event) in _DECISIONS:
                     self._pending = event
                 return event
             if self._pending is not None:
@@ -422,8 +439,7 @@ class ServerConnection:
         verb, _, arg = text.partition(" ")
         verb = verb.upper() if verb.isascii() else verb
         verdicts = self._commands[self.state]
-        known = (verb in verdicts and verdicts[verb] is not r.UNRECOGNIZED) or verb in OBSOLETE
-        self._verb = verb.lower() if known else "unknown"
+        self._verb = self._stat_names.get(verb, "unknown")
         refusal = check_line(s, verb, raw)
         if refusal is not None:
             return self._send(refusal)
@@ -438,8 +454,7 @@ class ServerConnection:
         arg = arg.strip(" ")
         if verb not in verdicts:
             return self._send(r.NOT_IMPLEMENTED if verb in OBSOLETE else r.UNRECOGNIZED)
-        refusal = refuse_unavailable(s, verb, self.tls)
-        if refusal is not None:
+        if verb in _LISTENER_VERBS and (refusal := refuse_unavailable(s, verb, self.tls)):
             return self._send(refusal)
         verdict = verdicts[verb]
         if verb == "BDAT":  # refused or not, the chunk is read (RFC 3030 §2)
