@@ -241,3 +241,12 @@ def test_client_core_against_server_core(pipelining: bool) -> None:
         "no@y.test": Reply(550, "no such user", "5.1.1"),
         "c@y.test": Reply(452, "full", "4.2.2"),
     }
+
+
+def test_help_lists_lhlo_not_helo() -> None:
+    run = both(b"HELP\r\nHELP EHLO\r\n")
+    listing = run.text().split("\r\n")[2]
+    assert "LHLO" in listing.split() and "EHLO" not in listing.split()
+    assert "not available here: this is LMTP: use LHLO" in run.text()
+    smtp = converse(b"HELP\r\n", settings=ServerSettings(hostname="mx.test"))
+    assert "LHLO" not in smtp.text()
