@@ -3,7 +3,7 @@
 The "server" is a stream of replies generated without looking at what the client sent: a
 plausible session with replies replaced, inserted or cut off, or random replies (wrong codes, 421s,
 multi-line replies whose codes disagree, bare-LF line ends, lines over the 2048-octet cap,
-garbage, EHLO lists with random keywords) and early EOF. The driver plays the caller (starts a couple of transactions, sends the
+garbage, EHLO lists with random keywords) and early EOF, in SMTP and in LMTP mode. The driver plays the caller (starts a couple of transactions, sends the
 body, completes or fails TLS). Properties:
 
 - nothing raises: the core's own transition check (`TRANSITIONS`) and every caller-side call
@@ -78,6 +78,7 @@ class Setup:
     tls_works: bool
     transactions: tuple[sc.MailTransaction, ...]
     body: bytes
+    lmtp: bool = False
 
 
 _rcpt = st.sampled_from(
@@ -109,6 +110,7 @@ setups = st.builds(
     tls_works=st.booleans(),
     transactions=st.lists(_txn, max_size=3).map(tuple),
     body=st.sampled_from([b"Subject: x\n\nbody\n", b".\r\n", b"a\rb\r\n.\n..", b""]),
+    lmtp=st.sampled_from([False, False, True]),
 )
 
 
@@ -129,8 +131,11 @@ def happy_replies(setup: Setup) -> list[bytes]:
         out.append(b"235 2.7.0 Authentication successful\r\n")
     for txn in setup.transactions:
         out.append(b"250 2.1.0 Ok\r\n")
-        out += [b"250 2.1.5 Ok\r\n"] * len({r.address for r in txn.recipients})
-        out += [b"354 End data with <CR><LF>.<CR><LF>\r\n", b"250 2.0.0 Ok: queued as X\r\n"]
+        distinct = len({r.address for r in txn.recipients})
+        out += [b"250 2.1.5 Ok\r\n"] * distinct
+        out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        # LMTP (RFC 2033 §4.2): one reply per accepted recipient after the body
+        out += [b"250 2.0.0 Ok: delivered\r\n"] * (distinct if setup.lmtp else 1)
     return [*out, b"221 2.0.0 Bye\r\n"]
 
 
@@ -171,6 +176,7 @@ def play(segments: list[list[bytes]], setup: Setup) -> tuple[list[sc.Event], byt
         credentials=setup.credentials,
         allow_plaintext_auth=setup.allow_plaintext_auth,
         tls_active=setup.tls_active,
+        lmtp=setup.lmtp,
     )
     chunks = [chunk for segment in segments for chunk in segment if chunk]
     todo = list(setup.transactions)

@@ -3,7 +3,7 @@
 Sessions are built from a grammar of valid commands, near-valid variants (case, spacing, missing
 colon, junk parameters), over-long lines, NUL / 8-bit / bare CR / bare LF bytes, pipelined
 batches, DATA bodies with dot-stuffing edge cases, BDAT chunks (declared size right, short or
-long), AUTH exchanges and STARTTLS. The properties:
+long), AUTH exchanges and STARTTLS, against SMTP and LMTP listeners. The properties:
 
 - feeding them never raises (only the core's own ProtocolUsageError would be a driver bug);
 - every byte the core writes is well-formed SMTP: 3-digit replies from the core's repertoire,
@@ -120,7 +120,7 @@ def _command(draw: st.DrawFn) -> bytes:
     kind = draw(st.integers(0, 21))
     match kind:
         case 0 | 1:
-            verb = draw(st.sampled_from([b"EHLO", b"HELO", b"ehlo"]))
+            verb = draw(st.sampled_from([b"EHLO", b"HELO", b"ehlo", b"LHLO"]))
             arg = draw(st.sampled_from([b" client.test", b"", b" a b", b" [1.2.3.4]", b"  x"]))
             return verb + arg
         case 2 | 3:
@@ -207,7 +207,9 @@ def _bdat(draw: st.DrawFn) -> bytes:
 
 
 _prefix = st.sampled_from(
-    [b"", b"EHLO client.test\r\n", b"HELO client.test\r\n",
+    [b"", b"EHLO client.test\r\n", b"HELO client.test\r\n", b"LHLO client.test\r\n",
+     b"LHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<alice@example.org>\r\n"
+     b"RCPT TO:<temp@example.org>\r\n",
      b"EHLO client.test\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<alice@example.org>\r\n"]
 )  # fmt: skip
 
@@ -266,6 +268,7 @@ server_settings = st.builds(
     etrn=st.booleans(),
     forbid_unauth_pipelining=st.just(False),
     max_commands=st.sampled_from([5, 10_000, 10_000, 10_000]),
+    lmtp=st.sampled_from([False, False, True]),
 )
 
 
