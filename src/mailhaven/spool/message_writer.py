@@ -171,6 +171,22 @@ class MessageWriter:
             self._path.unlink(missing_ok=True)
             self._path = None
 
+    def sibling(self) -> MessageWriter:
+        """A new, empty writer for the same queue id: a milter's edited copy of this message
+        is written there (the queue id was already shown to the client and the milters)."""
+        return MessageWriter(self.queue_id, self._tmp_dir, self._inline_limit)
+
+    def read_back(self) -> BinaryIO:
+        """A read stream over what was written so far (a milter is shown the message, and an
+        edited copy is made from it); blocking reads when the body was spilled."""
+        self.check()
+        if self._file is None:
+            return io.BytesIO(bytes(self._buffer))
+        assert self._path is not None
+        self._reap(0)
+        self._file.flush()
+        return open(self._path, "rb")  # noqa: SIM115 - the caller closes it
+
     def __enter__(self) -> MessageWriter:
         return self
 
