@@ -378,6 +378,20 @@ class Config:
     #: Off by default: the defaults serve loopback, and a host without working DNS would make
     #: each new client wait `timeouts.client_lookup` for nothing.
     reverse_lookup: bool = False
+    # -- milters (issue 22; docs/filtering.md "Milters"): Postfix's smtpd_milters & co.
+    #: Milters for the MX listener, in order: "inet:host:port", "inet:[v6]:port", "unix:/path".
+    milters: tuple[str, ...] = ()
+    #: Milters for the submission listeners (DKIM signers, outbound scanning).
+    submission_milters: tuple[str, ...] = ()
+    #: When a milter is down or misbehaves: "tempfail" (451 4.7.1), "accept" or "reject".
+    milter_default_action: str = "tempfail"
+    #: Seconds to connect to a milter and negotiate (Postfix milter_connect_timeout).
+    milter_connect_timeout: float = 30.0
+    #: Seconds a milter may take over CONNECT, HELO, MAIL, RCPT (milter_command_timeout).
+    milter_command_timeout: float = 30.0
+    #: Seconds a milter may take over the message content (milter_content_timeout).
+    milter_content_timeout: float = 300.0
+    # -- end of milters
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -417,6 +431,36 @@ def parse_hostport(text: str) -> tuple[str, int]:
         return hostport.parse_hostport(text)
     except hostport.BadHostPort as err:
         raise ConfigError(str(err)) from None
+
+
+def parse_milter(text: str) -> tuple[str, int]:
+    """A milter address (Postfix's syntax) -> (host, port), or (path, 0) for a UNIX socket:
+    `inet:127.0.0.1:11332`, `inet:[::1]:11332`, `inet:localhost:8891`, `unix:/run/x.sock`."""
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "unix" and rest.startswith("/"):
+        return rest, 0
+    if sep and kind in ("inet", "inet6"):
+        if rest.startswith("["):
+            host, sep2, port = rest[1:].partition("]:")
+        else:
+            host, sep2, port = rest.rpartition(":")
+        if sep2 and host and port.isdigit() and 0 < int(port) <= MAX_PORT:
+            return host, int(port)
+    raise ConfigError(f"bad milter address {text!r}: expected inet:host:port or unix:/path")
+
+
+def _check_milters(config: Config) -> None:
+    for key in ("milters", "submission_milters"):
+        for spec in getattr(config, key):
+            try:
+                parse_milter(spec)
+            except ConfigError as err:
+                raise ConfigError(f"{key}: {err}") from None
+    if config.milter_default_action not in ("tempfail", "accept", "reject"):
+        raise ConfigError('milter_default_action: "tempfail", "accept" or "reject"')
+    for key in ("milter_connect_timeout", "milter_command_timeout", "milter_content_timeout"):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive")
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -531,6 +575,7 @@ def validate(config: Config) -> Config:
     if not config.local_domains:
         raise ConfigError("local_domains: at least one domain is needed")
     _check_numbers(config)
+    _check_milters(config)
     _check_next_hops(config)
     _check_aliases(config)
     _validate_checks(config.checks)

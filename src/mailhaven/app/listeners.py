@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mailhaven.app.live import Live
 from mailhaven.app.settings import server_settings
+from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config, parse_hostport
 from mailhaven.net import acme, selfsigned
@@ -163,6 +164,7 @@ class Profiles:
                 tls_context=self.tls_context,
                 etrn=self._etrn,
                 gate=self.checks.gate(screen=True) if self.checks else None,
+                milters=milter_settings(config, "smtp"),
             )
         return self._mx
 
@@ -185,4 +187,5 @@ class Profiles:
             tls_context=self.tls_context,
             authenticator=self.authenticator,
             gate=self.checks.gate(screen=False) if self.checks else None,
+            milters=milter_settings(self.live.config, "submission"),
         )

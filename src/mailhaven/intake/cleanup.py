@@ -28,6 +28,7 @@ HELO can never inject header lines.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -49,6 +50,8 @@ log = logging.getLogger("mailhaven.queue")
 #: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
 cleanup_log = logging.getLogger("mailhaven.intake")
 
+#: `Envelope.extra` key: a milter quarantined the message (the value is its reason).
+MILTER_HOLD = "milter_hold"
 #: More Received: fields than this means a mail loop (RFC 5321 §6.3; Postfix hopcount_limit).
 MAX_HOPS = 50
 #: Only this much of the message start is scanned for header fields (cheap, bounded).
@@ -271,6 +274,10 @@ class Intake:
                 writer.abort()
                 return Refused(Reply(554, "Too many hops: mail forwarding loop", "5.4.6"))
             recipients = expand_recipients(envelope, self._expand, self._held)
+            # -- milter quarantine: held like `postsuper -h` until an administrator releases it
+            if MILTER_HOLD in envelope.extra:
+                recipients = [dataclasses.replace(r, hold=r.hold | Hold.ADMIN) for r in recipients]
+                cleanup_log.info("%s: milter-hold: %s", qid, envelope.extra[MILTER_HOLD])
             now = self._clock()
             header = received_header(
                 envelope, queue_id=qid, hostname=self._hostname, now=now, tls=tls

@@ -275,7 +275,7 @@ def parse_reply_code(text: str) -> Reply:
     """SMFIR_REPLYCODE's text ("550 5.7.1 go away", lines joined by CRLF) as a `Reply`."""
     lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
     code = lines[0][:3]
-    if not (code.isdigit() and code[0] in "45") or len(lines[0]) > 3 and lines[0][3] not in " -":
+    if not (code.isdigit() and code[0] in "45") or (len(lines[0]) > 3 and lines[0][3] not in " -"):
         raise ProtocolError(f"bad reply code {text[:40]!r}")
     texts: list[str] = []
     enhanced: str | None = None
@@ -341,6 +341,10 @@ class MilterConnection:
         if self.protocol & SMFIP_MDS_256K:
             return 256 * 1024
         return CHUNK_SIZE
+
+    @property
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def wants(self, stage: Stage) -> bool:
         """Whether the milter asked to see `stage` at all."""
@@ -499,9 +503,10 @@ class MilterConnection:
             self._pending.popleft()
             self._events.append(Verdict(stage, action, reply))
             return
-        action = _ACTIONS.get(command)
-        if action is None:
+        known = _ACTIONS.get(command)
+        if known is None:
             raise ProtocolError(f"unknown reply {command!r}")
+        action = known
         if action is Action.SKIP and not (stage is Stage.BODY and self.protocol & SMFIP_SKIP):
             raise ProtocolError("skip outside a body chunk")
         self._pending.popleft()
@@ -511,7 +516,7 @@ class MilterConnection:
         if len(data) < 12:
             raise ProtocolError("short option negotiation")
         version, actions, protocol = struct.unpack_from(">III", data)
-        if not MIN_VERSION <= version:
+        if not version >= MIN_VERSION:
             raise ProtocolError(f"milter protocol version {version} not supported")
         if actions & ~self.offered_actions:
             raise ProtocolError(f"milter wants actions 0x{actions:x} beyond 0x{self.offered_actions:x}")

@@ -103,10 +103,24 @@ def field_bytes(name: str, value: str, *, leading_space: bool) -> bytes:
 HeaderEdit = AddHeader | InsertHeader | ChangeHeader
 
 
-def apply_edits(header: Header, edits: list[HeaderEdit], *, leading_space: bool) -> bytes:
-    """The new header section (without the separator) after `edits`, in order."""
+def apply_edits(
+    header: Header, edits: list[HeaderEdit], *, leading_space: bool, trace_first: bool = False
+) -> bytes:
+    """The new header section (without the separator) after `edits`, in order.
+
+    `trace_first`: milters were shown our own `Received:` field first (as Postfix shows its
+    own); it is stored before this section by intake, so indexes are shifted past it and it
+    cannot itself be changed or deleted."""
     fields: list[tuple[str, bytes]] = [(f.name, f.raw) for f in header.fields]
     for edit in edits:
+        if trace_first:
+            match edit:
+                case InsertHeader(index, name, value):
+                    edit = InsertHeader(max(index - 1, 0), name, value)
+                case ChangeHeader(index, name, value) if name.lower() == "received":
+                    if index <= 1:
+                        continue
+                    edit = ChangeHeader(index - 1, name, value)
         match edit:
             case AddHeader(name, value):
                 fields.append((name, field_bytes(name, value, leading_space=leading_space)))

@@ -21,12 +21,16 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 from mailhaven import maillog
 from mailhaven.checks.gate import Gate, Screen
+from mailhaven.checks.milter.chain import MilterChain
+from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
+from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.faults import crash_point
+from mailhaven.intake.cleanup import MILTER_HOLD
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.net.stream import start_tls
@@ -34,6 +38,7 @@ from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerConnection, ServerSettings, State, Wait
+from mailhaven.smtpd import milters as mlt
 from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
 
 if TYPE_CHECKING:
@@ -92,6 +97,8 @@ class ListenerProfile:
     authenticator: Authenticator | None = None
     #: the abuse checks (`checks.gate`): access lists, DNS lists, greylisting, sender limits
     gate: Gate | None = None
+    #: content scanners and signers for this listener (`milters`/`submission_milters`)
+    milters: MilterSettings | None = None
 
 
 class CommandStats:
@@ -159,6 +166,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.stats = CommandStats()
         #: this client's standing at the gate (its DNS list lookups start at connect)
         self.screen: Screen | None = None
+        #: this session's milters (None: the listener has none)
+        self.milters: MilterChain | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -206,6 +215,7 @@ class SMTPSession(asyncio.BufferedProtocol):
     def _connected(self, since: float) -> None:
         """Log the connect and greet, `greet_pause` after the connection came (`since`)."""
         maillog.info(log, "connect from %s", self.label)
+        self._start_milters()
         pause = self.service.limits.greet_pause
         left = since + pause - self.service.loop.time() if pause > 0 else 0.0
         if left > 0:
@@ -249,6 +259,8 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._lookup = None
             maillog.info(log, "connect from %s", self.label)
         self._discard_message()
+        if self.milters is not None:
+            self.milters.close()
         self.service.forget(self)
         if not self.conn.closed and self.conn.in_transaction:
             log.info("lost connection after %s from %s", self._last_command(), self.label)
@@ -320,6 +332,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+        if self.milters is not None:
+            self.milters.abort()
 
     def timeout(self, what: str = "timeout") -> None:
         """Called by the service's reaper when the client has been silent too long, or has
@@ -414,6 +428,9 @@ class SMTPSession(asyncio.BufferedProtocol):
         match event:
             case ev.Hello():
                 self.facts.helo = event.name
+                if self.milters is not None:
+                    self._run(self._milter_helo(event))
+                    return
                 self.conn.accept()
             case ev.MailFrom():
                 refusal = policy.mail_from(self.facts, event)
@@ -432,6 +449,9 @@ class SMTPSession(asyncio.BufferedProtocol):
                     return
                 self.writer = self.service.sink.new_message()
                 self._client_logged = False
+                if self.milters is not None:
+                    self._run(self._milter_mail(event, self.writer.queue_id))
+                    return
                 self.conn.accept()
             case ev.RcptTo():
                 refusal = policy.rcpt_to(self.facts, event)
@@ -446,6 +466,8 @@ class SMTPSession(asyncio.BufferedProtocol):
                 if refusal is not None:
                     self._log_reject("RCPT", refusal, self._sender(), event.address)
                     self.conn.respond(refusal)
+                elif self.milters is not None:
+                    self._run(self._milter_rcpt(event))
                 else:
                     self._log_client()
                     self.conn.accept()
@@ -579,7 +601,16 @@ class SMTPSession(asyncio.BufferedProtocol):
         if writer is None:
             writer = self.service.sink.new_message()
         try:
-            reply = await self.service.sink.accept(writer, self._envelope(), self.facts.tls)
+            envelope = self._envelope()
+            if self.milters is not None:
+                milter = await self._milter_eom(writer, envelope)
+                if isinstance(milter, Reply):
+                    self.conn.respond(milter)
+                    if milter.code == 421:
+                        self.close_with(milter)
+                    return
+                writer, envelope = milter
+            reply = await self.service.sink.accept(writer, envelope, self.facts.tls)
         except Exception:
             log.exception("%s: cannot queue message from %s", writer.queue_id, self.label)
             writer.abort()
@@ -682,3 +713,109 @@ class SMTPSession(asyncio.BufferedProtocol):
         if user is not None and reply.is_success:
             self.facts.auth_user = user
         self.conn.auth_finish(reply, user)
+
+    # ------------------------------------------------------------------ milters (issue 22)
+
+    def _start_milters(self) -> None:
+        settings = self.profile.milters
+        if settings is None or not settings.active or self.transport is None:
+            return
+        peer = self.transport.get_extra_info("peername") or ("", 0)
+        local = self.transport.get_extra_info("sockname") or ("", 0)
+        port = int(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else 0
+        self.milters = MilterChain(settings)
+        macros = mlt.connect_macros(self.facts, settings.hostname, self.profile.name, str(local[0]))
+        self.milters.start(self.facts.client_name, self.facts.client_ip, port, macros)
+
+    def _milter_log(
+        self, what: str, stage: str, reply_text: str, rcpt: str | None = None, qid: str | None = None
+    ) -> None:
+        mlt.log_action(
+            qid or (self.writer.queue_id if self.writer is not None else None),
+            what,
+            stage,
+            self.label,
+            reply_text,
+            sender=self._sender(),
+            rcpt=rcpt,
+            extended=self.conn.extended,
+            helo=self.facts.helo,
+        )
+
+    def _milter_refused(self, reply: Reply) -> None:
+        self.conn.respond(reply)
+        if reply.code == 421:
+            self.close_with(reply)
+
+    async def _milter_helo(self, event: ev.Hello) -> None:
+        assert self.milters is not None
+        refusal = await self.milters.helo(event.name, mlt.helo_macros(self.facts))
+        if refusal is None:
+            self.conn.accept()
+            return
+        self._milter_log("reject", "HELO", refusal.one_line())
+        self._milter_refused(refusal)
+
+    async def _milter_mail(self, event: ev.MailFrom, queue_id: str) -> None:
+        assert self.milters is not None
+        refusal = await self.milters.mail(
+            event.address, mlt.mail_args(event), mlt.mail_macros(self.facts, queue_id, event)
+        )
+        if refusal is None:
+            self.conn.accept()
+            return
+        mlt.log_action(
+            None, "reject", "MAIL", self.label, refusal.one_line(), sender=event.address,
+            rcpt=None, extended=self.conn.extended, helo=self.facts.helo,
+        )
+        self._discard_message()
+        self._milter_refused(refusal)
+
+    async def _milter_rcpt(self, event: ev.RcptTo) -> None:
+        assert self.milters is not None
+        refusal = await self.milters.rcpt(event.address, [], mlt.rcpt_macros(event))
+        if refusal is None:
+            self._log_client()
+            self.conn.accept()
+            return
+        self._milter_log("reject", "RCPT", refusal.one_line(), event.address)
+        self._milter_refused(refusal)
+
+    async def _milter_eom(self, writer: Writer, envelope: Envelope) -> Reply | tuple[Writer, Envelope]:
+        """The milters' verdict on the whole message: a reply to send now (refused, or
+        discarded: 250 without queueing), or the message and envelope to queue."""
+        assert self.milters is not None
+        source = cast(mlt.EditableWriter, writer)
+        verdict = await self.milters.end_of_message(
+            source,
+            source.sibling,
+            {"i": writer.queue_id},
+            mlt.trace_field(envelope, writer.queue_id, self.profile.settings.hostname, self.facts.tls),
+        )
+        rcpt = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
+        if verdict.refusal is not None:
+            writer.abort()
+            self._milter_log(
+                "reject", "END-OF-MESSAGE", mlt.detail(verdict.refusal), rcpt, writer.queue_id
+            )
+            return verdict.refusal
+        if verdict.discard:
+            writer.abort()
+            self._milter_log(
+                "discard", "END-OF-MESSAGE", "milter triggers DISCARD action", rcpt, writer.queue_id
+            )
+            return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
+        for note in verdict.notes:
+            log.info("%s: milter %s", writer.queue_id, note)
+        if verdict.edited:
+            envelope = edit_envelope(envelope, verdict)
+            writer = cast(Writer, await rewrite(source, verdict, source.sibling))
+        if verdict.quarantine is not None:
+            envelope = replace(envelope, extra={**envelope.extra, MILTER_HOLD: verdict.quarantine})
+        if not envelope.recipients:
+            writer.abort()
+            self._milter_log(
+                "discard", "END-OF-MESSAGE", "milter removed all recipients", rcpt, writer.queue_id
+            )
+            return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
+        return writer, envelope

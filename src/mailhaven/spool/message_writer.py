@@ -185,7 +185,7 @@ class MessageWriter:
         assert self._path is not None
         self._reap(0)
         self._file.flush()
-        return open(self._path, "rb")  # noqa: SIM115 - the caller closes it
+        return open(self._path, "rb")
 
     def __enter__(self) -> MessageWriter:
         return self
