@@ -139,7 +139,9 @@ class MilterChain:
                 self.settings.command_timeout,
             )
 
-        self.session_refusal = await self._decide(m.Stage.CONNECT, one, session=True)
+        self.session_refusal = await self._decide(
+            m.Stage.CONNECT, one, session=True, defaults=False
+        )
 
     async def _ready(self) -> None:
         if self._opening is not None:
@@ -152,6 +154,7 @@ class MilterChain:
             m.Stage.HELO,
             lambda s: self._ask(s, lambda c: c.helo(name, self.macros), self.settings.command_timeout),
             session=True,
+            defaults=False,
         )
         if refusal is not None and self.session_refusal is None:
             self.session_refusal = refusal
@@ -220,7 +223,11 @@ class MilterChain:
         ask: Callable[[_State], Any],
         *,
         session: bool = False,
+        defaults: bool = True,
     ) -> Reply | None:
+        """Ask every milter still in play; the first refusal in list order. `defaults`: a
+        milter that is down counts with `default_action` (not at HELO: like Postfix, a
+        client is refused at MAIL, where it expects refusals)."""
         states = [s for s in self._states if self._usable(s, session)]
         dead = [s for s in self._states if s.client.down is not None]
         if len(states) == 1:
@@ -237,9 +244,8 @@ class MilterChain:
             reply = self._verdict(state, stage, result, session)
             if reply is not None and refusal is None:
                 refusal = reply
-        if refusal is None:
-            for _ in dead:
-                refusal = refusal or self._default_reply()
+        if refusal is None and dead and defaults:
+            refusal = self._default_reply()
         return refusal
 
     def _default_reply(self) -> Reply | None:
