@@ -82,7 +82,7 @@ def test_clean_message_gets_rspamd_headers(server: MailServer) -> None:
     # rspamd's insert at index 1 lands right under our Received: (after Return-Path and
     # Delivered-To, which local delivery adds on top)
     assert names.index("Authentication-Results") == names.index("Received") + 1
-    queue_id = next(l for l in lines if l.startswith("X-Rspamd-Queue-Id:")).split()[1]
+    queue_id = next(x for x in lines if x.startswith("X-Rspamd-Queue-Id:")).split()[1]
     server.wait_for_log(rf"{queue_id}: milter inet:127\.0\.0\.1:\d+: .*AddHeader=\d+")
 
 

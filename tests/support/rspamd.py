@@ -39,11 +39,7 @@ START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 #: modules that only ask the network (or redis); off so a scan never waits for them
-OFF = (
-    "rbl surbl url_redirector fuzzy_check asn spf dkim dmarc arc emails phishing greylist "
-    "ratelimit replies neural history_redis dcc mx_check dkim_signing elastic clickhouse "
-    "metadata_exporter reputation url_reputation hfilter external_services"
-).split()
+OFF = ["rbl", "surbl", "url_redirector", "fuzzy_check", "asn", "spf", "dkim", "dmarc", "arc", "emails", "phishing", "greylist", "ratelimit", "replies", "neural", "history_redis", "dcc", "mx_check", "dkim_signing", "elastic", "clickhouse", "metadata_exporter", "reputation", "url_reputation", "hfilter", "external_services"]
 
 
 def skip_reason() -> str | None:
