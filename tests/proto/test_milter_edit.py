@@ -62,3 +62,8 @@ def test_values_cannot_inject_fields() -> None:
     for bad in ("", "Bad Name", "Colon:", "Ä"):
         with pytest.raises(ValueError):
             field_bytes(bad, "v", leading_space=False)
+
+
+def test_value_with_its_own_space_gets_no_second_one() -> None:
+    assert field_bytes("DKIM-Signature", " v=1", leading_space=False) == b"DKIM-Signature: v=1\r\n"
+    assert field_bytes("X", "v", leading_space=True) == b"X:v\r\n"

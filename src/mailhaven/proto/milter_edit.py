@@ -93,7 +93,9 @@ def field_bytes(name: str, value: str, *, leading_space: bool) -> bytes:
         raise ValueError(f"bad header field name {name[:40]!r}")
     lines = value.replace("\r\n", "\n").replace("\r", "\n").replace("\0", "").split("\n")
     first, rest = lines[0], lines[1:]
-    sep = ":" if leading_space else ": "
+    # Postfix's rule: a space after the colon unless the value brings its own (OpenDKIM's
+    # values start with one) or the milter negotiated to send it verbatim
+    sep = ":" if leading_space or first[:1] in (" ", "\t") else ": "
     out = name + sep + first
     for line in rest:
         out += "\r\n" + (line if line[:1] in (" ", "\t") else "\t" + line)
