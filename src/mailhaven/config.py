@@ -391,6 +391,9 @@ class Config:
     milter_command_timeout: float = 30.0
     #: Seconds a milter may take over the message content (milter_content_timeout).
     milter_content_timeout: float = 300.0
+    #: Milter addresses (from the lists above) whose connection serves SMTP session after SMTP
+    #: session (SMFIC_QUIT_NC): rspamd supports it; leave libmilter-based milters out.
+    milter_reuse: tuple[str, ...] = ()
     # -- end of milters
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
@@ -450,7 +453,7 @@ def parse_milter(text: str) -> tuple[str, int]:
 
 
 def _check_milters(config: Config) -> None:
-    for key in ("milters", "submission_milters"):
+    for key in ("milters", "submission_milters", "milter_reuse"):
         for spec in getattr(config, key):
             try:
                 parse_milter(spec)

@@ -343,12 +343,22 @@ class MilterConnection:
         return CHUNK_SIZE
 
     @property
+    def unsent(self) -> int:
+        """Bytes queued for the milter and not yet taken by `data_to_send`."""
+        return len(self._out)
+
+    @property
     def has_events(self) -> bool:
         return bool(self._events)
 
     def wants(self, stage: Stage) -> bool:
         """Whether the milter asked to see `stage` at all."""
         return not self.protocol & _COMMANDS[stage][1]
+
+    def owes_reply(self, stage: Stage) -> bool:
+        """Whether sending `stage` now would owe a reply (it is wanted and not SMFIP_NR_*)."""
+        _, no_bit, nr_bit, _ = _COMMANDS[stage]
+        return self.failed is None and not self.protocol & (no_bit | nr_bit)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -433,6 +443,12 @@ class MilterConnection:
         for earlier commands are still read."""
         if self.failed is None:
             self._out += packet(b"A")
+
+    def quit_new_connection(self) -> None:
+        """SMFIC_QUIT_NC (version 6): this SMTP session is over, another one follows on the
+        same milter connection, without a new option negotiation."""
+        if self.failed is None:
+            self._out += packet(b"K")
 
     def quit(self) -> None:
         if self.failed is None:

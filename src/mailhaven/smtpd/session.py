@@ -36,6 +36,7 @@ from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.net.stream import start_tls
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.proto.milter import Stage
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerConnection, ServerSettings, State, Wait
 from mailhaven.smtpd import milters as mlt
@@ -429,8 +430,11 @@ class SMTPSession(asyncio.BufferedProtocol):
             case ev.Hello():
                 self.facts.helo = event.name
                 if self.milters is not None:
-                    self._run(self._milter_helo(event))
-                    return
+                    if self.milters.quick(Stage.HELO):
+                        self.milters.helo_now(event.name, mlt.helo_macros(self.facts))
+                    else:
+                        self._run(self._milter_helo(event))
+                        return
                 self.conn.accept()
             case ev.MailFrom():
                 refusal = policy.mail_from(self.facts, event)
@@ -450,8 +454,15 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self.writer = self.service.sink.new_message()
                 self._client_logged = False
                 if self.milters is not None:
-                    self._run(self._milter_mail(event, self.writer.queue_id))
-                    return
+                    if self.milters.quick(Stage.MAIL):
+                        self.milters.mail_now(
+                            event.address,
+                            mlt.mail_args(event),
+                            mlt.mail_macros(self.facts, self.writer.queue_id, event),
+                        )
+                    else:
+                        self._run(self._milter_mail(event, self.writer.queue_id))
+                        return
                 self.conn.accept()
             case ev.RcptTo():
                 refusal = policy.rcpt_to(self.facts, event)
@@ -466,9 +477,11 @@ class SMTPSession(asyncio.BufferedProtocol):
                 if refusal is not None:
                     self._log_reject("RCPT", refusal, self._sender(), event.address)
                     self.conn.respond(refusal)
-                elif self.milters is not None:
+                elif self.milters is not None and not self.milters.quick(Stage.RCPT):
                     self._run(self._milter_rcpt(event))
                 else:
+                    if self.milters is not None:
+                        self.milters.rcpt_now(event.address, [], mlt.rcpt_macros(event))
                     self._log_client()
                     self.conn.accept()
             case ev.BodyData():

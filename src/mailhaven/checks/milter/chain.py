@@ -34,8 +34,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
+from mailhaven.checks.milter import pool
 from mailhaven.checks.milter.client import MilterClient, MilterDown
 from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.proto import milter as m
@@ -49,6 +50,7 @@ from mailhaven.proto.milter_edit import (
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger("mailhaven.milter")
+_T = TypeVar("_T")
 
 #: Postfix's texts for a milter's reject/tempfail without SMFIR_REPLYCODE.
 REJECTED = Reply(550, "Command rejected", "5.7.1")
@@ -61,6 +63,8 @@ class BodySink(Protocol):
 
     def write(self, data: bytes) -> None: ...
     def abort(self) -> None: ...
+    @property
+    def spilled(self) -> bool: ...
     def read_back(self) -> BinaryIO: ...
 
 
@@ -71,7 +75,17 @@ class MessageSource(Protocol):
     def queue_id(self) -> str: ...
     @property
     def size(self) -> int: ...
+    @property
+    def spilled(self) -> bool: ...
     def read_back(self) -> BinaryIO: ...
+
+
+async def off_loop(source: MessageSource, call: Callable[[], _T]) -> _T:
+    """File reads of a spilled body run in a thread; an in-memory one is read at once (a
+    thread hop costs more than the copy)."""
+    if source.spilled:
+        return await asyncio.to_thread(call)
+    return call()
 
 
 @dataclass(slots=True)
@@ -132,7 +146,12 @@ class MilterChain:
 
     async def _open(self, hostname: str, address: str, port: int) -> None:
         async def one(state: _State) -> m.Verdict | None:
-            await state.client.open(self.settings.connect_timeout)
+            reused = pool.take(state.client.name) if state.client.name in self.settings.reuse else None
+            if reused is not None:
+                reused.conn.max_body = self.settings.max_body
+                state.client = reused
+            else:
+                await state.client.open(self.settings.connect_timeout)
             return await self._ask(
                 state,
                 lambda c: c.connect(hostname, address, port, self.macros),
@@ -181,6 +200,43 @@ class MilterChain:
             lambda s: self._ask(s, lambda c: c.rcpt(rcpt, args, stage_macros), self.settings.command_timeout),
         )
 
+    # -- without waiting: most scanners (rspamd) need no reply before end of message, and a
+    # stage that waits for nothing should cost the session no task and no pause in reading
+
+    def quick(self, stage: m.Stage) -> bool:
+        """Whether `stage` can be answered now: every milter is connected and none owes a
+        reply for it (the caller then uses the `*_now` method instead of awaiting)."""
+        if self._opening is None or not self._opening.done() or self.session_refusal is not None:
+            return False
+        session = stage is m.Stage.HELO
+        for state in self._states:
+            if state.client.down is not None:
+                return False  # the default action is decided on the slow path
+            if self._usable(state, session) and state.client.conn.owes_reply(stage):
+                return False
+        return True
+
+    def _send_now(self, send: Callable[[m.MilterConnection], bool], session: bool) -> None:
+        for state in self._states:
+            if self._usable(state, session):
+                send(state.client.conn)
+                state.client.flush(at_least=_BATCH)
+
+    def helo_now(self, name: str, macros: Mapping[str, str]) -> None:
+        self.macros.update(macros)
+        self._send_now(lambda c: c.helo(name, self.macros), True)
+
+    def mail_now(self, sender: str, args: list[str], macros: Mapping[str, str]) -> None:
+        self.macros.update(macros)
+        for state in self._states:
+            state.message_done = False
+            state.in_message = True
+        self._send_now(lambda c: c.mail(sender, args, self.macros), False)
+
+    def rcpt_now(self, rcpt: str, args: list[str], macros: Mapping[str, str]) -> None:
+        stage_macros = {**self.macros, **macros}
+        self._send_now(lambda c: c.rcpt(rcpt, args, stage_macros), False)
+
     def abort(self) -> None:
         """The transaction ended before end of message (RSET, a refusal, the client left)."""
         for state in self._states:
@@ -194,7 +250,10 @@ class MilterChain:
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
         for state in self._states:
-            state.client.quit()
+            if state.client.name in self.settings.reuse and not state.in_message:
+                pool.give(state.client)
+            else:
+                state.client.quit()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -209,9 +268,10 @@ class MilterChain:
         """Send one command; its verdict, or None when the milter owes no reply."""
         client = state.client
         owed = send(client.conn)
-        client.flush()
         if not owed:
+            client.flush(at_least=_BATCH)  # no reply owed: sent with the next command that is
             return None
+        client.flush()
         event = await client.next_event(timeout)
         if not isinstance(event, m.Verdict):
             raise MilterDown(f"milter {client.name}: unexpected {type(event).__name__}")
@@ -308,7 +368,7 @@ class MilterChain:
             result.refusal = self.session_refusal
             return result
         self.discard = self.session_discard
-        head = await asyncio.to_thread(_read_head, source)
+        head = await off_loop(source, lambda: _read_head(source))
         header = split_header(head, complete=len(head) >= source.size)
         result.header = header
         result.trace_first = trace is not None
@@ -381,7 +441,7 @@ class MilterChain:
         for f in header.fields:
             conn.header(f.name, f.value)
         conn.eoh(self.macros)
-        client.flush()
+        client.flush(at_least=_BATCH)
         early: m.Verdict | None = None
         if conn.wants(m.Stage.BODY):
             early = await self._send_body(client, source, header.body_offset, timeout)
@@ -432,16 +492,17 @@ class MilterChain:
         came back already (the body stops there); SMFIR_SKIP stops it too."""
         conn = client.conn
         size = conn.chunk_size
-        stream = await asyncio.to_thread(source.read_back)
+        stream = await off_loop(source, source.read_back)
         try:
-            await asyncio.to_thread(stream.seek, offset)
+            await off_loop(source, lambda: stream.seek(offset))
             while True:
-                chunk = await asyncio.to_thread(stream.read, size)
+                chunk = await off_loop(source, lambda: stream.read(size))
                 if not chunk:
                     return None
                 conn.body(chunk)
-                client.flush()
-                await client.drain(timeout)
+                if conn.unsent >= _BATCH:
+                    client.flush()
+                    await client.drain(timeout)
                 while (event := client.ready_event()) is not None:
                     if not isinstance(event, m.Verdict):
                         raise MilterDown(f"milter {client.name}: unexpected {type(event).__name__}")
@@ -454,6 +515,8 @@ class MilterChain:
 
 
 _GO_ON = (m.Action.CONTINUE, m.Action.SKIP)
+#: queued commands are written once this much waits (or a reply is needed)
+_BATCH = 64 * 1024
 
 
 @dataclass(slots=True)

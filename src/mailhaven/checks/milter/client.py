@@ -63,7 +63,11 @@ class MilterClient:
             raise self._down(f"unexpected {type(event).__name__} during option negotiation")
         return event
 
-    def flush(self) -> None:
+    def flush(self, at_least: int = 0) -> None:
+        """Write what the core queued; with `at_least`, only once that much is queued (commands
+        that owe no reply wait for the next one that does: fewer writes, same order)."""
+        if self.conn.unsent < max(at_least, 1):
+            return
         data = self.conn.data_to_send()
         if data and self._writer is not None and self.down is None:
             self._writer.write(data)
@@ -113,6 +117,19 @@ class MilterClient:
             self.down = reason
         self.close()
         return MilterDown(f"milter {self.name}: {reason}")
+
+    @property
+    def reusable(self) -> bool:
+        """Connected, in step (no reply owed, nothing unread) and not closed by the milter."""
+        reader = self._reader
+        return (
+            self.down is None
+            and reader is not None
+            and not reader.at_eof()
+            and self.conn.pending == 0
+            and not self.conn.has_events
+            and self.conn.version >= 6
+        )
 
     def quit(self) -> None:
         """End the session politely (SMFIC_QUIT) and close."""

@@ -28,6 +28,14 @@ class EditableWriter(Protocol):
     def queue_id(self) -> str: ...
     def write(self, data: bytes) -> None: ...
     def abort(self) -> None: ...
+    @property
+    def spilled(self) -> bool: ...
+    def read_back(self) -> BinaryIO: ...
+
+
+class Readable(Protocol):
+    @property
+    def spilled(self) -> bool: ...
     def read_back(self) -> BinaryIO: ...
 
 
@@ -63,9 +71,9 @@ async def rewrite(
         )
         fresh.write(section + (header.separator or b"\r\n"))
         if verdict.body is not None:
-            await _copy(verdict.body.read_back(), 0, fresh)
+            await _copy(verdict.body, 0, fresh)
         else:
-            await _copy(writer.read_back(), header.body_offset, fresh)
+            await _copy(writer, header.body_offset, fresh)
     except BaseException:
         fresh.abort()
         raise
@@ -76,7 +84,14 @@ async def rewrite(
     return fresh
 
 
-async def _copy(stream: BinaryIO, offset: int, target: EditableWriter) -> None:
+async def _copy(source: Readable, offset: int, target: EditableWriter) -> None:
+    """Copy `source` from `offset`: in memory at once, from a spilled file in a thread."""
+    if not source.spilled:
+        with source.read_back() as stream:
+            stream.seek(offset)
+            target.write(stream.read())
+        return
+    stream = await asyncio.to_thread(source.read_back)
     try:
         await asyncio.to_thread(stream.seek, offset)
         while chunk := await asyncio.to_thread(stream.read, COPY_CHUNK):

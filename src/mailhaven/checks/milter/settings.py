@@ -44,6 +44,8 @@ class MilterSettings:
     #: the listener's name for the {daemon_name} macro ("smtp", "submission")
     daemon_name: str = "smtp"
     hostname: str = "localhost"
+    #: milter addresses whose connections are kept for the next SMTP session (`pool`)
+    reuse: frozenset[str] = frozenset()
 
     @property
     def active(self) -> bool:
@@ -71,4 +73,5 @@ def milter_settings(config: Config, listener: str) -> MilterSettings | None:
         max_body=config.limits.message_size,
         daemon_name=listener,
         hostname=config.hostname,
+        reuse=frozenset(config.milter_reuse),
     )
