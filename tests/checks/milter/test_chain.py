@@ -10,9 +10,11 @@ import pytest
 from tests.support import milter as tm
 from tests.support.milter import TestMilter
 
+from mailhaven.checks.milter import pool
 from mailhaven.checks.milter.chain import REJECTED, TEMPFAILED, MilterChain
 from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
 from mailhaven.checks.milter.settings import MilterSettings, parse_endpoint
+from mailhaven.proto import milter as m
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.body import MessageWriter
@@ -217,3 +219,35 @@ async def test_two_milters_first_refusal_wins_edits_in_order(tmp_path: Path) -> 
         chain.close()
     new = await rewrite(original, verdict, lambda: MessageWriter("QID1", tmp_path, 1 << 16))
     assert b"X-One: 1\r\nX-Two: 2\r\n\r\nhello" in new.read_back().read()
+
+
+#: rspamd's negotiation: no reply owed for anything but end of message
+RSPAMD_LIKE = 0xFF080
+
+
+async def test_noreply_stages_are_answered_without_waiting(tmp_path: Path) -> None:
+    with TestMilter({"E": [tm.add_header("X-A", "1"), tm.accept()]}, protocol=RSPAMD_LIKE) as milter:
+        chain = chain_for(milter)
+        chain.start("client.example", "192.0.2.1", 4000, {})
+        await chain.helo("client.example", {})  # connected and negotiated from here on
+        assert chain.quick(m.Stage.MAIL) and chain.quick(m.Stage.RCPT)
+        chain.mail_now("a@example.com", [], {"i": "QID1"})
+        chain.rcpt_now("b@example.org", [], {})
+        verdict = await chain.end_of_message(writer(tmp_path), lambda: writer(tmp_path, b""), {})
+        chain.close()
+    assert verdict.header_edits == [m.AddHeader("X-A", "1")]
+    assert milter.seen("M") == [b"<a@example.com>\0"] and milter.seen("R") == [b"<b@example.org>\0"]
+
+
+async def test_reused_connection_serves_the_next_session(tmp_path: Path) -> None:
+    pool.clear()
+    with TestMilter({"E": [tm.accept()]}, protocol=RSPAMD_LIKE) as milter:
+        for _ in range(3):
+            chain = chain_for(milter, reuse=frozenset({milter.spec}))
+            await envelope_stages(chain)
+            verdict = await chain.end_of_message(writer(tmp_path), lambda: writer(tmp_path, b""), {})
+            assert verdict.refusal is None
+            chain.close()
+        pool.clear()
+    assert milter.connections == 1
+    assert len(milter.seen("O")) == 1 and len(milter.seen("K")) == 3 and len(milter.seen("C")) == 3
