@@ -182,6 +182,8 @@ def test_body_chunk_size_and_skip() -> None:
         ("helo", pkt(b"s"), "skip outside"),
         ("eom", pkt(b"i", b"\0\0"), "short header edit"),
         ("eom", pkt(b"h", b"\xff\0v\0"), "UTF-8"),
+        ("eom", pkt(b"h", b"Bad Name\0v\0"), "bad header field name"),
+        ("eom", pkt(b"i", b"\0\0\0\0X:\0v\0"), "bad header field name"),
         ("helo", b"", "closed"),
     ],
 )

@@ -30,6 +30,7 @@ before they reach a message.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -269,6 +270,15 @@ def _split_strings(data: bytes, count: int | None = None) -> list[str]:
         return [p.decode("utf-8") for p in parts]
     except UnicodeDecodeError:
         raise ProtocolError("string is not UTF-8") from None
+
+
+#: RFC 5322 §3.6.8: a field name is printable US-ASCII except colon.
+_FIELD_NAME = re.compile(r"[!-9;-~]+\Z")
+
+
+def _check_field_name(name: str) -> None:
+    if not _FIELD_NAME.match(name):
+        raise ProtocolError(f"bad header field name {name[:40]!r}")
 
 
 def parse_reply_code(text: str) -> Reply:
@@ -560,12 +570,14 @@ class MilterConnection:
         match command:
             case b"h":
                 name, value = _split_strings(data, 2)
+                _check_field_name(name)
                 return AddHeader(name, value)
             case b"i" | b"m":
                 if len(data) < 4:
                     raise ProtocolError("short header edit")
                 (index,) = struct.unpack_from(">I", data)
                 name, value = _split_strings(data[4:], 2)
+                _check_field_name(name)
                 if command == b"i":
                     return InsertHeader(index, name, value)
                 return ChangeHeader(index, name, value)
