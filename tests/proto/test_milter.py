@@ -7,6 +7,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailhaven.proto import milter as m
 from mailhaven.proto.replies import Reply
@@ -244,3 +246,16 @@ def test_abort_and_quit_owe_nothing() -> None:
     conn.quit()
     assert conn.data_to_send() == pkt(b"A") + pkt(b"Q")
     assert conn.pending == 0
+
+
+@given(st.lists(st.binary(max_size=40), max_size=20))
+@settings(max_examples=300, deadline=None)
+def test_any_bytes_give_events_or_failed_never_an_exception(chunks: list[bytes]) -> None:
+    conn = negotiated(max_body=64)
+    conn.helo("x")
+    conn.end_of_message()
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while (event := conn.next_event()) is not None:
+            assert isinstance(event, m.Negotiated | m.Verdict | m.Progress | m.Failed | m.Edit)
+    assert conn.pending <= 2
