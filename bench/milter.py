@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/milter.py                    # 1 KiB, 10 sessions, 4 repetitions
     .venv/bin/python bench/milter.py --count 3000 --reps 6 --size 10240
+    .venv/bin/python bench/milter.py --set smtp_processes=2   # any mailhaven setting
 
 One private rspamd (`tests/support/rspamd.py`: rspamd_proxy, milter = yes, self-scan, no redis,
 DNS to a loopback server that knows nothing) serves both MTAs. mailhaven-hold gets
@@ -22,15 +23,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import common
 import load
 import peers
 
 sys.path.insert(0, str(common.ROOT))
-from tests.support.dns_server import DNSServer  # noqa: E402
-from tests.support.rspamd import RspamdInstance  # noqa: E402
+from tests.support.dns_server import DNSServer
+from tests.support.rspamd import RspamdInstance
 
 GOAL = 1.5
 
@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--rspamd-workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=TOML",
+                    help="a mailhaven setting, as run.py's --set (e.g. smtp_processes=2)")
     a = ap.parse_args()
     results = common.ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -56,8 +58,12 @@ def main() -> int:
         pf = peers.Postfix(sink.port)
         pf.setup({"smtpd_milters": rspamd.spec, "milter_default_action": "tempfail"})
         pf.start()
-        mh = peers.Mailhaven("milter-mh", "hold", extra={"": {"milters": [rspamd.spec],
-                                                            "milter_reuse": [rspamd.spec]}})
+        extra: dict[str, dict[str, object]] = {
+            "": {"milters": [rspamd.spec], "milter_reuse": [rspamd.spec]}}
+        for item in a.set:
+            table, key, value = common.setting(item)
+            extra.setdefault(table, {})[key] = value
+        mh = peers.Mailhaven("milter-mh", "hold", extra=extra)
         try:
             for rep in range(a.reps):
                 order = ["mailhaven", "postfix"] if rep % 2 == 0 else ["postfix", "mailhaven"]
