@@ -17,7 +17,7 @@ from mailhaven.checks.milter.settings import MilterSettings, parse_endpoint
 from mailhaven.proto import milter as m
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 
 MESSAGE = b"From: a@example.com\r\nSubject: hi\r\n\r\nhello\r\n"
 
