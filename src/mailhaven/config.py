@@ -337,6 +337,66 @@ def _validate_checks(checks: Checks) -> None:
         raise ConfigError("checks.greylist: max_entries and allow_lifetime must be positive")
     if checks.sender_limits.window <= 0:
         raise ConfigError("checks.sender_limits.window: must be positive")
+# --- outbound mail authentication (mailhaven.signing, mailhaven.srs) -------------------------
+
+
+@dataclass(frozen=True)
+class Dkim:
+    """DKIM signing of mail that originates here and ARC sealing of mail we forward
+    (docs/mail-authentication.md). Nothing is signed until a domain has a key."""
+
+    #: Sign mail that originates here (submission after AUTH, trusted networks, sendmail,
+    #: our bounces) when its From: domain, or a parent domain, has keys.
+    sign: bool = True
+    #: Keys live in <key_dir>/<domain>/<selector>.key (`mailhaven dkim keygen`); empty:
+    #: <state_dir>/dkim.
+    key_dir: str = ""
+    #: Per domain, the selectors to sign with (rotation: generate and publish a new one, then
+    #: list it); a domain not named here signs with every key it has.
+    selectors: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Add an ARC set (RFC 8617) to mail an alias forwards to another domain.
+    arc: bool = True
+    #: The domain whose RSA key seals; empty: the first local domain that has one.
+    arc_domain: str = ""
+
+
+@dataclass(frozen=True)
+class Srs:
+    """Sender Rewriting Scheme for mail an alias forwards to another domain (postsrsd's
+    format, so either can reverse the other's addresses with the same secret)."""
+
+    enabled: bool = True
+    #: The domain of rewritten senders; must be local. Empty: the first local domain.
+    domain: str = ""
+    #: One secret a line, the first signs (postsrsd's file); empty: <state_dir>/srs.secret,
+    #: made at the first start (mode 0600).
+    secret_file: str = ""
+    #: Days a rewritten address can be bounced to (libsrs2's default).
+    max_age: int = 21
+    #: Characters of the HMAC kept in the address (libsrs2's default).
+    hash_length: int = 4
+
+
+def _validate_outbound(config: Config) -> None:
+    from mailhaven.signing.keys import SELECTOR
+
+    for domain, selectors in config.dkim.selectors.items():
+        for selector in selectors:
+            if not SELECTOR.fullmatch(selector):
+                raise ConfigError(f"dkim.selectors.{domain}: {selector!r} is not a selector")
+    if not 1 <= config.srs.hash_length <= 27:  # 27: all of HMAC-SHA1's 160 bits in base64
+        raise ConfigError("srs.hash_length: between 1 and 27")
+    if config.srs.max_age < 1:
+        raise ConfigError("srs.max_age: at least 1 day")
+    domain = config.srs.domain.lower().rstrip(".")
+    if domain and domain not in {d.lower().rstrip(".") for d in config.local_domains}:
+        raise ConfigError(
+            f"srs.domain: {config.srs.domain!r} is not one of local_domains (bounces to "
+            "rewritten senders must come back here)"
+        )
+
+
+# --- end outbound mail authentication -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -404,6 +464,8 @@ class Config:
     etrn: Etrn = field(default_factory=Etrn)
     #: What a session asks before it says yes (`[checks.*]`, docs/filtering.md).
     checks: Checks = field(default_factory=Checks)
+    dkim: Dkim = field(default_factory=Dkim)
+    srs: Srs = field(default_factory=Srs)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -418,6 +480,18 @@ class Config:
     @property
     def mail_root(self) -> Path:
         return self.state_path / "mail"
+
+    @property
+    def dkim_key_path(self) -> Path:
+        return Path(self.dkim.key_dir).absolute() if self.dkim.key_dir else self.state_path / "dkim"
+
+    @property
+    def srs_secret_path(self) -> Path:
+        return (
+            Path(self.srs.secret_file).absolute()
+            if self.srs.secret_file
+            else self.state_path / "srs.secret"
+        )
 
     @property
     def users_path(self) -> Path:
@@ -582,6 +656,7 @@ def validate(config: Config) -> Config:
     _check_next_hops(config)
     _check_aliases(config)
     _validate_checks(config.checks)
+    _validate_outbound(config)
     if config.group and not config.user:
         raise ConfigError("group: only with user")
     if config.user:
@@ -819,6 +894,8 @@ def _anchor(config: Config, base: Path) -> Config:
         state_dir=anchored(config.state_dir),
         users_file=anchored(config.users_file),
         tls=tls,
+        dkim=dataclasses.replace(config.dkim, key_dir=anchored(config.dkim.key_dir)),
+        srs=dataclasses.replace(config.srs, secret_file=anchored(config.srs.secret_file)),
     )
 
 

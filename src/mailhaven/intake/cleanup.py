@@ -16,6 +16,9 @@ Steps, in order:
    empty line that separates it from the body (RFC 5322 §2.1, as Postfix's cleanup does): the
    first line alone decides, so the body is never read whole; every copy (local, relayed,
    returned in a bounce) is then readable;
+3b. outbound authentication through the injected `outbound` hook (`mailhaven.signing`): a
+   DKIM signature for mail that originates here, SRS and an ARC set for mail forwarded
+   elsewhere, added to the header before the commit;
 4. (the same step) the scheduler learns of the message: the `QueueDoor` it provides
    (`scheduler.active`) hands the stored message over whole when it has room, else wakes the
    scheduler to read the queue;
@@ -79,6 +82,19 @@ class QueueDoor(Protocol):
         *,
         attemptable: bool,
     ) -> None: ...
+
+
+class OutboundHook(Protocol):
+    """Outbound authentication (`mailhaven.signing.outbound`): DKIM-sign our mail, SRS and
+    ARC for forwarded mail; returns the envelope and the header to commit."""
+
+    async def apply(
+        self,
+        writer: MessageWriter,
+        envelope: Envelope,
+        recipients: Sequence[QueuedRecipient],
+        header: bytes,
+    ) -> tuple[Envelope, bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +259,10 @@ class Intake:
         expand: Callable[[str], Sequence[str]],
         held: Callable[[str], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        outbound: OutboundHook | None = None,
     ) -> None:
+        #: signing step (step 3b); replaced on reload, None: off
+        self.outbound = outbound
         self._queue = queue
         self._hostname = hostname
         self._expand = expand
@@ -286,6 +305,8 @@ class Intake:
                 header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
             if needs_separator(head):
                 header += b"\r\n"
+            if self.outbound is not None and recipients:  # 3b. DKIM, SRS, ARC (signing/)
+                envelope, header = await self.outbound.apply(writer, envelope, recipients, header)
             if facts.message_id is not None:
                 maillog.info(cleanup_log, "%s: message-id=%s", qid, facts.message_id)
             if not recipients:

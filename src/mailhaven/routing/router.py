@@ -6,6 +6,8 @@ local(8) aliases + `relay_domains` + `mynetworks` + transport(5) + `relayhost`. 
 * `check_recipient(addr, client_ip=, authenticated=)`: None (accept) or the `Reply` to refuse
   the RCPT with. Asked by smtpd at RCPT time.
 * `expand(addr)`: the final addresses after alias expansion. Asked by intake or the scheduler.
+  An SRS address of ours (a bounce to a sender we rewrote) is accepted and expands to the
+  sender it stands for, through the injected `reverse_srs` (`mailhaven.srs`).
 * `route(addr)`: the `Route` of one final address. Asked by the scheduler to group recipients.
 
 No I/O, no clock: everything comes in as plain values at construction; the current set of local
@@ -215,7 +217,10 @@ class Router:
         transport_map: Mapping[str, str] | None = None,
         relayhost: str | None = None,
         local_addresses: Iterable[str] = (),
+        reverse_srs: Callable[[str], str | None] | None = None,
     ) -> None:
+        #: SRS (mailhaven.srs): a valid rewritten sender of ours -> where its bounce goes
+        self._reverse_srs = reverse_srs
         self._local_domains = tuple(dict.fromkeys(_norm_entries(local_domains)))
         self._local_set = frozenset(self._local_domains)
         self._mailboxes = mailboxes
@@ -247,7 +252,7 @@ class Router:
         if self._is_local_address(addr):
             if addr.routed:
                 return user_unknown(address) if may_relay else relay_denied(address)
-            if self._known_local(addr.mailbox.lower(), addr.domain):
+            if self._known_local(addr.mailbox.lower(), addr.domain) or self._srs_origin(addr):
                 return None
             return user_unknown(address)
         assert addr.domain is not None  # bare addresses are local
@@ -262,6 +267,8 @@ class Router:
             return [address]
         if not self._is_local_address(addr):
             return [str(addr)]
+        if (origin := self._srs_origin(addr)) is not None:
+            return [origin]
         out: dict[str, str] = {}
         self._expand_local(addr, frozenset(), set(), out)
         return list(out.values())
@@ -301,6 +308,14 @@ class Router:
         return norm is not None and self._is_local_norm(norm)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _srs_origin(self, addr: Address) -> str | None:
+        """A bounce to a sender we rewrote goes back to the original (checked hash and age)."""
+        if self._reverse_srs is None or addr.domain is None or addr.routed:
+            return None
+        if addr.mailbox[:4].upper() not in ("SRS0", "SRS1"):
+            return None
+        return self._reverse_srs(f"{addr.mailbox}@{addr.domain}")
 
     def _is_local_norm(self, domain: str) -> bool:
         if domain in self._local_set:
