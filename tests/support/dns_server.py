@@ -67,8 +67,9 @@ def _rdata_texts(rdtype: str, values: Sequence[Any]) -> list[str]:
             return [f"{pref} {host if host.endswith('.') else host + '.'}" for pref, host in values]
         case "CNAME" | "NS" | "PTR":
             return [v if v.endswith(".") else v + "." for v in values]
-        case "TXT":
-            return ['"' + str(v).replace('"', '\\"') + '"' for v in values]
+        case "TXT":  # a long value becomes several <= 255-octet strings (RFC 1035 §3.3.14)
+            return [" ".join('"' + str(v)[i : i + 255].replace('"', '\\"') + '"'
+                             for i in range(0, max(len(str(v)), 1), 255)) for v in values]
         case _:
             return [str(v) for v in values]
 
