@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     tls_sub = tls.add_subparsers(dest="tls_command", required=True)
     self_signed = tls_sub.add_parser("selfsigned", help="create a self-signed certificate")
     self_signed.add_argument("--out", help="directory (default: <state_dir>/tls)")
+    dkim = sub.add_parser("dkim", help="DKIM signing keys (keygen DOMAIN | check DOMAIN)")
+    dkim.add_argument("args", nargs=argparse.REMAINDER)
     user = sub.add_parser("user", help="manage mailbox users (add|passwd|delete|list)")
     user.add_argument("args", nargs=argparse.REMAINDER)
     # Handled before argparse (their options are not argparse's); listed here for --help.
@@ -144,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
             config.users_path.parent.mkdir(parents=True, exist_ok=True)
             return user_main(args.args, users_file=config.users_path)
+        case "dkim":
+            from mailhaven.cli.dkim import main as dkim_main
+
+            return dkim_main(args.args, config=config)
         case "status":
             from mailhaven.cli import status as status_command
 
@@ -217,7 +223,7 @@ def _serve(
 
     from mailhaven import maillog
     from mailhaven.app import App
-    from mailhaven.config import Config, hostname_warning
+    from mailhaven.config import Config, ConfigError, hostname_warning
     from mailhaven.mailbox.users import UsersFileError
     from mailhaven.runtime import eventloop
     from mailhaven.runtime.workers import WorkerRole
@@ -233,7 +239,7 @@ def _serve(
             logging.getLogger("mailhaven.master").warning("%s", warning)
     try:
         return eventloop.run(config.event_loop, App(config, worker=role).run())
-    except UsersFileError as err:
+    except (UsersFileError, ConfigError) as err:  # ConfigError: e.g. an unusable DKIM key
         print(f"mailhaven: cannot start: {err}", file=sys.stderr)
         return 2
     except OSError as err:
