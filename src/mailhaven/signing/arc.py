@@ -52,7 +52,10 @@ def seal(
     server_id: str,
     now: int,
 ) -> bytes | None:
-    """The new ARC set's fields (AS, AMS, AAR, top to bottom), or None (see module doc)."""
+    """The new ARC set's fields (AS, AMS, AAR, top to bottom), or None (see module doc).
+    The key must be RSA: RFC 8617 §4.1.3 defines no other algorithm."""
+    if key.algorithm != "rsa":
+        raise ValueError(f"ARC seals with an RSA key; {key.path} is {key.algorithm}")
     fields = parse_fields(header)
     sets: dict[int, dict[bytes, Field]] = {}
     for f in fields:
