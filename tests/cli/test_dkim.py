@@ -104,3 +104,14 @@ def test_check_missing_and_failing_lookups(
     assert code == 1 and "lookup failed: server failure" in out
     code, _, err = run(capsys, "-c", cfg, "dkim", "check", "nokeys.example")
     assert code == 1 and "no keys for nokeys.example" in err
+
+
+def test_config_check_reports_an_unusable_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = config(tmp_path)
+    key = keystore.generate(tmp_path / "state" / "dkim", "example.org", "s1", "rsa")
+    assert run(capsys, "-c", cfg, "config", "check")[0] == 0
+    key.path.chmod(0o644)
+    code, _, err = run(capsys, "-c", cfg, "config", "check")
+    assert code == 2 and "chmod 600" in err and str(key.path) in err

@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if warning := configuration.hostname_warning(config):
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
+            from mailhaven.signing.keys import KeyFileError, load_all
+
+            try:  # DKIM keys: serve and reload refuse an unusable one, so say it here first
+                load_all(config.dkim_key_path, config.dkim.selectors)
+            except KeyFileError as err:
+                print(f"mailhaven: dkim: {err}", file=sys.stderr)
+                return 2
             from pathlib import Path
 
             from mailhaven.runtime.privileges import loose_modes
