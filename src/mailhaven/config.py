@@ -377,12 +377,15 @@ class Srs:
     hash_length: int = 4
 
 
-def _validate_outbound(config: Config) -> None:
-    from mailhaven.signing.keys import SELECTOR
+#: A DKIM selector: DNS labels (RFC 6376 §3.1), the usual letters, digits and hyphens.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DKIM_SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 
+
+def _validate_outbound(config: Config) -> None:
     for domain, selectors in config.dkim.selectors.items():
         for selector in selectors:
-            if not SELECTOR.fullmatch(selector):
+            if not DKIM_SELECTOR.fullmatch(selector):
                 raise ConfigError(f"dkim.selectors.{domain}: {selector!r} is not a selector")
     if not 1 <= config.srs.hash_length <= 27:  # 27: all of HMAC-SHA1's 160 bits in base64
         raise ConfigError("srs.hash_length: between 1 and 27")

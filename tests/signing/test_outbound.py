@@ -8,12 +8,13 @@ from pathlib import Path
 import dkim
 import pytest
 
-from mailhaven.envelope import Envelope, RecipientSpec
-from mailhaven.intake import Intake, Queued
+from mailhaven.intake.cleanup import Intake, Queued
+from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.routing.srs import SRS, SRS_SENDER
+from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.signing import keys as keystore
 from mailhaven.signing.outbound import Outbound, from_domain
 from mailhaven.spool import Spool
-from mailhaven.srs import SRS, SRS_SENDER
 
 NOW = 1_796_000_000.0
 LOCAL = {"example.org", "fwd.example.org"}
@@ -62,8 +63,8 @@ def intake(spool: Spool, hook: Outbound) -> Intake:
     def expand(address: str) -> Sequence[str]:
         return ALIASES.get(address, [address])
 
-    return Intake(spool, hostname="mx.example.org", expand=expand, wake=lambda: None,
-                  clock=lambda: NOW, outbound=hook)
+    return Intake(ActiveQueue(spool, wake=lambda: None), hostname="mx.example.org",
+                  expand=expand, clock=lambda: NOW, outbound=hook)
 
 
 def env(sender: str, *rcpts: str, **kw: object) -> Envelope:

@@ -473,7 +473,9 @@ class App:
             self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
         path = self.config.source
         try:
-            prepared = prepare_reload(self.config, has_tls=self.tls is not None)
+            prepared = prepare_reload(
+                self.config, has_tls=self.tls is not None, reverse_srs=self.live.reverse_srs
+            )
         except (configuration.ConfigError, UsersFileError) as err:
             log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
             return
@@ -489,6 +491,9 @@ class App:
         old, new = self.config, prepared.config
         users = prepared.users
         self.live.swap(new, users, prepared.router)
+        self.live.srs = prepared.srs
+        if self.engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
+            self.engine.intake.outbound = prepared.outbound
         self.profiles.forget()  # the next connection builds the profile from the new config
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.

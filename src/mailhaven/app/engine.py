@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from mailhaven.app.live import Live
+from mailhaven.app.outbound import build_outbound, load_srs
 from mailhaven.app.settings import backoff_policy, build_relay_agent, plan_limits
 from mailhaven.bounce.notifier import NoticeLimiter, Notifier
 from mailhaven.config import Config
 from mailhaven.delivery.base import DeliveryAgent
+from mailhaven.delivery.forwarded import RewrittenSender
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.intake.cleanup import Intake
@@ -79,8 +81,10 @@ def build_engine(
     config = live.config
     processes = max(1, config.smtp_processes)
     relay_agent = build_relay_agent(config)
+    live.srs = load_srs(config)
+    outbound = build_outbound(config, lambda d: live.router.is_local_domain(d), live.srs)
     agents: dict[str, DeliveryAgent] = {
-        "relay": relay_agent,
+        "relay": RewrittenSender(relay_agent),  # forwarded mail leaves with its SRS sender
         "local": LocalAgent(config.mail_root, config.hostname, users=live.mailboxes),
     }
     intake: Intake | None = None
@@ -132,6 +136,7 @@ def build_engine(
         hostname=config.hostname,
         expand=live.expand,
         held=lambda address: route(address).transport == "hold",
+        outbound=outbound,
     )
     smtp = SMTPService(
         sink=SpoolSink(spool, intake),

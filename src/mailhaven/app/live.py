@@ -7,6 +7,7 @@ own copies, so a SIGHUP is one assignment (`swap`), never a half-applied state.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
 from mailhaven.app.settings import build_router, mailbox_names
@@ -14,6 +15,7 @@ from mailhaven.config import Config
 from mailhaven.mailbox.users import UserDB
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
+from mailhaven.routing.srs import SRS
 
 
 class Live:
@@ -22,10 +24,15 @@ class Live:
     def __init__(self, config: Config, users: UserDB | None = None) -> None:
         self.config = config
         self.users = users if users is not None else UserDB(config.users_path)
-        self.router = build_router(config, self.users)
+        #: the SRS rewriter (`app.outbound.load_srs`), set with the engine and on reload
+        self.srs: SRS | None = None
+        self.router = build_router(config, self.users, self.reverse_srs)
 
     def swap(self, config: Config, users: UserDB, router: Router) -> None:
         self.config, self.users, self.router = config, users, router
+
+    def reverse_srs(self, address: str) -> str | None:
+        return self.srs.reverse(address, time.time()) if self.srs is not None else None
 
     def route(self, address: str) -> Route:
         return self.router.route(address)

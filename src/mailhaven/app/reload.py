@@ -8,17 +8,21 @@ assignments that cannot fail, so a reload is all of the new configuration or non
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mailhaven import config as configuration
 from mailhaven.app.listeners import tls_files
+from mailhaven.app.outbound import build_outbound, load_srs
 from mailhaven.app.settings import build_relay_agent, build_router
 from mailhaven.config import Config
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.tls import ReloadableTLS, build_server_context
 from mailhaven.routing.router import Router
+from mailhaven.routing.srs import SRS
+from mailhaven.signing.outbound import Outbound
 
 #: Settings a reload keeps (logged when the file changes them): the listening sockets, the
 #: processes, the loop and the queue's place are made once; the host name is baked into the
@@ -43,9 +47,17 @@ class PreparedReload:
     tls_files: tuple[Path, Path] | None = None
     #: the first certificate (none was needed before)
     new_tls: ReloadableTLS | None = None
+    #: outbound authentication: SRS secrets and DKIM keys read afresh (`app.outbound`)
+    srs: SRS | None = None
+    outbound: Outbound | None = None
 
 
-def prepare_reload(current: Config, *, has_tls: bool) -> PreparedReload:
+def prepare_reload(
+    current: Config,
+    *,
+    has_tls: bool,
+    reverse_srs: Callable[[str], str | None] | None = None,
+) -> PreparedReload:
     """Everything a reload needs that can fail, made without touching what runs: the
     configuration, its users file and its certificate (read afresh: a renewal). Raises
     `ConfigError` or `UsersFileError`."""
@@ -58,7 +70,10 @@ def prepare_reload(current: Config, *, has_tls: bool) -> PreparedReload:
         relay_agent = build_relay_agent(new)
     except OSError as err:  # the system's resolver configuration
         raise configuration.ConfigError(f"relay: {err}") from None
-    prepared = PreparedReload(new, users, build_router(new, users), relay_agent, kept)
+    router = build_router(new, users, reverse_srs)
+    srs = load_srs(new)
+    outbound = build_outbound(new, router.is_local_domain, srs)
+    prepared = PreparedReload(new, users, router, relay_agent, kept, srs=srs, outbound=outbound)
     try:
         files = tls_files(new) if has_tls or new.tls.cert else None
         if files is None:

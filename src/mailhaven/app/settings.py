@@ -53,7 +53,9 @@ def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]
     return names
 
 
-def build_router(config: Config, users: UserDB) -> Router:
+def build_router(
+    config: Config, users: UserDB, reverse_srs: Callable[[str], str | None] | None = None
+) -> Router:
     aliases: dict[str, Sequence[str]] = dict(config.aliases)
     return Router(
         local_domains=config.local_domains,
@@ -66,6 +68,7 @@ def build_router(config: Config, users: UserDB) -> Router:
         relayhost=config.relayhost or None,
         held_domains=config.etrn.held_domains,
         transport_map=config.relay.transport,
+        reverse_srs=reverse_srs,  # bounces to forwarded mail's SRS senders (routing.srs)
     )
 
 

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _domain(text: str) -> str | None:
-    from mailhaven.routing import normalise_domain
+    from mailhaven.routing.router import normalise_domain
 
     norm = normalise_domain(text)
     return norm if norm and "." in norm and not norm.startswith("[") else None

@@ -7,7 +7,7 @@ local(8) aliases + `relay_domains` + `mynetworks` + transport(5) + `relayhost`. 
   the RCPT with. Asked by smtpd at RCPT time.
 * `expand(addr)`: the final addresses after alias expansion. Asked by intake or the scheduler.
   An SRS address of ours (a bounce to a sender we rewrote) is accepted and expands to the
-  sender it stands for, through the injected `reverse_srs` (`mailhaven.srs`).
+  sender it stands for, through the injected `reverse_srs` (`routing.srs`).
 * `route(addr)`: the `Route` of one final address. Asked by the scheduler to group recipients.
 
 No I/O, no clock: everything comes in as plain values at construction; the current set of local
@@ -219,7 +219,7 @@ class Router:
         local_addresses: Iterable[str] = (),
         reverse_srs: Callable[[str], str | None] | None = None,
     ) -> None:
-        #: SRS (mailhaven.srs): a valid rewritten sender of ours -> where its bounce goes
+        #: SRS (routing.srs): a valid rewritten sender of ours -> where its bounce goes
         self._reverse_srs = reverse_srs
         self._local_domains = tuple(dict.fromkeys(_norm_entries(local_domains)))
         self._local_set = frozenset(self._local_domains)

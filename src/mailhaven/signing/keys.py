@@ -29,6 +29,8 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailhaven.config import DKIM_SELECTOR
+
 Algorithm = Literal["rsa", "ed25519"]
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -38,8 +40,7 @@ RSA_BITS = 2048
 RSA_MIN_BITS = 1024
 KEY_SUFFIX = ".key"
 #: A selector is a sequence of DNS labels (RFC 6376 §3.1); we allow the usual LDH labels.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-SELECTOR = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+SELECTOR = DKIM_SELECTOR
 #: A TXT record's character-strings hold at most 255 octets each (RFC 1035 §3.3).
 TXT_STRING_MAX = 255
 

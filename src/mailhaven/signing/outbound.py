@@ -10,10 +10,10 @@ Which mail gets what:
 * **DKIM** (`signer`): mail that originates here -- an authenticated client, a trusted network
   (`trusted_networks`), `sendmail`/pickup and our own bounces (protocol `local`) -- when the
   From: domain, or the nearest parent domain, has keys. One signature per key.
-* **SRS** (`mailhaven.srs`): when an alias turned a recipient of ours into an address elsewhere
+* **SRS** (`mailhaven.routing.srs`): when an alias turned a recipient of ours into an address elsewhere
   and the envelope sender is not in one of our domains (or null). Only the relayed copies use
   the rewritten sender (`SRS_SENDER` in the envelope's `extra`, applied by
-  `mailhaven.srs.RewrittenSender` around the relay agent); local copies keep the original.
+  `mailhaven.delivery.forwarded.RewrittenSender` around the relay agent); local copies keep the original.
 * **ARC** (`arc`): the same forwarded mail, when it did not originate here (its checks ran).
 
 Cost: reading the body back (already in memory below the spool's inline limit, else in a
@@ -36,14 +36,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
-from mailhaven.envelope import Envelope
+from mailhaven.proto.envelope import Envelope
+from mailhaven.routing.srs import SRS, SRS_SENDER
 from mailhaven.signing import arc
 from mailhaven.signing.canon import parse_fields, split_message
 from mailhaven.signing.keys import SigningKey
 from mailhaven.signing.signer import sign_message
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import QueuedRecipient
-from mailhaven.srs import SRS, SRS_SENDER
 
 log = logging.getLogger("mailhaven.dkim")
 

@@ -6,11 +6,13 @@ import calendar
 
 import pytest
 
-from mailhaven.delivery.base import DeliveryRequest, Route
-from mailhaven.envelope import Envelope, RecipientSpec
+from mailhaven.delivery.base import DeliveryRequest
+from mailhaven.delivery.forwarded import RewrittenSender
+from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
-from mailhaven.routing import Router
-from mailhaven.srs import SRS, SRS_SENDER, RewrittenSender, load_secrets
+from mailhaven.routing.route import Route
+from mailhaven.routing.router import Router
+from mailhaven.routing.srs import SRS, SRS_SENDER, load_secrets
 
 #: postsrsd's tests (run_postsrsd_tests.bats): secret "tops3cr3t", domain example.com, the
 #: clock at 2020-01-01 00:01:00 UTC.

@@ -13,8 +13,8 @@ Format (libsrs2, `=` separator, a two-character day stamp in base32, the hash th
 Reversal of SRS1 gives the previous forwarder's SRS0 address, of SRS0 the original sender.
 Addresses made by postsrsd with the same secret reverse here, and ours there.
 
-Pure: secrets and time come in as values (`RewrittenSender` only swaps the sender of a
-delivery request). SECURITY: the hash is what stops us from being an
+Pure: secrets and time come in as values. The relayed copies get the rewritten sender from
+`mailhaven.delivery.forwarded`. SECURITY: the hash is what stops us from being an
 open relay (anyone could write `SRS0=...=victim.example=x@ourdomain`), so reversal checks it
 with every configured secret (the first one signs: rotation adds a new first line) and checks
 the time stamp against `max_age` days (libsrs2's default, 21).
@@ -25,11 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
-
-from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
-from mailhaven.proto.replies import Reply
+from collections.abc import Sequence
 
 #: The envelope `extra` key holding the sender relayed copies use (set by intake's hook).
 SRS_SENDER = "srs_sender"
@@ -151,16 +147,3 @@ def load_secrets(text: str) -> list[bytes]:
     """postsrsd's secrets file: one secret a line, the first signs; blank lines ignored."""
     return [line.strip().encode() for line in text.splitlines() if line.strip()]
 
-
-class RewrittenSender:
-    """Wraps the relay agent: a message intake gave an SRS sender (`SRS_SENDER`) leaves with
-    it; everything else is passed through unchanged."""
-
-    def __init__(self, agent: DeliveryAgent) -> None:
-        self.agent = agent
-
-    async def deliver(self, request: DeliveryRequest) -> Mapping[str, Reply]:
-        rewritten = request.envelope.extra.get(SRS_SENDER)
-        if rewritten:
-            request = replace(request, envelope=replace(request.envelope, sender=rewritten))
-        return await self.agent.deliver(request)
