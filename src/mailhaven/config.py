@@ -358,6 +358,9 @@ class Dkim:
     arc: bool = True
     #: The domain whose RSA key seals; empty: the first local domain that has one.
     arc_domain: str = ""
+    #: Make DKIM's private-key operations in a helper process (started on first use, like
+    #: OpenDKIM beside Postfix), so they run on another core than the event loop.
+    helper: bool = True
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def dns_for(keys: dict[str, list[keystore.SigningKey]]):  # type: ignore[no-unty
     return lambda name, timeout=5: records.get(name.decode().rstrip("."))
 
 
-def outbound(keys: dict[str, list[keystore.SigningKey]]) -> Outbound:
+def outbound(keys: dict[str, list[keystore.SigningKey]], helper: bool = False) -> Outbound:
     return Outbound(
         keys=keys,
         arc_key=next(k for k in keys["example.org"] if k.algorithm == "rsa"),
@@ -56,6 +56,7 @@ def outbound(keys: dict[str, list[keystore.SigningKey]]) -> Outbound:
         is_local_domain=lambda d: d.lower() in LOCAL,
         trusted_networks=["10.0.0.0/8"],
         clock=lambda: NOW,
+        helper=helper,
     )
 
 
@@ -91,11 +92,16 @@ async def stored_bytes(spool: Spool, queue_id: str) -> bytes:
     {"client_address": "10.1.2.3"},
     {"protocol": "local"},
 ])
+@pytest.mark.parametrize("helper", [False, True])
 async def test_mail_from_us_is_dual_signed(
-    spool: Spool, keys: dict[str, list[keystore.SigningKey]], how: dict[str, str]
+    spool: Spool, keys: dict[str, list[keystore.SigningKey]], how: dict[str, str], helper: bool
 ) -> None:
-    stored = await submit(spool, outbound(keys), env("alice@example.org", "x@remote.example",
-                                                     **how), MESSAGE)
+    hook = outbound(keys, helper)
+    try:
+        stored = await submit(spool, hook, env("alice@example.org", "x@remote.example", **how),
+                              MESSAGE)
+    finally:
+        await hook.close()
     assert stored.count(b"DKIM-Signature:") == 2
     for index in (0, 1):
         assert dkim.DKIM(stored).verify(idx=index, dnsfunc=dns_for(keys))

@@ -493,7 +493,10 @@ class App:
         self.live.swap(new, users, prepared.router)
         self.live.srs = prepared.srs
         if self.engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
-            self.engine.intake.outbound = prepared.outbound
+            old_outbound, self.engine.intake.outbound = (
+                self.engine.intake.outbound, prepared.outbound)
+            if old_outbound is not None:  # its signing helper: the new hook starts its own
+                self._background.append(asyncio.ensure_future(old_outbound.close()))
         self.profiles.forget()  # the next connection builds the profile from the new config
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
@@ -560,6 +563,8 @@ class App:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._runner_task
             await engine.relay_agent.close()
+            if engine.intake.outbound is not None:
+                await engine.intake.outbound.close()
         await self.checks.close()
         await asyncio.to_thread(self.spool.close)
         if self._queue_lock is not None:

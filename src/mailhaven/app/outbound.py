@@ -74,4 +74,5 @@ def build_outbound(
         server_id=config.hostname,
         is_local_domain=is_local_domain,
         trusted_networks=config.trusted_networks,
+        helper=dkim.helper,
     )

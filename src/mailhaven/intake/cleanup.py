@@ -96,6 +96,9 @@ class OutboundHook(Protocol):
         header: bytes,
     ) -> tuple[Envelope, bytes]: ...
 
+    async def close(self) -> None:
+        """Stop what it started (its signing helper process)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Queued:

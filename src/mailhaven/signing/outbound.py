@@ -18,9 +18,11 @@ Which mail gets what:
 
 Cost: reading the body back (already in memory below the spool's inline limit, else in a
 worker thread), one body hash and one private-key operation per key (RSA-2048 about 0.3 ms,
-Ed25519 a tenth of it). Below the inline limit the arithmetic runs on the event loop: in a
-thread it holds the interpreter just as long (OpenSSL's signing does not release it here) and
-adds the hand-over. Above it, the read and the hash (the part that grows) run in a thread.
+Ed25519 a tenth of it). Below the inline limit the hash runs on the event loop and the
+private-key operations in the helper process (`helper`; `[dkim] helper = false`: on the loop
+too -- a thread would not help, OpenSSL's signing keeps the interpreter lock here). Above it,
+the read, the hash and the signing run in a worker thread. ARC seals (forwarded mail only) are
+made on the loop.
 
 SECURITY: whether mail "originates here" comes from the session (AUTH, client address), never
 from the message; the From: domain only picks the key among ours.
@@ -39,9 +41,15 @@ from dataclasses import replace
 from mailhaven.proto.envelope import Envelope
 from mailhaven.routing.srs import SRS, SRS_SENDER
 from mailhaven.signing import arc
-from mailhaven.signing.canon import parse_fields, split_message
+from mailhaven.signing.canon import hash_body, parse_fields, split_message
+from mailhaven.signing.helper import SigningHelper
 from mailhaven.signing.keys import SigningKey
-from mailhaven.signing.signer import sign_message
+from mailhaven.signing.signer import (
+    finish_field,
+    select_headers,
+    sign_message,
+    signature_request,
+)
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import QueuedRecipient
 
@@ -77,8 +85,14 @@ class Outbound:
         is_local_domain: Callable[[str], bool],
         trusted_networks: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
+        helper: bool = False,
     ) -> None:
         self.keys = {d.lower(): tuple(k) for d, k in keys.items() if k}
+        #: the private-key operations of DKIM signing in a helper process (`helper`)
+        self.helper = (
+            SigningHelper([k for ks in self.keys.values() for k in ks])
+            if helper and self.keys else None
+        )
         self.arc_key = arc_key
         self.srs = srs
         self._server_id = server_id
@@ -134,28 +148,65 @@ class Outbound:
         seal = forwarded and not origin and self.arc_key is not None
         if not (origin and self.keys) and not seal:
             return envelope, header
-        if writer.spilled:
-            added = await asyncio.to_thread(self._fields, writer, header, origin, seal)
-        else:
-            added = self._fields(writer, header, origin, seal)
+        qid = writer.queue_id
+        if writer.spilled:  # a large body: read and hash it off the loop, sign there too
+            added = await asyncio.to_thread(self._fields_in_thread, writer, header, origin, seal)
+            return envelope, added + header
+        head, body = split_message(header + writer.head(writer.size))
+        now = int(self._clock())
+        added = await self._sign(qid, head, body, now) if origin else b""
+        if seal:
+            added = self._seal(qid, head, body, now) + added
         return envelope, added + header
 
-    def _fields(self, writer: MessageWriter, header: bytes, origin: bool, seal: bool) -> bytes:
+    def _fields_in_thread(
+        self, writer: MessageWriter, header: bytes, origin: bool, seal: bool
+    ) -> bytes:
         head, body = split_message(header + writer.head(writer.size))
         now = int(self._clock())
         added = b""
-        if origin:
-            domain = from_domain(head)
-            keys = self.keys_for(domain)
-            if keys:
-                added = sign_message(keys, head, [body], now=now)
-                for key in keys:
-                    log.info("%s: DKIM-Signature field added (s=%s, d=%s)",
-                             writer.queue_id, key.selector, key.domain)
-        if seal and self.arc_key is not None:
-            sealed = arc.seal(self.arc_key, head, [body], server_id=self._server_id, now=now)
-            if sealed is not None:
-                added = sealed + added
-                log.info("%s: ARC set added (s=%s, d=%s)",
-                         writer.queue_id, self.arc_key.selector, self.arc_key.domain)
+        if origin and (keys := self.keys_for(from_domain(head))):
+            added = sign_message(keys, head, [body], now=now)
+            self._log_signed(writer.queue_id, keys)
+        if seal:
+            added = self._seal(writer.queue_id, head, body, now) + added
         return added
+
+    async def _sign(self, qid: str, head: bytes, body: bytes, now: int) -> bytes:
+        """DKIM-Signature fields, the key operations in the helper process when there is one."""
+        keys = self.keys_for(from_domain(head))
+        if not keys:
+            return b""
+        if self.helper is None:
+            added = sign_message(keys, head, [body], now=now)
+        else:
+            fields = parse_fields(head)
+            names = select_headers(fields)
+            body_hash = hash_body([body])
+            requests = [signature_request(k, fields, body_hash, names, now=now) for k in keys]
+            signatures = await asyncio.gather(
+                *(self.helper.sign(k, data) for k, (_, data) in zip(keys, requests, strict=True))
+            )
+            added = b"".join(
+                finish_field("DKIM-Signature", prefix, sig)
+                for (prefix, _), sig in zip(requests, signatures, strict=True)
+            )
+        self._log_signed(qid, keys)
+        return added
+
+    def _seal(self, qid: str, head: bytes, body: bytes, now: int) -> bytes:
+        assert self.arc_key is not None
+        sealed = arc.seal(self.arc_key, head, [body], server_id=self._server_id, now=now)
+        if sealed is None:
+            return b""
+        log.info("%s: ARC set added (s=%s, d=%s)", qid, self.arc_key.selector, self.arc_key.domain)
+        return sealed
+
+    @staticmethod
+    def _log_signed(qid: str, keys: Sequence[SigningKey]) -> None:
+        for key in keys:
+            log.info("%s: DKIM-Signature field added (s=%s, d=%s)", qid, key.selector, key.domain)
+
+    async def close(self) -> None:
+        if self.helper is not None:
+            await self.helper.close()

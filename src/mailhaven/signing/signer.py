@@ -101,14 +101,36 @@ def signature_field(
 ) -> bytes:
     """One complete signature field (name, value, CRLF). ARC's AMS reuses it with its own
     name and an `i=` instead of `v=` (RFC 8617 §4.1.2)."""
+    prefix, data = signature_request(
+        key, fields, body_hash, names, now=now, header_name=header_name,
+        leading_tags=leading_tags,
+    )
+    return finish_field(header_name, prefix, sign_data(key, data))
+
+
+def signature_request(
+    key: SigningKey,
+    fields: Sequence[Field],
+    body_hash: bytes,
+    names: Sequence[str],
+    *,
+    now: int,
+    header_name: str = "DKIM-Signature",
+    leading_tags: str = "v=1; ",
+) -> tuple[str, bytes]:
+    """The field's text up to `b=` and the data to sign (RFC 6376 §3.7), so the private-key
+    operation can happen elsewhere (`helper`) and `finish_field` completes it."""
     prefix = (
         f"{leading_tags}a={key.dkim_algorithm}; c=relaxed/relaxed; d={key.domain};"
         f" s={key.selector};\r\n\tt={now}; h={fold_names(names)};\r\n"
         f"\tbh={base64.b64encode(body_hash).decode('ascii')};\r\n\tb="
     )
     unsigned = relaxed_header(header_name.encode(), b" " + prefix.encode()).removesuffix(b"\r\n")
-    data = header_hash_input(fields, names) + unsigned
-    b = base64.b64encode(sign_data(key, data)).decode("ascii")
+    return prefix, header_hash_input(fields, names) + unsigned
+
+
+def finish_field(header_name: str, prefix: str, signature: bytes) -> bytes:
+    b = base64.b64encode(signature).decode("ascii")
     return f"{header_name}: {prefix}{fold_b64(b)}\r\n".encode("ascii")
 
 
