@@ -50,6 +50,14 @@ def test_reverse_matches_postsrsd(address: str, expected: str | None) -> None:
     assert SRS_POSTSRSD.reverse(address, NOW) == expected
 
 
+def test_international_addresses_round_trip() -> None:
+    s = SRS([b"k"], "fwd.example")
+    address = s.forward("Jöhn@bücher.example", NOW)
+    assert address.startswith("SRS0=") and s.reverse(address, NOW) == "Jöhn@bücher.example"
+    assert s.reverse(address.replace("Jöhn", "JÖHN"), NOW) is None  # only ASCII folds, as libsrs2
+    assert s.reverse("SRS0=ÄÄÄÄ=2W=b.example=x@fwd.example", NOW) is None
+
+
 def test_age_rotation_and_settings() -> None:
     s = SRS([b"new", b"old"], "fwd.example", max_age=3)
     old = SRS([b"old"], "fwd.example").forward("a@b.example", NOW)

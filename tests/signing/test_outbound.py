@@ -174,3 +174,19 @@ async def test_local_sender_forwarded_is_not_rewritten(
     assert isinstance(outcome, Queued)
     stored = await spool.load(outcome.queue_id)
     assert stored is not None and SRS_SENDER not in stored.envelope.extra
+
+
+@pytest.mark.parametrize("data", [
+    b"no header at all, just text\r\n",  # intake adds the separating empty line
+    b"",  # an empty message
+    b"From: \xff\xfe <\xff@example.org>\r\nSubject: \x00\r\n\r\nbody\r\n",  # not UTF-8
+    b"From: =?utf-8?b?QWxpY2U=?= <alice@example.org>\r\n" + b"X-Many: x\r\n" * 2000 + b"\r\n",
+    b"From: alice@example.org\r\n\tfolded@example.org\r\nSubject: x\r\n\r\n" + b"a" * 5000,
+])
+async def test_odd_messages_are_queued_and_any_signature_verifies(
+    spool: Spool, keys: dict[str, list[keystore.SigningKey]], data: bytes
+) -> None:
+    stored = await submit(spool, outbound(keys), env("alice@example.org", "x@remote.example",
+                                                     auth_user="alice"), data)
+    if b"DKIM-Signature" in stored:
+        assert dkim.verify(stored, dnsfunc=dns_for(keys))

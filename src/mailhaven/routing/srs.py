@@ -72,15 +72,17 @@ class SRS:
         self._sep = separator
 
     def _hash(self, secret: bytes, *parts: str) -> str:
-        mac = hmac.new(secret, b"".join(p.lower().encode() for p in parts), hashlib.sha1)
+        # ASCII-only lower-casing, as libsrs2's tolower() in the C locale (UTF-8 octets stay)
+        mac = hmac.new(secret, b"".join(p.encode().lower() for p in parts), hashlib.sha1)
         return base64.b64encode(mac.digest()).decode("ascii")[: self._hash_length]
 
     def _hash_ok(self, given: str, *parts: str) -> bool:
         if len(given) < self._hash_length:
             return False
-        given = given[: self._hash_length].lower()
+        given_octets = given[: self._hash_length].encode().lower()
         return any(
-            hmac.compare_digest(given, self._hash(s, *parts).lower()) for s in self._secrets
+            hmac.compare_digest(given_octets, self._hash(s, *parts).encode().lower())
+            for s in self._secrets
         )
 
     def forward(self, sender: str, now: float) -> str:
