@@ -359,8 +359,10 @@ class Dkim:
     #: The domain whose RSA key seals; empty: the first local domain that has one.
     arc_domain: str = ""
     #: Make DKIM's private-key operations in a helper process (started on first use, like
-    #: OpenDKIM beside Postfix), so they run on another core than the event loop.
-    helper: bool = True
+    #: OpenDKIM beside Postfix), so they run on another core than the event loop. Off by
+    #: default: on the shared 2-core benchmark machine it relayed less than signing in the
+    #: server (docs/benchmarks.md); the helper must be scheduled for every signature.
+    helper: bool = False
 
 
 @dataclass(frozen=True)

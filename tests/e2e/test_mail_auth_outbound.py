@@ -91,7 +91,9 @@ def hosts(module_mail_server: ServerFactory,
             settings=relay_settings(
                 dns=dns.address, port=port, local_users=["postmaster"],
                 local_domains=["example.org"], users_file=str(users), state_dir=str(a_state),
-                tls={"cert": str(chain), "key": str(chain)}, **common),
+                tls={"cert": str(chain), "key": str(chain)},
+                dkim={"helper": True},  # A signs through the helper process
+                **common),
         )
         b = module_mail_server(
             host=B_IP, hostname="mx.dest.test", ports={"smtp": port},

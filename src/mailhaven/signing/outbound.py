@@ -18,9 +18,9 @@ Which mail gets what:
 
 Cost: reading the body back (already in memory below the spool's inline limit, else in a
 worker thread), one body hash and one private-key operation per key (RSA-2048 about 0.3 ms,
-Ed25519 a tenth of it). Below the inline limit the hash runs on the event loop and the
-private-key operations in the helper process (`helper`; `[dkim] helper = false`: on the loop
-too -- a thread would not help, OpenSSL's signing keeps the interpreter lock here). Above it,
+Ed25519 a tenth of it). Below the inline limit all of it runs on the event loop (a thread would
+not help: OpenSSL's signing keeps the interpreter lock here), or, with `[dkim] helper`, the
+private-key operations run in the helper process (`helper`). Above it,
 the read, the hash and the signing run in a worker thread. ARC seals (forwarded mail only) are
 made on the loop.
 
