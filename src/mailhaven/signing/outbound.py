@@ -120,11 +120,15 @@ class Outbound:
             domain = domain.partition(".")[2]
         return ()
 
+    def _local(self, address: str) -> bool:
+        """An address without a domain (`postmaster`, sendmail's `root`) is local, as routing
+        takes it."""
+        domain = _domain_of(address)
+        return not domain or self._is_local(domain)
+
     def _forwarded(self, recipients: Sequence[QueuedRecipient]) -> bool:
         return any(
-            r.address != r.original
-            and self._is_local(_domain_of(r.original) or "localhost")
-            and not self._is_local(_domain_of(r.address) or "localhost")
+            r.address != r.original and self._local(r.original) and not self._local(r.address)
             for r in recipients
         )
 
@@ -137,9 +141,7 @@ class Outbound:
     ) -> tuple[Envelope, bytes]:
         origin = self.originates_here(envelope)
         forwarded = self._forwarded(recipients)
-        foreign_sender = bool(envelope.sender) and not self._is_local(
-            _domain_of(envelope.sender) or "localhost"
-        )
+        foreign_sender = bool(envelope.sender) and not self._local(envelope.sender)
         if forwarded and self.srs is not None and foreign_sender:
             rewritten = self.srs.forward(envelope.sender, self._clock())
             envelope = replace(envelope, extra={**envelope.extra, SRS_SENDER: rewritten})
