@@ -68,3 +68,21 @@ def test_unusable_keys_are_refused_with_a_reason(tmp_path: Path) -> None:
     write(folder / "small.key", small.stdout)
     with pytest.raises(keystore.KeyFileError, match="at least 1024"):
         keystore.load_key(folder / "small.key", "example.org")
+
+
+def test_a_key_from_opendkim_genkey_loads_and_gives_its_record(tmp_path: Path) -> None:
+    """OpenDKIM's key generator is an independent reading of the record format: its key,
+    installed as <domain>/<selector>.key, gives the p= its own default.txt publishes."""
+    import re
+    import shutil
+
+    genkey = shutil.which("opendkim-genkey") or "/usr/sbin/opendkim-genkey"
+    if not Path(genkey).exists():
+        pytest.skip("opendkim-genkey is not installed (opendkim-tools)")
+    subprocess.run([genkey, "-s", "default", "-d", "example.org", "-D", str(tmp_path)],
+                   check=True, timeout=60, capture_output=True)
+    folder = tmp_path / "keys" / "example.org"
+    write(folder / "default.key", (tmp_path / "default.private").read_bytes())
+    [key] = keystore.load_all(tmp_path / "keys", {})["example.org"]
+    published = "".join(re.findall(r'"([^"]*)"', (tmp_path / "default.txt").read_text()))
+    assert key.algorithm == "rsa" and keystore.parse_record(published)["p"] == key.public_value()
