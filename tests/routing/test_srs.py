@@ -6,13 +6,9 @@ import calendar
 
 import pytest
 
-from mailhaven.delivery.base import DeliveryRequest
-from mailhaven.delivery.forwarded import RewrittenSender
-from mailhaven.proto.envelope import Envelope, RecipientSpec
-from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
-from mailhaven.routing.srs import SRS, SRS_SENDER, load_secrets
+from mailhaven.routing.srs import SRS, load_secrets
 
 #: postsrsd's tests (run_postsrsd_tests.bats): secret "tops3cr3t", domain example.com, the
 #: clock at 2020-01-01 00:01:00 UTC.
@@ -85,22 +81,3 @@ def test_router_accepts_and_reverses_our_srs_addresses() -> None:
     assert refusal is not None and refusal.code == 550
     plain = Router(local_domains=["example.org"], mailboxes=lambda: {"alice"})
     assert plain.check_recipient(address, client_ip="192.0.2.1", authenticated=False) is not None
-
-
-class Agent:
-    def __init__(self) -> None:
-        self.senders: list[str] = []
-
-    async def deliver(self, request: DeliveryRequest) -> dict[str, Reply]:
-        self.senders.append(request.envelope.sender)
-        return {}
-
-
-async def test_relayed_copies_use_the_srs_sender() -> None:
-    agent = Agent()
-    wrapper = RewrittenSender(agent)
-    for extra in ({SRS_SENDER: "SRS0=x=y=b.example=a@example.org"}, {}):
-        envelope = Envelope("a@b.example", (RecipientSpec("c@d.example"),), extra=extra)
-        await wrapper.deliver(DeliveryRequest("Q1", envelope, ("c@d.example",),
-                                              Route("relay", "d.example"), lambda: None, 1))  # type: ignore[arg-type,return-value]
-    assert agent.senders == ["SRS0=x=y=b.example=a@example.org", "a@b.example"]

@@ -2,18 +2,16 @@
 
 In: delivery requests for the relay agent. Out: the same requests, with the sender intake chose
 for forwarded copies (`routing.srs.SRS_SENDER` in the envelope's `extra`) when there is one;
-the agent's replies unchanged. Local copies never pass here, so they keep the original sender.
+the agent's result unchanged. Local copies never pass here, so they keep the original sender.
 Trust: the value was put there by our own intake (it is not in the message), so it is used as
 it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
-from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
-from mailhaven.proto.replies import Reply
+from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest, DeliveryResult
 from mailhaven.routing.srs import SRS_SENDER
 
 
@@ -24,7 +22,7 @@ class RewrittenSender:
     def __init__(self, agent: DeliveryAgent) -> None:
         self.agent = agent
 
-    async def deliver(self, request: DeliveryRequest) -> Mapping[str, Reply]:
+    async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         rewritten = request.envelope.extra.get(SRS_SENDER)
         if rewritten:
             request = replace(request, envelope=replace(request.envelope, sender=rewritten))
