@@ -10,7 +10,9 @@ Three hosts on loopback, one common port, DNS only from `tests.support.dns_serve
 
 Shown: submission (smtplib, AUTH PLAIN after STARTTLS) -> signed twice -> relayed -> stored in
 B's Maildir, where both signatures verify in dkimpy and the RSA and the Ed25519 one each in
-OpenDKIM (its resolver forwarding to the loopback DNS server); the forward through B reaches
+OpenDKIM (its resolver forwarding to the loopback DNS server); listing a new selector in
+`[dkim] selectors` and reloading makes the next message carry only the new signature (key
+rotation); the forward through B reaches
 the sink with an SRS0 envelope sender of dest.test and an ARC set that dkimpy's arc_verify
 passes (A's signature still verifies too); a bounce sent to that SRS address is reversed by B
 and reaches alice's mailbox on A.
@@ -72,6 +74,8 @@ def hosts(module_mail_server: ServerFactory,
         "alice", PASSWORD)
     a_state, b_state = work / "a-state", work / "b-state"
     a_keys = keys_for(a_state, "example.org", "rsa", "ed25519")
+    # the next key of a rotation: published from the start, signing once it is listed
+    a_keys.append(keystore.generate(a_state / "dkim", "example.org", "rsa-next", "rsa"))
     b_keys = keys_for(b_state, "dest.test", "rsa")
     records: dict[str, dict[str, list[object]]] = {
         "example.org": {"MX": [(10, "mx.example.org")]},
@@ -92,7 +96,8 @@ def hosts(module_mail_server: ServerFactory,
                 dns=dns.address, port=port, local_users=["postmaster"],
                 local_domains=["example.org"], users_file=str(users), state_dir=str(a_state),
                 tls={"cert": str(chain), "key": str(chain)},
-                dkim={"helper": True},  # A signs through the helper process
+                dkim={"helper": True,  # A signs through the helper process
+                      "selectors": {"example.org": ["rsa-e2e", "ed-e2e"]}},
                 **common),
         )
         b = module_mail_server(
@@ -153,6 +158,28 @@ def test_submitted_mail_is_signed_and_verifies_at_the_destination(
         assert "d=example.org" in verdict and "succeeded" in verdict, verdict
         assert expected in verdict
     hosts.a.wait_for_log(r"DKIM-Signature field added \(s=rsa-e2e, d=example.org\)")
+
+
+def test_rotation_by_selector_on_reload(hosts: Hosts) -> None:
+    """Listing the new selector and reloading (SIGHUP) switches signing to it; the next
+    message carries only the new signature, and it verifies."""
+    old = hosts.a.config["dkim"]["selectors"]
+    applied = r"reload: configuration .* applied"
+    done = len([line for line in hosts.a.log_lines() if re.search(applied, line)])
+    hosts.a.update_config({"dkim": {"selectors": {"example.org": ["rsa-next"]}}})
+    hosts.a.reload()
+    hosts.a.wait_for_log(applied, count=done + 1)
+    try:
+        mark = uuid.uuid4().hex
+        submit(hosts, "bob@dest.test", mark)
+        stored = wait_file(hosts.b.maildir("bob") / "new", mark)
+        assert stored.count(b"DKIM-Signature:") == 1 and b"s=rsa-next;" in stored
+        assert dkim.verify(stored.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"),
+                           dnsfunc=dkimpy_dns(hosts.dns))
+    finally:
+        hosts.a.update_config({"dkim": {"selectors": old}})
+        hosts.a.reload()
+        hosts.a.wait_for_log(applied, count=done + 2)
 
 
 def test_forward_gets_srs_and_arc_and_its_bounce_comes_home(hosts: Hosts) -> None:
