@@ -337,6 +337,8 @@ def _validate_checks(checks: Checks) -> None:
         raise ConfigError("checks.greylist: max_entries and allow_lifetime must be positive")
     if checks.sender_limits.window <= 0:
         raise ConfigError("checks.sender_limits.window: must be positive")
+
+
 # --- outbound mail authentication (mailhaven.signing, mailhaven.srs) -------------------------
 
 
@@ -408,6 +410,29 @@ def _validate_outbound(config: Config) -> None:
 
 
 @dataclass(frozen=True)
+class Mailbox:
+    """Mailboxes shared with Dovecot: where they live, who owns them, POP3's announced policy."""
+
+    #: The Maildirs' root, `<mail_dir>/<domain>/<user>/` (empty: `<state_dir>/mail`).
+    mail_dir: str = ""
+    #: Owner and group of Maildir files and directories (e.g. Dovecot's `vmail`; empty: the
+    #: daemon's own). Applied as root; an unprivileged daemon can only set a group it is in.
+    mail_user: str = ""
+    mail_group: str = ""
+    #: Modes of Maildir directories and message files (0o770 / 0o660 share them with the group).
+    dir_mode: int = 0o700
+    file_mode: int = 0o600
+    #: Mode and group of the users file at start-up and on every rewrite (0 / "": keep the
+    #: file's own; a new file is 0600). 0o640 with Dovecot's group lets its auth read it.
+    users_file_mode: int = 0
+    users_file_group: str = ""
+    #: POP3 LOGIN-DELAY (RFC 2449 §6.5): seconds a user must wait between logins (0: off).
+    pop3_login_delay: int = 0
+    #: POP3 EXPIRE (RFC 2449 §6.7) as announced: "" (not announced), "NEVER", or days.
+    pop3_expire: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str = field(default_factory=socket.gethostname)
     state_dir: str = "mailhaven-data"
@@ -474,6 +499,7 @@ class Config:
     checks: Checks = field(default_factory=Checks)
     dkim: Dkim = field(default_factory=Dkim)
     srs: Srs = field(default_factory=Srs)
+    mailbox: Mailbox = field(default_factory=Mailbox)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -487,6 +513,8 @@ class Config:
 
     @property
     def mail_root(self) -> Path:
+        if self.mailbox.mail_dir:
+            return Path(self.mailbox.mail_dir).absolute()
         return self.state_path / "mail"
 
     @property
@@ -665,6 +693,7 @@ def validate(config: Config) -> Config:
     _check_aliases(config)
     _validate_checks(config.checks)
     _validate_outbound(config)
+    _check_mailbox(config)
     if config.group and not config.user:
         raise ConfigError("group: only with user")
     if config.user:
@@ -749,6 +778,34 @@ def _check_next_hops(config: Config) -> None:
     for key, hop in hops:
         if (why := check_next_hop(hop)) is not None:
             raise ConfigError(f"{key}: {hop!r}: {why}")
+
+
+def _check_mailbox(config: Config) -> None:
+    """Modes that give nothing to others, owners that exist, domains that can name a directory,
+    an EXPIRE that RFC 2449 allows."""
+    from mailhaven.mailbox.layout import normalize_domain
+    from mailhaven.mailbox.owner import group_id, resolve_owner
+
+    box = config.mailbox
+    for key in ("dir_mode", "file_mode", "users_file_mode"):
+        mode = getattr(box, key)
+        if mode & ~0o770:
+            raise ConfigError(f"mailbox.{key}: {mode:#o} gives access to others; at most 0o770"
+                              " (write it as an octal number: 0o660)")
+    if box.dir_mode and box.dir_mode & 0o700 != 0o700:
+        raise ConfigError("mailbox.dir_mode: the owner needs 0o700")
+    if box.file_mode & 0o600 != 0o600:
+        raise ConfigError("mailbox.file_mode: the owner needs 0o600")
+    if box.pop3_expire and box.pop3_expire != "NEVER" and not box.pop3_expire.isdigit():
+        raise ConfigError('mailbox.pop3_expire: "", "NEVER" or a number of days')
+    try:
+        resolve_owner(box.mail_user, box.mail_group, box.dir_mode, box.file_mode)
+        group_id(box.users_file_group)
+    except LookupError as err:
+        raise ConfigError(f"mailbox.{err}") from None
+    for domain in config.local_domains:
+        if not domain.startswith("[") and normalize_domain(domain) is None:
+            raise ConfigError(f"local_domains: {domain!r} cannot name a mail directory")
 
 
 def _check_aliases(config: Config) -> None:
@@ -897,6 +954,7 @@ def _anchor(config: Config, base: Path) -> Config:
         return value if not value or os.path.isabs(value) else str(base / value)
 
     tls = dataclasses.replace(config.tls, cert=anchored(config.tls.cert), key=anchored(config.tls.key))
+    mailbox = dataclasses.replace(config.mailbox, mail_dir=anchored(config.mailbox.mail_dir))
     return dataclasses.replace(
         config,
         state_dir=anchored(config.state_dir),
@@ -904,6 +962,7 @@ def _anchor(config: Config, base: Path) -> Config:
         tls=tls,
         dkim=dataclasses.replace(config.dkim, key_dir=anchored(config.dkim.key_dir)),
         srs=dataclasses.replace(config.srs, secret_file=anchored(config.srs.secret_file)),
+        mailbox=mailbox,
     )
 
 

@@ -181,7 +181,7 @@ def test_source_routes_use_the_final_mailbox_only(addr: str, code: int | None) -
 
 def test_source_route_is_never_a_next_hop() -> None:
     r = router()
-    assert r.route("@relay.example:alice@example.org") == Route("local", "alice")
+    assert r.route("@relay.example:alice@example.org") == Route("local", "alice@example.org")
     assert r.route("@example.org:x@remote.example") == Route("relay", "remote.example")
 
 
@@ -220,7 +220,8 @@ def test_expand_deduplicates_per_mailbox() -> None:
     r = router(
         aliases={"all": ["alice", "alice@example.net", "ALICE", "x@r.example", "x@r.example"]}
     )
-    assert r.expand("all@example.org") == ["alice@example.org", "x@r.example"]
+    # each local domain has its own mailboxes: alice@example.net is another one
+    assert r.expand("all@example.org") == ["alice@example.org", "alice@example.net", "x@r.example"]
 
 
 def test_catch_all_expansion() -> None:
@@ -238,7 +239,7 @@ def test_self_reference_is_the_mailbox() -> None:
 def test_alias_loop_terminates() -> None:
     r = router(aliases={"a": ["b"], "b": ["c"], "c": ["a", "alice"]})
     assert r.expand("a@example.org") == ["a@example.org", "alice@example.org"]
-    assert r.route("a@example.org") == Route("local", "a")  # not a user: the agent bounces it
+    assert r.route("a@example.org") == Route("local", "a@example.org")  # not a user: the agent bounces it
 
 
 def test_alias_loop_with_catch_all() -> None:
@@ -270,12 +271,12 @@ def test_expansion_limit() -> None:
 @pytest.mark.parametrize(
     ("addr", "route"),
     [
-        ("alice@example.org", Route("local", "alice")),
-        ("ALICE@EXAMPLE.NET", Route("local", "alice")),
-        ("alice+tag@example.org", Route("local", "alice")),
-        ("catchall@example.org", Route("local", "catchall")),
-        ("postmaster", Route("local", "postmaster")),
-        ("alice@[192.0.2.1]", Route("local", "alice")),
+        ("alice@example.org", Route("local", "alice@example.org")),
+        ("ALICE@EXAMPLE.NET", Route("local", "alice@example.net")),
+        ("alice+tag@example.org", Route("local", "alice@example.org")),
+        ("catchall@example.org", Route("local", "catchall@example.org")),
+        ("postmaster", Route("local", "postmaster@example.org")),
+        ("alice@[192.0.2.1]", Route("local", "alice@example.org")),
         ("x@parttime.example", Route("hold", "parttime.example")),
         ("x@PartTime.Example", Route("hold", "parttime.example")),
         ("x@special.example", Route("relay", "[10.0.0.5]:2525")),
@@ -296,18 +297,18 @@ def test_relayhost_for_all_non_local_but_not_over_transport_or_hold() -> None:
     assert r.route("x@remote.example") == Route("relay", "[smarthost.example]:587")
     assert r.route("x@special.example") == Route("relay", "[10.0.0.5]:2525")
     assert r.route("x@parttime.example") == Route("hold", "parttime.example")
-    assert r.route("alice@example.org") == Route("local", "alice")
+    assert r.route("alice@example.org") == Route("local", "alice@example.org")
 
 
 def test_user_with_delimiter_in_name_wins_over_stripping() -> None:
     r = router(mailboxes=lambda: {"a+b", "a"})
-    assert r.route("a+b@example.org") == Route("local", "a+b")
-    assert r.route("a+c@example.org") == Route("local", "a")
+    assert r.route("a+b@example.org") == Route("local", "a+b@example.org")
+    assert r.route("a+c@example.org") == Route("local", "a@example.org")
 
 
 def test_multiple_delimiter_characters() -> None:
     r = router(recipient_delimiter="+-")
-    assert r.route("alice-list@example.org") == Route("local", "alice")
+    assert r.route("alice-list@example.org") == Route("local", "alice@example.org")
     assert check(r, "alice-list@example.org") is None
 
 
@@ -335,8 +336,8 @@ def test_normalise_domain(raw: str, norm: str | None) -> None:
 
 def test_idn_local_domain_matches_either_form() -> None:
     r = router(local_domains=["bücher.example"])
-    assert r.route("alice@xn--bcher-kva.example") == Route("local", "alice")
-    assert r.route("alice@BÜCHER.example") == Route("local", "alice")
+    assert r.route("alice@xn--bcher-kva.example") == Route("local", "alice@xn--bcher-kva.example")
+    assert r.route("alice@BÜCHER.example") == Route("local", "alice@xn--bcher-kva.example")
     assert r.local_domains == ("xn--bcher-kva.example",)
 
 
@@ -344,3 +345,53 @@ def test_parse_address_quoted() -> None:
     a = parse_address('"a\\"b"@Example.org')
     assert a is not None
     assert (a.local, a.mailbox, a.domain, a.routed) == ('"a\\"b"', 'a"b', "example.org", False)
+
+
+# --- virtual domains ------------------------------------------------------------------------
+
+
+def virtual() -> Router:
+    return router(
+        mailboxes=lambda: {"alice@example.org", "bob@example.net", "postmaster"},
+        aliases={"@example.net": ["bob"], "sales@example.org": ["alice"]},
+    )
+
+
+def test_each_domain_has_its_own_users() -> None:
+    r = virtual()
+    assert check(r, "alice@example.org") is None
+    assert check(r, "alice@example.net") is None  # example.net has a catch-all
+    assert r.expand("alice@example.net") == ["bob@example.net"]
+    assert check(router(mailboxes=lambda: {"alice@example.org"}), "alice@example.net") == 550
+    assert r.route("alice@example.org") == Route("local", "alice@example.org")
+    assert r.route("bob@example.net") == Route("local", "bob@example.net")
+
+
+def test_bare_mailbox_is_at_every_local_domain() -> None:
+    r = virtual()
+    assert r.route("postmaster@example.net") == Route("local", "postmaster@example.net")
+    assert r.route("postmaster@example.org") == Route("local", "postmaster@example.org")
+
+
+def test_domain_catch_all_comes_after_users_and_aliases() -> None:
+    r = virtual()
+    assert r.expand("bob@example.net") == ["bob@example.net"]
+    assert r.expand("nobody@example.net") == ["bob@example.net"]
+    assert check(r, "nobody@example.org") == 550  # the catch-all is example.net's only
+    assert r.expand("sales@example.org") == ["alice@example.org"]
+
+
+def test_global_catch_all_prefers_the_addressed_domain() -> None:
+    r = router(mailboxes=lambda: {"c@example.org", "c@example.net"}, catch_all="c")
+    assert r.expand("x@example.net") == ["c@example.net"]
+    r = router(mailboxes=lambda: {"c@example.org"}, catch_all="c")
+    assert r.expand("x@example.net") == ["c@example.org"]
+    r = router(mailboxes=lambda: {"c@example.org"}, catch_all="C@Example.ORG")
+    assert r.expand("x@example.net") == ["c@example.org"]
+
+
+def test_parked_domain_is_held_not_relayed_nor_accepted() -> None:
+    r = router(parked_domains=["gone.example", "example.org"])
+    assert r.route("alice@gone.example") == Route("hold", "gone.example")
+    assert check(r, "alice@gone.example") == 554
+    assert r.route("alice@example.org") == Route("local", "alice@example.org")  # still local

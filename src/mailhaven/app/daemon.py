@@ -31,7 +31,7 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,9 @@ from mailhaven.app.listeners import (
     bind_listeners,
     load_tls,
 )
-from mailhaven.app.live import Live
+from mailhaven.app.live import Live, parked_domains
 from mailhaven.app.reload import PreparedReload, prepare_reload
-from mailhaven.app.settings import backoff_policy, plan_limits
+from mailhaven.app.settings import backoff_policy, build_router, mail_owner, plan_limits
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
@@ -58,6 +58,7 @@ from mailhaven.control.forwarding import Forwarding, forward_etrn, release_in_wo
 from mailhaven.control.queue_admin import QueueAdmin
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
+from mailhaven.mailbox import migrate
 from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
@@ -213,6 +214,8 @@ class App:
                 tls_handshake_timeout=config.timeouts.tls_handshake,
                 limiter=self.auth_limiter,
                 clients=self.pop3_clients,
+                login_delay=config.mailbox.pop3_login_delay,
+                expire=config.mailbox.pop3_expire,
             )
             self.pop3.append(listener)
             log.info("pop3%s listening on %s", "s" if implicit else "", address)
@@ -236,12 +239,14 @@ class App:
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
         self.live.users.load()
+        await asyncio.to_thread(self._prepare_mailboxes)
         self.tls = load_tls(config)
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self._adopt_orphans)
         await asyncio.to_thread(self.spool.open)
         engine = self._build_engine()
         await self.checks.open()
+        await self._release_local(self.live.users.domains)
         self._schedule_releases()
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
@@ -252,6 +257,27 @@ class App:
         self._start_acme()
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
+
+    def _prepare_mailboxes(self) -> None:
+        """Before anything delivers or reads mail: the upgrade to `<domain>/<user>` Maildirs
+        (`mailbox.migrate`), and the configured owners and modes (shared with Dovecot)."""
+        config, live, mail = self.config, self.live, mail_owner(self.config)
+        if config.mailbox.mail_user or config.mailbox.mail_group:
+            mail.apply_to_dir(config.mail_root)
+        migrate.migrate(config.mail_root, live.users, config.local_domains, mail)
+        live.users.apply_file_owner()
+        # the domains' directories exist now: a domain removed later is known as one
+        live.swap(config, live.users, build_router(config, live.users,
+                                                   parked_domains(config, live.users)))
+
+    async def _release_local(self, domains: Iterable[str]) -> None:
+        """Mail held for a domain while it was not local (`parked_domains`) is delivered once
+        the domain is local again (a reload, or at start-up)."""
+        for domain in sorted(domains):
+            if count := await self.spool.release_domain(domain):
+                log.info("domain %s is local: %d held message(s) released", domain, count)
+        if self.engine is not None:
+            self.engine.runner.flush()
 
     def _drop_privileges(self) -> None:
         """Started as root with `user` set: hand the state directory over and become the user,
@@ -490,6 +516,7 @@ class App:
         """Swap in a prepared configuration; nothing here can fail half-way."""
         old, new = self.config, prepared.config
         users = prepared.users
+        returned = set(users.domains) - set(self.live.users.domains)
         self.live.swap(new, users, prepared.router)
         self.live.srs = prepared.srs
         if self.engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
@@ -533,6 +560,8 @@ class App:
         self.checks.reconfigure(new)
         if new.checks.greylist.enabled and self.checks.greylist is None:
             self._spawn(self._open_greylist())
+        if returned and self.worker is None:
+            self._spawn(self._release_local(returned))
 
     async def _open_greylist(self) -> None:
         """Greylisting turned on by a reload: its database opens in a thread, then the MX

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mailhaven.app.live import Live
 from mailhaven.app.outbound import build_outbound, load_srs
-from mailhaven.app.settings import backoff_policy, build_relay_agent, plan_limits
+from mailhaven.app.settings import backoff_policy, build_relay_agent, mail_owner, plan_limits
 from mailhaven.bounce.notifier import NoticeLimiter, Notifier
 from mailhaven.config import Config
 from mailhaven.delivery.base import DeliveryAgent
@@ -85,7 +85,8 @@ def build_engine(
     outbound = build_outbound(config, lambda d: live.router.is_local_domain(d), live.srs)
     agents: dict[str, DeliveryAgent] = {
         "relay": RewrittenSender(relay_agent),  # forwarded mail leaves with its SRS sender
-        "local": LocalAgent(config.mail_root, config.hostname, users=live.mailboxes),
+        "local": LocalAgent(config.mail_root, config.hostname, users=live.mailboxes,
+                            owner=mail_owner(config)),
     }
     intake: Intake | None = None
 

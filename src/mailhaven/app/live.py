@@ -7,15 +7,29 @@ own copies, so a SIGHUP is one assignment (`swap`), never a half-applied state.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Collection
 
-from mailhaven.app.settings import build_router, mailbox_names
+from mailhaven.app.settings import build_router, build_users, mailbox_names
 from mailhaven.config import Config
+from mailhaven.mailbox.migrate import mail_domains
 from mailhaven.mailbox.users import UserDB
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
 from mailhaven.routing.srs import SRS
+
+log = logging.getLogger("mailhaven.master")
+
+
+def parked_domains(config: Config, users: UserDB) -> list[str]:
+    """Domains with a mail directory that are no longer local: their queued mail is held
+    (`Router` parked_domains), not relayed to wherever their MX points. Logged."""
+    parked = [d for d in mail_domains(config.mail_root) if d not in users.domains]
+    for domain in parked:
+        log.warning("domain %s is not a local domain any more: mail queued for it is held"
+                    " (add it back to local_domains to deliver it)", domain)
+    return parked
 
 
 class Live:
@@ -23,10 +37,12 @@ class Live:
 
     def __init__(self, config: Config, users: UserDB | None = None) -> None:
         self.config = config
-        self.users = users if users is not None else UserDB(config.users_path)
+        self.users = users if users is not None else build_users(config)
         #: the SRS rewriter (`app.outbound.load_srs`), set with the engine and on reload
         self.srs: SRS | None = None
-        self.router = build_router(config, self.users, self.reverse_srs)
+        self.router = build_router(
+            config, self.users, self.reverse_srs, parked_domains(config, self.users)
+        )
 
     def swap(self, config: Config, users: UserDB, router: Router) -> None:
         self.config, self.users, self.router = config, users, router

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from mailhaven import config as configuration
 from mailhaven.app.listeners import tls_files
+from mailhaven.app.live import parked_domains
 from mailhaven.app.outbound import build_outbound, load_srs
-from mailhaven.app.settings import build_relay_agent, build_router
+from mailhaven.app.settings import build_relay_agent, build_router, build_users
 from mailhaven.config import Config
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.mailbox.users import UserDB
@@ -28,7 +29,7 @@ from mailhaven.signing.outbound import Outbound
 #: processes, the loop and the queue's place are made once; the host name is baked into the
 #: engine (Received: fields, bounces, Maildir names, HELO), so it changes all at once or not.
 RESTART_ONLY = (
-    "listen", "state_dir", "smtp_processes", "event_loop", "hostname", "user", "group"
+    "listen", "state_dir", "smtp_processes", "event_loop", "hostname", "user", "group", "mailbox"
 )
 
 
@@ -64,13 +65,13 @@ def prepare_reload(
     new = configuration.load(current.source)
     kept = tuple(n for n in RESTART_ONLY if getattr(new, n) != getattr(current, n))
     new = replace(new, **{name: getattr(current, name) for name in RESTART_ONLY})
-    users = UserDB(new.users_path)
+    users = build_users(new)
     users.load()
     try:
         relay_agent = build_relay_agent(new)
     except OSError as err:  # the system's resolver configuration
         raise configuration.ConfigError(f"relay: {err}") from None
-    router = build_router(new, users, reverse_srs)
+    router = build_router(new, users, reverse_srs, parked_domains(new, users))
     srs = load_srs(new)
     outbound = build_outbound(new, router.is_local_domain, srs)
     prepared = PreparedReload(new, users, router, relay_agent, kept, srs=srs, outbound=outbound)

@@ -11,6 +11,7 @@ from typing import cast
 
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
+from mailhaven.mailbox import owner
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.dns import Resolver
 from mailhaven.proto.smtp_client import Credentials
@@ -44,8 +45,13 @@ def plan_limits(config: Config) -> PlanLimits:
 
 
 def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]]:
-    """Current mailbox names: `local_users` plus the users file (reloaded when it changes)."""
-    fixed = {u.lower() for u in config.local_users}
+    """Current mailbox names: `local_users` plus the users file (reloaded when it changes).
+    A bare `local_users` name is a mailbox at every local domain (`postmaster`)."""
+    fixed = {
+        name if "@" in name else f"{name}@{domain}"
+        for name in (u.lower() for u in config.local_users)
+        for domain in users.domains or config.local_domains
+    }
 
     def names() -> Collection[str]:
         return fixed | users.names()
@@ -53,9 +59,31 @@ def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]
     return names
 
 
+def build_users(config: Config) -> UserDB:
+    """The users file with the local domains (virtual users) and its configured mode/group
+    (`[mailbox] users_file_*`; the group name is looked up here)."""
+    box = config.mailbox
+    return UserDB(
+        config.users_path,
+        domains=config.local_domains,
+        file_mode=box.users_file_mode or None,
+        file_group=owner.group_id(box.users_file_group),
+    )
+
+
+def mail_owner(config: Config) -> owner.MailOwner:
+    """Owner and modes of Maildir files (`[mailbox] mail_user`, ...; names looked up here)."""
+    box = config.mailbox
+    return owner.resolve_owner(box.mail_user, box.mail_group, box.dir_mode, box.file_mode)
+
+
 def build_router(
-    config: Config, users: UserDB, reverse_srs: Callable[[str], str | None] | None = None
+    config: Config,
+    users: UserDB,
+    reverse_srs: Callable[[str], str | None] | None = None,
+    parked: Sequence[str] = (),
 ) -> Router:
+    """`parked`: domains with Maildirs that are no longer local (`migrate.parked_domains`)."""
     aliases: dict[str, Sequence[str]] = dict(config.aliases)
     return Router(
         local_domains=config.local_domains,
@@ -69,6 +97,7 @@ def build_router(
         held_domains=config.etrn.held_domains,
         transport_map=config.relay.transport,
         reverse_srs=reverse_srs,  # bounces to forwarded mail's SRS senders (routing.srs)
+        parked_domains=parked,
     )
 
 

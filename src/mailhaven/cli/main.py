@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             from mailhaven.mailbox.users import UserDB, UsersFileError
 
             try:  # the users file is part of the configuration: serve and reload refuse it too
-                UserDB(config.users_path).load()
+                UserDB(config.users_path, domains=config.local_domains).load()
             except UsersFileError as err:
                 print(f"mailhaven: {err}", file=sys.stderr)
                 return 2
@@ -152,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"{config.state_path} (run the server from {config.state_path.parent})",
                       file=sys.stderr)
             config.users_path.parent.mkdir(parents=True, exist_ok=True)
-            return user_main(args.args, users_file=config.users_path)
+            from mailhaven.mailbox.owner import group_id
+
+            box = config.mailbox
+            return user_main(
+                args.args, users_file=config.users_path, domains=config.local_domains,
+                file_mode=box.users_file_mode or None, file_group=group_id(box.users_file_group),
+            )
         case "dkim":
             from mailhaven.cli.dkim import main as dkim_main
 

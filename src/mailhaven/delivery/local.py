@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ class ForwardingLoop(Exception):
 
 
 class LocalAgent:
-    """`DeliveryAgent` for transport "local": Maildir under `<mail_root>/<user>/`.
+    """`DeliveryAgent` for transport "local": Maildir under `<mail_root>/<domain>/<user>/`,
+    files owned as `owner` says (`mailbox.owner`; None: the process's own, 0600).
 
     `users`, when given, is the current set of local users; a recipient whose user is not in it
     has vanished since RCPT time and gets 550 5.1.1. Without it any valid name is delivered to
@@ -64,8 +66,10 @@ class LocalAgent:
         *,
         users: Callable[[], Collection[str]] | None = None,
         names: UniqueNames | None = None,
+        owner: MailOwner | None = None,
     ) -> None:
         self._root = mail_root
+        self._owner = owner
         self._users = users
         self._names = names or UniqueNames(hostname)
 
@@ -97,7 +101,7 @@ class LocalAgent:
         try:
             with request.open_message() as stream:
                 chunks = refuse_loops(_read_chunks(stream), rcpt)
-                deliver(maildir, chunks, prepend=prepend, names=self._names)
+                deliver(maildir, chunks, prepend=prepend, names=self._names, owner=self._owner)
         except ForwardingLoop:
             return Reply(554, f"mail forwarding loop for {_clean(rcpt)}", "5.4.6")
         except OSError as exc:

@@ -1,6 +1,6 @@
 """Maildir storage: the durable, lock-free mailbox format that Dovecot, mutt and POP3 read.
 
-Role: write one message into `<mail_root>/<user>/` following the Maildir protocol
+Role: write one message into `<mail_root>/<domain>/<user>/` following the Maildir protocol
 (https://cr.yp.to/proto/maildir.html) and Dovecot's naming conventions, and list what is there
 for the POP3 role. Nothing here knows about SMTP, the queue or routing.
 
@@ -27,8 +27,12 @@ Invariants:
   LF pass untouched) and a CR that ends one chunk is held back until the next chunk shows whether
   an LF follows, so the result is independent of how the input was chunked.
 
-Trust: `user` names come from routing and are validated here once more (no path separators,
-no leading dot, lower-case) because they become directory names.
+Trust: `user` names come from routing and are validated here once more (`mailbox.layout`:
+no path separators, no leading dot, lower-case) because they become directory names.
+
+Owner and modes: by default 0700 directories and 0600 files, the process's own. A `MailOwner`
+(`[mailbox] mail_user`/`mail_group`/modes, see `mailbox.owner`) is applied to each directory
+made and to each file while it is still in `tmp/`, so Dovecot can share the Maildirs.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from mailhaven.faults import crash_point
+from mailhaven.mailbox import layout
+from mailhaven.mailbox.owner import MailOwner
 
 #: Maildir spec: a maildir is these three directories.
 SUBDIRS = ("tmp", "new", "cur")
@@ -56,40 +62,35 @@ WRITE_BUFFER = 64 * 1024
 #: Attempts at finding an unused name before giving up (a collision needs pid reuse within
 #: one microsecond on the same host; retrying is cheap and removes the doubt).
 NAME_ATTEMPTS = 5
-#: Characters that would break a user directory name, or make it mean something else.
-_FORBIDDEN_USER_CHARS = frozenset("/\\\0:@%!") | frozenset(chr(c) for c in (*range(33), 127))
 
 
 def mailbox_path(mail_root: Path, user: str) -> Path:
-    """Return `<mail_root>/<user>`, refusing names that are not safe directory names.
-
-    Users are the lower-case local parts shared by every local domain (Postfix `mydestination`
-    with local(8)); upper-case is refused rather than folded so that two spellings can never
-    end up in two directories.
-    """
-    if (
-        not user
-        or user.startswith(".")
-        or user != user.lower()
-        or len(user.encode("utf-8")) > 255
-        or any(ch in _FORBIDDEN_USER_CHARS for ch in user)
-    ):
-        raise ValueError(f"not a valid mailbox name: {user!r}")
-    return mail_root / user
+    """`<mail_root>/<domain>/<user>` for a canonical `user@domain` (see `mailbox.layout`),
+    refusing anything that is not a safe mailbox name."""
+    return layout.mailbox_path(mail_root, user)
 
 
-def ensure_maildir(path: Path) -> None:
-    """Create `path` and its `tmp/ new/ cur/` (mode 0700) if missing; idempotent.
+def ensure_maildir(path: Path, owner: MailOwner | None = None) -> None:
+    """Create `path` and its `tmp/ new/ cur/` (mode 0700, or `owner`'s) if missing; idempotent.
 
     A directory we create is made durable (its parent is fsync'd), or a power cut could take a
     new user's whole maildir, and the message in it, away after we said 250. The mail root
     itself is created with default permissions if missing; the user directory gets 0700.
     If that fsync fails, what we created is removed again, so the next attempt retries it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
+    if _mkdir(path.parent):  # the domain's directory: durable, and shared like the rest
+        if owner is not None:
+            owner.apply_to_dir(path.parent)
+        _fsync_dir(path.parent.parent)
     if _mkdir(path):
+        if owner is not None:
+            owner.apply_to_dir(path)
         _fsync_or_undo(path.parent, [path])
     created = [path / sub for sub in SUBDIRS if _mkdir(path / sub)]
+    if owner is not None:
+        for directory in created:
+            owner.apply_to_dir(directory)
     if created:
         _fsync_or_undo(path, created)
 
@@ -171,17 +172,20 @@ def deliver(
     *,
     prepend: bytes = b"",
     names: UniqueNames,
+    owner: MailOwner | None = None,
 ) -> Path:
     """Store one message in `maildir/new/` durably and return its path.
 
     `prepend` is written first (it goes through the same CRLF -> LF conversion). Any exception,
     including one raised by `chunks` itself, leaves nothing in `new/` and removes the `tmp/` file.
     """
-    ensure_maildir(maildir)
+    ensure_maildir(maildir, owner)
     base, fd = _create_tmp(maildir, names)
     tmp_path = maildir / "tmp" / base
     try:
         with open(fd, "wb", buffering=WRITE_BUFFER, closefd=True) as out:
+            if owner is not None:  # before any reader can see it in new/
+                owner.apply_to_fd(out.fileno())
             size, lines = _write_converted(out, _with_prepend(prepend, chunks))
             out.flush()
             os.fsync(out.fileno())

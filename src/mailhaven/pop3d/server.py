@@ -143,6 +143,8 @@ async def start_pop3_server(
     limiter: AuthLimiter | None = None,
     max_sessions: int = MAX_SESSIONS,
     clients: ClientLimits | None = None,
+    login_delay: int = 0,
+    expire: str = "",
 ) -> Pop3Listener:
     """Listen for POP3 and serve until `close()`; see the module docstring."""
     if implicit_tls and tls_context is None:
@@ -150,7 +152,8 @@ async def start_pop3_server(
     if idle_timeout < MIN_IDLE_TIMEOUT:
         log.warning("idle_timeout %.0fs is below RFC 1939's 10 minutes", idle_timeout)
     settings = Settings(mail_root, hostname, tls_context, implicit_tls,
-                        allow_plaintext_on_loopback, idle_timeout, tls_handshake_timeout)
+                        allow_plaintext_on_loopback, idle_timeout, tls_handshake_timeout,
+                        login_delay, expire)
     listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions,
                             clients)
     loop = asyncio.get_running_loop()

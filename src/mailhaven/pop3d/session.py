@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import assert_never
 
 from mailhaven.checks.auth_failures import AuthLimiter
-from mailhaven.mailbox.users import UserDB, normalize_name
+from mailhaven.mailbox import layout
+from mailhaven.mailbox.users import UserDB
 from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d import maildrop as md
 from mailhaven.proto import pop3
@@ -40,6 +41,8 @@ log = logging.getLogger("mailhaven.pop3d")
 
 #: RFC 1939 §3: an inactivity autologout timer, if any, MUST be at least 10 minutes.
 MIN_IDLE_TIMEOUT = 600.0
+#: Users remembered for LOGIN-DELAY before the expired entries are swept.
+MAX_LOGIN_DELAY_USERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,14 @@ class Settings:
     allow_plaintext_on_loopback: bool
     idle_timeout: float = MIN_IDLE_TIMEOUT
     tls_handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT
+    #: RFC 2449 §6.5 LOGIN-DELAY: seconds between a user's logins (0: none, not announced)
+    login_delay: int = 0
+    #: RFC 2449 §6.7 EXPIRE as announced ("" not announced, "NEVER", or days)
+    expire: str = ""
+
+    def policy_capabilities(self) -> tuple[str, ...]:
+        caps = (f"LOGIN-DELAY {self.login_delay}",) if self.login_delay else ()
+        return caps + ((f"EXPIRE {self.expire}",) if self.expire else ())
 
 
 @dataclass(slots=True)
@@ -61,6 +72,8 @@ class Services:
     users: UserDB
     limiter: AuthLimiter
     sizes: md.SizeCache = field(default_factory=md.SizeCache)
+    #: user -> loop time of the last login, for LOGIN-DELAY (bounded: see `_login_too_soon`)
+    last_login: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -92,6 +105,7 @@ class Session:
             tls_available=self.settings.tls_context is not None,
             tls_active=self.settings.implicit_tls,
             insecure_auth=self.settings.allow_plaintext_on_loopback and _is_loopback(self.rip),
+            policy=self.settings.policy_capabilities(),
         )
         self.user: str | None = None
         self.drop: md.Maildrop | None = None
@@ -170,14 +184,15 @@ class Session:
     # -- AUTHORIZATION -------------------------------------------------------------------------
     async def _login(self, event: pop3.Login) -> None:
         services, loop = self.services, asyncio.get_running_loop()
-        name = normalize_name(event.user)
+        # the full address in any case, or a bare name where unambiguous (`UserDB.login_name`)
+        name = services.users.login_name(event.user)
         # the address's back-off (Dovecot's auth penalty) holds this session only
         await asyncio.sleep(services.limiter.penalty(self.rip, loop.time()))
         verdict = services.limiter.check(self.rip, name, loop.time())
         good = (
             verdict.allowed
             and name is not None
-            and event.authzid in ("", event.user)
+            and (event.authzid == "" or services.users.login_name(event.authzid) == name)
             and await services.users.verify(name, event.password)
         )
         who = f"user=<{_printable(event.user)}>, method={event.mechanism}, rip={self.rip}"
@@ -190,7 +205,13 @@ class Session:
             return
         assert name is not None
         services.limiter.succeeded(self.rip, name, loop.time())
-        path = self.settings.mail_root / name
+        if self._login_too_soon(name, loop.time()):
+            log.warning("login refused (LOGIN-DELAY %ds): %s, session=%s",
+                        self.settings.login_delay, who, self.id)
+            self.core.reject_login(pop3.RespCode.LOGIN_DELAY,
+                                   f"Wait {self.settings.login_delay}s between logins")
+            return
+        path = _maildir(self.settings.mail_root, name)
         try:
             self.lock = await asyncio.to_thread(_lock_maildir, path)
             if self.lock is None:
@@ -210,6 +231,22 @@ class Session:
         tls = ", TLS" if self.core.tls_active else ""
         log.info("login: %s, lip=%s%s, session=%s", who, self.lip, tls, self.id)
         self.core.accept_login(f"Logged in, {count} messages ({octets} octets)")
+
+    def _login_too_soon(self, name: str, now: float) -> bool:
+        """LOGIN-DELAY (RFC 2449 §6.5): refuse a user's login within `login_delay` seconds of
+        the last one that got in; the table forgets entries older than the delay."""
+        delay, last = self.settings.login_delay, self.services.last_login
+        if not delay:
+            return False
+        if len(last) > MAX_LOGIN_DELAY_USERS:
+            for user, when in list(last.items()):
+                if now - when >= delay:
+                    del last[user]
+        previous = last.get(name)
+        if previous is not None and now - previous < delay:
+            return True
+        last[name] = now
+        return False
 
     # -- TRANSACTION ---------------------------------------------------------------------------
     def _transaction(
@@ -290,6 +327,16 @@ class Session:
         else:
             log.info("logout: user=<%s>, reason=%s, %s, session=%s", self.user, self.reason,
                      self.counters.summary(self.drop, self.committed), self.id)
+
+
+def _maildir(mail_root: Path, name: str) -> Path:
+    """The Maildir of a user: `<root>/<domain>/<user>`; a bare name only exists without local
+    domains (a bare users file used on its own), at `<root>/<user>`."""
+    if "@" in name:
+        return layout.mailbox_path(mail_root, name)
+    if layout.canonical_name(name) != name:
+        raise ValueError(f"not a valid mailbox name: {name[:80]!r}")
+    return mail_root / name
 
 
 def _lock_maildir(path: Path) -> md.MaildropLock | None:

@@ -103,10 +103,11 @@ KNOWN_COMMANDS = frozenset().union(*COMMANDS.values())
 
 
 class RespCode(enum.Enum):
-    """Extended response codes: RFC 2449 §8 (IN-USE) and RFC 3206 (AUTH, SYS/*)."""
+    """Extended response codes: RFC 2449 §8 (IN-USE, LOGIN-DELAY) and RFC 3206 (AUTH, SYS/*)."""
 
     AUTH = "AUTH"
     IN_USE = "IN-USE"
+    LOGIN_DELAY = "LOGIN-DELAY"
     SYS_TEMP = "SYS/TEMP"
     SYS_PERM = "SYS/PERM"
 
@@ -204,8 +205,11 @@ class Connection:
         tls_active: bool = False,
         insecure_auth: bool = False,
         implementation: str = "mailhaven",
+        policy: tuple[str, ...] = (),
     ) -> None:
         self.state = State.AUTHORIZATION
+        #: RFC 2449 §6.5/§6.7 capabilities the application announces, e.g. "LOGIN-DELAY 900"
+        self._policy = policy
         self.tls_active = tls_active
         self._tls_available = tls_available
         self._insecure_auth = insecure_auth
@@ -413,6 +417,7 @@ class Connection:
                 caps += ["USER", " ".join(("SASL", *sasl.SUPPORTED_MECHANISMS))]
             if self._tls_available and not self.tls_active:
                 caps.append("STLS")
+        caps += self._policy
         caps.append(f"IMPLEMENTATION {self._implementation}")
         return caps
 

@@ -42,6 +42,15 @@ Rules and choices (Postfix behaviour unless said otherwise):
   deeper than `MAX_ALIAS_DEPTH` the address is likewise taken as final. An unknown local user
   goes to the catch-all user if there is one, otherwise it stays as it is and the local agent
   bounces it (the users may have changed since RCPT time).
+* Virtual domains: a mailbox is a full address (`alice@a.example`); `alice@b.example` is
+  another user (or none). A bare name among the mailboxes (`local_users` such as
+  `postmaster`) is a mailbox at every local domain. The local route's next hop is the mailbox,
+  `user@domain`. An alias key `@domain` is that domain's catch-all (Postfix virtual(5)),
+  looked at after its users and aliases; `catch_all` is the fallback for every local domain
+  (a bare name: that user at the addressed domain if it has one, else at the primary domain).
+* `parked_domains`: domains that were local and are not any more (removed from the
+  configuration while mail for them was queued). They route to `hold` (kept in the queue and
+  logged, released with ETRN or when the domain comes back), and RCPT for them is not taken.
 """
 
 from __future__ import annotations
@@ -218,6 +227,7 @@ class Router:
         relayhost: str | None = None,
         local_addresses: Iterable[str] = (),
         reverse_srs: Callable[[str], str | None] | None = None,
+        parked_domains: Iterable[str] = (),
     ) -> None:
         #: SRS (routing.srs): a valid rewritten sender of ours -> where its bounce goes
         self._reverse_srs = reverse_srs
@@ -240,6 +250,7 @@ class Router:
         }
         self._relayhost = relayhost or None
         self._local_ips = frozenset(ipaddress.ip_address(a) for a in local_addresses)
+        self._parked = frozenset(_norm_entries(parked_domains)) - self._local_set
 
     # --- the three questions ----------------------------------------------------------------
 
@@ -283,11 +294,11 @@ class Router:
         if addr is None:
             return Route("local", "")
         if self._is_local_address(addr):
-            lp = addr.mailbox.lower()
-            return Route("local", self._user_for(lp) or self._base(lp))
+            lp, dom = addr.mailbox.lower(), self._mail_domain(addr.domain)
+            return Route("local", self._user_for(lp, dom) or f"{self._base(lp)}@{dom}")
         domain = addr.domain
         assert domain is not None  # bare addresses are local
-        if _matches(domain, self._held_domains):
+        if domain in self._parked or _matches(domain, self._held_domains):
             return Route("hold", domain)
         for entry in (domain, *_parents(domain)):
             if entry in self._transports:
@@ -352,12 +363,26 @@ class Router:
                 return local[:i]
         return local
 
-    def _user_for(self, local: str) -> str | None:
+    def _user_for(self, local: str, domain: str) -> str | None:
+        """The mailbox (`user@domain`) that `local@domain` or its base name is, if any."""
         users = self._mailboxes()
-        if local in users:
-            return local
-        base = self._base(local)
-        return base if base in users else None
+        for name in dict.fromkeys((local, self._base(local))):
+            if f"{name}@{domain}" in users or name in users:
+                return f"{name}@{domain}"
+        return None
+
+    def _catch_all_for(self, domain: str) -> str | None:
+        """The `catch_all` mailbox for an unknown user at `domain` (see the module doc)."""
+        if not self._catch_all:
+            return None
+        name, _, at = self._catch_all.partition("@")
+        if at:
+            return self._user_for(name, normalise_domain(at) or at) or self._catch_all
+        return (
+            self._user_for(name, domain)
+            or self._user_for(name, self._primary)
+            or f"{name}@{domain}"
+        )
 
     def _alias_targets(self, local: str, domain: str) -> tuple[str, ...] | None:
         base = self._base(local)
@@ -367,19 +392,27 @@ class Router:
         return None
 
     def _known_local(self, local: str, domain: str | None) -> bool:
-        if local == POSTMASTER or self._catch_all or self._user_for(local):
+        domain = self._mail_domain(domain)
+        if local == POSTMASTER or self._catch_all or self._user_for(local, domain):
             return True
-        return self._alias_targets(local, domain or self._primary) is not None
+        if f"@{domain}" in self._aliases:
+            return True
+        return self._alias_targets(local, domain) is not None
 
     @property
     def _primary(self) -> str:
         return self._local_domains[0] if self._local_domains else "localhost"
 
+    def _mail_domain(self, domain: str | None) -> str:
+        """The domain whose users a local address reaches: its own, or for a bare name or an
+        address literal of ours (`alice@[192.0.2.1]`) the primary one."""
+        return domain if domain is not None and domain in self._local_set else self._primary
+
     def _expand_local(
         self, addr: Address, path: frozenset[str], done: set[str], out: dict[str, str]
     ) -> None:
         """Depth-first alias expansion of one local address into `out` (mailbox -> address)."""
-        local, domain = addr.mailbox.lower(), addr.domain or self._primary
+        local, domain = addr.mailbox.lower(), self._mail_domain(addr.domain)
         key = f"{local}@{domain}"
         if len(out) >= MAX_EXPANSION:
             return
@@ -389,11 +422,16 @@ class Router:
                 return
             targets = self._alias_targets(local, domain)
         if targets is None:  # a mailbox: not aliased, a self-reference, or too deep
-            user = self._user_for(local)
-            if user is None and self._catch_all and not addr.routed:
-                user, key = self._catch_all, f"{self._catch_all}@{domain}"
-            out.setdefault("local:" + (user or local), key)
-            return
+            user = self._user_for(local, domain)
+            if user is None and not addr.routed:
+                domain_catch_all = self._aliases.get(f"@{domain}")
+                if domain_catch_all is not None and f"@{domain}" not in path:
+                    targets, key = domain_catch_all, f"@{domain}"
+                elif (user := self._catch_all_for(domain)) is not None:
+                    key = user
+            if targets is None:
+                out.setdefault("local:" + (user or f"{local}@{domain}"), key)
+                return
         for target in targets:
             t = parse_address(target if "@" in target else f"{target}@{domain}")
             if t is None:

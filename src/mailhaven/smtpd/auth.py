@@ -7,7 +7,9 @@ address, so a guesser cannot lock the user out elsewhere. An address with recent
 its back-off before each AUTH is looked at (in this session's task only). Every failure is
 answered `535 5.7.8` after a delay (never a silent disconnect); a blocked client or user gets
 `454 4.7.0` without any hash being computed. Successes and failures are logged like Postfix
-(`sasl_method=`, `sasl_username=`).
+(`sasl_method=`, `sasl_username=`). Users log in with their full address in any case, or a
+bare name where there is one local domain (`UserDB.login_name`); the name logged and handed to
+the session is the canonical full address.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 from collections.abc import Callable
 
 from mailhaven.checks.auth_failures import AuthLimiter
-from mailhaven.mailbox.users import UserDB, normalize_name
+from mailhaven.mailbox.users import UserDB
 from mailhaven.maillog import client_label
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.sasl import Challenge, Credentials, Failure, SaslExchange, smtp_reply
@@ -81,9 +83,10 @@ class _Exchange:
     async def _verify(self, cred: Credentials) -> tuple[Reply, str | None]:
         auth, ip = self.auth, self.facts.client_ip
         client = client_label(ip, self.facts.client_name)
-        # One canonical name for the limiter and the lookup; a name that can be no user's is
-        # counted against the address alone.
-        name = normalize_name(cred.authcid)
+        # One canonical name for the limiter and the lookup (the full address; a bare name
+        # where it is unambiguous); a name that can be no user's is counted against the
+        # address alone.
+        name = auth.users.login_name(cred.authcid)
         user = name or cred.authcid  # the log line escapes what the client sent
         await asyncio.sleep(auth.limiter.penalty(ip, auth.now()))
         verdict = auth.limiter.check(ip, name, auth.now())

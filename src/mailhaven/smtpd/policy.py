@@ -69,6 +69,11 @@ class SMTPPolicy:
         if not router.is_local_domain(domain):
             return False
         for final in router.expand(address):
+            if "@" in user:  # a virtual user: the mailbox the address reaches is the user's
+                route = router.route(final)
+                if route.transport == "local" and route.nexthop == user:
+                    return True
+                continue
             local = final.rpartition("@")[0].lower()
             if local == user or local.split("+", 1)[0] == user:
                 return True
