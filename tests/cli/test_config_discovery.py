@@ -79,7 +79,7 @@ def test_config_option_anywhere_and_from_the_environment(tmp_path: Path) -> None
     assert added.returncode == 0, added.stderr
     assert (conf / "state" / "users.passwd").exists() and not list(cwd.iterdir())
     listed = mailhaven("user", "list", cwd=cwd, env=cron_env(MAILHAVEN_CONFIG=str(conf)))
-    assert listed.stdout.split() == ["alice"]
+    assert listed.stdout.split() == ["alice@localhost"]
     queued = mailhaven("sendmail", "-t", cwd=cwd, env=cron_env(MAILHAVEN_CONFIG=str(conf)),
                        stdin="To: alice@localhost\nSubject: cron\n\nhi\n")
     assert queued.returncode == 0, queued.stderr

@@ -47,8 +47,8 @@ def test_user_add_creates_the_state_directory(tmp_path: Path) -> None:
     result = run("user", "add", "alice", cwd=tmp_path, stdin="pw\n")
     assert result.returncode == 0, result.stderr
     line = (tmp_path / "mailhaven-data" / "users.passwd").read_text()
-    assert line.startswith("alice:{ARGON2ID}$argon2id$")
-    assert run("user", "list", cwd=tmp_path).stdout.split() == ["alice"]
+    assert line.startswith("alice@localhost:{ARGON2ID}$argon2id$")  # the one local domain
+    assert run("user", "list", cwd=tmp_path).stdout.split() == ["alice@localhost"]
 
 
 def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:

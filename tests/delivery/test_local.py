@@ -38,14 +38,14 @@ def request(
         queue_id="4ABCDEF",
         envelope=env,
         recipients=rcpts,
-        route=Route("local", user),
+        route=Route("local", user if "@" in user else f"{user}@example.org"),
         open_message=opener or open_message,  # type: ignore[arg-type]
         size=len(body),
     )
 
 
 def messages(root: Path, user: str) -> list[bytes]:
-    box = mailbox.Maildir(root / user, create=False)
+    box = mailbox.Maildir(root / "example.org" / user, create=False)
     return sorted(box.get_bytes(k) for k in box.iterkeys())
 
 
@@ -66,7 +66,7 @@ async def test_delivers_with_trace_lines(tmp_path: Path) -> None:
         b"Return-Path: <sender@remote.example>\nDelivered-To: alice@example.org\n"
         + BODY.replace(b"\r\n", b"\n")
     )
-    (name,) = os.listdir(tmp_path / "mail" / "alice" / "new")
+    (name,) = os.listdir(tmp_path / "mail" / "example.org" / "alice" / "new")
     assert md.parse_name(name)[1] == len(stored)
 
 
@@ -115,7 +115,7 @@ async def test_invalid_user_is_permanent(tmp_path: Path, user: str) -> None:
 
 
 async def test_vanished_user_is_permanent(tmp_path: Path) -> None:
-    users = {"alice"}
+    users = {"alice@example.org"}
     agent = LocalAgent(tmp_path, "mx", users=lambda: users)
     assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 250
     users.clear()
@@ -139,12 +139,12 @@ async def test_io_errors_are_temporary(
     def failing_fsync(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
-    md.ensure_maildir(tmp_path / "alice")
+    md.ensure_maildir(tmp_path / "example.org" / "alice")
     monkeypatch.setattr(os, "fsync", failing_fsync)
     result = (await LocalAgent(tmp_path, "mx").deliver(request("alice", "alice@x"))).replies
     assert (result["alice@x"].code, result["alice@x"].enhanced) == (code, enhanced)
-    assert os.listdir(tmp_path / "alice" / "new") == []
-    assert os.listdir(tmp_path / "alice" / "tmp") == []
+    assert os.listdir(tmp_path / "example.org" / "alice" / "new") == []
+    assert os.listdir(tmp_path / "example.org" / "alice" / "tmp") == []
 
 
 async def test_failed_fsync_of_a_new_maildir_is_retried(
@@ -158,7 +158,7 @@ async def test_failed_fsync_of_a_new_maildir_is_retried(
     agent = LocalAgent(tmp_path, "mx")
     monkeypatch.setattr(os, "fsync", failing_fsync)
     assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 451
-    assert not (tmp_path / "alice").exists()  # undone, so the retry fsyncs it again
+    assert not (tmp_path / "example.org" / "alice").exists()  # undone, so the retry fsyncs it again
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert (await agent.deliver(request("alice", "alice@x"))).replies["alice@x"].code == 250
 
@@ -188,7 +188,7 @@ async def test_forwarding_loop_is_refused(tmp_path: Path) -> None:
     assert result["alice@example.org"].enhanced == "5.4.6"
     assert result["alice+x@example.org"].code == 250
     assert len(messages(tmp_path, "alice")) == 1
-    assert os.listdir(tmp_path / "alice" / "tmp") == []
+    assert os.listdir(tmp_path / "example.org" / "alice" / "tmp") == []
 
 
 def test_loop_check_looks_only_at_the_header_and_any_chunking() -> None:

@@ -729,7 +729,7 @@ def test_newcomer_defaults(tmp_path: Path, swaks: str) -> None:
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         found = newcomer.wait_for_messages("postmaster", 1)
-        assert found[0].parent == newcomer.dir / "mailhaven-data" / "mail" / "postmaster" / "new"
+        assert found[0].parent == newcomer.dir / "mailhaven-data" / "mail" / "localhost" / "postmaster" / "new"
         assert b"X-Mailer: swaks" in found[0].read_bytes()
         assert "config=(built-in defaults)" in newcomer.log()
     finally:

@@ -198,9 +198,9 @@ def test_rename_fallback_without_hard_links(
 
 
 def test_directories_created_private(tmp_path: Path) -> None:
-    box = mailbox_path(tmp_path / "mail", "alice")
+    box = mailbox_path(tmp_path / "mail", "alice@example.org")
     deliver(box, [MESSAGE], names=names())
-    for d in (box, box / "tmp", box / "new", box / "cur"):
+    for d in (box.parent, box, box / "tmp", box / "new", box / "cur"):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     (path,) = (box / "new").iterdir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -219,7 +219,10 @@ def test_python_mailbox_reads_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "user", ["", ".", "..", ".hidden", "a/b", "Alice", "a b", "a\0b", "a@b", "a%b", "a!b"]
+    "user",
+    ["", ".", "..", ".hidden", "a/b", "Alice", "a b", "a\0b", "a%b", "a!b", "alice",
+     "a@b/c", "a@..", "a@.b", "a/../b@x", "a@B", "Alice@b", "a@b@c", "a\0@b", "@b", "a@",
+     "a" * 65 + "@b", "a@" + "b" * 64, "a@b..c", "..@b"],
 )
 def test_mailbox_path_refuses_unsafe_names(tmp_path: Path, user: str) -> None:
     with pytest.raises(ValueError):
@@ -227,7 +230,9 @@ def test_mailbox_path_refuses_unsafe_names(tmp_path: Path, user: str) -> None:
 
 
 def test_mailbox_path(tmp_path: Path) -> None:
-    assert mailbox_path(tmp_path, "alice.smith") == tmp_path / "alice.smith"
+    assert mailbox_path(tmp_path, "alice.smith@a.example") == tmp_path / "a.example" / "alice.smith"
+    # names that are directory names inside a Maildir are users one level further down
+    assert mailbox_path(tmp_path, "new@a.example") == tmp_path / "a.example" / "new"
 
 
 def test_parse_name() -> None:

@@ -206,7 +206,7 @@ nameservers = ["127.0.0.1:{free_port()}"]
 
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
             client.sendmail("a@example.org", ["postmaster@localhost"], b"Subject: x\r\n\r\nhi\r\n")
-        new = state / "mail" / "postmaster" / "new"
+        new = state / "mail" / "localhost" / "postmaster" / "new"
         wait_for(lambda: new.is_dir() and any(new.iterdir()), "delivery")
         for message in new.iterdir():
             assert (message.stat().st_uid, message.stat().st_gid) == (uid, gid)

@@ -229,7 +229,13 @@ class MailServer(LogWatch):
         return self.ports[service]
 
     def maildir(self, user: str) -> Path:
-        return self.state_dir / "mail" / user
+        """`user@domain`'s Maildir, `<mail root>/<domain>/<user>`; a bare name is a user of
+        the first local domain."""
+        local, _, domain = user.lower().partition("@")
+        domain = domain or str((self.config.get("local_domains") or ["localhost"])[0]).lower()
+        mail_dir = self.config.get("mailbox", {}).get("mail_dir")
+        root = self.dir / mail_dir if mail_dir else self.state_dir / "mail"
+        return root / domain / local
 
     # ------------------------------------------------------------------ process life cycle
 

@@ -9,7 +9,7 @@ In: names from routing, the users file or a client's login. Out: canonical names
 (`canonical_name`) and paths (`mailbox_path`); `None`/`ValueError` for anything else.
 
 Invariants: a canonical name is `local@domain` where `local` is an RFC 5322 dot-atom (lower
-case, without `/`, at most 64 octets, RFC 5321 §4.5.3.1.1) and `domain` is LDH labels of at
+case, without `/`, `%` or `!`, at most 64 octets, RFC 5321 §4.5.3.1.1) and `domain` is LDH labels of at
 most 63 octets, at most 255 in all (RFC 1035 §2.3.4). So neither part can be empty, contain `/`,
 NUL or `..`, or start with a dot: a name can never leave its domain's directory, name a Maildir
 sub-directory (`new`, `cur`, `tmp` are valid users, and live one level below them) or a
@@ -35,7 +35,9 @@ MAX_DOMAIN = 255
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets; no login can be longer than an address.
 MAX_ADDRESS = 256
 
-_ATEXT = r"[a-z0-9!#$%&'*+=?^_`{|}~-]+"  # RFC 5322 atext, lower case, without "/"
+#: RFC 5322 atext, lower case, without "/" and without the routing characters "%" and "!"
+#: (RFC 1123 §5.2.16), which routing never lets reach a mailbox either
+_ATEXT = r"[a-z0-9#$&'*+=?^_`{|}~-]+"
 LOCAL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")  # LDH, and "_" as routing allows
 

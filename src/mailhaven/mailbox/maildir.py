@@ -82,7 +82,7 @@ def ensure_maildir(path: Path, owner: MailOwner | None = None) -> None:
     if _mkdir(path.parent):  # the domain's directory: durable, and shared like the rest
         if owner is not None:
             owner.apply_to_dir(path.parent)
-        _fsync_dir(path.parent.parent)
+        _fsync_or_undo(path.parent.parent, [path.parent])
     if _mkdir(path):
         if owner is not None:
             owner.apply_to_dir(path)
