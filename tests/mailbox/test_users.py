@@ -240,3 +240,97 @@ async def test_a_broken_rewrite_keeps_the_last_good_file_in_service(
         db.add("carol", "pw")
     db.path.write_bytes(good + b"bob:{X}h:::::\n")  # fixed: read again
     assert db.names() == {"alice", "bob"}
+
+
+# --- virtual domains ------------------------------------------------------------------------
+
+
+def virtual(path: Path, *domains: str) -> UserDB:
+    return UserDB(path, hasher=FAST, domains=domains or ("a.example", "b.example"))
+
+
+async def test_each_domain_has_its_own_users(tmp_path: Path) -> None:
+    db = virtual(tmp_path / "passwd")
+    assert db.add("Alice@A.Example", "pw-a") == "alice@a.example"
+    assert db.add("alice@b.example", "pw-b") == "alice@b.example"
+    assert db.names() == {"alice@a.example", "alice@b.example"}
+    assert await db.verify("ALICE@a.example", "pw-a")
+    assert not await db.verify("alice@a.example", "pw-b")
+    assert await db.verify("alice@b.example", "pw-b")
+    assert db.path.read_text().startswith("alice@a.example:{ARGON2ID}")
+
+
+async def test_bare_login_only_with_one_local_domain(tmp_path: Path) -> None:
+    many = virtual(tmp_path / "passwd")
+    many.add("alice@a.example", "pw")
+    assert many.resolve("alice") is None  # ambiguous: refused, like Dovecot without a realm
+    assert not await many.verify("alice", "pw")
+    with pytest.raises(UserDBError, match="full address"):
+        many.add("bob", "pw")
+    one = virtual(tmp_path / "passwd1", "a.example")
+    assert one.add("bob", "pw") == "bob@a.example"
+    assert one.resolve("BOB") == "bob@a.example"
+    assert await one.verify("bob", "pw") and await one.verify("Bob@A.example", "pw")
+
+
+def test_new_users_must_be_at_a_local_domain(tmp_path: Path) -> None:
+    db = virtual(tmp_path / "passwd")
+    with pytest.raises(UserDBError, match="not a local domain"):
+        db.add("alice@elsewhere.example", "pw")
+
+
+@pytest.mark.parametrize(
+    "login", ["a/b@a.example", "../x@a.example", "a@a.example/..", "a\0@a.example", "x" * 300,
+              "alice@a.example\0", "alice@..", ""],
+)
+async def test_bad_logins_are_no_user(tmp_path: Path, login: str) -> None:
+    db = virtual(tmp_path / "passwd")
+    db.add("alice@a.example", "pw")
+    assert db.login_name(login) is None and db.resolve(login) is None
+    assert not await db.verify(login, "pw")
+    with pytest.raises(UserDBError):
+        db.add(login, "pw")
+
+
+async def test_bare_names_in_the_file_belong_to_the_primary_domain(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    path.write_text(f"# kept\ncarol:{{ARGON2ID}}{FAST.hash('pw')}:::::\n")
+    db = virtual(path)
+    assert db.names() == {"carol@a.example"}
+    assert await db.verify("carol@a.example", "pw")
+    assert db.qualify_bare_names() == ["carol"]
+    assert path.read_text().startswith("# kept\ncarol@a.example:{ARGON2ID}")
+    assert db.qualify_bare_names() == []  # idempotent
+    path.write_text(path.read_text() + "carol:{ARGON2ID}x:::::\n")
+    with pytest.raises(UsersFileError, match="again"):  # the same user twice
+        db.load()
+
+
+def test_rewrites_keep_owner_group_and_mode(tmp_path: Path) -> None:
+    """Dovecot's auth reads the file through its group: `user passwd` must not take it away."""
+    import grp
+
+    db = virtual(tmp_path / "passwd")
+    db.add("alice@a.example", "pw")
+    group = grp.getgrnam("nogroup").gr_gid
+    os.chown(db.path, -1, group)
+    os.chmod(db.path, 0o640)
+    db.set_password("alice@a.example", "new")
+    db.add("bob@a.example", "pw")
+    st = db.path.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (group, 0o640)
+
+
+def test_configured_mode_and_group_apply(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrnam("nogroup").gr_gid
+    path = tmp_path / "passwd"
+    path.write_text("")
+    os.chmod(path, 0o600)
+    db = UserDB(path, hasher=FAST, domains=["a.example"], file_mode=0o640, file_group=group)
+    db.apply_file_owner()
+    assert (path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (group, 0o640)
+    os.chmod(path, 0o600)
+    db.add("alice", "pw")  # a rewrite applies them too, whatever the umask
+    assert (path.stat().st_gid, stat.S_IMODE(path.stat().st_mode)) == (group, 0o640)

@@ -60,7 +60,7 @@ def normalize_domain(text: str) -> str | None:
 
 def normalize_local(text: str) -> str | None:
     """A local part in canonical form (NFKC, lower case), or None when it cannot name a user."""
-    local = unicodedata.normalize("NFKC", text).strip().lower()
+    local = unicodedata.normalize("NFKC", text).lower()
     if len(local.encode("utf-8")) > MAX_LOCAL or not LOCAL.fullmatch(local):
         return None
     return local
@@ -77,6 +77,8 @@ def canonical_name(text: str) -> str | None:
     local, at, domain = text.strip().rpartition("@")
     if not at:
         return normalize_local(domain)
+    if domain != domain.strip():  # white space inside the name is not outer white space
+        return None
     norm_local, norm_domain = normalize_local(local), normalize_domain(domain)
     if norm_local is None or norm_domain is None:
         return None
