@@ -220,7 +220,8 @@ def swaks_tls_args(server: MailServer, certs: Certs, *, implicit: bool) -> list[
 def check_submitted(data: bytes, *, user: str, tls: bool = True) -> None:
     """Our Received: field records TLS, the login and the RFC 3848 `with ESMTPSA`."""
     head = data.split(b"\n\n", 1)[0].decode()
-    assert "(Authenticated sender: " + user + ")" in head, head
+    full = user if "@" in user else f"{user}@localhost"  # the login, as its full address
+    assert "(Authenticated sender: " + full + ")" in head, head
     assert re.search(r"with ESMTPSA id [A-Za-z0-9]+", head), head
     if tls:
         assert re.search(r"\(using TLSv1\.[23] with cipher \S+", head), head
@@ -826,9 +827,9 @@ def test_failed_logins_block_the_pair_and_back_off_the_address(
     # four failures in a row from 127.0.0.1: its attempts wait 7.5 delays before any answer
     for login in (smtp_blocked, pop3_blocked, bob):
         assert login.took >= 7.5 * delay, login
-    own.wait_for_log(r"SASL PLAIN authentication blocked for alice: too many failures")
+    own.wait_for_log(r"SASL PLAIN authentication blocked for alice@localhost: too many failures")
     own.wait_for_log(r"login failed \(blocked\): user=<alice>, method=USER, rip=127\.0\.0\.1")
-    own.wait_for_log(r"sasl_method=PLAIN, sasl_username=alice$")
+    own.wait_for_log(r"sasl_method=PLAIN, sasl_username=alice@localhost$")
 
     # eight failures from 127.0.0.3 for eight users: the address is blocked, for anyone
     guesses = at_once(
