@@ -1,0 +1,214 @@
+"""IMAP through a real Dovecot on mailhaven's Maildirs: virtual domains, shared ownership.
+
+mailhaven (SMTP in, POP3) and a private Dovecot (`dovecot-imapd`, `dovecot-pop3d`, run from
+contrib/dovecot/dovecot.conf by `tests.support.dovecot`) share one users file and one mail
+root. The mail user is `nobody`/`nogroup` (Dovecot refuses uid 0 for mail); the users file is
+0640 root:dovecot so Dovecot's auth process (user `dovecot`) reads it. Everything listens on
+127.0.0.1; both processes are stopped by PID.
+
+What is shown: users added with `mailhaven user add alice@a.example` log in to Dovecot IMAP with
+their full address in any case; alice@a.example and alice@b.example are two mailboxes; a message
+delivered over SMTP is seen over IMAP, moved to a folder and flagged seen; mailhaven's POP3 then
+lists what is left with the UIDLs it gave before, which are also Dovecot POP3's; the files are
+the mail user's; `user passwd` keeps Dovecot's read access; and POP3 DELE+QUIT while Dovecot
+IMAP expunges the same messages ends with both deletions applied and no error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import imaplib
+import os
+import poplib
+import pwd
+import shutil
+import smtplib
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.e2e.conftest import ServerFactory
+from tests.support import dovecot as dc
+from tests.support.server import MailServer
+
+pytestmark = [
+    pytest.mark.skipif(not dc.available(), reason="dovecot-imapd is not installed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="a private Dovecot needs root to switch users"),
+]
+
+PASSWORDS = {"alice@a.example": "alice-a pw", "alice@b.example": "alice-b pw"}
+MAIL_USER, MAIL_GROUP = "nobody", "nogroup"
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory both daemons can reach (pytest's tmp tree is root's 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="mailhaven-dovecot-"))
+    os.chmod(top, 0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def add_user(server: MailServer, name: str, password: str, *, command: str = "add") -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailhaven", "user", command, name, "-c", str(server.config_path)],
+        input=password + "\n", capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def both(mail_server: ServerFactory, shared: Path, tmp_path: Path
+         ) -> Iterator[tuple[MailServer, dc.Dovecot]]:
+    users = shared / "users.passwd"
+    server = mail_server(
+        start=False,
+        services=("smtp", "pop3"),
+        settings={
+            "local_domains": ["a.example", "b.example"],
+            "users_file": str(users),
+            "mailbox": {
+                "mail_dir": str(shared / "mail"), "mail_user": MAIL_USER,
+                "mail_group": MAIL_GROUP, "dir_mode": 0o770, "file_mode": 0o660,
+                "users_file_mode": 0o640, "users_file_group": "dovecot",
+            },
+        },
+    )
+    for name, password in PASSWORDS.items():
+        add_user(server, name, password)
+    server.start()
+    dovecot = dc.Dovecot(tmp_path / "dovecot", users_file=users, mail_dir=shared / "mail",
+                         mail_user=MAIL_USER, mail_group=MAIL_GROUP)
+    with dovecot:
+        yield server, dovecot
+
+
+def send(server: MailServer, to: str, subject: str) -> None:
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as smtp:
+        smtp.sendmail("sender@client.test", [to], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+
+
+@contextlib.contextmanager
+def imap(dovecot: dc.Dovecot, user: str, password: str) -> Iterator[imaplib.IMAP4]:
+    client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
+    try:
+        client.login(user, password)
+        yield client
+    finally:
+        with contextlib.suppress(Exception):
+            client.logout()
+
+
+def pop3(server: MailServer, user: str, password: str, port: int | None = None) -> poplib.POP3:
+    client = poplib.POP3("127.0.0.1", port or server.port("pop3"), timeout=20)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def uidls(client: poplib.POP3) -> list[str]:
+    return [line.decode().split()[1] for line in client.uidl()[1]]
+
+
+def test_imap_and_pop3_share_the_maildirs(both: tuple[MailServer, dc.Dovecot]) -> None:
+    server, dovecot = both
+    for n in range(3):
+        send(server, "alice@a.example", f"a{n}")
+    send(server, "ALICE@B.EXAMPLE", "b0")
+    server.wait_for_messages("alice@a.example", 3)
+    server.wait_for_messages("alice@b.example", 1)
+
+    before = pop3(server, "alice@a.example", PASSWORDS["alice@a.example"])
+    first = uidls(before)
+    before.quit()
+    assert len(first) == 3
+
+    # the full address in any case; a.example's alice is not b.example's
+    with imap(dovecot, "Alice@A.Example", PASSWORDS["alice@a.example"]) as client:
+        assert client.select("INBOX")[1] == [b"3"]
+        _, data = client.fetch("1:3", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        subjects = sorted(part[1].strip() for part in data if isinstance(part, tuple))
+        assert subjects == [b"Subject: a0", b"Subject: a1", b"Subject: a2"]
+        _, data = client.fetch("1", "(UID)")
+        uid = data[0].decode().split("UID ")[1].rstrip(")")  # type: ignore[union-attr]
+        assert client.uid("MOVE", uid, "Archive")[0] == "OK"  # RFC 6851
+        assert client.store("1", "+FLAGS", "\\Seen")[0] == "OK"  # was 2 before the move
+        client.expunge()
+    with imap(dovecot, "alice@b.example", PASSWORDS["alice@b.example"]) as client:
+        assert client.select("INBOX")[1] == [b"1"]
+    with pytest.raises(imaplib.IMAP4.error), imap(dovecot, "alice@a.example",
+                                                  PASSWORDS["alice@b.example"]):
+        pass
+
+    # mailhaven's POP3 afterwards: what is left, under the UIDLs it gave before
+    after = pop3(server, "ALICE@a.example", PASSWORDS["alice@a.example"])
+    left = uidls(after)
+    assert len(left) == 2 and left == first[1:]
+    assert after.retr(1)[1][-1] == b"hi"
+    after.quit()
+    # Dovecot's POP3 (pop3_uidl_format = %f) gives the same UIDLs
+    theirs = pop3(server, "alice@a.example", PASSWORDS["alice@a.example"], dovecot.pop3_port)
+    assert uidls(theirs) == left
+    theirs.quit()
+
+    # the moved message lives in a Maildir++ folder; every file is the mail user's
+    box = server.maildir("alice@a.example")
+    archived = [p for sub in ("new", "cur") for p in (box / ".Archive" / sub).iterdir()]
+    assert len(archived) == 1 and b"Subject: a0" in archived[0].read_bytes()
+    uid, gid = pwd.getpwnam(MAIL_USER).pw_uid, grp.getgrnam(MAIL_GROUP).gr_gid
+    for path in (box / "new").iterdir():
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, 0o660)
+    assert (box.stat().st_uid, stat.S_IMODE(box.stat().st_mode)) == (uid, 0o770)
+    assert "Error" not in dovecot.logs().replace("auth failed", "")
+
+
+def test_user_passwd_keeps_dovecots_access(both: tuple[MailServer, dc.Dovecot]) -> None:
+    server, dovecot = both
+    users = Path(server.config["users_file"])
+    st = users.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (grp.getgrnam("dovecot").gr_gid, 0o640)
+    add_user(server, "alice@a.example", "changed pw", command="passwd")
+    st = users.stat()
+    assert (st.st_gid, stat.S_IMODE(st.st_mode)) == (grp.getgrnam("dovecot").gr_gid, 0o640)
+    with imap(dovecot, "alice@a.example", "changed pw") as client:
+        assert client.select("INBOX")[0] == "OK"
+    pop3(server, "alice@a.example", "changed pw").quit()
+
+
+def test_pop3_delete_while_imap_expunges(both: tuple[MailServer, dc.Dovecot]) -> None:
+    """One POP3 session holds its snapshot while Dovecot flags every message (renaming the
+    files into cur/) and expunges messages 2 and 3; POP3 then reads message 4 (moved meanwhile),
+    deletes 1 and 2 and QUITs: +OK, and 1, 2, 3 are gone, 4 and 5 stay."""
+    server, dovecot = both
+    for n in range(5):
+        send(server, "alice@a.example", f"m{n}")
+    server.wait_for_messages("alice@a.example", 5)
+    password = PASSWORDS["alice@a.example"]
+    session = pop3(server, "alice@a.example", password)
+    snapshot = uidls(session)
+    with imap(dovecot, "alice@a.example", password) as client:
+        client.select("INBOX")
+        assert client.store("1:5", "+FLAGS", "\\Seen")[0] == "OK"
+        assert client.store("2:3", "+FLAGS", "\\Deleted")[0] == "OK"
+        client.expunge()
+        assert session.retr(4)[1][-1] == b"hi"  # found again after Dovecot renamed it
+        session.dele(1)
+        session.dele(2)  # already expunged by IMAP: deleting it again is no error
+        assert session.quit().startswith(b"+OK")
+    check = pop3(server, "alice@a.example", password)
+    assert uidls(check) == snapshot[3:], sorted(
+        p.name for sub in ("new", "cur") for p in (server.maildir("alice@a.example") / sub).iterdir())
+    check.quit()
+    with imap(dovecot, "alice@a.example", password) as client:
+        client.select("INBOX")
+        _, data = client.search(None, "ALL")
+        assert len(data[0].split()) == 2
+    server.wait_for_log(r"logout: user=<alice@a\.example>, reason=QUIT, .*del=2/5")
