@@ -211,6 +211,7 @@ class Session:
             self.core.reject_login(pop3.RespCode.LOGIN_DELAY,
                                    f"Wait {self.settings.login_delay}s between logins")
             return
+        who = f"user=<{name}>, method={event.mechanism}, rip={self.rip}"  # the canonical name
         path = _maildir(self.settings.mail_root, name)
         try:
             self.lock = await asyncio.to_thread(_lock_maildir, path)

@@ -1,0 +1,249 @@
+"""Virtual domains end to end: real clients log in with the full address, each domain its own.
+
+One `mailhaven serve` with local domains a.example and b.example (SMTP, submission with
+STARTTLS, POP3 with STLS), users alice@a.example, alice@b.example and bob@b.example. Clients:
+msmtp (submission, AUTH with the full address), mpop and fetchmail (POP3, full address in mixed
+case), Python's smtplib/poplib for AUTH PLAIN, LOGIN-DELAY and hostile login names. And a domain
+removed from the configuration while mail for it is queued: held and logged, delivered once the
+domain is back, never relayed away nor lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import poplib
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trustme
+from argon2 import PasswordHasher
+from tests.e2e.conftest import ServerFactory
+from tests.support.server import MailServer
+
+from mailhaven.mailbox.users import UserDB
+
+FAST = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
+PASSWORDS = {"alice@a.example": "pw a", "alice@b.example": "pw b", "bob@b.example": "pw bob"}
+DOMAINS = ["a.example", "b.example"]
+HOSTILE = ["a/b@a.example", "../alice@a.example", "alice@a.example/..", "..", "x" * 300,
+           "alice@../a.example", "alice"]  # "alice": two local domains make it ambiguous
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))
+    return directory / "ca.pem", directory / "server.pem"
+
+
+def settings(tmp_path: Path, chain: Path, **mailbox: object) -> dict[str, object]:
+    users = UserDB(tmp_path / "users.passwd", hasher=FAST, domains=DOMAINS)
+    for name, password in PASSWORDS.items():
+        users.add(name, password)
+    return {
+        "local_domains": DOMAINS,
+        "users_file": str(users.path),
+        "tls": {"cert": str(chain), "key": str(chain)},
+        "trusted_networks": [],
+        "mailbox": mailbox,
+        # hostile names fail on purpose, a dozen times: keep the tarpit short
+        "limits": {"auth_failure_delay": 0.02, "auth_address_failures": 50, "error_sleep": 0.02},
+    }
+
+
+@pytest.fixture
+def server(mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]) -> MailServer:
+    return mail_server(settings=settings(tmp_path, tls[1], pop3_login_delay=0),
+                       services=("smtp", "submission", "pop3"))
+
+
+def send(server: MailServer, to: str, subject: str) -> None:
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as smtp:
+        smtp.sendmail("sender@client.test", [to], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+
+
+def test_msmtp_submits_with_the_full_address(server: MailServer, tls: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    msmtp = shutil.which("msmtp") or pytest.skip("msmtp not installed")
+    rc = tmp_path / "msmtprc"
+    rc.write_text(
+        f"account default\nhost 127.0.0.1\nport {server.port('submission')}\n"
+        f"tls on\ntls_starttls on\ntls_trust_file {tls[0]}\ntls_host_override localhost\n"
+        "auth plain\nuser Alice@A.Example\npassword pw a\nfrom alice@a.example\n"
+    )
+    rc.chmod(0o600)
+    result = subprocess.run(
+        [msmtp, "-C", str(rc), "alice@b.example", "bob@b.example"],
+        input="From: alice@a.example\nSubject: cross-domain\n\nhello b\n",
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (to_alice,) = server.wait_for_messages("alice@b.example", 1)
+    server.wait_for_messages("bob@b.example", 1)
+    assert b"(Authenticated sender: alice@a.example)" in to_alice.read_bytes()
+    assert not server.maildir("alice@a.example").exists()  # another user
+    server.wait_for_log(r"sasl_method=PLAIN, sasl_username=alice@a\.example$")
+
+
+def test_mpop_and_fetchmail_with_the_full_address(server: MailServer, tls: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    send(server, "alice@b.example", "for alice at b")
+    send(server, "alice@a.example", "for alice at a")
+    send(server, "bob@b.example", "for bob")
+    server.wait_for_messages("bob@b.example", 1)
+    server.wait_for_messages("alice@a.example", 1)
+    server.wait_for_messages("alice@b.example", 1)
+    if shutil.which("mpop"):
+        out = maildir(tmp_path / "mpop")
+        result = subprocess.run(
+            ["mpop", "--host=127.0.0.1", f"--port={server.port('pop3')}", "--timeout=20",
+             "--tls=on", "--tls-starttls=on", f"--tls-trust-file={tls[0]}",
+             "--tls-host-override=localhost", "--auth=plain", "--user=ALICE@b.example",
+             "--passwordeval=echo pw b", f"--delivery=maildir,{out}", "--keep=off",
+             f"--uidls-file={tmp_path / 'uidls'}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        (got,) = (out / "new").iterdir()
+        assert b"Subject: for alice at b" in got.read_bytes()
+        assert server.messages("alice@b.example") == []
+        assert len(server.messages("alice@a.example")) == 1  # untouched: another user
+    if shutil.which("fetchmail"):
+        out = maildir(tmp_path / "fetchmail")
+        mda = tmp_path / "mda.sh"
+        mda.write_text(f"#!/bin/sh\nn=$(date +%s%N).$$\ncat > {out}/tmp/$n && "
+                       f"mv {out}/tmp/$n {out}/new/$n\n")
+        mda.chmod(0o755)
+        rc = tmp_path / "fetchmailrc"
+        rc.write_text(
+            f"set no syslog\npoll localhost via 127.0.0.1 protocol pop3 port {server.port('pop3')}"
+            f" timeout 20\n  user \"Bob@B.Example\" there with password \"pw bob\" is \"root\" here\n"
+            f'  sslproto "TLS1.2+" sslcertck sslcommonname "localhost" sslcertfile "{tls[0]}"\n'
+            f'  nokeep mda "{mda}"\n'
+        )
+        rc.chmod(0o600)
+        result = subprocess.run(
+            ["fetchmail", "-f", str(rc), "--nodetach", "--pidfile", str(tmp_path / "pid")],
+            env={**os.environ, "HOME": str(tmp_path), "FETCHMAILHOME": str(tmp_path)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        (got,) = (out / "new").iterdir()
+        assert b"Subject: for bob" in got.read_bytes()
+        assert server.messages("bob@b.example") == []
+
+
+def maildir(path: Path) -> Path:
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    return path
+
+
+def pop3_tls(server: MailServer, ca: Path) -> poplib.POP3:
+    client = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+    client.stls(ssl.create_default_context(cafile=str(ca)))
+    return client
+
+
+def test_pop3_auth_plain_and_hostile_names(server: MailServer, tls: tuple[Path, Path]) -> None:
+    client = pop3_tls(server, tls[0])
+    token = base64.b64encode(b"\0alice@A.EXAMPLE\0pw a").decode()
+    assert client._shortcmd(f"AUTH PLAIN {token}").startswith(b"+OK")
+    client.quit()
+    for name in HOSTILE:
+        client = pop3_tls(server, tls[0])
+        client.user(name[:200])  # POP3 lines are bounded (RFC 2449); PASS decides
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client.pass_(PASSWORDS["alice@a.example"])
+        client.quit()
+    # a NUL inside the name (AUTH PLAIN cannot carry one: it would be a separator)
+    raw = socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=20)
+    raw.recv(512)
+    raw.sendall(b"USER ali\0ce@a.example\r\n")
+    assert raw.recv(512)[:1] in (b"+", b"-")
+    raw.close()
+    server.wait_for_log(r"login failed \(\w+ ?\w*\): user=<a/b@a\.example>")
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_smtp_auth_hostile_names_get_535(server: MailServer, tls: tuple[Path, Path]) -> None:
+    context = ssl.create_default_context(cafile=str(tls[0]))
+    for name in [*HOSTILE, "alice\x01@a.example"]:
+        with smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=20) as smtp:
+            smtp.starttls(context=context)
+            smtp.ehlo("client.test")
+            token = base64.b64encode(f"\0{name}\0pw a".encode()).decode()
+            code, _ = smtp.docmd("AUTH", f"PLAIN {token}")
+            assert code == 535, name
+    with smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=20) as smtp:
+        smtp.starttls(context=context)
+        smtp.login("ALICE@a.example", "pw a")
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_login_delay_and_expire_are_announced_and_kept(
+    mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]
+) -> None:
+    own = mail_server(settings=settings(tmp_path, tls[1], pop3_login_delay=900,
+                                        pop3_expire="NEVER"), services=("pop3",))
+    client = pop3_tls(own, tls[0])
+    caps = client.capa()
+    assert caps["LOGIN-DELAY"] == ["900"] and caps["EXPIRE"] == ["NEVER"]
+    client.user("alice@a.example")
+    client.pass_("pw a")
+    client.quit()
+    again = pop3_tls(own, tls[0])
+    again.user("alice@a.example")
+    with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+        again.pass_("pw a")
+    again.quit()
+    other = pop3_tls(own, tls[0])  # another user is not delayed
+    other.user("alice@b.example")
+    other.pass_("pw b")
+    other.quit()
+
+
+def test_removed_domain_mail_is_held_then_delivered(server: MailServer) -> None:
+    """b.example leaves local_domains while a message for bob@b.example is queued (its Maildir
+    cannot be written: the delivery is deferred). After the reload the message is held, logged,
+    neither relayed nor bounced; when b.example is back it is delivered, once."""
+    send(server, "bob@b.example", "first")
+    server.wait_for_messages("bob@b.example", 1)
+    box = server.maildir("bob@b.example")
+    shutil.rmtree(box)
+    box.write_text("not a directory")  # deliveries fail temporarily
+    send(server, "bob@b.example", "queued")
+    server.wait_for_log(r"to=<bob@b\.example>, relay=local, .*status=deferred")
+    server.update_config({"local_domains": ["a.example"]})
+    server.reload()
+    server.wait_for_log(r"domain b\.example is not a local domain any more")
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        code, _ = smtp.docmd("MAIL", "FROM:<s@client.test>")
+        assert code == 250
+        code, _ = smtp.docmd("RCPT", "TO:<bob@b.example>")
+        assert code == 554  # not ours any more, and no relay for strangers
+    flush = subprocess.run(  # the deferred message is due again now: routed, and held
+        [sys.executable, "-m", "mailhaven", "queue", "flush", "-c", str(server.config_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert flush.returncode == 0, flush.stderr
+    server.wait_for_log(r"to=<bob@b\.example>, relay=none, status=held")
+    assert "bounced" not in server.log_path.read_text()
+    box.unlink()
+    server.update_config({"local_domains": DOMAINS})
+    server.reload()
+    server.wait_for_log(r"domain b\.example is local: 1 held message\(s\) released")
+    (got,) = server.wait_for_messages("bob@b.example", 1)
+    assert b"Subject: queued" in got.read_bytes()
+
