@@ -247,3 +247,28 @@ def test_removed_domain_mail_is_held_then_delivered(server: MailServer) -> None:
     (got,) = server.wait_for_messages("bob@b.example", 1)
     assert b"Subject: queued" in got.read_bytes()
 
+
+
+def test_upgrade_from_the_old_layout(mail_server: ServerFactory, tmp_path: Path) -> None:
+    """A state directory from before virtual domains (bare names, `mail/<user>/`): the first
+    start moves the Maildirs and qualifies the users; old and new logins reach the mail."""
+    own = mail_server(start=False, services=("pop3",),
+                      settings={"users_file": str(tmp_path / "old.passwd")})
+    (tmp_path / "old.passwd").write_text(f"carol:{{ARGON2ID}}{FAST.hash('pw c')}:::::\n")
+    old = own.state_dir / "mail" / "carol"
+    for sub in ("tmp", "new", "cur"):
+        (old / sub).mkdir(parents=True)
+    (old / "new" / "1700000000.M1P1Q1.old,S=12").write_bytes(b"Subject: x\n\n")
+    (old / "cur" / "1700000001.M1P1Q1.old,S=12:2,S").write_bytes(b"Subject: y\n\n")
+    own.start()
+    own.wait_for_log(r"mailbox .*/mail/carol moved to .*/mail/localhost/carol")
+    assert (tmp_path / "old.passwd").read_text().startswith("carol@localhost:")
+    assert len(own.messages("carol@localhost")) == 2 and not old.exists()
+    for login in ("carol", "CAROL@localhost"):  # one local domain: the bare name still works
+        client = poplib.POP3("127.0.0.1", own.port("pop3"), timeout=20)
+        client.user(login)
+        client.pass_("pw c")
+        assert client.stat()[0] == 2
+        assert [u.split()[1] for u in client.uidl()[1]] == [
+            b"1700000000.M1P1Q1.old,S=12", b"1700000001.M1P1Q1.old,S=12"]  # UIDLs unchanged
+        client.quit()
