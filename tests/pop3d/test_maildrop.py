@@ -33,6 +33,13 @@ def test_snapshot_orders_by_delivery_time_and_counts_crlf_octets(tmp_path: Path)
     assert messages[0].base.startswith("1700000100.")
 
 
+def test_one_second_is_ordered_by_microseconds_as_numbers(tmp_path: Path) -> None:
+    deliver(tmp_path, b"late\n", name="1700000000.M174847P1Q5.h")
+    deliver(tmp_path, b"early\n", name="1700000000.M90292P1Q1.h")
+    bases = [m.base for m in md.scan(tmp_path, md.SizeCache())]
+    assert bases == ["1700000000.M90292P1Q1.h,S=6", "1700000000.M174847P1Q5.h,S=5"]
+
+
 def test_w_field_is_trusted_and_dotfiles_skipped(tmp_path: Path) -> None:
     deliver(tmp_path, b"x\n")
     (tmp_path / "new" / "1700000000.M9P9Q9.h,S=5,W=77").write_bytes(b"abcd\n")

@@ -48,6 +48,7 @@ READ_CHUNK = 64 * 1024
 
 _UIDL_OK = re.compile(rf"[\x21-\x7e]{{1,{MAX_UIDL}}}")
 _FIELD = re.compile(r",([A-Z])=(\d+)")
+_USEC = re.compile(r"M(\d{1,6})(?!\d)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +159,12 @@ def _fields(base: str) -> dict[str, int]:
     return {k: int(v) for k, v in _FIELD.findall(base)}
 
 
-def _order(base: str) -> tuple[int, str]:
-    """Delivery order: Maildir names start with the delivery time in seconds."""
-    head = base.split(".", 1)[0]
-    return (int(head) if head.isdigit() else 0, base)
+def _order(base: str) -> tuple[int, int, str]:
+    """Delivery order: Maildir names start with the delivery time, `<secs>.M<usec>` (Dovecot's
+    and our style), compared as numbers: as text, M90292 would sort after M174847."""
+    head, _, rest = base.partition(".")
+    usec = _USEC.match(rest)
+    return (int(head) if head.isdigit() else 0, int(usec.group(1)) if usec else 0, base)
 
 
 # ------------------------------------------------------------------------------------- disk I/O
