@@ -125,3 +125,23 @@ def test_kill_9_during_migration_then_restart_completes_it(tmp_path: Path, after
         assert not (root / user).exists()
     assert (root / mg.MARKER).exists()
     assert sorted(os.listdir(root)) == [".layout", "localhost"]  # nothing else appeared
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_existing_maildirs_are_handed_to_a_new_mail_owner(tmp_path: Path) -> None:
+    import grp
+    import pwd
+    import stat
+
+    from mailhaven.mailbox.owner import MailOwner
+
+    root = tmp_path / "mail"
+    legacy(root, {"alice": 2})  # root's, 0700/0600, as before mail_user was set
+    uid, gid = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    owner = MailOwner(uid, gid, 0o770, 0o660)
+    mg.migrate(root, users_file(tmp_path / "passwd"), ["localhost"], owner)
+    box = root / "localhost" / "alice"
+    for path in [box, *box.rglob("*")]:
+        st = path.lstat()
+        mode = 0o770 if path.is_dir() else 0o660
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, mode), path

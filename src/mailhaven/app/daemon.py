@@ -262,10 +262,13 @@ class App:
         """Before anything delivers or reads mail: the upgrade to `<domain>/<user>` Maildirs
         (`mailbox.migrate`), and the configured owners and modes (shared with Dovecot)."""
         config, live, mail = self.config, self.live, mail_owner(self.config)
-        if config.mailbox.mail_user or config.mailbox.mail_group:
-            mail.apply_to_dir(config.mail_root)
+        try:
+            if config.mailbox.mail_user or config.mailbox.mail_group:
+                mail.apply_to_dir(config.mail_root)
+            live.users.apply_file_owner()
+        except PermissionError as err:  # an unprivileged daemon: say so, deliver anyway
+            log.warning("mail owner settings not applied: %s", err)
         migrate.migrate(config.mail_root, live.users, config.local_domains, mail)
-        live.users.apply_file_owner()
         # the domains' directories exist now: a domain removed later is known as one
         live.swap(config, live.users, build_router(config, live.users,
                                                    parked_domains(config, live.users)))

@@ -9,7 +9,9 @@ file written before virtual domains into the current layout (see `mailbox.layout
    not a local domain) moves to `mail/<primary>/<user>/` with one `rename(2)`;
 3. every local domain gets its directory (so a domain later removed from the configuration is
    still known as one: `parked_domains`), and the marker `mail/.layout` records that the mail
-   root is in the new layout, so later starts do not look for legacy Maildirs again.
+   root is in the new layout, so later starts do not look for legacy Maildirs again;
+4. with a mail owner configured (and running as root), Maildirs that are not the owner's yet
+   (made before it was set) are handed to it whole, once, and logged.
 
 Crash safety: each step is atomic on its own and the whole is idempotent. A move is one rename
 within the file system, so after `kill -9` a Maildir is either still at its old place (the next
@@ -75,6 +77,9 @@ def migrate(
             checkpoint(entry)
     for domain in local:
         _ensure_dir(mail_root / domain, owner)
+    if owner is not None and os.geteuid() == 0 and (owner.uid, owner.gid) != (-1, -1):
+        for domain in local:
+            _hand_over(mail_root / domain, owner)
     if not (mail_root / MARKER).exists():
         _fsync_dir(mail_root)
         _write_marker(mail_root)
@@ -113,6 +118,35 @@ def _legacy_maildirs(mail_root: Path, local: set[str]) -> list[str]:
             continue
         out.append(entry.name)
     return out
+
+
+def _hand_over(domain_dir: Path, owner: MailOwner) -> None:
+    """Maildirs made before `mail_user`/`mail_group` were set (root's, 0700/0600) become the
+    mail user's, whole and once (a Maildir whose top already is the owner's is skipped), so
+    Dovecot can open them; logged. Symbolic links are neither followed nor changed."""
+    for entry in sorted(os.scandir(domain_dir), key=lambda e: e.name):
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        st = entry.stat(follow_symlinks=False)
+        wanted = (owner.uid if owner.uid != -1 else st.st_uid,
+                  owner.gid if owner.gid != -1 else st.st_gid)
+        if (st.st_uid, st.st_gid) == wanted:
+            continue
+        log.warning("mailbox %s: handing it to the mail user (uid %d, gid %d)", entry.path,
+                    *wanted)
+        for root, dirs, files in os.walk(entry.path):
+            for name in dirs:
+                if not os.path.islink(os.path.join(root, name)):
+                    owner.apply_to_dir(Path(root, name))
+            for name in files:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        owner.apply_to_fd(fd)
+                    finally:
+                        os.close(fd)
+        owner.apply_to_dir(Path(entry.path))  # last: its owner says the walk is complete
 
 
 def _is_maildir(path: Path) -> bool:
