@@ -229,13 +229,17 @@ class MailServer(LogWatch):
         return self.ports[service]
 
     def maildir(self, user: str) -> Path:
-        """`user@domain`'s Maildir, `<mail root>/<domain>/<user>`; a bare name is a user of
-        the first local domain."""
+        """`user@domain`'s Maildir, `<mail root>/<domain>/<user>`. A bare name is that user at
+        whichever local domain has a Maildir for it (the first local domain when none or
+        several do), so tests that name only the local part keep working."""
         local, _, domain = user.lower().partition("@")
-        domain = domain or str((self.config.get("local_domains") or ["localhost"])[0]).lower()
         mail_dir = self.config.get("mailbox", {}).get("mail_dir")
         root = self.dir / mail_dir if mail_dir else self.state_dir / "mail"
-        return root / domain / local
+        if domain:
+            return root / domain / local
+        domains = [str(d).lower() for d in self.config.get("local_domains") or ["localhost"]]
+        found = [d for d in domains if (root / d / local).is_dir()]
+        return root / (found[0] if len(found) == 1 else domains[0]) / local
 
     # ------------------------------------------------------------------ process life cycle
 
@@ -356,12 +360,18 @@ class MailServer(LogWatch):
 
 
     def messages(self, user: str) -> list[Path]:
-        """Files in `<maildir>/new` and `cur`, sorted by name (Maildir names start with time)."""
-        root = self.maildir(user)
+        """Files in `<maildir>/new` and `cur`, sorted by name (Maildir names start with time).
+        A bare name collects that user's messages at every local domain."""
+        if "@" in user:
+            roots = [self.maildir(user)]
+        else:
+            domains = self.config.get("local_domains") or ["localhost"]
+            roots = list(dict.fromkeys(self.maildir(f"{user}@{d}") for d in domains))
         found: list[Path] = []
-        for sub in ("new", "cur"):
-            with contextlib.suppress(FileNotFoundError):
-                found.extend(p for p in (root / sub).iterdir() if p.is_file())
+        for root in roots:
+            for sub in ("new", "cur"):
+                with contextlib.suppress(FileNotFoundError):
+                    found.extend(p for p in (root / sub).iterdir() if p.is_file())
         return sorted(found, key=lambda p: p.name)
 
     def wait_for_mark(self, user: str, mark: str, *, timeout: float = 10.0) -> bytes:
