@@ -826,6 +826,19 @@ def _check_aliases(config: Config) -> None:
                 )
 
 
+def mail_owner_warning(config: Config) -> str | None:
+    """A warning when `[mailbox] mail_user` cannot take effect: only root may give files to
+    another user, and a daemon with `user` set drops root before it delivers."""
+    box = config.mailbox
+    if box.mail_user and config.user and box.mail_user != config.user:
+        return (
+            f"mailbox.mail_user {box.mail_user!r} differs from user {config.user!r}: the daemon"
+            " delivers as its user, so new files are that user's; set user = mail_user, or share"
+            " through mail_group with group modes (0o770/0o660)"
+        )
+    return None
+
+
 def hostname_warning(config: Config) -> str | None:
     """A warning when `hostname` is not a fully qualified domain name: remote servers check
     the HELO name (Postfix reject_non_fqdn_helo_hostname) and bounces name it. Not an error:

@@ -187,3 +187,25 @@ def test_serve_logs_the_non_fqdn_hostname_warning(tmp_path: Path) -> None:
     with MailServer(tmp_path / "fqdn", hostname="mx.example.org") as server:
         server.wait_for_log("event_loop=")
         assert "fully qualified" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        ("[mailbox]\nfile_mode = 0o664\n", "gives access to others"),
+        ("[mailbox]\ndir_mode = 0o070\n", "the owner needs 0o700"),
+        ('[mailbox]\nmail_user = "no-such-user-h7"\n', "mailbox.mail_user: no such user"),
+        ('[mailbox]\nmail_user = "root"\n', "is root"),
+        ('[mailbox]\nusers_file_group = "no-such-group-h7"\n', "no such group"),
+        ('[mailbox]\npop3_expire = "soon"\n', "NEVER"),
+        ('local_domains = ["a/b"]\n', "cannot name a mail directory"),
+    ],
+)
+def test_mailbox_settings_are_checked(tmp_path: Path, lines: str, error: str) -> None:
+    assert error in refused(tmp_path, BASE + lines)
+
+
+def test_a_mail_user_the_daemon_cannot_apply_is_a_warning(tmp_path: Path) -> None:
+    result = check(tmp_path, 'user = "nobody"\n' + BASE + '[mailbox]\nmail_user = "daemon"\n')
+    assert result.returncode == 0, result.stderr
+    assert "mailbox.mail_user 'daemon' differs from user 'nobody'" in result.stderr

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             if warning := configuration.hostname_warning(config):
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
+            if warning := configuration.mail_owner_warning(config):
+                print(f"mailhaven: warning: {warning}", file=sys.stderr)
             from mailhaven.signing.keys import KeyFileError, load_all
 
             try:  # DKIM keys: serve and reload refuse an unusable one, so say it here first
