@@ -220,3 +220,21 @@ def test_pop3_delete_while_imap_expunges(both: tuple[MailServer, dc.Dovecot]) ->
 def subject(client: poplib.POP3, number: int) -> str:
     lines = client.top(number, 0)[1]
     return next(line.decode()[9:] for line in lines if line.startswith(b"Subject: "))
+
+
+def test_a_pop3_login_before_any_mail_makes_a_maildir_dovecot_opens(
+    both: tuple[MailServer, dc.Dovecot],
+) -> None:
+    server, dovecot = both
+    add_user(server, "carol@b.example", "carol pw")
+    pop3(server, "carol@b.example", "carol pw").quit()  # makes b.example/carol/
+    box = server.maildir("carol@b.example")
+    uid = pwd.getpwnam(MAIL_USER).pw_uid
+    for path in (box, box / "new", box / "mailhaven-pop3.lock"):
+        assert path.stat().st_uid == uid, path
+    with imap(dovecot, "carol@b.example", "carol pw") as client:
+        assert client.select("INBOX") == ("OK", [b"0"])
+        assert client.create("Lists")[0] == "OK"  # Dovecot may write in it
+    send(server, "carol@b.example", "after")
+    (got,) = server.wait_for_messages("carol@b.example", 1)
+    assert got.stat().st_uid == uid

@@ -216,6 +216,7 @@ class App:
                 clients=self.pop3_clients,
                 login_delay=config.mailbox.pop3_login_delay,
                 expire=config.mailbox.pop3_expire,
+                owner=mail_owner(config),
             )
             self.pop3.append(listener)
             log.info("pop3%s listening on %s", "s" if implicit else "", address)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.proto.pop3 import CrlfCounter
 
 #: RFC 1939 §7 (UIDL): a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
@@ -305,8 +306,15 @@ class MaildropLock:
         self._fd: int | None = fd
 
     @classmethod
-    def acquire(cls, path: Path) -> MaildropLock | None:
+    def acquire(cls, path: Path, owner: MailOwner | None = None) -> MaildropLock | None:
+        """`owner`: the Maildir's owner settings, so the lock file is the mail user's too."""
         fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if owner is not None:
+                owner.apply_to_fd(fd)
+        except OSError:
+            os.close(fd)
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

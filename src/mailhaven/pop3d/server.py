@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.rates import RateCounter
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d.session import MIN_IDLE_TIMEOUT, Services, Session, Settings
@@ -145,6 +146,7 @@ async def start_pop3_server(
     clients: ClientLimits | None = None,
     login_delay: int = 0,
     expire: str = "",
+    owner: MailOwner | None = None,
 ) -> Pop3Listener:
     """Listen for POP3 and serve until `close()`; see the module docstring."""
     if implicit_tls and tls_context is None:
@@ -153,7 +155,7 @@ async def start_pop3_server(
         log.warning("idle_timeout %.0fs is below RFC 1939's 10 minutes", idle_timeout)
     settings = Settings(mail_root, hostname, tls_context, implicit_tls,
                         allow_plaintext_on_loopback, idle_timeout, tls_handshake_timeout,
-                        login_delay, expire)
+                        login_delay, expire, owner)
     listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions,
                             clients)
     loop = asyncio.get_running_loop()

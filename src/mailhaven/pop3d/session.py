@@ -32,6 +32,8 @@ from typing import assert_never
 
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox import layout
+from mailhaven.mailbox.maildir import ensure_maildir
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d import maildrop as md
@@ -58,6 +60,8 @@ class Settings:
     login_delay: int = 0
     #: RFC 2449 §6.7 EXPIRE as announced ("" not announced, "NEVER", or days)
     expire: str = ""
+    #: owner and modes of a Maildir a login creates (`mailbox.owner`; None: the process's)
+    owner: MailOwner | None = None
 
     def policy_capabilities(self) -> tuple[str, ...]:
         caps = (f"LOGIN-DELAY {self.login_delay}",) if self.login_delay else ()
@@ -214,7 +218,7 @@ class Session:
         who = f"user=<{name}>, method={event.mechanism}, rip={self.rip}"  # the canonical name
         path = _maildir(self.settings.mail_root, name)
         try:
-            self.lock = await asyncio.to_thread(_lock_maildir, path)
+            self.lock = await asyncio.to_thread(_lock_maildir, path, self.settings.owner)
             if self.lock is None:
                 log.warning("login refused (mailbox in use): %s, session=%s", who, self.id)
                 self.core.reject_login(pop3.RespCode.IN_USE, "Mailbox is locked by another session")
@@ -340,9 +344,11 @@ def _maildir(mail_root: Path, name: str) -> Path:
     return mail_root / name
 
 
-def _lock_maildir(path: Path) -> md.MaildropLock | None:
-    md.ensure_maildir(path)
-    return md.MaildropLock.acquire(path)
+def _lock_maildir(path: Path, owner: MailOwner | None) -> md.MaildropLock | None:
+    """A first login before any delivery makes the Maildir, as delivery would (owner, modes,
+    durable), so Dovecot can open it too."""
+    ensure_maildir(path, owner)
+    return md.MaildropLock.acquire(path, owner)
 
 
 def _is_loopback(ip: str) -> bool:
