@@ -271,8 +271,9 @@ class App:
             log.warning("mail owner settings not applied: %s", err)
         migrate.migrate(config.mail_root, live.users, config.local_domains, mail)
         # the domains' directories exist now: a domain removed later is known as one
-        live.swap(config, live.users, build_router(config, live.users,
-                                                   parked_domains(config, live.users)))
+        live.swap(config, live.users, build_router(
+            config, live.users, live.reverse_srs, parked_domains(config, live.users)
+        ))
 
     async def _release_local(self, domains: Iterable[str]) -> None:
         """Mail held for a domain while it was not local (`parked_domains`) is delivered once
