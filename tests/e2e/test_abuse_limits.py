@@ -61,21 +61,21 @@ def test_message_limit_refuses_alerts_once_and_spares_others(
         code, text = smtp.mail("bob@localhost")
         assert code == 450
         assert text.decode() == ("4.7.1 <bob@localhost>: Sender address rejected: Sender rate "
-                                 "limit exceeded for bob: more than 2 messages in 3600 s, try "
+                                 "limit exceeded for bob@localhost: more than 2 messages in 3600 s, try "
                                  "again later")
         smtp.rset()
         assert smtp.mail("bob@localhost")[0] == 450  # still refused, no second alert
     with submit(server, "alice", "secret") as smtp:  # another user is not affected
         assert smtp.sendmail("alice@localhost", ["postmaster@localhost"], MESSAGE) == {}
-    server.wait_for_log(r"warning: sender rate limit exceeded: sasl_username=bob "
+    server.wait_for_log(r"warning: sender rate limit exceeded: sasl_username=bob@localhost "
                         r"client=unknown\[127\.0\.0\.1\]: more than 2 messages in 3600 s")
     server.wait_for_log(r"NOQUEUE: reject: MAIL from unknown\[127\.0\.0\.1\]: 450 4\.7\.1 ")
     # 2 from bob, 1 from alice, and the notice
     delivered = [p.read_bytes() for p in server.wait_for_messages("postmaster", 4)]
-    notices = [m for m in delivered if b"Subject: sender rate limit exceeded by bob" in m]
+    notices = [m for m in delivered if b"Subject: sender rate limit exceeded by bob@localhost" in m]
     assert len(notices) == 1
     assert b"Auto-Submitted: auto-generated" in notices[0]
-    assert b"The authenticated user bob sent more than 2 messages" in notices[0]
+    assert b"The authenticated user bob@localhost sent more than 2 messages" in notices[0]
     assert server.log().count("warning: sender rate limit exceeded") == 1
 
 
@@ -87,7 +87,7 @@ def test_recipient_limit_and_fail2ban_filter(mail_server: ServerFactory, tmp_pat
         assert codes == [250] * 5 + [450] * 2
     server.wait_for_log(r"NOQUEUE: reject: RCPT from unknown\[127\.0\.0\.1\]: 450 4\.7\.1 "
                         r"<bob@localhost>: Sender address rejected: Sender rate limit exceeded "
-                        r"for bob: more than 5 recipients in 3600 s")
+                        r"for bob@localhost: more than 5 recipients in 3600 s")
     assert server.stop() == 0
     assert server.messages("postmaster") == []  # notify_postmaster = false
     regex = F2B / "usr" / "bin" / "fail2ban-regex"
