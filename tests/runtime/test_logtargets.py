@@ -91,3 +91,24 @@ def test_file_reopen_after_rename_loses_no_line(tmp_path: Path) -> None:
     maillog.flush()
     assert (tmp_path / "mail.log.1").read_text().count("\n") == 2
     assert path.read_text().endswith("warning: after reopen\n")
+
+
+def test_a_syslogd_that_stops_reading_costs_lines_not_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket's queue is short (net.unix.max_dgram_qlen); once it is full each line waits
+    at most SYSLOG_SEND_TIMEOUT and is dropped, instead of blocking the event loop for good."""
+    import socket
+    import time
+
+    monkeypatch.setattr(logtargets, "SYSLOG_SEND_TIMEOUT", 0.01)
+    path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslogd:
+        syslogd.bind(str(path))
+        stream = logtargets.DatagramStream(str(path))
+        started = time.monotonic()
+        for i in range(200):  # nobody reads
+            stream.write(f"line {i}\n")
+        assert time.monotonic() - started < 10
+        assert syslogd.recv(100) == b"line 0"
+        stream.close()

@@ -106,6 +106,11 @@ class JsonFormatter(MaillogFormatter):
         return json.dumps(fields, ensure_ascii=False)
 
 
+#: seconds one line may wait for room in a full syslog socket before it is dropped: a syslogd
+#: that stops reading must not stop the mail server with it
+SYSLOG_SEND_TIMEOUT = 1.0
+
+
 class DatagramStream:
     """A text stream that sends each line as one datagram to a syslog socket."""
 
@@ -126,9 +131,12 @@ class DatagramStream:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self._sock.settimeout(SYSLOG_SEND_TIMEOUT)
                     self._sock.connect(self.path)
                 self._sock.send(data)
                 return
+            except TimeoutError:
+                return  # syslogd is not reading: drop the line, as syslog(3) would
             except OSError:
                 self.close()
 
