@@ -409,6 +409,35 @@ def _validate_outbound(config: Config) -> None:
 # --- end outbound mail authentication -------------------------------------------------------
 
 
+# --- mailboxes: quotas, folders on delivery, LMTP (issue 20, items 3-5) -------------------------
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Maildir++ quotas (`maildirsize`, what Dovecot's `quota = maildir` reads): "1G",
+    "storage=1G messages=5000" (Dovecot quota_rule words) or "" for none."""
+
+    #: Every mailbox's quota unless its domain or the user has one of its own.
+    default: str = ""
+    #: Per-domain default, e.g. { "a.example" = "2G" }.
+    domains: dict[str, str] = field(default_factory=dict)
+    #: Per user (a mailbox name, or user@domain), e.g. { "alice" = "10G" }.
+    users: dict[str, str] = field(default_factory=dict)
+    #: Refuse RCPT with 452 4.2.2 when the mailbox is known to be full (Dovecot's
+    #: lmtp_rcpt_check_quota); delivery defers such mail in any case.
+    check_at_rcpt: bool = True
+
+
+@dataclass(frozen=True)
+class Folders:
+    """Maildir++ subfolders chosen at delivery."""
+
+    #: `user+ext@` goes to the folder `.ext` when it exists (needs recipient_delimiter).
+    plus_address: bool = True
+    #: Folder for messages the checks marked as spam, created when missing; "" = INBOX.
+    junk: str = "Junk"
+
+
 @dataclass(frozen=True)
 class Mailbox:
     """Mailboxes shared with Dovecot: where they live, who owns them, POP3's announced policy."""
@@ -500,6 +529,8 @@ class Config:
     dkim: Dkim = field(default_factory=Dkim)
     srs: Srs = field(default_factory=Srs)
     mailbox: Mailbox = field(default_factory=Mailbox)
+    quota: Quota = field(default_factory=Quota)
+    folders: Folders = field(default_factory=Folders)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -694,6 +725,7 @@ def validate(config: Config) -> Config:
     _validate_checks(config.checks)
     _validate_outbound(config)
     _check_mailbox(config)
+    _check_mailboxes(config)
     if config.group and not config.user:
         raise ConfigError("group: only with user")
     if config.user:
@@ -837,6 +869,22 @@ def mail_owner_warning(config: Config) -> str | None:
             " through mail_group with group modes (0o770/0o660)"
         )
     return None
+
+
+def _check_mailboxes(config: Config) -> None:
+    """Quota rules parse, the junk folder is a usable Maildir++ name."""
+    from mailhaven.mailbox import folders, quota
+
+    rules = [("quota.default", config.quota.default)]
+    rules += [(f"quota.domains.{k}", v) for k, v in config.quota.domains.items()]
+    rules += [(f"quota.users.{k}", v) for k, v in config.quota.users.items()]
+    for key, text in rules:
+        try:
+            quota.parse_rule(text)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    if config.folders.junk and not folders.valid_folder_name(config.folders.junk):
+        raise ConfigError(f"folders.junk: {config.folders.junk!r} is not a folder name")
 
 
 def hostname_warning(config: Config) -> str | None:

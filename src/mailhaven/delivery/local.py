@@ -8,8 +8,16 @@ final addresses (after alias expansion) that map to that user. Out: one `Reply` 
 * `550 5.1.1` when the user is not (or no longer) a valid, known mailbox.
 * `554 5.4.6` when the message already carries `Delivered-To: <this recipient>`: it has been
   here before, so delivering again would feed a forwarding loop (Postfix local(8) does the same).
-* `452 4.2.2` (quota), `452 4.3.1` (disk full) or `451 4.3.0` (any other I/O error, or anything
+* `452 4.2.2` when the user's Maildir++ quota (`mailbox.quota`) has no room for the message, or
+  the file system's quota says EDQUOT: a deferral, never a bounce; the scheduler bounces only
+  once the message outlives the queue lifetime (Dovecot's `quota_full_tempfail = yes`).
+* `452 4.3.1` (disk full) or `451 4.3.0` (any other I/O error, or anything
   unexpected): try again later. Nothing is ever half-delivered.
+
+The copy goes to the INBOX or to a Maildir++ folder (`mailbox.folders`: the junk folder for
+spam the checks flagged, `.ext` for `user+ext@` when that folder exists); quota counts the
+whole Maildir, folders included, and the `maildirsize` delta is appended once the copy is
+durable.
 
 Each recipient gets its own copy, because each copy starts with its own trace lines
 (RFC 5321 §4.4): `Return-Path: <sender>` and `Delivered-To: <recipient>`. The message is
@@ -33,6 +41,8 @@ from typing import BinaryIO
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
 from mailhaven.mailbox.owner import MailOwner
+from mailhaven.mailbox import folders, quota
+from mailhaven.mailbox.maildir import UniqueNames, deliver, ensure_maildir, mailbox_path, parse_name
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -67,11 +77,16 @@ class LocalAgent:
         users: Callable[[], Collection[str]] | None = None,
         names: UniqueNames | None = None,
         owner: MailOwner | None = None,
+        quotas: Callable[[], quota.QuotaRules] | None = None,
+        folder_rules: Callable[[], folders.FolderRules] | None = None,
     ) -> None:
         self._root = mail_root
         self._owner = owner
         self._users = users
         self._names = names or UniqueNames(hostname)
+        #: callables, so a reload's new rules apply to the next delivery
+        self._quotas = quotas
+        self._folders = folder_rules
 
     async def deliver(self, request: DeliveryRequest) -> DeliveryResult:
         known = self._users() if self._users is not None else None
@@ -98,10 +113,32 @@ class LocalAgent:
         if known is not None and user not in known:
             return _no_such_user(rcpt)
         prepend = trace_lines(request.envelope.sender, rcpt)
+        limit = (
+            self._quotas().limit_for(user, rcpt.rpartition("@")[2] or None)
+            if self._quotas is not None
+            else quota.Limit()
+        )
         try:
+            target = maildir
+            if self._folders is not None:
+                target = folders.choose(maildir, rcpt, request.envelope.extra, self._folders())
+            if not limit.unlimited:
+                ensure_maildir(maildir, self._owner)
+                used = quota.usage(maildir, limit, self._owner)
+                if not used.fits(limit, request.size + len(prepend)):
+                    log.info(
+                        "%s: to=<%s>, relay=local, quota exceeded: %d of %d bytes, %d of %d "
+                        "messages used",
+                        request.queue_id, _clean(rcpt),
+                        used.bytes, limit.bytes, used.messages, limit.messages,
+                    )
+                    return mailbox_full(rcpt)
+            folders.prepare_folder(maildir, target, self._owner)
             with request.open_message() as stream:
                 chunks = refuse_loops(_read_chunks(stream), rcpt)
-                deliver(maildir, chunks, prepend=prepend, names=self._names, owner=self._owner)
+                stored = deliver(target, chunks, prepend=prepend, names=self._names, owner=self._owner)
+            if not limit.unlimited:
+                _count(maildir, limit, stored, request.queue_id, self._owner)
         except ForwardingLoop:
             return Reply(554, f"mail forwarding loop for {_clean(rcpt)}", "5.4.6")
         except OSError as exc:
@@ -120,6 +157,25 @@ class LocalAgent:
             )
             return Reply(451, "temporary failure in local delivery", "4.3.0")
         return DELIVERED
+
+
+def mailbox_full(rcpt: str) -> Reply:
+    """Over quota: temporary (RFC 3463 X.2.2), as Dovecot with quota_full_tempfail."""
+    return Reply(452, f"<{_clean(rcpt)}>: mailbox full (quota exceeded), try again later", "4.2.2")
+
+
+def _count(
+    maildir: Path, limit: quota.Limit, stored: Path, queue_id: str, owner: MailOwner | None
+) -> None:
+    """Add the stored copy to maildirsize. The copy is already durable and acknowledged, so a
+    failure here is only logged: the next recalculation counts the file anyway."""
+    size = parse_name(stored.name)[1]
+    try:
+        quota.update(
+            maildir, limit, size if size is not None else stored.stat().st_size, 1, owner
+        )
+    except OSError as exc:
+        log.warning("%s: cannot update %s: %s", queue_id, maildir / quota.FILE_NAME, exc)
 
 
 def trace_lines(sender: str, recipient: str) -> bytes:

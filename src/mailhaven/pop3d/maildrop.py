@@ -15,6 +15,7 @@ Invariants (RFC 1939 §8 and the Maildir spec):
   its bare LFs counted, and the result is cached by (maildir, base, stored size).
 - Files are found again by base name when they moved meanwhile (an IMAP server renamed them).
 - Retrieved messages that stay go to cur/ with the `S` flag, as Dovecot's POP3 would do.
+- Deleted messages are taken off the Maildir++ quota (`maildirsize`, when there is one).
 - One POP3 session per maildrop: `flock` on `mailhaven-pop3.lock` in the Maildir (a plain file at
   the root, which Maildir++ does not read as a folder). flock holds between open files of one
   process too, so it excludes both our other sessions and other processes.
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailhaven.mailbox.owner import MailOwner
+from mailhaven.mailbox import quota
 from mailhaven.proto.pop3 import CrlfCounter
 
 #: RFC 1939 §7 (UIDL): a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
@@ -248,12 +250,17 @@ def open_message(path: Path, message: Message) -> BinaryIO | None:
 def commit(drop: Maildrop) -> CommitResult:
     """The UPDATE state (RFC 1939 §6): delete marked messages, flag retrieved ones as seen."""
     path, errors = drop.path, []
-    deleted = deleted_octets = 0
+    deleted = deleted_octets = freed = freed_count = 0
     for message in drop.deleted:
         current = _current(path, message)
         if current is not None:
             try:
+                stored = quota.stored_size(current.name)
+                if stored is None:
+                    stored = current.stat().st_size
                 current.unlink()
+                freed += stored
+                freed_count += 1
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -273,6 +280,10 @@ def commit(drop: Maildrop) -> CommitResult:
                 errors.append(f"rename {message.base}: {exc.strerror}")
     for subdir in ("new", "cur"):
         _fsync_dir(path / subdir)
+    try:
+        quota.release(path, freed, freed_count)  # after the unlinks: low, never high
+    except OSError as exc:
+        errors.append(f"{quota.FILE_NAME}: {exc.strerror}")
     return CommitResult(deleted, deleted_octets, tuple(errors))
 
 
