@@ -148,3 +148,25 @@ def test_size_cache_avoids_rereading(tmp_path: Path) -> None:
     for i in range(5):
         small.put(("d", str(i), 1), i)
     assert small.get(("d", "4", 1)) == 4 and small.get(("d", "0", 1)) is None
+
+
+def test_commit_frees_quota(tmp_path: Path) -> None:
+    from mailhaven.mailbox import quota
+
+    deliver(tmp_path, b"one\n")
+    deliver(tmp_path, b"three\n")
+    limit = quota.Limit(1000, 0)
+    assert quota.usage(tmp_path, limit) == quota.Usage(10, 2)
+    drop = md.Maildrop(tmp_path, md.scan(tmp_path, md.SizeCache()))
+    drop.delete(2)
+    assert md.commit(drop).errors == ()
+    assert quota.read(tmp_path, limit) == quota.Usage(4, 1)
+    assert quota.measure(tmp_path) == quota.Usage(4, 1)
+
+
+def test_commit_without_maildirsize_creates_none(tmp_path: Path) -> None:
+    deliver(tmp_path, b"one\n")
+    drop = md.Maildrop(tmp_path, md.scan(tmp_path, md.SizeCache()))
+    drop.delete(1)
+    md.commit(drop)
+    assert not (tmp_path / "maildirsize").exists()

@@ -85,8 +85,14 @@ def build_engine(
     outbound = build_outbound(config, lambda d: live.router.is_local_domain(d), live.srs)
     agents: dict[str, DeliveryAgent] = {
         "relay": RewrittenSender(relay_agent),  # forwarded mail leaves with its SRS sender
-        "local": LocalAgent(config.mail_root, config.hostname, users=live.mailboxes,
-                            owner=mail_owner(config)),
+        "local": LocalAgent(
+            config.mail_root,
+            config.hostname,
+            users=live.mailboxes,
+            quotas=live.quotas,
+            folder_rules=live.folders,
+            owner=mail_owner(config),
+        ),
     }
     intake: Intake | None = None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mailhaven.app.live import Live
 from mailhaven.app.settings import server_settings
+from mailhaven.checks.mailbox_full import MailboxFull
 from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config, parse_hostport
@@ -160,13 +161,22 @@ class Profiles:
             self._mx = ListenerProfile(
                 name="smtp",
                 settings=replace(settings, etrn=bool(config.etrn.held_domains)),
-                policy=SMTPPolicy(lambda: self.live.router, PolicySettings()),
+                policy=SMTPPolicy(
+                    lambda: self.live.router, PolicySettings(), mailbox_full=self._mailbox_full()
+                ),
                 tls_context=self.tls_context,
                 etrn=self._etrn,
                 gate=self.checks.gate(screen=True) if self.checks else None,
                 milters=milter_settings(config, "smtp"),
             )
         return self._mx
+
+    def _mailbox_full(self) -> MailboxFull | None:
+        """`[quota] check_at_rcpt`: the MX refuses RCPT for a mailbox known to be full."""
+        config = self.live.config
+        if not config.quota.check_at_rcpt:
+            return None
+        return MailboxFull(lambda: self.live.router, self.live.quotas, config.mail_root)
 
     def submission(self, *, implicit_tls: bool) -> ListenerProfile:
         """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""

@@ -11,9 +11,17 @@ import logging
 import time
 from collections.abc import Collection
 
-from mailhaven.app.settings import build_router, build_users, mailbox_names
+from mailhaven.app.settings import (
+    build_router,
+    build_users,
+    folder_rules,
+    mailbox_names,
+    quota_rules,
+)
 from mailhaven.config import Config
+from mailhaven.mailbox.folders import FolderRules
 from mailhaven.mailbox.migrate import mail_domains
+from mailhaven.mailbox.quota import QuotaRules
 from mailhaven.mailbox.users import UserDB
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
@@ -58,3 +66,9 @@ class Live:
 
     def mailboxes(self) -> Collection[str]:
         return mailbox_names(self.config, self.users)()
+
+    def quotas(self) -> QuotaRules:
+        return quota_rules(self.config)
+
+    def folders(self) -> FolderRules:
+        return folder_rules(self.config)

@@ -6,12 +6,15 @@ both, so a renamed key changes one line here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Sequence
 from typing import cast
 
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.relay import RelayAgent, RelaySettings, Smarthost, TLSPolicy
 from mailhaven.mailbox import owner
+from mailhaven.mailbox.folders import FolderRules
+from mailhaven.mailbox.quota import QuotaRules
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.dns import Resolver
 from mailhaven.proto.smtp_client import Credentials
@@ -75,6 +78,31 @@ def mail_owner(config: Config) -> owner.MailOwner:
     """Owner and modes of Maildir files (`[mailbox] mail_user`, ...; names looked up here)."""
     box = config.mailbox
     return owner.resolve_owner(box.mail_user, box.mail_group, box.dir_mode, box.file_mode)
+
+
+# --- mailboxes: quotas and folders (issue 20) ------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _quota_rules(
+    default: str, domains: tuple[tuple[str, str], ...], users: tuple[tuple[str, str], ...]
+) -> QuotaRules:
+    return QuotaRules.parse(default, dict(domains), dict(users))
+
+
+def quota_rules(config: Config) -> QuotaRules:
+    """`[quota]` as rules, parsed once per distinct configuration (asked per delivery)."""
+    q = config.quota
+    return _quota_rules(q.default, tuple(q.domains.items()), tuple(q.users.items()))
+
+
+def folder_rules(config: Config) -> FolderRules:
+    """`[folders]` with the recipient delimiter that makes plus addresses."""
+    return FolderRules(
+        plus_folders=config.folders.plus_address,
+        delimiters=config.recipient_delimiter,
+        junk=config.folders.junk,
+    )
 
 
 def build_router(

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
-from mailhaven.mailbox.maildir import UniqueNames, deliver, mailbox_path
-from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox import folders, quota
 from mailhaven.mailbox.maildir import UniqueNames, deliver, ensure_maildir, mailbox_path, parse_name
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox import quota
+from mailhaven.mailbox.owner import MailOwner
 from mailhaven.proto.pop3 import CrlfCounter
 
 #: RFC 1939 §7 (UIDL): a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.

@@ -45,9 +45,17 @@ class PolicySettings:
 class SMTPPolicy:
     """Policy for one listener kind; the router is fetched per call so reloads apply at once."""
 
-    def __init__(self, router: Callable[[], Router], settings: PolicySettings) -> None:
+    def __init__(
+        self,
+        router: Callable[[], Router],
+        settings: PolicySettings,
+        *,
+        mailbox_full: Callable[[str, int | None], Reply | None] | None = None,
+    ) -> None:
         self._router = router
         self.settings = settings
+        #: the quota check (`checks.mailbox_full`): 452 4.2.2 for a mailbox known to be full
+        self.mailbox_full = mailbox_full
 
     def mail_from(self, facts: SessionFacts, event: ev.MailFrom) -> Reply | None:
         if self.settings.require_auth and facts.auth_user is None:
@@ -80,9 +88,12 @@ class SMTPPolicy:
         return False
 
     def rcpt_to(self, facts: SessionFacts, event: ev.RcptTo) -> Reply | None:
-        return self._router().check_recipient(
+        refusal = self._router().check_recipient(
             event.address, client_ip=facts.client_ip, authenticated=facts.auth_user is not None
         )
+        if refusal is None and self.mailbox_full is not None:
+            return self.mailbox_full(event.address, None)
+        return refusal
 
     def verify(self, facts: SessionFacts, event: ev.Verify) -> Reply:
         arg = event.argument.strip("<>")
