@@ -10,7 +10,7 @@ from mailhaven.mailbox.quota import QuotaRules
 from mailhaven.routing.router import Router
 
 
-def check(tmp_path: Path, rule: str = "100") -> MailboxFull:
+def check(tmp_path: Path, rule: str = "100B") -> MailboxFull:
     router = Router(
         local_domains=["a.example"],
         mailboxes=lambda: {"alice", "bob"},

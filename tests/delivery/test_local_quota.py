@@ -28,7 +28,7 @@ def request(user: str, rcpt: str, *, extra: dict[str, str] | None = None) -> Del
     return DeliveryRequest("4QID", env, (rcpt,), Route("local", user), open_message, len(BODY))
 
 
-def agent(root: Path, rule: str = "3000", delimiter: str = "+") -> LocalAgent:
+def agent(root: Path, rule: str = "3000B", delimiter: str = "+") -> LocalAgent:
     rules = QuotaRules.parse(rule, {}, {})
     return LocalAgent(root, "mx.example", quotas=lambda: rules,
                       folder_rules=lambda: FolderRules(True, delimiter, "Junk"))
@@ -69,7 +69,7 @@ async def test_corrupt_maildirsize_is_recalculated_at_delivery(tmp_path: Path) -
 async def test_wrongly_full_file_is_not_believed_when_it_has_several_lines(
     tmp_path: Path,
 ) -> None:
-    a = agent(tmp_path, "3000")
+    a = agent(tmp_path, "3000B")
     box = tmp_path / "alice"
     ensure_maildir(box)
     (box / "maildirsize").write_bytes(b"3000S\n2000 1\n2000 1\n")  # says 4000: over
@@ -91,7 +91,7 @@ async def test_plus_address_and_junk_folders(tmp_path: Path) -> None:
 
 
 async def test_folders_count_towards_the_quota(tmp_path: Path) -> None:
-    a = agent(tmp_path, "3000")
+    a = agent(tmp_path, "3000B")
     box = tmp_path / "alice"
     ensure_maildir(box / ".lists")
     assert (await a.deliver(request("alice", "alice+lists@a.example")))[

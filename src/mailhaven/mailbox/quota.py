@@ -46,9 +46,10 @@ MAX_FILE = 5120
 #: Maildir++ spec / Dovecot MAILDIRSIZE_STALE_SECS: an over-quota file older than this is not
 #: believed (mail may have been removed by something that does not update the file).
 STALE_AFTER = 15 * 60
-#: Size suffixes in configuration values (Dovecot's quota_rule accepts the same).
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)B?\s*", re.IGNORECASE)
+#: Size suffixes in configuration values, as in Dovecot's quota_rule: a bare number counts
+#: kilobytes (so a rule copied from dovecot.conf means the same here), `B` bytes.
+_UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?B?)\s*", re.IGNORECASE)
 _DELTA = re.compile(r"\s*(-?\d+)\s+(-?\d+)\s*")
 _NAME_SIZE = re.compile(r",S=(\d+)(?=[:,]|$)")
 
@@ -131,11 +132,12 @@ class QuotaRules:
 
 
 def parse_size(text: str) -> int:
-    """`"100M"`, `"1G"`, `"5120"` -> bytes; ValueError otherwise."""
+    """`"100M"`, `"1G"`, `"512B"`, `"5120"` (kilobytes) -> bytes; ValueError otherwise."""
     match = _SIZE.fullmatch(text)
     if match is None:
         raise ValueError(f"not a size: {text!r} (e.g. 500M, 2G, 0 for none)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    unit = match.group(2).upper()
+    return int(match.group(1)) * _UNITS[unit if len(unit) < 2 else unit[0]]
 
 
 def parse_rule(text: str) -> Limit:
