@@ -804,10 +804,25 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def check_lmtp_hop(text: str) -> str | None:
+    """Why `text` (after `lmtp:`) is not an LMTP server: `unix:/absolute/path`, or a next hop
+    as for relay (`[host]:port`, `host:port`; the port defaults to 24, RFC 2033 §5)."""
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/") or "\0" in path:
+            return "expected unix:/absolute/path/to/socket"
+        return None
+    return check_next_hop(text)
+
+
 def _check_next_hops(config: Config) -> None:
     hops = [("relayhost", config.relayhost)] if config.relayhost else []
     hops += [(f"relay.transport.{d}", hop) for d, hop in config.relay.transport.items()]
     for key, hop in hops:
+        if key != "relayhost" and hop.lower().startswith("lmtp:"):
+            if (why := check_lmtp_hop(hop[5:])) is not None:
+                raise ConfigError(f"{key}: {hop!r}: {why}")
+            continue
         if (why := check_next_hop(hop)) is not None:
             raise ConfigError(f"{key}: {hop!r}: {why}")
 

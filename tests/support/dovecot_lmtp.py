@@ -5,9 +5,9 @@
 directory: base_dir (sockets, master.pid), state_dir, the log, the Maildirs and Sieve scripts.
 
 - LMTP on `127.0.0.1:<lmtp_port>` (a free port) and on the unix socket `lmtp_socket`;
-- users are whatever LMTP is given (static userdb, no passwords: LMTP does not log in), each
-  with a Maildir at `<mail>/<user>/` (or `mail_location`), owned by `nobody` (Dovecot refuses to
-  act as root);
+- the users are `users` (a passwd-file userdb; LMTP does not log in, so no passwords; anyone
+  else gets 550 5.1.1 at RCPT), each with a Maildir at `<mail>/<user>/` (or `mail_location`),
+  owned by `nobody` (Dovecot refuses to act as root);
 - the `quota` plugin in Maildir++ mode (`quota = maildir`) with `quota_rule` when given, and
   Pigeonhole Sieve for LMTP: `sieve_scripts = {"alice": "require ...;"}` makes alice's active
   script; vacation and redirect replies are submitted to `submission_host` (a loopback sink the
@@ -59,6 +59,7 @@ instance_name = mailhaven-test-{port}
 protocols = lmtp
 ssl = no
 listen = 127.0.0.1
+auth_username_format = %Ln
 first_valid_uid = {uid}
 last_valid_uid = {uid}
 mail_location = {mail_location}
@@ -67,8 +68,8 @@ passdb {{
   args = nopassword=y
 }}
 userdb {{
-  driver = static
-  args = uid={uid} gid={gid} home={home}
+  driver = passwd-file
+  args = {base}/users
 }}
 mail_plugins = quota
 protocol lmtp {{
@@ -121,6 +122,7 @@ class DovecotStore:
         submission_host: str = "127.0.0.1:9",
         mail_location: str | None = None,
         hostname: str = "store.example",
+        users: tuple[str, ...] = ("alice", "bob", "carol"),
     ) -> None:
         self.keep = keep
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-dovecot-"))
@@ -140,11 +142,13 @@ class DovecotStore:
             path.write_text(script)
         for path in (self.dir / "sieve", *(self.dir / "sieve").iterdir()):
             os.chown(path, self.uid, self.gid)
+        (self.dir / "users").write_text("".join(
+            f"{u}::{self.uid}:{self.gid}::{self.mail}/{u}::\n" for u in users
+        ))
         rule = f"  quota_rule = *:storage={quota_rule}\n" if quota_rule else ""
         self.conf.write_text(CONF.format(
             base=self.dir, port=self.lmtp_port, uid=self.uid, gid=self.gid,
-            mail_location=mail_location or f"maildir:{self.mail}/%n",
-            home=f"{self.mail}/%n", quota_rule=rule, submission_host=submission_host,
+            mail_location=mail_location or f"maildir:{self.mail}/%n", quota_rule=rule, submission_host=submission_host,
             hostname=hostname,
         ))
         self.pid: int | None = None

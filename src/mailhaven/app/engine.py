@@ -19,6 +19,7 @@ from mailhaven.bounce.notifier import NoticeLimiter, Notifier
 from mailhaven.config import Config
 from mailhaven.delivery.base import DeliveryAgent
 from mailhaven.delivery.forwarded import RewrittenSender
+from mailhaven.delivery.lmtp import LmtpAgent
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.intake.cleanup import Intake
@@ -85,6 +86,7 @@ def build_engine(
     outbound = build_outbound(config, lambda d: live.router.is_local_domain(d), live.srs)
     agents: dict[str, DeliveryAgent] = {
         "relay": RewrittenSender(relay_agent),  # forwarded mail leaves with its SRS sender
+        "lmtp": LmtpAgent(config.hostname),
         "local": LocalAgent(
             config.mail_root,
             config.hostname,

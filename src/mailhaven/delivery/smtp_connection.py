@@ -151,12 +151,14 @@ class SMTPClientConnection:
         source_address: tuple[str, int] | None = None,
         timeouts: Timeouts | None = None,
         dial: Dialer = open_stream,
+        lmtp: bool = False,
     ) -> SMTPClientConnection | SessionFailure:
         """Dial `address` (default: `host`), then greeting, EHLO, STARTTLS and AUTH as needed.
 
         `host` names the peer for SNI, certificate checks and logs; domain literals work.
         Dialing a name (no `address`) uses the system resolver: the relay agent passes the
-        address it got from `net.dns`.
+        address it got from `net.dns`. `lmtp` speaks LMTP (RFC 2033) instead of SMTP; a
+        unix-domain socket is reached with `dial=net.stream.unix_dialer(path)`.
         """
         timeouts = timeouts or Timeouts()
         name = parse_literal(host) or host.lower().rstrip(".")
@@ -172,6 +174,7 @@ class SMTPClientConnection:
                 credentials=credentials,
                 allow_plaintext_auth=allow_plaintext_auth,
                 tls_active=implicit_tls,
+                lmtp=lmtp,
             )
             relay = f"{name}[{to}]:{port}"
             try:

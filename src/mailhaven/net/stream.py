@@ -269,3 +269,29 @@ async def open_stream(
         ssl_handshake_timeout=handshake_timeout,
     )
     return stream
+
+
+def unix_dialer(path: str) -> Dialer:
+    """A `Dialer` that ignores the address and port and connects to the unix-domain socket at
+    `path` (an LMTP store such as Dovecot's `/run/dovecot/lmtp`)."""
+
+    async def dial(
+        address: str,
+        port: int,
+        *,
+        local_addr: tuple[str, int] | None,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None,
+        handshake_timeout: float | None,
+    ) -> Stream:
+        loop = asyncio.get_running_loop()
+        _, stream = await loop.create_unix_connection(
+            Stream,
+            path,
+            ssl=tls,
+            server_hostname=server_hostname,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        return stream
+
+    return dial

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 from mailhaven.proto.replies import Reply
-from mailhaven.routing.route import Route
+from mailhaven.routing.route import Route, transport_route
 
 log = logging.getLogger("mailhaven.smtpd")
 
@@ -127,4 +127,4 @@ class PartTimeHosts:
 def release_route(domain: str, transport_map: Mapping[str, str], relayhost: str) -> Route:
     """Where a released part-time domain's mail goes: its transport-map next hop, else the
     relayhost, else the domain's MX."""
-    return Route("relay", transport_map.get(domain) or relayhost or domain)
+    return transport_route(transport_map.get(domain) or relayhost or domain)

@@ -27,6 +27,9 @@ Rules and choices (Postfix behaviour unless said otherwise):
   entry `.example.com` also matches every subdomain of example.com.
 * Source routes `@a,@b:user@c` are reduced to `user@c` (RFC 5321 §4.1.2 and App. C allow it);
   the route is never used to pick a next hop or to grant relaying.
+* A transport-map entry `lmtp:unix:/path` or `lmtp:[host]:port` routes its domain to the
+  `lmtp` transport, for a local domain too (its recipients are still checked against our
+  users and aliases at RCPT time, then handed to the LMTP store, e.g. Dovecot, for delivery).
 * Routing syntax inside a local part, i.e. `@`, `%` or `!` (`user%remote@here`,
   `"user@remote"@here`, `remote!user@here`, `user@remote@here`), is never honoured: no percent
   hack, no bang paths. At a local domain such an address is refused with `554 5.7.1 Relay access
@@ -64,7 +67,7 @@ from dataclasses import dataclass
 import idna
 
 from mailhaven.proto.replies import Reply
-from mailhaven.routing.route import Route
+from mailhaven.routing.route import Route, transport_route
 
 #: Alias chains longer than this are cut (sendmail uses 10, Postfix's
 #: virtual_alias_recursion_limit 1000; 20 is far beyond any real chain).
@@ -294,6 +297,9 @@ class Router:
         if addr is None:
             return Route("local", "")
         if self._is_local_address(addr):
+            lmtp = self._lmtp_route(addr.domain or self._primary)
+            if lmtp is not None:  # a local domain whose store is an LMTP server (Dovecot)
+                return lmtp
             lp, dom = addr.mailbox.lower(), self._mail_domain(addr.domain)
             return Route("local", self._user_for(lp, dom) or f"{self._base(lp)}@{dom}")
         domain = addr.domain
@@ -302,10 +308,18 @@ class Router:
             return Route("hold", domain)
         for entry in (domain, *_parents(domain)):
             if entry in self._transports:
-                return Route("relay", self._transports[entry])
+                return transport_route(self._transports[entry])
         if self._relayhost:
             return Route("relay", self._relayhost)
         return Route("relay", domain)
+
+    def _lmtp_route(self, domain: str) -> Route | None:
+        for entry in (domain, *_parents(domain)):
+            hop = self._transports.get(entry)
+            if hop is not None:
+                found = transport_route(hop)
+                return found if found.transport == "lmtp" else None
+        return None
 
     # --- facts --------------------------------------------------------------------------------
 
