@@ -126,10 +126,8 @@ class LocalAgent:
                 used = quota.usage(maildir, limit, self._owner)
                 if not used.fits(limit, request.size + len(prepend)):
                     log.info(
-                        "%s: to=<%s>, relay=local, quota exceeded: %d of %d bytes, %d of %d "
-                        "messages used",
-                        request.queue_id, _clean(rcpt),
-                        used.bytes, limit.bytes, used.messages, limit.messages,
+                        "%s: mailbox %s over quota: %d bytes, %d messages used; limit %s",
+                        request.queue_id, user, used.bytes, used.messages, limit.header(),
                     )
                     return mailbox_full(rcpt)
             folders.prepare_folder(maildir, target, self._owner)

@@ -28,6 +28,9 @@ class SessionFacts:
     helo: str = ""
     tls: str | None = None
     auth_user: str | None = None
+    #: SIZE= of the current MAIL FROM (RFC 1870), None when not declared: the quota check at
+    #: RCPT uses it
+    declared_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,7 @@ class SMTPPolicy:
         self.mailbox_full = mailbox_full
 
     def mail_from(self, facts: SessionFacts, event: ev.MailFrom) -> Reply | None:
+        facts.declared_size = event.params.size
         if self.settings.require_auth and facts.auth_user is None:
             return Reply(530, "Error: authentication required", "5.7.0")
         user = facts.auth_user
@@ -92,7 +96,7 @@ class SMTPPolicy:
             event.address, client_ip=facts.client_ip, authenticated=facts.auth_user is not None
         )
         if refusal is None and self.mailbox_full is not None:
-            return self.mailbox_full(event.address, None)
+            return self.mailbox_full(event.address, facts.declared_size)
         return refusal
 
     def verify(self, facts: SessionFacts, event: ev.Verify) -> Reply:
