@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mailhaven.mailbox import quota
 from mailhaven.mailbox.maildir import mailbox_path
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.router import Router
 
 
@@ -58,4 +58,4 @@ class MailboxFull:
         if used is None or used.fits(limit, size or 1):
             return None
         shown = "".join(ch if ch.isprintable() else "?" for ch in address)
-        return reply(452, "4.2.2", f"<{shown}>: Recipient address rejected: mailbox full")
+        return Reply(452, f"<{shown}>: Recipient address rejected: mailbox full", "4.2.2")

@@ -42,7 +42,7 @@ from mailhaven.delivery.local import LocalAgent
 from mailhaven.intake.cleanup import received_header
 from mailhaven.proto import smtp_events as ev
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import Reply, reply
+from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
@@ -50,12 +50,12 @@ from mailhaven.spool.ids import QueueIdFactory
 
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
 SPOOL_IN_MEMORY = 1024 * 1024
-DELIVERED = reply(250, "2.0.0", "delivered to maildir")
+DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
 
 
 def not_here(address: str) -> Reply:
     shown = "".join(ch if ch.isprintable() else "?" for ch in address)
-    return reply(550, "5.1.1", f"<{shown}>: Recipient address rejected: not a mailbox here")
+    return Reply(550, f"<{shown}>: Recipient address rejected: not a mailbox here", "5.1.1")
 
 
 class LmtpPolicy(SMTPPolicy):
