@@ -83,6 +83,8 @@ def test_rules_pick_user_then_domain_then_default() -> None:
     assert rules.limit_for("carol", "a.example").bytes == 2 * 1024**2
     assert rules.limit_for("carol@a.example").bytes == 2 * 1024**2
     assert rules.limit_for("carol", None).bytes == 1024**2
+    assert rules.limit_for("alice@b.example").bytes == 3 * 1024**2  # bare key: every domain
+    assert rules.limit_for("bob@c.example").bytes == 1024**2  # bob@b.example only
     assert not QuotaRules.parse("", {}, {}).enabled
 
 

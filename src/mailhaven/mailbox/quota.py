@@ -118,12 +118,18 @@ class QuotaRules:
 
     def limit_for(self, mailbox: str, domain: str | None = None) -> Limit:
         """`mailbox` is the user (`alice`, or `alice@a.example` with virtual domains);
-        `domain` the recipient's domain when the mailbox name does not carry it."""
+        `domain` the recipient's domain when the mailbox name does not carry it. A bare user
+        key applies in every domain; `user@domain` wins over it."""
         mailbox = mailbox.lower()
-        if "@" in mailbox:
-            domain = mailbox.rpartition("@")[2]
+        local, at, in_name = mailbox.rpartition("@")
+        if at:
+            domain = in_name
+        else:
+            local = mailbox
         domain = domain.lower().rstrip(".") if domain else None
-        for key in (mailbox, f"{mailbox}@{domain}" if domain else None):
+        # `user@domain` first, then the bare `user`, which (like an alias key without a
+        # domain) applies in every local domain
+        for key in (f"{local}@{domain}" if domain else None, local):
             if key is not None and key in self.users:
                 return self.users[key]
         if domain is not None and domain in self.domains:
