@@ -51,6 +51,9 @@ class Listen:
     submissions: tuple[str, ...] = ("127.0.0.1:2465",)
     pop3: tuple[str, ...] = ("127.0.0.1:2110",)
     pop3s: tuple[str, ...] = ("127.0.0.1:2995",)
+    #: LMTP (RFC 2033) into the local Maildirs, for other MTAs; no authentication: keep it on
+    #: loopback or a private address. Off by default.
+    lmtp: tuple[str, ...] = ()
 
 
 #: The back-off reaches 7.5 times auth_failure_delay; capped so it stays below the 5 minutes a

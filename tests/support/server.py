@@ -48,7 +48,7 @@ from tests.fakes import free_port
 from tests.support.logwatch import LogWatch
 
 #: Every listener in `config.Listen`; those not in `services` are configured off.
-SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "lmtp")
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 POLL = 0.02

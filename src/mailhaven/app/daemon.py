@@ -184,6 +184,9 @@ class App:
                 address, lambda: self.profiles.submission(implicit_tls=False), sock=sock
             )
             log.info("submission listening on %s", address)
+        for address, sock in bound.get("lmtp", []):
+            await engine.smtp.listen(address, self.profiles.lmtp, sock=sock)
+            log.info("lmtp listening on %s", address)
         tls_listeners = [*bound.get("submissions", []), *bound.get("pop3s", [])]
         if self.tls is None and tls_listeners:
             log.warning("no TLS certificate: submissions and pop3s listeners are off")

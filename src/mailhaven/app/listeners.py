@@ -22,17 +22,19 @@ from mailhaven.checks.mailbox_full import MailboxFull
 from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config, parse_hostport
+from mailhaven.delivery.local import LocalAgent
 from mailhaven.net import acme, selfsigned
 from mailhaven.net.tls import ReloadableTLS
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.auth import SMTPAuthenticator
+from mailhaven.smtpd.lmtp import LmtpStore, lmtp_policy
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.session import ListenerProfile
 
 log = logging.getLogger("mailhaven.master")
 
 #: The listeners, as named in `[listen]` and by systemd's `FileDescriptorName=`.
-LISTENER_NAMES = ("smtp", "submission", "submissions", "pop3", "pop3s")
+LISTENER_NAMES = ("smtp", "submission", "submissions", "pop3", "pop3s", "lmtp")
 
 Bound = dict[str, list[tuple[str, socket.socket]]]
 
@@ -146,9 +148,11 @@ class Profiles:
         self.authenticator = authenticator
         self._etrn = etrn
         self._mx: ListenerProfile | None = None
+        self._lmtp: ListenerProfile | None = None
 
     def forget(self) -> None:
         self._mx = None
+        self._lmtp = None
 
     def tls_context(self) -> ssl.SSLContext | None:
         tls = self._tls()
@@ -177,6 +181,27 @@ class Profiles:
         if not config.quota.check_at_rcpt:
             return None
         return MailboxFull(lambda: self.live.router, self.live.quotas, config.mail_root)
+
+    def lmtp(self) -> ListenerProfile:
+        """`[listen] lmtp`: RFC 2033 into the local Maildirs, no TLS, no AUTH (`smtpd.lmtp`)."""
+        if self._lmtp is None:
+            config, live = self.live.config, self.live
+            agent = LocalAgent(
+                config.mail_root, config.hostname, users=live.mailboxes,
+                quotas=live.quotas, folder_rules=live.folders,
+            )
+            store = LmtpStore(
+                lambda: live.router, agent, hostname=config.hostname,
+                spool_dir=config.state_path / "lmtp", mailboxes=live.mailboxes,
+            )
+            self._lmtp = ListenerProfile(
+                name="lmtp",
+                settings=replace(server_settings(config), lmtp=True),
+                policy=lmtp_policy(lambda: live.router, mailbox_full=self._mailbox_full()),
+                tls_context=lambda: None,
+                store=store,
+            )
+        return self._lmtp
 
     def submission(self, *, implicit_tls: bool) -> ListenerProfile:
         """RFC 6409 submission: AUTH (only under TLS) before MAIL, sender-login check."""

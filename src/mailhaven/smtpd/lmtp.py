@@ -46,6 +46,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
+from mailhaven.smtpd.session import Writer
 from mailhaven.spool.ids import QueueIdFactory
 
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
@@ -125,8 +126,9 @@ class LmtpStore:
             os.makedirs(self._dir, mode=0o700, exist_ok=True)
         return BodyFile(self._ids(), self._dir)
 
-    async def deliver(self, writer: BodyFile, envelope: Envelope) -> list[Reply]:
+    async def deliver(self, writer: Writer, envelope: Envelope) -> list[Reply]:
         """One reply per envelope recipient, in order; the writer is closed afterwards."""
+        assert isinstance(writer, BodyFile)
         known = self._mailboxes() if self._mailboxes is not None else None
         try:
             return await asyncio.to_thread(self._deliver_blocking, writer, envelope, known)

@@ -100,6 +100,17 @@ class ListenerProfile:
     gate: Gate | None = None
     #: content scanners and signers for this listener (`milters`/`submission_milters`)
     milters: MilterSettings | None = None
+    #: LMTP listener (`settings.lmtp`): the store that delivers each message at once and answers
+    #: per recipient (`smtpd.lmtp`), instead of the queue
+    store: LocalStore | None = None
+
+
+class LocalStore(Protocol):
+    """Final delivery for the LMTP listener: a writer per message, one reply per recipient."""
+
+    def new_message(self) -> Writer: ...
+
+    async def deliver(self, writer: Writer, envelope: Envelope) -> list[Reply]: ...
 
 
 class CommandStats:
@@ -451,7 +462,7 @@ class SMTPSession(asyncio.BufferedProtocol):
                     self._log_reject("MAIL", refusal, event.address, None)
                     self.conn.respond(refusal)
                     return
-                self.writer = self.service.sink.new_message()
+                self.writer = self._new_message()
                 self._client_logged = False
                 if self.milters is not None:
                     if self.milters.quick(Stage.MAIL):
@@ -486,10 +497,12 @@ class SMTPSession(asyncio.BufferedProtocol):
                     self.conn.accept()
             case ev.BodyData():
                 if self.writer is None:
-                    self.writer = self.service.sink.new_message()
+                    self.writer = self._new_message()
                 self.writer.write(event.data)
             case ev.BodyEnd():
                 self._run(self._commit())
+            case ev.LmtpBodyEnd():
+                self._run(self._deliver_lmtp(event))
             case ev.BodyAborted():
                 log.info(
                     "%s: reject: %s from %s: %s",
@@ -635,6 +648,33 @@ class SMTPSession(asyncio.BufferedProtocol):
             self.close_with(
                 Reply(421, f"{self.profile.settings.hostname} Service shutting down", "4.3.2")
             )
+
+    # ------------------------------------------------------------------ LMTP listener
+
+    def _new_message(self) -> Writer:
+        store = self.profile.store
+        return store.new_message() if store is not None else self.service.sink.new_message()
+
+    async def _deliver_lmtp(self, event: ev.LmtpBodyEnd) -> None:
+        """RFC 2033 §4.2: one reply per accepted recipient, in RCPT order, each the result
+        of its delivery (an unexpected failure answers 451 for those still owed one)."""
+        store, writer = self.profile.store, self.writer
+        self.writer = None
+        assert store is not None
+        if writer is None:
+            writer = store.new_message()
+        envelope = replace(self._envelope(), protocol="LMTP")
+        try:
+            replies = await store.deliver(writer, envelope)
+        except Exception:
+            log.exception("%s: LMTP delivery failed", writer.queue_id)
+            writer.abort()
+            replies = []
+        for spec, reply in zip(envelope.recipients, replies, strict=False):
+            maillog.info(log, "%s: lmtp to=<%s>: %s", writer.queue_id, spec.address,
+                         reply.one_line())
+        for n in range(len(event.recipients)):
+            self.conn.respond(replies[n] if n < len(replies) else INTERNAL_ERROR)
 
     async def _etrn(self, argument: str) -> None:
         if self.profile.etrn is None:
