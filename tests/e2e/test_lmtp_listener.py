@@ -112,3 +112,6 @@ def test_raw_lmtp_dialogue_and_bad_input(mail_server: ServerFactory) -> None:
     assert alice.endswith(b"line\n" * 3 + b"line\n")
     assert len(messages(server, "bob")) == 1
     assert list((server.state_dir / "lmtp").iterdir()) == []  # no body file left behind
+    # one Postfix-shaped line per recipient (pflogsumm, grep status=)
+    server.wait_for_log(r"mailhaven/lmtp\[\d+\]: \w+: to=<alice@localhost>, relay=local, "
+                        r"delay=[\d.]+, delays=0/0/0/[\d.]+, dsn=2\.0\.0, status=sent ")

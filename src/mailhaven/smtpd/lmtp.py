@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -37,6 +38,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO, cast
 
+from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.intake.cleanup import received_header
@@ -48,6 +50,8 @@ from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.session import Writer
 from mailhaven.spool.ids import QueueIdFactory
+
+log = logging.getLogger("mailhaven.lmtp")
 
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -130,10 +134,15 @@ class LmtpStore:
         """One reply per envelope recipient, in order; the writer is closed afterwards."""
         assert isinstance(writer, BodyFile)
         known = self._mailboxes() if self._mailboxes is not None else None
+        started = time.monotonic()
         try:
-            return await asyncio.to_thread(self._deliver_blocking, writer, envelope, known)
+            replies = await asyncio.to_thread(self._deliver_blocking, writer, envelope, known)
         finally:
             writer.abort()
+        took = time.monotonic() - started
+        for spec, answer in zip(envelope.recipients, replies, strict=True):
+            maillog.info(log, "%s", delivery_line(writer.queue_id, spec.address, answer, took))
+        return replies
 
     def _deliver_blocking(
         self, writer: BodyFile, envelope: Envelope, known: Collection[str] | None
@@ -162,6 +171,18 @@ class LmtpStore:
                 verdicts.extend(self._agent.deliver_blocking(request, known).values())
             replies.append(combine(spec.address, verdicts))
         return replies
+
+
+def delivery_line(queue_id: str, address: str, answer: Reply, seconds: float) -> str:
+    """Postfix's delivery line shape (what pflogsumm and `grep status=` expect), relay=local:
+    `QID: to=<a>, relay=local, delay=0.01, delays=0/0/0/0.01, dsn=2.0.0, status=sent (...)`."""
+    status = "sent" if answer.is_success else "deferred" if answer.is_temporary else "bounced"
+    took = f"{seconds:.2f}"
+    shown = "".join(ch if ch.isprintable() else "?" for ch in address)
+    return (
+        f"{queue_id}: to=<{shown}>, relay=local, delay={took}, delays=0/0/0/{took},"
+        f" dsn={answer.dsn}, status={status} ({answer.one_line()})"
+    )
 
 
 def combine(address: str, verdicts: list[Reply]) -> Reply:

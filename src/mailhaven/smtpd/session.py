@@ -670,9 +670,6 @@ class SMTPSession(asyncio.BufferedProtocol):
             log.exception("%s: LMTP delivery failed", writer.queue_id)
             writer.abort()
             replies = []
-        for spec, reply in zip(envelope.recipients, replies, strict=False):
-            maillog.info(log, "%s: lmtp to=<%s>: %s", writer.queue_id, spec.address,
-                         reply.one_line())
         for n in range(len(event.recipients)):
             self.conn.respond(replies[n] if n < len(replies) else INTERNAL_ERROR)
 
