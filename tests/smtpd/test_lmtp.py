@@ -102,3 +102,12 @@ def test_combine() -> None:
     assert combine("a", [ok, hard, soft]) is soft
     assert combine("a", [ok, hard]) is hard
     assert combine("a", []).code == 550
+
+
+async def test_loop_and_missing_mailbox_are_per_recipient(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    writer = s.new_message()
+    writer.write(b"Delivered-To: alice@store.example\r\n" + BODY)
+    replies = await s.deliver(writer, envelope("alice@store.example", "bob@store.example"))
+    assert [(r.code, r.enhanced) for r in replies] == [(554, "5.4.6"), (250, "2.0.0")]
+    assert not (tmp_path / "mail" / "alice").exists() or messages(tmp_path, "alice") == []
