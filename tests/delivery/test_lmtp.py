@@ -112,3 +112,27 @@ def test_permanent_session_failure_becomes_temporary() -> None:
     soft = temporary(Reply(500, "what is LHLO", "5.5.2"))
     assert (soft.code, soft.enhanced) == (451, "4.5.2")
     assert temporary(Reply(421, "bye", "4.3.2")) == Reply(421, "bye", "4.3.2")
+
+
+def test_router_sends_lmtp_domains_to_the_lmtp_transport() -> None:
+    from mailhaven.routing.router import Router
+
+    router = Router(
+        local_domains=["local.example"],
+        mailboxes=lambda: {"alice"},
+        relay_domains=["relayed.example"],
+        transport_map={
+            "local.example": "lmtp:unix:/run/dovecot/lmtp",
+            "relayed.example": "lmtp:[127.0.0.1]:24",
+            ".sub.example": "lmtp:[::1]:2424",
+            "smtp.example": "[10.0.0.1]:25",
+        },
+    )
+    assert router.route("alice@local.example") == Route("lmtp", "unix:/run/dovecot/lmtp")
+    assert router.route("anyone@relayed.example") == Route("lmtp", "[127.0.0.1]:24")
+    assert router.route("x@a.sub.example") == Route("lmtp", "[::1]:2424")
+    assert router.route("x@smtp.example") == Route("relay", "[10.0.0.1]:25")
+    assert router.check_recipient("bob@local.example", client_ip="192.0.2.1",
+                                  authenticated=False) is not None  # still our users only
+    assert router.check_recipient("anyone@relayed.example", client_ip="192.0.2.1",
+                                  authenticated=False) is None
