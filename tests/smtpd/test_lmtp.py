@@ -8,7 +8,7 @@ from pathlib import Path
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.mailbox.maildir import ensure_maildir
 from mailhaven.mailbox.quota import QuotaRules
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.address import RcptParams
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply

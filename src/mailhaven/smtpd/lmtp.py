@@ -42,7 +42,7 @@ from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.intake.cleanup import received_header
-from mailhaven.proto import smtp_events as ev
+from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
