@@ -5,24 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from mailhaven.checks.mailbox_full import MailboxFull
-from mailhaven.mailbox.maildir import ensure_maildir
+from mailhaven.mailbox.maildir import ensure_maildir, mailbox_path
 from mailhaven.mailbox.quota import QuotaRules
 from mailhaven.routing.router import Router
 
+ROUTER = Router(
+    local_domains=["a.example"],
+    mailboxes=lambda: {"alice", "bob"},
+    aliases={"both": ["alice", "bob"], "al": ["alice"]},
+)
+
 
 def check(tmp_path: Path, rule: str = "100B") -> MailboxFull:
-    router = Router(
-        local_domains=["a.example"],
-        mailboxes=lambda: {"alice", "bob"},
-        aliases={"both": ["alice", "bob"], "al": ["alice"]},
-    )
     rules = QuotaRules.parse(rule, {}, {})
-    return MailboxFull(lambda: router, lambda: rules, tmp_path)
+    return MailboxFull(lambda: ROUTER, lambda: rules, tmp_path)
 
 
 def full(tmp_path: Path, user: str, content: bytes = b"100S\n100 1\n") -> None:
-    ensure_maildir(tmp_path / user)
-    (tmp_path / user / "maildirsize").write_bytes(content)
+    """Write `content` as the maildirsize of the mailbox `user@a.example` routes to."""
+    box = mailbox_path(tmp_path, ROUTER.route(f"{user}@a.example").nexthop)
+    ensure_maildir(box)
+    (box / "maildirsize").write_bytes(content)
 
 
 def test_full_mailbox_refused(tmp_path: Path) -> None:

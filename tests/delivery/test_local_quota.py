@@ -10,11 +10,13 @@ from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.mailbox import quota
 from mailhaven.mailbox.folders import FolderRules
-from mailhaven.mailbox.maildir import ensure_maildir, list_messages
+from mailhaven.mailbox.maildir import ensure_maildir, list_messages, mailbox_path
 from mailhaven.mailbox.quota import Limit, QuotaRules, Usage
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.routing.route import Route
 
+#: The mailbox routing names for alice@a.example (and its path: `mailbox_path`).
+ALICE, BOB = "alice", "bob"
 BODY = b"Subject: test\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
 
@@ -39,12 +41,12 @@ async def test_deliveries_count_until_full_then_defer(tmp_path: Path) -> None:
     a = agent(mail)
     codes = []
     for _ in range(4):
-        result = await a.deliver(request("alice", "alice@a.example"))
+        result = await a.deliver(request(ALICE, "alice@a.example"))
         codes.append(result["alice@a.example"].code)
     assert codes == [250, 250, 452, 452]
-    full = (await a.deliver(request("alice", "alice@a.example")))["alice@a.example"]
+    full = (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"]
     assert full.enhanced == "4.2.2" and "mailbox full" in full.text
-    box = mail / "alice"
+    box = mailbox_path(mail, ALICE)
     stored = list_messages(box)
     assert len(stored) == 2
     assert quota.read(box, Limit(3000, 0)) == Usage(sum(m.size for m in stored), 2)
@@ -53,16 +55,16 @@ async def test_deliveries_count_until_full_then_defer(tmp_path: Path) -> None:
 
 async def test_message_count_limit(tmp_path: Path) -> None:
     a = agent(tmp_path, "messages=1")
-    assert (await a.deliver(request("bob", "bob@a.example")))["bob@a.example"].code == 250
-    assert (await a.deliver(request("bob", "bob@a.example")))["bob@a.example"].code == 452
+    assert (await a.deliver(request(BOB, "bob@a.example")))["bob@a.example"].code == 250
+    assert (await a.deliver(request(BOB, "bob@a.example")))["bob@a.example"].code == 452
 
 
 async def test_corrupt_maildirsize_is_recalculated_at_delivery(tmp_path: Path) -> None:
     a = agent(tmp_path, "1M")
-    await a.deliver(request("alice", "alice@a.example"))
-    box = tmp_path / "alice"
+    await a.deliver(request(ALICE, "alice@a.example"))
+    box = mailbox_path(tmp_path, ALICE)
     (box / "maildirsize").write_bytes(b"\x00garbage\n-99999999 x\n")
-    assert (await a.deliver(request("alice", "alice@a.example")))["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
     assert quota.read(box, Limit(1024**2, 0)) == Usage(sum(m.size for m in list_messages(box)), 2)
 
 
@@ -70,19 +72,19 @@ async def test_wrongly_full_file_is_not_believed_when_it_has_several_lines(
     tmp_path: Path,
 ) -> None:
     a = agent(tmp_path, "3000B")
-    box = tmp_path / "alice"
+    box = mailbox_path(tmp_path, ALICE)
     ensure_maildir(box)
     (box / "maildirsize").write_bytes(b"3000S\n2000 1\n2000 1\n")  # says 4000: over
-    assert (await a.deliver(request("alice", "alice@a.example")))["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
 
 
 async def test_plus_address_and_junk_folders(tmp_path: Path) -> None:
     a = agent(tmp_path, "")
-    box = tmp_path / "alice"
+    box = mailbox_path(tmp_path, ALICE)
     ensure_maildir(box / ".lists")
-    await a.deliver(request("alice", "alice+lists@a.example"))
-    await a.deliver(request("alice", "alice+unknown@a.example"))
-    await a.deliver(request("alice", "alice+lists@a.example", extra={"spam": "yes"}))
+    await a.deliver(request(ALICE, "alice+lists@a.example"))
+    await a.deliver(request(ALICE, "alice+unknown@a.example"))
+    await a.deliver(request(ALICE, "alice+lists@a.example", extra={"spam": "yes"}))
     assert len(list_messages(box / ".lists")) == 1
     assert len(list_messages(box)) == 1
     assert len(list_messages(box / ".Junk")) == 1
@@ -92,9 +94,9 @@ async def test_plus_address_and_junk_folders(tmp_path: Path) -> None:
 
 async def test_folders_count_towards_the_quota(tmp_path: Path) -> None:
     a = agent(tmp_path, "3000B")
-    box = tmp_path / "alice"
+    box = mailbox_path(tmp_path, ALICE)
     ensure_maildir(box / ".lists")
-    assert (await a.deliver(request("alice", "alice+lists@a.example")))[
+    assert (await a.deliver(request(ALICE, "alice+lists@a.example")))[
         "alice+lists@a.example"].code == 250
-    assert (await a.deliver(request("alice", "alice@a.example")))["alice@a.example"].code == 250
-    assert (await a.deliver(request("alice", "alice@a.example")))["alice@a.example"].code == 452
+    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 452

@@ -6,7 +6,7 @@ import mailbox
 from pathlib import Path
 
 from mailhaven.delivery.local import LocalAgent
-from mailhaven.mailbox.maildir import ensure_maildir
+from mailhaven.mailbox.maildir import ensure_maildir, mailbox_path
 from mailhaven.mailbox.quota import QuotaRules
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.address import RcptParams
@@ -42,15 +42,23 @@ def envelope(*rcpts: str) -> Envelope:
     )
 
 
+def box(root: Path, address: str) -> Path:
+    """The Maildir `address` routes to."""
+    return mailbox_path(root / "mail", router().route(address).nexthop)
+
+
 def messages(root: Path, user: str) -> list[bytes]:
-    box = mailbox.Maildir(root / "mail" / user, create=False)
-    return [box.get_bytes(k) for k in box.iterkeys()]
+    box_path = box(root, f"{user}@store.example")
+    if not box_path.exists():
+        return []
+    box_ = mailbox.Maildir(box_path, create=False)
+    return [box_.get_bytes(k) for k in box_.iterkeys()]
 
 
 async def test_each_recipient_gets_its_own_verdict(tmp_path: Path) -> None:
     s = store(tmp_path, quota="1G")
-    ensure_maildir(tmp_path / "mail" / "bob")
-    (tmp_path / "mail" / "bob" / "maildirsize").write_bytes(b"1S\n5 1\n")  # bob: full
+    ensure_maildir(box(tmp_path, "bob@store.example"))
+    (box(tmp_path, "bob@store.example") / "maildirsize").write_bytes(b"1S\n5 1\n")  # full
     writer = s.new_message()
     for i in range(0, len(BODY), 7):
         writer.write(BODY[i : i + 7])
@@ -110,4 +118,4 @@ async def test_loop_and_missing_mailbox_are_per_recipient(tmp_path: Path) -> Non
     writer.write(b"Delivered-To: alice@store.example\r\n" + BODY)
     replies = await s.deliver(writer, envelope("alice@store.example", "bob@store.example"))
     assert [(r.code, r.enhanced) for r in replies] == [(554, "5.4.6"), (250, "2.0.0")]
-    assert not (tmp_path / "mail" / "alice").exists() or messages(tmp_path, "alice") == []
+    assert messages(tmp_path, "alice") == []
