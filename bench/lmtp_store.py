@@ -48,7 +48,7 @@ async def round_trip(hop: str, rcpt: str, count: int) -> float:
     start = time.perf_counter()
     for _ in range(count):
         result = await agent.deliver(request(hop, rcpt))
-        assert result[rcpt].code == 250, result[rcpt]
+        assert result.replies[rcpt].code == 250, result.replies[rcpt]
     return count / (time.perf_counter() - start)
 
 

@@ -62,11 +62,11 @@ async def test_per_recipient_results_from_dovecot(tmp_path: Path, how: str) -> N
             hop, "alice@store.example", "nobody-here@store.example", "bob@store.example",
             data=body("[list] weekly"),
         ))
-        codes = {k: (v.code, v.enhanced) for k, v in result.items()}
+        codes = {k: (v.code, v.enhanced) for k, v in result.replies.items()}
         assert codes["alice@store.example"][0] == 250
         assert codes["bob@store.example"][0] == 250
         assert codes["nobody-here@store.example"] == (550, "5.1.1")
-        assert result.relay.startswith("localhost[") or "127.0.0.1" in result.relay
+        assert result.relay_host.startswith("localhost[") or "127.0.0.1" in result.relay_host
         # Sieve filed alice's copy; bob has no script: his INBOX
         assert len(stored(store, "alice", "lists")) == 1
         assert stored(store, "alice") == []
@@ -80,12 +80,12 @@ async def test_quota_full_is_deferred_for_that_recipient_only(tmp_path: Path) ->
         agent = LmtpAgent("mx.example", timeouts=FAST)
         hop = f"unix:{store.lmtp_socket}"
         first = await agent.deliver(request(hop, "carol@store.example", data=body("big", 3500)))
-        assert first["carol@store.example"].code == 250
+        assert first.replies["carol@store.example"].code == 250
         result = await agent.deliver(request(
             hop, "alice@store.example", "carol@store.example", data=body("second", 1000)
         ))
-        assert result["alice@store.example"].code == 250
-        over = result["carol@store.example"]
+        assert result.replies["alice@store.example"].code == 250
+        over = result.replies["carol@store.example"]
         assert (over.code, over.enhanced) == (452, "4.2.2")  # quota_full_tempfail: deferred
         assert len(stored(store, "carol")) == 1
 
@@ -93,10 +93,10 @@ async def test_quota_full_is_deferred_for_that_recipient_only(tmp_path: Path) ->
 async def test_dovecot_down_is_temporary(tmp_path: Path) -> None:
     agent = LmtpAgent("mx.example", timeouts=FAST)
     result = await agent.deliver(request(f"unix:{tmp_path}/no-such.sock", "alice@x"))
-    assert result["alice@x"].code == 421 and not result["alice@x"].is_permanent
+    assert result.replies["alice@x"].code == 421 and not result.replies["alice@x"].is_permanent
     port = free_port()
     result = await agent.deliver(request(f"[127.0.0.1]:{port}", "alice@x", "bob@x"))
-    assert {r.code // 100 for r in result.values()} == {4}
+    assert {r.code // 100 for r in result.replies.values()} == {4}
 
 
 def test_targets_and_routes() -> None:

@@ -42,9 +42,9 @@ async def test_deliveries_count_until_full_then_defer(tmp_path: Path) -> None:
     codes = []
     for _ in range(4):
         result = await a.deliver(request(ALICE, "alice@a.example"))
-        codes.append(result["alice@a.example"].code)
+        codes.append(result.replies["alice@a.example"].code)
     assert codes == [250, 250, 452, 452]
-    full = (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"]
+    full = (await a.deliver(request(ALICE, "alice@a.example"))).replies["alice@a.example"]
     assert full.enhanced == "4.2.2" and "mailbox full" in full.text
     box = mailbox_path(mail, ALICE)
     stored = list_messages(box)
@@ -55,8 +55,8 @@ async def test_deliveries_count_until_full_then_defer(tmp_path: Path) -> None:
 
 async def test_message_count_limit(tmp_path: Path) -> None:
     a = agent(tmp_path, "messages=1")
-    assert (await a.deliver(request(BOB, "bob@a.example")))["bob@a.example"].code == 250
-    assert (await a.deliver(request(BOB, "bob@a.example")))["bob@a.example"].code == 452
+    assert (await a.deliver(request(BOB, "bob@a.example"))).replies["bob@a.example"].code == 250
+    assert (await a.deliver(request(BOB, "bob@a.example"))).replies["bob@a.example"].code == 452
 
 
 async def test_corrupt_maildirsize_is_recalculated_at_delivery(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ async def test_corrupt_maildirsize_is_recalculated_at_delivery(tmp_path: Path) -
     await a.deliver(request(ALICE, "alice@a.example"))
     box = mailbox_path(tmp_path, ALICE)
     (box / "maildirsize").write_bytes(b"\x00garbage\n-99999999 x\n")
-    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example"))).replies["alice@a.example"].code == 250
     assert quota.read(box, Limit(1024**2, 0)) == Usage(sum(m.size for m in list_messages(box)), 2)
 
 
@@ -75,7 +75,7 @@ async def test_wrongly_full_file_is_not_believed_when_it_has_several_lines(
     box = mailbox_path(tmp_path, ALICE)
     ensure_maildir(box)
     (box / "maildirsize").write_bytes(b"3000S\n2000 1\n2000 1\n")  # says 4000: over
-    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example"))).replies["alice@a.example"].code == 250
 
 
 async def test_plus_address_and_junk_folders(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ async def test_folders_count_towards_the_quota(tmp_path: Path) -> None:
     a = agent(tmp_path, "3000B")
     box = mailbox_path(tmp_path, ALICE)
     ensure_maildir(box / ".lists")
-    assert (await a.deliver(request(ALICE, "alice+lists@a.example")))[
+    assert (await a.deliver(request(ALICE, "alice+lists@a.example"))).replies[
         "alice+lists@a.example"].code == 250
-    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 250
-    assert (await a.deliver(request(ALICE, "alice@a.example")))["alice@a.example"].code == 452
+    assert (await a.deliver(request(ALICE, "alice@a.example"))).replies["alice@a.example"].code == 250
+    assert (await a.deliver(request(ALICE, "alice@a.example"))).replies["alice@a.example"].code == 452

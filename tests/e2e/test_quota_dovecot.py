@@ -47,7 +47,7 @@ async def test_dovecot_reads_our_maildirsize_and_we_read_its(tmp_path: Path) -> 
         codes = []
         for n in range(8):
             body = b"Subject: %d\r\n\r\n" % n + b"y" * 4000 + b"\r\n"
-            codes.append((await agent.deliver(request(body)))["alice@store.example"].code)
+            codes.append((await agent.deliver(request(body))).replies["alice@store.example"].code)
         assert codes == [250] * 5 + [452] * 3  # 5 x ~4 KB fit in 20 KB, the 6th does not
         box = store.maildir("alice")
         ours = quota.read(box, LIMIT)
@@ -86,7 +86,7 @@ async def test_dovecot_deletions_free_quota_for_us(tmp_path: Path) -> None:
             body = b"Subject: %d\r\n\r\n" % n + b"y" * 4000 + b"\r\n"
             await agent.deliver(request(body))
         box = store.maildir("alice")
-        assert (await agent.deliver(request(b"Subject: x\r\n\r\n" + b"z" * 4000)))[
+        assert (await agent.deliver(request(b"Subject: x\r\n\r\n" + b"z" * 4000))).replies[
             "alice@store.example"].code == 452
         store.give_to_mail_user(box)
         store.doveadm("expunge", "-u", "alice", "mailbox", "INBOX", "header", "Subject", "0")
@@ -94,5 +94,5 @@ async def test_dovecot_deletions_free_quota_for_us(tmp_path: Path) -> None:
         used = quota.read(box, LIMIT)
         assert used is not None and used.messages == 4  # Dovecot appended its delta
         assert used == quota.measure(box) == Usage(used.bytes, 4)
-        assert (await agent.deliver(request(b"Subject: x\r\n\r\n" + b"z" * 4000)))[
+        assert (await agent.deliver(request(b"Subject: x\r\n\r\n" + b"z" * 4000))).replies[
             "alice@store.example"].code == 250
