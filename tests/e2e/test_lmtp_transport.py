@@ -105,11 +105,11 @@ def test_dovecot_down_deferred_retried_delivered_once(
         server = mail_server(settings=settings(store, "unix"))
         store.stop()
         qid = submit(server.smtp_port, ["alice@store.example"], "while down")
-        wait_attempt(server, qid, "alice@store.example", "deferred", timeout=15)
+        wait_attempt(server, qid, "alice@store.example", "deferred", timeout=30)
         assert stored(store, "alice") == []
         store.start()
-        wait_attempt(server, qid, "alice@store.example", "sent", timeout=30)
-        server.wait_for_log(rf"{qid}: removed", timeout=15)
+        wait_attempt(server, qid, "alice@store.example", "sent", timeout=60)
+        server.wait_for_log(rf"{qid}: removed", timeout=30)
         [copy] = stored(store, "alice")
         assert b"Subject: while down" in copy
         assert sum(1 for ln in server.log_lines()

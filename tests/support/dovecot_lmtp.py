@@ -158,9 +158,11 @@ class DovecotStore:
 
     def start(self) -> DovecotStore:
         # the daemon inherits stdout/stderr: pipes would never see EOF
-        subprocess.run([str(DOVECOT), "-c", str(self.conf)], check=True, timeout=START_TIMEOUT,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        done = subprocess.run([str(DOVECOT), "-c", str(self.conf)], timeout=START_TIMEOUT,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"dovecot -c {self.conf} exited {done.returncode}: {self.log()}")
         deadline = time.monotonic() + START_TIMEOUT
         pidfile = self.dir / "run" / "master.pid"
         while time.monotonic() < deadline:
