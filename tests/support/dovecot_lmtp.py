@@ -47,7 +47,7 @@ DOVEADM = Path("/usr/bin/doveadm")
 SIEVE_PLUGIN = Path("/usr/lib/dovecot/modules/lib90_sieve_plugin.so")
 LMTP_BINARY = Path("/usr/lib/dovecot/lmtp")
 MAIL_USER = "nobody"
-START_TIMEOUT = 15.0
+START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 POLL = 0.05
 
@@ -166,12 +166,16 @@ class DovecotStore:
         deadline = time.monotonic() + START_TIMEOUT
         pidfile = self.dir / "run" / "master.pid"
         while time.monotonic() < deadline:
-            if pidfile.exists() and port_accepts("127.0.0.1", self.lmtp_port) and \
+            if self.pid is None and pidfile.exists():
+                with contextlib.suppress(ValueError, IndexError, OSError):
+                    self.pid = int(pidfile.read_text().split()[0])  # known early: stoppable
+            if self.pid is not None and port_accepts("127.0.0.1", self.lmtp_port) and \
                     self.lmtp_socket.exists():
-                self.pid = int(pidfile.read_text().split()[0])
                 return self
             time.sleep(POLL)
-        raise RuntimeError(f"dovecot did not start: {self.log()}")
+        log = self.log()
+        self.stop()  # never leave a half-started master behind
+        raise RuntimeError(f"dovecot did not start within {START_TIMEOUT}s: {log}")
 
     def stop(self) -> None:
         if self.pid is None:
