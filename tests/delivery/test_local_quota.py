@@ -16,7 +16,7 @@ from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.routing.route import Route
 
 #: The mailbox routing names for alice@a.example (and its path: `mailbox_path`).
-ALICE, BOB = "alice", "bob"
+ALICE, BOB = "alice@a.example", "bob@a.example"
 BODY = b"Subject: test\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
 

@@ -36,7 +36,7 @@ def request(body: bytes) -> DeliveryRequest:
     def open_message() -> BinaryIO:
         return io.BytesIO(body)
 
-    return DeliveryRequest("4QID", env, ("alice@store.example",), Route("local", "alice"),
+    return DeliveryRequest("4QID", env, ("alice@store.example",), Route("local", "alice@store.example"),
                            open_message, len(body))
 
 
@@ -53,7 +53,7 @@ async def test_dovecot_reads_our_maildirsize_and_we_read_its(tmp_path: Path) -> 
         ours = quota.read(box, LIMIT)
         assert ours is not None and ours.messages == 5
         assert (box / "maildirsize").read_text().splitlines()[0] == "20480S"
-        store.give_to_mail_user(box)
+        store.give_to_mail_user(store.mail)
         # Dovecot reports kilobytes, rounded up
         assert store.quota("alice") == (kib(ours.bytes), 5)
         # Dovecot's own recalculation comes to the same numbers we read
@@ -73,7 +73,7 @@ async def test_corrupt_file_recalculated_to_what_dovecot_counts(tmp_path: Path) 
         truth = quota.usage(box, LIMIT)  # we recalculate
         assert truth.messages == 3
         (box / "maildirsize").write_bytes(b"20480S\n999999 x\n")
-        store.give_to_mail_user(box)
+        store.give_to_mail_user(store.mail)
         assert store.quota("alice") == (kib(truth.bytes), 3)  # Dovecot too
         assert quota.read(box, LIMIT) == truth  # and the file it rewrote reads the same
 
@@ -88,7 +88,7 @@ async def test_dovecot_deletions_free_quota_for_us(tmp_path: Path) -> None:
         box = store.maildir("alice")
         assert (await agent.deliver(request(b"Subject: x\r\n\r\n" + b"z" * 4000))).replies[
             "alice@store.example"].code == 452
-        store.give_to_mail_user(box)
+        store.give_to_mail_user(store.mail)
         store.doveadm("expunge", "-u", "alice", "mailbox", "INBOX", "header", "Subject", "0")
         shutil.chown(box / "maildirsize", "root", "root")
         used = quota.read(box, LIMIT)

@@ -22,7 +22,7 @@ BODY = b"From: s@remote.example\r\nSubject: over lmtp\r\n\r\nhello\r\n"
 def router() -> Router:
     return Router(
         local_domains=["store.example"],
-        mailboxes=lambda: {"alice", "bob", "carol"},
+        mailboxes=lambda: {"alice@store.example", "bob@store.example", "carol@store.example"},
         aliases={"team": ["alice", "bob"], "away": ["someone@remote.example"]},
         transport_map={"dovecot.example": "lmtp:unix:/nowhere"},
     )
@@ -32,7 +32,7 @@ def store(root: Path, quota: str = "") -> LmtpStore:
     rules = QuotaRules.parse(quota, {}, {"bob": "1B"} if quota else {})
     agent = LocalAgent(root / "mail", "mx.example", quotas=lambda: rules)
     return LmtpStore(router, agent, hostname="mx.example", spool_dir=root / "tmp",
-                     mailboxes=lambda: {"alice", "bob", "carol"})
+                     mailboxes=lambda: {"alice@store.example", "bob@store.example", "carol@store.example"})
 
 
 def envelope(*rcpts: str) -> Envelope:

@@ -6,7 +6,7 @@ directory: base_dir (sockets, master.pid), state_dir, the log, the Maildirs and 
 
 - LMTP on `127.0.0.1:<lmtp_port>` (a free port) and on the unix socket `lmtp_socket`;
 - the users are `users` (a passwd-file userdb; LMTP does not log in, so no passwords; anyone
-  else gets 550 5.1.1 at RCPT), each with a Maildir at `<mail>/<user>/` (or `mail_location`),
+  else gets 550 5.1.1 at RCPT), each with a Maildir at `<mail>/<domain>/<user>/` (mailhaven's layout),
   owned by `nobody` (Dovecot refuses to act as root);
 - the `quota` plugin in Maildir++ mode (`quota = maildir`) with `quota_rule` when given, and
   Pigeonhole Sieve for LMTP: `sieve_scripts = {"alice": "require ...;"}` makes alice's active
@@ -128,6 +128,7 @@ class DovecotStore:
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-dovecot-"))
         os.chmod(self.dir, 0o755)
         self.mail = self.dir / "mail"
+        self.domain = hostname
         self.lmtp_port = free_port()
         self.lmtp_socket = self.dir / "lmtp.sock"
         self.log_path = self.dir / "dovecot.log"
@@ -143,18 +144,19 @@ class DovecotStore:
         for path in (self.dir / "sieve", *(self.dir / "sieve").iterdir()):
             os.chown(path, self.uid, self.gid)
         (self.dir / "users").write_text("".join(
-            f"{u}::{self.uid}:{self.gid}::{self.mail}/{u}::\n" for u in users
+            f"{u}::{self.uid}:{self.gid}::{self.maildir(u)}::\n" for u in users
         ))
         rule = f"  quota_rule = *:storage={quota_rule}\n" if quota_rule else ""
         self.conf.write_text(CONF.format(
             base=self.dir, port=self.lmtp_port, uid=self.uid, gid=self.gid,
-            mail_location=mail_location or f"maildir:{self.mail}/%n", quota_rule=rule, submission_host=submission_host,
+            mail_location=mail_location or "maildir:~", quota_rule=rule, submission_host=submission_host,
             hostname=hostname,
         ))
         self.pid: int | None = None
 
     def maildir(self, user: str) -> Path:
-        return self.mail / user
+        """mailhaven's layout, `<mail>/<domain>/<user>/` (the user's home, Dovecot's `~`)."""
+        return self.mail / self.domain / user
 
     def start(self) -> DovecotStore:
         # the daemon inherits stdout/stderr: pipes would never see EOF

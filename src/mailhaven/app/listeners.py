@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mailhaven.app.live import Live
-from mailhaven.app.settings import server_settings
+from mailhaven.app.settings import mail_owner, server_settings
 from mailhaven.checks.mailbox_full import MailboxFull
 from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
@@ -188,7 +188,7 @@ class Profiles:
             config, live = self.live.config, self.live
             agent = LocalAgent(
                 config.mail_root, config.hostname, users=live.mailboxes,
-                quotas=live.quotas, folder_rules=live.folders,
+                quotas=live.quotas, folder_rules=live.folders, owner=mail_owner(config),
             )
             store = LmtpStore(
                 lambda: live.router, agent, hostname=config.hostname,
