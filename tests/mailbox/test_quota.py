@@ -175,3 +175,16 @@ def test_over_quota_is_believed_only_when_fresh_and_short(box: Path) -> None:
 def test_missing_maildir_reads_as_unknown(tmp_path: Path) -> None:
     assert quota.read(tmp_path / "nobody", Limit(1, 0)) is None
     assert quota.measure(tmp_path / "nobody") == Usage(0, 0)
+
+
+def test_recalculated_file_and_junk_folder_get_the_mail_owners_modes(box: Path) -> None:
+    from mailhaven.mailbox import folders
+    from mailhaven.mailbox.owner import MailOwner
+
+    owner = MailOwner(file_mode=0o660, dir_mode=0o770)
+    quota.recalculate(box, Limit(1000, 0), owner)
+    assert (box / "maildirsize").stat().st_mode & 0o777 == 0o660
+    folders.prepare_folder(box, box / ".Junk", owner)
+    assert (box / ".Junk").stat().st_mode & 0o777 == 0o770
+    assert (box / ".Junk" / "maildirfolder").stat().st_mode & 0o777 == 0o660
+    assert (box / "subscriptions").stat().st_mode & 0o777 == 0o660
