@@ -9,4 +9,8 @@ The abuse defences (docs/filtering.md): `gate` is the facade a session asks at c
 FROM and RCPT TO, and `services` builds it from the configuration; behind it `access_lists`,
 `client_checks`, `dnsbl` (scores) with `dnsbl_lookup` (parallel, cached, bounded lookups),
 `greylist` (RFC 6647 decisions) with `greylist_store` (SQLite), and `sender_limits`.
+
+Mail authentication: `spf`, `dkim_verify`, `dmarc`, `arc_verify` each answer one question with a
+value, `authresults` writes the RFC 8601 header, and `inbound` runs them for one message from an
+untrusted client and turns the results into accept / quarantine / 451 / 550.
 """

@@ -1,4 +1,5 @@
-"""DNS for outbound mail: MX lookup (RFC 5321 §5.1), null MX (RFC 7505), A/AAAA; over dnspython.
+"""DNS for mail: MX lookup (RFC 5321 §5.1), null MX (RFC 7505), A/AAAA; cached lookups of any
+type for the mail-authentication checks (`Resolver.lookup`); over dnspython.
 
 In: a destination domain (or a domain literal). Out: values, never exceptions, because every
 outcome is expected: `MXHosts` (sorted by preference, equal preferences shuffled, RFC 5321
@@ -14,6 +15,12 @@ system configuration (and no real DNS) is ever read: that is how the tests run.
 SECURITY: names come from envelope recipients, i.e. from anyone who can send us mail; dnspython
 validates labels and IDNA, and every lookup is bounded by `timeout` (the resolver's lifetime).
 Answers are not DNSSEC-validated (DANE is out of scope here).
+
+`lookup(name, rdtype)` serves SPF, DKIM, DMARC and ARC: its answer is a value (`Records`,
+`NoRecords` with NXDOMAIN told apart from NODATA, as RFC 7208 §4.6.4 void lookups need, or
+`DNSError`, always temporary), kept in a `TTLCache` for its TTL (negative answers for the SOA's
+negative TTL, RFC 2308 §5), and concurrent identical questions share one query, so a burst of
+mail from one domain costs one lookup. Failures are never cached.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import asyncio
 import functools
 import ipaddress
 import random
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,9 +40,12 @@ import dns.name
 import dns.nameserver
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.PTR
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TXT
 import dns.resolver
 import dns.reversename
 
+from mailhaven.net.dns_cache import DEFAULT_MAX_ENTRIES, TTLCache
 from mailhaven.proto.replies import Reply
 
 #: RFC 5321 §5.1 orders MX hosts; past a handful nobody answers anyway (Postfix: 5 addresses).
@@ -44,6 +55,9 @@ MAX_MX_RECORDS = 20
 #: EDNS0 payload (DNS flag day 2020): larger answers come over TCP instead of fragmenting.
 EDNS_PAYLOAD = 1232
 IPFamilies = Literal["all", "ipv4", "ipv6"]
+#: How long a negative answer without an SOA (so without a negative TTL, RFC 2308 §5) is kept:
+#: short, but long enough that a burst of mail does not ask again for every message.
+NEGATIVE_TTL_WITHOUT_SOA = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,35 @@ class PTRNames:
 
 
 MXResult = MXHosts | NullMX | LookupFailed
+
+
+@dataclass(frozen=True, slots=True)
+class Records:
+    """A positive answer. `values` in text: A/AAAA addresses, PTR/CNAME/NS names (lower case, no
+    final dot), MX exchange names by preference, TXT each record's strings joined without
+    separator (RFC 7208 §3.3, RFC 6376 §3.6.2.2) and decoded as Latin-1 (lossless)."""
+
+    values: tuple[str, ...]
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoRecords:
+    """No such record: `nxdomain` (the name does not exist) or NODATA (it does, without this
+    type). A name that is not a valid domain name counts as NXDOMAIN."""
+
+    nxdomain: bool
+    ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DNSError:
+    """No answer: timeout, SERVFAIL or REFUSED from every server. Always temporary."""
+
+    reason: str
+
+
+DNSAnswer = Records | NoRecords | DNSError
 
 
 def _failure(name: str, rdtype: str, why: str, *, permanent: bool) -> LookupFailed:
@@ -184,6 +227,7 @@ class Resolver:
         *,
         families: IPFamilies = "all",
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if nameservers is None:
             self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
@@ -197,6 +241,10 @@ class Resolver:
         self._resolver.timeout = min(timeout, 2.0)  # per try, so a lost UDP packet is retried
         self.families = families
         self._rng = rng or random.SystemRandom()
+        self.cache: TTLCache[tuple[str, str], Records | NoRecords] = TTLCache(
+            DEFAULT_MAX_ENTRIES, clock=clock
+        )
+        self._in_flight: dict[tuple[str, str], asyncio.Future[DNSAnswer]] = {}
 
     async def resolve_mx(self, domain: str) -> MXResult:
         """MX hosts for `domain`, a null MX, or why there are none (RFC 5321 §5.1, RFC 7505)."""
@@ -287,3 +335,79 @@ class Resolver:
             return LookupFailed(Reply(550, text, "5.4.4"))
         except dns.exception.DNSException:
             return _failure(name, rdtype, "resolver error", permanent=False)
+
+    # ------------------------------------------------------------------ cached lookups
+
+    async def lookup(self, name: str, rdtype: str) -> DNSAnswer:
+        """The `rdtype` records of `name`, from the cache while their TTL lasts. Concurrent
+        calls for the same question wait for one query; a failure reaches all of them and is
+        not kept."""
+        key = (name.lower().rstrip("."), rdtype.upper())
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        pending = self._in_flight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[DNSAnswer] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            answer = await self._lookup_uncached(*key)
+        except BaseException as exc:  # cancelled: the waiters must not hang
+            future.set_result(DNSError(f"lookup abandoned: {type(exc).__name__}"))
+            raise
+        finally:
+            del self._in_flight[key]
+        if not future.done():
+            future.set_result(answer)
+        if isinstance(answer, Records | NoRecords):
+            self.cache.put(key, answer, answer.ttl)
+        return answer
+
+    async def _lookup_uncached(self, name: str, rdtype: str) -> DNSAnswer:
+        try:
+            qname = dns.name.from_text(name)
+            answer = await self._resolver.resolve(qname, rdtype, search=False)
+        except dns.resolver.NoAnswer as exc:
+            return NoRecords(False, _negative_ttl(exc.kwargs.get("response")))
+        except dns.resolver.NXDOMAIN as exc:
+            responses = list(exc.kwargs.get("responses", {}).values())
+            return NoRecords(True, _negative_ttl(responses[0] if responses else None))
+        except dns.exception.Timeout:
+            return DNSError("timeout")
+        except dns.resolver.NoNameservers:
+            return DNSError("server failure")
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel,
+                dns.name.BadEscape, dns.name.IDNAException, dns.exception.SyntaxError,
+                UnicodeError):  # fmt: skip
+            return NoRecords(True, 0)  # not a domain name: nothing can be cached for it
+        except dns.exception.DNSException as exc:
+            return DNSError(f"resolver error: {type(exc).__name__}")
+        ttl = answer.rrset.ttl if answer.rrset is not None else 0
+        return Records(_texts(answer), ttl)
+
+
+def _texts(answer: dns.resolver.Answer) -> tuple[str, ...]:
+    """The answer's records as `Records.values` (see there)."""
+    out: list[tuple[int, str]] = []
+    for r in answer:
+        if isinstance(r, dns.rdtypes.ANY.TXT.TXT):
+            out.append((0, b"".join(r.strings).decode("latin-1")))
+        elif isinstance(r, dns.rdtypes.ANY.MX.MX):
+            out.append((r.preference, r.exchange.to_text(omit_final_dot=True).lower()))
+        elif hasattr(r, "target"):  # PTR, CNAME, NS
+            out.append((0, r.target.to_text(omit_final_dot=True).lower()))
+        else:
+            out.append((0, r.to_text()))
+    out.sort(key=lambda item: item[0])  # stable: only MX reorders
+    return tuple(text for _, text in out)
+
+
+def _negative_ttl(response: object) -> int:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM); without an SOA, briefly."""
+    authority = getattr(response, "authority", None) or []
+    for rrset in authority:
+        for r in rrset:
+            if isinstance(r, dns.rdtypes.ANY.SOA.SOA):
+                return int(min(rrset.ttl, r.minimum))
+    return NEGATIVE_TTL_WITHOUT_SOA
