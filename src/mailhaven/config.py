@@ -340,6 +340,40 @@ def _validate_checks(checks: Checks) -> None:
         raise ConfigError("checks.greylist: max_entries and allow_lifetime must be positive")
     if checks.sender_limits.window <= 0:
         raise ConfigError("checks.sender_limits.window: must be positive")
+# ---- [inbound_auth]: SPF/DKIM/DMARC/ARC checks on the MX port (checks.inbound) --------------
+#: What `temperror` may say: accept the message (with temperror in its header) or defer it.
+TEMPERROR_ACTIONS = ("accept", "defer")
+
+
+@dataclass(frozen=True)
+class InboundAuthDomain:
+    """Per-recipient-domain overrides of `[inbound_auth]`; a key left out keeps the global."""
+
+    checks: bool | None = None
+    dmarc_reject: bool | None = None
+    spf_reject: bool | None = None
+    temperror: str = ""
+    quarantine_header: str | None = None
+
+
+@dataclass(frozen=True)
+class InboundAuth:
+    """Mail authentication of messages from untrusted clients on the MX port
+    (docs/mail-authentication.md). Trusted networks and authenticated clients are not checked."""
+
+    #: Run SPF, DKIM, DMARC and ARC and add `Authentication-Results:`.
+    checks: bool = True
+    #: DMARC p=reject failure -> 550 5.7.1 at end of DATA (off: delivered as quarantined).
+    dmarc_reject: bool = True
+    #: An SPF fail alone -> 550 5.7.23 (off by default: DMARC decides).
+    spf_reject: bool = False
+    #: A DNS failure that could change the decision: "accept" or "defer" (451 4.7.5).
+    temperror: str = "accept"
+    #: Added to DMARC p=quarantine failures ("Name: value"; empty: none).
+    quarantine_header: str = "X-Mailhaven-Quarantine: dmarc"
+    #: Larger messages get no DKIM/ARC verification (and no DMARC refusal).
+    max_verify_size: int = 10 * 2**20
+    domains: dict[str, InboundAuthDomain] = field(default_factory=dict)
 
 
 # --- outbound mail authentication (mailhaven.signing, mailhaven.srs) -------------------------
@@ -534,6 +568,7 @@ class Config:
     mailbox: Mailbox = field(default_factory=Mailbox)
     quota: Quota = field(default_factory=Quota)
     folders: Folders = field(default_factory=Folders)
+    inbound_auth: InboundAuth = field(default_factory=InboundAuth)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
 
@@ -729,6 +764,7 @@ def validate(config: Config) -> Config:
     _validate_outbound(config)
     _check_mailbox(config)
     _check_mailboxes(config)
+    _check_inbound_auth(config.inbound_auth)
     if config.group and not config.user:
         raise ConfigError("group: only with user")
     if config.user:
@@ -762,6 +798,25 @@ def _check_numbers(config: Config) -> None:
         raise ConfigError("queue.maximal_backoff: must not be less than minimal_backoff")
     if not 1 <= config.relay.port <= MAX_PORT:
         raise ConfigError(f"relay.port: between 1 and {MAX_PORT}, got {config.relay.port}")
+
+
+def _check_inbound_auth(auth: InboundAuth) -> None:
+    """`[inbound_auth]` and its per-domain tables (their optional keys are typed here)."""
+    tables = [("inbound_auth", auth)] + [
+        (f'inbound_auth.domains."{name}"', d) for name, d in auth.domains.items()
+    ]
+    for where, table in tables:
+        for key in ("checks", "dmarc_reject", "spf_reject"):
+            value = getattr(table, key)
+            if value is not None and not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+        if table.temperror not in (*TEMPERROR_ACTIONS, *(("",) if table is not auth else ())):
+            raise ConfigError(f'{where}.temperror: "accept" or "defer", got {table.temperror!r}')
+        header = table.quarantine_header
+        if header is not None and not isinstance(header, str):
+            raise ConfigError(f"{where}.quarantine_header: expected a string")
+        if header and not re.fullmatch(r"[!-9;-~]+:[ \t]*[ -~]*", header):
+            raise ConfigError(f'{where}.quarantine_header: expected "Name: value", got {header!r}')
 
 
 def _check_table(table: Any, prefix: str) -> None:

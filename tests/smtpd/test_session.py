@@ -53,7 +53,9 @@ class MemorySink:
         self.count += 1
         return MemoryWriter(f"Q{self.count}")
 
-    async def accept(self, writer: Writer, envelope: Envelope, tls: str | None) -> Reply:
+    async def accept(
+        self, writer: Writer, envelope: Envelope, tls: str | None, added: bytes = b""
+    ) -> Reply:
         assert isinstance(writer, MemoryWriter)
         self.messages.append((envelope, bytes(writer.data), tls))
         return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")

@@ -48,6 +48,7 @@ from mailhaven.app.listeners import (
     load_tls,
 )
 from mailhaven.app.live import Live, parked_domains
+from mailhaven.app.mail_auth import inbound_gate
 from mailhaven.app.reload import PreparedReload, prepare_reload
 from mailhaven.app.settings import backoff_policy, build_router, mail_owner, plan_limits
 from mailhaven.checks.auth_failures import AuthLimiter
@@ -154,6 +155,10 @@ class App:
 
         self.engine = build_engine(
             self.live, self.spool, release_elsewhere=elsewhere if daemon_with_workers else None
+        )
+        engine = self.engine
+        self.profiles.inbound = lambda: inbound_gate(
+            self.live.config, engine.relay_agent.resolver, self.spool
         )
         return self.engine
 

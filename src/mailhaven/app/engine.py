@@ -56,9 +56,11 @@ class SpoolSink:
     def new_message(self) -> Writer:
         return self.spool.new_message()
 
-    async def accept(self, writer: Writer, envelope: Envelope, tls: str | None) -> Reply:
+    async def accept(
+        self, writer: Writer, envelope: Envelope, tls: str | None, added: bytes = b""
+    ) -> Reply:
         assert isinstance(writer, MessageWriter)
-        outcome = await self.intake.submit(writer, envelope, tls=tls)
+        outcome = await self.intake.submit(writer, envelope, tls=tls, added=added)
         return outcome.reply
 
 

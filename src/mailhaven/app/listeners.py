@@ -27,6 +27,7 @@ from mailhaven.net import acme, selfsigned
 from mailhaven.net.tls import ReloadableTLS
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.auth import SMTPAuthenticator
+from mailhaven.smtpd.inbound_gate import InboundGate
 from mailhaven.smtpd.lmtp import LmtpStore, lmtp_policy
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.session import ListenerProfile
@@ -149,6 +150,8 @@ class Profiles:
         self._etrn = etrn
         self._mx: ListenerProfile | None = None
         self._lmtp: ListenerProfile | None = None
+        #: the MX port's mail authentication (set once the engine exists: `app.mail_auth`)
+        self.inbound: Callable[[], InboundGate | None] = lambda: None
 
     def forget(self) -> None:
         self._mx = None
@@ -172,6 +175,7 @@ class Profiles:
                 etrn=self._etrn,
                 gate=self.checks.gate(screen=True) if self.checks else None,
                 milters=milter_settings(config, "smtp"),
+                inbound=self.inbound(),
             )
         return self._mx
 

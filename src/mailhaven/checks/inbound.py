@@ -190,8 +190,9 @@ class InboundChecks:
                 if not verify:
                     signatures = [DKIMResult("policy", reason="message too large to verify")]
                 outcomes = [
-                    await dmarc.evaluate(d, mail_spf, signatures, self.lookup, self.orgs,
-                                         rng=self.rng)  # fmt: skip
+                    await dmarc.evaluate(
+                        d, mail_spf, signatures, self.lookup, self.orgs, rng=self.rng
+                    )
                     for d in domains
                 ]
         except TimeoutError:

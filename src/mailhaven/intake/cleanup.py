@@ -273,14 +273,16 @@ class Intake:
         self._clock = clock
 
     async def submit(
-        self, writer: MessageWriter, envelope: Envelope, *, tls: str | None = None
+        self, writer: MessageWriter, envelope: Envelope, *, tls: str | None = None,
+        added: bytes = b"",
     ) -> Outcome:
         """Queue the message or refuse it. A refused or failed message's writer is aborted.
 
         `tls` is a summary for the trace header, e.g. "using TLSv1.3 with cipher X (256/256
         bits)". A full disk (the body's file or the database) is refused with `452 4.3.1`
         and one log line. Unexpected exceptions (expand failure) propagate: the session
-        answers 451 4.3.0 and the client retries.
+        answers 451 4.3.0 and the client retries. `added`: header fields that go right under
+        our `Received:` (the receive role's `Authentication-Results:`, CRLF-terminated).
         """
         qid = writer.queue_id
         try:
@@ -303,7 +305,7 @@ class Intake:
             now = self._clock()
             header = received_header(
                 envelope, queue_id=qid, hostname=self._hostname, now=now, tls=tls
-            )
+            ) + added
             if envelope.auth_user is not None or envelope.protocol == "local":
                 header += missing_headers(facts, queue_id=qid, hostname=self._hostname, now=now)
             if needs_separator(head):

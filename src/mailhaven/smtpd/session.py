@@ -40,6 +40,7 @@ from mailhaven.proto.milter import Stage
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerConnection, ServerSettings, State, Wait
 from mailhaven.smtpd import milters as mlt
+from mailhaven.smtpd.inbound_gate import InboundGate, StoredWriter
 from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
 
 if TYPE_CHECKING:
@@ -73,7 +74,9 @@ class MessageSink(Protocol):
 
     def new_message(self) -> Writer: ...
 
-    async def accept(self, writer: Writer, envelope: Envelope, tls: str | None) -> Reply: ...
+    async def accept(
+        self, writer: Writer, envelope: Envelope, tls: str | None, added: bytes = b""
+    ) -> Reply: ...
 
 
 class Authenticator(Protocol):
@@ -103,6 +106,8 @@ class ListenerProfile:
     #: LMTP listener (`settings.lmtp`): the store that delivers each message at once and answers
     #: per recipient (`smtpd.lmtp`), instead of the queue
     store: LocalStore | None = None
+    #: mail authentication at end of DATA (the MX port: `smtpd.inbound_gate`)
+    inbound: InboundGate | None = None
 
 
 class LocalStore(Protocol):
@@ -626,6 +631,15 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.writer = None
         if writer is None:
             writer = self.service.sink.new_message()
+        added = b""
+        if self.profile.inbound is not None:  # SPF/DKIM/DMARC/ARC: may refuse the message
+            gate = await self.profile.inbound.run(
+                self.facts, self._envelope(), cast(StoredWriter, writer), self.label
+            )
+            if gate.reply is not None:
+                self.conn.respond(gate.reply)
+                return
+            writer, added = gate.writer, gate.header
         try:
             envelope = self._envelope()
             if self.milters is not None:
@@ -636,7 +650,7 @@ class SMTPSession(asyncio.BufferedProtocol):
                         self.close_with(milter)
                     return
                 writer, envelope = milter
-            reply = await self.service.sink.accept(writer, envelope, self.facts.tls)
+            reply = await self.service.sink.accept(writer, envelope, self.facts.tls, added)
         except Exception:
             log.exception("%s: cannot queue message from %s", writer.queue_id, self.label)
             writer.abort()
