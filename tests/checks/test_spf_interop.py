@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tests.support.dns_server import DNSServer
 
 from mailhaven.checks import spf
 from mailhaven.net.dns import Resolver
-from tests.support.dns_server import DNSServer
 
 #: Mail::SPF with its resolver pointed at our server (it would read /etc/resolv.conf).
 PERL = r"""
@@ -40,7 +40,7 @@ ZONE = {
     "syntax.test": {"TXT": ["v=spf1 ip4:192.0.2.300 -all"]},
     "loop.test": {"TXT": ["v=spf1 include:loop.test -all"]},
     "many.test": {"TXT": ["v=spf1 " + " ".join(f"include:n{i}.many.test" for i in range(11))
-                          + " -all"]},  # fmt: skip
+                          + " -all"]},
     **{f"n{i}.many.test": {"TXT": ["v=spf1 -all"]} for i in range(11)},
     "void.test": {"TXT": ["v=spf1 a:x1.void.test a:x2.void.test a:x3.void.test +all"]},
     "twovoid.test": {"TXT": ["v=spf1 a:x1.void.test a:x2.void.test +all"]},

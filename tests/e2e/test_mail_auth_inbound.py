@@ -1,0 +1,125 @@
+"""Inbound mail authentication end to end: a real `mailhaven serve`, real clients (swaks,
+smtplib) from an untrusted loopback address, and every DNS answer from the tests' own server.
+
+- a forged From: of a `p=reject` domain gets `550 5.7.1` at end of DATA, and nothing is stored;
+- a message DKIM-signed by its domain, from an address its SPF record allows, is delivered with
+  `spf=pass`, `dkim=pass` and `dmarc=pass` in our `Authentication-Results:` field, and a forged
+  field claiming our authserv-id is gone;
+- the log line `<qid>: auth: ...` tells the results.
+"""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import subprocess
+from collections.abc import Iterator
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from tests.e2e.conftest import ServerFactory
+from tests.support.dns_server import DNSServer
+from tests.support.server import MailServer
+
+pytestmark = pytest.mark.e2e
+
+HOSTNAME = "mx.test"
+
+
+@pytest.fixture(scope="module")
+def key() -> tuple[bytes, str]:
+    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                          serialization.NoEncryption())  # fmt: skip
+    der = k.public_key().public_bytes(serialization.Encoding.DER,
+                                      serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+@pytest.fixture
+def dns(key: tuple[bytes, str]) -> Iterator[DNSServer]:
+    _, record = key
+    zone = {
+        "bank.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]},
+        "_dmarc.bank.test": {"TXT": ["v=DMARC1; p=reject; rua=mailto:dmarc@bank.test"]},
+        "sel._domainkey.bank.test": {"TXT": [record]},
+        "attacker.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]},
+    }
+    with DNSServer(zone) as server:
+        yield server
+
+
+@pytest.fixture
+def server(mail_server: ServerFactory, dns: DNSServer) -> MailServer:
+    return mail_server(settings={
+        "hostname": HOSTNAME,
+        "local_domains": ["mx.test"],
+        "local_users": ["postmaster", "alice"],
+        "trusted_networks": [],  # 127.0.0.1 is a stranger here: its mail is checked
+        "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
+    })  # fmt: skip
+
+
+def message(sender: str, mark: str) -> bytes:
+    return (f"From: The Boss <{sender}>\r\nTo: alice@mx.test\r\nSubject: {mark}\r\n"
+            f"Message-ID: <{mark}@bank.test>\r\n\r\nPlease pay invoice {mark}.\r\n").encode()  # fmt: skip
+
+
+def test_a_forged_from_of_a_reject_domain_gets_550(server: MailServer, swaks: str) -> None:
+    done = subprocess.run(
+        [swaks, "--server", f"{server.host}:{server.smtp_port}", "--helo", "evil.attacker.test",
+         "--from", "crook@attacker.test", "--to", "alice@mx.test",
+         "--header", "From: The Boss <boss@bank.test>", "--header", "Subject: forged-1",
+         "--body", "Please pay.", "--timeout", "30"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "550 5.7.1" in done.stdout
+    assert "DMARC" in done.stdout
+    assert server.messages("alice") == []
+    server.wait_for_log("milter-reject: END-OF-MESSAGE")
+    log = server.log()
+    assert "dmarc=fail(p=reject,dis=reject)" in log and "header.from=bank.test" in log
+
+
+def test_a_signed_message_is_delivered_with_pass_results(
+    server: MailServer, key: tuple[bytes, str]
+) -> None:
+    pem, _ = key
+    forged = f"Authentication-Results: {HOSTNAME}; dkim=pass header.d=paypal.test\r\n".encode()
+    body = message("boss@bank.test", "good-1")
+    signed = bytes(dkim.sign(body, b"sel", b"bank.test", pem)) + body
+    with smtplib.SMTP(server.host, server.smtp_port, local_hostname="mail.bank.test",
+                      timeout=30) as client:  # fmt: skip
+        client.sendmail("boss@bank.test", ["alice@mx.test"], forged + signed)
+    data = server.wait_for_mark("alice", "good-1")
+    head = data.split(b"\n\n")[0].split(b"\r\n\r\n")[0].decode()
+    unfolded = head.replace("\r\n\t", " ").replace("\n\t", " ")
+    ours = [line for line in unfolded.splitlines() if line.startswith("Authentication-Results:")]
+    assert len(ours) == 1, ours
+    for part in ("Authentication-Results: mx.test;", "spf=pass", "dkim=pass",
+                 "header.d=bank.test", "dmarc=pass", "header.from=bank.test"):  # fmt: skip
+        assert part in ours[0]
+    assert "paypal.test" not in head
+    # the message as signed is intact: what follows our fields still verifies
+    assert b"Please pay invoice good-1" in data
+    server.wait_for_log(": auth: spf=pass")
+    log = server.log()
+    assert "dkim=pass(bank.test)" in log and "dmarc=pass" in log
+
+
+def test_a_trusted_client_is_not_checked(
+    mail_server: ServerFactory, dns: DNSServer
+) -> None:
+    trusting = mail_server(settings={
+        "hostname": HOSTNAME, "local_domains": ["mx.test"],
+        "local_users": ["postmaster", "alice"], "trusted_networks": ["127.0.0.0/8"],
+        "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
+    })  # fmt: skip
+    with smtplib.SMTP(trusting.host, trusting.smtp_port, timeout=30) as client:
+        client.sendmail("crook@attacker.test", ["alice@mx.test"],
+                        message("boss@bank.test", "trusted-1"))  # fmt: skip
+    data = trusting.wait_for_mark("alice", "trusted-1")
+    assert b"Authentication-Results" not in data
