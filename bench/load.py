@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import common
@@ -24,9 +24,13 @@ SENDER = "sender@bench.test"
 
 
 def source_argv(port: int, *, size: int, sessions: int, count: int,
-                rcpt: str = "rcpt@bench.test") -> list[str]:
+                rcpt: str = "rcpt@bench.test", sender: str = SENDER,
+                extra: Sequence[str] = ()) -> list[str]:
+    """`extra`: more smtp-source options, e.g. `-F file` (send that prepared message, whose
+    size then is the file's: smtp-source refuses -l with -F)."""
+    length = [] if "-F" in extra else ["-l", str(size)]
     return [*common.postfix_tool("smtp-source"), "-s", str(sessions), "-m", str(count),
-            "-l", str(size), "-f", SENDER, "-t", rcpt, "-M", "client.bench.test",
+            *length, "-f", sender, "-t", rcpt, "-M", "client.bench.test", *extra,
             f"{HOST}:{port}"]
 
 
@@ -47,9 +51,11 @@ def wait_quiet(limit_pct: float = 30.0, max_wait: float = 5.0) -> float:
 
 def measure(port: int, cpu: Callable[[], float], *, size: int, sessions: int, count: int,
             rcpt: str = "rcpt@bench.test", drained: Callable[[], bool] | None = None,
-            timeout: float = 600.0) -> dict[str, Any]:
+            timeout: float = 600.0, sender: str = SENDER,
+            extra: Sequence[str] = ()) -> dict[str, Any]:
     """Run smtp-source once; returns a JSON-able record (rates, CPU ms/msg, machine load)."""
-    argv = source_argv(port, size=size, sessions=sessions, count=count, rcpt=rcpt)
+    argv = source_argv(port, size=size, sessions=sessions, count=count, rcpt=rcpt,
+                       sender=sender, extra=extra)
     m0, c0, r0 = common.machine_cpu(), cpu(), os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
