@@ -41,6 +41,8 @@ Result = Literal["none", "pass", "fail"]
 
 #: ARC sets we validate (RFC 8617 §4.2.1 caps chains at 50; real ones have a handful).
 MAX_ARC_SETS = 10
+#: Where to look for an ARC-Seal before parsing the message (header blocks are far smaller).
+HEADER_SCAN = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,8 @@ class ARCResult:
 
 
 async def verify(message: bytes, lookup: Lookup) -> ARCResult:
+    if b"arc-seal" not in message[:HEADER_SCAN].lower():
+        return ARCResult("none")  # most mail: no need to parse the message a second time
     try:
         parsed = dkim.ARC(message, logger=QUIET_LOGGER)
     except Exception:

@@ -17,6 +17,13 @@ Limits: `MAX_SIGNATURES` (OpenDKIM's MaximumSignaturesToVerify is 3; we allow a 
 lists, ESPs and ARC sealers add their own): signatures past it are not looked at, so hundreds of
 signatures cost no more than eight. Keys shorter than `MIN_RSA_BITS` fail (RFC 8301 §3.2).
 
+RSA: dkimpy's RSASSA-PKCS1-v1_5 verification is pure Python (big-integer conversions in
+loops), two thirds of a small message's verification time; `rsa_verify` does the same check
+with the `cryptography` package (OpenSSL) and is installed as dkimpy's primitive when this
+module is imported (`_use_openssl_rsa`). It changes nothing else: canonicalisation, hashing and
+tag checks stay dkimpy's; signing is not touched. The RFC 8463 vector and OpenDKIM-signed
+messages verify through it in the tests.
+
 SECURITY: everything here is attacker-controlled: tag lists, `h=`, `l=`, keys. dkimpy is the
 field's parser; any exception it raises on hostile input is caught and becomes a result.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +40,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
 import dkim
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.util import parse_tag_value
 
 from mailhaven.net.dns import DNSAnswer, DNSError, Records
@@ -59,6 +70,34 @@ QUIET_LOGGER.propagate = False
 QUIET_LOGGER.addHandler(logging.NullHandler())
 
 T = TypeVar("T")
+
+#: The digests DKIM signs with (RFC 6376 §3.3; rsa-sha1 is still verified, RFC 8301 §3.1).
+_DIGESTS: dict[str, hashes.HashAlgorithm] = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}
+
+
+@functools.lru_cache(maxsize=256)
+def _rsa_key(modulus: int, exponent: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(exponent, modulus).public_key()
+
+
+def rsa_verify(digest: Any, signature: bytes, public_key: Mapping[str, int]) -> bool:
+    """dkimpy's `RSASSA_PKCS1_v1_5_verify(hash, signature, public_key)`, in OpenSSL: is
+    `signature` the RFC 8017 §8.2.2 signature of `digest` (a hash object) under the key?"""
+    try:
+        key = _rsa_key(public_key["modulus"], public_key["publicExponent"])
+        algorithm = _DIGESTS[digest.name]
+        key.verify(bytes(signature), digest.digest(), padding.PKCS1v15(),
+                   utils.Prehashed(algorithm))  # fmt: skip
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def _use_openssl_rsa() -> None:
+    dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify
+
+
+_use_openssl_rsa()
 
 
 class Lookup(Protocol):
