@@ -210,3 +210,16 @@ async def test_a_large_message_is_verified_off_the_loop(rsa_key: tuple[bytes, st
     assert len(signed) > dkim_verify.OFFLOAD_ABOVE
     keys = Keys({"sel._domainkey.example.test": record})
     assert (await dkim_verify.verify(signed, keys))[0].result == "pass"
+
+
+async def test_a_very_large_message_is_verified_in_a_worker_process(
+    rsa_key: tuple[bytes, str]
+) -> None:
+    pem, record = rsa_key
+    big = MESSAGE + (b"z" * 998 + b"\r\n") * 1100  # past PROCESS_ABOVE
+    signed = sign(big, pem)
+    assert len(signed) > dkim_verify.PROCESS_ABOVE
+    keys = Keys({"sel._domainkey.example.test": record})
+    assert (await dkim_verify.verify(signed, keys))[0].result == "pass"
+    bad = signed.replace(b"zzzz\r\n", b"zzzy\r\n", 1)
+    assert (await dkim_verify.verify(bad, keys))[0].result == "fail"

@@ -20,29 +20,31 @@ exception becomes `fail`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import dkim
 
+from mailhaven.checks import dkim_verify
 from mailhaven.checks.dkim_verify import (
-    OFFLOAD_ABOVE,
     QUIET_LOGGER,
     Lookup,
     dnsfunc_for,
     fetch_keys,
+    header_fields,
     parse_signatures,
     run_cpu,
     short_reason,
 )
-from mailhaven.net.dns import DNSError
+from mailhaven.net.dns import DNSAnswer, DNSError
 
 Result = Literal["none", "pass", "fail"]
 
 #: ARC sets we validate (RFC 8617 §4.2.1 caps chains at 50; real ones have a handful).
 MAX_ARC_SETS = 10
 #: Where to look for an ARC-Seal before parsing the message (header blocks are far smaller).
-HEADER_SCAN = 256 * 1024
+HEADER_SCAN = dkim_verify.HEADER_SCAN
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,33 +58,31 @@ class ARCResult:
 async def verify(message: bytes, lookup: Lookup) -> ARCResult:
     if b"arc-seal" not in message[:HEADER_SCAN].lower():
         return ARCResult("none")  # most mail: no need to parse the message a second time
-    try:
-        parsed = dkim.ARC(message, logger=QUIET_LOGGER)
-    except Exception:
-        return ARCResult("none")
-    seals = [name for name, _ in parsed.headers if name.lower() == b"arc-seal"]
+    headers = header_fields(message)
+    seals = [name for name, _ in headers if name.lower() == b"arc-seal"]
     if not seals:
         return ARCResult("none")
     if len(seals) > MAX_ARC_SETS:
         return ARCResult("fail", len(seals), f"more than {MAX_ARC_SETS} ARC sets")
-    fields = parse_signatures(parsed.headers, b"arc-seal", MAX_ARC_SETS) + parse_signatures(
-        parsed.headers, b"arc-message-signature", MAX_ARC_SETS
+    fields = parse_signatures(headers, b"arc-seal", MAX_ARC_SETS) + parse_signatures(
+        headers, b"arc-message-signature", MAX_ARC_SETS
     )
     keys = await fetch_keys([f.key for f in fields], lookup)
     failed = [name for name, answer in keys.items() if isinstance(answer, DNSError)]
     if failed:
         return ARCResult("fail", len(seals), f"key lookup for {failed[0]} failed temporarily")
-    dnsfunc = dnsfunc_for(keys)
+    return await run_cpu(validate_with_keys, message, keys, len(seals), size=len(message))
 
-    def work() -> ARCResult:
-        try:
-            cv, _, reason = parsed.verify(dnsfunc=dnsfunc)
-        except Exception as err:  # hostile ARC fields
-            return ARCResult("fail", len(seals), f"cannot validate: {short_reason(err)}")
-        if cv == dkim.CV_Pass:
-            return ARCResult("pass", len(seals))
-        if cv == dkim.CV_None:
-            return ARCResult("none", len(seals), str(reason))
-        return ARCResult("fail", len(seals), short_reason(Exception(reason)))
 
-    return await run_cpu(work, offload=len(message) > OFFLOAD_ABOVE)
+def validate_with_keys(message: bytes, keys: Mapping[str, DNSAnswer], sets: int) -> ARCResult:
+    """The CPU part of `verify`, with the keys already fetched (any thread or process)."""
+    try:
+        parsed = dkim.ARC(message, logger=QUIET_LOGGER)
+        cv, _, reason = parsed.verify(dnsfunc=dnsfunc_for(keys))
+    except Exception as err:  # hostile ARC fields
+        return ARCResult("fail", sets, f"cannot validate: {short_reason(err)}")
+    if cv == dkim.CV_Pass:
+        return ARCResult("pass", sets)
+    if cv == dkim.CV_None:
+        return ARCResult("none", sets, str(reason))
+    return ARCResult("fail", sets, short_reason(Exception(reason)))

@@ -9,9 +9,11 @@ How it avoids blocking: dkimpy's own DNS is synchronous (or, in its async varian
 resolver per lookup), so we never let it near the network. The signatures are parsed first, the
 keys they name (`s._domainkey.d`) are fetched concurrently through `Lookup` (cached, shared by
 concurrent messages), and only then does dkimpy check hashes and signatures, reading the keys
-from a dict. That CPU step runs inline for small messages, where a thread hop would cost more
-than the work, and in the `VERIFY_THREADS` executor for larger ones, where canonicalising and
-hashing a big body would otherwise stall every other session (`OFFLOAD_ABOVE`).
+from a dict. That CPU step (`verify_with_keys`) runs inline for small messages, where a thread
+hop would cost more than the work; in the `VERIFY_THREADS` executor above `OFFLOAD_ABOVE`; and
+above `PROCESS_ABOVE` in a worker process, because dkimpy canonicalises a body in regular-
+expression calls that hold the GIL from start to end (`run_cpu`; the longest event-loop stalls
+measured for each tier are in docs/benchmarks.md).
 
 Limits: `MAX_SIGNATURES` (OpenDKIM's MaximumSignaturesToVerify is 3; we allow a few more, since
 lists, ESPs and ARC sealers add their own): signatures past it are not looked at, so hundreds of
@@ -31,9 +33,11 @@ field's parser; any exception it raises on hostile input is caught and becomes a
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import functools
 import logging
+import multiprocessing
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,15 +59,24 @@ MAX_SIGNATURES = 8
 MIN_RSA_BITS = 1024
 #: Messages above this size are verified in a worker thread, not on the event loop.
 OFFLOAD_ABOVE = 64 * 1024
+#: Messages above this size are verified in a worker process: dkimpy canonicalises a body with
+#: single regular-expression calls that hold the GIL for their whole length, so a thread would
+#: still stall the loop for hundreds of milliseconds on a message of a few MiB.
+PROCESS_ABOVE = 1024 * 1024
 #: Worker threads for the verification arithmetic of large messages (the machine has few cores
 #: and CPython's GIL: more threads would only queue behind each other).
 VERIFY_THREADS = 2
+#: Worker processes for the largest messages (started on first use).
+VERIFY_PROCESSES = 2
+#: Where the header block must end (a longer one is read this far).
+HEADER_SCAN = 256 * 1024
 #: How much of `b=` goes into `header.b` (RFC 6008 §4: at least 8 characters).
 HEADER_B_LENGTH = 12
 
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(
     max_workers=VERIFY_THREADS, thread_name_prefix="auth-verify"
 )
+_PROCESSES: concurrent.futures.ProcessPoolExecutor | None = None
 #: dkimpy logs every failure at error level; those are results here, not errors.
 QUIET_LOGGER = logging.getLogger("mailhaven.checks.dkimpy")
 QUIET_LOGGER.propagate = False
@@ -115,11 +128,29 @@ class DKIMResult:
     reason: str = ""
 
 
-async def run_cpu(work: Callable[[], T], *, offload: bool) -> T:
-    """Run `work` inline, or in the verification executor when `offload`."""
-    if not offload:
-        return work()
-    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, work)
+def _processes() -> concurrent.futures.ProcessPoolExecutor:
+    global _PROCESSES
+    if _PROCESSES is None:
+        # spawn, not fork: the daemon has threads and an event loop a fork would copy
+        context = multiprocessing.get_context("spawn")
+        _PROCESSES = concurrent.futures.ProcessPoolExecutor(VERIFY_PROCESSES, context)
+        atexit.register(_PROCESSES.shutdown, cancel_futures=True)  # before modules unload
+    return _PROCESSES
+
+
+async def run_cpu(work: Callable[..., T], *args: Any, size: int) -> T:
+    """`work(*args)` where it stalls no one: inline for a message of `size` octets up to
+    `OFFLOAD_ABOVE`, in a thread up to `PROCESS_ABOVE`, else in a worker process (`work`
+    must then be a module-level function and its arguments picklable)."""
+    if size <= OFFLOAD_ABOVE:
+        return work(*args)
+    loop = asyncio.get_running_loop()
+    if size > PROCESS_ABOVE:
+        try:
+            return await loop.run_in_executor(_processes(), work, *args)
+        except concurrent.futures.BrokenExecutor:
+            pass  # a worker died (killed, out of memory): this once, use a thread
+    return await loop.run_in_executor(_EXECUTOR, functools.partial(work, *args))
 
 
 def _text(value: bytes) -> str:
@@ -185,29 +216,40 @@ def dnsfunc_for(keys: Mapping[str, DNSAnswer]) -> Callable[..., bytes | None]:
     return dnsfunc
 
 
+def header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields of `message` (dkimpy's parser, on the header block only: cheap)."""
+    end = -1
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        at = message.find(sep, 0, HEADER_SCAN)
+        if at >= 0 and (end < 0 or at < end):
+            end = at + len(sep)
+    head = message[:end] if end >= 0 else message[:HEADER_SCAN]
+    try:
+        headers, _ = dkim.rfc822_parse(head)
+    except Exception:  # not a header block dkimpy can read
+        return []
+    return list(headers)
+
+
 async def verify(message: bytes, lookup: Lookup) -> list[DKIMResult]:
     """One result per DKIM-Signature (top first, at most `MAX_SIGNATURES`); [] for none."""
-    try:
-        parsed = dkim.DKIM(message, logger=QUIET_LOGGER, minkey=MIN_RSA_BITS)
-    except Exception:  # no header/body structure dkimpy can read
-        return []
-    signatures = parse_signatures(parsed.headers, b"dkim-signature")
+    signatures = parse_signatures(header_fields(message), b"dkim-signature")
     if not signatures:
         return []
     keys = await fetch_keys([s.key for s in signatures], lookup)
-    work = _verify_all(parsed, signatures, keys)
-    return await run_cpu(work, offload=len(message) > OFFLOAD_ABOVE)
+    return await run_cpu(verify_with_keys, message, signatures, keys, size=len(message))
 
 
-def _verify_all(
-    parsed: Any, signatures: list[_Signature], keys: Mapping[str, DNSAnswer]
-) -> Callable[[], list[DKIMResult]]:
+def verify_with_keys(
+    message: bytes, signatures: list[_Signature], keys: Mapping[str, DNSAnswer]
+) -> list[DKIMResult]:
+    """The CPU part of `verify`, with the keys already fetched (any thread or process)."""
+    try:
+        parsed = dkim.DKIM(message, logger=QUIET_LOGGER, minkey=MIN_RSA_BITS)
+    except Exception:
+        return [DKIMResult("neutral", reason="message cannot be parsed")] * len(signatures)
     dnsfunc = dnsfunc_for(keys)
-
-    def work() -> list[DKIMResult]:
-        return [_verify_one(parsed, i, s, keys, dnsfunc) for i, s in enumerate(signatures)]
-
-    return work
+    return [_verify_one(parsed, i, s, keys, dnsfunc) for i, s in enumerate(signatures)]
 
 
 def _verify_one(
