@@ -16,7 +16,7 @@ from mailhaven.checks.inbound import DomainPolicy, InboundChecks, InboundSetting
 from mailhaven.config import Config, InboundAuth, InboundAuthDomain
 from mailhaven.net.dns import Resolver
 from mailhaven.smtpd.inbound_gate import InboundGate
-from mailhaven.spool.body import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.store import Spool
 
 

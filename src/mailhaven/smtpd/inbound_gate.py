@@ -40,7 +40,7 @@ _COPY_CHUNK = 1024 * 1024
 
 
 class StoredWriter(Protocol):
-    """The spool writer as the gate reads it (`spool.body.MessageWriter`)."""
+    """The spool writer as the gate reads it (`spool.message_writer.MessageWriter`)."""
 
     @property
     def queue_id(self) -> str: ...
