@@ -123,3 +123,25 @@ def test_a_trusted_client_is_not_checked(
                         message("boss@bank.test", "trusted-1"))  # fmt: skip
     data = trusting.wait_for_mark("alice", "trusted-1")
     assert b"Authentication-Results" not in data
+
+
+def test_a_message_too_large_to_verify_is_accepted_without_forged_fields(
+    mail_server: ServerFactory, dns: DNSServer
+) -> None:
+    """Above `max_verify_size` only the header block is read: DKIM is `policy`, DMARC is not
+    enforced, and removing a forged field still copies the whole (spilled) message."""
+    server = mail_server(settings={
+        "hostname": HOSTNAME, "local_domains": ["mx.test"],
+        "local_users": ["postmaster", "alice"], "trusted_networks": [],
+        "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
+        "inbound_auth": {"max_verify_size": 4096},
+    })  # fmt: skip
+    forged = f"Authentication-Results: {HOSTNAME}; dmarc=pass header.from=bank.test\r\n"
+    body = "".join(f"line {n:06d} of a long invoice\r\n" for n in range(40000))  # ~1.2 MB
+    data = (forged + message("boss@bank.test", "big-1").decode() + body).encode()
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+        client.sendmail("crook@attacker.test", ["alice@mx.test"], data)
+    stored = server.wait_for_mark("alice", "big-1", timeout=30)
+    assert stored.count(b"Authentication-Results:") == 1
+    assert b"dkim=policy" in stored and b"dmarc=fail" in stored
+    assert stored.rstrip().endswith(b"line 039999 of a long invoice")

@@ -158,9 +158,13 @@ class InboundChecks:
 
     async def check(
         self, message: bytes, *, client_ip: str, helo: str, mail_from: str,
-        recipients: Sequence[str],
+        recipients: Sequence[str], size: int | None = None,
     ) -> Verdict:  # fmt: skip
-        results = await self.evaluate(message, client_ip=client_ip, helo=helo, mail_from=mail_from)
+        """`size`: the whole message's, when `message` is only its start (a message above
+        `max_verify_size` need not be read whole: it is not verified)."""
+        results = await self.evaluate(
+            message, client_ip=client_ip, helo=helo, mail_from=mail_from, size=size
+        )
         header = header_block(message)
         forged = tuple(authresults.forged_fields(header, self.settings.authserv_id))
         policies = [p for p in self.policies(recipients) if p.checks]
@@ -172,10 +176,11 @@ class InboundChecks:
         return Verdict(reply, added, forged, summary(results), results)
 
     async def evaluate(
-        self, message: bytes, *, client_ip: str, helo: str, mail_from: str
-    ) -> Results:
+        self, message: bytes, *, client_ip: str, helo: str, mail_from: str,
+        size: int | None = None,
+    ) -> Results:  # fmt: skip
         receiver = self.settings.authserv_id
-        verify = len(message) <= self.settings.max_verify_size
+        verify = (len(message) if size is None else size) <= self.settings.max_verify_size
         header = header_block(message)
         domains = from_domains(header)
         spf_task = spf.check_mailfrom(self.lookup, client_ip, mail_from, helo, receiver=receiver)

@@ -10,7 +10,8 @@ message, and for a refusal Postfix's milter-reject shape, `<qid>: milter-reject:
 END-OF-MESSAGE from <client>: <reply>; from=<...> to=<...> proto=ESMTP helo=<...>`, so
 `grep QID` tells the story and pflogsumm counts the rejection.
 
-The message is read back from the writer once (in a thread when it spilled to disk). An
+The message is read back from the writer once (in a thread when it spilled to disk); above
+`max_verify_size` only its header block is read (it is not verified). An
 unexpected error in the checks is logged with its traceback and the message is accepted without
 our header: a bug here must not refuse mail (fail open, as Postfix's milter_default_action
 accept). SECURITY: only unauthenticated clients outside the trusted networks get here
@@ -28,7 +29,7 @@ from typing import Protocol
 
 from mailhaven import maillog
 from mailhaven.checks.authresults import strip_fields
-from mailhaven.checks.inbound import InboundChecks
+from mailhaven.checks.inbound import HEADER_LIMIT, InboundChecks
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.policy import SessionFacts
@@ -91,13 +92,11 @@ class InboundGate:
         recipients: list[str],
     ) -> GateResult:  # fmt: skip
         qid = writer.queue_id
-        if writer.spilled:
-            message = await asyncio.to_thread(writer.head, writer.size)
-        else:
-            message = writer.head(writer.size)
+        whole = writer.size <= self.checks.settings.max_verify_size
+        message = await self._read(writer, writer.size if whole else HEADER_LIMIT)
         verdict = await self.checks.check(
             message, client_ip=facts.client_ip, helo=facts.helo, mail_from=envelope.sender,
-            recipients=recipients,
+            recipients=recipients, size=writer.size,
         )  # fmt: skip
         maillog.info(log, "%s: auth: %s", qid, verdict.summary)
         if verdict.reply is not None:
@@ -111,8 +110,17 @@ class InboundGate:
         if verdict.forged:
             log.info("%s: removed %d forged Authentication-Results field(s)", qid,
                      len(verdict.forged))  # fmt: skip
+            if not whole:
+                message = await self._read(writer, writer.size)
             writer = await self._rewrite(writer, strip_fields(message, verdict.forged))
         return GateResult(None, verdict.header, writer)
+
+    @staticmethod
+    async def _read(writer: StoredWriter, limit: int) -> bytes:
+        """The message's first `limit` octets (from disk in a thread, when it spilled)."""
+        if writer.spilled:
+            return await asyncio.to_thread(writer.head, limit)
+        return writer.head(limit)
 
     async def _rewrite(self, old: StoredWriter, data: bytes) -> StoredWriter:
         """The message again, as `data`, in a fresh writer with the same queue id."""
