@@ -188,3 +188,13 @@ async def test_an_arc_chain_validates_and_a_broken_one_fails(key: tuple[bytes, s
     too_many = b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=x.test; s=s; b=AAAA\r\n" * 11 + message()
     got = await arc_verify.verify(too_many, z)
     assert got.result == "fail" and "more than" in got.reason
+
+
+async def test_refusal_texts_quote_sender_data_safely(key: tuple[bytes, str]) -> None:
+    _, record = key
+    z = zone(record)
+    z.txt["x" * 60 + ".bank.test"] = "v=DMARC1; p=reject"
+    weird = "b\x1bo\u00e9@" + "x" * 60 + ".bank.test"
+    v = await run(checks(z), message(weird), "x@elsewhere.test")
+    assert v.reply is not None and v.reply.code == 550
+    assert all(32 <= ord(c) < 127 for c in v.reply.text) and len(v.reply.text) < 300

@@ -48,6 +48,8 @@ from mailhaven.proto.replies import Reply
 CHECK_TIMEOUT = 20.0
 #: From: domains evaluated for DMARC when a message has several (RFC 7489 §6.6.1).
 MAX_FROM_DOMAINS = 5
+#: The longest SPF explanation quoted in a reply (RFC 5321 §4.5.3.1.5: lines up to 512 octets).
+MAX_REPLY_TEXT = 300
 #: Only this much of the message start is searched for the header block's end.
 HEADER_LIMIT = 256 * 1024
 
@@ -260,12 +262,18 @@ def _field(text: str) -> bytes:
     return (clean + "\r\n").encode("utf-8", "replace") if ":" in clean else b""
 
 
+def _shown(text: str, limit: int = 100) -> str:
+    """Sender-controlled text for a reply line: printable ASCII only, bounded (the reply line
+    must stay under RFC 5321 §4.5.3.1.5's 512 octets)."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:limit]
+
+
 def refusal(results: Results, policy: DomainPolicy) -> tuple[Reply | None, bool]:
     """One domain's decision: a refusal (or None) and whether to quarantine."""
     d = results.dmarc
     if d.result == "fail" and d.disposition == "reject" and policy.dmarc_reject:
-        text = (f"Message rejected: {d.from_domain} publishes DMARC p={d.policy}, and this "
-                "message is not authenticated as coming from it")  # fmt: skip
+        text = (f"Message rejected: {_shown(d.from_domain)} publishes DMARC p={d.policy}, and "
+                "this message is not authenticated as coming from it")  # fmt: skip
         return Reply(550, text, "5.7.1"), False
     # deferred only when the answer could matter: a policy that is not p=none, or one that
     # could not be read at all (it might be p=reject)
@@ -274,9 +282,9 @@ def refusal(results: Results, policy: DomainPolicy) -> tuple[Reply | None, bool]
     ):
         return Reply(451, "Temporary DNS failure checking DMARC, try again later", "4.7.5"), False
     if policy.spf_reject and results.spf.result == "fail":
-        text = f"SPF: {results.spf.domain} does not allow this client to send its mail"
+        text = f"SPF: {_shown(results.spf.domain)} does not allow this client to send its mail"
         if results.spf.explanation:
-            text += ": " + re.sub(r"[\x00-\x1f\x7f]", "", results.spf.explanation)
+            text += ": " + _shown(results.spf.explanation, MAX_REPLY_TEXT)
         return Reply(550, text, "5.7.23"), False
     if policy.spf_reject and results.spf.result == "temperror" and policy.temperror == "defer":
         return Reply(451, "Temporary DNS failure checking SPF, try again later", "4.7.24"), False
