@@ -223,3 +223,18 @@ async def test_a_very_large_message_is_verified_in_a_worker_process(
     assert (await dkim_verify.verify(signed, keys))[0].result == "pass"
     bad = signed.replace(b"zzzz\r\n", b"zzzy\r\n", 1)
     assert (await dkim_verify.verify(bad, keys))[0].result == "fail"
+
+
+def test_the_rfc6376_canonicalization_example() -> None:
+    """RFC 6376 §3.4.6: the library we verify with canonicalizes as the RFC's example says."""
+    from dkim.canonicalization import Relaxed, Simple
+
+    # dkimpy's own parser refuses "B :" (white space before the colon), so fields are given
+    headers = [(b"A", b" X\r\n"), (b"B ", b" Y\t\r\n\tZ  \r\n")]
+    body = b" C \r\nD \t E\r\n\r\n\r\n"
+    relaxed = b"".join(n + b":" + v for n, v in Relaxed.canonicalize_headers(headers))
+    assert relaxed == b"a:X\r\nb:Y Z\r\n"
+    assert Relaxed.canonicalize_body(body) == b" C\r\nD E\r\n"
+    simple = b"".join(n + b":" + v for n, v in Simple.canonicalize_headers(headers))
+    assert simple == b"A: X\r\nB : Y\t\r\n\tZ  \r\n"
+    assert Simple.canonicalize_body(body) == b" C \r\nD \t E\r\n"
