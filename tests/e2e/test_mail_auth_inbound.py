@@ -145,3 +145,22 @@ def test_a_message_too_large_to_verify_is_accepted_without_forged_fields(
     assert stored.count(b"Authentication-Results:") == 1
     assert b"dkim=policy" in stored and b"dmarc=fail" in stored
     assert stored.rstrip().endswith(b"line 039999 of a long invoice")
+
+
+def test_a_reload_applies_inbound_auth_to_the_next_message(server: MailServer) -> None:
+    """SIGHUP with `dmarc_reject = false`: the next forgery is delivered, quarantined."""
+    from tests.e2e.test_reload import reload_with
+
+    def send(mark: str) -> None:
+        with smtplib.SMTP(server.host, server.smtp_port, local_hostname="evil.attacker.test",
+                          timeout=30) as client:  # fmt: skip
+            client.sendmail("crook@attacker.test", ["alice@mx.test"],
+                            message("boss@bank.test", mark))  # fmt: skip
+
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send("forged-2")
+    assert refused.value.smtp_code == 550
+    reload_with(server, {"inbound_auth": {"dmarc_reject": False}})
+    send("forged-3")
+    data = server.wait_for_mark("alice", "forged-3")
+    assert b"X-Mailhaven-Quarantine: dmarc" in data and b"dmarc=fail" in data
