@@ -59,6 +59,7 @@ def server(mail_server: ServerFactory, dns: DNSServer) -> MailServer:
         "local_users": ["postmaster", "alice"],
         "trusted_networks": [],  # 127.0.0.1 is a stranger here: its mail is checked
         "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
+        "inbound_auth": {"checks": True},
     })  # fmt: skip
 
 
@@ -117,6 +118,7 @@ def test_a_trusted_client_is_not_checked(
         "hostname": HOSTNAME, "local_domains": ["mx.test"],
         "local_users": ["postmaster", "alice"], "trusted_networks": ["127.0.0.0/8"],
         "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
+        "inbound_auth": {"checks": True},
     })  # fmt: skip
     with smtplib.SMTP(trusting.host, trusting.smtp_port, timeout=30) as client:
         client.sendmail("crook@attacker.test", ["alice@mx.test"],
@@ -134,7 +136,7 @@ def test_a_message_too_large_to_verify_is_accepted_without_forged_fields(
         "hostname": HOSTNAME, "local_domains": ["mx.test"],
         "local_users": ["postmaster", "alice"], "trusted_networks": [],
         "relay": {"nameservers": [f"{dns.address[0]}:{dns.address[1]}"]},
-        "inbound_auth": {"max_verify_size": 4096},
+        "inbound_auth": {"checks": True, "max_verify_size": 4096},
     })  # fmt: skip
     forged = f"Authentication-Results: {HOSTNAME}; dmarc=pass header.from=bank.test\r\n"
     body = "".join(f"line {n:06d} of a long invoice\r\n" for n in range(40000))  # ~1.2 MB

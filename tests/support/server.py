@@ -12,7 +12,8 @@ What it does:
   free loopback port for each service named in `services` (default: SMTP only) and every other
   listener switched off (`[]`), `state_dir = "state"` (relative to the cwd);
 - outbound mail never leaves loopback: `[relay] nameservers` points at a loopback port where
-  nothing answers (override it, e.g. with `tests.support.dns_server`, to test relaying);
+  nothing answers (override it, e.g. with `tests.support.dns_server`, to test relaying); so
+  `[inbound_auth] checks` is off unless a test turns it on with a DNS server of its own;
 - `settings` (a nested dict) and `extra_toml` (TOML text, parsed and merged, so it may set
   top-level keys and tables in any order) override those defaults;
 - runs `python -m mailhaven serve -c mailhaven.toml` with the test's interpreter (or any argv via
@@ -187,6 +188,9 @@ class MailServer(LogWatch):
             "listen": listen,
             # Never ask the real DNS from a test: a loopback port where nothing answers.
             "relay": {"nameservers": [f"127.0.0.1:{free_port()}"]},
+            # Mail authentication needs DNS that answers: every untrusted message would wait
+            # for the checks' 20 s deadline. Tests that serve DNS turn it on (test_mail_auth_*).
+            "inbound_auth": {"checks": False},
         }
         self.config = merge(self.config, settings or {})
         if extra_toml:
