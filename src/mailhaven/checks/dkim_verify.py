@@ -114,12 +114,13 @@ def evaluate_key(text: bytes) -> tuple[Any, int, bytes, bool]:
     return tuple(dkim.evaluate_pk(b"key", text))
 
 
-def load_key(name: bytes, dnsfunc: Callable[..., bytes | None], timeout: int = 5) -> Any:
+def load_key(name: bytes, dnsfunc: Callable[..., bytes | str | None], timeout: int = 5) -> Any:
     """dkimpy's `load_pk_from_dns`, with the parse cached (`evaluate_key`)."""
     text = dnsfunc(name, timeout=timeout)
     if not text:
         raise dkim.KeyFormatError(f"missing public key: {name!r}")
-    return evaluate_key(bytes(text))
+    # dkimpy accepts a dnsfunc that answers str (ASCII) as well as bytes
+    return evaluate_key(text.encode("ascii") if isinstance(text, str) else bytes(text))
 
 
 def _use_openssl_rsa() -> None:
