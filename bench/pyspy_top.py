@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pyspy_top.py accept_1k      # or relay_1k, accept_100k
     .venv/bin/python bench/pyspy_top.py relay_1k --count 20000 --top 25
+    .venv/bin/python bench/pyspy_top.py local_1k                       # into a Maildir
     .venv/bin/python bench/pyspy_top.py relay_1k --native --set 'event_loop="uvloop"'
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
@@ -24,7 +25,7 @@ import common
 import load
 import peers
 
-SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400}
+SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400, "local_1k": 1024}
 
 
 def top(stacks: dict[str, int], n: int) -> list[str]:
@@ -65,6 +66,8 @@ def main() -> int:
             sink = peers.SmtpSink("profile-sink")
             sink.start()
             mh = peers.Mailhaven("profile-mailhaven", "relay", sink_port=sink.port)
+        elif a.scenario == "local_1k":
+            mh = peers.Mailhaven("profile-mailhaven", "local")
         else:
             mh = peers.Mailhaven("profile-mailhaven", "hold")
         common.fresh_dir(mh.dir)
@@ -78,7 +81,9 @@ def main() -> int:
         time.sleep(1.5)  # py-spy attaches
         rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],
                            sessions=10, count=a.count,
-                           drained=(lambda: mh.queue_count() == 0) if sink else None)
+                           rcpt=peers.LOCAL_RCPT if a.scenario == "local_1k" else "rcpt@bench.test",
+                           drained=(lambda: mh.queue_count() == 0)
+                           if sink or a.scenario == "local_1k" else None)
         spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes its output and exits
         spy.wait(timeout=60)
         common.stop(spy)
