@@ -257,3 +257,19 @@ def test_list_messages_new_and_cur(tmp_path: Path) -> None:
     assert [m.vsize for m in got] == [5, 9, None]
     assert got[1].flags == "S"
     assert got[1].path.read_bytes() == b"two two\n"
+
+
+def test_a_maildir_removed_after_a_delivery_is_made_again(tmp_path: Path) -> None:
+    """Deliveries skip the mkdir attempts for a Maildir this process made sure of; if it was
+    removed meanwhile, the next delivery makes it again instead of failing."""
+    import shutil
+
+    from mailhaven.mailbox.maildir import UniqueNames, deliver
+
+    box = tmp_path / "example.org" / "alice"
+    names = UniqueNames("mx.test")
+    first = deliver(box, [b"Subject: 1\r\n\r\nx\r\n"], names=names)
+    assert first.parent == box / "new"
+    shutil.rmtree(box)
+    second = deliver(box, [b"Subject: 2\r\n\r\nx\r\n"], names=names)
+    assert second.exists() and (box / "cur").is_dir()

@@ -70,6 +70,11 @@ def mailbox_path(mail_root: Path, user: str) -> Path:
     return layout.mailbox_path(mail_root, user)
 
 
+#: Maildirs this process has made sure of, so that a delivery does not try five mkdirs (each
+#: failing with FileExistsError) every time; a Maildir removed meanwhile is made again.
+_ENSURED: set[Path] = set()
+
+
 def ensure_maildir(path: Path, owner: MailOwner | None = None) -> None:
     """Create `path` and its `tmp/ new/ cur/` (mode 0700, or `owner`'s) if missing; idempotent.
 
@@ -179,8 +184,14 @@ def deliver(
     `prepend` is written first (it goes through the same CRLF -> LF conversion). Any exception,
     including one raised by `chunks` itself, leaves nothing in `new/` and removes the `tmp/` file.
     """
-    ensure_maildir(maildir, owner)
-    base, fd = _create_tmp(maildir, names)
+    if maildir not in _ENSURED:
+        ensure_maildir(maildir, owner)
+        _ENSURED.add(maildir)
+    try:
+        base, fd = _create_tmp(maildir, names)
+    except FileNotFoundError:  # removed since we made it: make it again, once
+        ensure_maildir(maildir, owner)
+        base, fd = _create_tmp(maildir, names)
     tmp_path = maildir / "tmp" / base
     try:
         with open(fd, "wb", buffering=WRITE_BUFFER, closefd=True) as out:
@@ -190,7 +201,9 @@ def deliver(
             out.flush()
             os.fsync(out.fileno())
         final = _publish(maildir, tmp_path, base, f",S={size},W={size + lines}", names)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, FileNotFoundError):  # new/ went away: check all of it next time
+            _ENSURED.discard(maildir)
         _unlink_quietly(tmp_path)
         raise
     return final
