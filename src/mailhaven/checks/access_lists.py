@@ -25,6 +25,8 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from mailhaven.net.ipaddr import IPAddress, client_ip
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -42,25 +44,13 @@ def parse_network(text: str) -> IPNetwork:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
-def client_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """A client's address as compared with networks (an IPv4-mapped IPv6 one as IPv4)."""
-    try:
-        ip = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def in_networks(address: str | IPAddress | None, networks: Sequence[IPNetwork]) -> bool:
-    """Is `address` (text, or parsed once by `client_address`) in one of `networks`?"""
+    """Is `address` (text, or parsed once by `net.ipaddr.client_ip`) in one of `networks`?"""
     if not networks:  # the usual case: no parsing at all
         return False
-    ip = client_address(address) if isinstance(address, str) else address
+    ip = client_ip(address) if isinstance(address, str) else address
     return ip is not None and any(ip.version == n.version and ip in n for n in networks)
 
 

@@ -34,10 +34,8 @@ from mailhaven.checks.access_lists import (
     BLOCK,
     AccessLists,
     AddressList,
-    IPAddress,
     IPNetwork,
     Verdict,
-    client_address,
     in_networks,
     parse_network,
 )
@@ -49,6 +47,8 @@ from mailhaven.checks.sender_limits import SenderLimiter
 from mailhaven.checks.sender_limits import Verdict as LimitVerdict
 from mailhaven.config import Config
 from mailhaven.net.dnslist import Site, parse_site
+from mailhaven.net.ipaddr import IPAddress
+from mailhaven.net.ipaddr import client_ip as parse_client_ip
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger("mailhaven.checks")
@@ -173,7 +173,7 @@ class Gate:
     def connect(self, client_ip: str, server_ip: str = "") -> Screen:
         """A new client: its network's standing, and its DNS list lookups started."""
         s = self.settings
-        address = client_address(client_ip)
+        address = parse_client_ip(client_ip)
         screen = Screen(client_ip, address, in_networks(address, s.trusted),
                         s.access.client(address), server_ip)
         if (

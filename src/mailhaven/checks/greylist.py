@@ -26,6 +26,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mailhaven.net.ipaddr import client_ip
+
 #: RFC 6647 §4.2: delays of 1 to 25 minutes are common; postgrey's default is 300 s.
 DEFAULT_DELAY = 300.0
 #: How long an unretried triplet waits for its retry (postgrey --max-age covers allowed
@@ -71,12 +73,9 @@ class Decision:
 
 def client_key(address: str) -> str:
     """The network a client is greylisted as (RFC 6647 §4.1): IPv4 /24, IPv6 /64."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 64
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from mailhaven.net.dns import DNSAnswer, DNSError, NoRecords, Records
+from mailhaven.net.ipaddr import IPAddress, client_ip
 
 Result = Literal["none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"]
 
@@ -244,11 +245,11 @@ def select_record(texts: Sequence[str]) -> str | None:
     return found[0] if found else None
 
 
-def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _ip(address: str) -> IPAddress:
     """The client address; an IPv4-mapped IPv6 address counts as IPv4 (RFC 7208 §5)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
+    ip = client_ip(address)
+    if ip is None:
+        raise ValueError(f"not an IP address: {address!r}")
     return ip
 
 

@@ -21,7 +21,6 @@ name reaches log lines and trace headers.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import time
 from collections import OrderedDict
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailhaven.net.dns import LookupFailed, Resolver
+from mailhaven.net.ipaddr import client_ip
 
 #: Postfix uses the one name getnameinfo() returns; a few more cost nothing (in parallel),
 #: and a hostile reverse zone cannot make us resolve hundreds.
@@ -63,17 +63,6 @@ def valid_hostname(name: str) -> bool:
     if len(name) > MAX_NAME or not all(_LABEL.fullmatch(label) for label in labels):
         return False
     return not labels[-1].isdigit()
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address to compare, an IPv4-mapped IPv6 one as IPv4 (a dual-stack listener)."""
-    try:
-        ip = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
 
 
 class ClientNames:
@@ -132,7 +121,7 @@ class ClientNames:
 
     async def _verify(self, address: str) -> tuple[ClientName, float]:
         """PTR, then A/AAAA of each name: the first name that leads back to `address` wins."""
-        client = _address(address)
+        client = client_ip(address)
         if client is None:
             return UNKNOWN, 0.0
         ptr = await self.resolver.resolve_ptr(str(client))
@@ -148,7 +137,7 @@ class ClientNames:
             return ClientName("unknown", f"{kind} hostname: {claimed}"), ttl
         found = await asyncio.gather(*(self.resolver.resolve_addresses(n) for n in names))
         for name, addresses in zip(names, found, strict=True):
-            if isinstance(addresses, list) and any(_address(a) == client for a in addresses):
+            if isinstance(addresses, list) and any(client_ip(a) == client for a in addresses):
                 return ClientName(name), ttl
         if any(isinstance(a, LookupFailed) and not a.permanent for a in found):
             ttl = min(ttl, FAILURE_TTL)  # the name may well confirm once its DNS is back

@@ -32,6 +32,8 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
+from mailhaven.net.ipaddr import client_ip
+
 #: What NXDOMAIN is cached for when its SOA gives no better figure (RFC 2308 §5 suggests
 #: 1-3 hours as a ceiling; lists change fast, so less).
 NEGATIVE_TTL = 300
@@ -126,12 +128,9 @@ def _split_filter(text: str) -> list[str]:
 def client_query(address: str, zone: str) -> str | None:
     """RFC 5782 §2.1/§2.4: `2.0.0.127.zone`, or the 32 nibbles of an IPv6 address; None when
     `address` is not an IP address (nothing to ask)."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
+    ip = client_ip(address)
+    if ip is None:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     if isinstance(ip, ipaddress.IPv4Address):
         return ".".join(reversed(str(ip).split("."))) + "." + zone
     return ".".join(reversed(ip.exploded.replace(":", ""))) + "." + zone

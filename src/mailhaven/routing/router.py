@@ -66,6 +66,7 @@ from dataclasses import dataclass
 
 import idna
 
+from mailhaven.net.ipaddr import client_ip as parse_client_ip
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route, transport_route
 
@@ -355,13 +356,8 @@ class Router:
         known = self._trusted_cache.get(client_ip)
         if known is not None:
             return known
-        try:
-            ip = ipaddress.ip_address(client_ip)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        trusted = any(ip in net for net in self._trusted)
+        ip = parse_client_ip(client_ip)
+        trusted = ip is not None and any(ip in net for net in self._trusted)
         if len(self._trusted_cache) >= _TRUSTED_CACHE_SIZE:
             self._trusted_cache.clear()  # bounded: many distinct clients just start over
         self._trusted_cache[client_ip] = trusted

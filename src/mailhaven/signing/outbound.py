@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 
+from mailhaven.net.ipaddr import client_ip
 from mailhaven.proto.envelope import Envelope
 from mailhaven.routing.srs import SRS, SRS_SENDER
 from mailhaven.signing import arc
@@ -103,13 +104,8 @@ class Outbound:
     def originates_here(self, envelope: Envelope) -> bool:
         if envelope.auth_user is not None or envelope.protocol == "local":
             return True
-        try:
-            ip = ipaddress.ip_address(envelope.client_address)
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._trusted)
+        ip = client_ip(envelope.client_address)
+        return ip is not None and any(ip in net for net in self._trusted)
 
     def keys_for(self, domain: str | None) -> tuple[SigningKey, ...]:
         """The keys of `domain` or of its nearest parent that has some (relaxed alignment,
