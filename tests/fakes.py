@@ -67,3 +67,22 @@ class FailingCommit:
     def __call__(self, point: str) -> None:
         if self.armed and point == "before_commit":
             raise OSError("disk on fire")
+
+
+def dkim_rsa_key() -> tuple[bytes, str]:
+    """A fresh RSA-2048 signing key (PEM) and the DKIM TXT record that publishes it."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"

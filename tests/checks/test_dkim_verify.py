@@ -13,6 +13,7 @@ import nacl.signing
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from tests.fakes import dkim_rsa_key
 
 from mailhaven.checks import dkim_verify
 from mailhaven.net.dns import DNSAnswer, DNSError, NoRecords, Records
@@ -44,12 +45,7 @@ class Keys:
 
 @pytest.fixture(scope="module")
 def rsa_key() -> tuple[bytes, str]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())  # fmt: skip
-    der = key.public_key().public_bytes(serialization.Encoding.DER,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    return dkim_rsa_key()
 
 
 def sign(message: bytes, pem: bytes, selector: bytes = b"sel", domain: bytes = b"example.test",

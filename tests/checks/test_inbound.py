@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from tests.fakes import dkim_rsa_key
 
 from mailhaven.checks import arc_verify, inbound
 from mailhaven.checks.dmarc import OrgDomains
@@ -22,12 +20,7 @@ CLIENT = "192.0.2.10"
 
 @pytest.fixture(scope="module")
 def key() -> tuple[bytes, str]:
-    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                          serialization.NoEncryption())  # fmt: skip
-    der = k.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    return dkim_rsa_key()
 
 
 class Zone:

@@ -10,16 +10,14 @@ smtplib) from an untrusted loopback address, and every DNS answer from the tests
 
 from __future__ import annotations
 
-import base64
 import smtplib
 import subprocess
 from collections.abc import Iterator
 
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.e2e.conftest import ServerFactory
+from tests.fakes import dkim_rsa_key
 from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer
 
@@ -30,12 +28,7 @@ HOSTNAME = "mx.test"
 
 @pytest.fixture(scope="module")
 def key() -> tuple[bytes, str]:
-    k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                          serialization.NoEncryption())  # fmt: skip
-    der = k.public_key().public_bytes(serialization.Encoding.DER,
-                                      serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    return dkim_rsa_key()
 
 
 @pytest.fixture
