@@ -24,6 +24,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
@@ -138,6 +139,14 @@ class TestMilter:
     def seen(self, letter: str) -> list[bytes]:
         with self._lock:
             return [data for cmd, data in self.commands if cmd == letter.encode()]
+
+    def wait_seen(self, letter: str, count: int, timeout: float = 5.0) -> list[bytes]:
+        """Wait (bounded) until `count` commands `letter` arrived: the client's
+        last writes are flushed by its event loop, so they may still be in flight."""
+        deadline = time.monotonic() + timeout
+        while len(got := self.seen(letter)) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return got
 
     def start(self) -> TestMilter:
         thread = threading.Thread(target=self._accept, daemon=True)

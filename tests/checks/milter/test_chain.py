@@ -3,6 +3,7 @@ every action, and milters that close, talk garbage, stall or flood a replacement
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -249,5 +250,7 @@ async def test_reused_connection_serves_the_next_session(tmp_path: Path) -> None
             assert verdict.refusal is None
             chain.close()
         pool.clear()
+        await asyncio.sleep(0)  # let the loop flush the last abort before the milter stops
+        await asyncio.to_thread(milter.wait_seen, "K", 3)
     assert milter.connections == 1
     assert len(milter.seen("O")) == 1 and len(milter.seen("K")) == 3 and len(milter.seen("C")) == 3
