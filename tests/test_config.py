@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import tomllib
@@ -170,3 +171,17 @@ def test_every_key_is_documented_with_its_default() -> None:
         value = table[name]
         value = tuple(value) if isinstance(value, list) else value
         assert value == default and type(value) is type(default), f"{key}: documented {table[name]!r}, default {default!r}"
+
+
+def test_smtp_processes_auto_is_one_per_usable_core(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('smtp_processes = "auto"\n')
+    expected = min(len(os.sched_getaffinity(0)), configuration.MAX_AUTO_PROCESSES)
+    assert load(path).smtp_processes == expected == configuration.auto_processes()
+
+
+def test_smtp_processes_other_words_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('smtp_processes = "many"\n')
+    with pytest.raises(ConfigError, match="or \"auto\""):
+        load(path)

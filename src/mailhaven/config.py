@@ -528,6 +528,8 @@ class Config:
     #: (`mailhaven.runtime.workers`), so mail uses more than one core. The daemon alone keeps
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
+    #: "auto" in the file: one process per core this process may run on, at most
+    #: `MAX_AUTO_PROCESSES` (resolved when the file is read: `auto_processes`).
     smtp_processes: int = 1
     #: The asyncio event loop: "uvloop" (libuv's, the default; the standard library's loop when
     #: it cannot be imported, logged) or "asyncio" (see `mailhaven.runtime.eventloop`).
@@ -645,6 +647,21 @@ def _check_milters(config: Config) -> None:
             raise ConfigError(f"{key}: must be positive")
 
 
+#: "auto" stops here: each process holds its own engine, caches and connections, and past a
+#: handful of cores the shared disk (fsync) is the limit, not the CPU.
+MAX_AUTO_PROCESSES = 8
+
+
+def auto_processes() -> int:
+    """One engine process per core we may run on (the affinity mask, as `nproc` counts, so a
+    container limited by cpuset gets its share, not the host's), capped."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_PROCESSES))
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one TOML value to the annotated type, or raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -690,6 +707,10 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
             key=f"{where}.{key}" if where else key,
             hint=f'did you mean "{close[0]}"?' if close else "",
         )
+    if cls is Config and isinstance(data.get("smtp_processes"), str):
+        if data["smtp_processes"] != "auto":
+            raise ConfigError('smtp_processes: a number from 1 to 64, or "auto"')
+        data = {**data, "smtp_processes": auto_processes()}
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -715,7 +736,7 @@ def validate(config: Config) -> Config:
     if config.timeouts.client_lookup <= 0:
         raise ConfigError("timeouts.client_lookup: must be positive")
     if not 1 <= config.smtp_processes <= 64:
-        raise ConfigError("smtp_processes: between 1 and 64")
+        raise ConfigError('smtp_processes: between 1 and 64, or "auto"')
     if config.queue.notice_rate_limit < 0 or config.queue.notice_rate_window <= 0:
         raise ConfigError("queue.notice_rate_limit: 0 or more, per a positive notice_rate_window")
     for net in config.trusted_networks:
