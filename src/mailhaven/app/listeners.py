@@ -9,9 +9,11 @@ and submission (RFC 6409: AUTH only under TLS before MAIL, sender-login check).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -73,9 +75,31 @@ def load_tls(config: Config) -> ReloadableTLS | None:
     return ReloadableTLS(*files) if files is not None else None
 
 
-def bind_address(address: str) -> list[socket.socket]:
+#: How long a start waits for an address still held by a stopping instance: after a kill -9
+#: of the daemon its worker processes let go of the shared sockets within about a second.
+BIND_WAIT = 5.0
+BIND_RETRY = 0.1
+
+
+def bind_address(address: str, wait: float = BIND_WAIT) -> list[socket.socket]:
     """Sockets bound to one `host:port` (as `loop.create_server` would bind them), made before
-    the privilege drop so that ports below 1024 work; OSError names the address."""
+    the privilege drop so that ports below 1024 work; OSError names the address. An address in
+    use is tried again for up to `wait` seconds (logged once) before giving up."""
+    deadline = time.monotonic() + wait
+    logged = False
+    while True:
+        try:
+            return _bind_once(address)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            if not logged:
+                log.warning("%s; waiting up to %g s for it to be free", err.strerror, wait)
+                logged = True
+            time.sleep(BIND_RETRY)
+
+
+def _bind_once(address: str) -> list[socket.socket]:
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     out: list[socket.socket] = []
