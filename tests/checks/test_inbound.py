@@ -94,8 +94,10 @@ async def test_quarantine_adds_the_header_and_none_adds_nothing(key: tuple[bytes
     _, record = key
     verdict = await run(checks(zone(record)), message("a@soft.test"), "a@soft.test")
     assert verdict.reply is None and b"X-Mailhaven-Quarantine" in verdict.header
+    assert verdict.quarantine  # the mailbox files it into Junk
     verdict = await run(checks(zone(record)), message("a@lax.test"), "a@lax.test")
     assert verdict.reply is None and b"X-Mailhaven-Quarantine" not in verdict.header
+    assert not verdict.quarantine
 
 
 async def test_spf_fail_alone_refuses_only_when_asked(key: tuple[bytes, str]) -> None:

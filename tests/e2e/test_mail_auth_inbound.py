@@ -143,7 +143,8 @@ def test_a_message_too_large_to_verify_is_accepted_without_forged_fields(
 
 
 def test_a_reload_applies_inbound_auth_to_the_next_message(server: MailServer) -> None:
-    """SIGHUP with `dmarc_reject = false`: the next forgery is delivered, quarantined."""
+    """SIGHUP with `dmarc_reject = false`: the next forgery is delivered, quarantined: with
+    the quarantine field, into the recipient's Junk folder (DMARC p=quarantine's meaning)."""
     from tests.e2e.test_reload import reload_with
 
     def send(mark: str) -> None:
@@ -157,5 +158,6 @@ def test_a_reload_applies_inbound_auth_to_the_next_message(server: MailServer) -
     assert refused.value.smtp_code == 550
     reload_with(server, {"inbound_auth": {"dmarc_reject": False}})
     send("forged-3")
-    data = server.wait_for_mark("alice", "forged-3")
+    data = server.wait_for_mark("alice", "forged-3", folder="Junk")
     assert b"X-Mailhaven-Quarantine: dmarc" in data and b"dmarc=fail" in data
+    assert server.messages("alice") == []  # nothing in the INBOX

@@ -363,14 +363,17 @@ class MailServer(LogWatch):
             return ""
 
 
-    def messages(self, user: str) -> list[Path]:
-        """Files in `<maildir>/new` and `cur`, sorted by name (Maildir names start with time).
-        A bare name collects that user's messages at every local domain."""
+    def messages(self, user: str, folder: str = "") -> list[Path]:
+        """Files in `<maildir>/new` and `cur` (of Maildir++ `folder`, e.g. "Junk", when given),
+        sorted by name (Maildir names start with time). A bare name collects that user's
+        messages at every local domain."""
         if "@" in user:
             roots = [self.maildir(user)]
         else:
             domains = self.config.get("local_domains") or ["localhost"]
             roots = list(dict.fromkeys(self.maildir(f"{user}@{d}") for d in domains))
+        if folder:
+            roots = [root / f".{folder}" for root in roots]
         found: list[Path] = []
         for root in roots:
             for sub in ("new", "cur"):
@@ -378,11 +381,13 @@ class MailServer(LogWatch):
                     found.extend(p for p in (root / sub).iterdir() if p.is_file())
         return sorted(found, key=lambda p: p.name)
 
-    def wait_for_mark(self, user: str, mark: str, *, timeout: float = 10.0) -> bytes:
-        """The content of the message in `user`'s Maildir that carries `mark`."""
+    def wait_for_mark(
+        self, user: str, mark: str, *, timeout: float = 10.0, folder: str = ""
+    ) -> bytes:
+        """The content of the message in `user`'s Maildir (or its `folder`) that carries `mark`."""
         deadline = time.monotonic() + timeout
         while True:
-            for path in self.messages(user):
+            for path in self.messages(user, folder):
                 data = path.read_bytes()
                 if mark.encode() in data:
                     return data

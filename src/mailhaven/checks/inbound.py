@@ -93,6 +93,8 @@ class Verdict:
     forged: tuple[tuple[int, int], ...] = ()
     summary: str = ""
     results: Results | None = None
+    #: DMARC asked for quarantine (and nothing refused): the mailbox files it as spam
+    quarantine: bool = False
 
 
 def header_block(message: bytes) -> bytes:
@@ -172,10 +174,11 @@ class InboundChecks:
         policies = [p for p in self.policies(recipients) if p.checks]
         reply, quarantine = decide(results, policies)
         added = self.header(results, mail_from=mail_from, helo=helo)
-        if quarantine and reply is None:
+        quarantine = quarantine and reply is None
+        if quarantine:
             fields = {p.quarantine_header for p in policies if p.quarantine_header}
             added += b"".join(_field(f) for f in sorted(fields))
-        return Verdict(reply, added, forged, summary(results), results)
+        return Verdict(reply, added, forged, summary(results), results, quarantine)
 
     async def evaluate(
         self, message: bytes, *, client_ip: str, helo: str, mail_from: str,

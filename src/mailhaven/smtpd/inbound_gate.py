@@ -64,6 +64,8 @@ class GateResult:
     reply: Reply | None
     header: bytes
     writer: StoredWriter
+    #: DMARC p=quarantine failed: deliver into the recipient's Junk folder
+    spam: bool = False
 
 
 class InboundGate:
@@ -113,7 +115,7 @@ class InboundGate:
             if not whole:
                 message = await self._read(writer, writer.size)
             writer = await self._rewrite(writer, strip_fields(message, verdict.forged))
-        return GateResult(None, verdict.header, writer)
+        return GateResult(None, verdict.header, writer, verdict.quarantine)
 
     @staticmethod
     async def _read(writer: StoredWriter, limit: int) -> bytes:

@@ -31,6 +31,7 @@ from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
 from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.faults import crash_point
 from mailhaven.intake.cleanup import MILTER_HOLD
+from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.net.stream import start_tls
@@ -631,7 +632,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.writer = None
         if writer is None:
             writer = self.service.sink.new_message()
-        added = b""
+        added, spam = b"", False
         if self.profile.inbound is not None:  # SPF/DKIM/DMARC/ARC: may refuse the message
             gate = await self.profile.inbound.run(
                 self.facts, self._envelope(), cast(StoredWriter, writer), self.label
@@ -639,9 +640,11 @@ class SMTPSession(asyncio.BufferedProtocol):
             if gate.reply is not None:
                 self.conn.respond(gate.reply)
                 return
-            writer, added = gate.writer, gate.header
+            writer, added, spam = gate.writer, gate.header, gate.spam
         try:
             envelope = self._envelope()
+            if spam:  # the mailbox files it into the Junk folder (mailbox.folders)
+                envelope = replace(envelope, extra={**envelope.extra, SPAM_FLAG: "yes"})
             if self.milters is not None:
                 milter = await self._milter_eom(writer, envelope)
                 if isinstance(milter, Reply):
