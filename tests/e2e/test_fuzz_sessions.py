@@ -199,7 +199,14 @@ def test_mutated_sessions_leave_the_server_healthy(mail_server: ServerFactory) -
     assert "Traceback" not in log, server.log_tail(80)
     assert connects >= done and connects == disconnects, (connects, disconnects)
 
-    assert all_slots_answer_220(server), server.log_tail()
+    # A leaked slot stays leaked; a slot whose session is still being torn down on a loaded
+    # machine is free a moment later: so a few tries, bounded.
+    for _ in range(5):
+        if all_slots_answer_220(server):
+            break
+        time.sleep(1.0)
+    else:
+        raise AssertionError(f"a connection slot stayed taken\n{server.log_tail()}")
     with smtplib.SMTP(server.host, server.smtp_port, local_hostname="ok.test", timeout=30) as smtp:
         refused = smtp.sendmail("a@example.org", ["alice@localhost"], AFTER)
     assert not refused
