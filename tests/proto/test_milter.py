@@ -240,6 +240,62 @@ def test_multiline_reply_code() -> None:
         m.parse_reply_code("550-x\r\n451 y")
 
 
+@BYTEWISE
+@pytest.mark.parametrize(
+    "reply",
+    [pkt(b"t"), pkt(b"r"), pkt(b"a"), pkt(b"d"), pkt(b"y", b"451 4.3.0 no scanner\0")],
+    ids=["tempfail", "reject", "accept", "discard", "replycode"],
+)
+def test_early_message_verdict_owes_no_later_reply(bytewise: bool, reply: bytes) -> None:
+    # libmilter ignores the rest of a message it decided early: no reply comes for it
+    conn = negotiated()
+    conn.mail("a@b")
+    feed(conn, pkt(b"c"), bytewise)
+    conn.data()
+    conn.header("From", "a@b")
+    conn.header("Subject", "x")
+    conn.eoh()
+    conn.body(b"hi\r\n")
+    conn.end_of_message()
+    assert conn.pending == 6
+    events = feed(conn, pkt(b"c") + reply, bytewise)
+    assert [e.stage for e in events if isinstance(e, m.Verdict)] == [m.Stage.DATA, m.Stage.HEADER]
+    assert conn.pending == 0
+    assert not conn.body(b"more") and not conn.end_of_message()  # queued later: owes nothing too
+    # the next transaction owes replies again
+    assert conn.mail("c@d") and conn.pending == 1
+
+
+def test_milter_without_envelope_stages_answers_the_rest() -> None:
+    # libmilter: NOMAIL + NORCPT make the message's states reachable again from HELO
+    conn = negotiated(protocol=m.SMFIP_NOMAIL | m.SMFIP_NORCPT)
+    conn.header("From", "a@b")
+    conn.header("Subject", "x")
+    conn.end_of_message()
+    feed(conn, pkt(b"r"), False)
+    assert conn.pending == 2
+
+
+def test_next_message_owes_replies_even_without_mail() -> None:
+    conn = negotiated(protocol=m.SMFIP_NOMAIL)
+    conn.header("From", "a@b")
+    conn.end_of_message()
+    feed(conn, pkt(b"r"), False)
+    assert conn.pending == 0
+    assert not conn.mail("c@d")  # not sent (SMFIP_NOMAIL), yet a new transaction
+    assert conn.header("From", "c@d") and conn.end_of_message() and conn.pending == 2
+
+
+def test_continue_and_rcpt_refusals_keep_the_message_going() -> None:
+    conn = negotiated()
+    conn.rcpt("x@y")
+    conn.data()
+    conn.header("From", "a@b")
+    feed(conn, pkt(b"r") + pkt(b"c") + pkt(b"c"), False)
+    conn.eoh()
+    assert conn.pending == 1
+
+
 def test_abort_and_quit_owe_nothing() -> None:
     conn = negotiated()
     conn.abort()

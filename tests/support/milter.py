@@ -10,7 +10,10 @@ other.
 header, "N" eoh, "B" body chunk, "E" end of message) to the packets to send back; the default is
 `continue` (none at all for stages negotiated as no-reply). Instead of packets, a value may be
 CLOSE (close the connection), STALL (never answer), GARBAGE (send bytes that are no packet)
-or a callable `(data) -> list[bytes] | str` for anything else.
+or a callable `(data) -> list[bytes] | str` for anything else. Like libmilter, once it answered
+DATA, a header, EOH or a body chunk with accept/reject/tempfail/discard it answers none of that
+message's later commands (they are still recorded) until the next transaction, unless it
+negotiated away both MAIL and RCPT (libmilter's state table then lets it re-enter the message).
 
 Runs in daemon threads (one per connection) on a 127.0.0.1 ephemeral port; `stop()` closes
 every socket it opened and joins the threads, each wait bounded.
@@ -34,6 +37,11 @@ GARBAGE = "garbage"
 Script = Sequence[bytes] | str | Callable[[bytes], "Sequence[bytes] | str"]
 #: commands that never get a reply
 _SILENT = {b"D", b"A", b"Q", b"K"}
+#: the message's commands; a reply in _LEAVES to one in _EARLY makes libmilter ignore the rest
+_MESSAGE = {b"T", b"L", b"N", b"B", b"E"}
+_EARLY = _MESSAGE - {b"E"}
+_LEAVES = {b"a", b"r", b"t", b"d", b"y"}
+_NO_ENVELOPE = 0x4 | 0x8  # SMFIP_NOMAIL | SMFIP_NORCPT
 #: command letter -> SMFIP_NR_* bit
 _NR = {b"C": 0x1000, b"H": 0x2000, b"M": 0x4000, b"R": 0x8000, b"T": 0x10000, b"U": 0x20000,
        b"N": 0x40000, b"B": 0x80000, b"L": 0x80}
@@ -199,6 +207,7 @@ class TestMilter:
         return data
 
     def _serve(self, conn: socket.socket) -> None:
+        left = False  # the current message was decided early: ignore the rest of it
         with conn:
             while not self._stop.is_set():
                 head = self._read(conn, 4)
@@ -214,7 +223,9 @@ class TestMilter:
                 if cmd == b"O":
                     conn.sendall(pkt(b"O", struct.pack(">III", self.version, self.actions, self.protocol)))
                     continue
-                if cmd in _SILENT or self.protocol & _NR.get(cmd, 0):
+                if cmd in (b"C", b"M", b"R"):  # a new transaction (MAIL may be negotiated away)
+                    left = False
+                if cmd in _SILENT or self.protocol & _NR.get(cmd, 0) or (left and cmd in _MESSAGE):
                     if cmd == b"Q":
                         return
                     continue
@@ -234,3 +245,6 @@ class TestMilter:
                         conn.sendall(reply)
                 except OSError:
                     return
+                if cmd in _EARLY and script and bytes(script[-1][4:5]) in _LEAVES:
+                    # libmilter re-enters the message when MAIL and RCPT are both skipped
+                    left = self.protocol & _NO_ENVELOPE != _NO_ENVELOPE

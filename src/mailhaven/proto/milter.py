@@ -13,7 +13,11 @@ Pipelining: a command the milter negotiated away (`SMFIP_NO*`) is not sent at al
 verdict is `continue` at once; a command it said needs no reply (`SMFIP_NR_*`) is sent without
 waiting. Replies come in command order, so a caller may send several commands (headers, body
 chunks, end of message) in one write and read their verdicts afterwards: `pending` says how
-many replies are still owed.
+many replies are still owed. A milter that accepts, rejects, tempfails or discards the message
+before its end (at DATA, a header, end of headers or a body chunk) has left it: libmilter
+ignores that message's later commands and answers none of them, so none is owed (Postfix,
+which waits for each reply, never sends them). The exception follows libmilter's state table:
+a milter that negotiated away both MAIL and RCPT re-enters the message and answers the rest.
 
 Invariants: a `Verdict` is produced only for a command that owed one, in order; message edits are
 accepted only while end of message is pending and only those the milter negotiated; a body
@@ -118,6 +122,10 @@ _COMMANDS: dict[Stage, tuple[bytes, int, int, int | None]] = {
 }
 
 
+#: the stages sent together at end of data (DATA, headers, EOH, body chunks, EOM)
+_MESSAGE = frozenset({Stage.DATA, Stage.HEADER, Stage.EOH, Stage.BODY, Stage.EOM})
+
+
 class Action(enum.Enum):
     CONTINUE = "continue"
     ACCEPT = "accept"
@@ -130,6 +138,10 @@ class Action(enum.Enum):
     #: SMFIR_SHUTDOWN: the milter is going away
     SHUTDOWN = "shutdown"
 
+
+#: verdicts after which a libmilter milter ignores the rest of the message (engine.c: its
+#: state goes back to HELO, from where DATA/header/EOH/body/EOM are not valid commands)
+_LEAVES_MESSAGE = frozenset({Action.ACCEPT, Action.REJECT, Action.TEMPFAIL, Action.DISCARD})
 
 _ACTIONS = {
     b"c": Action.CONTINUE,
@@ -331,6 +343,8 @@ class MilterConnection:
         self._pending: deque[Stage] = deque()
         self._events: deque[Event] = deque()
         self._replaced = 0
+        #: the milter left the current message early: its later message commands owe nothing
+        self._left_message = False
 
     # ------------------------------------------------------------------ state
 
@@ -388,12 +402,14 @@ class MilterConnection:
         if self.failed is not None:
             return False
         byte, no_bit, nr_bit, macro_stage = _COMMANDS[stage]
+        if stage is Stage.MAIL:
+            self._left_message = False  # a new transaction, even if MAIL itself is not sent
         if self.protocol & no_bit:
             return False
         if macros and self.version >= 2 and macro_stage is not None:
             self._out += _macro_payload(byte, macros, self.macros.get(macro_stage))
         self._out += packet(byte, data)
-        if self.protocol & nr_bit:
+        if self.protocol & nr_bit or (self._left_message and stage in _MESSAGE):
             return False
         self._pending.append(stage)
         return True
@@ -528,6 +544,7 @@ class MilterConnection:
             action = Action.TEMPFAIL if reply.code < 500 else Action.REJECT
             self._pending.popleft()
             self._events.append(Verdict(stage, action, reply))
+            self._maybe_left_message(stage, action)
             return
         known = _ACTIONS.get(command)
         if known is None:
@@ -537,6 +554,20 @@ class MilterConnection:
             raise ProtocolError("skip outside a body chunk")
         self._pending.popleft()
         self._events.append(Verdict(stage, action))
+        self._maybe_left_message(stage, action)
+
+    def _maybe_left_message(self, stage: Stage, action: Action) -> None:
+        # libmilter's trans_ok(): from HELO a message command is reachable only by skipping
+        # the MAIL and RCPT states, i.e. when both were negotiated away
+        skips_envelope = self.protocol & SMFIP_NOMAIL and self.protocol & SMFIP_NORCPT
+        if (
+            stage in _MESSAGE
+            and stage is not Stage.EOM
+            and action in _LEAVES_MESSAGE
+            and not skips_envelope
+        ):
+            self._left_message = True
+            self._pending = deque(s for s in self._pending if s not in _MESSAGE)
 
     def _negotiated(self, data: bytes) -> Negotiated:
         if len(data) < 12:

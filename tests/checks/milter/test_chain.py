@@ -147,15 +147,43 @@ async def test_discard_and_eom_reject(tmp_path: Path) -> None:
 async def test_body_reject_stops_the_body(tmp_path: Path) -> None:
     big = b"Subject: x\r\n\r\n" + b"y" * (300 * 1024)
     with TestMilter({"B": [tm.reject()]}) as milter:
-        chain = chain_for(milter)
+        chain = chain_for(milter, content_timeout=10.0)
         await envelope_stages(chain)
+        started = time.monotonic()
         verdict = await chain.end_of_message(writer(tmp_path, big, 1024), lambda: writer(tmp_path, b""), {})
-        # the next transaction is in step: the reply owed for the extra chunks was read
+        took = time.monotonic() - started
+        # the next transaction is in step: the milter (like libmilter) answers none of the
+        # chunks (nor the EOM) pipelined after its reject, and none is waited for
         milter.replies.clear()
         assert await chain.mail("x@example.com", [], {}) is None
         chain.close()
     assert verdict.refusal == REJECTED
-    # pipelined: the chunks (and EOM) may all be out before the reject comes back
+    assert took < 5.0
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (tm.tempfail(), TEMPFAILED),  # clamav-milter's OnFail Defer when clamd is down
+        (tm.replycode("550 5.7.1 header says no"), Reply(550, "header says no", "5.7.1")),
+        (tm.accept(), None),  # e.g. clamav-milter with every recipient allow-listed
+    ],
+    ids=["tempfail", "replycode", "accept"],
+)
+async def test_header_verdict_ends_the_message_at_once(
+    tmp_path: Path, reply: bytes, expected: Reply | None
+) -> None:
+    with TestMilter({"L": [reply]}) as milter:
+        chain = chain_for(milter, content_timeout=10.0)
+        await envelope_stages(chain)
+        started = time.monotonic()
+        verdict = await chain.end_of_message(writer(tmp_path), lambda: writer(tmp_path, b""), {})
+        took = time.monotonic() - started
+        milter.replies.clear()
+        assert await chain.mail("x@example.com", [], {}) is None  # in step
+        chain.close()
+    assert verdict.refusal == expected
+    assert took < 5.0  # not the content timeout
 
 
 @pytest.mark.parametrize("failure", [tm.CLOSE, tm.GARBAGE, tm.STALL])
