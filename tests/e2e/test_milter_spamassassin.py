@@ -1,8 +1,8 @@
 """End to end: SpamAssassin (spamd -L, offline) through spamass-milter, Debian's packages.
 
 GTUBE is refused at end of data with spamass-milter's `550 5.7.1 Blocked by SpamAssassin`; a
-clean message is delivered with SpamAssassin's X-Spam-* headers. ClamAV (clamav-milter) is not
-tested: its signature databases come only from the network (freshclam).
+clean message is delivered with SpamAssassin's X-Spam-* headers. ClamAV (clamav-milter):
+tests/e2e/test_clamav_milter.py.
 """
 
 from __future__ import annotations
