@@ -6,7 +6,7 @@
 
 One private rspamd (`tests/support/rspamd.py`: rspamd_proxy, milter = yes, self-scan, no redis,
 DNS to a loopback server that knows nothing) serves both MTAs. mailhaven-hold gets
-`milters = [rspamd]`, the Postfix peer (bench/peers.py, its HOLD listener) gets
+`[checks.milter] smtpd = [rspamd]`, the Postfix peer (bench/peers.py, its HOLD listener) gets
 `smtpd_milters = inet:127.0.0.1:PORT` and `milter_default_action = tempfail`. Both accept
 durably, deliver nothing; the client is smtp-source (a new connection per message). The
 systems alternate, the order flipped every repetition; each run starts from an empty queue.
@@ -59,7 +59,7 @@ def main() -> int:
         pf.setup({"smtpd_milters": rspamd.spec, "milter_default_action": "tempfail"})
         pf.start()
         extra: dict[str, dict[str, object]] = {
-            "": {"milters": [rspamd.spec], "milter_reuse": [rspamd.spec]}}
+            "checks.milter": {"smtpd": [rspamd.spec], "reuse": [rspamd.spec]}}
         for item in a.set:
             table, key, value = common.setting(item)
             extra.setdefault(table, {})[key] = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -145,7 +146,7 @@ def _keys(cls: type[Any], prefix: str = "") -> list[str]:
     """Every configuration key, from the dataclasses (so a key added later is included)."""
     keys = []
     for item in dataclasses.fields(cls):
-        if item.name == "source":
+        if item.name in ("source", "deprecated"):
             continue
         default = item.default_factory() if callable(item.default_factory) else item.default
         if dataclasses.is_dataclass(default):
@@ -185,3 +186,45 @@ def test_smtp_processes_other_words_are_refused(tmp_path: Path) -> None:
     path.write_text('smtp_processes = "many"\n')
     with pytest.raises(ConfigError, match="or \"auto\""):
         load(path)
+
+
+def test_old_top_level_milter_keys_still_work_and_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text(
+        'milters = ["inet:127.0.0.1:11332"]\nsubmission_milters = ["unix:/run/dkim.sock"]\n'
+        'milter_default_action = "accept"\nmilter_content_timeout = 5\n'
+        'milter_reuse = ["inet:127.0.0.1:11332"]\n[checks.greylist]\nenabled = false\n'
+    )
+    config = load(str(path))
+    milter = config.checks.milter
+    assert milter.smtpd == ("inet:127.0.0.1:11332",)
+    assert milter.submission == ("unix:/run/dkim.sock",)
+    assert milter.default_action == "accept" and milter.content_timeout == 5.0
+    assert milter.reuse == ("inet:127.0.0.1:11332",)
+    assert "milters is deprecated: write it as smtpd in [checks.milter]" in config.deprecated
+    assert len(config.deprecated) == 5
+
+
+def test_a_milter_key_given_both_ways_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "both.toml"
+    path.write_text('milters = ["inet:127.0.0.1:1"]\n[checks.milter]\nsmtpd = ["inet:127.0.0.1:2"]\n')
+    with pytest.raises(ConfigError, match=r"milters: given twice.*line 1"):
+        load(str(path))
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('smtpd = ["tcp:1.2.3.4"]', "checks.milter.smtpd: bad milter address"),
+        ('non_smtpd = ["inet:127.0.0.1"]', "checks.milter.non_smtpd: bad milter address"),
+        ('quarantine = "discard"', 'checks.milter.quarantine: "junk" or "hold"'),
+        ('spam_headers = ["X-Spam"]', "checks.milter.spam_headers: 'X-Spam'"),
+        ('spam_headers = ["X Spam: yes"]', "checks.milter.spam_headers"),
+        ("command_timeout = 0", "checks.milter.command_timeout: must be positive"),
+    ],
+)
+def test_bad_milter_settings_are_named(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[checks.milter]\n{toml}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(str(path))

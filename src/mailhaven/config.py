@@ -294,12 +294,54 @@ class SenderLimits:
 
 
 @dataclass(frozen=True)
+class Milter:
+    """Milters (docs/filtering.md "Milters"): Postfix's smtpd_milters, non_smtpd_milters and
+    milter_* settings, one table. Addresses: "inet:host:port", "inet:[v6]:port", "unix:/path"."""
+
+    #: Postfix smtpd_milters: the MX listener (smtp), asked in order.
+    smtpd: tuple[str, ...] = ()
+    #: The submission listeners (Postfix: smtpd_milters in master.cf's submission entry).
+    submission: tuple[str, ...] = ()
+    #: Postfix non_smtpd_milters: mail submitted locally (`sendmail`, the pickup).
+    non_smtpd: tuple[str, ...] = ()
+    #: Postfix milter_default_action: a milter down or broken: "tempfail", "accept", "reject".
+    default_action: str = "tempfail"
+    #: Seconds to connect and negotiate (milter_connect_timeout).
+    connect_timeout: float = 30.0
+    #: Seconds per CONNECT, HELO, MAIL, RCPT reply (milter_command_timeout).
+    command_timeout: float = 30.0
+    #: Seconds for the message content (milter_content_timeout).
+    content_timeout: float = 300.0
+    #: Addresses whose connection serves session after session (SMFIC_QUIT_NC; rspamd).
+    reuse: tuple[str, ...] = ()
+    #: SMFIR_QUARANTINE: "junk" (delivered into the recipients' junk folder) or "hold"
+    #: (kept on hold in the queue, as Postfix does).
+    quarantine: str = "junk"
+    #: "Name: value" header fields that mark a message as spam when a milter added or set them
+    #: (never when the sender wrote them); value "*" matches anything, a trailing "*" a prefix.
+    spam_headers: tuple[str, ...] = ("X-Spam: Yes", "X-Spam-Flag: YES")
+
+
+#: The old top-level milter keys (before [checks.milter]) and where they live now; still read.
+DEPRECATED_MILTER_KEYS = {
+    "milters": "smtpd",
+    "submission_milters": "submission",
+    "milter_default_action": "default_action",
+    "milter_connect_timeout": "connect_timeout",
+    "milter_command_timeout": "command_timeout",
+    "milter_content_timeout": "content_timeout",
+    "milter_reuse": "reuse",
+}
+
+
+@dataclass(frozen=True)
 class Checks:
     access: Access = field(default_factory=Access)
     dnsbl: Dnsbl = field(default_factory=Dnsbl)
     client: ClientChecks = field(default_factory=ClientChecks)
     greylist: Greylisting = field(default_factory=Greylisting)
     sender_limits: SenderLimits = field(default_factory=SenderLimits)
+    milter: Milter = field(default_factory=Milter)
 
 
 def _validate_checks(checks: Checks) -> None:
@@ -539,23 +581,6 @@ class Config:
     #: Off by default: the defaults serve loopback, and a host without working DNS would make
     #: each new client wait `timeouts.client_lookup` for nothing.
     reverse_lookup: bool = False
-    # -- milters (issue 22; docs/filtering.md "Milters"): Postfix's smtpd_milters & co.
-    #: Milters for the MX listener, in order: "inet:host:port", "inet:[v6]:port", "unix:/path".
-    milters: tuple[str, ...] = ()
-    #: Milters for the submission listeners (DKIM signers, outbound scanning).
-    submission_milters: tuple[str, ...] = ()
-    #: When a milter is down or misbehaves: "tempfail" (451 4.7.1), "accept" or "reject".
-    milter_default_action: str = "tempfail"
-    #: Seconds to connect to a milter and negotiate (Postfix milter_connect_timeout).
-    milter_connect_timeout: float = 30.0
-    #: Seconds a milter may take over CONNECT, HELO, MAIL, RCPT (milter_command_timeout).
-    milter_command_timeout: float = 30.0
-    #: Seconds a milter may take over the message content (milter_content_timeout).
-    milter_content_timeout: float = 300.0
-    #: Milter addresses (from the lists above) whose connection serves SMTP session after SMTP
-    #: session (SMFIC_QUIT_NC): rspamd supports it; leave libmilter-based milters out.
-    milter_reuse: tuple[str, ...] = ()
-    # -- end of milters
     listen: Listen = field(default_factory=Listen)
     limits: Limits = field(default_factory=Limits)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -573,6 +598,8 @@ class Config:
     inbound_auth: InboundAuth = field(default_factory=InboundAuth)
     #: Where this config came from (None: built-in defaults).
     source: str | None = None
+    #: Keys the file spells the old way (still read; logged at start and reload).
+    deprecated: tuple[str, ...] = ()
 
     @property
     def state_path(self) -> Path:
@@ -634,17 +661,52 @@ def parse_milter(text: str) -> tuple[str, int]:
 
 
 def _check_milters(config: Config) -> None:
-    for key in ("milters", "submission_milters", "milter_reuse"):
-        for spec in getattr(config, key):
+    milter = config.checks.milter
+    for key in ("smtpd", "submission", "non_smtpd", "reuse"):
+        for spec in getattr(milter, key):
             try:
                 parse_milter(spec)
             except ConfigError as err:
-                raise ConfigError(f"{key}: {err}") from None
-    if config.milter_default_action not in ("tempfail", "accept", "reject"):
-        raise ConfigError('milter_default_action: "tempfail", "accept" or "reject"')
-    for key in ("milter_connect_timeout", "milter_command_timeout", "milter_content_timeout"):
-        if getattr(config, key) <= 0:
-            raise ConfigError(f"{key}: must be positive")
+                raise ConfigError(f"checks.milter.{key}: {err}") from None
+    if milter.default_action not in ("tempfail", "accept", "reject"):
+        raise ConfigError('checks.milter.default_action: "tempfail", "accept" or "reject"')
+    for key in ("connect_timeout", "command_timeout", "content_timeout"):
+        if getattr(milter, key) <= 0:
+            raise ConfigError(f"checks.milter.{key}: must be positive")
+    if milter.quarantine not in ("junk", "hold"):
+        raise ConfigError('checks.milter.quarantine: "junk" or "hold"')
+    for entry in milter.spam_headers:
+        name, sep, value = entry.partition(":")
+        if not sep or not FIELD_NAME.fullmatch(name.strip()) or not value.strip():
+            raise ConfigError(
+                f"checks.milter.spam_headers: {entry!r}: expected \"Header-Name: value\""
+            )
+
+
+#: RFC 5322 3.6.8: a field name is printable US-ASCII but colon.
+FIELD_NAME = re.compile(r"[!-9;-~]+")
+
+
+def _move_deprecated_milter_keys(data: dict[str, Any]) -> list[str]:
+    """Old top-level milter keys go to [checks.milter] (one log line each, at start and
+    reload); giving a key in both places is an error, not a guess."""
+    moved = {old: data.pop(old) for old in list(data) if old in DEPRECATED_MILTER_KEYS}
+    if not moved:
+        return []
+    checks = data.setdefault("checks", {})
+    table = checks.setdefault("milter", {}) if isinstance(checks, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError("checks.milter: expected a table")
+    notes = []
+    for old, value in moved.items():
+        new = DEPRECATED_MILTER_KEYS[old]
+        if new in table:
+            raise ConfigError(
+                f"{old}: given twice, here and as [checks.milter] {new}; keep the latter", key=old
+            )
+        table[new] = value
+        notes.append(f"{old} is deprecated: write it as {new} in [checks.milter]")
+    return notes
 
 
 #: "auto" stops here: each process holds its own engine, caches and connections, and past a
@@ -696,7 +758,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "deprecated")}
     unknown = [k for k in data if k not in names]  # file order: the first typo first
     if unknown:
         key = unknown[0]
@@ -1156,7 +1218,8 @@ def load(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: TOML syntax error: {err}") from None
     try:
+        deprecated = tuple(_move_deprecated_milter_keys(data))
         config = _anchor(_build(Config, data, ""), Path(path).absolute().parent)
-        return validate(dataclasses.replace(config, source=str(path)))
+        return validate(dataclasses.replace(config, source=str(path), deprecated=deprecated))
     except ConfigError as err:
         raise _with_line(err, str(path), text) from None

@@ -45,9 +45,10 @@ def server(milter: TestMilter, module_mail_server: ServerFactory) -> MailServer:
         settings={
             "local_domains": ["example.org"],
             "local_users": ["postmaster", "alice", "bob", "carol"],
-            "milters": [milter.spec],
-            "milter_content_timeout": 1.0,
-            "milter_command_timeout": 1.0,
+            "checks": {"milter": {
+                "smtpd": [milter.spec], "content_timeout": 1.0, "command_timeout": 1.0,
+                "quarantine": "hold",
+            }},
             "limits": {"message_size": 1024 * 1024},
         }
     )

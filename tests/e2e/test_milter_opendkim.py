@@ -56,7 +56,7 @@ def setup(
             "local_domains": ["example.org"],
             "users_file": str(directory / "users.passwd"),
             "tls": {"cert": str(chain), "key": str(chain)},
-            "submission_milters": [signer.spec],
+            "checks": {"milter": {"submission": [signer.spec]}},
         },
         services=("smtp", "submission"),
     )

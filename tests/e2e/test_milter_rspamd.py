@@ -41,7 +41,7 @@ def server(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) ->
         settings={
             "local_domains": ["example.org"],
             "local_users": ["postmaster", "alice"],
-            "milters": [scanner.spec],
+            "checks": {"milter": {"smtpd": [scanner.spec]}},
         }
     )
 
@@ -104,10 +104,12 @@ def test_rspamd_down_gets_the_default_action(
         settings={
             "local_domains": ["example.org"],
             "local_users": ["postmaster", "alice"],
+            # the old top-level spelling still works, with a deprecation line in the log
             "milters": [dead],
             "milter_default_action": action,
         }
     )
+    server.wait_for_log(r"warning: milters is deprecated: write it as smtpd in \[checks\.milter\]")
     with smtplib.SMTP(server.host, server.smtp_port) as client:
         client.ehlo()
         got, text = client.mail("bob@example.com")

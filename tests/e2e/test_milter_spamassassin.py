@@ -34,7 +34,7 @@ def server(scanner: spamassassin.SpamAssassinMilter, module_mail_server: ServerF
         settings={
             "local_domains": ["example.org"],
             "local_users": ["postmaster", "alice"],
-            "milters": [scanner.spec],
+            "checks": {"milter": {"smtpd": [scanner.spec]}},
         }
     )
 

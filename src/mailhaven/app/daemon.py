@@ -521,6 +521,8 @@ class App:
         self._apply_reload(prepared)
         for name in prepared.kept:
             log.warning("reload: %s changed; it takes effect at the next restart", name)
+        for note in prepared.config.deprecated:
+            log.warning("reload: %s", note)
         log.info("reload: configuration %s applied", path or "(built-in defaults)")
         # last, so that line is logged even when the new level hides it (as maillog.setup)
         logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
             if warning := configuration.mail_owner_warning(config):
                 print(f"mailhaven: warning: {warning}", file=sys.stderr)
+            for note in config.deprecated:
+                print(f"mailhaven: warning: {note}", file=sys.stderr)
             from mailhaven.signing.keys import KeyFileError, load_all
 
             try:  # DKIM keys: serve and reload refuse an unusable one, so say it here first
@@ -252,6 +254,8 @@ def _serve(
         print(f"mailhaven: state directory {config.state_path}", file=sys.stderr)
         if warning := hostname_warning(config):
             logging.getLogger("mailhaven.master").warning("%s", warning)
+        for note in config.deprecated:
+            logging.getLogger("mailhaven.master").warning("%s", note)
     try:
         return eventloop.run(config.event_loop, App(config, worker=role).run())
     except (UsersFileError, ConfigError) as err:  # ConfigError: e.g. an unusable DKIM key

@@ -1,8 +1,9 @@
 """What the configuration says about milters, checked once at load time.
 
-In: the `milters`/`submission_milters` lists (`inet:host:port`, `inet:[v6]:port`, `unix:/path`,
-Postfix's syntax), `milter_default_action` and the three timeouts. Out: a frozen
-`MilterSettings` per listener, or `ValueError` naming the bad entry.
+In: `[checks.milter]`: the `smtpd`/`submission`/`non_smtpd` lists (`inet:host:port`,
+`inet:[v6]:port`, `unix:/path`, Postfix's syntax), `default_action`, the three timeouts and what
+marks a message as spam. Out: a frozen `MilterSettings` per kind of entry ("smtp",
+"submission", "non_smtpd"), or `ValueError` naming the bad entry.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class MilterSettings:
     hostname: str = "localhost"
     #: milter addresses whose connections are kept for the next SMTP session (`pool`)
     reuse: frozenset[str] = frozenset()
+    #: SMFIR_QUARANTINE: "junk" (flag the message as spam) or "hold" (Postfix's hold queue)
+    quarantine: str = "junk"
+    #: (field name lowercased, value pattern) pairs that mark spam when a milter set them
+    spam_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def active(self) -> bool:
@@ -59,19 +64,37 @@ def parse_endpoint(spec: str) -> Endpoint:
     return Endpoint(spec, host, port)
 
 
+def spam_header_rules(entries: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """"X-Spam: Yes" -> ("x-spam", "Yes"); checked at load time by `config`."""
+    rules = []
+    for entry in entries:
+        name, _sep, value = entry.partition(":")
+        rules.append((name.strip().lower(), value.strip()))
+    return tuple(rules)
+
+
 def milter_settings(config: Config, listener: str) -> MilterSettings | None:
-    """The milters of one listener ("smtp", "submission", "submissions"); None: it has none."""
-    specs = config.milters if listener == "smtp" else config.submission_milters
+    """The milters of one kind of entry: "smtp" (the MX), "submission"/"submissions", or
+    "non_smtpd" (sendmail, the pickup); None: it has none."""
+    milter = config.checks.milter
+    if listener == "smtp":
+        specs = milter.smtpd
+    elif listener == "non_smtpd":
+        specs = milter.non_smtpd
+    else:
+        specs = milter.submission
     if not specs:
         return None
     return MilterSettings(
         endpoints=tuple(parse_endpoint(s) for s in specs),
-        default_action=config.milter_default_action,
-        connect_timeout=config.milter_connect_timeout,
-        command_timeout=config.milter_command_timeout,
-        content_timeout=config.milter_content_timeout,
+        default_action=milter.default_action,
+        connect_timeout=milter.connect_timeout,
+        command_timeout=milter.command_timeout,
+        content_timeout=milter.content_timeout,
         max_body=config.limits.message_size,
         daemon_name=listener,
         hostname=config.hostname,
-        reuse=frozenset(config.milter_reuse),
+        reuse=frozenset(milter.reuse),
+        quarantine=milter.quarantine,
+        spam_headers=spam_header_rules(milter.spam_headers),
     )
