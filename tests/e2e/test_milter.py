@@ -119,6 +119,24 @@ def test_quarantine_holds_the_message(server: MailServer, milter: TestMilter) ->
     assert f"{queue_id}!" in out.stdout, out.stdout + out.stderr
 
 
+def test_quarantine_files_into_junk_by_default(mail_server: ServerFactory, milter: TestMilter) -> None:
+    """Without `quarantine = "hold"` a quarantined message reaches the recipient's Junk."""
+    server = mail_server(settings={
+        "local_domains": ["example.org"], "local_users": ["postmaster", "alice"],
+        "checks": {"milter": {"smtpd": [milter.spec]}},
+    })
+    milter.replies["E"] = [tm.quarantine("suspicious attachment"), tm.cont()]
+    mark = uuid.uuid4().hex
+    assert send(server, mark) == {}
+    server.wait_for_log(r"\w+: milter-junk: quarantine: suspicious attachment")
+    junk = server.maildir("alice") / ".Junk" / "new"
+    deadline = time.monotonic() + 10
+    while not any(mark in p.read_text() for p in junk.glob("*")):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.05)
+    assert not any(mark in p.read_text() for p in server.messages("alice"))
+
+
 def test_discard_answers_250_and_delivers_nothing(server: MailServer, milter: TestMilter) -> None:
     milter.replies["E"] = [tm.discard()]
     mark = uuid.uuid4().hex

@@ -11,7 +11,9 @@ log directories there:
   phishing feeds, ...) are disabled;
 - `milter_headers` adds rspamd's usual headers to every message (local clients included).
 
-GTUBE is rspamd's built-in test pattern (action reject: `554 5.7.1 Gtube pattern`).
+GTUBE is rspamd's built-in test pattern (action reject: `554 5.7.1 Gtube pattern`). A message
+whose Subject contains `SPAM_MARK` scores 10 (the `MH_TEST_SPAM` rule): between the "add header"
+(6) and "reject" (15) thresholds set here, so rspamd accepts it and adds `X-Spam: Yes`.
 
 rspamd takes ~20-30 s to start (it compiles its regular expressions and the public suffix
 list): use one instance per test module. `stop()` sends SIGTERM to the PID it started, waits,
@@ -37,6 +39,8 @@ RSPAMD = Path("/usr/bin/rspamd")
 USER = "_rspamd"
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 20.0
+#: a Subject containing this scores 10: rspamd's "add header" action, not "reject"
+SPAM_MARK = "mailhaven-test-spam-marker"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 #: modules that only ask the network (or redis); off so a scan never waits for them
 OFF = ["rbl", "surbl", "url_redirector", "fuzzy_check", "asn", "spf", "dkim", "dmarc", "arc", "emails", "phishing", "greylist", "ratelimit", "replies", "neural", "history_redis", "dcc", "mx_check", "dkim_signing", "elastic", "clickhouse", "metadata_exporter", "reputation", "url_reputation", "hfilter", "external_services"]
@@ -94,6 +98,13 @@ class RspamdInstance:
         (d / "local.d" / "options.inc").write_text(
             f'dns {{ nameserver = ["{host}:{port}"]; timeout = 0.5s; retransmits = 1; }}\n'
             "disable_hyperscan = true;\n"
+        )
+        (d / "local.d" / "actions.conf").write_text(
+            "reject = 15;\nadd_header = 6;\nrewrite_subject = null;\ngreylist = null;\n"
+        )
+        (d / "local.d" / "regexp.conf").write_text(
+            f'MH_TEST_SPAM {{ re = "Subject=/{SPAM_MARK}/iH"; score = 10.0; '
+            'description = "mailhaven tests: scored as spam, below reject"; }\n'
         )
         (d / "local.d" / "milter_headers.conf").write_text(
             'use = ["x-spamd-result", "x-rspamd-queue-id", "x-spam-status", '

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 from mailhaven import maillog
 from mailhaven.checks.gate import Gate, Screen
 from mailhaven.checks.milter.chain import MilterChain
+from mailhaven.checks.milter.marks import delivery_marks
 from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
 from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.faults import crash_point
-from mailhaven.intake.cleanup import MILTER_HOLD
 from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
@@ -877,8 +877,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         if verdict.edited:
             envelope = edit_envelope(envelope, verdict)
             writer = cast(Writer, await rewrite(source, verdict, source.sibling))
-        if verdict.quarantine is not None:
-            envelope = replace(envelope, extra={**envelope.extra, MILTER_HOLD: verdict.quarantine})
+        if marks := delivery_marks(verdict, self.milters.settings, writer.queue_id):
+            envelope = replace(envelope, extra={**envelope.extra, **marks})
         if not envelope.recipients:
             writer.abort()
             self._milter_log(
