@@ -52,6 +52,8 @@ from mailhaven.app.mail_auth import inbound_gate
 from mailhaven.app.reload import PreparedReload, prepare_reload
 from mailhaven.app.settings import backoff_policy, build_router, mail_owner, plan_limits
 from mailhaven.checks.auth_failures import AuthLimiter
+from mailhaven.checks.milter.non_smtpd import MilteredDoor
+from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.control import channel as control
@@ -386,7 +388,10 @@ class App:
         """The pickup (collects what `sendmail` dropped, also while we were down) and the
         control socket that `sendmail` pokes and `mailhaven queue` drives."""
         state = self.config.state_path
-        pickup = Pickup(state / "maildrop", IntakeDoor(self.spool, engine.intake))
+        # non_smtpd milters (docs/filtering.md): read per message, so a reload applies
+        door = MilteredDoor(IntakeDoor(self.spool, engine.intake),
+                            lambda: milter_settings(self.config, "non_smtpd"))
+        pickup = Pickup(state / "maildrop", door)
         await asyncio.to_thread(pickup.prepare)
         self.pickup = pickup
 

@@ -19,7 +19,8 @@ Invariants:
 
 When: `collect()` at start-up, on each poke (`wake()`, from the control channel), and from
 `run()`, which also notices new files by polling the directory's mtime every `poll_interval`
-seconds (users who cannot reach the 0600 control socket still get their mail picked up).
+seconds (users who cannot reach the 0600 control socket still get their mail picked up), and
+collects again `RETRY_DEFERRED` seconds after a file was refused for now (4xx).
 
 SECURITY: the drop file is written by an unprivileged local user, so everything in it is
 untrusted (Postfix's pickup is the same trust boundary). Only sender, recipients and the DSN/
@@ -59,6 +60,9 @@ log = logging.getLogger("mailhaven.pickup")
 CHUNK = 64 * 1024
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets (254 for the address itself).
 MAX_ADDRESS = 256
+#: Seconds before a file refused for now (4xx: spool full, a milter down) is tried again when
+#: nothing else wakes the pickup (Postfix's pickup rescans the maildrop every 60 s).
+RETRY_DEFERRED = 60.0
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY", "NEVER"})
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
 
@@ -172,6 +176,8 @@ class Pickup:
         self._lock = asyncio.Lock()
         self._poke = asyncio.Event()
         self._seen_mtime: int | None = None
+        #: when files refused for now are due again (None: there are none)
+        self._retry_at: float | None = None
 
     def prepare(self) -> None:
         """Create the directories if missing (blocking, quick)."""
@@ -188,7 +194,8 @@ class Pickup:
                 await asyncio.wait_for(self._poke.wait(), poll_interval)
             poked = self._poke.is_set()
             self._poke.clear()
-            if poked or self._changed():
+            due = self._retry_at is not None and self._clock() >= self._retry_at
+            if poked or self._changed() or due:
                 await self.collect()
 
     def _changed(self) -> bool:
@@ -204,6 +211,7 @@ class Pickup:
         """Queue every complete drop file; returns how many were queued. Never raises
         (except cancellation)."""
         async with self._lock:
+            self._retry_at = None
             try:
                 names = sorted(await asyncio.to_thread(os.listdir, self.dirs.new))
             except FileNotFoundError:
@@ -252,10 +260,12 @@ class Pickup:
             case Refused(reply=reply) if reply.code < 500:
                 # e.g. 452 4.3.1, the spool is full: the drop file stays for the next round
                 log.warning("%s: not collected now: %s", name, reply.one_line())
+                if self._retry_at is None:
+                    self._retry_at = self._clock() + RETRY_DEFERRED
                 return 0
             case Refused(reply=reply):
                 await asyncio.to_thread(
-                    self._quarantine, name, f"refused by intake: {reply.code} {reply.text}"
+                    self._quarantine, name, f"refused: {reply.code} {reply.text}"
                 )
                 return 0
             case _:
