@@ -107,3 +107,33 @@ def test_recipient_limit_and_fail2ban_filter(mail_server: ServerFactory, tmp_pat
     assert result.returncode == 0, result.stderr
     matched = result.stdout.splitlines()
     assert len(matched) == 2 and all("[127.0.0.1]" in line for line in matched), matched
+
+
+def test_two_processes_share_one_count(mail_server: ServerFactory, tmp_path: Path) -> None:
+    """`smtp_processes = 2`: the worker serves only the MX port, which offers no AUTH, and
+    submission stays in the daemon, so every authenticated message of a user is counted in
+    one place: the limit holds across separate connections, not once per process."""
+    users = tmp_path / "users.passwd"
+    db = UserDB(users, hasher=PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
+    db.add("bob", "hunter2")
+    server = mail_server(
+        settings={
+            "trusted_networks": [], "users_file": str(users), "local_users": ["postmaster"],
+            "smtp_processes": 2,
+            "checks": {"sender_limits": {"messages": 3, "recipients": 100,
+                                         "notify_postmaster": False}},
+        },
+        services=("smtp", "submission"),
+    )  # fmt: skip
+    server.wait_for_log(r"worker 1 ready")
+    with smtplib.SMTP(server.host, server.smtp_port, "client.test", 10) as mx:
+        mx.ehlo()
+        assert not mx.has_extn("auth")  # nothing authenticates where the workers listen
+    codes = []
+    for _ in range(8):  # a new connection each time, as a spam run spreads them
+        with submit(server, "bob", "hunter2") as smtp:
+            codes.append(smtp.mail("bob@localhost")[0])
+            if codes[-1] == 250:
+                smtp.rcpt("postmaster@localhost")
+                smtp.data(MESSAGE)
+    assert codes == [250] * 3 + [450] * 5
