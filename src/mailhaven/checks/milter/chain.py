@@ -12,6 +12,11 @@ Choices (where Postfix and Sendmail differ or the protocol leaves room):
 - The milters of a list are asked concurrently at each stage; verdicts and edits are then
   taken in list order (the first refusal wins; edits apply in list order). Each milter sees the
   message as the client sent it.
+- Each stage sends its own macros, as Postfix's milter_*_macros: the client's at CONNECT,
+  TLS at HELO, the sender's and AUTH at MAIL, the recipient's at RCPT, and the queue id `i`
+  from MAIL on. Milters keep what they were given (libmilter's smfi_getsymval looks through
+  every stage), so repeating the connection's macros at every stage only cost bytes and
+  parsing on both sides.
 - The DATA stage is sent with the content at end of message (one round trip less for milters
   that want it; a refusal there refuses the message).
 - Content is pipelined: DATA, headers, end of headers, body chunks and end of message are
@@ -133,7 +138,10 @@ class MilterChain:
         #: a connect/HELO refusal: every MAIL of the session gets it
         self.session_refusal: Reply | None = None
         self.session_discard = False
+        #: every macro value given so far (connect, HELO, the current transaction)
         self.macros: dict[str, str] = {}
+        #: the transaction's macros repeated at RCPT and in the content stages (the queue id)
+        self._txn: dict[str, str] = {}
         #: a milter said discard during this transaction
         self.discard = False
 
@@ -142,9 +150,11 @@ class MilterChain:
     def start(self, hostname: str, address: str, port: int, macros: Mapping[str, str]) -> None:
         """Open every milter and send CONNECT, in the background."""
         self.macros.update(macros)
-        self._opening = asyncio.ensure_future(self._open(hostname, address, port))
+        self._opening = asyncio.ensure_future(self._open(hostname, address, port, dict(macros)))
 
-    async def _open(self, hostname: str, address: str, port: int) -> None:
+    async def _open(
+        self, hostname: str, address: str, port: int, connect_macros: dict[str, str]
+    ) -> None:
         async def one(state: _State) -> m.Verdict | None:
             reused = pool.take(state.client.name) if state.client.name in self.settings.reuse else None
             if reused is not None:
@@ -154,7 +164,7 @@ class MilterChain:
                 await state.client.open(self.settings.connect_timeout)
             return await self._ask(
                 state,
-                lambda c: c.connect(hostname, address, port, self.macros),
+                lambda c: c.connect(hostname, address, port, connect_macros),
                 self.settings.command_timeout,
             )
 
@@ -171,7 +181,7 @@ class MilterChain:
         self.macros.update(macros)
         refusal = await self._decide(
             m.Stage.HELO,
-            lambda s: self._ask(s, lambda c: c.helo(name, self.macros), self.settings.command_timeout),
+            lambda s: self._ask(s, lambda c: c.helo(name, macros), self.settings.command_timeout),
             session=True,
             defaults=False,
         )
@@ -183,18 +193,18 @@ class MilterChain:
         await self._ready()
         if self.session_refusal is not None:
             return self.session_refusal
-        self.macros.update(macros)
+        self._new_transaction(macros)
         for state in self._states:
             state.message_done = False
             state.in_message = True
         return await self._decide(
             m.Stage.MAIL,
-            lambda s: self._ask(s, lambda c: c.mail(sender, args, self.macros), self.settings.command_timeout),
+            lambda s: self._ask(s, lambda c: c.mail(sender, args, macros), self.settings.command_timeout),
         )
 
     async def rcpt(self, rcpt: str, args: list[str], macros: Mapping[str, str]) -> Reply | None:
         await self._ready()
-        stage_macros = {**self.macros, **macros}
+        stage_macros = {**self._txn, **macros}
         return await self._decide(
             m.Stage.RCPT,
             lambda s: self._ask(s, lambda c: c.rcpt(rcpt, args, stage_macros), self.settings.command_timeout),
@@ -224,18 +234,22 @@ class MilterChain:
 
     def helo_now(self, name: str, macros: Mapping[str, str]) -> None:
         self.macros.update(macros)
-        self._send_now(lambda c: c.helo(name, self.macros), True)
+        self._send_now(lambda c: c.helo(name, macros), True)
 
     def mail_now(self, sender: str, args: list[str], macros: Mapping[str, str]) -> None:
-        self.macros.update(macros)
+        self._new_transaction(macros)
         for state in self._states:
             state.message_done = False
             state.in_message = True
-        self._send_now(lambda c: c.mail(sender, args, self.macros), False)
+        self._send_now(lambda c: c.mail(sender, args, macros), False)
 
     def rcpt_now(self, rcpt: str, args: list[str], macros: Mapping[str, str]) -> None:
-        stage_macros = {**self.macros, **macros}
+        stage_macros = {**self._txn, **macros}
         self._send_now(lambda c: c.rcpt(rcpt, args, stage_macros), False)
+
+    def _new_transaction(self, macros: Mapping[str, str]) -> None:
+        self.macros.update(macros)
+        self._txn = {"i": macros["i"]} if "i" in macros else {}
 
     def abort(self) -> None:
         """The transaction ended before end of message (RSET, a refusal, the client left)."""
@@ -363,6 +377,7 @@ class MilterChain:
         rspamd and OpenDKIM count their insertion index from it)."""
         await self._ready()
         self.macros.update(macros)
+        self._txn.update(macros)
         result = MessageVerdict()
         if self.session_refusal is not None:
             result.refusal = self.session_refusal
@@ -437,16 +452,16 @@ class MilterChain:
         client = state.client
         conn = client.conn
         timeout = self.settings.content_timeout
-        conn.data(self.macros)
+        conn.data(self._txn)
         for f in header.fields:
             conn.header(f.name, f.value)
-        conn.eoh(self.macros)
+        conn.eoh(self._txn)
         client.flush(at_least=_BATCH)
         early: m.Verdict | None = None
         if conn.wants(m.Stage.BODY):
             early = await self._send_body(client, source, header.body_offset, timeout)
         if early is None:
-            conn.end_of_message(self.macros)
+            conn.end_of_message(self._txn)
             client.flush()
         outcome = _Outcome()
         body: BodySink | None = None

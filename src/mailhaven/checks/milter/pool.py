@@ -44,8 +44,9 @@ def give(client: MilterClient) -> None:
     if len(queue) >= MAX_IDLE or not client.reusable:
         client.quit()
         return
+    # SMFIC_QUIT_NC is queued, not written: it goes out with the next session's first write
+    # (one write per reused session less); a connection closed idle never needed it
     client.conn.quit_new_connection()
-    client.flush()
     queue.append((time.monotonic(), client))
 
 
