@@ -314,8 +314,8 @@ class Milter:
     content_timeout: float = 300.0
     #: Addresses whose connection serves session after session (SMFIC_QUIT_NC; rspamd).
     reuse: tuple[str, ...] = ()
-    #: SMFIR_QUARANTINE: "junk" (delivered into the recipients' junk folder) or "hold"
-    #: (kept on hold in the queue, as Postfix does).
+    #: SMFIR_QUARANTINE on the MX: "junk" (delivered into the recipients' junk folder) or
+    #: "hold" (kept on hold in the queue, as Postfix does; outbound mail: always hold).
     quarantine: str = "junk"
     #: "Name: value" header fields that mark a message as spam when a milter added or set them
     #: (never when the sender wrote them); value "*" matches anything, a trailing "*" a prefix.

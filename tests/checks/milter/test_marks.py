@@ -20,8 +20,10 @@ RULES = spam_header_rules(
 )
 
 
-def settings(quarantine: str = "junk", rules: tuple[tuple[str, str], ...] = RULES) -> MilterSettings:
-    return MilterSettings(quarantine=quarantine, spam_headers=rules)
+def settings(
+    quarantine: str = "junk", rules: tuple[tuple[str, str], ...] = RULES, listener: str = "smtp"
+) -> MilterSettings:
+    return MilterSettings(quarantine=quarantine, spam_headers=rules, daemon_name=listener)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +85,10 @@ def test_quarantine_hold_keeps_postfix_behaviour() -> None:
 def test_no_rules_no_header_verdicts() -> None:
     verdict = MessageVerdict(header_edits=[m.AddHeader("X-Spam", "Yes")])
     assert delivery_marks(verdict, settings(rules=()), "QID") == {}
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions", "non_smtpd"])
+def test_outbound_quarantine_always_holds(listener: str) -> None:
+    """Our own users' mail a scanner quarantined must not be relayed out as if clean."""
+    verdict = MessageVerdict(quarantine="outbound spam")
+    assert delivery_marks(verdict, settings(listener=listener), "Q") == {MILTER_HOLD: "outbound spam"}

@@ -7,8 +7,10 @@ line for the log.
 
 Two verdicts mark spam:
 - SMFIR_QUARANTINE: with `quarantine = "junk"` (the default: on a mailbox host users look for
-  suspicious mail in their Junk folder, not in a queue only the administrator sees) the message
-  is marked as spam; with "hold" it is held, as Postfix does.
+  suspicious mail in their Junk folder, not in a queue only the administrator sees) mail that
+  arrived on the MX listener is marked as spam; with "hold", and always for mail our own users
+  send (submission, `sendmail`), it is held, as Postfix does: outbound mail a scanner
+  quarantined must not leave for other hosts, where no Junk folder of ours is.
 - A scanner's verdict header that a milter added or set (`spam_headers`, e.g. rspamd's
   `X-Spam: Yes` from its "add header" action, SpamAssassin's `X-Spam-Flag: YES`).
 
@@ -29,6 +31,10 @@ from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.proto.milter_edit import HeaderEdit
 
 log = logging.getLogger("mailhaven.milter")
+
+#: The entries whose mail comes from other hosts (`MilterSettings.daemon_name`): only there
+#: does a quarantine mean "the recipient's Junk folder".
+INBOUND = frozenset({"smtp"})
 
 
 def matches(value: str, pattern: str) -> bool:
@@ -60,7 +66,7 @@ def delivery_marks(verdict: MessageVerdict, settings: MilterSettings, queue_id: 
     """The envelope `extra` entries the verdict asks for (empty: deliver as usual); logs why."""
     marks: dict[str, str] = {}
     if verdict.quarantine is not None:
-        if settings.quarantine == "hold":
+        if settings.quarantine == "hold" or settings.daemon_name not in INBOUND:
             marks[MILTER_HOLD] = verdict.quarantine  # intake logs the milter-hold line
         else:
             marks[SPAM_FLAG] = "yes"
