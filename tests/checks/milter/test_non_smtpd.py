@@ -141,3 +141,23 @@ async def test_envelope_edits_and_spam_marks(tmp_path: Path, milter: TestMilter)
     ((_, envelope),) = inner.submitted
     assert [r.address for r in envelope.recipients] == ["root@example.org", "abuse@example.org"]
     assert envelope.extra[MILTER_HOLD] == "looks bad" and envelope.extra[SPAM_FLAG] == "yes"
+
+
+async def test_an_unexpected_error_frees_the_message(
+    tmp_path: Path, milter: TestMilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug past the protocol (here: reading the message back fails) propagates to the
+    pickup, which logs it and keeps the drop file; the spool writer is not left behind."""
+    door, inner = door_for(tmp_path, milter)
+    writer = door.new_message()
+    writer.write(MESSAGE)
+    assert isinstance(writer, MessageWriter)
+
+    def broken() -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(writer, "read_back", broken)
+    with pytest.raises(OSError):
+        await door.submit(writer, ENVELOPE)
+    assert writer._closed  # aborted
+    assert inner.submitted == []

@@ -75,6 +75,9 @@ class MilteredDoor:
         chain = MilterChain(settings)
         try:
             result = await _ask(chain, source, envelope)
+        except BaseException:
+            source.abort()  # the pickup logs the error and tries the drop file again
+            raise
         finally:
             chain.close()
         if isinstance(result, Reply):
