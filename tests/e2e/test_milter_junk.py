@@ -4,7 +4,9 @@ A private rspamd (`tests.support.rspamd`, thresholds add_header 6 / reject 15) s
 listener receives. A message whose Subject carries `rspamd.SPAM_MARK` scores 10: rspamd accepts
 it and adds `X-Spam: Yes`, so it lands in alice's `Maildir/.Junk/new/` (and a private Dovecot
 lists it in the IMAP folder Junk); a clean message lands in the INBOX; a sender that writes
-`X-Spam: Yes` itself does not reach Junk (only the milter's own header edits count).
+`X-Spam: Yes` itself does not reach Junk (only the milter's own header edits count). The same
+with SpamAssassin (spamass-milter, reject at 15, a test rule scoring 10): its `X-Spam-Flag:
+YES` files the message into Junk.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.e2e.test_dovecot_imap import MAIL_GROUP, MAIL_USER, add_user, imap
 from tests.support import dovecot as dc
-from tests.support import rspamd
+from tests.support import rspamd, spamassassin
 from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer
 
@@ -151,3 +153,29 @@ def test_dovecot_shows_the_spam_in_junk(
             assert len(found[0].split()) == 1
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def assassin() -> Iterator[spamassassin.SpamAssassinMilter]:
+    reason = spamassassin.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with spamassassin.SpamAssassinMilter(reject=15, site_rules=spamassassin.JUNK_RULE) as milter:
+        yield milter
+
+
+def test_spamassassin_spam_below_reject_lands_in_junk(
+    assassin: spamassassin.SpamAssassinMilter, mail_server: ServerFactory
+) -> None:
+    """SpamAssassin's `X-Spam-Flag: YES` (spamass-milter adds it) is the other default verdict."""
+    server = mail_server(settings={
+        "local_domains": ["example.org"], "local_users": ["postmaster", "alice"],
+        "checks": {"milter": {"smtpd": [assassin.spec]}},
+    })
+    spam, ham = uuid.uuid4().hex, uuid.uuid4().hex
+    send(server, message(spam, f"offer {spamassassin.SPAM_MARK}"))
+    send(server, message(ham, "agenda"))
+    data = wait_in(server, "alice", "Junk", spam)
+    assert b"X-Spam-Flag: YES" in data
+    assert b"X-Spam-Flag: YES" not in wait_in(server, "alice", "", ham)
+    server.wait_for_log(r"\w+: milter-junk: X-Spam-Flag: YES")

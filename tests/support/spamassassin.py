@@ -2,8 +2,9 @@
 
 `SpamAssassinMilter().start()` runs `spamd -L` (local tests only: no DNS, no network; the rules
 Debian ships in /usr/share/spamassassin, GTUBE among them) on 127.0.0.1:<free port> as
-`nobody`, without user configs, and `spamass-milter -r 5` (reject at score 5 or more) on another
-loopback port, pointing its spamc at that spamd. Both run in the foreground; `stop()` SIGTERMs
+`nobody`, without user configs, and `spamass-milter -r 5` (reject at score 5 or more; `reject`
+changes it) on another loopback port, pointing its spamc at that spamd. `site_rules`: extra
+SpamAssassin rules, in a copy of Debian's site config (`--siteconfigpath`). Both run in the foreground; `stop()` SIGTERMs
 the two PIDs it started (SIGKILL only if one outlives the wait) and removes its directory.
 
 SECURITY: test code only; both bind 127.0.0.1.
@@ -56,8 +57,21 @@ def _wait(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     raise RuntimeError(f"{what} did not start listening in time")
 
 
+#: `SpamAssassinMilter(site_rules=JUNK_RULE, reject=15)`: a Subject containing `SPAM_MARK`
+#: scores 10, spam (required_score 5) but below the milter's reject score: X-Spam-Flag: YES.
+SPAM_MARK = "mailhaven-test-spam-marker"
+JUNK_RULE = (
+    f"header MH_TEST_SPAM Subject =~ /{SPAM_MARK}/i\n"
+    "describe MH_TEST_SPAM mailhaven tests: spam, below the reject score\n"
+    "score MH_TEST_SPAM 10.0\n"
+)
+SITE_CONFIG = Path("/etc/spamassassin")
+
+
 class SpamAssassinMilter:
-    def __init__(self) -> None:
+    def __init__(self, *, reject: int = 5, site_rules: str = "") -> None:
+        self.reject = reject
+        self.site_rules = site_rules
         self.spamd_port = _free_port()
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-spamassassin-"))
@@ -70,16 +84,24 @@ class SpamAssassinMilter:
     def start(self) -> SpamAssassinMilter:
         out = open(self.dir / "out.txt", "wb")  # noqa: SIM115 - closed in stop()
         self._out = out
+        extra: list[str] = []
+        if self.site_rules:  # Debian's site config (plugin loads, local.cf) plus ours
+            site = self.dir / "site"
+            shutil.copytree(SITE_CONFIG, site)
+            (site / "zz_mailhaven_test.cf").write_text(self.site_rules)
+            os.chmod(self.dir, 0o755)  # spamd reads its config as `nobody`
+            extra.append(f"--siteconfigpath={site}")
         try:
             spamd = subprocess.Popen(
                 [str(SPAMD), "-L", f"--listen=127.0.0.1:{self.spamd_port}", "-u", "nobody",
-                 "--nouser-config", "--max-children=2", f"--pidfile={self.dir / 'spamd.pid'}"],
+                 "--nouser-config", "--max-children=2", f"--pidfile={self.dir / 'spamd.pid'}",
+                 *extra],
                 stdout=out, stderr=subprocess.STDOUT,
             )
             self.procs.append(spamd)
             _wait(self.spamd_port, spamd, "spamd")
             milter = subprocess.Popen(
-                [str(MILTER), "-p", f"inet:{self.port}@127.0.0.1", "-r", "5",
+                [str(MILTER), "-p", f"inet:{self.port}@127.0.0.1", "-r", str(self.reject),
                  "--", "-d", "127.0.0.1", "-p", str(self.spamd_port)],
                 stdout=out, stderr=subprocess.STDOUT,
             )
