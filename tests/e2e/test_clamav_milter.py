@@ -11,7 +11,7 @@ Postfix-shaped `milter-reject` log line, nothing is delivered, the session goes 
 sees the same; a clean message (and a 3 MiB clean attachment: many body chunks, each answered)
 is delivered with clamav-milter's `X-Virus-Scanned` and `X-Virus-Status: Clean`, which replace
 fields the sender forged; with clamd down clamav-milter's own OnFail (Defer) answers the first
-header and the client gets `451` at once; with clamav-milter down `milter_default_action`
+header and the client gets `451` at once; with clamav-milter down `[checks.milter] default_action`
 applies (tempfail: `451 4.7.1`, accept: delivered unscanned).
 
 One scanner serves the module; the tests that stop clamd or clamav-milter start their own pair
@@ -57,7 +57,7 @@ def scanner() -> Iterator[clamav.ClamAV]:
 
 @pytest.fixture(scope="module")
 def server(scanner: clamav.ClamAV, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(settings={**SETTINGS, "milters": [scanner.spec]})
+    return module_mail_server(settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec]}}})
 
 
 def message(mark: str, attachment: bytes | None = None, filename: str = "eicar.com") -> bytes:
@@ -189,7 +189,7 @@ def test_signature_is_what_sigtool_makes(tmp_path: Path) -> None:
 def test_clamd_down_is_clamav_milters_on_fail(mail_server: ServerFactory) -> None:
     _skip_unless_installed()
     with clamav.ClamAV() as scanner:
-        server = mail_server(settings={**SETTINGS, "milters": [scanner.spec]})
+        server = mail_server(settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec]}}})
         scanner.stop_clamd()
         started = time.monotonic()
         with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client, pytest.raises(
@@ -214,7 +214,7 @@ def test_milter_down_gets_the_default_action(mail_server: ServerFactory, action:
     _skip_unless_installed()
     with clamav.ClamAV() as scanner:
         server = mail_server(
-            settings={**SETTINGS, "milters": [scanner.spec], "milter_default_action": action}
+            settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec], "default_action": action}}}
         )
         mark = uuid.uuid4().hex
         with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
