@@ -18,7 +18,8 @@ matching RRset (empty: NODATA), following one CNAME; any other name is NXDOMAIN;
 `servfail` answer SERVFAIL and names in `silent` get no answer at all (the client times out).
 UDP answers larger than the client's EDNS payload (512 without EDNS) are truncated (TC), so
 the client retries over TCP. It runs in a daemon thread with its own sockets and a bounded
-select loop, so it works for sync tests and for any event loop; `stop()` joins the thread.
+select loop (each TCP connection in a thread of its own, closed after 2 s idle), so it works
+for sync tests and for any event loop; `stop()` joins the thread.
 Every query is recorded in `queries` as (name, type, transport).
 
 SECURITY: test code only; binds 127.0.0.1 (or ::1) and nothing else.
@@ -170,9 +171,15 @@ class DNSServer:
         self._udp.sendto(out, peer)
 
     def _serve_tcp(self) -> None:
+        """Each connection in its own thread: a client that keeps one open and idle (rspamd's
+        resolver does) must not stall the UDP answers."""
         assert self._tcp is not None
         conn, _ = self._tcp.accept()
-        with conn:
+        threading.Thread(target=self._serve_connection, args=(conn,), name="test-dns-tcp",
+                         daemon=True).start()
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError, dns.exception.DNSException, ValueError):
             conn.settimeout(2)
             while not self._stop.is_set():
                 head = conn.recv(2, socket.MSG_WAITALL)
