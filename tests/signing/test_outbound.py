@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.routing.srs import SRS, SRS_SENDER
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.signing import keys as keystore
+from mailhaven.signing import outbound as outbound_module
+from mailhaven.signing import signer
 from mailhaven.signing.outbound import Outbound, from_domain
 from mailhaven.spool import Spool
 
@@ -105,6 +108,32 @@ async def test_mail_from_us_is_dual_signed(
     assert stored.count(b"DKIM-Signature:") == 2
     for index in (0, 1):
         assert dkim.DKIM(stored).verify(idx=index, dnsfunc=dns_for(keys))
+
+
+async def test_private_key_operations_run_in_the_signing_thread(
+    spool: Spool, keys: dict[str, list[keystore.SigningKey]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop thread does the hashing; both signatures of a message go to the signing thread
+    as one job; after `close` (a reload replaced the hook) signing still works, in place."""
+    jobs: list[tuple[str, int]] = []
+
+    def spy(chosen: Sequence[keystore.SigningKey], datas: Sequence[bytes]) -> list[bytes]:
+        jobs.append((threading.current_thread().name, len(datas)))
+        return signer.sign_all(chosen, datas)
+
+    monkeypatch.setattr(outbound_module, "sign_all", spy)
+    hook = outbound(keys)
+    envelope = env("alice@example.org", "x@remote.example", auth_user="alice")
+    try:
+        first = await submit(spool, hook, envelope, MESSAGE)
+    finally:
+        await hook.close()
+    later = await submit(spool, hook, envelope, MESSAGE)
+    assert jobs[0][0].startswith("dkim-sign") and jobs[0][1] == 2
+    assert jobs[1] == (threading.current_thread().name, 2)
+    for stored in (first, later):
+        for index in (0, 1):
+            assert dkim.DKIM(stored).verify(idx=index, dnsfunc=dns_for(keys))
 
 
 async def test_large_message_is_signed_too(

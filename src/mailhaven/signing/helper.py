@@ -1,9 +1,11 @@
 """A helper process for the private-key operations, so they do not cost the event loop's core.
 
-Why: an RSA-2048 signature is about 0.3 ms of CPU on an idle core, and OpenSSL's signing keeps
-the interpreter lock, so a thread cannot take it off the loop; a relayed message costs the loop
-about 1.3 ms in all. A separate process, like OpenDKIM beside Postfix, runs it on another
-core; the loop only moves a few hundred bytes each way.
+Why: an RSA-2048 signature is about 0.3 ms of CPU on an idle core; a relayed message costs the
+loop about 1.3 ms in all. A separate process, like OpenDKIM beside Postfix, runs it on another
+core; the loop only moves a few hundred bytes each way. Since the `cryptography` package lets
+go of the interpreter lock while OpenSSL signs, the default is a thread of the server process
+instead (`outbound.SIGN_THREADS`), which needs no pipes; the helper remains for a
+`cryptography` that holds the lock, and for keeping the keys' arithmetic out of the server.
 
 Protocol (stdin/stdout pipes, in order, one answer per request): a request is a 4-octet
 big-endian length, then a 2-octet key index and the data to sign; an answer is a 4-octet length,

@@ -18,11 +18,14 @@ Which mail gets what:
 
 Cost: reading the body back (already in memory below the spool's inline limit, else in a
 worker thread), one body hash and one private-key operation per key (RSA-2048 about 0.3 ms,
-Ed25519 a tenth of it). Below the inline limit all of it runs on the event loop (a thread would
-not help: OpenSSL's signing keeps the interpreter lock here), or, with `[dkim] helper`, the
-private-key operations run in the helper process (`helper`). Above it,
-the read, the hash and the signing run in a worker thread. ARC seals (forwarded mail only) are
-made on the loop.
+Ed25519 a tenth of it). Below the inline limit the parsing and the body hash run on the event
+loop and the private-key operations of a message go, as one job, to a signing thread
+(`worker`), or with `[dkim] helper` to the helper process (`helper`). Why a thread: the
+`cryptography` package lets go of the interpreter lock while OpenSSL signs, so the arithmetic
+runs on another core; made on the loop's thread, every signature lets go of the lock and must
+win it back from the server's other threads (the spool writer), which can stall the loop longer
+than the arithmetic takes. Above the inline limit, the read, the hash and the signing run in a worker
+thread. ARC seals (forwarded mail only) are made in the signing thread too.
 
 SECURITY: whether mail "originates here" comes from the session (AUTH, client address), never
 from the message; the From: domain only picks the key among ours.
@@ -42,15 +45,18 @@ from mailhaven.net.ipaddr import client_ip
 from mailhaven.proto.envelope import Envelope
 from mailhaven.routing.srs import SRS, SRS_SENDER
 from mailhaven.signing import arc
-from mailhaven.signing.canon import hash_body, parse_fields, split_message
+from mailhaven.signing.canon import Field, hash_body, parse_fields, split_message
 from mailhaven.signing.helper import SigningHelper
 from mailhaven.signing.keys import SigningKey
 from mailhaven.signing.signer import (
     finish_field,
+    header_hash_input,
     select_headers,
+    sign_all,
     sign_message,
     signature_request,
 )
+from mailhaven.signing.worker import SigningThread
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import QueuedRecipient
 
@@ -59,7 +65,12 @@ log = logging.getLogger("mailhaven.dkim")
 
 def from_domain(header: bytes) -> str | None:
     """The domain of the first address in the first From: field (RFC 5322 §3.6.2)."""
-    for field in parse_fields(header):
+    return from_domain_of(parse_fields(header))
+
+
+def from_domain_of(fields: Iterable[Field]) -> str | None:
+    """`from_domain` over fields already parsed."""
+    for field in fields:
         if field.key == b"from":
             value = field.value.decode("utf-8", "replace").replace("\r\n", "")
             for _name, address in email.utils.getaddresses([value]):
@@ -94,6 +105,8 @@ class Outbound:
             SigningHelper([k for ks in self.keys.values() for k in ks])
             if helper and self.keys else None
         )
+        #: the private-key operations of messages below the inline limit (`worker`)
+        self.signing = SigningThread()
         self.arc_key = arc_key
         self.srs = srs
         self._server_id = server_id
@@ -154,7 +167,7 @@ class Outbound:
         now = int(self._clock())
         added = await self._sign(qid, head, body, now) if origin else b""
         if seal:
-            added = self._seal(qid, head, body, now) + added
+            added = await self.signing.run(self._seal, qid, head, body, now) + added
         return envelope, added + header
 
     def _fields_in_thread(
@@ -171,24 +184,30 @@ class Outbound:
         return added
 
     async def _sign(self, qid: str, head: bytes, body: bytes, now: int) -> bytes:
-        """DKIM-Signature fields, the key operations in the helper process when there is one."""
-        keys = self.keys_for(from_domain(head))
+        """DKIM-Signature fields; the key operations in the signing thread, or in the helper
+        process when there is one."""
+        fields = parse_fields(head)
+        keys = self.keys_for(from_domain_of(fields))
         if not keys:
             return b""
+        names = select_headers(fields)
+        body_hash = hash_body([body])
+        signed = header_hash_input(fields, names)  # the same for every key
+        requests = [
+            signature_request(k, fields, body_hash, names, now=now, signed_headers=signed)
+            for k in keys
+        ]
         if self.helper is None:
-            added = sign_message(keys, head, [body], now=now)
+            datas = [data for _, data in requests]
+            signatures = await self.signing.run(sign_all, keys, datas)
         else:
-            fields = parse_fields(head)
-            names = select_headers(fields)
-            body_hash = hash_body([body])
-            requests = [signature_request(k, fields, body_hash, names, now=now) for k in keys]
             signatures = await asyncio.gather(
                 *(self.helper.sign(k, data) for k, (_, data) in zip(keys, requests, strict=True))
             )
-            added = b"".join(
-                finish_field("DKIM-Signature", prefix, sig)
-                for (prefix, _), sig in zip(requests, signatures, strict=True)
-            )
+        added = b"".join(
+            finish_field("DKIM-Signature", prefix, sig)
+            for (prefix, _), sig in zip(requests, signatures, strict=True)
+        )
         self._log_signed(qid, keys)
         return added
 
@@ -206,5 +225,6 @@ class Outbound:
             log.info("%s: DKIM-Signature field added (s=%s, d=%s)", qid, key.selector, key.domain)
 
     async def close(self) -> None:
+        self.signing.close()
         if self.helper is not None:
             await self.helper.close()

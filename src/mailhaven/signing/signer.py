@@ -79,6 +79,11 @@ def sign_data(key: SigningKey, data: bytes) -> bytes:
     return private.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
 
+def sign_all(keys: Sequence[SigningKey], datas: Sequence[bytes]) -> list[bytes]:
+    """`sign_data` for each key and its data: a message's signatures as one job."""
+    return [sign_data(k, d) for k, d in zip(keys, datas, strict=True)]
+
+
 def fold_names(names: Sequence[str], per_line: int = 6) -> str:
     """`h=` folded after every few names (FWS may follow a colon, RFC 6376 §3.5)."""
     groups = [":".join(names[i : i + per_line]) for i in range(0, len(names), per_line)]
@@ -117,16 +122,21 @@ def signature_request(
     now: int,
     header_name: str = "DKIM-Signature",
     leading_tags: str = "v=1; ",
+    signed_headers: bytes | None = None,
 ) -> tuple[str, bytes]:
     """The field's text up to `b=` and the data to sign (RFC 6376 §3.7), so the private-key
-    operation can happen elsewhere (`helper`) and `finish_field` completes it."""
+    operation can happen elsewhere (`helper`) and `finish_field` completes it.
+    `signed_headers`: `header_hash_input(fields, names)` when the caller has it already (it is
+    the same for every key of a message)."""
     prefix = (
         f"{leading_tags}a={key.dkim_algorithm}; c=relaxed/relaxed; d={key.domain};"
         f" s={key.selector};\r\n\tt={now}; h={fold_names(names)};\r\n"
         f"\tbh={base64.b64encode(body_hash).decode('ascii')};\r\n\tb="
     )
     unsigned = relaxed_header(header_name.encode(), b" " + prefix.encode()).removesuffix(b"\r\n")
-    return prefix, header_hash_input(fields, names) + unsigned
+    if signed_headers is None:
+        signed_headers = header_hash_input(fields, names)
+    return prefix, signed_headers + unsigned
 
 
 def finish_field(header_name: str, prefix: str, signature: bytes) -> bytes:
