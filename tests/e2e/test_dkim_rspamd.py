@@ -3,8 +3,8 @@
 A private rspamd (`tests.support.rspamd_scan`: HTTP scanning, DKIM and ARC checks on, its DNS
 pointed at a `tests.support.dns_server` on loopback that serves our keys' TXT records) scans
 messages signed by `mailhaven.signing` -- RSA-2048 alone, Ed25519 alone (RFC 8463), both (dual
-signing, what the server does by default with two keys), and an ARC set from
-`mailhaven.signing.arc`. Shown: rspamd reports `R_DKIM_ALLOW` (and `ARC_ALLOW`) for them,
+signing, what the server does by default with two keys; once through intake's signing hook as
+the server runs it), and an ARC set from `mailhaven.signing.arc`. Shown: rspamd reports `R_DKIM_ALLOW` (and `ARC_ALLOW`) for them,
 and `R_DKIM_REJECT` (`ARC_REJECT`) once a signed part is changed: the body, a signed header
 field, the From: field; a From: field added on top (oversigned) gets no `R_DKIM_ALLOW`, and
 a key that is not published `R_DKIM_PERMFAIL`.
@@ -13,16 +13,22 @@ a key that is not published `R_DKIM_PERMFAIL`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tests.support import rspamd
 from tests.support.dns_server import DNSServer
 from tests.support.rspamd_scan import RspamdScanner
 
+from mailhaven.intake.cleanup import Intake, Queued
+from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.signing import arc
 from mailhaven.signing import keys as keystore
 from mailhaven.signing.canon import split_message
+from mailhaven.signing.outbound import Outbound
 from mailhaven.signing.signer import sign_message
+from mailhaven.spool import Spool
 
 pytestmark = pytest.mark.e2e
 
@@ -120,6 +126,36 @@ def test_unpublished_key_is_not_allowed(
     found = dkim_symbols(scanner, signed(MESSAGE, keys["unpublished"]))
     assert found.get("R_DKIM_PERMFAIL") == ["example.org:s=gone"], found
     assert "R_DKIM_ALLOW" not in found, found
+
+
+async def test_mail_signed_through_intake_is_allowed(
+    scanner: RspamdScanner, keys: dict[str, keystore.SigningKey], tmp_path: Path
+) -> None:
+    """The server's own path: intake's hook signs with both keys (the loop hashes, the signing
+    thread signs) before the commit; the stored message is what goes out."""
+    spool = Spool(tmp_path / "q", inline_limit=4096)
+    spool.open()
+    hook = Outbound(keys={"example.org": [keys["rsa"], keys["ed25519"]]}, arc_key=None,
+                    srs=None, server_id="mx.example.org",
+                    is_local_domain=lambda d: d == "example.org", clock=lambda: NOW)
+    intake = Intake(ActiveQueue(spool, wake=lambda: None), hostname="mx.example.org",
+                    expand=lambda address: [address], clock=lambda: NOW, outbound=hook)
+    try:
+        writer = spool.new_message()
+        writer.write(MESSAGE)
+        outcome = await intake.submit(writer, Envelope(
+            "alice@example.org", (RecipientSpec("bob@dest.test"),), auth_user="alice"))
+        assert isinstance(outcome, Queued)
+        stored = await spool.load(outcome.queue_id)
+        assert stored is not None
+        with stored.open() as f:
+            message = f.read()
+    finally:
+        await hook.close()
+        spool.close()
+    found = dkim_symbols(scanner, message)
+    assert sorted(found.get("R_DKIM_ALLOW", [])) == ["example.org:s=ed-1",
+                                                     "example.org:s=rsa-1"], found
 
 
 def test_arc_set_is_allowed(scanner: RspamdScanner, keys: dict[str, keystore.SigningKey]) -> None:
