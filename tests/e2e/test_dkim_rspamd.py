@@ -4,10 +4,11 @@ A private rspamd (`tests.support.rspamd_scan`: HTTP scanning, DKIM and ARC check
 pointed at a `tests.support.dns_server` on loopback that serves our keys' TXT records) scans
 messages signed by `mailhaven.signing` -- RSA-2048 alone, Ed25519 alone (RFC 8463), both (dual
 signing, what the server does by default with two keys; once through intake's signing hook as
-the server runs it), and an ARC set from `mailhaven.signing.arc`. Shown: rspamd reports `R_DKIM_ALLOW` (and `ARC_ALLOW`) for them,
-and `R_DKIM_REJECT` (`ARC_REJECT`) once a signed part is changed: the body, a signed header
-field, the From: field; a From: field added on top (oversigned) gets no `R_DKIM_ALLOW`, and
-a key that is not published `R_DKIM_PERMFAIL`.
+the server runs it, where OpenDKIM and dkimpy check it too), and an ARC set from
+`mailhaven.signing.arc`. Shown: rspamd reports `R_DKIM_ALLOW` (and `ARC_ALLOW`) for them, and
+`R_DKIM_REJECT` (`ARC_REJECT`) once a signed part is changed: the body, a signed header field,
+the From: field; a From: field added on top (oversigned) gets no `R_DKIM_ALLOW`, and a key
+that is not published `R_DKIM_PERMFAIL`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
 from tests.support import rspamd
+from tests.support.dkim_peers import dkimpy_dns, opendkim_verify
 from tests.support.dns_server import DNSServer
 from tests.support.rspamd_scan import RspamdScanner
 
@@ -60,15 +63,21 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, keystore.Signing
 
 
 @pytest.fixture(scope="module")
-def scanner(keys: dict[str, keystore.SigningKey]) -> Iterator[RspamdScanner]:
-    reason = rspamd.skip_reason()
-    if reason:
-        pytest.skip(reason)
+def dns(keys: dict[str, keystore.SigningKey]) -> Iterator[DNSServer]:
     published = [keys["rsa"], keys["ed25519"]]
     records: dict[str, dict[str, list[object]]] = {
         k.record_name: {"TXT": [k.txt_value()]} for k in published
     }
-    with DNSServer(records) as dns, RspamdScanner(dns.address, enable=("dkim", "arc")) as instance:
+    with DNSServer(records) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def scanner(dns: DNSServer) -> Iterator[RspamdScanner]:
+    reason = rspamd.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with RspamdScanner(dns.address, enable=("dkim", "arc")) as instance:
         yield instance
 
 
@@ -129,10 +138,11 @@ def test_unpublished_key_is_not_allowed(
 
 
 async def test_mail_signed_through_intake_is_allowed(
-    scanner: RspamdScanner, keys: dict[str, keystore.SigningKey], tmp_path: Path
+    scanner: RspamdScanner, dns: DNSServer, keys: dict[str, keystore.SigningKey], tmp_path: Path
 ) -> None:
     """The server's own path: intake's hook signs with both keys (the loop hashes, the signing
-    thread signs) before the commit; the stored message is what goes out."""
+    thread signs) before the commit; the stored message is what goes out. OpenDKIM and dkimpy
+    agree with rspamd."""
     spool = Spool(tmp_path / "q", inline_limit=4096)
     spool.open()
     hook = Outbound(keys={"example.org": [keys["rsa"], keys["ed25519"]]}, arc_key=None,
@@ -156,6 +166,10 @@ async def test_mail_signed_through_intake_is_allowed(
     found = dkim_symbols(scanner, message)
     assert sorted(found.get("R_DKIM_ALLOW", [])) == ["example.org:s=ed-1",
                                                      "example.org:s=rsa-1"], found
+    for index in (0, 1):
+        assert dkim.DKIM(message).verify(idx=index, dnsfunc=dkimpy_dns(dns)), index
+    verdict = opendkim_verify(message, dns, tmp_path / "opendkim")  # the first: RSA
+    assert "s=rsa-1" in verdict and "d=example.org" in verdict and "succeeded" in verdict, verdict
 
 
 def test_arc_set_is_allowed(scanner: RspamdScanner, keys: dict[str, keystore.SigningKey]) -> None:
