@@ -52,10 +52,11 @@ def wait_quiet(limit_pct: float = 30.0, max_wait: float = 5.0) -> float:
 def measure(port: int, cpu: Callable[[], float], *, size: int, sessions: int, count: int,
             rcpt: str = "rcpt@bench.test", drained: Callable[[], bool] | None = None,
             timeout: float = 600.0, sender: str = SENDER,
-            extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Run smtp-source once; returns a JSON-able record (rates, CPU ms/msg, machine load)."""
-    argv = source_argv(port, size=size, sessions=sessions, count=count, rcpt=rcpt,
-                       sender=sender, extra=extra)
+            extra: Sequence[str] = (), client: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run smtp-source once; returns a JSON-able record (rates, CPU ms/msg, machine load).
+    `client`: another load client's argv instead (tls_load.py), same exit-status contract."""
+    argv = list(client) if client is not None else source_argv(
+        port, size=size, sessions=sessions, count=count, rcpt=rcpt, sender=sender, extra=extra)
     m0, c0, r0 = common.machine_cpu(), cpu(), os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -68,7 +69,7 @@ def measure(port: int, cpu: Callable[[], float], *, size: int, sessions: int, co
         timed_out = True
     accept_s = time.perf_counter() - t0
     rec: dict[str, Any] = {
-        "cmd": " ".join(["smtp-source", *argv[argv.index("-s"):]]),
+        "cmd": " ".join(["smtp-source", *argv[argv.index("-s"):]] if client is None else argv),
         "size": size, "sessions": sessions, "count": count, "rc": proc.returncode,
         "accept_s": round(accept_s, 3), "msgs_per_s": round(count / accept_s, 2),
     }

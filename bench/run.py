@@ -36,9 +36,10 @@ import pop3_retr
 import queue_scale
 import report
 import throughput
+import tls_bench
 
 THROUGHPUT = ("accept_1k", "relay_1k", "local_1k", "local_100k", "accept_100k", "accept_10m")
-ALL = (*THROUGHPUT, "memory", "queue", "pop3")
+ALL = (*THROUGHPUT, "accept_tls_1k", "memory", "queue", "pop3")
 
 
 def versions() -> dict[str, str]:
@@ -167,6 +168,9 @@ def main() -> int:
             p.close()
             del held["peers"]
         others: list[tuple[str, str, Callable[[], list[report.Metric]]]] = [
+            # its own peers (Postfix with TLS, the TLS sink) and load client: tls_bench.py
+            ("accept_tls_1k", "8. STARTTLS acceptance",
+             lambda: tls_bench.run(full, reps_tp, record, ("ec", "rsa") if full else ("ec",))),
             ("memory", "4. memory", lambda: memory.run(full, reps_other, record)),
             ("queue", "5. queue scale", lambda: queue_scale.run(full, reps_other, record)),
             ("pop3", "6. POP3 RETR", lambda: pop3_retr.run(reps_other, record)),
