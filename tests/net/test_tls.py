@@ -90,3 +90,49 @@ async def test_old_protocols_refused(ca: trustme.CA, tmp_path: Path) -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext,
+              session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+    """One handshake in memory, then one reply from the server (which carries TLS 1.3's
+    session tickets to the client); the client's side of it."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    cli = client.wrap_bio(c_in, c_out, session=session)
+    done: set[str] = set()
+    for _ in range(10):  # bounded: a handshake is 2-3 flights
+        for name, end, out, into in (("c", cli, c_out, s_in), ("s", srv, s_out, c_in)):
+            try:
+                end.do_handshake()
+                done.add(name)
+            except ssl.SSLWantReadError:
+                pass
+            into.write(out.read())
+        if done == {"c", "s"}:
+            break
+    assert done == {"c", "s"}
+    srv.write(b"250 ok\r\n")
+    c_in.write(s_out.read())
+    assert cli.read(100) == b"250 ok\r\n"
+    return cli
+
+
+@pytest.mark.parametrize("tls12", [False, True])
+def test_sessions_resume_also_after_reload(ca: trustme.CA, tmp_path: Path, tls12: bool) -> None:
+    """Session tickets are on: a returning sender skips the certificate signature. The tickets'
+    keys belong to the listener-facing context, so swapping the certificate keeps them valid."""
+    pem = tmp_path / "c.pem"
+    write_cert(ca, pem)
+    tls = ReloadableTLS(pem, pem)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_mode = ssl.CERT_NONE
+    if tls12:
+        client.maximum_version = ssl.TLSVersion.TLSv1_2
+    first = handshake(tls.context, client)
+    assert first.version() == ("TLSv1.2" if tls12 else "TLSv1.3") and not first.session_reused
+    again = handshake(tls.context, client, first.session)
+    assert again.session_reused
+    write_cert(ca, pem)
+    tls.reload()
+    assert handshake(tls.context, client, again.session).session_reused
