@@ -29,6 +29,7 @@ class Sink(asyncio.Protocol):
         self.buf = b""
         self.in_data = False
         self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -58,11 +59,13 @@ class Sink(asyncio.Protocol):
             elif verb == b"DATA":
                 out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 self.in_data = True
+                self.buf = b"\r\n" + self.buf  # the DATA line's CRLF: an empty message ends
             elif verb == b"STAR":
                 self.transport.write(b"".join(out) + b"220 2.0.0 Ready to start TLS\r\n")
                 self.transport.pause_reading()
                 self.buf = b""  # plaintext after STARTTLS is dropped, as a server must
-                asyncio.get_running_loop().create_task(self.starttls(self.transport))
+                self.task = asyncio.get_running_loop().create_task(
+                    self.starttls(self.transport))  # held: the loop keeps only weak refs
                 self.transport = None
                 return
             elif verb == b"QUIT":
