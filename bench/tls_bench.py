@@ -8,15 +8,16 @@ Systems, all with the same certificate (a fresh self-signed one per key type: EC
 which mailhaven's own self-signed certificate also uses, and RSA 2048, Debian's snakeoil type):
 - mailhaven with its defaults plus `[tls] cert/key`, accept-only ("hold", as accept_1k);
 - Postfix 3.7 with `smtpd_tls_security_level = may`, `smtpd_tls_chain_files`, and tlsmgr(8) in
-  master.cf as in Debian's (it keeps the session-ticket keys; without it no ticket is issued),
-  its HOLD listener (durable enqueue, no delivery);
+  master.cf as in Debian's (it keeps the session-ticket keys of all smtpd processes), its HOLD
+  listener (durable enqueue, no delivery);
 - tls_sink.py, a trivial STARTTLS responder: the load client's ceiling on this machine.
-The client is tls_load.py (smtp-source has no TLS). Two variants: "full" (every connection a
-full handshake, as from senders without a session cache: Postfix's smtp client by default)
-and "resume" (each client process offers its previous session: TLS 1.3 tickets). Each run
-records how many handshakes the server resumed, so a variant whose resumption silently failed
-shows it. Systems alternate per repetition from an empty queue, as in throughput.py; a run
-counts when every message got its 250 and (mailhaven, Postfix) is in the queue.
+The client is tls_load.c (tls_load.py where it does not build; smtp-source has no TLS). Two
+variants: "full" (every connection a full handshake, as from senders without a session cache:
+Postfix's smtp client without `smtp_tls_session_cache_database`) and "resume" (each client
+process offers its previous session: TLS 1.3 tickets). Each run records how many handshakes
+the server resumed, so a variant whose resumption silently failed shows it. Systems alternate
+per repetition from an empty queue, as in throughput.py; a run counts when every message got
+its 250 and (mailhaven, Postfix) is in the queue.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import atexit
 import datetime
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,8 +111,28 @@ class TlsSink:
         self.proc = None
 
 
+_client: list[list[str]] = []
+
+
+def load_client(prefer_c: bool = True) -> list[str]:
+    """The client's argv prefix: tls_load.c, built here into bench/tmp when a C compiler and
+    OpenSSL's headers are present (it costs about half the Python client's CPU per message),
+    else tls_load.py, which needs nothing. Both take the same options and write the same
+    report."""
+    if not _client:
+        binary = common.TMP / "tls_load"
+        built = prefer_c and shutil.which("cc") is not None and subprocess.run(
+            ["cc", "-O2", "-o", str(binary), str(common.BENCH / "tls_load.c"), "-lssl",
+             "-lcrypto"], capture_output=True, check=False).returncode == 0
+        if prefer_c and not built:
+            common.log("bench/tls_load.c does not build here (cc, libssl-dev): Python client")
+        _client.append([str(binary)] if built
+                       else [str(common.VENV_PY), str(common.BENCH / "tls_load.py")])
+    return _client[0]
+
+
 def client_argv(port: int, count: int, resume: bool, rcpt: str, report_file: Path) -> list[str]:
-    return [str(common.VENV_PY), str(common.BENCH / "tls_load.py"), "-s", str(SESSIONS),
+    return [*load_client(), "-s", str(SESSIONS),
             "-m", str(count), "-l", str(SIZE), "-f", load.SENDER, "-t", rcpt,
             "-M", "client.bench.test", "--report", str(report_file),
             *(["--resume"] if resume else []), f"{HOST}:{port}"]
@@ -133,6 +155,9 @@ def run(full: bool, reps: int, record: Callable[..., None], keys: tuple[str, ...
     count = count or (2000 if full else 1000)
     metrics: list[report.Metric] = []
     for kind in keys:
+        stale = TlsPostfix(WORK / "none", WORK / "none")
+        if stale.queue.exists():  # an interrupted run's instance: stop it before its files go
+            stale.kill_stale()
         common.fresh_dir(WORK)
         cert, key = make_cert(kind, WORK / "certs")
         sink = TlsSink(cert, key)
@@ -199,7 +224,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--count", type=int, default=1500)
     ap.add_argument("--keys", nargs="+", choices=list(KEYS), default=list(KEYS))
+    ap.add_argument("--client", choices=["c", "python"], default="c",
+                    help="the load client (c falls back to python where it does not build)")
     a = ap.parse_args()
+    load_client(prefer_c=a.client == "c")
     atexit.register(common.stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     common.raise_nofile(20000)
@@ -207,7 +235,8 @@ def main() -> int:
     stamp = datetime.datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     rec = report.Recorder(f"tls-{stamp}")
     rec.write("meta", command=" ".join(["bench/tls_bench.py", *sys.argv[1:]]), date=stamp,
-              postfix=peers.postfix_version(), python=common.python_version())
+              postfix=peers.postfix_version(), python=common.python_version(),
+              client=load_client())
     metrics = run(True, a.reps, rec.write, tuple(a.keys), a.count)
     rec.summary(metrics)
     for line in report.table(metrics):
