@@ -19,6 +19,7 @@ import trustme
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.config import Limits, Timeouts
 from mailhaven.mailbox.users import UserDB
+from mailhaven.net.tls import ReloadableTLS
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
@@ -523,3 +524,43 @@ async def test_an_authenticator_error_answers_454_and_the_session_continues(
         assert await asyncio.to_thread(session) == [454, 250]
     finally:
         await service.shutdown(grace=0.2)
+
+
+# ---------------------------------------------------------------- STARTTLS session resumption
+
+
+def ehlo_quit_over_starttls(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool, ssl.SSLSession | None]:
+    """STARTTLS offering `session`, EHLO, QUIT: (was it resumed?, the session to offer next,
+    taken after a reply so that TLS 1.3's tickets have arrived)."""
+    with starttls_sent(port) as raw, ctx.wrap_socket(
+        raw, server_hostname="localhost", session=session
+    ) as tls:
+        f = tls.makefile("rb")
+        tls.sendall(b"EHLO client.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        tls.sendall(b"QUIT\r\n")
+        assert f.readline().startswith(b"221")
+        return tls.session_reused, tls.session
+
+
+@pytest.mark.both_loops
+async def test_a_returning_sender_resumes_its_tls_session(tmp_path: Path) -> None:
+    """What makes a returning MX client's STARTTLS cheap: the listener's reloadable context
+    (its SNI callback swaps in the current certificate) issues tickets the next handshake
+    accepts, also after the certificate was reloaded."""
+    pem = tmp_path / "c.pem"
+    CERT.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    tls = ReloadableTLS(pem, pem)
+    h = await start(lambda: replace(mx_profile(starttls=True), tls_context=lambda: tls.context))
+    try:
+        ctx = client_tls()
+        first, session = await asyncio.to_thread(ehlo_quit_over_starttls, h.port, ctx, None)
+        again, session = await asyncio.to_thread(ehlo_quit_over_starttls, h.port, ctx, session)
+        tls.reload()
+        after_reload, _ = await asyncio.to_thread(ehlo_quit_over_starttls, h.port, ctx, session)
+        assert (first, again, after_reload) == (False, True, True)
+    finally:
+        await h.service.shutdown(grace=0.2)
