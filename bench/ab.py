@@ -5,6 +5,7 @@
     .venv/bin/python bench/ab.py relay --a-set 'log_level="warning"'  # what the maillog costs
     .venv/bin/python bench/ab.py hold --count 6000 --reps 4         # acceptance only
     .venv/bin/python bench/ab.py local --count 2000                 # delivery into a Maildir
+    .venv/bin/python bench/ab.py hold --tls --count 2000 [--resume]  # STARTTLS every message
 
 A variant is this working tree (default) or a git revision (`--a-rev`, `--b-rev`: checked out
 as a worktree under bench/tmp and put first on the server's PYTHONPATH), plus settings
@@ -26,6 +27,7 @@ from pathlib import Path
 import common
 import load
 import peers
+import tls_bench
 
 
 @dataclass
@@ -63,6 +65,9 @@ def main() -> int:
     ap.add_argument("mode", choices=["relay", "hold", "local"])
     ap.add_argument("--count", type=int, default=4000)
     ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--tls", action="store_true",
+                    help="STARTTLS on every connection (tls_bench.py's client and certificate)")
+    ap.add_argument("--resume", action="store_true", help="with --tls: resume TLS sessions")
     for side in ("a", "b"):
         ap.add_argument(f"--{side}-rev", help="a git revision instead of this working tree")
         ap.add_argument(f"--{side}-tree", type=Path,
@@ -70,6 +75,10 @@ def main() -> int:
         ap.add_argument(f"--{side}-set", action="append", default=[], metavar="TABLE.KEY=TOML")
     a = ap.parse_args()
     sides = [variant("a", a.a_rev, a.a_set), variant("b", a.b_rev, a.b_set)]
+    if a.tls:
+        cert, key = tls_bench.make_cert("ec", common.TMP / "ab-certs")
+        for v in sides:
+            v.settings.setdefault("tls", {}).update(cert=str(cert), key=str(key))
     for v, tree in zip(sides, (a.a_tree, a.b_tree), strict=True):
         v.tree = tree.resolve() if tree is not None else None
     sink = peers.SmtpSink("ab-sink")
@@ -95,6 +104,10 @@ def main() -> int:
                     count=a.count,
                     drained=(lambda mh=mh: mh.queue_count() == 0) if a.mode != "hold" else None,
                     rcpt=peers.LOCAL_RCPT if a.mode == "local" else "rcpt@bench.test",
+                    client=tls_bench.client_argv(
+                        mh.port, a.count, a.resume,
+                        peers.LOCAL_RCPT if a.mode == "local" else "rcpt@bench.test",
+                        common.TMP / "ab-client-report.json") if a.tls else None,
                 )
                 mh.stop()
                 rate = rec.get("e2e_msgs_per_s", rec["msgs_per_s"])
