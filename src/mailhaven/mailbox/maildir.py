@@ -14,6 +14,10 @@ Invariants:
   file systems without hard links, renamed) into `new/`, and then `new/` itself is fsync'd. When
   `deliver` returns, the message survives a power cut; this is what lets the local agent answer
   250 and the scheduler forget the queue entry.
+* Deliveries into one `new/` at the same time share its fsync (`DirectorySync`, a group
+  commit): an fsync that *started* after a file was linked makes that link durable, so a
+  delivery that finds one already running waits for the next and reuses it, instead of queueing
+  an fsync of its own behind it.
 * If anything fails before that point nothing is left in `new/` and the `tmp/` file is removed.
   (A crash, as opposed to an exception, may leave a `tmp/` file; readers never look at `tmp/`, and
   the spec lets a cleaner remove files older than 36 hours.)
@@ -258,12 +262,54 @@ def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str, names: Uniqu
             os.unlink(tmp_path)
         crash_point("maildir_linked")
         try:
-            _fsync_dir(new_dir)
+            DIRECTORY_SYNC.sync(new_dir)
         except BaseException:
             _unlink_quietly(final)  # not known to be durable: do not claim it
             raise
         return final
     raise FileExistsError(f"no unused Maildir name in {new_dir}")
+
+
+class DirectorySync:
+    """Group commit for directory fsyncs, shared by the threads that deliver.
+
+    Per directory: a ticket is taken after the caller's link; an fsync records the last ticket
+    issued when it began, and completes every ticket up to it. A caller returns once a
+    successful fsync covered its ticket; when none runs, it runs one itself. A failed fsync
+    fails only its runner, and the waiters try again themselves (none is told "durable"
+    without an fsync that began after its link)."""
+
+    def __init__(self, fsync: Callable[[Path], None] | None = None) -> None:
+        self._fsync = fsync or _fsync_dir
+        self._cond = threading.Condition()
+        #: directory -> [last ticket issued, last ticket made durable, an fsync is running]
+        self._dirs: dict[Path, list[int]] = {}
+
+    def sync(self, path: Path) -> None:
+        with self._cond:
+            state = self._dirs.setdefault(path, [0, 0, 0])
+            state[0] += 1
+            mine = state[0]
+            while state[1] < mine:
+                if not state[2]:
+                    state[2] = 1
+                    covers = state[0]
+                    break
+                self._cond.wait()
+            else:
+                return
+        ok = False
+        try:
+            self._fsync(path)
+            ok = True
+        finally:
+            with self._cond:
+                state[2] = 0
+                if ok:
+                    state[1] = max(state[1], covers)
+                if state[1] >= state[0]:
+                    del self._dirs[path]  # nobody waits: forget it (bounded by directories)
+                self._cond.notify_all()
 
 
 def _no_hard_links(exc: OSError) -> bool:
@@ -276,6 +322,10 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: the process's one group commit for `new/` directories
+DIRECTORY_SYNC = DirectorySync()
 
 
 def _unlink_quietly(path: Path) -> None:
