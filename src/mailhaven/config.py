@@ -517,6 +517,10 @@ class Folders:
     junk: str = "Junk"
 
 
+#: `[mailbox] delivery`: final delivery at commit time, or through the queue.
+MAILBOX_DELIVERY = ("direct", "queued")
+
+
 @dataclass(frozen=True)
 class Mailbox:
     """Mailboxes shared with Dovecot: where they live, who owns them, POP3's announced policy."""
@@ -538,6 +542,10 @@ class Mailbox:
     pop3_login_delay: int = 0
     #: POP3 EXPIRE (RFC 2449 §6.7) as announced: "" (not announced), "NEVER", or days.
     pop3_expire: str = ""
+    #: How mail for local mailboxes only is delivered: "direct" writes each copy into its
+    #: Maildir before the 250 (LMTP-like final delivery; no queue write); "queued" commits it
+    #: to the queue first, as all other mail (`mailhaven.scheduler.direct`).
+    delivery: str = "direct"
 
 
 @dataclass(frozen=True)
@@ -986,6 +994,8 @@ def _check_mailbox(config: Config) -> None:
         raise ConfigError("mailbox.file_mode: the owner needs 0o600")
     if box.pop3_expire and box.pop3_expire != "NEVER" and not box.pop3_expire.isdigit():
         raise ConfigError('mailbox.pop3_expire: "", "NEVER" or a number of days')
+    if box.delivery not in MAILBOX_DELIVERY:
+        raise ConfigError('mailbox.delivery: "direct" or "queued"')
     try:
         resolve_owner(box.mail_user, box.mail_group, box.dir_mode, box.file_mode)
         group_id(box.users_file_group)

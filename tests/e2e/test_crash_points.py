@@ -55,6 +55,9 @@ class Case:
     #: copies delivered in the end (after the client's retry when not acknowledged)
     copies: int
     size: int = 0
+    #: `[mailbox] delivery`: the points above are on the queued path; "direct" cases check
+    #: final delivery at commit time (`scheduler.direct`: local mail never queued)
+    delivery: Literal["queued", "direct"] = "queued"
 
 
 CASES = [
@@ -76,6 +79,17 @@ CASES = [
     Case("delivered", "relay", acked=True, copies=2),
     Case("bounce_queued", "bounce", acked=True, copies=2),
     Case("pickup_queued", "pickup", acked=True, copies=2),
+    # direct delivery: the copies are made before the 250, nothing is queued
+    # a tmp/ file only: not acknowledged, and the client's retry is the one copy
+    Case("maildir_tmp_written", "smtp", acked=False, copies=1, delivery="direct"),
+    # in new/ but not acknowledged: the client's retry is a duplicate (as after_commit)
+    Case("maildir_linked", "smtp", acked=False, copies=2, delivery="direct"),
+    Case("maildir_linked", "smtp", acked=False, copies=2, size=BIG, delivery="direct"),
+    Case("before_250", "smtp", acked=False, copies=2, delivery="direct"),
+    # the report went straight into the sender's Maildir; the sweep makes it again
+    Case("bounce_queued", "bounce", acked=True, copies=2, delivery="direct"),
+    # delivered from the maildrop; the drop file is collected again
+    Case("pickup_queued", "pickup", acked=True, copies=2, delivery="direct"),
 ]
 
 
@@ -150,10 +164,17 @@ def wait_idle(server: MailServer, count: Callable[[], int], want: int) -> int:
     return count()
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.point}-{c.flow}")
+def case_id(c: Case) -> str:
+    return "-".join([c.point, c.flow, *(["big"] if c.size else []), c.delivery])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_crash_point(mail_server: ServerFactory, case: Case) -> None:
     sink: Sink | None = None
-    settings: dict[str, object] = {"local_users": ["postmaster", "alice"]}
+    settings: dict[str, object] = {
+        "local_users": ["postmaster", "alice"],
+        "mailbox": {"delivery": case.delivery},
+    }
     if case.flow == "relay":
         sink = Sink("127.0.0.1", free_port()).start()
         settings["relay"] = {
@@ -213,6 +234,9 @@ def test_crash_point(mail_server: ServerFactory, case: Case) -> None:
 def check_disk_at_crash(server: MailServer, case: Case) -> None:
     """What the crash left, as docs/durability.md describes it (proof of where it hit)."""
     spool = server.state_dir / "spool"
+    if case.delivery == "direct":
+        check_direct_disk_at_crash(server, case)
+        return
     match case.point:
         case "body_written" | "body_synced":
             assert len(list((spool / "tmp").iterdir())) == 1
@@ -249,12 +273,35 @@ def check_disk_at_crash(server: MailServer, case: Case) -> None:
             raise AssertionError(f"no disk check for {case.point}")
 
 
+def check_direct_disk_at_crash(server: MailServer, case: Case) -> None:
+    """Direct delivery: the queue is never written for local mail (the bounce's original
+    is, having been refused)."""
+    match case.point:
+        case "maildir_tmp_written":
+            assert len(maildir_files(server, "postmaster", "tmp")) == 1
+            assert maildir_files(server, "postmaster", "new") == []
+            assert queue_size(server) == 0
+        case "maildir_linked" | "before_250":
+            assert maildir_files(server, "postmaster", "tmp") == []
+            assert len(maildir_files(server, "postmaster", "new")) == 1
+            assert queue_size(server) == 0
+        case "bounce_queued":
+            assert queue_size(server) == 1  # the original; its report is in alice's Maildir
+            assert len(maildir_files(server, "alice", "new")) == 1
+        case "pickup_queued":
+            assert queue_size(server) == 0
+            assert len(maildir_files(server, "postmaster", "new")) == 1
+            assert len(list((server.state_dir / "maildrop" / "new").iterdir())) == 1
+        case _:
+            raise AssertionError(f"no disk check for {case.point} (direct)")
+
+
 @pytest.mark.parametrize("point", ["before_commit", "after_commit"])
 def test_crash_in_a_group_commit(mail_server: ServerFactory, point: str) -> None:
     """Several clients' messages end DATA together, so one COMMIT may carry several of them;
     a crash there loses none of the retried ones and duplicates only what had committed."""
     clients = 6
-    server = mail_server(start=False)
+    server = mail_server(start=False, settings={"mailbox": {"delivery": "queued"}})
     server.env[ENV] = point
     server.start()
     marks = [uuid.uuid4().hex for _ in range(clients)]

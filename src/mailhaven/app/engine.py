@@ -27,6 +27,7 @@ from mailhaven.net.client_names import ClientNames
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.held import PartTimeHosts, release_route
+from mailhaven.scheduler.direct import DirectDoor
 from mailhaven.scheduler.runner import Runner
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.smtpd.session import Writer
@@ -89,15 +90,15 @@ def build_engine(
     agents: dict[str, DeliveryAgent] = {
         "relay": RewrittenSender(relay_agent),  # forwarded mail leaves with its SRS sender
         "lmtp": LmtpAgent(config.hostname),
-        "local": LocalAgent(
-            config.mail_root,
-            config.hostname,
-            users=live.mailboxes,
-            quotas=live.quotas,
-            folder_rules=live.folders,
-            owner=mail_owner(config),
-        ),
     }
+    local_agent = agents["local"] = LocalAgent(
+        config.mail_root,
+        config.hostname,
+        users=live.mailboxes,
+        quotas=live.quotas,
+        folder_rules=live.folders,
+        owner=mail_owner(config),
+    )
     intake: Intake | None = None
 
     def the_intake() -> Intake:
@@ -142,8 +143,15 @@ def build_engine(
         policy=backoff_policy(config),
         limits=plan_limits(config),
     )
-    intake = Intake(
+    door = DirectDoor(  # local-only mail goes into the Maildirs before the 250
         runner.active,
+        local_agent,
+        route,
+        enabled=lambda: live.config.mailbox.delivery == "direct",
+        users=live.mailboxes,
+    )
+    intake = Intake(
+        door,
         hostname=config.hostname,
         expand=live.expand,
         held=lambda address: route(address).transport == "hold",

@@ -21,7 +21,8 @@ Steps, in order:
    elsewhere, added to the header before the commit;
 4. (the same step) the scheduler learns of the message: the `QueueDoor` it provides
    (`scheduler.active`) hands the stored message over whole when it has room, else wakes the
-   scheduler to read the queue;
+   scheduler to read the queue; for a message to local mailboxes only, the door
+   (`scheduler.direct`) may instead deliver every copy durably itself, and nothing is queued;
 5. log `<qid>: message-id=<...>` and `<qid>: from=<...>, size=N, nrcpt=M (queue active)`.
 
 Trust: the envelope and the HELO name come from the client. They were syntax-checked by the SMTP
@@ -71,7 +72,10 @@ class QueueDoor(Protocol):
     """Where intake commits (`scheduler.active.ActiveQueue`): the message and its recipients
     are durable when `commit` returns, and the scheduler has learnt of them (handed over
     whole when it has room, else woken to read the queue); `attemptable` False (every
-    recipient held) asks nothing of the scheduler."""
+    recipient held) asks nothing of the scheduler.
+
+    A door that made final deliveries itself (`scheduler.direct`: copies already durable in
+    the mailboxes) returns what logs them, run after intake's `from=` line."""
 
     async def commit(
         self,
@@ -81,7 +85,7 @@ class QueueDoor(Protocol):
         header: bytes,
         *,
         attemptable: bool,
-    ) -> None: ...
+    ) -> Callable[[], None] | None: ...
 
 
 class OutboundHook(Protocol):
@@ -320,7 +324,7 @@ class Intake:
                 log.info("%s: removed (no recipients after expansion)", qid)
                 return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))
             attemptable = any(r.hold is Hold.NONE for r in recipients)
-            await self._queue.commit(
+            delivered = await self._queue.commit(
                 writer, envelope, recipients, header, attemptable=attemptable
             )
         except Exception as exc:
@@ -342,4 +346,6 @@ class Intake:
             len(header) + writer.size,
             len(recipients),
         )
+        if delivered is not None:  # final deliveries the door made: their lines come next
+            delivered()
         return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))
