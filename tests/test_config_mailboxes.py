@@ -35,6 +35,13 @@ junk = "Spam.Suspect"
     assert config.quota.users["alice"] == "10G"  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("value", ["direct", "queued"])
+def test_mailbox_delivery(tmp_path: Path, value: str) -> None:
+    config = load_text(tmp_path, f'[mailbox]\ndelivery = "{value}"\n')
+    assert config.mailbox.delivery == value  # type: ignore[attr-defined]
+    assert load_text(tmp_path, "").mailbox.delivery == "direct"  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -46,6 +53,8 @@ junk = "Spam.Suspect"
         ('[relay]\ntransport = { "a.example" = "lmtp:unix:relative/path" }\n',
          "expected unix:/absolute/path"),
         ('[relay]\ntransport = { "a.example" = "lmtp:[127.0.0.1]:0" }\n', "bad port"),
+        ('[mailbox]\ndelivery = "later"\n', 'mailbox.delivery: "direct" or "queued"'),
+        ('[mailbox]\ndelivery = 1\n', "mailbox.delivery"),
     ],
 )
 def test_bad_mailbox_settings(tmp_path: Path, text: str, message: str) -> None:
