@@ -23,7 +23,7 @@ import uuid
 import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.e2e.test_crash import message, transaction
-from tests.support.server import MailServer, queue_id_of, split_trace, to_lf
+from tests.support.server import MailServer, free_port, queue_id_of, split_trace, to_lf
 
 pytestmark = pytest.mark.e2e
 
@@ -111,6 +111,33 @@ def test_a_full_mailbox_is_queued_for_that_recipient_alone(mail_server: ServerFa
     assert rows == [("bob@localhost",)]
     server.wait_for_log(rf"{qid}: direct delivery for <bob@localhost> failed, queued: 452 4\.2\.2")
     server.wait_for_log(rf"{qid}: to=<bob@localhost>, relay=local, .*status=deferred")
+
+
+def test_a_message_with_a_remote_recipient_is_queued_whole(mail_server: ServerFactory) -> None:
+    closed = f"[127.0.0.1]:{free_port()}"  # nothing listens: the remote copy waits, deferred
+    server = mail_server(settings={**SETTINGS, "relay": {"transport": {"remote.example": closed}}})
+    qid = send_one(server, ["alice@localhost", "carol@remote.example"], message("mixed", 200))
+    server.wait_for_log(rf"{qid}: to=<alice@localhost>, relay=local, .*status=sent")
+    server.wait_for_log(rf"{qid}: to=<carol@remote.example>, .*status=deferred")
+    with sqlite3.connect(f"{server.queue_db.as_uri()}?mode=ro", uri=True) as db:
+        rows = {a for (a,) in db.execute("SELECT address FROM recipient WHERE qid = ?", (qid,))}
+    assert rows == {"alice@localhost", "carol@remote.example"}  # the local one was queued too
+    assert len(server.messages("alice")) == 1
+
+
+def test_swaks(mail_server: ServerFactory, swaks: str) -> None:
+    server = mail_server(settings=SETTINGS)
+    mark = uuid.uuid4().hex
+    done = subprocess.run(
+        [swaks, "--server", f"{server.host}:{server.smtp_port}", "--from", "s@example.org",
+         "--to", "team@localhost", "--header", f"Subject: {mark}", "--body", mark],
+        check=False, timeout=60, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for user in ("alice", "bob"):  # at swaks' exit, already there
+        [path] = server.messages(user)
+        assert mark.encode() in path.read_bytes()
+    assert messages_ever_queued(server) == 0
 
 
 def test_smtp_source_with_worker_processes(mail_server: ServerFactory) -> None:
