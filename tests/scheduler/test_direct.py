@@ -234,3 +234,16 @@ async def test_a_cancelled_commit_finishes_and_logs_its_copies(
         await asyncio.sleep(0.02)
     assert len(fx.copies("alice")) == 1
     assert any("to=<alice@example.org>" in r.getMessage() for r in caplog.records)
+
+
+async def test_when_the_users_cannot_be_read_the_message_is_queued(
+    spool: Spool, tmp_path: Path
+) -> None:
+    fx = Fixture(spool, tmp_path / "mail")
+
+    def broken() -> set[str]:
+        raise OSError(13, "Permission denied")
+
+    fx.door = DirectDoor(fx.queue, fx.agent, route, enabled=lambda: True, users=broken)
+    qid, reported = await fx.commit("alice@example.org")
+    assert not reported and fx.queued() == {qid: ["alice@example.org"]}

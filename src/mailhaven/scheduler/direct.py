@@ -105,12 +105,17 @@ class DirectDoor:
         qid = writer.queue_id
         started = self._clock()
         arrival = writer.arrival if writer.arrival is not None else started
-        source = _Source(header, writer.read_back())
+        try:
+            known = self._users() if self._users is not None else None
+            source = _Source(header, writer.read_back())
+        except Exception:  # the users file, the body's file: the queue may still take it
+            log.exception("%s: direct delivery not possible, queued", qid)
+            await self._queue.commit(writer, envelope, recipients, header, attemptable=attemptable)
+            return None
         requests = [
             DeliveryRequest(qid, envelope, tuple(group), route, source.open, len(header) + writer.size)
             for route, group in _by_route(recipients, routes).items()
         ]
-        known = self._users() if self._users is not None else None
         future = asyncio.get_running_loop().run_in_executor(
             None, self._deliver_all, requests, known, source
         )
