@@ -30,6 +30,21 @@ from mailhaven.net import hostport
 from mailhaven.runtime import eventloop, logtargets
 
 
+#: "auto" stops here: each process holds its own engine, caches and connections, and past a
+#: handful of cores the shared disk (fsync) is the limit, not the CPU.
+MAX_AUTO_PROCESSES = 8
+
+
+def auto_processes() -> int:
+    """One engine process per core we may run on (the affinity mask, as `nproc` counts, so a
+    container limited by cpuset gets its share, not the host's), capped."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_PROCESSES))
+
+
 class ConfigError(ValueError):
     """A configuration file is unreadable or invalid; the message says where and why.
 
@@ -580,7 +595,7 @@ class Config:
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
     #: "auto" in the file: one process per core this process may run on, at most
     #: `MAX_AUTO_PROCESSES` (resolved when the file is read: `auto_processes`).
-    smtp_processes: int = 1
+    smtp_processes: int = field(default_factory=auto_processes)
     #: The asyncio event loop: "uvloop" (libuv's, the default; the standard library's loop when
     #: it cannot be imported, logged) or "asyncio" (see `mailhaven.runtime.eventloop`).
     event_loop: str = eventloop.DEFAULT
@@ -715,21 +730,6 @@ def _move_deprecated_milter_keys(data: dict[str, Any]) -> list[str]:
         table[new] = value
         notes.append(f"{old} is deprecated: write it as {new} in [checks.milter]")
     return notes
-
-
-#: "auto" stops here: each process holds its own engine, caches and connections, and past a
-#: handful of cores the shared disk (fsync) is the limit, not the CPU.
-MAX_AUTO_PROCESSES = 8
-
-
-def auto_processes() -> int:
-    """One engine process per core we may run on (the affinity mask, as `nproc` counts, so a
-    container limited by cpuset gets its share, not the host's), capped."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_AUTO_PROCESSES))
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
