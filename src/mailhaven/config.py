@@ -587,14 +587,13 @@ class Config:
     log: str = "stderr"
     #: "text" (Postfix's maillog shape) or "json" (one object per line, for log shippers).
     log_format: str = "text"
-    #: Engine processes. 1: one process does everything (the default). N > 1: the daemon
+    #: Engine processes (default: one per usable core, `auto_processes`; "auto" in the file
+    #: too). 1: one process does everything. N > 1: the daemon
     #: starts N - 1 worker processes that share the `smtp` listening sockets, each running the
     #: whole engine (receive, queue, deliver, bounce) on a queue shard of its own
     #: (`mailhaven.runtime.workers`), so mail uses more than one core. The daemon alone keeps
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
-    #: "auto" in the file: one process per core this process may run on, at most
-    #: `MAX_AUTO_PROCESSES` (resolved when the file is read: `auto_processes`).
     smtp_processes: int = field(default_factory=auto_processes)
     #: The asyncio event loop: "uvloop" (libuv's, the default; the standard library's loop when
     #: it cannot be imported, logged) or "asyncio" (see `mailhaven.runtime.eventloop`).
