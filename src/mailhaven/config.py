@@ -29,7 +29,6 @@ from typing import Any
 from mailhaven.net import hostport
 from mailhaven.runtime import eventloop, logtargets
 
-
 #: "auto" stops here: each process holds its own engine, caches and connections, and past a
 #: handful of cores the shared disk (fsync) is the limit, not the CPU.
 MAX_AUTO_PROCESSES = 8
