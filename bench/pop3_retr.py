@@ -33,7 +33,7 @@ def setup(mh: peers.Mailhaven) -> None:
     mh.start()
     rec = load.measure(mh.port, lambda: 0.0, size=SIZE, sessions=1, count=1,
                        rcpt=f"{USER}@localhost", drained=lambda: mh.queue_count() == 0)
-    new = mh.state / "mail" / USER / "new"
+    new = mh.state / "mail" / "localhost" / USER / "new"  # <mail root>/<domain>/<user>
     if not rec["ok"] or not new.is_dir() or not any(new.iterdir()):
         raise RuntimeError(f"10 MiB message not delivered to {new}: {rec}")
 
