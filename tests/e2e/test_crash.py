@@ -128,64 +128,11 @@ def test_kill_at_random_points_loses_nothing(mail_server: ServerFactory) -> None
     clients, per_client = 5, 40
     run = uuid.uuid4().hex[:12]
     expected: dict[str, bytes] = {}
-    acknowledged: dict[str, str] = {}  # qid -> mark, for every 250 we saw
-    lock = threading.Lock()
-    errors: list[BaseException] = []
     for c in range(clients):
         for i in range(per_client):
             mark = f"{run}-{c}-{i}"
             expected[mark] = message(mark, rng.randrange(500, 60_000))
-
-    def client(c: int) -> None:
-        deadline = time.monotonic() + 60
-        smtp: smtplib.SMTP | None = None
-        try:
-            for i in range(per_client):
-                mark = f"{run}-{c}-{i}"
-                while True:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"client {c} stuck at message {i}")
-                    try:
-                        if smtp is None:
-                            smtp = smtplib.SMTP(server.host, server.smtp_port, "client.test", 10)
-                        qid = transaction(smtp, expected[mark])
-                    except (OSError, smtplib.SMTPException):
-                        # killed mid-session, refused while down, or a 4xx: reconnect, resend
-                        if smtp is not None:
-                            smtp.close()
-                        smtp = None
-                        time.sleep(0.02)
-                        continue
-                    with lock:
-                        acknowledged[qid] = mark
-                    break
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
-        finally:
-            if smtp is not None:
-                smtp.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
-        # kill when the stream has reached random points, plus a random few milliseconds (so
-        # the kill lands in any phase: between commands, mid-DATA, mid-commit, mid-delivery)
-        kills = 0
-        for threshold in sorted(rng.sample(range(10, clients * per_client - 20), 4)):
-            deadline = time.monotonic() + 30
-            while len(acknowledged) < threshold:
-                assert time.monotonic() < deadline, f"stream stalled at {len(acknowledged)}"
-                time.sleep(0.001)
-            time.sleep(rng.uniform(0, 0.02))
-            server.kill()
-            kills += 1
-            server.start()
-    finally:
-        for thread in threads:
-            thread.join(90)
-    assert not errors, errors
-    assert kills == 4
+    acknowledged = send_while_killing(server, rng, expected, clients, run, kills=4)
     assert len(set(acknowledged.values())) == clients * per_client
 
     # every acknowledged message is delivered, complete; nothing partial appears
@@ -308,3 +255,68 @@ def delivered_by_qid_wait(server: MailServer, user: str, qid: str) -> dict[str, 
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.02)
     return found
+
+
+def send_while_killing(
+    server: MailServer, rng: random.Random, expected: dict[str, bytes], clients: int, run: str,
+    *, kills: int,
+) -> dict[str, str]:  # fmt: skip
+    """`clients` threads send the `expected` messages (marks `run-<client>-<i>`), each client
+    reconnecting and resending after any failure (a kill mid-session, a refusal while down, a
+    4xx), while the server is SIGKILLed and restarted `kills` times at random points of the
+    stream. Returns queue id -> mark for every 250 a client saw."""
+    per_client = len(expected) // clients
+    acknowledged: dict[str, str] = {}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        deadline = time.monotonic() + 60
+        smtp: smtplib.SMTP | None = None
+        try:
+            for i in range(per_client):
+                mark = f"{run}-{c}-{i}"
+                while True:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"client {c} stuck at message {i}")
+                    try:
+                        if smtp is None:
+                            smtp = smtplib.SMTP(server.host, server.smtp_port, "client.test", 10)
+                        qid = transaction(smtp, expected[mark])
+                    except (OSError, smtplib.SMTPException):
+                        if smtp is not None:
+                            smtp.close()
+                        smtp = None
+                        time.sleep(0.02)
+                        continue
+                    with lock:
+                        acknowledged[qid] = mark
+                    break
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+        finally:
+            if smtp is not None:
+                smtp.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    done = 0
+    try:
+        # kill when the stream has reached random points, plus a random few milliseconds (so
+        # the kill lands in any phase: between commands, mid-DATA, mid-commit, mid-delivery)
+        for threshold in sorted(rng.sample(range(10, len(expected) - 20), kills)):
+            deadline = time.monotonic() + 30
+            while len(acknowledged) < threshold:
+                assert time.monotonic() < deadline, f"stream stalled at {len(acknowledged)}"
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0, 0.02))
+            server.kill()
+            done += 1
+            server.start()
+    finally:
+        for thread in threads:
+            thread.join(90)
+    assert not errors, errors
+    assert done == kills
+    return acknowledged

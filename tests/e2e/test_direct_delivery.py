@@ -16,13 +16,12 @@ import shutil
 import smtplib
 import sqlite3
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 from tests.e2e.conftest import ServerFactory
-from tests.e2e.test_crash import message, transaction
+from tests.e2e.test_crash import message, send_while_killing
 from tests.support.server import MailServer, free_port, queue_id_of, split_trace, to_lf
 
 pytestmark = pytest.mark.e2e
@@ -173,54 +172,7 @@ def test_kill_under_load_loses_and_duplicates_nothing_acknowledged(
     run = uuid.uuid4().hex[:12]
     expected = {f"{run}-{c}-{i}": message(f"{run}-{c}-{i}", rng.randrange(200, 40_000))
                 for c in range(clients) for i in range(per_client)}
-    acknowledged: dict[str, str] = {}
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def client(c: int) -> None:
-        deadline = time.monotonic() + 60
-        smtp: smtplib.SMTP | None = None
-        try:
-            for i in range(per_client):
-                mark = f"{run}-{c}-{i}"
-                while True:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"client {c} stuck at message {i}")
-                    try:
-                        if smtp is None:
-                            smtp = smtplib.SMTP(server.host, server.smtp_port, "client.test", 10)
-                        qid = transaction(smtp, expected[mark])
-                    except (OSError, smtplib.SMTPException):
-                        if smtp is not None:
-                            smtp.close()
-                        smtp = None
-                        time.sleep(0.02)
-                        continue
-                    with lock:
-                        acknowledged[qid] = mark
-                    break
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            if smtp is not None:
-                smtp.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
-        for threshold in sorted(rng.sample(range(10, clients * per_client - 20), 3)):
-            deadline = time.monotonic() + 30
-            while len(acknowledged) < threshold:
-                assert time.monotonic() < deadline, f"stream stalled at {len(acknowledged)}"
-                time.sleep(0.001)
-            time.sleep(rng.uniform(0, 0.02))
-            server.kill()
-            server.start()
-    finally:
-        for thread in threads:
-            thread.join(90)
-    assert not errors, errors
+    acknowledged = send_while_killing(server, rng, expected, clients, run, kills=3)
     assert len(set(acknowledged.values())) == clients * per_client
     deadline = time.monotonic() + 30
     while messages_ever_queued(server):  # nothing should be queued; if so, let it finish
