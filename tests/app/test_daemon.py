@@ -67,3 +67,19 @@ async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Pa
     assert app.auth_limiter is limiter and app.authenticator.limiter is limiter
     assert limiter.failure_delay == 0.25 and limiter.penalty("192.0.2.1", 2.0) == 0.5
     assert not limiter.check("192.0.2.1", "alice", 2.0).allowed  # the two failures were kept
+
+
+async def test_a_sighup_while_starting_waits_for_the_start(tmp_path: Path) -> None:
+    """The handlers are in place before the listeners open; a SIGHUP that comes while the
+    process starts (workers spawning, a client already connected) is applied after the start,
+    not to half-built state and never by the default action, which would end the process."""
+    path = tmp_path / "mailhaven.toml"
+    path.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    app = App(configuration.load(path))
+    reloads: list[int] = []
+    app.reload = lambda: reloads.append(1)  # type: ignore[method-assign]
+    app._reload_signalled()
+    assert reloads == [] and app._reload_pending
+    app._up = True
+    app._reload_signalled()
+    assert reloads == [1]

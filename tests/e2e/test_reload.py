@@ -115,6 +115,17 @@ def test_a_new_hostname_waits_for_a_restart(mail_server: ServerFactory) -> None:
     assert rcpt(server, "newbie@localhost") == 250
 
 
+def test_a_sighup_as_soon_as_the_port_listens_is_applied(mail_server: ServerFactory) -> None:
+    """With worker processes the daemon listens before its start is over (the workers are
+    still spawning): a SIGHUP then is applied once it has started, and nothing dies."""
+    for attempt in range(3):
+        server = mail_server(settings={"smtp_processes": 2})  # returns once the port listens
+        reload_with(server, {"local_users": ["postmaster", f"early{attempt}"]})
+        assert server.proc is not None and server.proc.poll() is None
+        assert rcpt(server, f"early{attempt}@localhost") == 250
+        server.stop()
+
+
 def test_connection_rate(mail_server: ServerFactory) -> None:
     server = mail_server()
     assert [greeting_code(server) for _ in range(3)] == [220, 220, 220]

@@ -119,6 +119,9 @@ class App:
         self.pickup: Pickup | None = None
         self.control: control.ControlServer | None = None
         self.ready = asyncio.Event()
+        #: SIGHUP waits until start-up is done (`_reload_signalled`)
+        self._up = False
+        self._reload_pending = False
         #: systemd's notify socket, when it started us (`Type=notify`)
         self.manager: systemd.Notifier | None = None
         self._stop = asyncio.Event()
@@ -435,13 +438,20 @@ class App:
         loop = asyncio.get_running_loop()
         # Read (and unset) before any worker is spawned: only the daemon talks to systemd.
         self.manager = systemd.Notifier.from_environ() if self.worker is None else None
-        await self.start()
+        # Handlers before the listeners open: a signal that arrives while we start (a client
+        # may already connect) must not meet the default action, which ends the process.
+        # A SIGHUP then is remembered and applied once everything it reloads exists.
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
             loop.add_signal_handler(signal.SIGUSR1, self._reopen_log)
+        await self.start()
+        self._up = True
+        if self._reload_pending:
+            self._reload_pending = False
+            self._reload_signalled()
         if self.manager is not None:
             self.manager.send("READY=1", f"STATUS={await self._status()}")
             self._spawn(self._report_to_manager())
@@ -459,6 +469,9 @@ class App:
     def _reload_signalled(self) -> None:
         """SIGHUP, bracketed for systemd (`Type=notify-reload` wants RELOADING=1 with the
         monotonic time, then READY=1 once the new configuration is in force)."""
+        if not self._up:
+            self._reload_pending = True
+            return
         if self.manager is not None:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.manager.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
