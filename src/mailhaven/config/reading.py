@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from mailhaven.config.tables import DEPRECATED_MILTER_KEYS, Config, ConfigError, auto_processes
+from mailhaven.config.tables import DEPRECATED_MILTER_KEYS, WORDS, Config, ConfigError
 
 
 def _move_deprecated_milter_keys(data: dict[str, Any]) -> list[str]:
@@ -73,7 +73,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name not in ("source", "deprecated")}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = {name for name in fields if name not in ("source", "deprecated")}
     unknown = [k for k in data if k not in names]  # file order: the first typo first
     if unknown:
         key = unknown[0]
@@ -84,11 +85,15 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
             key=f"{where}.{key}" if where else key,
             hint=f'did you mean "{close[0]}"?' if close else "",
         )
-    if cls is Config and isinstance(data.get("smtp_processes"), str):
-        if data["smtp_processes"] != "auto":
-            raise ConfigError('smtp_processes: a number from 1 to 64, or "auto"')
-        data = {**data, "smtp_processes": auto_processes()}
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    kwargs = {}
+    for name, value in data.items():  # file order: the first mistake first
+        key = f"{where}.{name}" if where else name
+        words = fields[name].metadata.get(WORDS)
+        if words and isinstance(value, str):  # e.g. smtp_processes = "auto"
+            if value not in words:
+                raise ConfigError(f"{key}: a number, or " + " or ".join(f'"{w}"' for w in words))
+            value = words[value]()
+        kwargs[name] = _convert(value, hints[name], key)
     return cls(**kwargs)
 
 

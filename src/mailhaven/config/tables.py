@@ -15,6 +15,10 @@ from pathlib import Path
 
 from mailhaven.runtime import eventloop
 
+#: Field metadata: words a number field also accepts in the file, each resolved by its
+#: function when the file is read (so every consumer sees the number).
+WORDS = "words"
+
 #: "auto" stops here: each process holds its own engine, caches and connections, and past a
 #: handful of cores the shared disk (fsync) is the limit, not the CPU.
 MAX_AUTO_PROCESSES = 8
@@ -519,7 +523,9 @@ class Config:
     #: (`mailhaven.runtime.workers`), so mail uses more than one core. The daemon alone keeps
     #: submission, POP3, the pickup and the control socket; queue limits are divided among the
     #: processes, per-client limits (connections per IP, rates, AUTH failures) count per process.
-    smtp_processes: int = field(default_factory=auto_processes)
+    smtp_processes: int = field(
+        default_factory=auto_processes, metadata={WORDS: {"auto": auto_processes}}
+    )
     #: The asyncio event loop: "uvloop" (libuv's, the default; the standard library's loop when
     #: it cannot be imported, logged) or "asyncio" (see `mailhaven.runtime.eventloop`).
     event_loop: str = eventloop.DEFAULT
