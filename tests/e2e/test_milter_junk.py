@@ -24,7 +24,6 @@ from tests.e2e.conftest import ServerFactory
 from tests.e2e.test_dovecot_imap import MAIL_GROUP, MAIL_USER, add_user, imap
 from tests.support import dovecot as dc
 from tests.support import rspamd, spamassassin
-from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
@@ -32,10 +31,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def scanner() -> Iterator[rspamd.RspamdInstance]:
-    reason = rspamd.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with DNSServer({}) as dns, rspamd.RspamdInstance(dns.address) as instance:
+    with rspamd.milter_for_tests() as instance:
         yield instance
 
 

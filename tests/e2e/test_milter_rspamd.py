@@ -20,7 +20,6 @@ from collections.abc import Iterator
 import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.support import rspamd
-from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
@@ -28,10 +27,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def scanner() -> Iterator[rspamd.RspamdInstance]:
-    reason = rspamd.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with DNSServer({}) as dns, rspamd.RspamdInstance(dns.address) as instance:
+    with rspamd.milter_for_tests() as instance:
         yield instance
 
 

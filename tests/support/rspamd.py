@@ -24,6 +24,7 @@ SECURITY: test code only; binds 127.0.0.1; runs its workers as `_rspamd` (rspamd
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -163,3 +165,17 @@ class RspamdInstance:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def milter_for_tests() -> Iterator[RspamdInstance]:
+    """A private rspamd in milter mode whose DNS is a loopback server that knows nothing (no
+    lookup leaves the machine); the test is skipped, saying why, where rspamd cannot run."""
+    import pytest
+    from tests.support.dns_server import DNSServer
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with DNSServer({}) as dns, RspamdInstance(dns.address) as instance:
+        yield instance
