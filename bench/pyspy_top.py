@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="TABLE.KEY=TOML",
                     help="a mailhaven setting, as run.py's --set (repeatable)")
+    ap.add_argument("--rate", type=int, default=200, help="samples per second")
+    ap.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     ap.add_argument("--native", action="store_true",
                     help="also sample C frames (py-spy --native: SQLite, the event loop, libc)")
     a = ap.parse_args()
@@ -74,7 +76,7 @@ def main() -> int:
         mh.start()
         spy = common.spawn([str(common.ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
                             str(mh.pid), "--format", "raw", "--output", str(raw), "--threads",
-                            "--rate", "200",
+                            "--rate", str(a.rate), *(["--gil"] if a.gil else []),
                             # native frames need the process paused per sample (slower)
                             *(["--native"] if a.native else ["--nonblocking"])],
                            log_to=out_dir / "py-spy.log")

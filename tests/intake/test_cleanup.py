@@ -94,6 +94,18 @@ def test_scan_header_counts_received_and_finds_message_id() -> None:
     assert scan_header(b"").received_count == 0
 
 
+@pytest.mark.parametrize("separator", [b"\r\n\r\n", b"\n\n", b"\n\r\n", b"\r\n\n"])
+def test_scan_header_stops_at_the_empty_line_whatever_the_line_ends(separator: bytes) -> None:
+    head = b"Received: a\r\nMessage-ID: <m@x>" + separator + b"Received: b\nMessage-ID: <n@y>\n"
+    facts = scan_header(head)
+    assert (facts.received_count, facts.message_id) == (1, "<m@x>")
+
+
+def test_scan_header_of_a_head_without_an_empty_line_reads_all_of_it() -> None:
+    facts = scan_header(b"Received: a\r\nReceived: b\r\n\tcontinued\r\nDate: x")
+    assert facts.received_count == 2 and facts.has_date
+
+
 class Wake:
     def __init__(self) -> None:
         self.count = 0

@@ -148,7 +148,7 @@ def scan_header(head: bytes) -> HeaderFacts:
         elif name == b"date":
             has_date = True
 
-    for line in head.splitlines():
+    for line in _header_block(head).splitlines():
         if not line:
             break
         if line[:1] in (b" ", b"\t"):
@@ -158,6 +158,13 @@ def scan_header(head: bytes) -> HeaderFacts:
         current = [line]
     finish(current)
     return HeaderFacts(received, message_id, has_date)
+
+
+def _header_block(head: bytes) -> bytes:
+    """`head` cut after the last header line when an empty line follows it, so a big message
+    does not have its whole scanned start split into lines only for the loop to stop early."""
+    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
+    return head[: min(ends) + 1] if ends else head
 
 
 def needs_separator(head: bytes) -> bool:
