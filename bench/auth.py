@@ -176,8 +176,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--count", type=int, default=2000)
     ap.add_argument("--sessions", type=int, default=10)
-    ap.add_argument("--processes", type=int, default=1,
-                    help="mailhaven's smtp_processes (the peer runs a process per session)")
+    ap.add_argument("--processes", type=int, default=None,
+                    help="mailhaven's smtp_processes (default: the server's own default, "
+                         "\"auto\"; the peer runs a process per session)")
     a = ap.parse_args()
     for tool in ("opendkim", "postfix", "/usr/bin/policyd-spf"):
         if shutil.which(tool) is None:
@@ -202,7 +203,8 @@ def main() -> int:
     sink = peers.SmtpSink("auth-sink")
     pf = AuthPostfix(0, odk.port, dns.address[1])
     mh = peers.Mailhaven("mailhaven-auth", "hold", extra={
-        "": {"trusted_networks": [], "smtp_processes": a.processes},
+        "": {"trusted_networks": [],
+             **({} if a.processes is None else {"smtp_processes": a.processes})},
         "relay": {"nameservers": [f"{HOST}:{dns.address[1]}"]},
     })
     try:
@@ -235,7 +237,7 @@ def main() -> int:
                                  f"{a.sessions}", SIZE, a.sessions, a.count,
                                  [report.Goal("ratio>=", 2.0, theirs.name)])
         rec.write("meta", command=" ".join(["bench/auth.py", *sys.argv[1:]]), date=stamp,
-                  smtp_processes=a.processes,
+                  smtp_processes=a.processes or "auto",
                   message_bytes=len(message), postfix=peers.postfix_version())
         metrics = run(sc, [ours, theirs], a.reps, message_file, rec)
         rec.summary(metrics)
