@@ -5,6 +5,7 @@
     .venv/bin/python bench/ab.py relay --a-set 'log_level="warning"'  # what the maillog costs
     .venv/bin/python bench/ab.py hold --count 6000 --reps 4         # acceptance only
     .venv/bin/python bench/ab.py local --count 2000                 # delivery into a Maildir
+    .venv/bin/python bench/ab.py hold --size 102400 --count 2000    # 100 KiB messages
     .venv/bin/python bench/ab.py hold --tls --count 2000 [--resume]  # STARTTLS every message
 
 A variant is this working tree (default) or a git revision (`--a-rev`, `--b-rev`: checked out
@@ -65,6 +66,7 @@ def main() -> int:
     ap.add_argument("mode", choices=["relay", "hold", "local"])
     ap.add_argument("--count", type=int, default=4000)
     ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024, help="message size in bytes (smtp-source)")
     ap.add_argument("--tls", action="store_true",
                     help="STARTTLS on every connection (tls_bench.py's client and certificate)")
     ap.add_argument("--resume", action="store_true", help="with --tls: resume TLS sessions")
@@ -100,7 +102,7 @@ def main() -> int:
                 time.sleep(1.0)  # a worker process starts after the daemon's greeting
                 load.wait_quiet()
                 rec = load.measure(
-                    mh.port, lambda mh=mh: common.tree_cpu(mh.pid), size=1024, sessions=10,
+                    mh.port, lambda mh=mh: common.tree_cpu(mh.pid), size=a.size, sessions=10,
                     count=a.count,
                     drained=(lambda mh=mh: mh.queue_count() == 0) if a.mode != "hold" else None,
                     rcpt=peers.LOCAL_RCPT if a.mode == "local" else "rcpt@bench.test",
