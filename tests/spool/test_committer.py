@@ -140,6 +140,37 @@ async def test_a_failed_inline_commit_fails_every_job_and_frees_the_connection(
         s.close()
 
 
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_job_that_loses_the_transaction_fails_its_whole_batch_with_its_error(
+    gated: tuple[Spool, Gate], inline: bool
+) -> None:
+    """SQLite itself rolls the transaction back on a full disk or an I/O error; the jobs
+    before it in the batch are undone, so none of them may be reported as done."""
+    spool, gate = gated
+
+    def lost(conn: sqlite3.Connection) -> None:
+        _insert("lost")[1](conn)
+        conn.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL or SQLITE_IOERR
+        raise sqlite3.OperationalError("database or disk is full")
+
+    if not inline:  # queue both behind a held commit, so the writer thread batches them
+        gate.armed = True
+        held = asyncio.ensure_future(spool._committer.run(_insert("first")[1]))
+        await gate.wait_reached()
+    jobs = [spool._committer.run(fn, inline=inline) for fn in (_insert("ok")[1], lost)]
+    if inline:
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+    else:
+        futures = [asyncio.ensure_future(j) for j in jobs]
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        await held
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    assert [str(r) for r in results] == ["database or disk is full"] * 2
+    assert await spool._committer.run(_count, write=False) == (0 if inline else 1)
+    assert await spool._committer.run(_insert("after")[1])  # the connection is usable
+
+
 async def test_a_read_only_inline_batch_commits_nothing(gated: tuple[Spool, Gate]) -> None:
     spool, _ = gated
     qid = await put(spool, b"body")

@@ -498,12 +498,17 @@ class Committer:
     ) -> tuple[_Item, bool, Any]:
         # One savepoint name for every job: each is released before the next starts, and one
         # SQL text keeps the statements in sqlite3's cache (job0..job1023 were re-prepared).
-        in_txn = in_txn and not item.atomic
+        batched, in_txn = in_txn, in_txn and not item.atomic
         if in_txn:
             conn.execute("SAVEPOINT job")
         try:
             value = item.fn(conn)
         except Exception as exc:
+            if batched and not conn.in_transaction:
+                # SQLite rolled the whole transaction back (a full disk, an I/O error): the
+                # batch's earlier jobs are undone too, so the batch fails as one, with this
+                # error rather than "no such savepoint"
+                raise
             if in_txn:
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
