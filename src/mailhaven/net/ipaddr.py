@@ -8,14 +8,17 @@ through `client_ip`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(text: str) -> IPAddress | None:
     """`text` as an address, an IPv4-mapped IPv6 one as IPv4, a zone dropped; None if it is
-    not an address."""
+    not an address. Cached: each message asks several times for the same client (routing,
+    signing, the checks), the same senders come back, and the result is immutable."""
     try:
         ip = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
