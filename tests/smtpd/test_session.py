@@ -28,8 +28,8 @@ from mailhaven.routing.router import Router
 from mailhaven.smtpd import server as server_module
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
+from mailhaven.smtpd.profile import ListenerProfile, Writer
 from mailhaven.smtpd.server import SMTPService
-from mailhaven.smtpd.session import ListenerProfile, Writer
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from mailhaven.config import Config
 from mailhaven.proto.envelope import Envelope, RecipientSpec
-from mailhaven.smtpd.session import MessageSink
+from mailhaven.smtpd.profile import MessageSink
 
 log = logging.getLogger("mailhaven.checks")
 

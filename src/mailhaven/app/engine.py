@@ -29,8 +29,8 @@ from mailhaven.proto.replies import Reply
 from mailhaven.routing.held import PartTimeHosts, release_route
 from mailhaven.scheduler.direct import DirectDoor
 from mailhaven.scheduler.runner import Runner
+from mailhaven.smtpd.profile import Writer
 from mailhaven.smtpd.server import SMTPService
-from mailhaven.smtpd.session import Writer
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.store import Spool
 
@@ -48,7 +48,7 @@ class Engine:
 
 
 class SpoolSink:
-    """Adapts spool + intake to what an SMTP session needs (`smtpd.session.MessageSink`)."""
+    """Adapts spool + intake to what an SMTP session needs (`smtpd.profile.MessageSink`)."""
 
     def __init__(self, spool: Spool, intake: Intake) -> None:
         self.spool = spool

@@ -32,7 +32,7 @@ from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.inbound_gate import InboundGate
 from mailhaven.smtpd.lmtp import LmtpStore, lmtp_policy
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
-from mailhaven.smtpd.session import ListenerProfile
+from mailhaven.smtpd.profile import ListenerProfile
 
 log = logging.getLogger("mailhaven.master")
 

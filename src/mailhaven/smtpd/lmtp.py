@@ -48,7 +48,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
-from mailhaven.smtpd.session import Writer
+from mailhaven.smtpd.profile import Writer
 from mailhaven.spool.ids import QueueIdFactory
 
 log = logging.getLogger("mailhaven.lmtp")

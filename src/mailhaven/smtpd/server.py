@@ -25,7 +25,8 @@ from mailhaven.checks.rates import RateCounter
 from mailhaven.config import Limits, Timeouts, parse_hostport
 from mailhaven.net.client_names import ClientNames
 from mailhaven.proto.replies import Reply
-from mailhaven.smtpd.session import ListenerProfile, MessageSink, SMTPSession
+from mailhaven.smtpd.profile import ListenerProfile, MessageSink
+from mailhaven.smtpd.session import SMTPSession
 
 log = logging.getLogger("mailhaven.smtpd")
 

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Awaitable
+from dataclasses import replace
+from typing import TYPE_CHECKING, cast
 
 from mailhaven import maillog
-from mailhaven.checks.gate import Gate, Screen
+from mailhaven.checks.gate import Screen
 from mailhaven.checks.milter.chain import MilterChain
 from mailhaven.checks.milter.marks import delivery_marks
 from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
-from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.faults import crash_point
 from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.maillog import client_label
@@ -39,10 +37,11 @@ from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.milter import Stage
 from mailhaven.proto.replies import Reply
-from mailhaven.proto.smtp_server import ServerConnection, ServerSettings, State, Wait
+from mailhaven.proto.smtp_server import ServerConnection, State, Wait
 from mailhaven.smtpd import milters as mlt
-from mailhaven.smtpd.inbound_gate import InboundGate, StoredWriter
-from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy, protocol_name
+from mailhaven.smtpd.inbound_gate import StoredWriter
+from mailhaven.smtpd.policy import SessionFacts, protocol_name
+from mailhaven.smtpd.profile import AuthStep, ListenerProfile, Writer
 
 if TYPE_CHECKING:
     from mailhaven.smtpd.server import SMTPService
@@ -57,66 +56,6 @@ def describe_tls_error(err: BaseException) -> str:
     if isinstance(err, TimeoutError):
         return "handshake timed out"
     return str(err) or type(err).__name__
-
-
-class Writer(Protocol):
-    """The spool's streaming writer for one incoming body."""
-
-    @property
-    def queue_id(self) -> str: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class MessageSink(Protocol):
-    """The door into the queue (intake): durable before `accept` returns a 250."""
-
-    def new_message(self) -> Writer: ...
-
-    async def accept(
-        self, writer: Writer, envelope: Envelope, tls: str | None, added: bytes = b""
-    ) -> Reply: ...
-
-
-class Authenticator(Protocol):
-    """Runs one SASL exchange: `start` and `step` return a challenge (str) or a final result."""
-
-    def start(self, facts: SessionFacts, mechanism: str, initial: str | None) -> AuthStep: ...
-
-
-class AuthStep(Protocol):
-    async def respond(self, line: str | None) -> str | tuple[Reply, str | None]: ...
-
-
-@dataclass(frozen=True)
-class ListenerProfile:
-    """Everything that differs between the MX, submission and submissions listeners."""
-
-    name: str
-    settings: ServerSettings
-    policy: SMTPPolicy
-    tls_context: Callable[[], ssl.SSLContext | None]
-    etrn: Callable[[SessionFacts, str], Awaitable[Reply]] | None = None
-    authenticator: Authenticator | None = None
-    #: the abuse checks (`checks.gate`): access lists, DNS lists, greylisting, sender limits
-    gate: Gate | None = None
-    #: content scanners and signers for this listener (`milters`/`submission_milters`)
-    milters: MilterSettings | None = None
-    #: LMTP listener (`settings.lmtp`): the store that delivers each message at once and answers
-    #: per recipient (`smtpd.lmtp`), instead of the queue
-    store: LocalStore | None = None
-    #: mail authentication at end of DATA (the MX port: `smtpd.inbound_gate`)
-    inbound: InboundGate | None = None
-
-
-class LocalStore(Protocol):
-    """Final delivery for the LMTP listener: a writer per message, one reply per recipient."""
-
-    def new_message(self) -> Writer: ...
-
-    async def deliver(self, writer: Writer, envelope: Envelope) -> list[Reply]: ...
 
 
 class CommandStats:
