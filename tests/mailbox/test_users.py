@@ -48,6 +48,17 @@ def test_file_is_dovecot_passwd_format(db: UserDB) -> None:
     assert not db.path.with_name("passwd.tmp").exists()
 
 
+def test_each_rewrite_moves_the_mtime_to_a_later_second(db: UserDB) -> None:
+    """Dovecot's passwd-file re-reads on a change of mtime (whole seconds) or size: two
+    password changes within one second, same hash length, must still look changed to it."""
+    seconds = [db.path.stat().st_mtime_ns // 1_000_000_000]
+    for password in ("second pw", "third pw"):
+        db.set_password("alice", password)
+        seconds.append(db.path.stat().st_mtime_ns // 1_000_000_000)
+    assert seconds[0] < seconds[1] < seconds[2]
+    assert db.path.read_text().count("\n") == 1
+
+
 async def test_comments_and_foreign_lines_survive_rewrites(tmp_path: Path) -> None:
     path = tmp_path / "passwd"
     hashed = "{ARGON2ID}" + FAST.hash("pw")

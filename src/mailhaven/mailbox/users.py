@@ -392,10 +392,12 @@ def _atomic_write(path: Path, text: str, mode: int | None = None, group: int | N
     """Replace `path` by `text` durably, with the old file's owner, group and mode unless
     `mode` / `group` say otherwise (a new file: 0600, ours)."""
     uid = gid = -1
+    old_second: int | None = None
     try:
         st = path.stat()
         uid, gid = st.st_uid, st.st_gid
         mode = st.st_mode & 0o777 if mode is None else mode
+        old_second = st.st_mtime_ns // 1_000_000_000
     except FileNotFoundError:
         mode = DEFAULT_FILE_MODE if mode is None else mode
     if group is not None:
@@ -407,6 +409,8 @@ def _atomic_write(path: Path, text: str, mode: int | None = None, group: int | N
             _own(f.fileno(), uid, gid, mode)
             f.write(text)
             f.flush()
+            if old_second is not None:
+                _later_second(f.fileno(), old_second)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -418,6 +422,16 @@ def _atomic_write(path: Path, text: str, mode: int | None = None, group: int | N
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _later_second(fd: int, old_second: int) -> None:
+    """Give the new file an mtime in a later second than the old one's. Dovecot's passwd-file
+    driver re-reads the file only when its mtime in whole seconds or its size changes, so a
+    password changed within the second of the last write (same hash length) would otherwise
+    never reach it."""
+    st = os.fstat(fd)
+    if st.st_mtime_ns // 1_000_000_000 <= old_second:
+        os.utime(fd, ns=(st.st_atime_ns, (old_second + 1) * 1_000_000_000))
 
 
 def _own(fd: int, uid: int, gid: int, mode: int) -> None:
