@@ -14,6 +14,11 @@ swaps it in (`use()` swaps in one built from other files, named by a reloaded co
 if the new files are broken it raises and the old certificate stays in service
 (`postfix reload` semantics). Handshakes in progress and established sessions are untouched.
 
+Session tickets: OpenSSL encrypts and decrypts them with the keys of the connection's *initial*
+context (the front one), not of the backend the SNI callback switches to. Every context built
+here gets the process's shared ticket key (`tls_tickets`), the front as the source of truth
+and the backends alike, so a ticket outlives a reload and is accepted by every process.
+
 SECURITY: the key file is read once per (re)load and never logged; a failed load never leaves a
 listener without a working certificate.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+
+from mailhaven.net.tls_tickets import process_keys
 
 #: RFC 9325 §4.1: TLS 1.2 is the floor; SSLv3, TLS 1.0 and 1.1 are off (RFC 8996).
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -46,6 +53,7 @@ def build_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_SINGLE_ECDH_USE
     ctx.load_cert_chain(cert_file, key_file)
+    process_keys.apply(ctx)  # the same tickets in every process (else OpenSSL's own key)
     return ctx
 
 
