@@ -63,13 +63,19 @@ from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
 from mailhaven.mailbox import migrate
 from mailhaven.mailbox.users import UsersFileError
-from mailhaven.net import acme
+from mailhaven.net import acme, tls_tickets
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.pickup.collector import IntakeDoor, Pickup
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.runtime import logtargets, privileges, systemd
-from mailhaven.runtime.workers import WorkerPool, WorkerRole, control_socket, watch_lifeline
+from mailhaven.runtime.workers import (
+    WorkerPool,
+    WorkerRole,
+    control_socket,
+    take_message,
+    watch_lifeline,
+)
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import SessionFacts
 from mailhaven.spool import shards
@@ -254,6 +260,7 @@ class App:
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
         self.live.users.load()
         await asyncio.to_thread(self._prepare_mailboxes)
+        self._start_ticket_keys()
         self.tls = load_tls(config)
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self._adopt_orphans)
@@ -355,13 +362,43 @@ class App:
         if extra <= 0:
             return
         fds = [s.fileno() for s in self._smtp_sockets]
-        self.workers = WorkerPool(extra, self.config.source, fds)
+        self.workers = WorkerPool(extra, self.config.source, fds,
+                                  ticket_key=tls_tickets.process_keys.key)
         await self.workers.start()
+
+    # ------------------------------------------------------------------ TLS ticket keys
+
+    def _start_ticket_keys(self) -> None:
+        """The daemon: one session-ticket key for itself and its workers (`net.tls_tickets`),
+        made anew every `ROTATION_INTERVAL` seconds, as Postfix's tlsmgr does."""
+        tls_tickets.process_keys.install(tls_tickets.new_key())
+
+        async def rotate() -> None:
+            while True:
+                await asyncio.sleep(tls_tickets.ROTATION_INTERVAL)
+                key = tls_tickets.new_key()
+                tls_tickets.process_keys.install(key)
+                if self.workers is not None:
+                    self.workers.send_ticket_key(key)
+
+        self._spawn(rotate())
+
+    def _take_ticket_key(self, role: WorkerRole) -> None:
+        """A worker: the daemon's ticket key, from the lifeline (`runtime.workers`)."""
+        key = None
+        if role.lifeline is not None:
+            key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
+        if key is None:
+            log.warning("worker %d: no TLS ticket key from the daemon; tickets are this "
+                        "process's own", role.shard)
+            return
+        tls_tickets.process_keys.install(key)
 
     async def _start_as_worker(self, role: WorkerRole) -> None:
         """A worker process: the whole engine on its own shard, on the daemon's sockets."""
         config = self.config
         self.live.users.load()
+        self._take_ticket_key(role)
         self.tls = load_tls(config)  # the daemon made any self-signed certificate already
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self.spool.open)
@@ -382,7 +419,8 @@ class App:
         self._runner_task = self._spawn(engine.runner.run())
         self._start_acme()
         if role.lifeline is not None:
-            watch_lifeline(role.lifeline, self.stop)
+            watch_lifeline(role.lifeline, self.stop, tls_tickets.process_keys.install,
+                           tls_tickets.KEY_LENGTH)
         log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
                  self.spool.root)
         self.ready.set()

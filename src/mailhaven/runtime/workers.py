@@ -19,6 +19,10 @@ processes, so a remote host still sees at most the configured number of connecti
 How they live:
 - the lifeline: each worker inherits the read end of a pipe whose write end only the daemon
   holds; end of file (the daemon exited, even by SIGKILL) makes the worker stop gracefully.
+  The same pipe carries the daemon's TLS session-ticket keys (`net.tls_tickets`), fixed-size
+  messages: the current one is in the pipe before the worker starts (`take_message`), later
+  ones (rotation) arrive while it runs. So every process accepts every process's tickets,
+  and the key is never in argv, the environment or a file.
 - signals: the daemon forwards SIGHUP (reload) and SIGTERM (stop) to its workers by PID and
   restarts one that dies unexpectedly, after `RESTART_PAUSE` seconds; the new one recovers
   its shard like the daemon recovers its own.
@@ -63,19 +67,46 @@ def control_socket(state_dir: Path, shard: int) -> Path:
     return state_dir / ("control.sock" if shard == 0 else f"control-{shard}.sock")
 
 
-def watch_lifeline(fd: int, on_lost: Callable[[], None]) -> None:
-    """Call `on_lost` once the daemon is gone (end of file on the inherited pipe)."""
+def take_message(fd: int, size: int) -> bytes | None:
+    """The daemon's message of `size` bytes written to the lifeline before this worker started
+    (None: there is none, e.g. a daemon of an older version). Writes of at most PIPE_BUF bytes
+    are atomic (POSIX), so a message is there whole or not at all."""
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, size)
+    except BlockingIOError:
+        return None
+    return data if len(data) == size else None
+
+
+def watch_lifeline(
+    fd: int,
+    on_lost: Callable[[], None],
+    on_message: Callable[[bytes], object] | None = None,
+    size: int = 0,
+) -> None:
+    """Call `on_lost` once the daemon is gone (end of file on the inherited pipe), and
+    `on_message` with each message of `size` bytes the daemon writes meanwhile."""
     loop = asyncio.get_running_loop()
+    pending = bytearray()
 
     def readable() -> None:
         try:
-            data = os.read(fd, 64)
+            data = os.read(fd, 4096)
         except BlockingIOError:
             return
         if not data:
             loop.remove_reader(fd)
             log.warning("worker: the daemon is gone; stopping")
             on_lost()
+            return
+        if on_message is None or size <= 0:
+            return
+        pending.extend(data)
+        while len(pending) >= size:
+            message = bytes(pending[:size])
+            del pending[:size]
+            on_message(message)
 
     os.set_blocking(fd, False)
     loop.add_reader(fd, readable)
@@ -84,8 +115,16 @@ def watch_lifeline(fd: int, on_lost: Callable[[], None]) -> None:
 class WorkerPool:
     """The daemon's worker processes: start, forward signals, restart, stop (by PID)."""
 
-    def __init__(self, count: int, config_source: str | None, fds: Sequence[int]) -> None:
+    def __init__(
+        self,
+        count: int,
+        config_source: str | None,
+        fds: Sequence[int],
+        ticket_key: bytes | None = None,
+    ) -> None:
         self.count = count
+        #: the TLS session-ticket key each worker gets on its lifeline (`net.tls_tickets`)
+        self.ticket_key = ticket_key
         self._argv = [sys.executable, "-m", "mailhaven", "serve"]
         if config_source is not None:
             self._argv += ["-c", config_source]
@@ -108,6 +147,10 @@ class WorkerPool:
     async def _spawn(self, slot: int) -> None:
         read_end, write_end = os.pipe()
         try:
+            if self.ticket_key is not None:  # in the pipe before the worker looks (take_message)
+                os.write(write_end, self.ticket_key)
+            # a worker that never reads must not block the daemon (`send_ticket_key`)
+            os.set_blocking(write_end, False)
             proc = await asyncio.create_subprocess_exec(
                 *self._argv,
                 "--shard",
@@ -142,6 +185,17 @@ class WorkerPool:
             if self._stopping:
                 return
             await self._spawn(slot)
+
+    def send_ticket_key(self, key: bytes) -> None:
+        """Rotation: every running worker uses `key` from now on, and so will restarted ones."""
+        self.ticket_key = key
+        for slot, fd in self._lifelines.items():
+            if self._procs[slot].returncode is not None:
+                continue  # gone: its restart takes the key along
+            try:
+                os.write(fd, key)
+            except OSError as err:  # a full pipe (a stuck worker) or one already gone
+                log.warning("worker %d: TLS ticket key not sent: %s", slot + 1, err)
 
     def signal(self, sig: signal.Signals) -> None:
         for proc in self._procs.values():
