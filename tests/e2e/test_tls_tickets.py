@@ -5,7 +5,8 @@ Which process takes a connection is the kernel's choice; to make every step cros
 the test freezes one of them with SIGSTOP (as tests/e2e/test_workers.py does), alternately,
 so the connections go daemon, worker, daemon, ... and each offers the previous connection's
 session. The log's `smtpd[PID]: connect from` lines show who served them. A burst with both
-processes running shows the same without help.
+processes running shows the same without help. Clients: Python's `ssl` (a session per
+connection object) and `openssl s_client` (a session file, `-sess_out`/`-sess_in`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,29 @@ def test_tickets_survive_a_reload_that_renews_the_certificate(
     assert cert == first
     _, reused, renewed = starttls(server, client_context(), None)
     assert not reused and renewed != first
+
+
+def s_client_resumes(server: MailServer, session_file: Path) -> bool:
+    """One `openssl s_client -starttls smtp` that offers and then saves `session_file`."""
+    argv = ["openssl", "s_client", "-starttls", "smtp", "-noservername", "-ign_eof",
+            "-connect", f"{server.host}:{server.smtp_port}", "-sess_out", str(session_file)]
+    if session_file.exists():
+        argv += ["-sess_in", str(session_file)]
+    out = subprocess.run(argv, input=b"EHLO client.test\r\nQUIT\r\n", capture_output=True,
+                         timeout=15, check=False).stdout.decode(errors="replace")
+    [handshake] = re.findall(r"^(New|Reused), TLSv1\.3", out, re.M)
+    return handshake == "Reused"
+
+
+def test_openssl_s_client_resumes_on_either_process(
+    mail_server: ServerFactory, tmp_path: Path
+) -> None:
+    server = mail_server(settings=settings(certificate(tmp_path / "v1", "first.test")))
+    worker = worker_pid(server)
+    session_file = tmp_path / "session.pem"
+    resumed = []
+    for i in range(6):
+        with frozen(worker if i % 2 == 0 else server.pid):
+            resumed.append(s_client_resumes(server, session_file))
+    assert resumed == [False] + [True] * 5, resumed
+    assert set(served_by(server)) == {server.pid, worker}
