@@ -51,9 +51,11 @@ class Live:
         self.router = build_router(
             config, self.users, self.reverse_srs, parked_domains(config, self.users)
         )
+        self._mailboxes = mailbox_names(config, self.users)
 
     def swap(self, config: Config, users: UserDB, router: Router) -> None:
         self.config, self.users, self.router = config, users, router
+        self._mailboxes = mailbox_names(config, users)
 
     def reverse_srs(self, address: str) -> str | None:
         return self.srs.reverse(address, time.time()) if self.srs is not None else None
@@ -65,7 +67,7 @@ class Live:
         return self.router.expand(address)
 
     def mailboxes(self) -> Collection[str]:
-        return mailbox_names(self.config, self.users)()
+        return self._mailboxes()
 
     def quotas(self) -> QuotaRules:
         return quota_rules(self.config)

@@ -7,7 +7,7 @@ both, so a renamed key changes one line here.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, KeysView, Sequence
 from typing import cast
 
 from mailhaven.config import Config, parse_hostport
@@ -49,17 +49,38 @@ def plan_limits(config: Config) -> PlanLimits:
 
 def mailbox_names(config: Config, users: UserDB) -> Callable[[], Collection[str]]:
     """Current mailbox names: `local_users` plus the users file (reloaded when it changes).
-    A bare `local_users` name is a mailbox at every local domain (`postmaster`)."""
-    fixed = {
+    A bare `local_users` name is a mailbox at every local domain (`postmaster`). Each call
+    is a snapshot that copies nothing: every message asks, and a host may have many users."""
+    fixed = frozenset(
         name if "@" in name else f"{name}@{domain}"
         for name in (u.lower() for u in config.local_users)
         for domain in users.domains or config.local_domains
-    }
+    )
 
     def names() -> Collection[str]:
-        return fixed | users.names()
+        return MailboxNames(fixed, users.current_names())
 
     return names
+
+
+class MailboxNames(Collection[str]):
+    """`local_users` and the users file's names as one collection, without a union copy."""
+
+    __slots__ = ("_fixed", "_users")
+
+    def __init__(self, fixed: frozenset[str], users: KeysView[str]) -> None:
+        self._fixed = fixed
+        self._users = users
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fixed or name in self._users
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._fixed
+        yield from (name for name in self._users if name not in self._fixed)
+
+    def __len__(self) -> int:
+        return len(self._fixed) + sum(1 for name in self._users if name not in self._fixed)
 
 
 def build_users(config: Config) -> UserDB:

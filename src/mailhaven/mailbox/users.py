@@ -53,7 +53,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +194,12 @@ class UserDB:
         """Every user, canonical (full addresses once local domains are known)."""
         self.reload_if_changed()
         return set(self._hashes)
+
+    def current_names(self) -> KeysView[str]:
+        """The users as of now, without copying them: a reload replaces the table whole, so
+        the view stays the snapshot it was (the per-message lookups' way; `names` copies)."""
+        self.reload_if_changed()
+        return self._hashes.keys()
 
     def login_name(self, login: str) -> str | None:
         """The canonical user name a login means, whether or not that user exists; None for
