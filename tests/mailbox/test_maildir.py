@@ -117,41 +117,98 @@ def test_stream_is_not_joined_in_memory(tmp_path: Path) -> None:
 # --- durability -----------------------------------------------------------------------------
 
 
-def test_fsync_of_file_before_link_and_of_new_dir_after(
+def test_fsync_of_file_before_rename_and_of_new_dir_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
-    real_fsync, real_link = os.fsync, os.link
+    real_fsync, real_rename = os.fsync, os.rename
 
     def fsync(fd: int) -> None:
         mode = os.fstat(fd).st_mode
         events.append("fsync-dir" if stat.S_ISDIR(mode) else "fsync-file")
         real_fsync(fd)
 
-    def link(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append("link")
-        real_link(src, dst)
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        events.append("rename")
+        real_rename(src, dst)
 
     box = tmp_path / "u"
     md.ensure_maildir(box)
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(os, "rename", rename)
     deliver(box, [MESSAGE], names=names())
-    assert events == ["fsync-file", "link", "fsync-dir"]
+    deliver(box, MESSAGE, names=names())
+    assert events == ["fsync-file", "rename", "fsync-dir"] * 2
 
 
-def test_failure_between_write_and_link_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("whole", [True, False], ids=["bytes", "chunks"])
+def test_failure_between_fsync_and_rename_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
 ) -> None:
-    def broken_link(src: object, dst: object) -> None:
+    def broken_rename(src: object, dst: object) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(os, "link", broken_link)
+    monkeypatch.setattr(os, "rename", broken_rename)
     box = tmp_path / "u"
     with pytest.raises(OSError):
-        deliver(box, [MESSAGE], names=names())
+        deliver(box, MESSAGE if whole else [MESSAGE], names=names())
     assert os.listdir(box / "new") == []
     assert os.listdir(box / "tmp") == []
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["bytes", "chunks"])
+def test_failed_file_fsync_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+) -> None:
+    def fsync(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    box = tmp_path / "u"
+    md.ensure_maildir(box)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError):
+        deliver(box, MESSAGE if whole else [MESSAGE], names=names())
+    assert os.listdir(box / "new") == []
+    assert os.listdir(box / "tmp") == []
+
+
+def test_short_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+
+    def short_write(fd: int, data: bytes) -> int:
+        return real_write(fd, bytes(data[:7]))  # as a signal or a full quota can make it
+
+    monkeypatch.setattr(os, "write", short_write)
+    path = deliver(tmp_path / "u", MESSAGE, names=names())
+    assert path.read_bytes() == EXPECTED
+    path = deliver(tmp_path / "u", [MESSAGE[:20], MESSAGE[20:]], names=names())
+    assert path.read_bytes() == EXPECTED
+
+
+def test_whole_message_and_chunks_store_the_same(tmp_path: Path) -> None:
+    body = b"a\rb\r\n" * 10 + b"c\r"
+    whole = deliver(tmp_path / "u", body, prepend=b"Delivered-To: x\r", names=names())
+    chunked = deliver(tmp_path / "u", [body[:5], body[5:]], prepend=b"Delivered-To: x\r",
+                      names=names())
+    assert whole.read_bytes() == chunked.read_bytes()
+    assert parse_name(whole.name)[1:3] == parse_name(chunked.name)[1:3]
+
+
+def test_name_in_a_forked_child_has_its_pid(tmp_path: Path) -> None:
+    unique = names()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its name and leave at once
+        try:
+            os.write(write, unique.next().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child_name = os.read(read, 200).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert f"P{pid}Q" in child_name
+    assert f"P{os.getpid()}Q" in unique.next()
 
 
 def test_failure_while_streaming_leaves_nothing(tmp_path: Path) -> None:
@@ -183,18 +240,6 @@ def test_failed_dir_fsync_withdraws_the_message(
         deliver(box, [MESSAGE], names=names())
     assert os.listdir(box / "new") == []
     assert os.listdir(box / "tmp") == []
-
-
-def test_rename_fallback_without_hard_links(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_link(src: object, dst: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_link)
-    path = deliver(tmp_path / "u", [MESSAGE], names=names())
-    assert path.read_bytes() == EXPECTED
-    assert os.listdir(tmp_path / "u" / "tmp") == []
 
 
 def test_directories_created_private(tmp_path: Path) -> None:

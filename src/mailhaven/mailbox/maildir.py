@@ -10,12 +10,12 @@ to a reply.
 
 Invariants:
 
-* A file appears in `new/` only after its data was fsync'd in `tmp/`, it is hard-linked (or, on
-  file systems without hard links, renamed) into `new/`, and then `new/` itself is fsync'd. When
-  `deliver` returns, the message survives a power cut; this is what lets the local agent answer
-  250 and the scheduler forget the queue entry.
+* A file appears in `new/` only after its data was fsync'd in `tmp/`, it is renamed into `new/`
+  (as Dovecot does; the name is unique, so nothing is clobbered), and then `new/` itself is
+  fsync'd. When `deliver` returns, the message survives a power cut; this is what lets the
+  local agent answer 250 and the scheduler forget the queue entry.
 * Deliveries into one `new/` at the same time share its fsync (`DirectorySync`, a group
-  commit): an fsync that *started* after a file was linked makes that link durable, so a
+  commit): an fsync that *started* after a file was renamed into it makes that name durable, so a
   delivery that finds one already running waits for the next and reuses it, instead of queueing
   an fsync of its own behind it.
 * If anything fails before that point nothing is left in `new/` and the `tmp/` file is removed.
@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import itertools
 import os
 import socket
 import threading
@@ -50,7 +52,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 from mailhaven.faults import crash_point
 from mailhaven.mailbox import layout
@@ -131,11 +133,25 @@ def escape_hostname(hostname: str) -> str:
     return hostname.replace("/", "\\057").replace(":", "\\072")
 
 
+#: This process's id, for names: asked once, and again in a child after fork() (a syscall
+#: per copy otherwise).
+_PID = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _PID
+    _PID = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+
+
 class UniqueNames:
     """Source of unique Maildir base names: `<secs>.M<usec>P<pid>Q<counter>.<host>`.
 
-    Thread-safe (deliveries run in worker threads). `clock` returns nanoseconds since the epoch
-    and is injectable for tests; the pid is read at each call so a forked child differs.
+    Thread-safe (deliveries run in worker threads: `next()` of an `itertools.count` is atomic).
+    `clock` returns nanoseconds since the epoch and is injectable for tests; the pid is the
+    current process's, so a forked child differs.
     """
 
     def __init__(
@@ -143,16 +159,13 @@ class UniqueNames:
     ) -> None:
         self._host = escape_hostname(hostname or socket.gethostname())
         self._clock = clock
-        self._counter = 0
-        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
 
     def next(self) -> str:
-        with self._lock:
-            self._counter += 1
-            counter = self._counter
+        counter = next(self._counter)
         ns = self._clock()
         secs, usec = ns // 1_000_000_000, (ns // 1000) % 1_000_000
-        return f"{secs}.M{usec}P{os.getpid()}Q{counter}.{self._host}"
+        return f"{secs}.M{usec}P{_PID}Q{counter}.{self._host}"
 
 
 class _CrlfToLf:
@@ -177,7 +190,7 @@ class _CrlfToLf:
 
 def deliver(
     maildir: Path,
-    chunks: Iterable[bytes],
+    message: Iterable[bytes] | bytes,
     *,
     prepend: bytes = b"",
     names: UniqueNames,
@@ -185,8 +198,10 @@ def deliver(
 ) -> Path:
     """Store one message in `maildir/new/` durably and return its path.
 
-    `prepend` is written first (it goes through the same CRLF -> LF conversion). Any exception,
-    including one raised by `chunks` itself, leaves nothing in `new/` and removes the `tmp/` file.
+    `message` is the whole message as one `bytes` (converted and written in one go), or a stream
+    of chunks (converted and written as they come, never joined). `prepend` is written first
+    (it goes through the same CRLF -> LF conversion). Any exception, including one raised by the
+    chunks' iterator itself, leaves nothing in `new/` and removes the `tmp/` file.
     """
     if maildir not in _ENSURED:
         ensure_maildir(maildir, owner)
@@ -198,13 +213,19 @@ def deliver(
         base, fd = _create_tmp(maildir, names)
     tmp_path = maildir / "tmp" / base
     try:
-        with open(fd, "wb", buffering=WRITE_BUFFER, closefd=True) as out:
+        try:
             if owner is not None:  # before any reader can see it in new/
-                owner.apply_to_fd(out.fileno())
-            size, lines = _write_converted(out, _with_prepend(prepend, chunks))
-            out.flush()
-            os.fsync(out.fileno())
-        final = _publish(maildir, tmp_path, base, f",S={size},W={size + lines}", names)
+                _apply_owner(fd, owner)
+            if isinstance(message, bytes):
+                data = (prepend + message).replace(b"\r\n", b"\n")
+                _write_all(fd, data)
+                size, lines = len(data), data.count(b"\n")
+            else:
+                size, lines = _write_converted(fd, _with_prepend(prepend, message))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = _publish(maildir, tmp_path, base, f",S={size},W={size + lines}")
     except BaseException as exc:
         if isinstance(exc, FileNotFoundError):  # new/ went away: check all of it next time
             _ENSURED.discard(maildir)
@@ -221,63 +242,106 @@ def _with_prepend(prepend: bytes, chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 def _create_tmp(maildir: Path, names: UniqueNames) -> tuple[str, int]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    tmp_dir = f"{maildir}/tmp/"
     for _ in range(NAME_ATTEMPTS):
         base = names.next()
         try:
-            return base, os.open(maildir / "tmp" / base, flags, FILE_MODE)
+            return base, os.open(tmp_dir + base, flags, FILE_MODE)
         except FileExistsError:
             continue
     raise FileExistsError(f"no unused Maildir name in {maildir / 'tmp'}")
 
 
-def _write_converted(out: BinaryIO, chunks: Iterable[bytes]) -> tuple[int, int]:
-    """Write converted chunks; return (bytes written, LF count) for `S=` and `W=`."""
+def _apply_owner(fd: int, owner: MailOwner) -> None:
+    """The owner's ids and mode on a new file; nothing to do (and nothing asked of the kernel)
+    when it keeps the process's ids and the mode the file was created with survived the umask."""
+    if owner.uid == owner.gid == -1 and owner.file_mode == FILE_MODE and _umask_keeps_mode():
+        return
+    owner.apply_to_fd(fd)
+
+
+@functools.cache
+def _umask_keeps_mode() -> bool:
+    """Whether the process's umask leaves FILE_MODE whole: read once, from /proc (Linux); where
+    it cannot be read, each file is checked as before. Nothing here widens the umask later (the
+    control socket narrows it for a moment, to 0177, which keeps FILE_MODE)."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/self/status", encoding="ascii", errors="replace") as status,
+    ):
+        for line in status:
+            if line.startswith("Umask:"):
+                return not int(line.split()[1], 8) & FILE_MODE
+    return False
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """`write(2)` until all of `data` is in the file (a regular file rarely takes less)."""
+    written = os.write(fd, data)
+    if written == len(data):
+        return
+    with memoryview(data) as view:
+        while written < len(view):
+            n = os.write(fd, view[written:])
+            if n <= 0:
+                raise OSError(errno.EIO, "write to a Maildir file made no progress")
+            written += n
+
+
+def _write_converted(fd: int, chunks: Iterable[bytes]) -> tuple[int, int]:
+    """Write converted chunks, batched up to WRITE_BUFFER per `write(2)`; return (bytes
+    written, LF count) for `S=` and `W=`."""
     conv = _CrlfToLf()
-    size = lines = 0
+    size = lines = pending = 0
+    batch: list[bytes] = []
     for chunk in chunks:
         data = conv.feed(chunk)
-        out.write(data)
+        if not data:
+            continue
         size += len(data)
         lines += data.count(b"\n")
+        batch.append(data)
+        pending += len(data)
+        if pending >= WRITE_BUFFER:
+            _write_all(fd, b"".join(batch))
+            batch.clear()
+            pending = 0
     tail = conv.close()
-    out.write(tail)
+    batch.append(tail)
+    if pending or tail:
+        _write_all(fd, b"".join(batch))
     return size + len(tail), lines
 
 
-def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str, names: UniqueNames) -> Path:
-    """Link `tmp_path` into `new/` under a fresh-if-needed unique name, then fsync `new/`."""
+def _publish(maildir: Path, tmp_path: Path, base: str, suffix: str) -> Path:
+    """Move `tmp_path` into `new/` with its sizes in the name, then fsync `new/`.
+
+    `rename`, not the spec's `link` + `unlink`: one directory operation less, and it cannot
+    clobber anything, because the base name is unique (pid, microsecond, counter and host;
+    created with O_EXCL in `tmp/`). Dovecot does the same; the spec's `link` would not protect
+    a file a reader has already moved on to `cur/` anyway.
+    """
     new_dir = maildir / "new"
-    for attempt in range(NAME_ATTEMPTS):
-        final = new_dir / f"{base if attempt == 0 else names.next()}{suffix}"
-        crash_point("maildir_tmp_written")
-        try:
-            os.link(tmp_path, final)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if not _no_hard_links(exc):
-                raise
-            os.rename(tmp_path, final)  # unique name: nothing to clobber
-        else:
-            os.unlink(tmp_path)
-        crash_point("maildir_linked")
-        try:
-            DIRECTORY_SYNC.sync(new_dir)
-        except BaseException:
-            _unlink_quietly(final)  # not known to be durable: do not claim it
-            raise
-        return final
-    raise FileExistsError(f"no unused Maildir name in {new_dir}")
+    final = new_dir / f"{base}{suffix}"
+    crash_point("maildir_tmp_written")
+    os.rename(tmp_path, final)
+    crash_point("maildir_linked")
+    try:
+        DIRECTORY_SYNC.sync(new_dir)
+    except BaseException:
+        _unlink_quietly(final)  # not known to be durable: do not claim it
+        raise
+    return final
 
 
 class DirectorySync:
     """Group commit for directory fsyncs, shared by the threads that deliver.
 
-    Per directory: a ticket is taken after the caller's link; an fsync records the last ticket
+    Per directory: a ticket is taken after the caller's rename; an fsync records the last ticket
     issued when it began, and completes every ticket up to it. A caller returns once a
     successful fsync covered its ticket; when none runs, it runs one itself. A failed fsync
     fails only its runner, and the waiters try again themselves (none is told "durable"
-    without an fsync that began after its link)."""
+    without an fsync that began after its rename)."""
 
     def __init__(self, fsync: Callable[[Path], None] | None = None) -> None:
         self._fsync = fsync or _fsync_dir
@@ -310,10 +374,6 @@ class DirectorySync:
                 if state[1] >= state[0]:
                     del self._dirs[path]  # nobody waits: forget it (bounded by directories)
                 self._cond.notify_all()
-
-
-def _no_hard_links(exc: OSError) -> bool:
-    return exc.errno in {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def _fsync_dir(path: Path) -> None:
