@@ -178,11 +178,20 @@ async def test_unexpected_error_is_temporary(tmp_path: Path) -> None:
     assert result["alice@x"].code == 451
 
 
-async def test_forwarding_loop_is_refused(tmp_path: Path) -> None:
+def file_opener(tmp_path: Path, body: bytes) -> object:
+    """A message read from a file (a spilled body), not held in memory: the streamed path."""
+    path = tmp_path / "spilled-body"
+    path.write_bytes(body)
+    return lambda: io.BufferedReader(open(path, "rb", buffering=0))
+
+
+@pytest.mark.parametrize("source", ["memory", "file"])
+async def test_forwarding_loop_is_refused(tmp_path: Path, source: str) -> None:
     looped = b"Delivered-To: Alice@Example.org\r\n" + BODY
     agent = LocalAgent(tmp_path, "mx")
+    opener = file_opener(tmp_path, looped) if source == "file" else None
     result = (await agent.deliver(
-        request("alice", "alice@example.org", "alice+x@example.org", body=looped)
+        request("alice", "alice@example.org", "alice+x@example.org", body=looped, opener=opener)
     )).replies
     assert result["alice@example.org"].code == 554
     assert result["alice@example.org"].enhanced == "5.4.6"
@@ -202,3 +211,42 @@ def test_loop_check_looks_only_at_the_header_and_any_chunking() -> None:
     no_body = b"Delivered-To: a@b"
     with pytest.raises(local_mod.ForwardingLoop):
         b"".join(refuse_loops([no_body], "a@b"))
+
+
+def test_whole_message_loop_check_agrees_with_the_streamed_one() -> None:
+    for message, looped in [
+        (b"Subject: x\r\n\r\nDelivered-To: a@b\r\n", False),
+        (b"X: y\r\nDelivered-To: <A@b>\r\n\r\nbody", True),
+        (b"Delivered-To: a@b", True),
+        (b"X: y\nDelivered-To: a@b\n\nbody", True),
+        (b"Delivered-To: other@b\r\n\r\n", False),
+    ]:
+        streamed = False
+        try:
+            b"".join(refuse_loops([message], "a@b"))
+        except local_mod.ForwardingLoop:
+            streamed = True
+        assert streamed is looped
+        if looped:
+            with pytest.raises(local_mod.ForwardingLoop):
+                local_mod.check_loop(message, "a@b")
+        else:
+            local_mod.check_loop(message, "a@b")
+
+
+def test_whole_message_loop_check_is_bounded() -> None:
+    late = b"X: " + b"y" * local_mod.HEADER_SCAN_LIMIT + b"\r\nDelivered-To: a@b\r\n\r\n"
+    local_mod.check_loop(late, "a@b")  # past the limit: not looked at
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+async def test_memory_and_file_sources_store_the_same_bytes(tmp_path: Path, size: int) -> None:
+    body = b"Subject: s\r\n\r\n" + (b"x" * 60 + b"\r\n") * (size // 62) + b"end\r"
+    agent = LocalAgent(tmp_path, "mx")
+    for opener in (None, file_opener(tmp_path, body)):
+        result = (await agent.deliver(request("alice", "alice@example.org", body=body,
+                                              opener=opener))).replies
+        assert result["alice@example.org"].code == 250
+    memory, spilled = (tmp_path / "example.org" / "alice" / "new").iterdir()
+    assert memory.read_bytes() == spilled.read_bytes()
+    assert md.parse_name(memory.name)[1:3] == md.parse_name(spilled.name)[1:3]

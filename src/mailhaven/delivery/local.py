@@ -21,8 +21,9 @@ durable.
 
 Each recipient gets its own copy, because each copy starts with its own trace lines
 (RFC 5321 §4.4): `Return-Path: <sender>` and `Delivered-To: <recipient>`. The message is
-streamed from `request.open_message()`, never held in memory whole. All file I/O for a request
-happens in one worker thread (`asyncio.to_thread`), off the event loop.
+streamed from `request.open_message()`, never held in memory whole; a message that is in memory
+already (an `io.BytesIO`: the spool's inline bodies) is converted and written in one go. All
+file I/O for a request happens in one worker thread (`asyncio.to_thread`), off the event loop.
 
 Trust: the user name comes from routing; `mailbox_path` re-checks it before it becomes a path.
 Sender and recipient are stripped of control characters before they go into a header line.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
@@ -132,8 +134,15 @@ class LocalAgent:
                     return mailbox_full(rcpt)
             folders.prepare_folder(maildir, target, self._owner)
             with request.open_message() as stream:
-                chunks = refuse_loops(_read_chunks(stream), rcpt)
-                stored = deliver(target, chunks, prepend=prepend, names=self._names, owner=self._owner)
+                message: bytes | Iterator[bytes]
+                if isinstance(stream, io.BytesIO):  # in memory already: one conversion, one write
+                    message = stream.getvalue()
+                    check_loop(message, rcpt)
+                else:
+                    message = refuse_loops(_read_chunks(stream), rcpt)
+                stored = deliver(
+                    target, message, prepend=prepend, names=self._names, owner=self._owner
+                )
             if not limit.unlimited:
                 _count(maildir, limit, stored, request.queue_id, self._owner)
         except ForwardingLoop:
@@ -190,6 +199,15 @@ def io_failure(exc: OSError) -> Reply:
     return Reply(451, f"temporary failure writing maildir: {exc.strerror or exc}", "4.3.0")
 
 
+def check_loop(message: bytes, recipient: str) -> None:
+    """`refuse_loops` for a message held whole: raise `ForwardingLoop` if its header (at most
+    HEADER_SCAN_LIMIT bytes of it) has a Delivered-To line naming `recipient`."""
+    end = _header_end(message[: HEADER_SCAN_LIMIT + 3], 0)
+    header = message[:end] if end is not None else message[:HEADER_SCAN_LIMIT]
+    if _names_recipient(header, recipient.strip().lower().encode("utf-8")):
+        raise ForwardingLoop(recipient)
+
+
 def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
     """Pass `chunks` through, raising `ForwardingLoop` if the header already names `recipient`
     in a Delivered-To line (case-insensitive). The Maildir writer removes its tmp file when the
@@ -212,7 +230,7 @@ def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
         raise ForwardingLoop(recipient)
 
 
-def _header_end(buf: bytearray, start: int) -> int | None:
+def _header_end(buf: bytes | bytearray, start: int) -> int | None:
     """Index of the end of the header block (the first empty line), searching from `start`."""
     hits = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start)) if i >= 0]
     return min(hits) if hits else None
