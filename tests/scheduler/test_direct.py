@@ -236,6 +236,27 @@ async def test_a_cancelled_commit_finishes_and_logs_its_copies(
     assert any("to=<alice@example.org>" in r.getMessage() for r in caplog.records)
 
 
+async def test_copies_are_made_on_the_doors_own_few_threads(
+    fx: Fixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from mailhaven.scheduler import direct
+
+    seen: set[str] = set()
+    real = fx.agent.deliver_blocking
+
+    def recording(*args: object, **kw: object) -> object:
+        seen.add(threading.current_thread().name)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fx.agent, "deliver_blocking", recording)
+    await asyncio.gather(*(fx.commit(f"u{i}@example.org") for i in range(20)))
+    assert all(name.startswith("maildir") for name in seen)
+    assert 1 <= len(seen) <= direct.DELIVERY_THREADS
+    assert all(len(fx.copies(f"u{i}")) == 1 for i in range(20))
+
+
 async def test_when_the_users_cannot_be_read_the_message_is_queued(
     spool: Spool, tmp_path: Path
 ) -> None:

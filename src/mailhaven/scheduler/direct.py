@@ -17,8 +17,8 @@ Who goes direct (all of the message's recipients, or none of them):
 * `enabled()` says so (`[mailbox] delivery = "direct"`, read per message so a reload applies).
 
 Per recipient: the copy is made by the local agent's own code (`LocalAgent.deliver_blocking`:
-trace lines, folders, quota, loop refusal), in the worker threads it uses, so it is byte for
-byte what the queued path would deliver. A recipient whose copy failed (quota, I/O, unknown
+trace lines, folders, quota, loop refusal), on this door's own few threads (`DELIVERY_THREADS`),
+so it is byte for byte what the queued path would deliver. A recipient whose copy failed (quota, I/O, unknown
 mailbox, a loop) is committed to the spool with the message, as if it had just arrived: the
 scheduler tries it again and defers or bounces it with its usual semantics.
 
@@ -38,6 +38,7 @@ Trust: as the local agent's (user names re-checked before they become paths).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import logging
 import time
@@ -65,6 +66,11 @@ log = logging.getLogger("mailhaven.queue")
 
 #: the relay name of the local transport in delivery lines (as the queued path logs it)
 RELAY = "local"
+#: Threads that make the copies: a pool of their own, so a burst of deliveries does not wait
+#: behind the default executor's other work (or hold it up). Each copy is mostly two fsyncs,
+#: and concurrent fsyncs share journal commits, so a few threads, not one; each also takes the
+#: GIL back after every system call, so not many (docs/benchmarks.md, "Local delivery").
+DELIVERY_THREADS = 4
 
 Report = Callable[[], None]
 
@@ -88,6 +94,14 @@ class DirectDoor:
         self._enabled = enabled
         self._users = users
         self._clock = clock
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:  # made on first use: not in a process that forks later
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                DELIVERY_THREADS, thread_name_prefix="maildir"
+            )
+        return self._executor
 
     async def commit(
         self,
@@ -117,7 +131,7 @@ class DirectDoor:
             for route, group in _by_route(recipients, routes).items()
         ]
         future = asyncio.get_running_loop().run_in_executor(
-            None, self._deliver_all, requests, known, source
+            self._threads(), self._deliver_all, requests, known, source
         )
         try:
             replies = await asyncio.shield(future)
@@ -241,13 +255,18 @@ def _by_route(
 
 class _Source:
     """The message as the spool would store it: trace header, then the body the writer holds
-    (in memory, or its file); `open()` gives a fresh stream per copy (one thread at a time)."""
+    (in memory, or its file); `open()` gives a fresh stream per copy (one thread at a time).
+    A body in memory is joined to the header once, and each copy gets an `io.BytesIO` over
+    those same bytes (the agent converts and writes it in one go)."""
 
     def __init__(self, header: bytes, body: BinaryIO) -> None:
         self._header = header
         self._body = body
+        self._whole = header + body.getvalue() if isinstance(body, io.BytesIO) else None
 
     def open(self) -> BinaryIO:
+        if self._whole is not None:
+            return io.BytesIO(self._whole)
         self._body.seek(0)
         return io.BufferedReader(_Prefixed(self._header, self._body), buffer_size=64 * 1024)
 
