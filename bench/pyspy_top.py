@@ -3,6 +3,7 @@
     .venv/bin/python bench/pyspy_top.py accept_1k      # or relay_1k, accept_100k
     .venv/bin/python bench/pyspy_top.py relay_1k --count 20000 --top 25
     .venv/bin/python bench/pyspy_top.py local_1k                       # into a Maildir
+    .venv/bin/python bench/pyspy_top.py local_100k --count 3000
     .venv/bin/python bench/pyspy_top.py relay_1k --native --set 'event_loop="uvloop"'
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
@@ -25,7 +26,10 @@ import common
 import load
 import peers
 
-SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400, "local_1k": 1024}
+SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400, "local_1k": 1024,
+         "local_100k": 102400}
+#: scenarios that deliver into a Maildir (mail to peers.LOCAL_RCPT), measured until delivered
+LOCAL = {"local_1k", "local_100k"}
 
 
 def top(stacks: dict[str, int], n: int) -> list[str]:
@@ -68,7 +72,7 @@ def main() -> int:
             sink = peers.SmtpSink("profile-sink")
             sink.start()
             mh = peers.Mailhaven("profile-mailhaven", "relay", sink_port=sink.port)
-        elif a.scenario == "local_1k":
+        elif a.scenario in LOCAL:
             mh = peers.Mailhaven("profile-mailhaven", "local")
         else:
             mh = peers.Mailhaven("profile-mailhaven", "hold")
@@ -83,9 +87,9 @@ def main() -> int:
         time.sleep(1.5)  # py-spy attaches
         rec = load.measure(mh.port, lambda: common.tree_cpu(mh.pid), size=SIZES[a.scenario],
                            sessions=10, count=a.count,
-                           rcpt=peers.LOCAL_RCPT if a.scenario == "local_1k" else "rcpt@bench.test",
+                           rcpt=peers.LOCAL_RCPT if a.scenario in LOCAL else "rcpt@bench.test",
                            drained=(lambda: mh.queue_count() == 0)
-                           if sink or a.scenario == "local_1k" else None)
+                           if sink or a.scenario in LOCAL else None)
         spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes its output and exits
         spy.wait(timeout=60)
         common.stop(spy)
