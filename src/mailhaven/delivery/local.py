@@ -202,8 +202,11 @@ def io_failure(exc: OSError) -> Reply:
 def check_loop(message: bytes, recipient: str) -> None:
     """`refuse_loops` for a message held whole: raise `ForwardingLoop` if its header (at most
     HEADER_SCAN_LIMIT bytes of it) has a Delivered-To line naming `recipient`."""
-    end = _header_end(message[: HEADER_SCAN_LIMIT + 3], 0)
-    header = message[:end] if end is not None else message[:HEADER_SCAN_LIMIT]
+    limit = HEADER_SCAN_LIMIT + 3
+    end = message.find(b"\n\r\n", 0, limit)  # no copy, and no scan past the header's end
+    lf = message.find(b"\n\n", 0, end if end >= 0 else limit)
+    end = lf if lf >= 0 else end
+    header = message[:end] if end >= 0 else message[:HEADER_SCAN_LIMIT]
     if _names_recipient(header, recipient.strip().lower().encode("utf-8")):
         raise ForwardingLoop(recipient)
 
@@ -230,7 +233,7 @@ def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
         raise ForwardingLoop(recipient)
 
 
-def _header_end(buf: bytes | bytearray, start: int) -> int | None:
+def _header_end(buf: bytearray, start: int) -> int | None:
     """Index of the end of the header block (the first empty line), searching from `start`."""
     hits = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start)) if i >= 0]
     return min(hits) if hits else None
