@@ -242,6 +242,22 @@ def test_failed_dir_fsync_withdraws_the_message(
     assert os.listdir(box / "tmp") == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o277])
+def test_default_owner_file_mode_whatever_the_umask(tmp_path: Path, umask: int) -> None:
+    """The owner check is skipped only when the umask keeps 0600 whole; one that takes the
+    owner's write bit (0277) is repaired by the owner's fchmod, as before."""
+    from mailhaven.mailbox.owner import MailOwner
+
+    old = os.umask(umask)
+    md._umask_keeps_mode.cache_clear()
+    try:
+        path = deliver(tmp_path / "u", MESSAGE, names=names(), owner=MailOwner())
+    finally:
+        os.umask(old)
+        md._umask_keeps_mode.cache_clear()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
 def test_directories_created_private(tmp_path: Path) -> None:
     box = mailbox_path(tmp_path / "mail", "alice@example.org")
     deliver(box, [MESSAGE], names=names())
