@@ -34,8 +34,8 @@ POINTS = frozenset(
         # SMTP server
         "before_250",  # intake queued the message, the 250 not yet written to the client
         # local delivery (Maildir)
-        "maildir_tmp_written",  # copy fsync'd in tmp/, not yet linked into new/
-        "maildir_linked",  # linked into new/, new/ not yet fsync'd
+        "maildir_tmp_written",  # copy fsync'd in tmp/, not yet renamed into new/
+        "maildir_linked",  # renamed into new/ (the name is older), new/ not yet fsync'd
         # scheduler
         "delivered",  # an agent returned its replies (e.g. 250), nothing recorded yet
         # bounces
