@@ -53,7 +53,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.scheduler.outcome import Verdict, attempt_line
-from mailhaven.spool.message_writer import MessageWriter
+from mailhaven.spool.message_writer import MessageWriter, prefixed
 from mailhaven.spool.records import (
     DueRecipient,
     Hold,
@@ -267,30 +267,7 @@ class _Source:
     def open(self) -> BinaryIO:
         if self._whole is not None:
             return io.BytesIO(self._whole)
-        self._body.seek(0)
-        return io.BufferedReader(_Prefixed(self._header, self._body), buffer_size=64 * 1024)
+        return prefixed(self._header, self._body)
 
     def close(self) -> None:
         self._body.close()
-
-
-class _Prefixed(io.RawIOBase):
-    """`prefix` then `body` from its current position; closing it leaves `body` open."""
-
-    def __init__(self, prefix: bytes, body: BinaryIO) -> None:
-        self._prefix = memoryview(prefix)
-        self._pos = 0
-        self._body = body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._pos < len(self._prefix):
-            n = min(len(buffer), len(self._prefix) - self._pos)
-            buffer[:n] = self._prefix[self._pos : self._pos + n]
-            self._pos += n
-            return n
-        data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryRequest
@@ -50,6 +50,7 @@ from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.profile import Writer
 from mailhaven.spool.ids import QueueIdFactory
+from mailhaven.spool.message_writer import prefixed
 
 log = logging.getLogger("mailhaven.lmtp")
 
@@ -154,7 +155,7 @@ class LmtpStore:
         body = writer.file
 
         def open_message() -> BinaryIO:
-            return cast(BinaryIO, _Prefixed(trace, body))
+            return prefixed(trace, body)
 
         replies = []
         for spec in envelope.recipients:
@@ -196,25 +197,3 @@ def combine(address: str, verdicts: list[Reply]) -> Reply:
         if verdict.is_permanent:
             return verdict
     return DELIVERED
-
-
-class _Prefixed:
-    """A read-only stream: `head`, then `body` from its start (a fresh view per copy)."""
-
-    def __init__(self, head: bytes, body: BinaryIO) -> None:
-        self._head = head
-        self._body = body
-        body.seek(0)
-
-    def read(self, size: int = -1) -> bytes:
-        if self._head:
-            data = self._head if size < 0 else self._head[:size]
-            self._head = self._head[len(data):]
-            return data
-        return self._body.read(size)
-
-    def __enter__(self) -> _Prefixed:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass

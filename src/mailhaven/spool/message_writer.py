@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 #: the buffer size for writes to a spilled body file
 _FILE_BUFFER = 64 * 1024
@@ -239,15 +239,25 @@ class MessageWriter:
         checkpoint("body_linked")
 
 
-class _Concat(io.RawIOBase):
-    """A read-only raw stream over a bytes prefix followed by a file."""
+class _Tail(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
-    def __init__(self, prefix: bytes, tail: io.FileIO | None, limit: int | None = None) -> None:
+    def close(self) -> None: ...
+
+
+class _Concat(io.RawIOBase):
+    """A read-only raw stream over a bytes prefix followed by a file (closed with the stream
+    when `own`, else left open for the next reader)."""
+
+    def __init__(
+        self, prefix: bytes, tail: _Tail | None, limit: int | None = None, *, own: bool = True
+    ) -> None:
         self._prefix = memoryview(prefix)
         self._pos = 0
         self._tail = tail
         #: bytes of the tail still to give (None: to its end); what follows is a trailer
         self._left = limit
+        self._own = own
 
     def readable(self) -> bool:
         return True
@@ -261,17 +271,17 @@ class _Concat(io.RawIOBase):
         if self._tail is None:
             return 0
         if self._left is None:
-            return self._tail.readinto(buffer)
+            return self._tail.readinto(buffer) or 0
         if self._left <= 0:
             return 0
-        n = self._tail.readinto(memoryview(buffer)[: min(len(buffer), self._left)])
-        self._left -= n or 0
+        n = self._tail.readinto(memoryview(buffer)[: min(len(buffer), self._left)]) or 0
+        self._left -= n
         return n
 
     def close(self) -> None:
-        if self._tail is not None:
+        if self._tail is not None and self._own:
             self._tail.close()
-            self._tail = None
+        self._tail = None
         super().close()
 
 
@@ -285,6 +295,14 @@ def body_matches(path: Path, size: int, crc: int) -> bool:
             value = zlib.crc32(chunk, value)
             length += len(chunk)
     return length == size and value == crc
+
+
+def prefixed(header: bytes, body: BinaryIO) -> BinaryIO:
+    """`header`, then `body` from its start: one copy of a message being delivered, read by
+    one reader at a time. Closing it leaves `body` open for the next copy."""
+    body.seek(0)
+    raw = _Concat(header, cast(_Tail, body), own=False)
+    return io.BufferedReader(raw, buffer_size=_FILE_BUFFER)
 
 
 def open_stored(
