@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from tests.support import opendkim, rspamd
+from tests.support.milter import TestMilter
 from tests.support.server import MailServer
 
 
@@ -66,3 +68,30 @@ def pflogsumm() -> str:
     if path is None:
         pytest.skip("pflogsumm is not installed (scripts/install-test-deps)")
     return path
+
+
+# -- milters the e2e tests attach (module scope: one per test module that asks) -------------
+
+
+@pytest.fixture(scope="module")
+def milter() -> Iterator[TestMilter]:
+    """The tests' own scriptable milter (`tests.support.milter`)."""
+    with TestMilter() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def scanner() -> Iterator[rspamd.RspamdInstance]:
+    """A private rspamd in milter mode (`tests.support.rspamd`)."""
+    with rspamd.milter_for_tests() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def signer() -> Iterator[opendkim.OpenDKIMInstance]:
+    """A private OpenDKIM signing for example.org; the module is skipped where it is missing."""
+    reason = opendkim.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with opendkim.OpenDKIMInstance("example.org") as instance:
+        yield instance

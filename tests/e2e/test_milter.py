@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from tests.e2e.conftest import ServerFactory
@@ -26,12 +25,6 @@ from tests.support.milter import TestMilter
 from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def milter() -> Iterator[TestMilter]:
-    with TestMilter() as running:
-        yield running
 
 
 @pytest.fixture(autouse=True)

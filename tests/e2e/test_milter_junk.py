@@ -30,12 +30,6 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def scanner() -> Iterator[rspamd.RspamdInstance]:
-    with rspamd.milter_for_tests() as instance:
-        yield instance
-
-
-@pytest.fixture(scope="module")
 def server(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
     return module_mail_server(
         settings={

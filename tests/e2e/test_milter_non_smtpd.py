@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 
 import dkim
 import pytest
@@ -24,12 +23,6 @@ from tests.support.milter import TestMilter
 from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def milter() -> Iterator[TestMilter]:
-    with TestMilter() as running:
-        yield running
 
 
 @pytest.fixture(autouse=True)
@@ -88,15 +81,6 @@ def test_a_dead_milter_keeps_the_drop_file(
     server.wait_for_log(r"not collected now: 451 4\.7\.1 Service unavailable")
     assert any(mark.encode() in p.read_bytes() for p in drop_files(server))
     assert server.messages("alice") == []
-
-
-@pytest.fixture(scope="module")
-def signer() -> Iterator[opendkim.OpenDKIMInstance]:
-    reason = opendkim.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with opendkim.OpenDKIMInstance("example.org") as instance:
-        yield instance
 
 
 def test_opendkim_signs_local_mail(

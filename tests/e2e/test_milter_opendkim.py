@@ -12,7 +12,6 @@ from __future__ import annotations
 import smtplib
 import ssl
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -26,15 +25,6 @@ from tests.support.server import MailServer
 from mailhaven.mailbox.users import UserDB
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def signer() -> Iterator[opendkim.OpenDKIMInstance]:
-    reason = opendkim.skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with opendkim.OpenDKIMInstance("example.org") as instance:
-        yield instance
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import smtplib
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from tests.e2e.conftest import ServerFactory
@@ -23,12 +22,6 @@ from tests.support import rspamd
 from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def scanner() -> Iterator[rspamd.RspamdInstance]:
-    with rspamd.milter_for_tests() as instance:
-        yield instance
 
 
 @pytest.fixture(scope="module")
