@@ -133,8 +133,11 @@ def stop(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
 
 
 def stop_all() -> None:
+    """Stop every process started, and delete what `fresh_dir` set aside: the end of a
+    command."""
     for proc in list(_started):
         stop(proc, grace=5.0)
+    empty_trash()
 
 
 def run(argv: Sequence[str], timeout: float = 120.0, check: bool = True,
@@ -213,10 +216,47 @@ def settle(pause: float) -> None:
     time.sleep(pause)
 
 
+#: Where `fresh_dir` moves what it replaces; emptied by `stop_all` when a command ends.
+TRASH = TMP / "trash"
+
+
 def fresh_dir(path: Path) -> Path:
-    shutil.rmtree(path, ignore_errors=True)
+    """An empty directory at `path`. What was there is moved aside, and deleted only when the
+    command ends: ext4 passes over recently deleted inodes when it allocates new ones, so a run
+    right after deleting the previous run's thousands of files pays extra for every file it
+    makes (docs/benchmarks.md, "Method")."""
+    if path.exists():
+        try:
+            TRASH.mkdir(parents=True, exist_ok=True)
+            path.rename(TRASH / f"{path.name}-{time.time_ns()}")
+        except OSError:  # not on the same file system as TRASH
+            shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+#: Written when the trash was emptied: the next command waits out ext4's window first.
+_EMPTIED = TMP / ".trash-emptied"
+#: ext4 treats an inode deleted less than a minute ago (after a sync) as recently deleted.
+RECENT_S = 65.0
+
+
+def empty_trash() -> None:
+    if TRASH.exists():
+        shutil.rmtree(TRASH, ignore_errors=True)
+        subprocess.run(["sync"], check=False)
+        _EMPTIED.touch()
+
+
+def after_trash() -> None:
+    """Wait until the last `empty_trash` is out of ext4's recently-deleted window (at most a
+    minute): what it deleted would slow down this command's first runs."""
+    with contextlib.suppress(FileNotFoundError):
+        wait = _EMPTIED.stat().st_mtime + RECENT_S - time.time()
+        if wait > 0:
+            print(f"waiting {wait:.0f} s: files deleted at the end of the last command",
+                  flush=True)
+            time.sleep(wait)
 
 
 # ------------------------------------------------------------------------------------- stats

@@ -394,10 +394,12 @@ class Postfix:
         common.run(["postsuper", "-c", str(self.etc), "-d", "ALL"], timeout=600, check=False)
 
     def clear_maildirs(self) -> None:
-        """Empty virtual(8)'s Maildir (its directories stay, owned by nobody)."""
-        for sub in ("new", "cur", "tmp"):
-            for path in (self.vmail / "vlocal.test" / "rcpt" / sub).glob("*"):
-                path.unlink()
+        """Move virtual(8)'s Maildir aside, as `common.fresh_dir` does with mailhaven's:
+        virtual(8) makes it again on the next delivery."""
+        maildir = self.vmail / "vlocal.test" / "rcpt"
+        if maildir.exists():
+            common.TRASH.mkdir(parents=True, exist_ok=True)
+            maildir.rename(common.TRASH / f"vmail-{time.time_ns()}")
 
     def mailq(self) -> str:
         return common.run(["postqueue", "-c", str(self.etc), "-p"], timeout=600,
