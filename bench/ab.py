@@ -77,7 +77,7 @@ def main() -> int:
         ap.add_argument(f"--{side}-set", action="append", default=[], metavar="TABLE.KEY=TOML")
     a = ap.parse_args()
     sides = [variant("a", a.a_rev, a.a_set), variant("b", a.b_rev, a.b_set)]
-    common.after_trash()
+    common.prepare_disk()
     if a.tls:
         cert, key = tls_bench.make_cert("ec", common.TMP / "ab-certs")
         for v in sides:

@@ -248,9 +248,17 @@ def empty_trash() -> None:
         _EMPTIED.touch()
 
 
-def after_trash() -> None:
-    """Wait until the last `empty_trash` is out of ext4's recently-deleted window (at most a
-    minute): what it deleted would slow down this command's first runs."""
+def prepare_disk() -> None:
+    """Keep the peers' files apart on disk, and wait until the last `empty_trash` is out of
+    ext4's recently-deleted window (at most a minute).
+
+    ext4 allocates a new file's inode in its directory's block group and passes over inodes
+    deleted there in the last minute or more, so one peer's deletions (Postfix deletes a queue
+    file per message) slow down another's file creation when their directories share a group.
+    The top-directory flag (`chattr +T`) makes ext4 spread the directories made in TMP over
+    the groups, as it does at the root of a file system."""
+    TMP.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chattr", "+T", str(TMP)], check=False, capture_output=True)
     with contextlib.suppress(FileNotFoundError):
         wait = _EMPTIED.stat().st_mtime + RECENT_S - time.time()
         if wait > 0:

@@ -131,7 +131,7 @@ def main() -> int:
     reps_tp = a.reps or (5 if full else 3)
     reps_other = a.reps or (3 if full else 2)
     nofile = common.raise_nofile(20000)
-    common.after_trash()
+    common.prepare_disk()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     rec = report.Recorder(f"{a.mode}-{stamp}")
     meta = {"command": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]),
