@@ -4,10 +4,11 @@
     .venv/bin/python bench/pyspy_top.py relay_1k --count 20000 --top 25
     .venv/bin/python bench/pyspy_top.py local_1k                       # into a Maildir
     .venv/bin/python bench/pyspy_top.py local_100k --count 3000
+    .venv/bin/python bench/pyspy_top.py accept_tls_resumed_1k --gil   # or accept_tls_1k
     .venv/bin/python bench/pyspy_top.py relay_1k --native --set 'event_loop="uvloop"'
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
-PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source against it, and
+PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source (the TLS scenarios: tls_bench.py's client) against it, and
 prints the functions with the most samples: "self" (the sample's innermost frame) and "total"
 (anywhere on the stack), as % of the samples. The collapsed stacks stay in
 bench/tmp/profile/<scenario>.txt for a flame graph. Why py-spy: it samples from outside, so
@@ -25,11 +26,14 @@ import time
 import common
 import load
 import peers
+import tls_bench
 
 SIZES = {"accept_1k": 1024, "relay_1k": 1024, "accept_100k": 102400, "local_1k": 1024,
-         "local_100k": 102400}
+         "local_100k": 102400, "accept_tls_1k": 1024, "accept_tls_resumed_1k": 1024}
 #: scenarios that deliver into a Maildir (mail to peers.LOCAL_RCPT), measured until delivered
 LOCAL = {"local_1k", "local_100k"}
+#: STARTTLS on every connection (tls_bench.py's client and ECDSA certificate)
+TLS = {"accept_tls_1k": False, "accept_tls_resumed_1k": True}
 
 
 def top(stacks: dict[str, int], n: int) -> list[str]:
@@ -74,6 +78,10 @@ def main() -> int:
             mh = peers.Mailhaven("profile-mailhaven", "relay", sink_port=sink.port)
         elif a.scenario in LOCAL:
             mh = peers.Mailhaven("profile-mailhaven", "local")
+        elif a.scenario in TLS:
+            cert, key = tls_bench.make_cert("ec", out_dir / "certs")
+            mh = peers.Mailhaven("profile-mailhaven", "hold",
+                                 extra={"tls": {"cert": str(cert), "key": str(key)}})
         else:
             mh = peers.Mailhaven("profile-mailhaven", "hold")
         common.fresh_dir(mh.dir)
@@ -89,7 +97,10 @@ def main() -> int:
                            sessions=10, count=a.count,
                            rcpt=peers.LOCAL_RCPT if a.scenario in LOCAL else "rcpt@bench.test",
                            drained=(lambda: mh.queue_count() == 0)
-                           if sink or a.scenario in LOCAL else None)
+                           if sink or a.scenario in LOCAL else None,
+                           client=tls_bench.client_argv(
+                               mh.port, a.count, TLS[a.scenario], "rcpt@bench.test",
+                               out_dir / "client-report.json") if a.scenario in TLS else None)
         spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes its output and exits
         spy.wait(timeout=60)
         common.stop(spy)
