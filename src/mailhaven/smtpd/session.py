@@ -10,6 +10,8 @@ Flow: `data_received` feeds the core and answers its events. Synchronous decisio
 RCPT, VRFY, EXPN) are answered at once by `SMTPPolicy`; slow ones (queue commit, AUTH password
 check, ETRN, STARTTLS handshake) run in a task while reading is paused, so pipelined input waits
 in the core and replies stay in order. Body chunks stream straight into the spool's writer.
+A listener's milters are asked at connect, HELO, MAIL, RCPT and end of data through
+`smtpd.milter_stages`.
 
 Failure containment: an unexpected exception while answering a decision answers `451 4.3.0` and
 is logged with its traceback; anything worse closes only this session with 421.
@@ -26,8 +28,6 @@ from typing import TYPE_CHECKING, cast
 from mailhaven import maillog
 from mailhaven.checks.gate import Screen
 from mailhaven.checks.milter.chain import MilterChain
-from mailhaven.checks.milter.marks import delivery_marks
-from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
 from mailhaven.faults import crash_point
 from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.maillog import client_label
@@ -35,10 +35,9 @@ from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.net.stream import start_tls
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
-from mailhaven.proto.milter import Stage
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.smtp_server import ServerConnection, State, Wait
-from mailhaven.smtpd import milters as mlt
+from mailhaven.smtpd import milter_stages
 from mailhaven.smtpd.inbound_gate import StoredWriter
 from mailhaven.smtpd.policy import SessionFacts, protocol_name
 from mailhaven.smtpd.profile import AuthStep, ListenerProfile, Writer
@@ -172,7 +171,10 @@ class SMTPSession(asyncio.BufferedProtocol):
     def _connected(self, since: float) -> None:
         """Log the connect and greet, `greet_pause` after the connection came (`since`)."""
         maillog.info(log, "connect from %s", self.label)
-        self._start_milters()
+        if self.profile.milters is not None:
+            self.milters = milter_stages.start(
+                self.profile.milters, self.facts, self.profile.name, self.transport
+            )
         pause = self.service.limits.greet_pause
         left = since + pause - self.service.loop.time() if pause > 0 else 0.0
         if left > 0:
@@ -215,7 +217,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._lookup.cancel()
             self._lookup = None
             maillog.info(log, "connect from %s", self.label)
-        self._discard_message()
+        self.discard_message()
         if self.milters is not None:
             self.milters.close()
         self.service.forget(self)
@@ -285,7 +287,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._set_reading()
             self._process()
 
-    def _discard_message(self) -> None:
+    def discard_message(self) -> None:
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
@@ -369,9 +371,9 @@ class SMTPSession(asyncio.BufferedProtocol):
                 else:
                     self.conn.respond(INTERNAL_ERROR)
                     if isinstance(event, ev.MailFrom):
-                        self._discard_message()
+                        self.discard_message()
 
-    def _log_client(self) -> None:
+    def log_client(self) -> None:
         """`<QID>: client=` once per transaction, at the first accepted recipient, as Postfix
         does (pflogsumm counts these lines as received messages)."""
         if self.writer is None or self._client_logged:
@@ -386,10 +388,9 @@ class SMTPSession(asyncio.BufferedProtocol):
             case ev.Hello():
                 self.facts.helo = event.name
                 if self.milters is not None:
-                    if self.milters.quick(Stage.HELO):
-                        self.milters.helo_now(event.name, mlt.helo_macros(self.facts))
-                    else:
-                        self._run(self._milter_helo(event))
+                    slow = milter_stages.helo(self, self.milters, event)
+                    if slow is not None:
+                        self._run(slow)
                         return
                 self.conn.accept()
             case ev.MailFrom():
@@ -410,14 +411,9 @@ class SMTPSession(asyncio.BufferedProtocol):
                 self.writer = self._new_message()
                 self._client_logged = False
                 if self.milters is not None:
-                    if self.milters.quick(Stage.MAIL):
-                        self.milters.mail_now(
-                            event.address,
-                            mlt.mail_args(event),
-                            mlt.mail_macros(self.facts, self.writer.queue_id, event),
-                        )
-                    else:
-                        self._run(self._milter_mail(event, self.writer.queue_id))
+                    slow = milter_stages.mail(self, self.milters, event, self.writer.queue_id)
+                    if slow is not None:
+                        self._run(slow)
                         return
                 self.conn.accept()
             case ev.RcptTo():
@@ -433,12 +429,12 @@ class SMTPSession(asyncio.BufferedProtocol):
                 if refusal is not None:
                     self._log_reject("RCPT", refusal, self._sender(), event.address)
                     self.conn.respond(refusal)
-                elif self.milters is not None and not self.milters.quick(Stage.RCPT):
-                    self._run(self._milter_rcpt(event))
+                elif self.milters is not None and (
+                    slow := milter_stages.rcpt(self, self.milters, event)
+                ) is not None:
+                    self._run(slow)
                 else:
-                    if self.milters is not None:
-                        self.milters.rcpt_now(event.address, [], mlt.rcpt_macros(event))
-                    self._log_client()
+                    self.log_client()
                     self.conn.accept()
             case ev.BodyData():
                 if self.writer is None:
@@ -456,9 +452,9 @@ class SMTPSession(asyncio.BufferedProtocol):
                     self.label,
                     event.reply.one_line(),
                 )
-                self._discard_message()
+                self.discard_message()
             case ev.Reset():
-                self._discard_message()
+                self.discard_message()
             case ev.Verify():
                 self.conn.respond(policy.verify(self.facts, event))
             case ev.Expand():
@@ -494,7 +490,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._log_reject("RCPT", refusal, self._sender(), address)
             self.conn.respond(refusal)
         else:
-            self._log_client()
+            self.log_client()
             self.conn.accept()
 
     def _run(self, coro: Awaitable[None]) -> None:
@@ -585,7 +581,9 @@ class SMTPSession(asyncio.BufferedProtocol):
             if spam:  # the mailbox files it into the Junk folder (mailbox.folders)
                 envelope = replace(envelope, extra={**envelope.extra, SPAM_FLAG: "yes"})
             if self.milters is not None:
-                milter = await self._milter_eom(writer, envelope)
+                milter = await milter_stages.end_of_message(
+                    self, self.milters, writer, envelope, self.profile.settings.hostname
+                )
                 if isinstance(milter, Reply):
                     self.conn.respond(milter)
                     if milter.code == 421:
@@ -719,109 +717,3 @@ class SMTPSession(asyncio.BufferedProtocol):
         if user is not None and reply.is_success:
             self.facts.auth_user = user
         self.conn.auth_finish(reply, user)
-
-    # ------------------------------------------------------------------ milters (issue 22)
-
-    def _start_milters(self) -> None:
-        settings = self.profile.milters
-        if settings is None or not settings.active or self.transport is None:
-            return
-        peer = self.transport.get_extra_info("peername") or ("", 0)
-        local = self.transport.get_extra_info("sockname") or ("", 0)
-        port = int(peer[1]) if isinstance(peer, tuple) and len(peer) > 1 else 0
-        self.milters = MilterChain(settings)
-        macros = mlt.connect_macros(self.facts, settings.hostname, self.profile.name, str(local[0]))
-        self.milters.start(self.facts.client_name, self.facts.client_ip, port, macros)
-
-    def _milter_log(
-        self, what: str, stage: str, reply_text: str, rcpt: str | None = None, qid: str | None = None
-    ) -> None:
-        mlt.log_action(
-            qid or (self.writer.queue_id if self.writer is not None else None),
-            what,
-            stage,
-            self.label,
-            reply_text,
-            sender=self._sender(),
-            rcpt=rcpt,
-            extended=self.conn.extended,
-            helo=self.facts.helo,
-        )
-
-    def _milter_refused(self, reply: Reply) -> None:
-        self.conn.respond(reply)
-        if reply.code == 421:
-            self.close_with(reply)
-
-    async def _milter_helo(self, event: ev.Hello) -> None:
-        assert self.milters is not None
-        refusal = await self.milters.helo(event.name, mlt.helo_macros(self.facts))
-        if refusal is None:
-            self.conn.accept()
-            return
-        self._milter_log("reject", "HELO", refusal.one_line())
-        self._milter_refused(refusal)
-
-    async def _milter_mail(self, event: ev.MailFrom, queue_id: str) -> None:
-        assert self.milters is not None
-        refusal = await self.milters.mail(
-            event.address, mlt.mail_args(event), mlt.mail_macros(self.facts, queue_id, event)
-        )
-        if refusal is None:
-            self.conn.accept()
-            return
-        mlt.log_action(
-            None, "reject", "MAIL", self.label, refusal.one_line(), sender=event.address,
-            rcpt=None, extended=self.conn.extended, helo=self.facts.helo,
-        )
-        self._discard_message()
-        self._milter_refused(refusal)
-
-    async def _milter_rcpt(self, event: ev.RcptTo) -> None:
-        assert self.milters is not None
-        refusal = await self.milters.rcpt(event.address, [], mlt.rcpt_macros(event))
-        if refusal is None:
-            self._log_client()
-            self.conn.accept()
-            return
-        self._milter_log("reject", "RCPT", refusal.one_line(), event.address)
-        self._milter_refused(refusal)
-
-    async def _milter_eom(self, writer: Writer, envelope: Envelope) -> Reply | tuple[Writer, Envelope]:
-        """The milters' verdict on the whole message: a reply to send now (refused, or
-        discarded: 250 without queueing), or the message and envelope to queue."""
-        assert self.milters is not None
-        source = cast(mlt.EditableWriter, writer)
-        verdict = await self.milters.end_of_message(
-            source,
-            source.sibling,
-            {"i": writer.queue_id},
-            mlt.trace_field(envelope, writer.queue_id, self.profile.settings.hostname, self.facts.tls),
-        )
-        rcpt = envelope.recipients[0].address if len(envelope.recipients) == 1 else None
-        if verdict.refusal is not None:
-            writer.abort()
-            self._milter_log(
-                "reject", "END-OF-MESSAGE", mlt.detail(verdict.refusal), rcpt, writer.queue_id
-            )
-            return verdict.refusal
-        if verdict.discard:
-            writer.abort()
-            self._milter_log(
-                "discard", "END-OF-MESSAGE", "milter triggers DISCARD action", rcpt, writer.queue_id
-            )
-            return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
-        for note in verdict.notes:
-            log.info("%s: milter %s", writer.queue_id, note)
-        if verdict.edited:
-            envelope = edit_envelope(envelope, verdict)
-            writer = cast(Writer, await rewrite(source, verdict, source.sibling))
-        if marks := delivery_marks(verdict, self.milters.settings, writer.queue_id):
-            envelope = replace(envelope, extra={**envelope.extra, **marks})
-        if not envelope.recipients:
-            writer.abort()
-            self._milter_log(
-                "discard", "END-OF-MESSAGE", "milter removed all recipients", rcpt, writer.queue_id
-            )
-            return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
-        return writer, envelope
