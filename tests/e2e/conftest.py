@@ -88,6 +88,18 @@ def scanner() -> Iterator[rspamd.RspamdInstance]:
 
 
 @pytest.fixture(scope="module")
+def rspamd_mx(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
+    """A mail server with `scanner` as its smtpd milter: example.org, users postmaster, alice."""
+    return module_mail_server(
+        settings={
+            "local_domains": ["example.org"],
+            "local_users": ["postmaster", "alice"],
+            "checks": {"milter": {"smtpd": [scanner.spec]}},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
 def signer() -> Iterator[opendkim.OpenDKIMInstance]:
     """A private OpenDKIM signing for example.org; the module is skipped where it is missing."""
     reason = opendkim.skip_reason()

@@ -29,17 +29,6 @@ from tests.support.server import MailServer
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def server(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(
-        settings={
-            "local_domains": ["example.org"],
-            "local_users": ["postmaster", "alice"],
-            "checks": {"milter": {"smtpd": [scanner.spec]}},
-        }
-    )
-
-
 def message(mark: str, subject: str, extra: str = "") -> str:
     return (
         f"From: bob@example.com\r\nTo: alice@example.org\r\nSubject: {subject}\r\n{extra}"
@@ -71,31 +60,32 @@ def wait_in(server: MailServer, user: str, folder: str, mark: str) -> bytes:
     raise AssertionError(f"{mark} not in {folder or 'INBOX'} of {user}\n{server.log_tail()}")
 
 
-def test_spam_below_reject_lands_in_junk(server: MailServer) -> None:
+def test_spam_below_reject_lands_in_junk(rspamd_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(server, message(mark, f"offer {rspamd.SPAM_MARK}"))
-    data = wait_in(server, "alice", "Junk", mark)
+    send(rspamd_mx, message(mark, f"offer {rspamd.SPAM_MARK}"))
+    data = wait_in(rspamd_mx, "alice", "Junk", mark)
     assert b"X-Spam: Yes" in data
-    assert not any(mark.encode() in p.read_bytes() for p in folder_files(server.maildir("alice"), ""))
-    server.wait_for_log(r"\w+: milter-junk: X-Spam: Yes")
+    inbox = folder_files(rspamd_mx.maildir("alice"), "")
+    assert not any(mark.encode() in p.read_bytes() for p in inbox)
+    rspamd_mx.wait_for_log(r"\w+: milter-junk: X-Spam: Yes")
     # Dovecot and IMAP clients see the folder: marked and subscribed
-    assert (server.maildir("alice") / ".Junk" / "maildirfolder").exists()
-    assert "Junk" in (server.maildir("alice") / "subscriptions").read_text().split()
+    assert (rspamd_mx.maildir("alice") / ".Junk" / "maildirfolder").exists()
+    assert "Junk" in (rspamd_mx.maildir("alice") / "subscriptions").read_text().split()
 
 
-def test_clean_mail_lands_in_the_inbox(server: MailServer) -> None:
+def test_clean_mail_lands_in_the_inbox(rspamd_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(server, message(mark, "lunch on friday"))
-    data = wait_in(server, "alice", "", mark)
+    send(rspamd_mx, message(mark, "lunch on friday"))
+    data = wait_in(rspamd_mx, "alice", "", mark)
     assert b"X-Spamd-Result:" in data and b"X-Spam: Yes" not in data
 
 
-def test_a_senders_own_spam_header_does_not_count(server: MailServer) -> None:
+def test_a_senders_own_spam_header_does_not_count(rspamd_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(server, message(mark, "lunch on saturday", extra="X-Spam: Yes\r\nX-Spam-Flag: YES\r\n"))
-    wait_in(server, "alice", "", mark)
+    send(rspamd_mx, message(mark, "lunch on saturday", extra="X-Spam: Yes\r\nX-Spam-Flag: YES\r\n"))
+    wait_in(rspamd_mx, "alice", "", mark)
     assert not any(mark.encode() in p.read_bytes()
-                   for p in folder_files(server.maildir("alice"), "Junk"))
+                   for p in folder_files(rspamd_mx.maildir("alice"), "Junk"))
 
 
 @pytest.mark.skipif(not dc.available(), reason="dovecot-imapd is not installed")

@@ -24,17 +24,6 @@ from tests.support.server import MailServer
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def server(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(
-        settings={
-            "local_domains": ["example.org"],
-            "local_users": ["postmaster", "alice"],
-            "checks": {"milter": {"smtpd": [scanner.spec]}},
-        }
-    )
-
-
 def message(body: str, subject: str = "hello") -> str:
     return (
         f"From: bob@example.com\r\nTo: alice@example.org\r\nSubject: {subject}\r\n"
@@ -43,27 +32,27 @@ def message(body: str, subject: str = "hello") -> str:
     )
 
 
-def test_gtube_is_rejected(server: MailServer) -> None:
-    with smtplib.SMTP(server.host, server.smtp_port) as client, pytest.raises(
+def test_gtube_is_rejected(rspamd_mx: MailServer) -> None:
+    with smtplib.SMTP(rspamd_mx.host, rspamd_mx.smtp_port) as client, pytest.raises(
         smtplib.SMTPDataError
     ) as err:
         client.sendmail("bob@example.com", ["alice@example.org"], message(rspamd.GTUBE))
     assert err.value.smtp_code == 554
     assert err.value.smtp_error == b"5.7.1 Gtube pattern"
-    server.wait_for_log(
+    rspamd_mx.wait_for_log(
         r"\w+: milter-reject: END-OF-MESSAGE from \S+: 5\.7\.1 Gtube pattern; "
         r"from=<bob@example.com> to=<alice@example.org> proto=ESMTP"
     )
 
 
-def test_clean_message_gets_rspamd_headers(server: MailServer) -> None:
+def test_clean_message_gets_rspamd_headers(rspamd_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    with smtplib.SMTP(server.host, server.smtp_port) as client:
+    with smtplib.SMTP(rspamd_mx.host, rspamd_mx.smtp_port) as client:
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark))
         # a second message over the same session (and the same rspamd connection)
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark + "-2"))
-    data = server.wait_for_mark("alice", mark + "-2")
-    data = server.wait_for_mark("alice", mark)
+    data = rspamd_mx.wait_for_mark("alice", mark + "-2")
+    data = rspamd_mx.wait_for_mark("alice", mark)
     header = data.split(b"\r\n\r\n", 1)[0] if b"\r\n\r\n" in data else data.split(b"\n\n", 1)[0]
     lines = header.decode().splitlines()
     names = [line.split(":", 1)[0] for line in lines if line[:1] not in (" ", "\t")]
@@ -72,13 +61,13 @@ def test_clean_message_gets_rspamd_headers(server: MailServer) -> None:
     # Delivered-To, which local delivery adds on top)
     assert names.index("Authentication-Results") == names.index("Received") + 1
     queue_id = next(x for x in lines if x.startswith("X-Rspamd-Queue-Id:")).split()[1]
-    server.wait_for_log(rf"{queue_id}: milter inet:127\.0\.0\.1:\d+: .*AddHeader=\d+")
+    rspamd_mx.wait_for_log(rf"{queue_id}: milter inet:127\.0\.0\.1:\d+: .*AddHeader=\d+")
 
 
-def test_swaks_sees_the_rejection(server: MailServer, swaks: str) -> None:
+def test_swaks_sees_the_rejection(rspamd_mx: MailServer, swaks: str) -> None:
     out = subprocess.run(
-        [swaks, "--server", f"{server.host}:{server.smtp_port}", "--from", "bob@example.com",
-         "--to", "alice@example.org", "--body", rspamd.GTUBE, "--timeout", "20"],
+        [swaks, "--server", f"{rspamd_mx.host}:{rspamd_mx.smtp_port}", "--from",
+         "bob@example.com", "--to", "alice@example.org", "--body", rspamd.GTUBE, "--timeout", "20"],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert "<** 554 5.7.1 Gtube pattern" in out.stdout, out.stdout
