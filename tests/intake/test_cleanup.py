@@ -94,7 +94,9 @@ def test_scan_header_counts_received_and_finds_message_id() -> None:
     assert scan_header(b"").received_count == 0
 
 
-@pytest.mark.parametrize("separator", [b"\r\n\r\n", b"\n\n", b"\n\r\n", b"\r\n\n"])
+@pytest.mark.parametrize(
+    "separator", [b"\r\n\r\n", b"\n\n", b"\n\r\n", b"\r\n\n", b"\n\n\r\n", b"\r\n\n\r\n\r\n"]
+)
 def test_scan_header_stops_at_the_empty_line_whatever_the_line_ends(separator: bytes) -> None:
     head = b"Received: a\r\nMessage-ID: <m@x>" + separator + b"Received: b\nMessage-ID: <n@y>\n"
     facts = scan_header(head)

@@ -72,3 +72,44 @@ def test_dot_stuffing_round_trip_any_chunking(content_lines: list[bytes], cuts: 
     assert out == content
     assert rest == b"NEXT"
     assert not decoder.bad_newline
+
+
+def _framed_whole(wire: bytes) -> tuple[bytes, bool, bytes] | None:
+    """The DATA framing applied to a whole stream at once, as the RFC reads: the content ends
+    at the first CRLF "." CRLF (a virtual CRLF before the first line), loses one leading dot
+    per line, and is tainted by any CR or LF not paired as CRLF. None: no end yet."""
+    buf = b"\r\n" + wire
+    end = buf.find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    content = buf[: end + 2]
+    crlf = content.count(b"\r\n")
+    bad = content.count(b"\r") != crlf or content.count(b"\n") != crlf
+    return content.replace(b"\r\n.", b"\r\n")[2:], bad, buf[end + 5 :]
+
+
+#: bytes that matter to the framing, often, with some that do not
+framing_bytes = st.lists(
+    st.sampled_from([b"\r\n", b"\r", b"\n", b".", b"\r\n.", b"\r\n.\r\n", b"a", b"bc", b"x" * 700]),
+    max_size=60,
+).map(b"".join)
+
+
+@settings(max_examples=500)
+@given(framing_bytes, st.lists(st.integers(min_value=1, max_value=2000), min_size=1, max_size=8))
+def test_chunked_decoding_equals_the_whole_stream_framing(content: bytes, cuts: list[int]) -> None:
+    wire = content + b"\r\n.\r\nQUIT\r\n"
+    expected = _framed_whole(wire)
+    assert expected is not None
+    decoder = DotDecoder()
+    out, pos, i = b"", 0, 0
+    while True:
+        size = cuts[i % len(cuts)]
+        i += 1
+        piece = decoder.feed(wire[pos : pos + size])
+        pos += size
+        out += piece.data
+        if piece.done:
+            assert (out, decoder.bad_newline, piece.rest + wire[pos:]) == expected
+            return
+        assert pos < len(wire), "the end marker was not found"

@@ -163,8 +163,11 @@ def scan_header(head: bytes) -> HeaderFacts:
 def _header_block(head: bytes) -> bytes:
     """`head` cut after the last header line when an empty line follows it, so a big message
     does not have its whole scanned start split into lines only for the loop to stop early."""
-    ends = [i for i in (head.find(b"\n\n"), head.find(b"\n\r\n")) if i >= 0]
-    return head[: min(ends) + 1] if ends else head
+    end = head.find(b"\n\r\n")  # the usual, CRLF separator: then LF LF only before it
+    lf = head.find(b"\n\n", 0, end + 1 if end >= 0 else len(head))
+    if lf >= 0:
+        end = lf
+    return head[: end + 1] if end >= 0 else head
 
 
 def needs_separator(head: bytes) -> bool:

@@ -50,24 +50,46 @@ class DotDecoder:
 
     def feed(self, data: bytes) -> Piece:
         buf = self._carry + data if self._carry else data
+        # Every end marker and every dot-stuffed line starts with CRLF ".". The usual buffer
+        # has none, or one: its end marker. `rfind` settles both in one scan (CPython's reverse
+        # search is the faster one), so the full search and the unstuffing below are only for
+        # the rare buffer that has a line starting with ".".
+        last = buf.rfind(b"\r\n.")
+        if last < 0:
+            return self._piece(buf, self._cut(buf), unstuff=False)
+        if buf.startswith(END_MARKER, last) and buf.rfind(b"\r\n.", 0, last) < 0:
+            self._carry = b""
+            return Piece(self._decode(buf[: last + 2], unstuff=False), True, buf[last + 5 :])
         end = buf.find(END_MARKER)
         if end >= 0:
             self._carry = b""
-            return Piece(self._decode(buf[: end + 2]), True, buf[end + 5 :])
+            return Piece(self._decode(buf[: end + 2], unstuff=True), True, buf[end + 5 :])
+        return self._piece(buf, self._cut(buf), unstuff=True)
+
+    @staticmethod
+    def _cut(buf: bytes) -> int:
+        """Where to cut a buffer without its end marker: just before its last CRLF, so no CRLF,
+        stuffing sequence or marker is split; with no CRLF near the end, only a trailing CR can
+        still begin one."""
         cut = buf.rfind(b"\r\n")
         if cut < 0 or len(buf) - cut > _MAX_CARRY:
-            # No CRLF near the end: only a trailing CR can still begin a marker.
             cut = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
-        self._carry = buf[cut:]
-        return Piece(self._decode(buf[:cut]), False)
+        return cut
 
-    def _decode(self, chunk: bytes) -> bytes:
+    def _piece(self, buf: bytes, cut: int, *, unstuff: bool) -> Piece:
+        self._carry = buf[cut:]
+        return Piece(self._decode(buf[:cut], unstuff=unstuff), False)
+
+    def _decode(self, chunk: bytes, *, unstuff: bool) -> bytes:
         if not chunk:
             return b""
-        crlf = chunk.count(b"\r\n")
-        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+        # Bare CR or LF anywhere: the counts of CR, of LF and of CRLF differ. A single byte
+        # is counted by what `replace` removes (memchr-fast); `count` of one byte is not.
+        size = len(chunk)
+        crs = size - len(chunk.replace(b"\r", b""))
+        if crs != size - len(chunk.replace(b"\n", b"")) or crs != chunk.count(b"\r\n"):
             self.bad_newline = True
-        out = chunk.replace(b"\r\n.", b"\r\n")
+        out = chunk.replace(b"\r\n.", b"\r\n") if unstuff else chunk
         if self._drop_prefix:
             self._drop_prefix = False
             out = out[2:]
