@@ -46,6 +46,7 @@ import errno
 import functools
 import itertools
 import os
+import re
 import socket
 import threading
 import time
@@ -168,6 +169,26 @@ class UniqueNames:
         return f"{secs}.M{usec}P{_PID}Q{counter}.{self._host}"
 
 
+#: A CR that does not start a CR LF pair (a bare CR, which the conversion keeps).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+
+
+def crlf_to_lf(data: bytes) -> bytes:
+    """CR LF -> LF for a message held whole; a bare CR stays. Where no CR is bare (mail that
+    came over SMTP: its framing refuses bare CRs) deleting every CR is the same conversion, and
+    several times cheaper than replacing the two-byte pair (`bytes.replace` finds one byte
+    with memchr)."""
+    if _BARE_CR.search(data) is None:
+        return data.replace(b"\r", b"")
+    return data.replace(b"\r\n", b"\n")
+
+
+def count_byte(data: bytes, byte: bytes) -> int:
+    """`data.count(byte)` for one byte, by what `replace` removes: CPython counts a single
+    byte with a plain loop, and finds it with memchr."""
+    return len(data) - len(data.replace(byte, b""))
+
+
 class _CrlfToLf:
     """Streaming CR LF -> LF conversion that holds back a trailing CR between chunks."""
 
@@ -217,9 +238,9 @@ def deliver(
             if owner is not None:  # before any reader can see it in new/
                 _apply_owner(fd, owner)
             if isinstance(message, bytes):
-                data = (prepend + message).replace(b"\r\n", b"\n")
+                data = crlf_to_lf(prepend + message)
                 _write_all(fd, data)
-                size, lines = len(data), data.count(b"\n")
+                size, lines = len(data), count_byte(data, b"\n")
             else:
                 size, lines = _write_converted(fd, _with_prepend(prepend, message))
             os.fsync(fd)
