@@ -18,6 +18,7 @@ never queued.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mailhaven.proto.replies import BARE_NEWLINE, MESSAGE_TOO_BIG, Reply
@@ -25,6 +26,8 @@ from mailhaven.proto.replies import BARE_NEWLINE, MESSAGE_TOO_BIG, Reply
 END_MARKER = b"\r\n.\r\n"
 #: A carry longer than this is no candidate for a marker: flush it (see `DotDecoder.feed`).
 _MAX_CARRY = 1024
+#: A CR that does not start a CRLF.
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 @dataclass(slots=True)
@@ -83,11 +86,13 @@ class DotDecoder:
     def _decode(self, chunk: bytes, *, unstuff: bool) -> bytes:
         if not chunk:
             return b""
-        # Bare CR or LF anywhere: the counts of CR, of LF and of CRLF differ. A single byte
-        # is counted by what `replace` removes (memchr-fast); `count` of one byte is not.
+        # A bare CR or LF anywhere: CRs and LFs differ in number, or, as many of each, some
+        # CR is not followed by LF (each bare CR then leaves an LF without its CR). A single
+        # byte is counted by what `replace` removes (memchr-fast; `count` of one byte is a
+        # plain loop), and one search for a bare CR is cheaper than counting the pairs.
         size = len(chunk)
         crs = size - len(chunk.replace(b"\r", b""))
-        if crs != size - len(chunk.replace(b"\n", b"")) or crs != chunk.count(b"\r\n"):
+        if crs != size - len(chunk.replace(b"\n", b"")) or (crs and _BARE_CR.search(chunk)):
             self.bad_newline = True
         out = chunk.replace(b"\r\n.", b"\r\n") if unstuff else chunk
         if self._drop_prefix:
