@@ -38,7 +38,6 @@ Trust: as the local agent's (user names re-checked before they become paths).
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import io
 import logging
 import time
@@ -51,6 +50,7 @@ from mailhaven.delivery.local import LocalAgent
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
+from mailhaven.runtime.job_threads import JobThreads
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.scheduler.outcome import Verdict, attempt_line
 from mailhaven.spool.message_writer import MessageWriter, prefixed
@@ -66,10 +66,10 @@ log = logging.getLogger("mailhaven.queue")
 
 #: the relay name of the local transport in delivery lines (as the queued path logs it)
 RELAY = "local"
-#: Threads that make the copies: a pool of their own, so a burst of deliveries does not wait
-#: behind the default executor's other work (or hold it up). Each copy is mostly two fsyncs,
-#: and concurrent fsyncs share journal commits, so a few threads, not one; each also takes the
-#: GIL back after every system call, so not many (docs/benchmarks.md, "Local delivery").
+#: Threads that make the copies: a pool of their own (`runtime.job_threads`: a cheap hand-over),
+#: so a burst of deliveries does not wait behind the default executor's other work. Each copy
+#: is mostly two fsyncs, and concurrent fsyncs share journal commits, so a few threads, not
+#: one; each also takes the GIL back after every system call, so not many.
 DELIVERY_THREADS = 4
 
 Report = Callable[[], None]
@@ -94,14 +94,7 @@ class DirectDoor:
         self._enabled = enabled
         self._users = users
         self._clock = clock
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-
-    def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:  # made on first use: not in a process that forks later
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                DELIVERY_THREADS, thread_name_prefix="maildir"
-            )
-        return self._executor
+        self._threads = JobThreads("maildir", DELIVERY_THREADS)  # started on first use
 
     async def commit(
         self,
@@ -130,9 +123,7 @@ class DirectDoor:
             DeliveryRequest(qid, envelope, tuple(group), route, source.open, len(header) + writer.size)
             for route, group in _by_route(recipients, routes).items()
         ]
-        future = asyncio.get_running_loop().run_in_executor(
-            self._threads(), self._deliver_all, requests, known, source
-        )
+        future = self._threads.submit(self._deliver_all, requests, known, source)
         try:
             replies = await asyncio.shield(future)
         except asyncio.CancelledError:
