@@ -258,7 +258,8 @@ def prepare_disk() -> None:
     The top-directory flag (`chattr +T`) makes ext4 spread the directories made in TMP over
     the groups, as it does at the root of a file system."""
     TMP.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["chattr", "+T", str(TMP)], check=False, capture_output=True)
+    with contextlib.suppress(OSError):  # no chattr, or not ext4: runs as before
+        subprocess.run(["chattr", "+T", str(TMP)], check=False, capture_output=True)
     with contextlib.suppress(FileNotFoundError):
         wait = _EMPTIED.stat().st_mtime + RECENT_S - time.time()
         if wait > 0:
