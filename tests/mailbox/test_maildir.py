@@ -102,15 +102,6 @@ def test_bare_cr_and_trailing_cr_are_kept(tmp_path: Path) -> None:
     assert parse_name(path.name)[1] == len(b"a\rb\r\nc\r")
 
 
-@pytest.mark.parametrize(
-    "data",
-    [b"", b"a\r\nb\r\n", b"a\rb\r\n", b"a\r\nb\r", b"\r\r\n", b"a\nb\r\n", b"\r", b"\n\r", b"x" * 70],
-)
-def test_crlf_to_lf_of_a_whole_message_keeps_bare_crs(data: bytes) -> None:
-    assert md.crlf_to_lf(data) == data.replace(b"\r\n", b"\n")
-    assert md.count_byte(data, b"\n") == data.count(b"\n")
-
-
 def test_whole_message_with_only_crlf_pairs_is_stored_with_lf(tmp_path: Path) -> None:
     path = deliver(tmp_path / "u", b"From: a\r\n\r\nbody\r\n", prepend=b"X: y\n", names=names())
     assert path.read_bytes() == b"X: y\nFrom: a\n\nbody\n"

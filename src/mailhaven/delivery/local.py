@@ -44,6 +44,7 @@ from mailhaven.delivery.base import DeliveryRequest, DeliveryResult
 from mailhaven.mailbox import folders, quota
 from mailhaven.mailbox.maildir import UniqueNames, deliver, ensure_maildir, mailbox_path, parse_name
 from mailhaven.mailbox.owner import MailOwner
+from mailhaven.proto.message_bytes import header_end
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger(__name__)
@@ -202,10 +203,7 @@ def io_failure(exc: OSError) -> Reply:
 def check_loop(message: bytes, recipient: str) -> None:
     """`refuse_loops` for a message held whole: raise `ForwardingLoop` if its header (at most
     HEADER_SCAN_LIMIT bytes of it) has a Delivered-To line naming `recipient`."""
-    limit = HEADER_SCAN_LIMIT + 3
-    end = message.find(b"\n\r\n", 0, limit)  # no copy, and no scan past the header's end
-    lf = message.find(b"\n\n", 0, end if end >= 0 else limit)
-    end = lf if lf >= 0 else end
+    end = header_end(message, 0, HEADER_SCAN_LIMIT + 3)  # no copy, no scan past the header
     header = message[:end] if end >= 0 else message[:HEADER_SCAN_LIMIT]
     if _names_recipient(header, recipient.strip().lower().encode("utf-8")):
         raise ForwardingLoop(recipient)
@@ -222,21 +220,15 @@ def refuse_loops(chunks: Iterable[bytes], recipient: str) -> Iterator[bytes]:
         if scanning:
             start = max(0, len(head) - 3)
             head += chunk
-            end = _header_end(head, start)
-            if end is not None or len(head) > HEADER_SCAN_LIMIT:
+            end = header_end(head, start)
+            if end >= 0 or len(head) > HEADER_SCAN_LIMIT:
                 scanning = False
-                if _names_recipient(bytes(head[:end]), needle):
+                if _names_recipient(bytes(head[:end] if end >= 0 else head), needle):
                     raise ForwardingLoop(recipient)
                 head = bytearray()
         yield chunk
     if scanning and _names_recipient(bytes(head), needle):
         raise ForwardingLoop(recipient)
-
-
-def _header_end(buf: bytearray, start: int) -> int | None:
-    """Index of the end of the header block (the first empty line), searching from `start`."""
-    hits = [i for i in (buf.find(b"\n\n", start), buf.find(b"\n\r\n", start)) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _names_recipient(header: bytes, needle: bytes) -> bool:

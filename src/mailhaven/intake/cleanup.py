@@ -45,6 +45,7 @@ from typing import Protocol
 
 from mailhaven import maillog
 from mailhaven.proto.envelope import Envelope
+from mailhaven.proto.message_bytes import header_end
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import Hold, QueuedRecipient
@@ -163,10 +164,7 @@ def scan_header(head: bytes) -> HeaderFacts:
 def _header_block(head: bytes) -> bytes:
     """`head` cut after the last header line when an empty line follows it, so a big message
     does not have its whole scanned start split into lines only for the loop to stop early."""
-    end = head.find(b"\n\r\n")  # the usual, CRLF separator: then LF LF only before it
-    lf = head.find(b"\n\n", 0, end + 1 if end >= 0 else len(head))
-    if lf >= 0:
-        end = lf
+    end = header_end(head)
     return head[: end + 1] if end >= 0 else head
 
 

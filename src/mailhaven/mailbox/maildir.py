@@ -46,7 +46,6 @@ import errno
 import functools
 import itertools
 import os
-import re
 import socket
 import threading
 import time
@@ -58,6 +57,7 @@ from typing import Literal
 from mailhaven.faults import crash_point
 from mailhaven.mailbox import layout
 from mailhaven.mailbox.owner import MailOwner
+from mailhaven.proto.message_bytes import count_byte, crlf_to_lf
 
 #: Maildir spec: a maildir is these three directories.
 SUBDIRS = ("tmp", "new", "cur")
@@ -167,26 +167,6 @@ class UniqueNames:
         ns = self._clock()
         secs, usec = ns // 1_000_000_000, (ns // 1000) % 1_000_000
         return f"{secs}.M{usec}P{_PID}Q{counter}.{self._host}"
-
-
-#: A CR that does not start a CR LF pair (a bare CR, which the conversion keeps).
-_BARE_CR = re.compile(rb"\r(?!\n)")
-
-
-def crlf_to_lf(data: bytes) -> bytes:
-    """CR LF -> LF for a message held whole; a bare CR stays. Where no CR is bare (mail that
-    came over SMTP: its framing refuses bare CRs) deleting every CR is the same conversion, and
-    several times cheaper than replacing the two-byte pair (`bytes.replace` finds one byte
-    with memchr)."""
-    if _BARE_CR.search(data) is None:
-        return data.replace(b"\r", b"")
-    return data.replace(b"\r\n", b"\n")
-
-
-def count_byte(data: bytes, byte: bytes) -> int:
-    """`data.count(byte)` for one byte, by what `replace` removes: CPython counts a single
-    byte with a plain loop, and finds it with memchr."""
-    return len(data) - len(data.replace(byte, b""))
 
 
 class _CrlfToLf:

@@ -18,16 +18,14 @@ never queued.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from mailhaven.proto.message_bytes import BARE_CR, count_byte
 from mailhaven.proto.replies import BARE_NEWLINE, MESSAGE_TOO_BIG, Reply
 
 END_MARKER = b"\r\n.\r\n"
 #: A carry longer than this is no candidate for a marker: flush it (see `DotDecoder.feed`).
 _MAX_CARRY = 1024
-#: A CR that does not start a CRLF.
-_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 @dataclass(slots=True)
@@ -87,12 +85,10 @@ class DotDecoder:
         if not chunk:
             return b""
         # A bare CR or LF anywhere: CRs and LFs differ in number, or, as many of each, some
-        # CR is not followed by LF (each bare CR then leaves an LF without its CR). A single
-        # byte is counted by what `replace` removes (memchr-fast; `count` of one byte is a
-        # plain loop), and one search for a bare CR is cheaper than counting the pairs.
-        size = len(chunk)
-        crs = size - len(chunk.replace(b"\r", b""))
-        if crs != size - len(chunk.replace(b"\n", b"")) or (crs and _BARE_CR.search(chunk)):
+        # CR is not followed by LF (each bare CR then leaves an LF without its CR). One search
+        # for a bare CR is cheaper than counting the CRLF pairs.
+        crs = count_byte(chunk, b"\r")
+        if crs != count_byte(chunk, b"\n") or (crs and BARE_CR.search(chunk)):
             self.bad_newline = True
         out = chunk.replace(b"\r\n.", b"\r\n") if unstuff else chunk
         if self._drop_prefix:
