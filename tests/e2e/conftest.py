@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import pytest
 from tests.support import opendkim, rspamd
 from tests.support.milter import TestMilter
-from tests.support.server import MailServer
+from tests.support.server import MailServer, behind_milter
 
 
 class ServerFactory(Protocol):
@@ -90,13 +90,7 @@ def scanner() -> Iterator[rspamd.RspamdInstance]:
 @pytest.fixture(scope="module")
 def rspamd_mx(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
     """A mail server with `scanner` as its smtpd milter: example.org, users postmaster, alice."""
-    return module_mail_server(
-        settings={
-            "local_domains": ["example.org"],
-            "local_users": ["postmaster", "alice"],
-            "checks": {"milter": {"smtpd": [scanner.spec]}},
-        }
-    )
+    return module_mail_server(settings=behind_milter(scanner.spec))
 
 
 @pytest.fixture(scope="module")

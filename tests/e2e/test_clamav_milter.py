@@ -34,11 +34,10 @@ from pathlib import Path
 import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.support import clamav
-from tests.support.server import MailServer
+from tests.support.server import MailServer, behind_milter, merge
 
 pytestmark = pytest.mark.e2e
 
-SETTINGS = {"local_domains": ["example.org"], "local_users": ["postmaster", "alice"]}
 REJECTED = f"5.7.1 Virus found: {clamav.VIRUS_NAME}"
 
 
@@ -57,7 +56,7 @@ def scanner() -> Iterator[clamav.ClamAV]:
 
 @pytest.fixture(scope="module")
 def server(scanner: clamav.ClamAV, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec]}}})
+    return module_mail_server(settings=behind_milter(scanner.spec))
 
 
 def message(mark: str, attachment: bytes | None = None, filename: str = "eicar.com") -> bytes:
@@ -189,7 +188,7 @@ def test_signature_is_what_sigtool_makes(tmp_path: Path) -> None:
 def test_clamd_down_is_clamav_milters_on_fail(mail_server: ServerFactory) -> None:
     _skip_unless_installed()
     with clamav.ClamAV() as scanner:
-        server = mail_server(settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec]}}})
+        server = mail_server(settings=behind_milter(scanner.spec))
         scanner.stop_clamd()
         started = time.monotonic()
         with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client, pytest.raises(
@@ -214,7 +213,7 @@ def test_milter_down_gets_the_default_action(mail_server: ServerFactory, action:
     _skip_unless_installed()
     with clamav.ClamAV() as scanner:
         server = mail_server(
-            settings={**SETTINGS, "checks": {"milter": {"smtpd": [scanner.spec], "default_action": action}}}
+            settings=merge(behind_milter(scanner.spec), {"checks": {"milter": {"default_action": action}}})
         )
         mark = uuid.uuid4().hex
         with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:

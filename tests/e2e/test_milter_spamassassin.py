@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from tests.e2e.conftest import ServerFactory
 from tests.support import spamassassin
-from tests.support.server import MailServer
+from tests.support.server import MailServer, behind_milter
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +30,7 @@ def scanner() -> Iterator[spamassassin.SpamAssassinMilter]:
 
 @pytest.fixture(scope="module")
 def server(scanner: spamassassin.SpamAssassinMilter, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(
-        settings={
-            "local_domains": ["example.org"],
-            "local_users": ["postmaster", "alice"],
-            "checks": {"milter": {"smtpd": [scanner.spec]}},
-        }
-    )
+    return module_mail_server(settings=behind_milter(scanner.spec))
 
 
 def message(body: str) -> str:

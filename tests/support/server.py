@@ -102,6 +102,16 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def behind_milter(spec: str) -> dict[str, Any]:
+    """Settings for the e2e milter tests: example.org with postmaster and alice, and `spec` as
+    the one milter of the MX (smtpd) listener."""
+    return {
+        "local_domains": ["example.org"],
+        "local_users": ["postmaster", "alice"],
+        "checks": {"milter": {"smtpd": [spec]}},
+    }
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
