@@ -102,6 +102,20 @@ def test_bare_cr_and_trailing_cr_are_kept(tmp_path: Path) -> None:
     assert parse_name(path.name)[1] == len(b"a\rb\r\nc\r")
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "chunks"])
+def test_a_message_known_free_of_bare_crs_is_stored_the_same(tmp_path: Path, whole: bool) -> None:
+    """`no_bare_cr` changes how, not what: the caller's promise covers the message; the
+    prepended lines are still checked (here one carries a bare CR, which stays)."""
+    prepend = b"X-Odd: a\rb\r\n"
+    chunks = [MESSAGE[:7], MESSAGE[7:8], MESSAGE[8:]]
+    stored = [
+        deliver(tmp_path / f"u{clean}", MESSAGE if whole else iter(chunks), prepend=prepend,
+                names=names(), no_bare_cr=clean).read_bytes()
+        for clean in (False, True)
+    ]
+    assert stored[0] == stored[1] == b"X-Odd: a\rb\n" + EXPECTED
+
+
 def test_whole_message_with_only_crlf_pairs_is_stored_with_lf(tmp_path: Path) -> None:
     path = deliver(tmp_path / "u", b"From: a\r\n\r\nbody\r\n", prepend=b"X: y\n", names=names())
     assert path.read_bytes() == b"X: y\nFrom: a\n\nbody\n"

@@ -44,6 +44,8 @@ class Fixture:
         self.queue = ActiveQueue(spool, wake=self.wake)
         self.agent = LocalAgent(root, "mx.test", users=(lambda: users) if users else None)
         self.enabled = True
+        #: what the SMTP receiver would have marked on the writer (`MessageWriter.no_bare_cr`)
+        self.no_bare_cr = False
         self.door = DirectDoor(
             self.queue, self.agent, route, enabled=lambda: self.enabled,
             users=(lambda: users) if users else None,
@@ -55,6 +57,7 @@ class Fixture:
     def writer(self, body: bytes = BODY) -> MessageWriter:
         w = self.spool.new_message()
         w.write(body)
+        w.no_bare_cr = self.no_bare_cr
         return w
 
     async def commit(
@@ -107,9 +110,13 @@ async def test_local_only_mail_is_delivered_and_never_queued(
     assert list((fx.spool.root / "tmp").iterdir()) == []
 
 
+@pytest.mark.parametrize("clean", [False, True], ids=["unmarked", "no-bare-cr"])
 @pytest.mark.parametrize("size", [len(BODY), 20_000])  # inline, and spilled to a file
-async def test_the_copy_is_byte_for_byte_the_queued_paths(fx: Fixture, size: int) -> None:
+async def test_the_copy_is_byte_for_byte_the_queued_paths(
+    fx: Fixture, size: int, clean: bool
+) -> None:
     body = BODY + b"x" * 70 + b"\r\n" * ((size - len(BODY)) // 72 + 1)
+    fx.no_bare_cr = clean
     await fx.commit("alice@example.org", body=body)
     [direct] = fx.copies("alice")
 
@@ -195,6 +202,21 @@ async def test_when_queuing_the_rest_fails_the_commit_fails_and_the_copies_stay(
     lines = [r.getMessage() for r in caplog.records]
     assert any("to=<alice@example.org>" in line and "status=sent" in line for line in lines)
     assert any("the client's retry duplicates them" in line for line in lines)
+
+
+async def test_a_marked_body_under_a_header_with_a_bare_cr_keeps_that_cr(fx: Fixture) -> None:
+    """The writer's mark covers the body only: the header intake adds is checked here."""
+    fx.no_bare_cr = True
+    w = fx.writer()
+    header = b"X-Added: a\rb\r\n"
+    env = envelope("alice@example.org", sender="sender@remote.example")
+    report = await fx.door.commit(
+        w, env, [QueuedRecipient("alice@example.org", "alice@example.org")], header,
+        attemptable=True,
+    )
+    assert report is not None
+    [copy] = fx.copies("alice")
+    assert copy.endswith(b"X-Added: a\rb\n" + BODY.replace(b"\r\n", b"\n"))
 
 
 async def test_a_body_that_failed_to_reach_disk_takes_the_queue_path(fx: Fixture) -> None:

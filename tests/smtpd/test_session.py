@@ -37,6 +37,7 @@ class MemoryWriter:
     queue_id: str
     data: bytearray = field(default_factory=bytearray)
     aborted: bool = False
+    no_bare_cr: bool = False
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -49,6 +50,8 @@ class MemoryWriter:
 class MemorySink:
     messages: list[tuple[Envelope, bytes, str | None]] = field(default_factory=list)
     count: int = 0
+    #: each accepted writer's `no_bare_cr`, in order
+    clean: list[bool] = field(default_factory=list)
 
     def new_message(self) -> Writer:
         self.count += 1
@@ -59,6 +62,7 @@ class MemorySink:
     ) -> Reply:
         assert isinstance(writer, MemoryWriter)
         self.messages.append((envelope, bytes(writer.data), tls))
+        self.clean.append(writer.no_bare_cr)
         return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
 
 
@@ -141,6 +145,12 @@ async def test_policy_exception_answers_451_and_session_continues(mx: Harness) -
     envelope, body, _ = mx.sink.messages[0]
     assert [r.address for r in envelope.recipients] == ["alice@localhost"]
     assert body == b"Subject: x\r\n\r\nhello\r\n"
+
+
+async def test_a_body_the_framing_accepted_is_marked_free_of_bare_crs(mx: Harness) -> None:
+    """The local copy relies on this mark to delete every CR without searching (maildir)."""
+    await asyncio.to_thread(send_with_smtplib, mx.port, ["alice@localhost"])
+    assert mx.sink.clean == [True]
 
 
 async def test_starttls_pipelined_plaintext_is_never_answered_inside_tls(mx: Harness) -> None:

@@ -30,6 +30,9 @@ class DeliveryRequest:
     #: Returns a fresh readable binary stream over the stored message (trace headers included).
     open_message: Callable[[], BinaryIO]
     size: int
+    #: The stored message is known to hold no bare CR (it came through SMTP's framing, which
+    #: refuses them), so a Maildir copy may drop every CR without looking for one first.
+    no_bare_cr: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,12 @@ class LocalAgent:
                 else:
                     message = refuse_loops(_read_chunks(stream), rcpt)
                 stored = deliver(
-                    target, message, prepend=prepend, names=self._names, owner=self._owner
+                    target,
+                    message,
+                    prepend=prepend,
+                    names=self._names,
+                    owner=self._owner,
+                    no_bare_cr=request.no_bare_cr,
                 )
             if not limit.unlimited:
                 _count(maildir, limit, stored, request.queue_id, self._owner)

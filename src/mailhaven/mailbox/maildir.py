@@ -57,7 +57,7 @@ from typing import Literal
 from mailhaven.faults import crash_point
 from mailhaven.mailbox import layout
 from mailhaven.mailbox.owner import MailOwner
-from mailhaven.proto.message_bytes import count_byte, crlf_to_lf
+from mailhaven.proto.message_bytes import BARE_CR, count_byte, crlf_to_lf
 
 #: Maildir spec: a maildir is these three directories.
 SUBDIRS = ("tmp", "new", "cur")
@@ -170,12 +170,16 @@ class UniqueNames:
 
 
 class _CrlfToLf:
-    """Streaming CR LF -> LF conversion that holds back a trailing CR between chunks."""
+    """Streaming CR LF -> LF conversion that holds back a trailing CR between chunks; with
+    `no_bare_cr` (every CR starts a pair) it deletes each CR instead, nothing held back."""
 
-    def __init__(self) -> None:
+    def __init__(self, no_bare_cr: bool = False) -> None:
         self._pending_cr = False
+        self._delete_cr = no_bare_cr
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._delete_cr:
+            return chunk.replace(b"\r", b"")
         if self._pending_cr:
             chunk = b"\r" + chunk
         self._pending_cr = chunk.endswith(b"\r")
@@ -196,12 +200,15 @@ def deliver(
     prepend: bytes = b"",
     names: UniqueNames,
     owner: MailOwner | None = None,
+    no_bare_cr: bool = False,
 ) -> Path:
     """Store one message in `maildir/new/` durably and return its path.
 
     `message` is the whole message as one `bytes` (converted and written in one go), or a stream
     of chunks (converted and written as they come, never joined). `prepend` is written first
-    (it goes through the same CRLF -> LF conversion). Any exception, including one raised by the
+    (it goes through the same CRLF -> LF conversion). `no_bare_cr`: the caller knows `message`
+    holds no bare CR (SMTP's framing refused them), so the conversion deletes every CR without
+    searching for one there first (`prepend`, small, is still checked). Any exception, including one raised by the
     chunks' iterator itself, leaves nothing in `new/` and removes the `tmp/` file.
     """
     if maildir not in _ENSURED:
@@ -217,12 +224,14 @@ def deliver(
         try:
             if owner is not None:  # before any reader can see it in new/
                 _apply_owner(fd, owner)
+            clean = no_bare_cr and BARE_CR.search(prepend) is None
             if isinstance(message, bytes):
-                data = crlf_to_lf(prepend + message)
+                whole = prepend + message
+                data = whole.replace(b"\r", b"") if clean else crlf_to_lf(whole)
                 _write_all(fd, data)
                 size, lines = len(data), count_byte(data, b"\n")
             else:
-                size, lines = _write_converted(fd, _with_prepend(prepend, message))
+                size, lines = _write_converted(fd, _with_prepend(prepend, message), clean)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -289,10 +298,10 @@ def _write_all(fd: int, data: bytes) -> None:
             written += n
 
 
-def _write_converted(fd: int, chunks: Iterable[bytes]) -> tuple[int, int]:
+def _write_converted(fd: int, chunks: Iterable[bytes], no_bare_cr: bool) -> tuple[int, int]:
     """Write converted chunks, batched up to WRITE_BUFFER per `write(2)`; return (bytes
     written, LF count) for `S=` and `W=`."""
-    conv = _CrlfToLf()
+    conv = _CrlfToLf(no_bare_cr)
     size = lines = pending = 0
     batch: list[bytes] = []
     for chunk in chunks:

@@ -48,6 +48,7 @@ from mailhaven import maillog
 from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.proto.envelope import Envelope
+from mailhaven.proto.message_bytes import BARE_CR
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.runtime.job_threads import JobThreads
@@ -119,8 +120,11 @@ class DirectDoor:
             log.exception("%s: direct delivery not possible, queued", qid)
             await self._queue.commit(writer, envelope, recipients, header, attemptable=attemptable)
             return None
+        clean = writer.no_bare_cr and BARE_CR.search(header) is None
         requests = [
-            DeliveryRequest(qid, envelope, tuple(group), route, source.open, len(header) + writer.size)
+            DeliveryRequest(
+                qid, envelope, tuple(group), route, source.open, len(header) + writer.size, clean
+            )
             for route, group in _by_route(recipients, routes).items()
         ]
         future = self._threads.submit(self._deliver_all, requests, known, source)

@@ -43,6 +43,8 @@ _COPY_CHUNK = 1024 * 1024
 class StoredWriter(Protocol):
     """The spool writer as the gate reads it (`spool.message_writer.MessageWriter`)."""
 
+    no_bare_cr: bool
+
     @property
     def queue_id(self) -> str: ...
 

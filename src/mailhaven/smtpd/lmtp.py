@@ -93,6 +93,7 @@ class BodyFile:
             max_size=SPOOL_IN_MEMORY, dir=str(directory) if directory else None, prefix="lmtp-"
         )
         self.size = 0
+        self.no_bare_cr = False  # (the writer protocol's; LMTP stores convert as they always did)
 
     def write(self, data: bytes) -> None:
         self.file.write(data)

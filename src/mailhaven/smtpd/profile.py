@@ -28,6 +28,9 @@ from mailhaven.smtpd.policy import SessionFacts, SMTPPolicy
 class Writer(Protocol):
     """The spool's streaming writer for one incoming body."""
 
+    #: set once the SMTP framing accepted the whole body (it refuses bare CRs)
+    no_bare_cr: bool
+
     @property
     def queue_id(self) -> str: ...
 

@@ -567,6 +567,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         self.writer = None
         if writer is None:
             writer = self.service.sink.new_message()
+        writer.no_bare_cr = True  # BodyEnd: the framing found no bare CR in it (`proto.body`)
         added, spam = b"", False
         if self.profile.inbound is not None:  # SPF/DKIM/DMARC/ARC: may refuse the message
             gate = await self.profile.inbound.run(

@@ -78,6 +78,9 @@ class MessageWriter:
         self.error: OSError | None = None
         #: CRC-32 of a spilled body, computed as it streams in (checked before delivery)
         self.crc = 0
+        #: set by the SMTP receiver once its framing (which refuses bare CRs) accepted the
+        #: whole body: a local copy can then skip its own search for one
+        self.no_bare_cr = False
 
     # -- the receiver's side ---------------------------------------------------------------
     def write(self, data: bytes) -> None:
