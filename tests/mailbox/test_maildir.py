@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import mailbox
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,16 @@ from mailhaven.mailbox.maildir import (
 
 MESSAGE = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\n"
 EXPECTED = b"From: a@example.org\nTo: b@example.org\nSubject: hi\n\nline 1\nline 2\n"
+
+
+@pytest.fixture(params=["unnamed", "named"])
+def tmp_file(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a copy starts in `tmp/`: an unnamed `O_TMPFILE` file (where this system has
+    one) linked into `new/`, and a named file renamed there."""
+    if request.param == "unnamed" and not md._unnamed.usable:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(md._unnamed, "usable", request.param == "unnamed")
+    return str(request.param)
 
 
 def names(host: str = "mx.example.org") -> UniqueNames:
@@ -49,7 +61,7 @@ def test_name_shape_and_suffix(tmp_path: Path) -> None:
     assert path.name == f"1700000000.M123456P{pid}Q1.h\\0721,S={size},W={vsize}"
 
 
-def test_names_unique_under_many_quick_deliveries(tmp_path: Path) -> None:
+def test_names_unique_under_many_quick_deliveries(tmp_path: Path, tmp_file: str) -> None:
     frozen = UniqueNames("h", clock=lambda: 1_700_000_000_000_000_000)  # same microsecond
     paths = {deliver(tmp_path / "u", [b"x\n"], names=frozen) for _ in range(300)}
     assert len(paths) == 300
@@ -57,12 +69,15 @@ def test_names_unique_under_many_quick_deliveries(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "u" / "tmp") == []
 
 
-def test_name_collision_in_tmp_is_retried(tmp_path: Path) -> None:
+def test_name_collision_is_retried(tmp_path: Path, tmp_file: str) -> None:
     clock = lambda: 1_700_000_000_000_000_000  # noqa: E731
     first = UniqueNames("h", clock=clock)
     box = tmp_path / "u"
     md.ensure_maildir(box)
-    (box / "tmp" / first.next()).write_bytes(b"stale")  # takes Q1
+    if tmp_file == "named":  # taken in tmp/ (a crashed delivery's file)
+        (box / "tmp" / first.next()).write_bytes(b"stale")  # takes Q1
+    else:  # taken in new/, where the unnamed file gets its name
+        (box / "new" / (first.next() + ",S=2,W=3")).write_bytes(b"y\n")
     again = UniqueNames("h", clock=clock)  # restarts at Q1
     path = deliver(box, [b"x\n"], names=again)
     assert "Q2." in path.name
@@ -137,11 +152,11 @@ def test_stream_is_not_joined_in_memory(tmp_path: Path) -> None:
 # --- durability -----------------------------------------------------------------------------
 
 
-def test_fsync_of_file_before_rename_and_of_new_dir_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_fsync_of_file_before_its_name_in_new_and_of_new_dir_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_file: str
 ) -> None:
     events: list[str] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
 
     def fsync(fd: int) -> None:
         mode = os.fstat(fd).st_mode
@@ -149,26 +164,34 @@ def test_fsync_of_file_before_rename_and_of_new_dir_after(
         real_fsync(fd)
 
     def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-        events.append("rename")
+        events.append("name")
         real_rename(src, dst)
+
+    def link(*args: Any, **kwargs: Any) -> None:
+        events.append("name")
+        real_link(*args, **kwargs)
 
     box = tmp_path / "u"
     md.ensure_maildir(box)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
     deliver(box, [MESSAGE], names=names())
     deliver(box, MESSAGE, names=names())
-    assert events == ["fsync-file", "rename", "fsync-dir"] * 2
+    assert events == ["fsync-file", "name", "fsync-dir"] * 2
+    assert [p.read_bytes() for p in (box / "new").iterdir()] == [EXPECTED] * 2
+    assert os.listdir(box / "tmp") == []
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["bytes", "chunks"])
-def test_failure_between_fsync_and_rename_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+def test_failure_between_fsync_and_naming_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool, tmp_file: str
 ) -> None:
-    def broken_rename(src: object, dst: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(os, "rename", broken_rename)
+    monkeypatch.setattr(os, "rename", broken)
+    monkeypatch.setattr(os, "link", broken)
     box = tmp_path / "u"
     with pytest.raises(OSError):
         deliver(box, MESSAGE if whole else [MESSAGE], names=names())
@@ -178,7 +201,7 @@ def test_failure_between_fsync_and_rename_leaves_nothing(
 
 @pytest.mark.parametrize("whole", [True, False], ids=["bytes", "chunks"])
 def test_failed_file_fsync_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool, tmp_file: str
 ) -> None:
     def fsync(fd: int) -> None:
         raise OSError(5, "I/O error")
@@ -231,7 +254,33 @@ def test_name_in_a_forked_child_has_its_pid(tmp_path: Path) -> None:
     assert f"P{os.getpid()}Q" in unique.next()
 
 
-def test_failure_while_streaming_leaves_nothing(tmp_path: Path) -> None:
+def test_without_o_tmpfile_the_copy_takes_a_name_in_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel or file system without O_TMPFILE answers EOPNOTSUPP (or EISDIR, on old
+    kernels): that copy and every later one are written under a name in `tmp/` instead."""
+    real_open = os.open
+    seen: list[str] = []
+
+    def open_(path: str, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if flags & md._O_TMPFILE == md._O_TMPFILE:
+            seen.append("unnamed")
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        if flags & os.O_CREAT:
+            seen.append("named")
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(md._unnamed, "usable", True)
+    monkeypatch.setattr(os, "open", open_)
+    box = tmp_path / "u"
+    first = deliver(box, MESSAGE, names=names())
+    second = deliver(box, MESSAGE, names=names())
+    assert seen == ["unnamed", "named", "named"] and not md._unnamed.usable
+    assert first.read_bytes() == second.read_bytes() == EXPECTED
+    assert os.listdir(box / "tmp") == []
+
+
+def test_failure_while_streaming_leaves_nothing(tmp_path: Path, tmp_file: str) -> None:
     def body() -> Iterator[bytes]:
         yield b"Subject: x\r\n\r\n"
         raise RuntimeError("spool read failed")
@@ -244,7 +293,7 @@ def test_failure_while_streaming_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_failed_dir_fsync_withdraws_the_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_file: str
 ) -> None:
     real_fsync = os.fsync
 
