@@ -280,6 +280,26 @@ def test_without_o_tmpfile_the_copy_takes_a_name_in_tmp(
     assert os.listdir(box / "tmp") == []
 
 
+def test_when_proc_cannot_name_an_unnamed_copy_it_fails_and_the_next_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not md._unnamed.usable:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(md._unnamed, "usable", True)  # (restored after the test)
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    box = tmp_path / "u"
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "link", refused)
+        with pytest.raises(PermissionError):
+            deliver(box, MESSAGE, names=names())
+    assert not md._unnamed.usable and os.listdir(box / "new") == []
+    assert deliver(box, MESSAGE, names=names()).read_bytes() == EXPECTED
+    assert os.listdir(box / "tmp") == []
+
+
 def test_failure_while_streaming_leaves_nothing(tmp_path: Path, tmp_file: str) -> None:
     def body() -> Iterator[bytes]:
         yield b"Subject: x\r\n\r\n"

@@ -212,8 +212,9 @@ def deliver(
     of chunks (converted and written as they come, never joined). `prepend` is written first
     (it goes through the same CRLF -> LF conversion). `no_bare_cr`: the caller knows `message`
     holds no bare CR (SMTP's framing refused them), so the conversion deletes every CR without
-    searching for one there first (`prepend`, small, is still checked). Any exception, including one raised by the
-    chunks' iterator itself, leaves nothing in `new/` and removes the `tmp/` file.
+    searching for one there first (`prepend`, small, is still checked). Any exception,
+    including one raised by the chunks' iterator itself, leaves nothing in `new/` and no file
+    in `tmp/`.
     """
     if maildir not in _ENSURED:
         ensure_maildir(maildir, owner)
@@ -365,6 +366,10 @@ def _publish(maildir: Path, fd: int, base: str | None, names: UniqueNames, suffi
                 break
             except FileExistsError:
                 continue
+            except OSError as exc:
+                if exc.errno in _NO_LINK:  # /proc cannot give it a name here: this copy
+                    _unnamed.usable = False  # fails (and is tried again), the next are named
+                raise
         else:
             raise FileExistsError(f"no unused Maildir name in {new_dir}")
     crash_point("maildir_linked")
@@ -398,6 +403,8 @@ _O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
 _UNNAMED_FLAGS = os.O_WRONLY | _O_TMPFILE | getattr(os, "O_CLOEXEC", 0)
 #: what `open(O_TMPFILE)` says where the kernel or the file system lacks it
 _NO_UNNAMED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS})
+#: what that `linkat` says where `/proc` cannot name the file (a sandbox, a chroot)
+_NO_LINK = frozenset({errno.ENOENT, errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTDIR})
 _unnamed = _Unnamed()
 
 
