@@ -1,5 +1,6 @@
-"""Job threads: with several threads every job's answer reaches its own future, jobs run in
-parallel, a cancelled caller does not lose the others, and close() hands over the queue."""
+"""Job threads: one thread keeps submission order; with several, every job's answer reaches
+its own future, jobs run in parallel, a cancelled caller does not lose the others, and close()
+hands over the queue."""
 
 from __future__ import annotations
 
@@ -23,6 +24,19 @@ async def test_each_answer_reaches_its_own_future() -> None:
         pool.close()
     assert [tag for tag, _ in results] == list(range(200))
     assert {name for _, name in results} <= {f"copy-{i}" for i in range(4)}
+
+
+async def test_one_thread_runs_the_jobs_in_submission_order() -> None:
+    """What the DKIM signer relies on (`signing.outbound`: one thread, "dkim-sign")."""
+    pool = JobThreads("dkim-sign", 1)
+    ran: list[int] = []
+    try:
+        results = await asyncio.gather(*(pool.run(lambda i=i: (ran.append(i), where(i))[1])
+                                         for i in range(50)))
+    finally:
+        pool.close()
+    assert ran == list(range(50))
+    assert {name for _, name in results} == {"dkim-sign"}
 
 
 async def test_jobs_run_in_parallel() -> None:

@@ -44,6 +44,7 @@ from dataclasses import replace
 from mailhaven.net.ipaddr import client_ip
 from mailhaven.proto.envelope import Envelope
 from mailhaven.routing.srs import SRS, SRS_SENDER
+from mailhaven.runtime.job_threads import JobThreads
 from mailhaven.signing import arc
 from mailhaven.signing.canon import Field, hash_body, parse_fields, split_message
 from mailhaven.signing.helper import SigningHelper
@@ -56,7 +57,6 @@ from mailhaven.signing.signer import (
     sign_message,
     signature_request,
 )
-from mailhaven.signing.worker import SigningThread
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import QueuedRecipient
 
@@ -105,8 +105,10 @@ class Outbound:
             SigningHelper([k for ks in self.keys.values() for k in ks])
             if helper and self.keys else None
         )
-        #: the private-key operations of messages below the inline limit (`worker`)
-        self.signing = SigningThread()
+        #: the private-key operations of messages below the inline limit: one thread, in order
+        #: (`cryptography` lets go of the interpreter lock while OpenSSL signs, so the
+        #: arithmetic runs on another core while the loop serves other sessions)
+        self.signing = JobThreads("dkim-sign", 1)
         self.arc_key = arc_key
         self.srs = srs
         self._server_id = server_id
