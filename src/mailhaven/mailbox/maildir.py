@@ -232,8 +232,7 @@ def deliver(
                 _apply_owner(fd, owner)
             clean = no_bare_cr and BARE_CR.search(prepend) is None
             if isinstance(message, bytes):
-                whole = prepend + message
-                data = whole.replace(b"\r", b"") if clean else crlf_to_lf(whole)
+                data = crlf_to_lf(prepend + message, no_bare_cr=clean)
                 _write_all(fd, data)
                 size, lines = len(data), count_byte(data, b"\n")
             else:
@@ -242,7 +241,7 @@ def deliver(
             final = _publish(maildir, fd, base, names, f",S={size},W={size + lines}")
         finally:
             os.close(fd)
-        _sync_new(final)
+        DIRECTORY_SYNC.sync(final.parent)  # the name durable: shared with the copies beside it
     except BaseException as exc:
         if isinstance(exc, FileNotFoundError):  # new/ went away: check all of it next time
             _ENSURED.discard(maildir)
@@ -374,11 +373,6 @@ def _publish(maildir: Path, fd: int, base: str | None, names: UniqueNames, suffi
             raise FileExistsError(f"no unused Maildir name in {new_dir}")
     crash_point("maildir_linked")
     return Path(final)
-
-
-def _sync_new(final: Path) -> None:
-    """Make the new name durable: fsync `new/`, shared with the copies beside it."""
-    DIRECTORY_SYNC.sync(final.parent)
 
 
 class _Unnamed:

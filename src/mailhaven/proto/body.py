@@ -4,8 +4,8 @@ The DATA path is where a Python receiver usually loses: aiosmtpd reads one line 
 each received chunk is scanned with C-speed `bytes` methods: `rfind` for the end marker and any
 dot-stuffed line, counts and a search to detect bare CR/LF, `replace` to undo dot-stuffing. A
 chunk is cut only just before a CRLF, so a CRLF, a `CRLF.` stuffing sequence or the `CRLF.CRLF`
-end marker is never split between two pieces. Lines longer than 1000 octets (RFC 5321 §4.5.3.1.6) are accepted and kept unchanged,
-like Postfix, which stores long lines whole.
+end marker is never split between two pieces. Lines longer than 1000 octets (RFC 5321
+§4.5.3.1.6) are accepted and kept unchanged, like Postfix, which stores long lines whole.
 
 The single framing rule (SMTP smuggling, CVE-2023-51764 family): the end of data is only
 `CRLF.CRLF`; any bare CR or bare LF in the content marks the message as tainted, and the receiver
