@@ -225,14 +225,19 @@ def fresh_dir(path: Path) -> Path:
     command ends: ext4 passes over recently deleted inodes when it allocates new ones, so a run
     right after deleting the previous run's thousands of files pays extra for every file it
     makes (docs/benchmarks.md, "Method")."""
+    to_trash(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def to_trash(path: Path) -> None:
+    """Move `path` (if there) into the trash that `empty_trash` deletes when the command ends."""
     if path.exists():
         try:
             TRASH.mkdir(parents=True, exist_ok=True)
             path.rename(TRASH / f"{path.name}-{time.time_ns()}")
         except OSError:  # not on the same file system as TRASH
             shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
 
 
 #: Written when the trash was emptied: the next command waits out ext4's window first.

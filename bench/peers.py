@@ -396,10 +396,7 @@ class Postfix:
     def clear_maildirs(self) -> None:
         """Move virtual(8)'s Maildir aside, as `common.fresh_dir` does with mailhaven's:
         virtual(8) makes it again on the next delivery."""
-        maildir = self.vmail / "vlocal.test" / "rcpt"
-        if maildir.exists():
-            common.TRASH.mkdir(parents=True, exist_ok=True)
-            maildir.rename(common.TRASH / f"vmail-{time.time_ns()}")
+        common.to_trash(self.vmail / "vlocal.test" / "rcpt")
 
     def mailq(self) -> str:
         return common.run(["postqueue", "-c", str(self.etc), "-p"], timeout=600,

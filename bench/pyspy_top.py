@@ -8,9 +8,9 @@
     .venv/bin/python bench/pyspy_top.py relay_1k --native --set 'event_loop="uvloop"'
 
 Starts mailhaven (hold or relay mode, plus a sink for relay), attaches `py-spy record` to its
-PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source (the TLS scenarios: tls_bench.py's client) against it, and
-prints the functions with the most samples: "self" (the sample's innermost frame) and "total"
-(anywhere on the stack), as % of the samples. The collapsed stacks stay in
+PID (all threads, idle frames excluded, raw collapsed stacks), runs smtp-source (the TLS
+scenarios: tls_bench.py's client) against it, and prints the functions with the most samples:
+"self" (the sample's innermost frame) and "total" (anywhere on the stack), as % of the samples. The collapsed stacks stay in
 bench/tmp/profile/<scenario>.txt for a flame graph. Why py-spy: it samples from outside, so
 the server runs unmodified and at nearly full speed.
 """
