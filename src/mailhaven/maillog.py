@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import time
-from typing import TextIO, cast
+from typing import TextIO
 
 #: Logger name -> Postfix-like program name.
 _ROLE_ALIASES = {
@@ -206,21 +207,19 @@ def setup(
     level: str = "info",
     stream: TextIO | None = None,
     *,
-    target: str = "stderr",
-    log_format: str = "text",
+    formatter: MaillogFormatter | None = None,
 ) -> None:
-    """Route the `mailhaven` loggers in maillog shape to `stream`, or else to the `log` setting's
-    target in its `log_format` (`mailhaven.runtime.logtargets`)."""
-    from mailhaven.runtime import logtargets  # it builds on this module's formatter
+    """Route the `mailhaven` loggers in maillog shape to `stream` (stderr when None).
 
+    `runtime.logtargets.setup` picks the stream and formatter from the `log` and `log_format`
+    settings; this module stays a leaf that every layer may import."""
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # no caller lookup per record (the HOWTO's documented knob)
     global _handler
-    out, formatter = logtargets.open_target(target, log_format, hostname)
-    handler = BatchingHandler(cast(TextIO, stream or out))
-    handler.setFormatter(formatter)
+    handler = BatchingHandler(stream or sys.stderr)
+    handler.setFormatter(formatter or MaillogFormatter(hostname))
     root = _root
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -37,7 +37,7 @@ def test_syslog_gets_one_datagram_per_line_with_the_mail_facility(tmp_path: Path
     syslogd.bind(str(path))
     syslogd.settimeout(5)
     try:
-        maillog.setup("mx.example.org", target=f"syslog:{path}")
+        logtargets.setup("mx.example.org", target=f"syslog:{path}")
         smtpd = logging.getLogger("mailhaven.smtpd")
         maillog.info(smtpd, "connect from unknown[%s]", "127.0.0.1")  # the fast path
         smtpd.warning("unknown[127.0.0.1]: too many errors\r\nforged")
@@ -58,14 +58,14 @@ def test_syslog_gets_one_datagram_per_line_with_the_mail_facility(tmp_path: Path
 
 
 def test_a_vanished_syslog_socket_loses_lines_but_never_raises(tmp_path: Path) -> None:
-    maillog.setup("mx.example.org", target=f"syslog:{tmp_path / 'none.sock'}")
+    logtargets.setup("mx.example.org", target=f"syslog:{tmp_path / 'none.sock'}")
     logging.getLogger("mailhaven.smtpd").warning("nobody listens")
     maillog.info(logging.getLogger("mailhaven.smtpd"), "still nobody")
 
 
 def test_json_lines_parse_and_carry_the_queue_id(tmp_path: Path) -> None:
     path = tmp_path / "mail.json"
-    maillog.setup("mx.example.org", target=f"file:{path}", log_format="json")
+    logtargets.setup("mx.example.org", target=f"file:{path}", log_format="json")
     qmgr = logging.getLogger("mailhaven.queue")
     maillog.info(qmgr, "%s: from=<a@example.org>, size=1, nrcpt=1 (queue active)",
                  "0123456789ABCDE")
@@ -81,7 +81,7 @@ def test_json_lines_parse_and_carry_the_queue_id(tmp_path: Path) -> None:
 
 def test_file_reopen_after_rename_loses_no_line(tmp_path: Path) -> None:
     path = tmp_path / "mail.log"
-    maillog.setup("mx.example.org", target=f"file:{path}")
+    logtargets.setup("mx.example.org", target=f"file:{path}")
     log = logging.getLogger("mailhaven.smtpd")
     log.warning("before rotation")
     path.rename(tmp_path / "mail.log.1")

@@ -238,15 +238,16 @@ def _serve(
 ) -> int:
     import logging
 
-    from mailhaven import maillog
     from mailhaven.app import App
     from mailhaven.config import Config, ConfigError, hostname_warning
     from mailhaven.mailbox.users import UsersFileError
-    from mailhaven.runtime import eventloop
+    from mailhaven.runtime import eventloop, logtargets
     from mailhaven.runtime.workers import WorkerRole
 
     assert isinstance(config, Config)
-    maillog.setup(config.hostname, config.log_level, target=config.log, log_format=config.log_format)
+    logtargets.setup(
+        config.hostname, config.log_level, target=config.log, log_format=config.log_format
+    )
     role = None
     if worker_fds:
         role = WorkerRole(shard, tuple(int(fd) for fd in worker_fds.split(",")), lifeline)

@@ -23,8 +23,9 @@ import socket
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import TextIO, cast
 
+from mailhaven import maillog
 from mailhaven.maillog import MaillogFormatter
 
 #: RFC 3164/5424: facility mail (2) times 8 plus the severity.
@@ -201,3 +202,11 @@ def open_target(target: str, log_format: str, hostname: str) -> tuple[object, Ma
     else:
         formatter = MaillogFormatter(hostname)
     return stream, formatter
+
+
+def setup(
+    hostname: str, level: str = "info", *, target: str = "stderr", log_format: str = "text"
+) -> None:
+    """Route the maillog to the `log` setting's target in its `log_format`."""
+    stream, formatter = open_target(target, log_format, hostname)
+    maillog.setup(hostname, level, cast(TextIO, stream), formatter=formatter)
