@@ -10,7 +10,9 @@ Loading never half-applies: `load()` either returns a complete, validated `Confi
 `mailhaven config check` and by SIGHUP reload, which keeps the old config on error).
 
 The package: `tables` (the schema and its defaults), `reading` (TOML to `Config`),
-`validate` (cross-field checks); here, where a command finds its file and `load`.
+`validate` (cross-field checks); here, where a command finds its file and `load`. May import
+mailbox, net and runtime (to check a users file, a certificate, a user name) and proto; never a
+role that runs, since every role reads its settings from here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Modules, each with one job:
 * `outbound`: the hook intake calls before the commit: which message gets what.
 
 Everything but `outbound` is pure (bytes and keys in, header fields out; time is a parameter).
-Sender rewriting (SRS) belongs to routing and lives in `mailhaven.routing.srs`.
+Sender rewriting (SRS) belongs to routing and lives in `mailhaven.routing.srs`. May import
+routing, config, spool, net, runtime (the signing job thread) and proto; intake, below it, calls
+its hook as an injected callable.
 
 Trust: the private keys are secrets (mode 0600, refused when others can read them); the
 message is hostile input, but signing only hashes it -- no field of it decides which key signs
