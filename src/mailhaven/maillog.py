@@ -6,9 +6,9 @@ name: `mailhaven.smtpd` -> `mailhaven/smtpd`. Roles whose lines pflogsumm reads 
 Postfix's daemons: smtpd (connects, rejects), cleanup (message-id), qmgr (from=, removed),
 local / smtp (delivery status lines), bounce.
 
-Cost: a relayed message logs about seven lines. Written one `write` each, they cost the relay
-benchmark ~0.4 ms of CPU per message (an extra system call per line, each a chance for the
-spool's writer thread to take the GIL), a third of all its work. So `BatchingHandler` gathers
+Cost: a relayed message logs about seven lines. Written one `write` each, they were a large
+share of the relay's CPU (a system call per line, each a chance for the spool's writer thread
+to take the GIL; docs/benchmarks.md, "Design measurements"). So `BatchingHandler` gathers
 the lines logged during one turn of the event loop and writes them at the start of the next
 turn, in one call; warnings, errors and lines from other threads are written at once. A line is
 therefore on disk within the same loop turn-around (sub-millisecond), and lost only by a crash
@@ -18,7 +18,7 @@ process names: the logging HOWTO's "Optimization" knobs).
 `info(logger, msg, *args)` is the hot path's way to log (the lines of every message): when the
 line can only reach our handler (the usual case once `setup` ran: no other handler, filter or
 level in the way), it formats the line itself instead of building a `LogRecord` and walking
-logging's handler chain (a third of the cost: `bench/micro.py`). Otherwise it is exactly
+logging's handler chain (measured with `bench/micro.py`). Otherwise it is exactly
 `logger.info(msg, *args)`. A function the hot call sites opt into, not a faster `Logger`
 class, because `logging.setLoggerClass` would change every library's loggers in the process.
 """

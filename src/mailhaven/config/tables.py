@@ -405,8 +405,8 @@ class Dkim:
     arc_domain: str = ""
     #: Make DKIM's private-key operations in a helper process (started on first use, like
     #: OpenDKIM beside Postfix), so they run on another core than the event loop. Off by
-    #: default: on the shared 2-core benchmark machine it relayed less than signing in the
-    #: server (docs/benchmarks.md); the helper must be scheduled for every signature.
+    #: default: signing in a thread of the server measured faster (docs/benchmarks.md), since
+    #: the helper must be scheduled for every signature.
     helper: bool = False
 
 

@@ -38,8 +38,7 @@ The pool is per process: a forked child makes its own.
 
 Parameters: a stored hash is verified with the parameters encoded in it (`$m=..,t=..,p=..$`), so
 hashes made by Dovecot or by older versions keep working. New hashes keep argon2-cffi's default,
-RFC 9106's second recommended ("low memory") profile, argon2id m=64 MiB t=3 p=4 (about 90 ms on
-a small host). We keep it rather than drop to OWASP's minimum (m=19 MiB t=2 p=1): with the
+RFC 9106's second recommended ("low memory") profile, argon2id m=64 MiB t=3 p=4. We keep it rather than drop to OWASP's minimum (m=19 MiB t=2 p=1): with the
 concurrency bound the server's memory no longer grows with logins, and the memory cost is what
 makes an offline attack on a stolen users file expensive.
 """

@@ -13,7 +13,7 @@ it is what our checks said about the chain (`arc=pass` in our results), otherwis
 a failed chain's seal covers only its own set (§5.1.2).
 
 Why our own and not dkimpy's `arc_sign`: the same reason as `signer` (pure-Python RSA, two
-signatures per set, ~15 ms holding the interpreter); dkimpy's `arc_verify` checks ours in the
+signatures per set, each holding the interpreter); dkimpy's `arc_verify` checks ours in the
 tests.
 """
 

@@ -1,7 +1,7 @@
 """A helper process for the private-key operations, so they do not cost the event loop's core.
 
-Why: an RSA-2048 signature is about 0.3 ms of CPU on an idle core; a relayed message costs the
-loop about 1.3 ms in all. A separate process, like OpenDKIM beside Postfix, runs it on another
+Why: an RSA-2048 signature is a sizeable part of what a relayed message costs the event loop
+(docs/benchmarks.md, "Outbound DKIM signing cost"). A separate process, like OpenDKIM beside Postfix, runs it on another
 core; the loop only moves a few hundred bytes each way. Since the `cryptography` package lets
 go of the interpreter lock while OpenSSL signs, the default is a thread of the server process
 instead (`outbound.SIGN_THREADS`), which needs no pipes; the helper remains for a

@@ -17,8 +17,8 @@ Which mail gets what:
 * **ARC** (`arc`): the same forwarded mail, when it did not originate here (its checks ran).
 
 Cost: reading the body back (already in memory below the spool's inline limit, else in a
-worker thread), one body hash and one private-key operation per key (RSA-2048 about 0.3 ms,
-Ed25519 a tenth of it). Below the inline limit the parsing and the body hash run on the event
+worker thread), one body hash and one private-key operation per key (Ed25519 far cheaper than
+RSA-2048). Below the inline limit the parsing and the body hash run on the event
 loop and the private-key operations of a message go, as one job, to a signing thread
 (`worker`), or with `[dkim] helper` to the helper process (`helper`). Why a thread: the
 `cryptography` package lets go of the interpreter lock while OpenSSL signs, so the arithmetic

@@ -1,7 +1,7 @@
 """Group commit: one SQLite connection commits many callers' work at once.
 
-Why: with `synchronous=FULL` every COMMIT costs a WAL fsync (about 0.6 ms on our disks, so at most
-~1,650 commits/s one by one). Callers hand their work over as jobs; the jobs gathered while the
+Why: with `synchronous=FULL` every COMMIT costs a WAL fsync, so commits one by one are capped
+by the disk's fsync latency. Callers hand their work over as jobs; the jobs gathered while the
 previous COMMIT was in flight run in ONE transaction (each inside its own SAVEPOINT so one
 failing job cannot spoil the others), which commits once, and only then is each caller's
 future resolved. Throughput grows with concurrency instead of being capped by fsync latency.
@@ -14,8 +14,7 @@ COMMIT itself fails, every job of the batch fails. Read-only jobs skip the trans
 
 A job that is atomic by itself (`atomic=True`: one statement, or one that undoes its own
 partial work when it fails, with `savepoint` or otherwise) runs without the SAVEPOINT/RELEASE
-pair: for the two jobs of a relayed message (insert, delete) the pair was half of the
-statements.
+pair, which would otherwise be most of the statements of a relayed message's two jobs.
 
 Inline batches (`run(..., inline=True)`, the per-message jobs of intake, delivery and the
 scheduler): the jobs run on the event loop thread itself, inside a transaction opened there,
@@ -24,8 +23,7 @@ the GIL around every statement, so the writer thread had to take it back from th
 loop after each one; inline, the writer thread wakes once per batch for the COMMIT and the loop
 never waits for the disk. The loop does not COMMIT by itself: it would stand still during each
 fsync. (The measurements behind these choices: docs/benchmarks.md, "Design measurements".)
-Ownership of the
-connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER`); it is
+Ownership of the connection passes between the two threads explicitly (`_IDLE`, `_LOOP`, `_WRITER`); it is
 never used by both at once. Jobs that may scan the whole queue (listing, requeue, due scans)
 stay on the writer thread.
 
