@@ -213,6 +213,29 @@ def test_login_delay_and_expire_are_announced_and_kept(
     other.quit()
 
 
+def test_login_delay_holds_across_pop3_and_pop3s(
+    mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]
+) -> None:
+    """One user's logins are spaced over the whole daemon: a login on 110 then one on 995
+    within the delay is refused, as two logins on one port are."""
+    own = mail_server(settings=settings(tmp_path, tls[1], pop3_login_delay=900),
+                      services=("pop3", "pop3s"))
+    client = pop3_tls(own, tls[0])
+    client.user("alice@a.example")
+    client.pass_("pw a")
+    client.quit()
+    secure = poplib.POP3_SSL("127.0.0.1", own.port("pop3s"), timeout=20,
+                             context=ssl.create_default_context(cafile=str(tls[0])))
+    secure.user("Alice@A.Example")
+    with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+        secure.pass_("pw a")
+    secure.user("bob@b.example")  # the session goes on; another user is not delayed
+    secure.pass_("pw bob")
+    secure.quit()
+    own.wait_for_log(r"login refused \(LOGIN-DELAY 900s\): user=<alice@a\.example>")
+    assert "Traceback" not in own.log_path.read_text()
+
+
 def test_removed_domain_mail_is_held_then_delivered(server: MailServer) -> None:
     """b.example leaves local_domains while a message for bob@b.example is queued (its Maildir
     cannot be written: the delivery is deferred). After the reload the message is held, logged,

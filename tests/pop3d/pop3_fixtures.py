@@ -75,12 +75,14 @@ async def running_server(
     idle_timeout: float = 30.0,
     limiter: AuthLimiter | None = None,
     max_sessions: int = 100,
+    login_delay: int = 0,
 ) -> AsyncIterator[Pop3Listener]:
     listener = await start_pop3_server(
         "127.0.0.1", 0, mail_root=mail_root, users=users, tls_context=tls_context,
         implicit_tls=implicit_tls, allow_plaintext_on_loopback=allow_plaintext_on_loopback,
         hostname="pop.test", idle_timeout=idle_timeout,
         limiter=limiter or AuthLimiter(failure_delay=0.05), max_sessions=max_sessions,
+        login_delay=login_delay,
     )
     try:
         yield listener

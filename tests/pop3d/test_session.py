@@ -67,6 +67,25 @@ async def test_second_session_is_refused_in_use(users: UserDB, mail_root: Path) 
             await c.close()
 
 
+async def test_a_refused_login_does_not_start_the_login_delay(
+    users: UserDB, mail_root: Path
+) -> None:
+    """LOGIN-DELAY counts logins that got in: one refused [IN-USE] (the maildrop locked by
+    someone else) must not lock the user out for the delay once the lock is free."""
+    async with running_server(mail_root, users, login_delay=900) as server:
+        held = md.MaildropLock.acquire(mail_root / "alice")
+        assert held is not None
+        client = await LineClient.connect(server.port)
+        assert (await client.login()).startswith(b"-ERR [IN-USE]")
+        held.release()
+        assert (await client.login()).startswith(b"+OK Logged in, 2 messages")
+        assert await client.cmd("QUIT") == b"+OK Logging out\r\n"
+        again = await LineClient.connect(server.port)
+        assert (await again.login()).startswith(b"-ERR [LOGIN-DELAY]")
+        for c in (client, again):
+            await c.close()
+
+
 async def test_dropped_connection_deletes_nothing(users: UserDB, mail_root: Path) -> None:
     before = files(mail_root / "alice")
     async with running_server(mail_root, users) as server:

@@ -66,6 +66,7 @@ from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme, tls_tickets
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.pickup.collector import IntakeDoor, Pickup
+from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.runtime import logtargets, privileges, systemd
@@ -108,6 +109,8 @@ class App:
         self.pop3_clients = ClientLimits(
             config.limits.connections_per_ip, config.limits.connection_rate
         )
+        #: LOGIN-DELAY over every POP3 listener: the delay is per user, not per port
+        self.pop3_logins = LoginTimes()
         self.spool = Spool(
             shards.shard_path(config.spool_path, worker.shard if worker else 0),
             checkpoint=crash_point,
@@ -236,6 +239,7 @@ class App:
                 login_delay=config.mailbox.pop3_login_delay,
                 expire=config.mailbox.pop3_expire,
                 owner=mail_owner(config),
+                logins=self.pop3_logins,
             )
             self.pop3.append(listener)
             log.info("pop3%s listening on %s", "s" if implicit else "", address)

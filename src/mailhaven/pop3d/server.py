@@ -11,7 +11,7 @@ next read and commit nothing, as RFC 1939 §6 requires for a session that did no
 SECURITY: at most `max_sessions` sessions run at once, at most `[limits] connections_per_ip` from
 one client address, and at most `connection_rate` new ones per address per minute (the SMTP
 limits, counted over every POP3 listener by one `ClientLimits`); more are told `-ERR [SYS/TEMP]`
-and closed before any parsing. A session's failure is logged and contained in its own task,
+and closed before any parsing. LOGIN-DELAY is kept over every listener too (one `LoginTimes`). A session's failure is logged and contained in its own task,
 whose end releases its slot and its address's count exactly once.
 """
 
@@ -29,6 +29,7 @@ from mailhaven.checks.rates import RateCounter
 from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
+from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.pop3d.session import MIN_IDLE_TIMEOUT, Services, Session, Settings
 
 log = logging.getLogger("mailhaven.pop3d")
@@ -147,6 +148,7 @@ async def start_pop3_server(
     login_delay: int = 0,
     expire: str = "",
     owner: MailOwner | None = None,
+    logins: LoginTimes | None = None,
 ) -> Pop3Listener:
     """Listen for POP3 and serve until `close()`; see the module docstring."""
     if implicit_tls and tls_context is None:
@@ -156,8 +158,9 @@ async def start_pop3_server(
     settings = Settings(mail_root, hostname, tls_context, implicit_tls,
                         allow_plaintext_on_loopback, idle_timeout, tls_handshake_timeout,
                         login_delay, expire, owner)
-    listener = Pop3Listener(Services(settings, users, limiter or AuthLimiter()), max_sessions,
-                            clients)
+    services = Services(settings, users, limiter or AuthLimiter(),
+                        logins=LoginTimes() if logins is None else logins)
+    listener = Pop3Listener(services, max_sessions, clients)
     loop = asyncio.get_running_loop()
     tls = tls_context if implicit_tls else None
     handshake = tls_handshake_timeout if implicit_tls else None

@@ -37,14 +37,13 @@ from mailhaven.mailbox.owner import MailOwner
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.stream import TLS_HANDSHAKE_TIMEOUT, Stream
 from mailhaven.pop3d import maildrop as md
+from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.proto import pop3
 
 log = logging.getLogger("mailhaven.pop3d")
 
 #: RFC 1939 §3: an inactivity autologout timer, if any, MUST be at least 10 minutes.
 MIN_IDLE_TIMEOUT = 600.0
-#: Users remembered for LOGIN-DELAY before the expired entries are swept.
-MAX_LOGIN_DELAY_USERS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +69,14 @@ class Settings:
 
 @dataclass(slots=True)
 class Services:
-    """What every session of one listener shares."""
+    """What every session of one listener shares (`limiter` and `logins`: of every listener)."""
 
     settings: Settings
     users: UserDB
     limiter: AuthLimiter
     sizes: md.SizeCache = field(default_factory=md.SizeCache)
-    #: user -> loop time of the last login, for LOGIN-DELAY (bounded: see `_login_too_soon`)
-    last_login: dict[str, float] = field(default_factory=dict)
+    #: when each user last got in, for LOGIN-DELAY (`pop3d.login_delay`)
+    logins: LoginTimes = field(default_factory=LoginTimes)
 
 
 @dataclass(slots=True)
@@ -209,13 +208,12 @@ class Session:
             return
         assert name is not None
         services.limiter.succeeded(self.rip, name, loop.time())
-        if self._login_too_soon(name, loop.time()):
-            log.warning("login refused (LOGIN-DELAY %ds): %s, session=%s",
-                        self.settings.login_delay, who, self.id)
-            self.core.reject_login(pop3.RespCode.LOGIN_DELAY,
-                                   f"Wait {self.settings.login_delay}s between logins")
-            return
         who = f"user=<{name}>, method={event.mechanism}, rip={self.rip}"  # the canonical name
+        delay = self.settings.login_delay
+        if services.logins.too_soon(name, delay, loop.time()):
+            log.warning("login refused (LOGIN-DELAY %ds): %s, session=%s", delay, who, self.id)
+            self.core.reject_login(pop3.RespCode.LOGIN_DELAY, f"Wait {delay}s between logins")
+            return
         path = _maildir(self.settings.mail_root, name)
         try:
             self.lock = await asyncio.to_thread(_lock_maildir, path, self.settings.owner)
@@ -231,27 +229,13 @@ class Session:
                 self.lock = None
             self.core.reject_login(pop3.RespCode.SYS_TEMP, "Mailbox unavailable, try again later")
             return
+        # only now, holding the lock: a login refused [IN-USE]/[SYS/TEMP] starts no delay
+        services.logins.record(name, delay, loop.time())
         self.user, self.drop = name, md.Maildrop(path, messages)
         count, octets = self.drop.stat()
         tls = ", TLS" if self.core.tls_active else ""
         log.info("login: %s, lip=%s%s, session=%s", who, self.lip, tls, self.id)
         self.core.accept_login(f"Logged in, {count} messages ({octets} octets)")
-
-    def _login_too_soon(self, name: str, now: float) -> bool:
-        """LOGIN-DELAY (RFC 2449 §6.5): refuse a user's login within `login_delay` seconds of
-        the last one that got in; the table forgets entries older than the delay."""
-        delay, last = self.settings.login_delay, self.services.last_login
-        if not delay:
-            return False
-        if len(last) > MAX_LOGIN_DELAY_USERS:
-            for user, when in list(last.items()):
-                if now - when >= delay:
-                    del last[user]
-        previous = last.get(name)
-        if previous is not None and now - previous < delay:
-            return True
-        last[name] = now
-        return False
 
     # -- TRANSACTION ---------------------------------------------------------------------------
     def _transaction(
