@@ -10,8 +10,9 @@ What is shown: users added with `mailhaven user add alice@a.example` log in to D
 their full address in any case; alice@a.example and alice@b.example are two mailboxes; a message
 delivered over SMTP is seen over IMAP, moved to a folder and flagged seen; mailhaven's POP3 then
 lists what is left with the UIDLs it gave before, which are also Dovecot POP3's; the files are
-the mail user's; `user passwd` keeps Dovecot's read access; and POP3 DELE+QUIT while Dovecot
-IMAP expunges the same messages ends with both deletions applied and no error.
+the mail user's; `user passwd` keeps Dovecot's read access; POP3 DELE+QUIT while Dovecot
+IMAP expunges the same messages ends with both deletions applied and no error; and a folder
+made with IMAP CREATE receives the user's plus-addressed mail (`[folders] plus_address`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def both(mail_server: ServerFactory, shared: Path, tmp_path: Path
         services=("smtp", "pop3"),
         settings={
             "local_domains": ["a.example", "b.example"],
+            "recipient_delimiter": "+",
             "users_file": str(users),
             "mailbox": {
                 "mail_dir": str(shared / "mail"), "mail_user": MAIL_USER,
@@ -238,3 +240,38 @@ def test_a_pop3_login_before_any_mail_makes_a_maildir_dovecot_opens(
     send(server, "carol@b.example", "after")
     (got,) = server.wait_for_messages("carol@b.example", 1)
     assert got.stat().st_uid == uid
+
+
+def test_plus_address_delivers_into_a_folder_made_over_imap(
+    both: tuple[MailServer, dc.Dovecot],
+) -> None:
+    """alice+lists@ goes to the folder `lists` that alice made with IMAP CREATE; an extension
+    naming no folder goes to the INBOX; with `[folders] plus_address = false` (a reload) every
+    extension goes to the INBOX."""
+    server, dovecot = both
+    password = PASSWORDS["alice@a.example"]
+    with imap(dovecot, "alice@a.example", password) as client:
+        assert client.create("lists")[0] == "OK"
+    send(server, "alice+lists@a.example", "for the list")  # direct delivery: in before the 250
+    send(server, "alice+nosuch@a.example", "no such folder")
+    (inbox,) = server.wait_for_messages("alice@a.example", 1)
+    assert b"Subject: no such folder" in inbox.read_bytes()
+    (listed,) = server.messages("alice@a.example", folder="lists")
+    assert b"Subject: for the list" in listed.read_bytes()
+    with imap(dovecot, "alice@a.example", password) as client:
+        assert client.select("lists")[1] == [b"1"]
+        _, data = client.fetch("1", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        assert data[0][1].strip() == b"Subject: for the list"  # type: ignore[index]
+        assert client.select("INBOX")[1] == [b"1"]
+
+    server.update_config({"folders": {"plus_address": False}})
+    server.reload()
+    server.wait_for_log(r"reload: configuration .* applied")
+    send(server, "alice+lists@a.example", "plus folders off")
+    got = server.wait_for_messages("alice@a.example", 2)
+    assert any(b"Subject: plus folders off" in path.read_bytes() for path in got)
+    assert len(server.messages("alice@a.example", folder="lists")) == 1
+    with imap(dovecot, "alice@a.example", password) as client:
+        assert client.select("lists")[1] == [b"1"]
+        assert client.select("INBOX")[1] == [b"2"]
+    assert "Traceback" not in server.log_path.read_text()
