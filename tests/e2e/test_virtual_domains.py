@@ -3,7 +3,8 @@
 One `mailhaven serve` with local domains a.example and b.example (SMTP, submission with
 STARTTLS, POP3 with STLS), users alice@a.example, alice@b.example and bob@b.example. Clients:
 msmtp (submission, AUTH with the full address), mpop and fetchmail (POP3, full address in mixed
-case), Python's smtplib/poplib for AUTH PLAIN, LOGIN-DELAY and hostile login names. And a domain
+case), Python's smtplib/poplib for AUTH PLAIN, LOGIN-DELAY (over pop3 and pop3s) and hostile
+login names; smtplib for per-domain aliases, catch-all and default quota. And a domain
 removed from the configuration while mail for it is queued: held and logged, delivered once the
 domain is back, never relayed away nor lost.
 """
@@ -234,6 +235,66 @@ def test_login_delay_holds_across_pop3_and_pop3s(
     secure.quit()
     own.wait_for_log(r"login refused \(LOGIN-DELAY 900s\): user=<alice@a\.example>")
     assert "Traceback" not in own.log_path.read_text()
+
+
+def test_aliases_and_catch_all_are_per_domain(
+    mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]
+) -> None:
+    """sales@a.example and sales@b.example are two aliases with two targets; b.example's
+    catch-all takes its unknown local parts only, after its users: a.example's unknown ones
+    still get 550 5.1.1."""
+    config = settings(tmp_path, tls[1])
+    config["aliases"] = {"sales@a.example": ["alice@a.example"],
+                         "sales@b.example": ["bob@b.example"], "@b.example": ["alice@b.example"]}
+    own = mail_server(settings=config, services=("smtp",))
+    for to, subject in [("sales@a.example", "sales a"), ("SALES@B.example", "sales b"),
+                        ("nobody@b.example", "stray b"), ("bob@b.example", "bob himself")]:
+        send(own, to, subject)
+    subjects = {user: sorted(subject_of(p) for p in own.messages(user))
+                for user in PASSWORDS}
+    assert subjects == {"alice@a.example": ["sales a"], "alice@b.example": ["stray b"],
+                        "bob@b.example": ["bob himself", "sales b"]}
+    with smtplib.SMTP(own.host, own.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("s@client.test")
+        code, text = smtp.rcpt("nobody@a.example")  # b.example's catch-all is not a.example's
+        assert (code, text[:5]) == (550, b"5.1.1"), text
+    assert "Traceback" not in own.log_path.read_text()
+
+
+def test_quota_default_per_domain(
+    mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]
+) -> None:
+    """`[quota] domains` beats `default` for its domain only: alice@a.example (a.example's 1k)
+    with 2k stored is full, 452 4.2.2 at RCPT; alice@b.example with the same 2k is under the
+    10M default and gets her mail."""
+    config = settings(tmp_path, tls[1])
+    config["quota"] = {"default": "10M", "domains": {"a.example": "1k"}}
+    own = mail_server(settings=config, services=("smtp",))
+    for user, limit in (("alice@a.example", 1024), ("alice@b.example", 10 * 1024 * 1024)):
+        box = own.maildir(user)
+        for sub in ("tmp", "new", "cur"):
+            (box / sub).mkdir(parents=True)
+        (box / "cur" / "1700000000.M1P1Q1.old,S=2048:2,S").write_bytes(b"x" * 2048)
+        # as a delivery or Dovecot's quota plugin leaves it (RCPT only trusts this file)
+        (box / "maildirsize").write_bytes(f"{limit}S\n2048 1\n".encode())
+    with smtplib.SMTP(own.host, own.smtp_port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("s@client.test")
+        code, text = smtp.rcpt("alice@a.example")
+        assert (code, text[:5]) == (452, b"4.2.2"), text
+        assert smtp.rcpt("Alice@B.Example")[0] == 250
+        smtp.data(b"Subject: room at b\r\n\r\nhi\r\n")
+    got = own.wait_for_messages("alice@b.example", 2)
+    assert "room at b" in [subject_of(p) for p in got]
+    assert len(own.messages("alice@a.example")) == 1
+
+
+def subject_of(path: Path) -> str:
+    for line in path.read_bytes().splitlines():
+        if line.startswith(b"Subject: "):
+            return line[9:].decode()
+    return ""
 
 
 def test_removed_domain_mail_is_held_then_delivered(server: MailServer) -> None:
