@@ -167,13 +167,31 @@ def test_pop3_auth_plain_and_hostile_names(server: MailServer, tls: tuple[Path, 
         with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
             client.pass_(PASSWORDS["alice@a.example"])
         client.quit()
-    # a NUL inside the name (AUTH PLAIN cannot carry one: it would be a separator)
+    # raw lines, one session: a NUL inside the name (AUTH PLAIN cannot carry one: it would be a
+    # separator), a 300-character name sent whole, both followed by PASS; then a good login
     raw = socket.create_connection(("127.0.0.1", server.port("pop3")), timeout=20)
-    raw.recv(512)
-    raw.sendall(b"USER ali\0ce@a.example\r\n")
-    assert raw.recv(512)[:1] in (b"+", b"-")
+    lines = raw.makefile("rwb")
+    assert lines.readline().startswith(b"+OK")
+
+    def say(line: bytes) -> bytes:
+        lines.write(line + b"\r\n")
+        lines.flush()
+        return lines.readline()
+
+    password = PASSWORDS["alice@a.example"].encode()
+    for name in (b"ali\0ce@a.example", b"alice@a.example\0"):
+        assert say(b"USER " + name).startswith(b"-ERR"), name
+        assert say(b"PASS " + password).startswith(b"-ERR"), name
+    assert say(b"USER " + b"x" * 300 + b"@a.example") == b"-ERR Line too long\r\n"
+    assert say(b"PASS " + password).startswith(b"-ERR")
+    token = base64.b64encode(b"\0" + b"y" * 300 + b"@a.example\0" + password)
+    assert say(b"AUTH PLAIN " + token).startswith(b"-ERR [AUTH]")
+    assert say(b"USER alice@a.example") == b"+OK\r\n"  # the session goes on
+    assert say(b"PASS " + password).startswith(b"+OK Logged in")
+    assert say(b"QUIT") == b"+OK Logging out\r\n"
     raw.close()
     server.wait_for_log(r"login failed \(\w+ ?\w*\): user=<a/b@a\.example>")
+    server.wait_for_log(r"logout: user=<alice@a\.example>, reason=QUIT")
     assert "Traceback" not in server.log_path.read_text()
 
 
@@ -186,6 +204,19 @@ def test_smtp_auth_hostile_names_get_535(server: MailServer, tls: tuple[Path, Pa
             token = base64.b64encode(f"\0{name}\0pw a".encode()).decode()
             code, _ = smtp.docmd("AUTH", f"PLAIN {token}")
             assert code == 535, name
+    # AUTH LOGIN carries any byte in the name, NUL included; AUTH PLAIN with a NUL too many
+    logins = [b"alice\0@a.example", b"\0alice@a.example", b"../alice@a.example",
+              b"a/b@a.example", b"alice@a.example/..", b"x" * 300 + b"@a.example"]
+    plains = [b"\0ali\0ce@a.example\0pw a", b"ali\0ce@a.example\0alice@a.example\0pw a"]
+    for mechanism, first in [*(("LOGIN", n) for n in logins), *(("PLAIN", p) for p in plains)]:
+        with smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=20) as smtp:
+            smtp.starttls(context=context)
+            smtp.ehlo("client.test")
+            code, _ = smtp.docmd("AUTH", f"{mechanism} {base64.b64encode(first).decode()}")
+            if code == 334:  # LOGIN asks for the password
+                code, _ = smtp.docmd(base64.b64encode(b"pw a").decode())
+            assert code in (535, 501), (mechanism, first[:20], code)
+            assert smtp.noop()[0] == 250  # the session goes on
     with smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=20) as smtp:
         smtp.starttls(context=context)
         smtp.login("ALICE@a.example", "pw a")
