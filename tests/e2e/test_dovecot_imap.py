@@ -11,7 +11,8 @@ their full address in any case; alice@a.example and alice@b.example are two mail
 delivered over SMTP is seen over IMAP, moved to a folder and flagged seen; mailhaven's POP3 then
 lists what is left with the UIDLs it gave before, which are also Dovecot POP3's; the files are
 the mail user's; `user passwd` keeps Dovecot's read access; POP3 DELE+QUIT while Dovecot
-IMAP expunges the same messages ends with both deletions applied and no error; and a folder
+IMAP expunges the same messages ends with both deletions applied and no error, also when the
+QUIT and the EXPUNGE are sent at the same instant, round after round; and a folder
 made with IMAP CREATE receives the user's plus-addressed mail (`[folders] plus_address`).
 """
 
@@ -29,7 +30,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -217,6 +220,74 @@ def test_pop3_delete_while_imap_expunges(both: tuple[MailServer, dc.Dovecot]) ->
         _, data = client.search(None, "ALL")
         assert len(data[0].split()) == 2
     server.wait_for_log(r"logout: user=<alice@a\.example>, reason=QUIT, .*del=2/5")
+
+
+#: The race below: rounds, and the time after which no new round starts.
+RACE_ROUNDS, RACE_SECONDS = 5, 60.0
+
+
+def test_pop3_quit_races_imap_expunge(both: tuple[MailServer, dc.Dovecot]) -> None:
+    """Each round: six new messages; POP3 marks r0-r3 deleted, IMAP flags r2-r4 \\Deleted,
+    then a barrier releases POP3's QUIT and IMAP's EXPUNGE together (r2 and r3 are deleted by
+    both). Both must answer OK, and afterwards mailhaven's POP3 and Dovecot's IMAP both see
+    exactly the r5 of every round so far: nothing lost, nothing back from the dead."""
+    server, dovecot = both
+    password = PASSWORDS["alice@a.example"]
+    kept: list[str] = []
+    deadline = time.monotonic() + RACE_SECONDS
+    for round_ in range(RACE_ROUNDS):
+        if round_ >= 2 and time.monotonic() > deadline:
+            break
+        names = [f"x{round_}r{n}" for n in range(6)]
+        for name in names:
+            send(server, "alice@a.example", name)
+        server.wait_for_messages("alice@a.example", len(kept) + 6)
+        session = pop3(server, "alice@a.example", password)
+        numbers = {subject(session, n): n for n in range(1, session.stat()[0] + 1)}
+        for name in names[:4]:
+            session.dele(numbers[name])
+        client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
+        client.login("alice@a.example", password)
+        client.select("INBOX")
+        found = [client.search(None, "SUBJECT", name)[1][0].decode() for name in names[2:5]]
+        assert client.store(",".join(found), "+FLAGS", "\\Deleted")[0] == "OK"
+        quit_reply, (expunged, _) = at_once(session.quit, client.expunge)
+        client.logout()
+        assert isinstance(quit_reply, bytes) and quit_reply.startswith(b"+OK"), quit_reply
+        assert expunged == "OK", expunged
+        kept.append(names[5])
+
+        check = pop3(server, "alice@a.example", password)
+        seen_by_pop3 = sorted(subject(check, n) for n in range(1, check.stat()[0] + 1))
+        check.quit()
+        with imap(dovecot, "alice@a.example", password) as fresh:
+            count = int(fresh.select("INBOX")[1][0] or 0)
+            seen_by_imap = sorted(
+                part[1].decode().strip()[9:]
+                for part in fresh.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")[1]
+                if isinstance(part, tuple)
+            ) if count else []
+        assert seen_by_pop3 == seen_by_imap == sorted(kept), round_
+    assert "Traceback" not in server.log_path.read_text()
+    assert "Error" not in dovecot.logs()
+
+
+def at_once(*actions: Callable[[], object]) -> list[object]:
+    """Run `actions` in threads released together by a barrier; their results (bounded)."""
+    results: list[object] = [None] * len(actions)
+    barrier = threading.Barrier(len(actions), timeout=20)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        results[index] = actions[index]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(actions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
 
 
 def subject(client: poplib.POP3, number: int) -> str:
