@@ -26,6 +26,7 @@ import poplib
 import pwd
 import shutil
 import smtplib
+import ssl
 import stat
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 from tests.e2e.conftest import ServerFactory
 from tests.support import dovecot as dc
 from tests.support.server import MailServer
@@ -346,3 +348,74 @@ def test_plus_address_delivers_into_a_folder_made_over_imap(
         assert client.select("lists")[1] == [b"1"]
         assert client.select("INBOX")[1] == [b"2"]
     assert "Traceback" not in server.log_path.read_text()
+
+
+def test_dovecot_serves_mailhavens_certificate_and_reloads_it(
+    mail_server: ServerFactory, shared: Path, tmp_path: Path
+) -> None:
+    """contrib's ssl_cert/ssl_key name mailhaven's certificate files, with `ssl = required`:
+    IMAP STARTTLS and mailhaven's POP3 STLS show the same certificate. After a renewal
+    mailhaven's reload serves the new one while Dovecot keeps the old one until it is reloaded
+    too (what docs/mailboxes.md tells the administrator to do)."""
+    ca = trustme.CA()
+    cert, key = shared / "cert.pem", shared / "key.pem"
+
+    def install() -> bytes:
+        """A renewal as an ACME client does it: key renamed into place, then the chain."""
+        issued = ca.issue_cert("mail.a.example", "127.0.0.1")
+        chain = b"".join(blob.bytes() for blob in issued.cert_chain_pems)
+        for path, data in ((key, issued.private_key_pem.bytes()), (cert, chain)):
+            path.with_suffix(".new").write_bytes(data)
+            path.with_suffix(".new").replace(path)
+        return ssl.PEM_cert_to_DER_cert(issued.cert_chain_pems[0].bytes().decode())
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    context.check_hostname = False
+
+    def imap_certificate() -> bytes | None:
+        client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
+        try:
+            client.starttls(ssl_context=context)
+            return client.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined,no-any-return]
+        finally:
+            client.logout()
+
+    def pop3_certificate() -> bytes | None:
+        client = poplib.POP3("127.0.0.1", server.port("pop3"), timeout=20)
+        client.stls(context)
+        try:
+            return client.sock.getpeercert(binary_form=True)
+        finally:
+            client.quit()
+
+    first = install()
+    users = shared / "users.passwd"
+    server = mail_server(start=False, services=("pop3",), settings={
+        "local_domains": ["a.example"], "users_file": str(users),
+        "tls": {"cert": str(cert), "key": str(key)},
+        "mailbox": {"mail_dir": str(shared / "mail"), "mail_user": MAIL_USER,
+                    "mail_group": MAIL_GROUP, "dir_mode": 0o770, "file_mode": 0o660,
+                    "users_file_mode": 0o640, "users_file_group": "dovecot"},
+    })
+    add_user(server, "alice@a.example", PASSWORDS["alice@a.example"])
+    server.start()
+    with dc.Dovecot(tmp_path / "dovecot", users_file=users, mail_dir=shared / "mail",
+                    mail_user=MAIL_USER, mail_group=MAIL_GROUP, tls=(cert, key)) as dovecot:
+        assert imap_certificate() == pop3_certificate() == first
+        client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
+        client.starttls(ssl_context=context)
+        assert client.login("Alice@A.Example", PASSWORDS["alice@a.example"])[0] == "OK"
+        client.logout()
+
+        renewed = install()
+        server.reload()
+        server.wait_for_log(r"reload: configuration .* applied")
+        assert pop3_certificate() == renewed
+        assert imap_certificate() == first  # Dovecot read the files at start only
+        dovecot.reload()
+        deadline = time.monotonic() + 15
+        while (seen := imap_certificate()) != renewed and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert seen == renewed
+        assert "Error" not in dovecot.logs()

@@ -5,8 +5,8 @@
         imaplib.IMAP4("127.0.0.1", dovecot.imap_port)
 
 The contrib file is the configuration a sysadmin installs; this runs that file with only its
-deployment specifics replaced (paths, the vmail account, ports, TLS off on loopback, logging to
-a file, its own base_dir/state_dir), so the test proves the shipped config works. The process
+deployment specifics replaced (paths, the vmail account, ports, TLS off or on the given files,
+logging to a file, its own base_dir/state_dir), so the test proves the shipped config works. The process
 runs in the foreground (`dovecot -F`) and is stopped by its PID (SIGTERM, then SIGKILL).
 
 SECURITY: test code only; listens on 127.0.0.1. Run as root (Dovecot's master needs it to
@@ -16,6 +16,7 @@ switch to the mail user), which the tests are.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -35,7 +36,11 @@ def available() -> bool:
 
 class Dovecot:
     def __init__(self, workdir: Path, *, users_file: Path, mail_dir: Path, mail_user: str,
-                 mail_group: str, pop3: bool = True) -> None:
+                 mail_group: str, pop3: bool = True,
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: (certificate, key) files for the contrib file's ssl_cert and ssl_key, with
+        `ssl = required` kept; None: TLS off."""
+        self.tls = tls
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.imap_port = free_port()
@@ -57,9 +62,7 @@ class Dovecot:
             ("listen = *, ::", "listen = 127.0.0.1"),
             ("port = 143", f"port = {self.imap_port}"),
             ("port = 993", "port = 0"),
-            ("ssl = required", "ssl = no"),
-            ("ssl_cert = </etc/mailhaven/tls/cert.pem\n", ""),
-            ("ssl_key = </etc/mailhaven/tls/key.pem\n", ""),
+            *self._tls_lines(),
             ("log_path = syslog", f"log_path = {self.log_path}"),
         ]:
             assert old in text, f"contrib/dovecot/dovecot.conf no longer has {old!r}"
@@ -74,6 +77,18 @@ class Dovecot:
             text += f"service pop3-login {{\n  inet_listener pop3 {{\n    port = {self.pop3_port}\n"
             text += "  }\n  inet_listener pop3s {\n    port = 0\n  }\n}\n"
         return text
+
+    def _tls_lines(self) -> list[tuple[str, str]]:
+        cert, key = "ssl_cert = </var/lib/mailhaven/acme/cert.pem\n", \
+            "ssl_key = </var/lib/mailhaven/acme/key.pem\n"
+        if self.tls is None:
+            return [("ssl = required", "ssl = no"), (cert, ""), (key, "")]
+        return [(cert, f"ssl_cert = <{self.tls[0]}\n"), (key, f"ssl_key = <{self.tls[1]}\n")]
+
+    def reload(self) -> None:
+        """`doveadm reload`: SIGHUP to the master, which re-reads the config and TLS files."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def start(self) -> Dovecot:
         (self.dir / "state").mkdir(exist_ok=True)
