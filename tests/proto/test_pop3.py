@@ -266,7 +266,7 @@ def test_unbounded_line_is_not_buffered() -> None:
 
 def test_invalid_utf8_and_nul(bytewise: bool) -> None:
     out = transcript(b"USER \xff\r\nUSER a\0b\r\n", bytewise)
-    assert out == GREETING + b"-ERR Invalid UTF-8 in command\r\n-ERR Unknown command\r\n"
+    assert out == GREETING + b"-ERR Invalid UTF-8 in command\r\n-ERR NUL character in command\r\n"
 
 
 def test_quit_in_authorization_closes(bytewise: bool) -> None:

@@ -294,7 +294,10 @@ class Connection:
         if len(raw) + 2 > MAX_COMMAND_LINE and keyword not in ("PASS", "AUTH"):
             self._bad("Line too long")
             return None
-        if "\0" in line or keyword not in KNOWN_COMMANDS:
+        if "\0" in line:  # never part of a name or argument (RFC 1939 §3: printable ASCII)
+            self._bad("NUL character in command")
+            return None
+        if keyword not in KNOWN_COMMANDS:
             self._bad("Unknown command")
             return None
         if keyword not in COMMANDS[self.state]:
