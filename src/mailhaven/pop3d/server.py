@@ -11,8 +11,9 @@ next read and commit nothing, as RFC 1939 §6 requires for a session that did no
 SECURITY: at most `max_sessions` sessions run at once, at most `[limits] connections_per_ip` from
 one client address, and at most `connection_rate` new ones per address per minute (the SMTP
 limits, counted over every POP3 listener by one `ClientLimits`); more are told `-ERR [SYS/TEMP]`
-and closed before any parsing. LOGIN-DELAY is kept over every listener too (one `LoginTimes`). A session's failure is logged and contained in its own task,
-whose end releases its slot and its address's count exactly once.
+and closed before any parsing. LOGIN-DELAY is kept over every listener too (one `LoginTimes`).
+A session's failure is logged and contained in its own task, whose end releases its slot and
+its address's count exactly once.
 """
 
 from __future__ import annotations
