@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from tests.fakes import FakeClock
+
 from mailhaven.checks.dnsbl_lookup import FAILURE_TTL, MIN_TTL, DnsblLookup
 from mailhaven.net.dnslist import ListAnswer, parse_site
 
@@ -25,14 +27,6 @@ class FakeResolver:
         return self.answers.get(name, ListAnswer((), 300))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_listed_client_scores_and_queries_are_shared() -> None:
     resolver = FakeResolver({"2.0.0.127.bl.example": ListAnswer(("127.0.0.2",), 300)})
     lookup = DnsblLookup(resolver)
@@ -43,8 +37,7 @@ async def test_listed_client_scores_and_queries_are_shared() -> None:
     assert sorted(resolver.asked) == ["2.0.0.127.bl.example", "2.0.0.127.other.example"]
 
 
-async def test_cache_keeps_answers_for_their_ttl() -> None:
-    clock = Clock()
+async def test_cache_keeps_answers_for_their_ttl(clock: FakeClock) -> None:
     resolver = FakeResolver({"2.0.0.127.bl.example": ListAnswer(("127.0.0.2",), 5)})
     lookup = DnsblLookup(resolver, clock=clock)
     await lookup.client(SITES, "127.0.0.2").score(1.0)
@@ -71,9 +64,8 @@ async def test_a_stalled_list_costs_at_most_the_wait_and_lists_nobody() -> None:
         task.cancel()
 
 
-async def test_wait_counts_from_connect() -> None:
+async def test_wait_counts_from_connect(clock: FakeClock) -> None:
     """RCPT TO comes late: the session has already used its wait, so it does not wait again."""
-    clock = Clock()
     resolver = FakeResolver({}, stall=frozenset({"2.0.0.127.bl.example"}))
     lookup = DnsblLookup(resolver, clock=clock)
     pending = lookup.client(SITES, "127.0.0.2")
@@ -85,8 +77,7 @@ async def test_wait_counts_from_connect() -> None:
         task.cancel()
 
 
-async def test_failures_are_cached_briefly_and_count_as_unlisted() -> None:
-    clock = Clock()
+async def test_failures_are_cached_briefly_and_count_as_unlisted(clock: FakeClock) -> None:
     resolver = FakeResolver({"2.0.0.127.bl.example": ListAnswer(failed="server failure")})
     lookup = DnsblLookup(resolver, clock=clock)
     pending = lookup.client(SITES, "127.0.0.2")

@@ -7,6 +7,7 @@ import email.policy
 from collections.abc import Sequence
 
 import pytest
+from tests.fakes import Wake
 
 from mailhaven.intake.cleanup import (
     Intake,
@@ -106,14 +107,6 @@ def test_scan_header_stops_at_the_empty_line_whatever_the_line_ends(separator: b
 def test_scan_header_of_a_head_without_an_empty_line_reads_all_of_it() -> None:
     facts = scan_header(b"Received: a\r\nReceived: b\r\n\tcontinued\r\nDate: x")
     assert facts.received_count == 2 and facts.has_date
-
-
-class Wake:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> None:
-        self.count += 1
 
 
 ALIASES = {"team@example.net": ["ann@example.net", "bob@example.net"], "void@example.net": []}

@@ -7,19 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from tests.fakes import FakeClock, envelope, queued
+from tests.fakes import FakeClock, Wake, envelope, queued
 
 from mailhaven.scheduler import active as active_module
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.spool import FreshMessage, Spool
-
-
-class Wake:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> None:
-        self.count += 1
 
 
 async def commit(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import dkim
@@ -27,14 +27,6 @@ MESSAGE = (
     b"Authentication-Results: mx.example.org; spf=pass smtp.mailfrom=a@remote.example\r\n"
     b"\r\nbody\r\n"
 )
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[Spool]:
-    s = Spool(tmp_path / "q", inline_limit=1024)
-    s.open()
-    yield s
-    s.close()
 
 
 @pytest.fixture
