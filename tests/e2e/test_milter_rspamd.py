@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 from tests.e2e.conftest import ServerFactory
+from tests.fakes import free_port
 from tests.support import rspamd
 from tests.support.server import MailServer
 
@@ -77,7 +78,7 @@ def test_swaks_sees_the_rejection(rspamd_mx: MailServer, swaks: str) -> None:
 def test_rspamd_down_gets_the_default_action(
     mail_server: ServerFactory, action: str, code: int
 ) -> None:
-    dead = f"inet:127.0.0.1:{rspamd._free_port()}"
+    dead = f"inet:127.0.0.1:{free_port()}"
     server = mail_server(
         settings={
             "local_domains": ["example.org"],

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from tests.fakes import free_port
+
 CLAMD = Path("/usr/sbin/clamd")
 MILTER = Path("/usr/sbin/clamav-milter")
 SIGTOOL = Path("/usr/bin/sigtool")
@@ -67,12 +69,6 @@ def skip_reason() -> str | None:
 def hdb_line(data: bytes, name: str) -> str:
     """An MD5 hash signature (`.hdb`): what `sigtool --md5 FILE` prints, with `name` for FILE."""
     return f"{hashlib.md5(data).hexdigest()}:{len(data)}:{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _clamd_pong(path: Path) -> bool:
@@ -114,7 +110,7 @@ def _terminate(proc: subprocess.Popen[bytes], wake_port: int | None = None) -> N
 
 class ClamAV:
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-clamav-"))
         self.clamd_socket = self.dir / "clamd.sock"
         self.clamd: subprocess.Popen[bytes] | None = None

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.fakes import free_port
+
 OPENDKIM = Path("/usr/sbin/opendkim")
 GENKEY = Path("/usr/sbin/opendkim-genkey")
 START_TIMEOUT = 20.0
@@ -37,9 +39,7 @@ def skip_reason() -> str | None:
 class OpenDKIMInstance:
     def __init__(self, domain: str, selector: str = "test") -> None:
         self.domain, self.selector = domain, selector
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-opendkim-"))
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
+from tests.fakes import free_port
+
 RSPAMD = Path("/usr/bin/rspamd")
 USER = "_rspamd"
 START_TIMEOUT = 120.0
@@ -60,17 +62,11 @@ def skip_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RspamdInstance:
     def __init__(self, nameserver: tuple[str, int], workers: int = 1) -> None:
         self.nameserver = nameserver
         self.workers = workers
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-rspamd-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -92,7 +88,7 @@ class RspamdInstance:
             f"count = {self.workers};\ntimeout = 30s;\n"
             'upstream "local" { default = yes; self_scan = yes; }\n'
         )
-        for worker, port_ in (("normal", _free_port()), ("controller", _free_port())):
+        for worker, port_ in (("normal", free_port()), ("controller", free_port())):
             (d / "override.d" / f"worker-{worker}.inc").write_text(
                 f'bind_socket = "127.0.0.1:{port_}";\ncount = 0;\n'
             )

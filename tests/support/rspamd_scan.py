@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
+from tests.fakes import free_port
 from tests.support import rspamd
 from tests.support.rspamd import RspamdInstance
 
@@ -39,7 +40,7 @@ class RspamdScanner(RspamdInstance):
     def __init__(self, nameserver: tuple[str, int], enable: Iterable[str] = ("dkim",)) -> None:
         super().__init__(nameserver)
         self.enable = tuple(enable)
-        self.http_port = rspamd._free_port()
+        self.http_port = free_port()
 
     def _write_config(self) -> None:
         super()._write_config()

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.fakes import free_port
+
 SPAMD = Path("/usr/sbin/spamd")
 MILTER = Path("/usr/sbin/spamass-milter")
 SPAMC = Path("/usr/bin/spamc")
@@ -36,12 +38,6 @@ def skip_reason() -> str | None:
     if os.geteuid() != 0:
         return "spamd here starts as root and runs its children as nobody"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -72,8 +68,8 @@ class SpamAssassinMilter:
     def __init__(self, *, reject: int = 5, site_rules: str = "") -> None:
         self.reject = reject
         self.site_rules = site_rules
-        self.spamd_port = _free_port()
-        self.port = _free_port()
+        self.spamd_port = free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mailhaven-spamassassin-"))
         self.procs: list[subprocess.Popen[bytes]] = []
 
