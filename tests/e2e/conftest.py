@@ -4,6 +4,8 @@
 test's tmp_path and starts it (pass `start=False` to configure first); every server it made is
 stopped (SIGTERM, then SIGKILL) at teardown, so no test leaves a process behind.
 
+`dns` serves the test module's `RECORDS` (tests.support.dns_server), one server per module.
+
 `pytest.mark.both_loops` (tests/conftest.py) runs an async test on both event loops.
 """
 
@@ -16,6 +18,7 @@ from typing import Any, Protocol
 
 import pytest
 from tests.support import opendkim, rspamd
+from tests.support.dns_server import DNSServer
 from tests.support.milter import TestMilter
 from tests.support.server import MailServer, behind_milter
 
@@ -70,6 +73,17 @@ def pflogsumm() -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def dns(request: pytest.FixtureRequest) -> Iterator[DNSServer]:
+    """The tests' DNS server answering the requesting module's `RECORDS` zone.
+
+    A module whose zone needs more (names that fail or stay silent, keys made at run time)
+    defines its own `dns`, which takes precedence.
+    """
+    with DNSServer(request.module.RECORDS) as server:
+        yield server
+
+
 # -- milters the e2e tests attach (module scope: one per test module that asks) -------------
 
 
@@ -78,6 +92,13 @@ def milter() -> Iterator[TestMilter]:
     """The tests' own scriptable milter (`tests.support.milter`)."""
     with TestMilter() as running:
         yield running
+
+
+@pytest.fixture
+def fresh_script(milter: TestMilter) -> None:
+    """`milter` with no replies scripted: a module whose tests each script their own marks
+    itself `pytest.mark.usefixtures("fresh_script")`."""
+    milter.replies.clear()
 
 
 @pytest.fixture(scope="module")

@@ -43,12 +43,6 @@ RECORDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def dns() -> Iterator[DNSServer]:
-    with DNSServer(RECORDS) as server:
-        yield server
-
-
 @pytest.fixture
 def sink() -> Iterator[Sink]:
     with Sink(PART_TIME_IP, free_port_on([PART_TIME_IP])) as running:

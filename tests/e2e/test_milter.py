@@ -24,12 +24,7 @@ from tests.support import milter as tm
 from tests.support.milter import TestMilter
 from tests.support.server import MailServer
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(autouse=True)
-def fresh_script(milter: TestMilter) -> None:
-    milter.replies.clear()
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_script")]
 
 
 @pytest.fixture(scope="module")

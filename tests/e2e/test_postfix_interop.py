@@ -86,12 +86,6 @@ POSTFIX_ATTEMPT = (
 
 
 @pytest.fixture(scope="module")
-def dns() -> Iterator[DNSServer]:
-    with DNSServer(RECORDS) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
     """Both ports up front: each server's config names the other's."""
     return {"postfix": free_port(), "mailhaven": free_port(), "wiretap": free_port()}

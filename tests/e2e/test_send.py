@@ -69,12 +69,6 @@ RECORDS = {
 
 
 @pytest.fixture(scope="module")
-def dns() -> Iterator[DNSServer]:
-    with DNSServer(RECORDS) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def port() -> int:
     """The remote SMTP port: free on every sink address."""
     return free_port_on(sorted(set(HOSTS.values())))

@@ -105,12 +105,6 @@ def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dns() -> Iterator[DNSServer]:
-    with DNSServer(RECORDS) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def sink() -> Iterator[Sink]:
     with Sink(SINK_IP, free_port_on([SINK_IP])) as running:
         yield running
