@@ -7,9 +7,10 @@ directory. HYPOTHESIS_PROFILE names another profile explicitly (e.g. `dev` to ex
 inputs).
 
 Shared fixtures: `clock` (a `tests.fakes.FakeClock`), `spool` (an open Spool on that clock, in
-the test's temporary directory, small inline limit so bodies spill to files early) and `ca` (a
-trustme certificate authority). A package that needs other values overrides the fixture in its
-own conftest.py.
+the test's temporary directory, small inline limit so bodies spill to files early), `ca` (a
+trustme certificate authority), `dkim_key` (`tests.fakes.dkim_rsa_key`, one per module) and
+`acme_ca` (pebble, a real ACME CA, issuing for `tests.support.pebble.DOMAIN`). A package that
+needs other values overrides the fixture in its own conftest.py.
 
 `pytest.mark.both_loops` on an async test (or module) runs it once on the standard library's
 event loop and once on uvloop (ids `[asyncio]`, `[uvloop]`): for servers run in the test's own
@@ -27,7 +28,8 @@ import pytest
 import trustme
 import uvloop
 from hypothesis import settings
-from tests.fakes import FakeClock
+from tests.fakes import FakeClock, dkim_rsa_key
+from tests.support import pebble
 
 from mailhaven.spool import Spool
 
@@ -65,3 +67,15 @@ def spool(tmp_path: Path, clock: FakeClock) -> Iterator[Spool]:
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def dkim_key() -> tuple[bytes, str]:
+    return dkim_rsa_key()
+
+
+@pytest.fixture
+def acme_ca(tmp_path: Path) -> Iterator[pebble.AcmeCA]:
+    running = pebble.AcmeCA(tmp_path, pebble.DOMAIN)
+    yield running
+    running.stop()

@@ -13,7 +13,6 @@ import nacl.signing
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from tests.fakes import dkim_rsa_key
 
 from mailhaven.checks import dkim_verify
 from mailhaven.net.dns import DNSAnswer, DNSError, NoRecords, Records
@@ -43,11 +42,6 @@ class Keys:
         return NoRecords(True)
 
 
-@pytest.fixture(scope="module")
-def rsa_key() -> tuple[bytes, str]:
-    return dkim_rsa_key()
-
-
 def sign(message: bytes, pem: bytes, selector: bytes = b"sel", domain: bytes = b"example.test",
          **kwargs: object) -> bytes:  # fmt: skip
     return bytes(dkim.sign(message, selector, domain, pem, canonicalize=(b"relaxed", b"relaxed"),
@@ -72,8 +66,8 @@ async def test_the_rfc8463_example_verifies_both_signatures() -> None:
     assert {r.result for r in await dkim_verify.verify(tampered, keys)} == {"fail"}
 
 
-async def test_rsa_and_ed25519_signatures_made_by_dkimpy(rsa_key: tuple[bytes, str]) -> None:
-    pem, record = rsa_key
+async def test_rsa_and_ed25519_signatures_made_by_dkimpy(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     seed = nacl.signing.SigningKey.generate()
     ed_record = "v=DKIM1; k=ed25519; p=" + base64.b64encode(bytes(seed.verify_key)).decode()
     signed = sign(MESSAGE, pem)
@@ -86,9 +80,9 @@ async def test_rsa_and_ed25519_signatures_made_by_dkimpy(rsa_key: tuple[bytes, s
 
 @pytest.mark.skipif(shutil.which("opendkim-testmsg") is None, reason="opendkim-tools missing")
 async def test_a_message_signed_by_opendkim_verifies(
-    rsa_key: tuple[bytes, str], tmp_path: Path
+    dkim_key: tuple[bytes, str], tmp_path: Path
 ) -> None:
-    pem, record = rsa_key
+    pem, record = dkim_key
     keyfile = tmp_path / "sel.private"
     keyfile.write_bytes(pem)
     done = subprocess.run(
@@ -107,8 +101,8 @@ async def test_a_message_signed_by_opendkim_verifies(
     assert bad[0].result == "fail"
 
 
-async def test_key_problems_have_defined_results(rsa_key: tuple[bytes, str]) -> None:
-    pem, _ = rsa_key
+async def test_key_problems_have_defined_results(dkim_key: tuple[bytes, str]) -> None:
+    pem, _ = dkim_key
     signed = sign(MESSAGE, pem)
     name = "sel._domainkey.example.test"
     cases = {
@@ -156,16 +150,16 @@ async def test_a_short_rsa_key_fails() -> None:
     b"DKIM-Signature:",
 ])  # fmt: skip
 async def test_malformed_signatures_get_a_result_not_an_exception(
-    field: bytes, rsa_key: tuple[bytes, str]
+    field: bytes, dkim_key: tuple[bytes, str]
 ) -> None:
-    _, record = rsa_key
+    _, record = dkim_key
     keys = Keys({"sel._domainkey.example.test": record})
     (result,) = await dkim_verify.verify(field + b"\r\n" + MESSAGE, keys)
     assert result.result in ("neutral", "permerror", "fail"), result
 
 
-async def test_a_huge_l_tag_and_missing_signed_headers(rsa_key: tuple[bytes, str]) -> None:
-    pem, record = rsa_key
+async def test_a_huge_l_tag_and_missing_signed_headers(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     keys = Keys({"sel._domainkey.example.test": record})
     # h= names fields the message does not have: legal (they are signed as absent)
     signed = sign(MESSAGE, pem, include_headers=[b"from", b"x-nowhere", b"reply-to"])
@@ -176,9 +170,9 @@ async def test_a_huge_l_tag_and_missing_signed_headers(rsa_key: tuple[bytes, str
 
 
 async def test_hundreds_of_signatures_cost_no_more_than_the_limit(
-    rsa_key: tuple[bytes, str]
+    dkim_key: tuple[bytes, str]
 ) -> None:
-    pem, record = rsa_key
+    pem, record = dkim_key
     signed = sign(MESSAGE, pem)
     first = signed.split(b"\r\nFrom:")[0] + b"\r\n"
     bogus = b"".join(
@@ -198,8 +192,8 @@ async def test_no_signature_and_no_message_structure() -> None:
     assert await dkim_verify.verify(b"\x00\xff" * 100, Keys({})) == []
 
 
-async def test_a_large_message_is_verified_off_the_loop(rsa_key: tuple[bytes, str]) -> None:
-    pem, record = rsa_key
+async def test_a_large_message_is_verified_off_the_loop(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     big = MESSAGE + b"x" * 70 + b"\r\n"
     big = big + (b"y" * 998 + b"\r\n") * 200  # past OFFLOAD_ABOVE
     signed = sign(big, pem)
@@ -209,9 +203,9 @@ async def test_a_large_message_is_verified_off_the_loop(rsa_key: tuple[bytes, st
 
 
 async def test_a_very_large_message_is_verified_in_a_worker_process(
-    rsa_key: tuple[bytes, str]
+    dkim_key: tuple[bytes, str]
 ) -> None:
-    pem, record = rsa_key
+    pem, record = dkim_key
     big = MESSAGE + (b"z" * 998 + b"\r\n") * 1100  # past PROCESS_ABOVE
     signed = sign(big, pem)
     assert len(signed) > dkim_verify.PROCESS_ABOVE

@@ -7,7 +7,6 @@ import random
 
 import dkim
 import pytest
-from tests.fakes import dkim_rsa_key
 
 from mailhaven.checks import arc_verify, inbound
 from mailhaven.checks.dmarc import OrgDomains
@@ -16,11 +15,6 @@ from mailhaven.net.dns import DNSAnswer, DNSError, NoRecords, Records
 
 ORGS = OrgDomains()
 CLIENT = "192.0.2.10"
-
-
-@pytest.fixture(scope="module")
-def key() -> tuple[bytes, str]:
-    return dkim_rsa_key()
 
 
 class Zone:
@@ -69,8 +63,8 @@ async def run(c: InboundChecks, msg: bytes, mail_from: str = "boss@bank.test",
                          recipients=list(rcpts))  # fmt: skip
 
 
-async def test_a_good_message_passes_everything(key: tuple[bytes, str]) -> None:
-    pem, record = key
+async def test_a_good_message_passes_everything(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     verdict = await run(checks(zone(record)), signed(message(), pem))
     assert verdict.reply is None
     head = verdict.header.decode()
@@ -80,8 +74,8 @@ async def test_a_good_message_passes_everything(key: tuple[bytes, str]) -> None:
     assert "spf=pass" in verdict.summary and "dmarc=pass" in verdict.summary
 
 
-async def test_a_forged_from_of_a_reject_domain_is_refused(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_a_forged_from_of_a_reject_domain_is_refused(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     verdict = await run(checks(zone(record)), message(), mail_from="x@elsewhere.test")
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.enhanced) == (550, "5.7.1")
@@ -90,8 +84,8 @@ async def test_a_forged_from_of_a_reject_domain_is_refused(key: tuple[bytes, str
     assert verdict.reply is None and b"X-Mailhaven-Quarantine: dmarc" in verdict.header
 
 
-async def test_quarantine_adds_the_header_and_none_adds_nothing(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_quarantine_adds_the_header_and_none_adds_nothing(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     verdict = await run(checks(zone(record)), message("a@soft.test"), "a@soft.test")
     assert verdict.reply is None and b"X-Mailhaven-Quarantine" in verdict.header
     assert verdict.quarantine  # the mailbox files it into Junk
@@ -100,8 +94,8 @@ async def test_quarantine_adds_the_header_and_none_adds_nothing(key: tuple[bytes
     assert not verdict.quarantine
 
 
-async def test_spf_fail_alone_refuses_only_when_asked(key: tuple[bytes, str]) -> None:
-    pem, record = key
+async def test_spf_fail_alone_refuses_only_when_asked(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     msg = signed(message(), pem)  # DKIM-aligned: DMARC passes
     z = zone(record)
     other = "10.9.9.9"
@@ -113,8 +107,8 @@ async def test_spf_fail_alone_refuses_only_when_asked(key: tuple[bytes, str]) ->
     assert v.reply is not None and (v.reply.code, v.reply.enhanced) == (550, "5.7.23")
 
 
-async def test_temporary_dns_failures_accept_or_defer(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_temporary_dns_failures_accept_or_defer(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     z = zone(record, broken={"_dmarc.bank.test"})
     v = await run(checks(z), message(), "x@elsewhere.test")
     assert v.reply is None and b"dmarc=temperror" in v.header
@@ -122,8 +116,8 @@ async def test_temporary_dns_failures_accept_or_defer(key: tuple[bytes, str]) ->
     assert v.reply is not None and v.reply.code == 451 and v.reply.enhanced == "4.7.5"
 
 
-async def test_the_most_lenient_recipient_domain_wins(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_the_most_lenient_recipient_domain_wins(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     settings = InboundSettings("mx.test", DomainPolicy(),
                                {"lenient.test": DomainPolicy(dmarc_reject=False)})  # fmt: skip
     c = InboundChecks(settings, zone(record), orgs=ORGS)
@@ -144,8 +138,8 @@ def test_who_is_checked() -> None:
     assert c.applies("192.0.2.1", False, ["a@off.test", "b@mx.test"])
 
 
-async def test_forged_authentication_results_are_reported(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_forged_authentication_results_are_reported(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     forged = b"Authentication-Results: mx.test; dmarc=pass header.from=bank.test\r\n"
     msg = forged + message()
     v = await run(checks(zone(record)), msg, "x@lax.test")
@@ -153,25 +147,25 @@ async def test_forged_authentication_results_are_reported(key: tuple[bytes, str]
 
 
 async def test_a_hung_dns_server_is_a_temperror_within_the_deadline(
-    key: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
+    dkim_key: tuple[bytes, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, record = key
+    _, record = dkim_key
     monkeypatch.setattr(inbound, "CHECK_TIMEOUT", 0.3)
     z = zone(record, silent={"bank.test", "_dmarc.bank.test"})
     v = await asyncio.wait_for(run(checks(z), message()), 5)
     assert v.reply is None and b"spf=temperror" in v.header and b"dmarc=temperror" in v.header
 
 
-async def test_a_message_too_large_to_verify_is_never_refused(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_a_message_too_large_to_verify_is_never_refused(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     settings = InboundSettings("mx.test", DomainPolicy(), max_verify_size=100)
     c = InboundChecks(settings, zone(record), orgs=ORGS)
     v = await run(c, message(), "x@elsewhere.test")
     assert v.reply is None and b"dkim=policy" in v.header
 
 
-async def test_an_arc_chain_validates_and_a_broken_one_fails(key: tuple[bytes, str]) -> None:
-    pem, record = key
+async def test_an_arc_chain_validates_and_a_broken_one_fails(dkim_key: tuple[bytes, str]) -> None:
+    pem, record = dkim_key
     first = b"Authentication-Results: relay.bank.test; spf=pass smtp.mailfrom=bank.test\r\n" + message()
     sealed = b"".join(dkim.arc_sign(first, b"sel", b"bank.test", pem, b"relay.bank.test")) + first
     z = zone(record)
@@ -185,8 +179,8 @@ async def test_an_arc_chain_validates_and_a_broken_one_fails(key: tuple[bytes, s
     assert got.result == "fail" and "more than" in got.reason
 
 
-async def test_refusal_texts_quote_sender_data_safely(key: tuple[bytes, str]) -> None:
-    _, record = key
+async def test_refusal_texts_quote_sender_data_safely(dkim_key: tuple[bytes, str]) -> None:
+    _, record = dkim_key
     z = zone(record)
     z.txt["x" * 60 + ".bank.test"] = "v=DMARC1; p=reject"
     weird = "b\x1bo\u00e9@" + "x" * 60 + ".bank.test"
@@ -195,10 +189,10 @@ async def test_refusal_texts_quote_sender_data_safely(key: tuple[bytes, str]) ->
     assert all(32 <= ord(c) < 127 for c in v.reply.text) and len(v.reply.text) < 300
 
 
-async def test_mangled_messages_always_get_a_verdict(key: tuple[bytes, str]) -> None:
+async def test_mangled_messages_always_get_a_verdict(dkim_key: tuple[bytes, str]) -> None:
     """Bounded fuzz: cut, duplicated, byte-flipped and binary variants of a signed message
     (with an ARC set) each get a verdict, never an exception."""
-    pem, record = key
+    pem, record = dkim_key
     base = signed(message(), pem)
     sealed = b"".join(dkim.arc_sign(
         b"Authentication-Results: r.bank.test; none\r\n" + base, b"sel", b"bank.test", pem,

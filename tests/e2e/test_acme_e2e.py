@@ -8,8 +8,6 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -24,18 +22,11 @@ pytestmark = [
                        "installed: scripts/install-test-deps installs it"),
 ]
 
-DOMAIN = "mail.example.test"
+DOMAIN = pebble.DOMAIN  # the name `acme_ca` issues for
 #: Every check orders anew (more days than pebble's certificates last), one check a second:
 #: renewals happen while the test watches.
 RENEW_ALWAYS = {"renew_before_days": 100000, "check_interval": 1}
 ORDER_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def ca(tmp_path: Path) -> Iterator[pebble.AcmeCA]:
-    running = pebble.AcmeCA(tmp_path, DOMAIN)
-    yield running
-    running.stop()
 
 
 def starttls_leaf(server: MailServer, root_pem: str) -> bytes:
@@ -62,15 +53,15 @@ def installed_leaf(server: MailServer) -> bytes:
 
 
 def test_acme_certificate_issued_renewed_and_kept_while_ca_is_down(
-    mail_server: ServerFactory, ca: pebble.AcmeCA
+    mail_server: ServerFactory, acme_ca: pebble.AcmeCA
 ) -> None:
     server = mail_server(
         services=("smtp", "submission"),
         hostname=DOMAIN,
-        settings={"tls": {"acme": ca.acme_table(**RENEW_ALWAYS)}},
+        settings={"tls": {"acme": acme_ca.acme_table(**RENEW_ALWAYS)}},
     )
     pid = server.pid
-    root = ca.pebble.root_pem()
+    root = acme_ca.pebble.root_pem()
     server.wait_for_log(r"acme: new certificate for mail\.example\.test in service",
                         timeout=ORDER_TIMEOUT)
     first = starttls_leaf(server, root)  # verifies: issued by pebble's intermediate
@@ -86,7 +77,7 @@ def test_acme_certificate_issued_renewed_and_kept_while_ca_is_down(
     assert server.pid == pid and server.running
 
     # the CA goes away: the error is logged, the last certificate stays, mail still flows
-    ca.pebble.stop()
+    acme_ca.pebble.stop()
     server.wait_for_log(r"acme: order for mail\.example\.test failed, keeping the current "
                         r"certificate: cannot reach the ACME server", timeout=ORDER_TIMEOUT)
     kept = installed_leaf(server)

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import dkim
 import pytest
 from tests.e2e.conftest import ServerFactory
-from tests.fakes import dkim_rsa_key
 from tests.support.dns_server import DNSServer
 from tests.support.server import MailServer
 
@@ -26,14 +25,9 @@ pytestmark = pytest.mark.e2e
 HOSTNAME = "mx.test"
 
 
-@pytest.fixture(scope="module")
-def key() -> tuple[bytes, str]:
-    return dkim_rsa_key()
-
-
 @pytest.fixture
-def dns(key: tuple[bytes, str]) -> Iterator[DNSServer]:
-    _, record = key
+def dns(dkim_key: tuple[bytes, str]) -> Iterator[DNSServer]:
+    _, record = dkim_key
     zone = {
         "bank.test": {"TXT": ["v=spf1 ip4:127.0.0.0/8 -all"]},
         "_dmarc.bank.test": {"TXT": ["v=DMARC1; p=reject; rua=mailto:dmarc@bank.test"]},
@@ -79,9 +73,9 @@ def test_a_forged_from_of_a_reject_domain_gets_550(server: MailServer, swaks: st
 
 
 def test_a_signed_message_is_delivered_with_pass_results(
-    server: MailServer, key: tuple[bytes, str]
+    server: MailServer, dkim_key: tuple[bytes, str]
 ) -> None:
-    pem, _ = key
+    pem, _ = dkim_key
     forged = f"Authentication-Results: {HOSTNAME}; dkim=pass header.d=paypal.test\r\n".encode()
     body = message("boss@bank.test", "good-1")
     signed = bytes(dkim.sign(body, b"sel", b"bank.test", pem)) + body

@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from mailhaven.config import Acme
 from mailhaven.net import acme, selfsigned
 from mailhaven.net.tls import ReloadableTLS
 
-DOMAIN = "mail.example.test"
+DOMAIN = pebble.DOMAIN  # the name `acme_ca` issues for
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 
 
@@ -114,15 +113,8 @@ needs_pebble = pytest.mark.skipif(
     "scripts/install-test-deps installs it")
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> Iterator[pebble.AcmeCA]:
-    running = pebble.AcmeCA(tmp_path, DOMAIN)
-    yield running
-    running.stop()
-
-
-def settings(ca: pebble.AcmeCA, **override: Any) -> Acme:
-    table = ca.acme_table(**override)
+def settings(acme_ca: pebble.AcmeCA, **override: Any) -> Acme:
+    table = acme_ca.acme_table(**override)
     return Acme(**{**table, "domains": tuple(table["domains"])})
 
 
@@ -165,34 +157,34 @@ async def handshake_leaf(server_ctx: ssl.SSLContext, root_pem: str) -> bytes:
 
 
 @needs_pebble
-async def test_obtains_a_certificate_and_serves_it(ca: pebble.AcmeCA, tmp_path: Path) -> None:
-    m = manager(tmp_path, settings(ca))
+async def test_obtains_a_certificate_and_serves_it(acme_ca: pebble.AcmeCA, tmp_path: Path) -> None:
+    m = manager(tmp_path, settings(acme_ca))
     placeholder = m.paths.cert.read_bytes()
     next_check = await m.check()
     assert next_check == Acme().check_interval
     chain = m.paths.cert.read_bytes()
     assert chain != placeholder
-    assert issuer_chain_verifies(chain, ca.pebble.root_pem())
+    assert issuer_chain_verifies(chain, acme_ca.pebble.root_pem())
     cert = acme.read_cert(m.paths.cert)
     assert cert is not None and cert.names == {DOMAIN} and not cert.self_signed
     assert (m.paths.key.stat().st_mode & 0o777) == 0o600
     # the listener-facing context hands out the new certificate, no restart
-    assert await handshake_leaf(m.tls.context, ca.pebble.root_pem()) == chain_leaf(chain)
+    assert await handshake_leaf(m.tls.context, acme_ca.pebble.root_pem()) == chain_leaf(chain)
     # the port is free again: the responder only listens during an order
-    assert port_listening(ca.http_port) is not True
+    assert port_listening(acme_ca.http_port) is not True
 
 
 @needs_pebble
 async def test_ca_down_keeps_the_certificate(
-    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    acme_ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    m = manager(tmp_path, settings(ca))
+    m = manager(tmp_path, settings(acme_ca))
     await m.check()
     issued = m.paths.cert.read_bytes()
-    root = ca.pebble.root_pem()
-    ca.pebble.stop()
+    root = acme_ca.pebble.root_pem()
+    acme_ca.pebble.stop()
     renew_now = acme.AcmeManager(
-        settings(ca, renew_before_days=100000.0, check_interval=5.0),
+        settings(acme_ca, renew_before_days=100000.0, check_interval=5.0),
         m.paths, m.tls)
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         retry = await renew_now.check()
@@ -205,10 +197,10 @@ async def test_ca_down_keeps_the_certificate(
 
 @needs_pebble
 async def test_refused_order_keeps_the_placeholder(
-    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    acme_ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A name our DNS does not know: pebble refuses the validation; nothing is replaced."""
-    m = manager(tmp_path, settings(ca, domains=["unknown.example.test"]))
+    m = manager(tmp_path, settings(acme_ca, domains=["unknown.example.test"]))
     before = m.paths.cert.read_bytes()
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         retry = await m.check()
@@ -290,10 +282,10 @@ async def test_worker_follows_the_daemons_new_certificate(
 
 @needs_pebble
 async def test_order_refused_by_the_ca_says_why(
-    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    acme_ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Pebble refuses the order itself (a name with `_`): its problem detail is logged."""
-    m = manager(tmp_path, settings(ca, domains=["bad_name.example.test"]))
+    m = manager(tmp_path, settings(acme_ca, domains=["bad_name.example.test"]))
     before = m.paths.cert.read_bytes()
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         assert await m.check() == acme.RETRY_AFTER_FAILURE
@@ -307,21 +299,21 @@ async def test_order_refused_by_the_ca_says_why(
 
 @needs_pebble
 async def test_obtains_a_certificate_over_tls_alpn_01(
-    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    acme_ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # HTTP-01 off; the responder on a port pebble does not use: validation fails
     elsewhere = manager(tmp_path / "elsewhere", settings(
-        ca, http01_listen="", tls_alpn01_listen=f"127.0.0.1:{free_port()}"))
+        acme_ca, http01_listen="", tls_alpn01_listen=f"127.0.0.1:{free_port()}"))
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         assert await elsewhere.check() == acme.RETRY_AFTER_FAILURE
     assert "validation failed: mail.example.test" in caplog.text
     # on pebble's tlsPort: issued
-    m = manager(tmp_path, settings(ca, http01_listen="",
-                                   tls_alpn01_listen=f"127.0.0.1:{ca.tls_port}"))
+    m = manager(tmp_path, settings(acme_ca, http01_listen="",
+                                   tls_alpn01_listen=f"127.0.0.1:{acme_ca.tls_port}"))
     assert await m.check() == Acme().check_interval
     chain = m.paths.cert.read_bytes()
-    assert issuer_chain_verifies(chain, ca.pebble.root_pem())
-    assert port_listening(ca.tls_port) is not True
+    assert issuer_chain_verifies(chain, acme_ca.pebble.root_pem())
+    assert port_listening(acme_ca.tls_port) is not True
 
 
 async def test_alpn_responder_shows_the_challenge_certificate() -> None:
@@ -357,10 +349,10 @@ async def test_alpn_responder_shows_the_challenge_certificate() -> None:
 
 @needs_pebble
 async def test_untrusted_ca_certificate_is_a_clear_error(
-    ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    acme_ca: pebble.AcmeCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Without `directory_ca` pebble's HTTPS is not trusted: refused, logged, nothing replaced."""
-    m = manager(tmp_path, settings(ca, directory_ca=""))
+    m = manager(tmp_path, settings(acme_ca, directory_ca=""))
     before = m.paths.cert.read_bytes()
     with caplog.at_level(logging.ERROR, logger="mailhaven.acme"):
         assert await m.check() == acme.RETRY_AFTER_FAILURE

@@ -37,6 +37,8 @@ from tests.support.dns_server import DNSServer
 from tests.support.server import free_port, port_accepts
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
+#: The name the `acme_ca` fixture (tests/conftest.py) orders for; resolves to 127.0.0.1.
+DOMAIN = "mail.example.test"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
 
