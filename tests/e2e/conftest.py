@@ -108,9 +108,17 @@ def scanner() -> Iterator[rspamd.RspamdInstance]:
         yield instance
 
 
+class Scanner(Protocol):
+    """A running milter peer (rspamd, SpamAssassin, ClamAV, ...) at `spec` ("inet:host:port")."""
+
+    @property
+    def spec(self) -> str: ...
+
+
 @pytest.fixture(scope="module")
-def rspamd_mx(scanner: rspamd.RspamdInstance, module_mail_server: ServerFactory) -> MailServer:
-    """A mail server with `scanner` as its smtpd milter: example.org, users postmaster, alice."""
+def milter_mx(scanner: Scanner, module_mail_server: ServerFactory) -> MailServer:
+    """A mail server with `scanner` as its smtpd milter: example.org, users postmaster, alice.
+    `scanner` is rspamd unless the module defines its own (SpamAssassin, ClamAV)."""
     return module_mail_server(settings=behind_milter(scanner.spec))
 
 

@@ -54,11 +54,6 @@ def scanner() -> Iterator[clamav.ClamAV]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def server(scanner: clamav.ClamAV, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(settings=behind_milter(scanner.spec))
-
-
 def message(mark: str, attachment: bytes | None = None, filename: str = "eicar.com") -> bytes:
     msg = EmailMessage()
     msg["From"] = "bob@example.com"
@@ -98,10 +93,10 @@ def zipped(name: str, data: bytes) -> bytes:
     ids=["plain", "zipped"],
 )
 def test_eicar_attachment_is_rejected(
-    server: MailServer, scanner: clamav.ClamAV, attachment: bytes, filename: str
+    milter_mx: MailServer, scanner: clamav.ClamAV, attachment: bytes, filename: str
 ) -> None:
     mark = uuid.uuid4().hex
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client:
         with pytest.raises(smtplib.SMTPDataError) as err:
             client.sendmail(
                 "bob@example.com", ["alice@example.org"], message(mark, attachment, filename)
@@ -109,63 +104,63 @@ def test_eicar_attachment_is_rejected(
         assert (err.value.smtp_code, err.value.smtp_error.decode()) == (550, REJECTED)
         # the session goes on: the next (clean) message over it is accepted
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark + "-clean"))
-    server.wait_for_log(
+    milter_mx.wait_for_log(
         rf"\w+: milter-reject: END-OF-MESSAGE from \S+: {REJECTED.replace('.', chr(92) + '.')}; "
         r"from=<bob@example.com> to=<alice@example.org> proto=ESMTP"
     )
-    server.wait_for_mark("alice", mark + "-clean", timeout=30)
-    assert not any(mark.encode() + b"\n" in p.read_bytes() for p in server.messages("alice"))
+    milter_mx.wait_for_mark("alice", mark + "-clean", timeout=30)
+    assert not any(mark.encode() + b"\n" in p.read_bytes() for p in milter_mx.messages("alice"))
     assert clamav.VIRUS_NAME in scanner.milter_log.read_text()
 
 
-def test_clean_message_gets_the_scan_headers(server: MailServer) -> None:
+def test_clean_message_gets_the_scan_headers(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
     harmless = b"just a text file, not a virus\n" * 10
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client:
         client.sendmail(
             "bob@example.com", ["alice@example.org"], message(mark, harmless, "notes.txt")
         )
-    fields = header_fields(server.wait_for_mark("alice", mark, timeout=30))
+    fields = header_fields(milter_mx.wait_for_mark("alice", mark, timeout=30))
     assert fields["X-Virus-Scanned"].startswith("clamav-milter ")
     assert fields["X-Virus-Scanned"].endswith(f" at {clamav.REPORT_HOSTNAME}")
     assert fields["X-Virus-Status"] == "Clean"
 
 
-def test_sender_written_scan_headers_are_replaced(server: MailServer) -> None:
+def test_sender_written_scan_headers_are_replaced(milter_mx: MailServer) -> None:
     # AddHeader Replace: clamav-milter changes the first such field (SMFIR_CHGHEADER index 1)
     mark = uuid.uuid4().hex
     forged = message(mark).replace(
         b"\r\n\r\n", b"\r\nX-Virus-Scanned: forged\r\nX-Virus-Status: Infected (forged)\r\n\r\n", 1
     )
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client:
         client.sendmail("bob@example.com", ["alice@example.org"], forged)
-    data = server.wait_for_mark("alice", mark, timeout=30)
+    data = milter_mx.wait_for_mark("alice", mark, timeout=30)
     assert b"forged" not in data
     assert data.count(b"X-Virus-Status:") == 1 and data.count(b"X-Virus-Scanned:") == 1
     assert header_fields(data)["X-Virus-Status"] == "Clean"
 
 
-def test_large_clean_message_is_scanned_whole(server: MailServer, scanner: clamav.ClamAV) -> None:
+def test_large_clean_message_is_scanned_whole(milter_mx: MailServer, scanner: clamav.ClamAV) -> None:
     # ~4 MiB of base64: dozens of body chunks, each answered by clamav-milter (libmilter)
     mark = uuid.uuid4().hex
     payload = random.Random(mark).randbytes(3 * 1024 * 1024)
     started = time.monotonic()
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client:
         client.sendmail(
             "bob@example.com", ["alice@example.org"], message(mark, payload, "photo.bin")
         )
     took = time.monotonic() - started
-    data = server.wait_for_mark("alice", mark, timeout=30)
+    data = milter_mx.wait_for_mark("alice", mark, timeout=30)
     assert header_fields(data)["X-Virus-Status"] == "Clean"
     assert len(data) > 4 * 1024 * 1024
     assert took < 30, took
 
 
-def test_swaks_attachment_is_rejected(server: MailServer, swaks: str, tmp_path: Path) -> None:
+def test_swaks_attachment_is_rejected(milter_mx: MailServer, swaks: str, tmp_path: Path) -> None:
     sample = tmp_path / "eicar.com"
     sample.write_bytes(clamav.EICAR)
     out = subprocess.run(
-        [swaks, "--server", f"{server.host}:{server.smtp_port}", "--from", "bob@example.com",
+        [swaks, "--server", f"{milter_mx.host}:{milter_mx.smtp_port}", "--from", "bob@example.com",
          "--to", "alice@example.org", "--attach", f"@{sample}", "--timeout", "30"],
         capture_output=True, text=True, timeout=90, check=False,
     )

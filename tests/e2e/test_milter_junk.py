@@ -60,32 +60,32 @@ def wait_in(server: MailServer, user: str, folder: str, mark: str) -> bytes:
     raise AssertionError(f"{mark} not in {folder or 'INBOX'} of {user}\n{server.log_tail()}")
 
 
-def test_spam_below_reject_lands_in_junk(rspamd_mx: MailServer) -> None:
+def test_spam_below_reject_lands_in_junk(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(rspamd_mx, message(mark, f"offer {rspamd.SPAM_MARK}"))
-    data = wait_in(rspamd_mx, "alice", "Junk", mark)
+    send(milter_mx, message(mark, f"offer {rspamd.SPAM_MARK}"))
+    data = wait_in(milter_mx, "alice", "Junk", mark)
     assert b"X-Spam: Yes" in data
-    inbox = folder_files(rspamd_mx.maildir("alice"), "")
+    inbox = folder_files(milter_mx.maildir("alice"), "")
     assert not any(mark.encode() in p.read_bytes() for p in inbox)
-    rspamd_mx.wait_for_log(r"\w+: milter-junk: X-Spam: Yes")
+    milter_mx.wait_for_log(r"\w+: milter-junk: X-Spam: Yes")
     # Dovecot and IMAP clients see the folder: marked and subscribed
-    assert (rspamd_mx.maildir("alice") / ".Junk" / "maildirfolder").exists()
-    assert "Junk" in (rspamd_mx.maildir("alice") / "subscriptions").read_text().split()
+    assert (milter_mx.maildir("alice") / ".Junk" / "maildirfolder").exists()
+    assert "Junk" in (milter_mx.maildir("alice") / "subscriptions").read_text().split()
 
 
-def test_clean_mail_lands_in_the_inbox(rspamd_mx: MailServer) -> None:
+def test_clean_mail_lands_in_the_inbox(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(rspamd_mx, message(mark, "lunch on friday"))
-    data = wait_in(rspamd_mx, "alice", "", mark)
+    send(milter_mx, message(mark, "lunch on friday"))
+    data = wait_in(milter_mx, "alice", "", mark)
     assert b"X-Spamd-Result:" in data and b"X-Spam: Yes" not in data
 
 
-def test_a_senders_own_spam_header_does_not_count(rspamd_mx: MailServer) -> None:
+def test_a_senders_own_spam_header_does_not_count(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    send(rspamd_mx, message(mark, "lunch on saturday", extra="X-Spam: Yes\r\nX-Spam-Flag: YES\r\n"))
-    wait_in(rspamd_mx, "alice", "", mark)
+    send(milter_mx, message(mark, "lunch on saturday", extra="X-Spam: Yes\r\nX-Spam-Flag: YES\r\n"))
+    wait_in(milter_mx, "alice", "", mark)
     assert not any(mark.encode() in p.read_bytes()
-                   for p in folder_files(rspamd_mx.maildir("alice"), "Junk"))
+                   for p in folder_files(milter_mx.maildir("alice"), "Junk"))
 
 
 @pytest.mark.skipif(not dc.available(), reason="dovecot-imapd is not installed")

@@ -33,27 +33,27 @@ def message(body: str, subject: str = "hello") -> str:
     )
 
 
-def test_gtube_is_rejected(rspamd_mx: MailServer) -> None:
-    with smtplib.SMTP(rspamd_mx.host, rspamd_mx.smtp_port) as client, pytest.raises(
+def test_gtube_is_rejected(milter_mx: MailServer) -> None:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port) as client, pytest.raises(
         smtplib.SMTPDataError
     ) as err:
         client.sendmail("bob@example.com", ["alice@example.org"], message(rspamd.GTUBE))
     assert err.value.smtp_code == 554
     assert err.value.smtp_error == b"5.7.1 Gtube pattern"
-    rspamd_mx.wait_for_log(
+    milter_mx.wait_for_log(
         r"\w+: milter-reject: END-OF-MESSAGE from \S+: 5\.7\.1 Gtube pattern; "
         r"from=<bob@example.com> to=<alice@example.org> proto=ESMTP"
     )
 
 
-def test_clean_message_gets_rspamd_headers(rspamd_mx: MailServer) -> None:
+def test_clean_message_gets_rspamd_headers(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    with smtplib.SMTP(rspamd_mx.host, rspamd_mx.smtp_port) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port) as client:
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark))
         # a second message over the same session (and the same rspamd connection)
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark + "-2"))
-    data = rspamd_mx.wait_for_mark("alice", mark + "-2")
-    data = rspamd_mx.wait_for_mark("alice", mark)
+    data = milter_mx.wait_for_mark("alice", mark + "-2")
+    data = milter_mx.wait_for_mark("alice", mark)
     header = data.split(b"\r\n\r\n", 1)[0] if b"\r\n\r\n" in data else data.split(b"\n\n", 1)[0]
     lines = header.decode().splitlines()
     names = [line.split(":", 1)[0] for line in lines if line[:1] not in (" ", "\t")]
@@ -62,12 +62,12 @@ def test_clean_message_gets_rspamd_headers(rspamd_mx: MailServer) -> None:
     # Delivered-To, which local delivery adds on top)
     assert names.index("Authentication-Results") == names.index("Received") + 1
     queue_id = next(x for x in lines if x.startswith("X-Rspamd-Queue-Id:")).split()[1]
-    rspamd_mx.wait_for_log(rf"{queue_id}: milter inet:127\.0\.0\.1:\d+: .*AddHeader=\d+")
+    milter_mx.wait_for_log(rf"{queue_id}: milter inet:127\.0\.0\.1:\d+: .*AddHeader=\d+")
 
 
-def test_swaks_sees_the_rejection(rspamd_mx: MailServer, swaks: str) -> None:
+def test_swaks_sees_the_rejection(milter_mx: MailServer, swaks: str) -> None:
     out = subprocess.run(
-        [swaks, "--server", f"{rspamd_mx.host}:{rspamd_mx.smtp_port}", "--from",
+        [swaks, "--server", f"{milter_mx.host}:{milter_mx.smtp_port}", "--from",
          "bob@example.com", "--to", "alice@example.org", "--body", rspamd.GTUBE, "--timeout", "20"],
         capture_output=True, text=True, timeout=60, check=False,
     )

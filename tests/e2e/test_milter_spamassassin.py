@@ -12,9 +12,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from tests.e2e.conftest import ServerFactory
 from tests.support import spamassassin
-from tests.support.server import MailServer, behind_milter
+from tests.support.server import MailServer
 
 pytestmark = pytest.mark.e2e
 
@@ -28,11 +27,6 @@ def scanner() -> Iterator[spamassassin.SpamAssassinMilter]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def server(scanner: spamassassin.SpamAssassinMilter, module_mail_server: ServerFactory) -> MailServer:
-    return module_mail_server(settings=behind_milter(scanner.spec))
-
-
 def message(body: str) -> str:
     return (
         "From: bob@example.com\r\nTo: alice@example.org\r\nSubject: hi\r\n"
@@ -41,19 +35,19 @@ def message(body: str) -> str:
     )
 
 
-def test_gtube_is_refused(server: MailServer) -> None:
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client, pytest.raises(
+def test_gtube_is_refused(milter_mx: MailServer) -> None:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client, pytest.raises(
         smtplib.SMTPDataError
     ) as err:
         client.sendmail("bob@example.com", ["alice@example.org"], message(spamassassin.GTUBE))
     assert (err.value.smtp_code, err.value.smtp_error) == (550, b"5.7.1 Blocked by SpamAssassin")
-    server.wait_for_log(r"milter-reject: END-OF-MESSAGE from \S+: 5\.7\.1 Blocked by SpamAssassin")
+    milter_mx.wait_for_log(r"milter-reject: END-OF-MESSAGE from \S+: 5\.7\.1 Blocked by SpamAssassin")
 
 
-def test_clean_message_gets_spamassassin_headers(server: MailServer) -> None:
+def test_clean_message_gets_spamassassin_headers(milter_mx: MailServer) -> None:
     mark = uuid.uuid4().hex
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=60) as client:
+    with smtplib.SMTP(milter_mx.host, milter_mx.smtp_port, timeout=60) as client:
         client.sendmail("bob@example.com", ["alice@example.org"], message(mark))
-    data = server.wait_for_mark("alice", mark, timeout=30)
+    data = milter_mx.wait_for_mark("alice", mark, timeout=30)
     assert b"X-Spam-Status: No, score=" in data
     assert b"X-Spam-Checker-Version: SpamAssassin" in data
