@@ -9,13 +9,10 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.support.milter import pkt
 
 from mailhaven.proto import milter as m
 from mailhaven.proto.replies import Reply
-
-
-def pkt(cmd: bytes, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + cmd + data
 
 
 def optneg(actions: int = m.ALL_ACTIONS, protocol: int = 0, extra: bytes = b"") -> bytes:

@@ -91,11 +91,6 @@ def drive(
     return bytes(out), events, conn
 
 
-@pytest.fixture(params=["whole", "bytewise"])
-def bytewise(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param == "bytewise")
-
-
 def transcript(data: bytes, bytewise: bool, **options: bool) -> bytes:
     """Run the input both ways and insist they agree; return the output."""
     whole = drive(data, bytewise=False, answer=app, **options)[0]

@@ -41,11 +41,6 @@ EHLO_BASIC = b"250-mx.example.org\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250 ENHANC
 EHLO_PIPE = b"250-mx.example.org\r\n250-PIPELINING\r\n250 SIZE\r\n"
 
 
-@pytest.fixture(params=["whole", "bytewise"])
-def bytewise(request: pytest.FixtureRequest) -> bool:
-    return bool(request.param == "bytewise")
-
-
 def phase(conn: ClientConnection) -> Phase:
     """Read through a call, so that mypy does not narrow the property between steps."""
     return conn.phase
