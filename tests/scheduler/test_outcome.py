@@ -1,4 +1,5 @@
-"""The `status=S (text)` of maillog lines, in the shapes Postfix's smtp(8) and local(8) log."""
+"""Judging an attempt (sent, bounced, deferred, expired) and its maillog line, whose
+`status=S (text)` takes the shapes Postfix's smtp(8) and local(8) log."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import replace
 import pytest
 
 from mailhaven.proto.replies import Reply
-from mailhaven.scheduler.backoff import BackoffPolicy
+from mailhaven.scheduler.backoff import DAY, BackoffPolicy
 from mailhaven.scheduler.outcome import attempt_line, judge, status_text
+from mailhaven.spool import Status
 from mailhaven.spool.records import DueRecipient
 
 MX = "mx.example[192.0.2.1]:25"
@@ -82,3 +84,25 @@ def test_the_stored_relay_names_only_a_host_that_said_the_reply() -> None:
     said, timed_out = judge(due, replies, policy=BackoffPolicy(), now=1001.0,
                             null_sender=False, relay=MX)  # fmt: skip
     assert said.update.relay == MX and timed_out.update.relay == "none"
+
+
+def test_judge_and_log_line() -> None:
+    due = [
+        DueRecipient("Q", 0, "a@x.example", "list@x.example", 0, 1000.0, 1000.0),
+        DueRecipient("Q", 1, "b@x.example", "b@x.example", 0, 1000.0, 1000.0),
+        DueRecipient("Q", 2, "c@x.example", "c@x.example", 0, 1000.0, 1000.0),
+    ]
+    replies = {"a@x.example": Reply(250, "ok", "2.0.0"), "b@x.example": Reply(550, "no", "5.1.1")}
+    verdicts = judge(due, replies, policy=BackoffPolicy(), now=1001.5, null_sender=False, relay="mx[1.2.3.4]")
+    assert [v.label for v in verdicts] == ["sent", "bounced", "deferred"]
+    assert [v.update.status for v in verdicts] == [Status.SENT, Status.BOUNCED, Status.DEFERRED]
+    assert verdicts[2].update.next_attempt == 1301.5
+    assert verdicts[2].reply.code == 451  # a missing reply is temporary
+    line = attempt_line("Q", verdicts[0], relay="mx[1.2.3.4]", now=1001.5,
+                        delays=(0.5, 0.0, 0.0, 1.0))
+    assert line == (
+        "Q: to=<a@x.example>, orig_to=<list@x.example>, relay=mx[1.2.3.4], delay=1.5,"
+        " delays=0.5/0/0/1, dsn=2.0.0, status=sent (ok)"
+    )
+    late = judge(due[2:], {}, policy=BackoffPolicy(), now=1000.0 + 5 * DAY, null_sender=False)
+    assert late[0].label == "expired" and late[0].update.status is Status.BOUNCED

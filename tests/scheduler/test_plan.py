@@ -1,54 +1,14 @@
-"""Pure policy: backoff timing, plan limits, fairness, outcome judging and log lines."""
+"""Planning deliveries: grouping, per-destination and global limits, fairness, held and
+suspended routes, site failures."""
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-import pytest
-
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
-from mailhaven.scheduler.backoff import (
-    DAY,
-    BackoffPolicy,
-    delay_warning_due,
-    expired,
-    next_attempt,
-    retry_delay,
-)
-from mailhaven.scheduler.outcome import attempt_line, judge
 from mailhaven.scheduler.plan import Limits, Plan, Suspension, is_site_failure, make_plan
-from mailhaven.spool import DueRecipient, Status
-
-P = BackoffPolicy()
-
-
-def test_backoff_is_time_in_queue_clamped() -> None:
-    assert retry_delay(P, arrival=0, now=10) == 300
-    assert retry_delay(P, arrival=0, now=1000) == 1000
-    assert retry_delay(P, arrival=0, now=100_000) == 4000
-    assert next_attempt(P, arrival=0, now=1000) == 2000
-
-
-def test_expiry_and_bounce_lifetime() -> None:
-    policy = BackoffPolicy(lifetime=5 * DAY, bounce_lifetime=1 * DAY)
-    assert not expired(policy, 0, 5 * DAY - 1, null_sender=False)
-    assert expired(policy, 0, 5 * DAY, null_sender=False)
-    assert expired(policy, 0, 1 * DAY, null_sender=True)
-
-
-def test_delay_warning_is_off_by_default() -> None:
-    assert not delay_warning_due(P, 0, 10 * DAY, already_warned=False)
-    on = BackoffPolicy(delay_warning=4 * 3600)
-    assert delay_warning_due(on, 0, 4 * 3600, already_warned=False)
-    assert not delay_warning_due(on, 0, 4 * 3600, already_warned=True)
-
-
-def test_policy_validation() -> None:
-    with pytest.raises(ValueError):
-        BackoffPolicy(minimal=0)
-    with pytest.raises(ValueError):
-        BackoffPolicy(minimal=500, maximal=400)
+from mailhaven.spool import DueRecipient
 
 
 def rcpt(qid: str, index: int, address: str, attempts: int = 0) -> DueRecipient:
@@ -129,25 +89,3 @@ def test_site_failure_detection() -> None:
     assert not is_site_failure({"a": Reply(452, "mailbox full", "4.2.2")})
     assert not is_site_failure({"a": Reply(421, "x", "4.4.1"), "b": Reply(250, "ok", None)})
     assert not is_site_failure({})
-
-
-def test_judge_and_log_line() -> None:
-    due = [
-        DueRecipient("Q", 0, "a@x.example", "list@x.example", 0, 1000.0, 1000.0),
-        DueRecipient("Q", 1, "b@x.example", "b@x.example", 0, 1000.0, 1000.0),
-        DueRecipient("Q", 2, "c@x.example", "c@x.example", 0, 1000.0, 1000.0),
-    ]
-    replies = {"a@x.example": Reply(250, "ok", "2.0.0"), "b@x.example": Reply(550, "no", "5.1.1")}
-    verdicts = judge(due, replies, policy=P, now=1001.5, null_sender=False, relay="mx[1.2.3.4]")
-    assert [v.label for v in verdicts] == ["sent", "bounced", "deferred"]
-    assert [v.update.status for v in verdicts] == [Status.SENT, Status.BOUNCED, Status.DEFERRED]
-    assert verdicts[2].update.next_attempt == 1301.5
-    assert verdicts[2].reply.code == 451  # a missing reply is temporary
-    line = attempt_line("Q", verdicts[0], relay="mx[1.2.3.4]", now=1001.5,
-                        delays=(0.5, 0.0, 0.0, 1.0))
-    assert line == (
-        "Q: to=<a@x.example>, orig_to=<list@x.example>, relay=mx[1.2.3.4], delay=1.5,"
-        " delays=0.5/0/0/1, dsn=2.0.0, status=sent (ok)"
-    )
-    late = judge(due[2:], {}, policy=P, now=1000.0 + 5 * DAY, null_sender=False)
-    assert late[0].label == "expired" and late[0].update.status is Status.BOUNCED
