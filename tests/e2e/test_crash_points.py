@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import smtplib
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -136,11 +135,6 @@ def sendmail(server: MailServer, data: bytes, rcpt: str) -> None:
     assert done.returncode == 0, done.stderr  # accepted: from here on it must not be lost
 
 
-def queue_size(server: MailServer) -> int:
-    with sqlite3.connect(f"{server.queue_db.as_uri()}?mode=ro", uri=True) as db:
-        return int(db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
-
-
 def maildir_copies(server: MailServer, user: str, needle: str) -> int:
     return sum(needle.encode() in path.read_bytes() for path in server.messages(user))
 
@@ -159,9 +153,9 @@ def wait_for_crash(server: MailServer, point: str) -> None:
 def wait_idle(server: MailServer, count: Callable[[], int], want: int) -> int:
     """Wait until the queue is empty and `want` copies arrived; then a short look for more."""
     deadline = time.monotonic() + SETTLE
-    while queue_size(server) or count() < want:
+    while server.queued_messages() or count() < want:
         assert time.monotonic() < deadline, (
-            f"queue {queue_size(server)}, copies {count()} of {want}\n{server.log_tail()}"
+            f"queue {server.queued_messages()}, copies {count()} of {want}\n{server.log_tail()}"
         )
         time.sleep(0.05)
     time.sleep(0.3)  # nothing queued, so nothing more can arrive; this only guards the count
@@ -251,30 +245,30 @@ def check_disk_at_crash(server: MailServer, case: Case) -> None:
         case "body_linked":
             assert list((spool / "tmp").iterdir()) == []
             assert len(list((spool / "bodies").iterdir())) == 1
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
         case "before_commit":
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
         case "after_commit" | "before_250":
-            assert queue_size(server) == 1
+            assert server.queued_messages() == 1
         case "maildir_tmp_written":
             assert len(maildir_files(server, "postmaster", "tmp")) == TMP_LEFT
             assert maildir_files(server, "postmaster", "new") == []
-            assert queue_size(server) == 1
+            assert server.queued_messages() == 1
         case "maildir_linked":
             assert maildir_files(server, "postmaster", "tmp") == []
             assert len(maildir_files(server, "postmaster", "new")) == 1
-            assert queue_size(server) == 1
+            assert server.queued_messages() == 1
         case "delivered":
-            assert queue_size(server) == 1
+            assert server.queued_messages() == 1
         case "bounce_built":
-            assert queue_size(server) == 1  # the original, finished, not yet removed
+            assert server.queued_messages() == 1  # the original, finished, not yet removed
         case "bounce_queued":
-            assert queue_size(server) == 2  # the original and its report
+            assert server.queued_messages() == 2  # the original and its report
         case "pickup_read":
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
             assert len(list((server.state_dir / "maildrop" / "new").iterdir())) == 1
         case "pickup_queued":
-            assert queue_size(server) == 1
+            assert server.queued_messages() == 1
             assert len(list((server.state_dir / "maildrop" / "new").iterdir())) == 1
         case _:
             raise AssertionError(f"no disk check for {case.point}")
@@ -287,16 +281,16 @@ def check_direct_disk_at_crash(server: MailServer, case: Case) -> None:
         case "maildir_tmp_written":
             assert len(maildir_files(server, "postmaster", "tmp")) == TMP_LEFT
             assert maildir_files(server, "postmaster", "new") == []
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
         case "maildir_linked" | "before_250":
             assert maildir_files(server, "postmaster", "tmp") == []
             assert len(maildir_files(server, "postmaster", "new")) == 1
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
         case "bounce_queued":
-            assert queue_size(server) == 1  # the original; its report is in alice's Maildir
+            assert server.queued_messages() == 1  # the original; its report is in alice's Maildir
             assert len(maildir_files(server, "alice", "new")) == 1
         case "pickup_queued":
-            assert queue_size(server) == 0
+            assert server.queued_messages() == 0
             assert len(maildir_files(server, "postmaster", "new")) == 1
             assert len(list((server.state_dir / "maildrop" / "new").iterdir())) == 1
         case _:
@@ -340,7 +334,7 @@ def test_crash_in_a_group_commit(mail_server: ServerFactory, point: str) -> None
         thread.join(30)
     wait_for_crash(server, point)
     assert acked == [None] * clients  # the first COMMIT after start-up was the crash
-    committed = queue_size(server)
+    committed = server.queued_messages()
     if point == "before_commit":
         assert committed == 0
     else:

@@ -35,12 +35,6 @@ SETTINGS = {
 }
 
 
-def messages_ever_queued(server: MailServer) -> int:
-    """Rows the queue holds now (a message queued and delivered leaves none)."""
-    with sqlite3.connect(f"{server.queue_db.as_uri()}?mode=ro", uri=True) as db:
-        return int(db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
-
-
 def send_one(server: MailServer, rcpts: list[str], data: bytes) -> str:
     with smtplib.SMTP(server.host, server.smtp_port, "client.test", timeout=30) as s:
         s.ehlo()
@@ -74,7 +68,7 @@ def test_copies_are_in_new_at_the_250_and_the_queue_is_never_written(
         assert fields[0] == b"Return-Path: <sender@example.org>"
         assert fields[1] == f"Delivered-To: {user}@localhost".encode()
         assert queue_id_of(path.read_bytes()) == qid
-    assert messages_ever_queued(server) == 0
+    assert server.queued_messages() == 0
     story = lines_of(server, qid)
     [arrival] = [i for i, line in enumerate(story) if line.startswith(f"{qid}: from=<")]
     sent = [i for i, line in enumerate(story) if ", relay=local, " in line
@@ -98,7 +92,7 @@ def test_the_same_bytes_as_the_queued_path(mail_server: ServerFactory) -> None:
         copies.append(re.sub(rb"; [^\n]+\n", b"; DATE\n", text, count=1))
         assert f"{qid}: to=<alice@localhost>, relay=local," in direct.log() + queued.log()
     assert copies[0] == copies[1]
-    assert messages_ever_queued(direct) == 0
+    assert direct.queued_messages() == 0
 
 
 def test_a_full_mailbox_is_queued_for_that_recipient_alone(mail_server: ServerFactory) -> None:
@@ -136,7 +130,7 @@ def test_swaks(mail_server: ServerFactory, swaks: str) -> None:
     for user in ("alice", "bob"):  # at swaks' exit, already there
         [path] = server.messages(user)
         assert mark.encode() in path.read_bytes()
-    assert messages_ever_queued(server) == 0
+    assert server.queued_messages() == 0
 
 
 def test_smtp_source_with_worker_processes(mail_server: ServerFactory) -> None:
@@ -155,7 +149,7 @@ def test_smtp_source_with_worker_processes(mail_server: ServerFactory) -> None:
     assert len(server.messages("postmaster")) == count
     qids = {queue_id_of(p.read_bytes()) for p in server.messages("postmaster")}
     assert len(qids) == count
-    assert messages_ever_queued(server) == 0  # the daemon's shard
+    assert server.queued_messages() == 0  # the daemon's shard
     pids = {m.group(1) for m in re.finditer(r"mailhaven/qmgr\[(\d+)\]: \w+: removed", server.log())}
     assert len(pids) == 2  # both processes delivered directly
 
@@ -175,7 +169,7 @@ def test_kill_under_load_loses_and_duplicates_nothing_acknowledged(
     acknowledged = send_while_killing(server, rng, expected, clients, run, kills=3)
     assert len(set(acknowledged.values())) == clients * per_client
     deadline = time.monotonic() + 30
-    while messages_ever_queued(server):  # nothing should be queued; if so, let it finish
+    while server.queued_messages():  # nothing should be queued; if so, let it finish
         assert time.monotonic() < deadline, server.log_tail()
         time.sleep(0.05)
     by_qid: dict[str, list[bytes]] = {}

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import smtplib
-import subprocess
-import sys
 
 import pytest
 from tests.e2e.conftest import ServerFactory
@@ -30,15 +28,8 @@ def _send(server: MailServer, marker: str, size: int) -> str:
     return reply.decode().rsplit(" ", 1)[-1]
 
 
-def _queue(server: MailServer, *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailhaven", "queue", "-c", str(server.config_path), *words],
-        cwd=server.dir, capture_output=True, text=True, timeout=60, check=False,
-    )
-
-
 def _listed(server: MailServer) -> dict[str, str]:
-    shown = _queue(server, "list", "--json")
+    shown = server.queue_cli("list", "--json")
     assert shown.returncode == 0, shown.stderr
     return {m["queue_id"]: m["sender"] for m in map(json.loads, shown.stdout.splitlines())}
 
@@ -77,11 +68,11 @@ def test_a_damaged_queue_db_is_rebuilt_at_start(queued: tuple[MailServer, str]) 
 
 def test_queue_salvage_rebuilds_with_the_daemon_stopped(queued: tuple[MailServer, str]) -> None:
     server, big = queued
-    done = _queue(server, "salvage")
+    done = server.queue_cli("salvage")
     assert done.returncode == 0, done.stderr
     assert "queue.db is damaged" in done.stdout and "1 from body files" in done.stdout
     assert _listed(server) == {big: "sender@client.test"}
-    again = _queue(server, "salvage")
+    again = server.queue_cli("salvage")
     assert again.returncode == 0 and "queue.db is sound" in again.stdout, again
     server.start()
     assert "queue.db is damaged" not in server.log()
@@ -102,9 +93,9 @@ def test_a_body_file_damaged_to_the_same_size_is_held_not_sent(
         f.seek(BIG // 2)
         f.write(b"X")
     server.start()
-    assert _queue(server, "flush").returncode == 0
+    assert server.queue_cli("flush").returncode == 0
     server.wait_for_log(f"{qid}: quarantined: body file does not match its checksum")
-    shown = _queue(server, "list", "--json")
+    shown = server.queue_cli("list", "--json")
     [entry] = [json.loads(line) for line in shown.stdout.splitlines()]
     assert entry["queue_id"] == qid
     assert "status=sent" not in server.log()

@@ -21,8 +21,6 @@ import re
 import signal
 import sqlite3
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,10 +163,7 @@ def test_queue_flush_retries_a_destination_that_was_just_down(
     qid = send(server, ["bob@flush.test"])
     wait_attempt(server, qid, "bob@flush.test", "deferred")
     late.start()
-    flushed = subprocess.run(
-        [sys.executable, "-m", "mailhaven", "queue", "-c", str(server.config_path), "flush"],
-        cwd=server.dir, capture_output=True, text=True, timeout=30, check=False,
-    )
+    flushed = server.queue_cli("flush")
     assert flushed.returncode == 0, flushed.stderr
     assert "1 recipient(s) made due now" in flushed.stdout
     [got] = late.wait_for(1, timeout=8)

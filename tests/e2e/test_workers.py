@@ -15,8 +15,6 @@ import os
 import re
 import signal
 import smtplib
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,16 +86,9 @@ def send(server: MailServer, rcpt: str, mark: str) -> str:
     return reply.decode().rsplit(" ", 1)[-1]
 
 
-def queue_cli(server: MailServer, *words: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailhaven", "queue", "-c", str(server.config_path), *words],
-        cwd=server.dir, capture_output=True, text=True, timeout=60, check=False,
-    )
-
-
 def listed(server: MailServer) -> dict[str, list[str]]:
     """`mailhaven queue list --json`: queue id -> each recipient's hold reasons."""
-    shown = queue_cli(server, "list", "--json")
+    shown = server.queue_cli("list", "--json")
     assert shown.returncode == 0, shown.stderr
     out: dict[str, list[str]] = {}
     for line in shown.stdout.splitlines():
@@ -147,10 +138,10 @@ def test_etrn_and_queue_commands_reach_every_shard(mail_server: ServerFactory) -
     in_daemon, in_worker = one_held_message_per_shard(server, worker)
     assert listed(server) == {in_daemon: ["route"], in_worker: ["route"]}
     # `queue hold` / `release` go through the daemon, which passes them on to the worker
-    held = queue_cli(server, "hold", in_daemon, in_worker)
+    held = server.queue_cli("hold", in_daemon, in_worker)
     assert held.returncode == 0 and "hold: 2 message(s)" in held.stdout, held
     assert listed(server) == {in_daemon: ["route,admin"], in_worker: ["route,admin"]}
-    released = queue_cli(server, "release", in_daemon, in_worker)
+    released = server.queue_cli("release", in_daemon, in_worker)
     assert released.returncode == 0 and "release: 2 message(s)" in released.stdout, released
     # ETRN on the worker: the daemon releases the domain in both shards and counts both
     with frozen(server.pid):  # only the worker can take this connection
@@ -166,7 +157,7 @@ def test_etrn_and_queue_commands_reach_every_shard(mail_server: ServerFactory) -
     for qid in (in_daemon, in_worker):
         server.wait_for_log(rf"{qid}: to=<gw@parttime\.test>.* status=deferred", timeout=20)
     assert listed(server) == {in_daemon: [""], in_worker: [""]}
-    deleted = queue_cli(server, "delete", in_daemon, in_worker)
+    deleted = server.queue_cli("delete", in_daemon, in_worker)
     assert deleted.returncode == 0 and "delete: 2 message(s)" in deleted.stdout, deleted
     assert listed(server) == {}
 

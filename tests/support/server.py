@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -234,6 +235,19 @@ class MailServer(LogWatch):
     @property
     def queue_db(self) -> Path:
         return self.state_dir / "spool" / "queue.db"
+
+    def queued_messages(self) -> int:
+        """Messages the queue database holds now, read-only (a delivered message leaves none)."""
+        uri = f"{self.queue_db.as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+
+    def queue_cli(self, *words: str) -> subprocess.CompletedProcess[str]:
+        """`mailhaven queue WORDS` on this server's configuration; the caller checks the result."""
+        return subprocess.run(
+            [sys.executable, "-m", "mailhaven", "queue", "-c", str(self.config_path), *words],
+            cwd=self.dir, capture_output=True, text=True, timeout=60, check=False,
+        )
 
     @property
     def smtp_port(self) -> int:
