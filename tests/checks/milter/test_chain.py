@@ -46,12 +46,6 @@ async def envelope_stages(chain: MilterChain) -> list[Reply | None]:
     ]
 
 
-@pytest.fixture
-def milter() -> object:
-    with TestMilter() as m:
-        yield m
-
-
 async def test_all_continue_sends_every_stage(tmp_path: Path, milter: TestMilter) -> None:
     chain = chain_for(milter)
     assert await envelope_stages(chain) == [None, None, None]

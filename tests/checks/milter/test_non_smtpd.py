@@ -3,7 +3,6 @@ the milters (as from localhost [127.0.0.1]) before intake, over a real loopback 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -44,12 +43,6 @@ class FakeDoor:
         with writer.read_back() as stream:
             self.submitted.append((stream.read(), envelope))
         return Queued(writer.queue_id, Reply(250, "ok", "2.0.0"))
-
-
-@pytest.fixture
-def milter() -> Iterator[TestMilter]:
-    with TestMilter() as m:
-        yield m
 
 
 def door_for(tmp: Path, *milters: TestMilter, **kw: object) -> tuple[MilteredDoor, FakeDoor]:
