@@ -1,13 +1,15 @@
 """Fakes and helpers shared across the test suite (fixtures built on them: tests/conftest.py).
 
-A clock the tests move by hand, a free loopback port, and the small records most spool and
-scheduler tests need. Fakes of *peers* do not belong here: interoperability tests run the real
-programs (tests/support/).
+A clock the tests move by hand, a free loopback port, the small records most spool and
+scheduler tests need, and the messages of a Maildir. Fakes of *peers* do not belong here:
+interoperability tests run the real programs (tests/support/).
 """
 
 from __future__ import annotations
 
+import mailbox
 import socket
+from pathlib import Path
 
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.spool import QueuedRecipient, Spool
@@ -31,13 +33,20 @@ class Wake:
         self.count += 1
 
 
-
 class FakeClock:
     def __init__(self, now: float = 1_700_000_000.0) -> None:
         self.now = now
 
     def __call__(self) -> float:
         return self.now
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    """The messages of the Maildir at `path`, sorted by content; none if it does not exist."""
+    if not path.exists():
+        return []
+    box = mailbox.Maildir(path, create=False)
+    return sorted(box.get_bytes(k) for k in box.iterkeys())
 
 
 def envelope(*rcpts: str, sender: str = "alice@example.org") -> Envelope:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import mailbox
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from tests.fakes import maildir_messages
 from tests.support.dovecot_lmtp import DovecotStore, dovecot_store
 from tests.support.server import free_port
 
@@ -42,11 +42,7 @@ def request(nexthop: str, *rcpts: str, data: bytes | None = None) -> DeliveryReq
 
 
 def stored(store: DovecotStore, user: str, folder: str = "") -> list[bytes]:
-    path = store.maildir(user) / (f".{folder}" if folder else "")
-    if not path.exists():
-        return []
-    box = mailbox.Maildir(path, create=False)
-    return [box.get_bytes(k) for k in box.iterkeys()]
+    return maildir_messages(store.maildir(user) / (f".{folder}" if folder else ""))
 
 
 FAST = Timeouts(connect=5, greeting=10, helo=10, mail=10, rcpt=10, data_init=10,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import io
-import mailbox
 import os
 import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from tests.fakes import maildir_messages
 
 from mailhaven.delivery import local as local_mod
 from mailhaven.delivery.base import DeliveryAgent, DeliveryRequest
@@ -45,8 +45,7 @@ def request(
 
 
 def messages(root: Path, user: str) -> list[bytes]:
-    box = mailbox.Maildir(root / "example.org" / user, create=False)
-    return sorted(box.get_bytes(k) for k in box.iterkeys())
+    return maildir_messages(root / "example.org" / user)
 
 
 def test_is_a_delivery_agent(tmp_path: Path) -> None:

@@ -8,13 +8,13 @@ the message and retries) or unknown (550 5.1.1 at RCPT: Postfix bounces it).
 
 from __future__ import annotations
 
-import mailbox
 import smtplib
 import socket
 from pathlib import Path
 
 import pytest
 from tests.e2e.conftest import ServerFactory
+from tests.fakes import maildir_messages
 from tests.support.postfix import postfix_instance
 from tests.support.server import MailServer
 
@@ -22,11 +22,7 @@ pytestmark = pytest.mark.e2e
 
 
 def messages(server: MailServer, user: str) -> list[bytes]:
-    path = server.maildir(user)
-    if not path.exists():
-        return []
-    box = mailbox.Maildir(path, create=False)
-    return [box.get_bytes(k) for k in box.iterkeys()]
+    return maildir_messages(server.maildir(user))
 
 
 def lmtp_server(mail_server: ServerFactory, **quota: str) -> MailServer:

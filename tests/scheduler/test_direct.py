@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mailbox
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from tests.fakes import envelope
+from tests.fakes import envelope, maildir_messages
 
 from mailhaven.delivery.base import DeliveryRequest
 from mailhaven.delivery.local import LocalAgent
@@ -74,11 +73,7 @@ class Fixture:
         return w.queue_id, report is not None
 
     def copies(self, user: str) -> list[bytes]:
-        path = self.root / "example.org" / user
-        if not path.exists():
-            return []
-        box = mailbox.Maildir(path, create=False)
-        return sorted(box.get_bytes(k) for k in box.iterkeys())
+        return maildir_messages(self.root / "example.org" / user)
 
     def queued(self) -> dict[str, list[str]]:
         return {

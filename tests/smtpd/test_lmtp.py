@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import mailbox
 from pathlib import Path
+
+from tests.fakes import maildir_messages
 
 from mailhaven.delivery.local import LocalAgent
 from mailhaven.mailbox.maildir import ensure_maildir, mailbox_path
@@ -48,11 +49,7 @@ def box(root: Path, address: str) -> Path:
 
 
 def messages(root: Path, user: str) -> list[bytes]:
-    box_path = box(root, f"{user}@store.example")
-    if not box_path.exists():
-        return []
-    box_ = mailbox.Maildir(box_path, create=False)
-    return [box_.get_bytes(k) for k in box_.iterkeys()]
+    return maildir_messages(box(root, f"{user}@store.example"))
 
 
 async def test_each_recipient_gets_its_own_verdict(tmp_path: Path) -> None:
