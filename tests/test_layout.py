@@ -21,7 +21,6 @@ BY_TOPIC = {
     "proto/test_properties.py": "hypothesis properties of proto.address and proto.body",
     # left to merge into the file of their module (not a plain rename):
     "delivery/test_local_quota.py": "delivery.local with quotas; own helpers, see test_local.py",
-    "pop3d/test_streaming.py": "pop3d.server memory while streaming RETR",
     "scheduler/test_fastpath.py": "scheduler.runner with the active queue",
 }
 

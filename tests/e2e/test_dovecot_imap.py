@@ -25,7 +25,6 @@ import os
 import poplib
 import pwd
 import shutil
-import smtplib
 import ssl
 import stat
 import subprocess
@@ -97,11 +96,6 @@ def both(mail_server: ServerFactory, shared: Path, tmp_path: Path
         yield server, dovecot
 
 
-def send(server: MailServer, to: str, subject: str) -> None:
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as smtp:
-        smtp.sendmail("sender@client.test", [to], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
-
-
 @contextlib.contextmanager
 def imap(dovecot: dc.Dovecot, user: str, password: str) -> Iterator[imaplib.IMAP4]:
     client = imaplib.IMAP4("127.0.0.1", dovecot.imap_port, timeout=20)
@@ -127,8 +121,8 @@ def uidls(client: poplib.POP3) -> list[str]:
 def test_imap_and_pop3_share_the_maildirs(both: tuple[MailServer, dc.Dovecot]) -> None:
     server, dovecot = both
     for n in range(3):
-        send(server, "alice@a.example", f"a{n}")
-    send(server, "ALICE@B.EXAMPLE", "b0")
+        server.send_test_message("alice@a.example", f"a{n}")
+    server.send_test_message("ALICE@B.EXAMPLE", "b0")
     server.wait_for_messages("alice@a.example", 3)
     server.wait_for_messages("alice@b.example", 1)
 
@@ -197,7 +191,7 @@ def test_pop3_delete_while_imap_expunges(both: tuple[MailServer, dc.Dovecot]) ->
     subject: the two servers need not number them alike."""
     server, dovecot = both
     for n in range(5):
-        send(server, "alice@a.example", f"m{n}")
+        server.send_test_message("alice@a.example", f"m{n}")
     server.wait_for_messages("alice@a.example", 5)
     password = PASSWORDS["alice@a.example"]
     session = pop3(server, "alice@a.example", password)
@@ -242,7 +236,7 @@ def test_pop3_quit_races_imap_expunge(both: tuple[MailServer, dc.Dovecot]) -> No
             break
         names = [f"x{round_}r{n}" for n in range(6)]
         for name in names:
-            send(server, "alice@a.example", name)
+            server.send_test_message("alice@a.example", name)
         server.wait_for_messages("alice@a.example", len(kept) + 6)
         session = pop3(server, "alice@a.example", password)
         numbers = {subject(session, n): n for n in range(1, session.stat()[0] + 1)}
@@ -310,7 +304,7 @@ def test_a_pop3_login_before_any_mail_makes_a_maildir_dovecot_opens(
     with imap(dovecot, "carol@b.example", "carol pw") as client:
         assert client.select("INBOX") == ("OK", [b"0"])
         assert client.create("Lists")[0] == "OK"  # Dovecot may write in it
-    send(server, "carol@b.example", "after")
+    server.send_test_message("carol@b.example", "after")
     (got,) = server.wait_for_messages("carol@b.example", 1)
     assert got.stat().st_uid == uid
 
@@ -325,8 +319,8 @@ def test_plus_address_delivers_into_a_folder_made_over_imap(
     password = PASSWORDS["alice@a.example"]
     with imap(dovecot, "alice@a.example", password) as client:
         assert client.create("lists")[0] == "OK"
-    send(server, "alice+lists@a.example", "for the list")  # direct delivery: in before the 250
-    send(server, "alice+nosuch@a.example", "no such folder")
+    server.send_test_message("alice+lists@a.example", "for the list")  # direct delivery: in before the 250
+    server.send_test_message("alice+nosuch@a.example", "no such folder")
     (inbox,) = server.wait_for_messages("alice@a.example", 1)
     assert b"Subject: no such folder" in inbox.read_bytes()
     (listed,) = server.messages("alice@a.example", folder="lists")
@@ -340,7 +334,7 @@ def test_plus_address_delivers_into_a_folder_made_over_imap(
     server.update_config({"folders": {"plus_address": False}})
     server.reload()
     server.wait_for_log(r"reload: configuration .* applied")
-    send(server, "alice+lists@a.example", "plus folders off")
+    server.send_test_message("alice+lists@a.example", "plus folders off")
     got = server.wait_for_messages("alice@a.example", 2)
     assert any(b"Subject: plus folders off" in path.read_bytes() for path in got)
     assert len(server.messages("alice@a.example", folder="lists")) == 1

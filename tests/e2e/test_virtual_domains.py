@@ -68,11 +68,6 @@ def server(mail_server: ServerFactory, tmp_path: Path, tls: tuple[Path, Path]) -
                        services=("smtp", "submission", "pop3"))
 
 
-def send(server: MailServer, to: str, subject: str) -> None:
-    with smtplib.SMTP(server.host, server.smtp_port, timeout=10) as smtp:
-        smtp.sendmail("sender@client.test", [to], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
-
-
 def test_msmtp_submits_with_the_full_address(server: MailServer, tls: tuple[Path, Path],
                                             tmp_path: Path) -> None:
     msmtp = shutil.which("msmtp") or pytest.skip("msmtp not installed")
@@ -98,9 +93,9 @@ def test_msmtp_submits_with_the_full_address(server: MailServer, tls: tuple[Path
 
 def test_mpop_and_fetchmail_with_the_full_address(server: MailServer, tls: tuple[Path, Path],
                                                  tmp_path: Path) -> None:
-    send(server, "alice@b.example", "for alice at b")
-    send(server, "alice@a.example", "for alice at a")
-    send(server, "bob@b.example", "for bob")
+    server.send_test_message("alice@b.example", "for alice at b")
+    server.send_test_message("alice@a.example", "for alice at a")
+    server.send_test_message("bob@b.example", "for bob")
     server.wait_for_messages("bob@b.example", 1)
     server.wait_for_messages("alice@a.example", 1)
     server.wait_for_messages("alice@b.example", 1)
@@ -280,7 +275,7 @@ def test_aliases_and_catch_all_are_per_domain(
     own = mail_server(settings=config, services=("smtp",))
     for to, subject in [("sales@a.example", "sales a"), ("SALES@B.example", "sales b"),
                         ("nobody@b.example", "stray b"), ("bob@b.example", "bob himself")]:
-        send(own, to, subject)
+        own.send_test_message(to, subject)
     subjects = {user: sorted(subject_of(p) for p in own.messages(user))
                 for user in PASSWORDS}
     assert subjects == {"alice@a.example": ["sales a"], "alice@b.example": ["stray b"],
@@ -332,12 +327,12 @@ def test_removed_domain_mail_is_held_then_delivered(server: MailServer) -> None:
     """b.example leaves local_domains while a message for bob@b.example is queued (its Maildir
     cannot be written: the delivery is deferred). After the reload the message is held, logged,
     neither relayed nor bounced; when b.example is back it is delivered, once."""
-    send(server, "bob@b.example", "first")
+    server.send_test_message("bob@b.example", "first")
     server.wait_for_messages("bob@b.example", 1)
     box = server.maildir("bob@b.example")
     shutil.rmtree(box)
     box.write_text("not a directory")  # deliveries fail temporarily
-    send(server, "bob@b.example", "queued")
+    server.send_test_message("bob@b.example", "queued")
     server.wait_for_log(r"to=<bob@b\.example>, relay=local, .*status=deferred")
     server.update_config({"local_domains": ["a.example"]})
     server.reload()

@@ -35,6 +35,7 @@ import contextlib
 import os
 import re
 import signal
+import smtplib
 import socket
 import sqlite3
 import subprocess
@@ -241,6 +242,11 @@ class MailServer(LogWatch):
         uri = f"{self.queue_db.as_uri()}?mode=ro"
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             return int(db.execute("SELECT COUNT(*) FROM message").fetchone()[0])
+
+    def send_test_message(self, to: str, subject: str) -> None:
+        """A small message for `to` over SMTP from an outside sender (smtplib, port 25's role)."""
+        with smtplib.SMTP(self.host, self.smtp_port, timeout=10) as smtp:
+            smtp.sendmail("sender@client.test", [to], f"Subject: {subject}\r\n\r\nhi\r\n".encode())
 
     def queue_cli(self, *words: str) -> subprocess.CompletedProcess[str]:
         """`mailhaven queue WORDS` on this server's configuration; the caller checks the result."""
