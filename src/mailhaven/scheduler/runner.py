@@ -52,6 +52,7 @@ from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route
 from mailhaven.scheduler.active import ActiveQueue
 from mailhaven.scheduler.backoff import BackoffPolicy, delay_warning_due, next_attempt
+from mailhaven.scheduler.dead import DeadDestinations
 from mailhaven.scheduler.outcome import (
     UNAVAILABLE,
     Verdict,
@@ -104,7 +105,7 @@ class Runner:
         self._stopping = False
         self._busy: Counter[Route] = Counter()
         self._tasks: dict[asyncio.Task[None], Delivery] = {}
-        self._dead: dict[Route, Suspension] = {}
+        self._dead = DeadDestinations(clock)
         self._stopped = asyncio.Event()
         self._running = False
         self._rescan = True
@@ -139,7 +140,7 @@ class Runner:
         """Forget every dead destination (Postfix's flush_dead: `postqueue -f`, `sendmail -q`,
         ETRN): after an outage the operator's flush must connect now, not log `delivery
         temporarily suspended` until the dead-destination timer runs out."""
-        self._dead.clear()
+        self._dead.forget()
 
     def flush(self) -> None:
         """`forget_dead`, then read the queue again soon (a flush or an ETRN release)."""
@@ -213,7 +214,6 @@ class Runner:
     async def run_once(self) -> float | None:
         """Plan and dispatch what is due now; returns when to look again (None: on wake only)."""
         now = self._clock()
-        self._dead = {r: s for r, s in self._dead.items() if s.until > now}
         if self._revisit:
             self._revisit = False
             await self._give_back_fresh()
@@ -227,7 +227,7 @@ class Runner:
             route=routes.__getitem__,
             transports=self._agents.keys(),
             in_flight=self._busy,
-            dead=self._dead,
+            dead=self._dead.current(),
             limits=self._limits,
             now=now,
         )
@@ -429,7 +429,7 @@ class Runner:
         now = self._clock()
         if crashed or is_site_failure(replies):
             first = next(iter(replies.values()))
-            self._dead[d.route] = Suspension(now + self._limits.dead_time, first)
+            self._dead.suspend(d.route, first, self._limits.dead_time)
         await self._conclude(
             d.queue_id,
             d.recipients,
