@@ -88,3 +88,39 @@ async def test_workers_get_the_key_at_start_and_on_rotation(tmp_path: Path) -> N
         assert pool.ticket_key == second  # what a restarted worker gets
     finally:
         await pool.stop(grace=1)
+
+
+async def test_a_watcher_that_fails_reaches_the_daemons_task_group() -> None:
+    """The watchers run in the task group the daemon passes (`spawn`): a worker that cannot be
+    started again stops the daemon (systemd restarts it) instead of vanishing unrestarted."""
+    starts = 0
+    pools: list[WorkerPool] = []
+
+    def make(tasks: asyncio.TaskGroup) -> WorkerPool:
+        pool = WorkerPool(1, None, [], spawn=tasks.create_task)
+        pool._argv = [sys.executable, "-c", "pass"]  # a worker that exits at once
+        real_spawn = pool._spawn
+
+        async def spawn(slot: int) -> None:
+            nonlocal starts
+            starts += 1
+            if starts > 1:
+                raise OSError("fork failed")
+            await real_spawn(slot)
+
+        pool._spawn = spawn  # type: ignore[method-assign]
+        pools.append(pool)
+        return pool
+
+    try:
+        async with asyncio.timeout(10):
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    await make(tasks).start()
+            except ExceptionGroup as group:
+                assert group.subgroup(OSError) is not None and starts == 2
+            else:
+                raise AssertionError("the failed restart was lost")
+    finally:
+        for pool in pools:
+            await pool.stop(grace=1)

@@ -3,15 +3,16 @@
 In: a subject and a plain-text body, from a synchronous caller inside a session. Out: one small
 message from `MAILER-DAEMON@<hostname>` to `postmaster@<first local domain>`, queued through
 intake like any local mail (null sender: a failure is never bounced), in a task of its own so
-the session that triggered it does not wait; the result is logged. Intake adds Date: and
-Message-ID: (protocol "local").
+the session that triggered it does not wait; the result is logged. The task is started by
+`spawn` (the process's TaskGroup), so it ends with the process and an unexpected error in it
+is not lost. Intake adds Date: and Message-ID: (protocol "local").
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mailhaven.config import Config
 from mailhaven.proto.envelope import Envelope, RecipientSpec
@@ -38,15 +39,18 @@ class PostmasterAlerts:
     """`alert(subject, text)` for `checks.services.CheckServices`; the sink comes late (it is
     built with the engine)."""
 
-    def __init__(self, config: Callable[[], Config], sink: Callable[[], MessageSink | None]) -> None:
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        sink: Callable[[], MessageSink | None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
+    ) -> None:
         self._config = config
         self._sink = sink
-        self._tasks: set[asyncio.Future[None]] = set()
+        self._spawn = spawn
 
     def __call__(self, subject: str, text: str) -> None:
-        task = asyncio.ensure_future(self._send(subject, text))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._send(subject, text))
 
     async def _send(self, subject: str, text: str) -> None:
         sink = self._sink()

@@ -4,9 +4,11 @@ The daemon (shard 0) binds the listeners, drops privileges, runs the engine (`en
 local submission (pickup and the control socket), POP3, the worker processes
 (`smtp_processes` > 1) and ACME. A worker process (`App(config, worker=role)`) runs the same
 engine on a queue shard of its own (`runtime.workers`, `spool.shards`) on the daemon's `smtp`
-sockets. Every task of the process lives in one `asyncio.TaskGroup`: none outlives `run()`,
-and one that dies of an unexpected error stops the process (systemd restarts it) instead of
-failing silently.
+sockets. Every task the process starts (the queue runner, the pickup, timers, ACME, worker
+watchers, postmaster notices) lives in one `asyncio.TaskGroup` (`_spawn`): none outlives
+`run()`, and one that dies of an unexpected error stops the process (systemd restarts it)
+instead of failing silently. Tasks a role makes for its own work (a session, a delivery, a DNS
+lookup) belong to that role, which ends them when it stops.
 
 Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
 at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by
@@ -119,8 +121,11 @@ class App:
         self.tls: ReloadableTLS | None = None
         self.engine: Engine | None = None
         #: access lists, DNS lists, greylisting, sender limits (`checks.services`)
-        self.checks = CheckServices(config, alert=PostmasterAlerts(
-            lambda: self.config, lambda: self.engine.smtp.sink if self.engine else None))
+        #: notices to the postmaster (sender limits), queued in tasks of their own
+        self.alerts = PostmasterAlerts(
+            lambda: self.config, lambda: self.engine.smtp.sink if self.engine else None,
+            self._spawn)
+        self.checks = CheckServices(config, alert=self.alerts)
         self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator, self._etrn,
                                  checks=self.checks)
         self.workers: WorkerPool | None = None
@@ -135,8 +140,10 @@ class App:
         self.manager: systemd.Notifier | None = None
         self._stop = asyncio.Event()
         self._queue_lock: DaemonLock | None = None
-        self._tasks: asyncio.TaskGroup | None = None
-        self._background: list[asyncio.Task[Any]] = []
+        #: every task of the process (entered by `run`; `create_task` before that raises)
+        self._tasks = asyncio.TaskGroup()
+        #: the tasks `shutdown` cancels (the runner and the worker watchers stop themselves)
+        self._background: set[asyncio.Task[Any]] = set()
         self._release_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
@@ -148,10 +155,13 @@ class App:
     def config(self) -> Config:
         return self.live.config
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        assert self._tasks is not None, "tasks start inside run()"
+    def _spawn(self, coro: Coroutine[Any, Any, Any], *, stop_cancels: bool = True
+               ) -> asyncio.Task[Any]:
+        """A task in the process's TaskGroup: an unexpected error in it stops the process."""
         task = self._tasks.create_task(coro)
-        self._background.append(task)
+        if stop_cancels:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return task
 
     def _worker_sockets(self) -> list[Path]:
@@ -277,7 +287,7 @@ class App:
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
         await self._start_local_submission(engine)
         await self._start_listeners(engine)
-        self._runner_task = self._spawn(engine.runner.run())
+        self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
         await self._start_workers()
         self._start_acme()
         self.ready.set()
@@ -367,7 +377,8 @@ class App:
             return
         fds = [s.fileno() for s in self._smtp_sockets]
         self.workers = WorkerPool(extra, self.config.source, fds,
-                                  ticket_key=tls_tickets.process_keys.key)
+                                  ticket_key=tls_tickets.process_keys.key,
+                                  spawn=lambda c: self._spawn(c, stop_cancels=False))
         await self.workers.start()
 
     # ------------------------------------------------------------------ TLS ticket keys
@@ -420,7 +431,7 @@ class App:
         await self.control.start()
         for fd in role.fds:
             await engine.smtp.listen("", self.profiles.mx, sock=socket.socket(fileno=fd))
-        self._runner_task = self._spawn(engine.runner.run())
+        self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
         self._start_acme()
         if role.lifeline is not None:
             watch_lifeline(role.lifeline, self.stop, tls_tickets.process_keys.install,
@@ -464,16 +475,13 @@ class App:
 
     async def run(self) -> int:
         try:
-            async with asyncio.TaskGroup() as tasks:
-                self._tasks = tasks
+            async with self._tasks:
                 await self._serve()
         except BaseExceptionGroup as group:
             # one failure (a listen address in use...) surfaces as itself, for the CLI
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-        finally:
-            self._tasks = None
         return 0
 
     async def _serve(self) -> None:
@@ -598,7 +606,7 @@ class App:
             old_outbound, self.engine.intake.outbound = (
                 self.engine.intake.outbound, prepared.outbound)
             if old_outbound is not None:  # its signing helper: the new hook starts its own
-                self._background.append(asyncio.ensure_future(old_outbound.close()))
+                self._spawn(old_outbound.close())
         self.profiles.forget()  # the next connection builds the profile from the new config
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
@@ -645,9 +653,8 @@ class App:
         self.profiles.forget()
 
     async def shutdown(self) -> None:
-        for task in self._background:
-            if task is not self._runner_task:
-                task.cancel()
+        for task in list(self._background):
+            task.cancel()
         for listener in self.pop3:
             listener.close()
         engine = self.engine

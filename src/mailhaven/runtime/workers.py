@@ -41,7 +41,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,8 +121,12 @@ class WorkerPool:
         config_source: str | None,
         fds: Sequence[int],
         ticket_key: bytes | None = None,
+        spawn: Callable[[Coroutine[None, None, None]], asyncio.Task[None]] = asyncio.create_task,
     ) -> None:
         self.count = count
+        #: starts the watcher tasks: the daemon's is its TaskGroup's, so a watcher that fails
+        #: (a worker that cannot be started again) stops the daemon instead of vanishing
+        self._spawn_task = spawn
         #: the TLS session-ticket key each worker gets on its lifeline (`net.tls_tickets`)
         self.ticket_key = ticket_key
         self._argv = [sys.executable, "-m", "mailhaven", "serve"]
@@ -142,7 +146,7 @@ class WorkerPool:
     async def start(self) -> None:
         for slot in range(self.count):
             await self._spawn(slot)
-            self._watchers.append(asyncio.ensure_future(self._watch(slot)))
+            self._watchers.append(self._spawn_task(self._watch(slot)))
 
     async def _spawn(self, slot: int) -> None:
         read_end, write_end = os.pipe()
