@@ -214,3 +214,29 @@ def test_without_a_key_contexts_keep_their_own(keys: TicketKeys, pem: Path) -> N
     ctx = build_server_context(pem, pem)
     own = keys.current(ctx)
     assert own is not None and keys.key is None and keys.disabled is None
+
+
+async def test_rotation_installs_and_hands_on_a_new_key_each_interval(keys: TicketKeys) -> None:
+    import asyncio
+
+    first = new_key()
+    keys.install(first)
+    sent: list[bytes] = []
+    task = asyncio.ensure_future(tls_tickets.rotate(keys, sent.append, interval=0.01))
+    try:
+        async with asyncio.timeout(5):
+            while len(sent) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+    assert sent[0] != first and sent[0] != sent[1] and keys.key in sent
+
+
+def test_a_worker_without_the_daemons_key_keeps_its_own(
+        keys: TicketKeys, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "mailhaven.tls"):
+        keys.adopt(None, "worker 2")
+    assert keys.key is None and "worker 2: no TLS ticket key from the daemon" in caplog.text
+    key = new_key()
+    keys.adopt(key, "worker 2")
+    assert keys.key == key

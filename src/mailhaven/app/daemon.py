@@ -274,7 +274,8 @@ class App:
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
         self.live.users.load()
         await asyncio.to_thread(self._prepare_mailboxes)
-        self._start_ticket_keys()
+        # one session-ticket key for us and our workers (`net.tls_tickets`), before any context
+        tls_tickets.process_keys.install(tls_tickets.new_key())
         self.tls = load_tls(config)
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self._adopt_orphans)
@@ -289,6 +290,9 @@ class App:
         await self._start_listeners(engine)
         self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
         await self._start_workers()
+        workers = self.workers
+        self._spawn(tls_tickets.rotate(
+            tls_tickets.process_keys, workers.send_ticket_key if workers else lambda key: None))
         self._start_acme()
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
@@ -381,39 +385,14 @@ class App:
                                   spawn=lambda c: self._spawn(c, stop_cancels=False))
         await self.workers.start()
 
-    # ------------------------------------------------------------------ TLS ticket keys
-
-    def _start_ticket_keys(self) -> None:
-        """The daemon: one session-ticket key for itself and its workers (`net.tls_tickets`),
-        made anew every `ROTATION_INTERVAL` seconds, as Postfix's tlsmgr does."""
-        tls_tickets.process_keys.install(tls_tickets.new_key())
-
-        async def rotate() -> None:
-            while True:
-                await asyncio.sleep(tls_tickets.ROTATION_INTERVAL)
-                key = tls_tickets.new_key()
-                tls_tickets.process_keys.install(key)
-                if self.workers is not None:
-                    self.workers.send_ticket_key(key)
-
-        self._spawn(rotate())
-
-    def _take_ticket_key(self, role: WorkerRole) -> None:
-        """A worker: the daemon's ticket key, from the lifeline (`runtime.workers`)."""
-        key = None
-        if role.lifeline is not None:
-            key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
-        if key is None:
-            log.warning("worker %d: no TLS ticket key from the daemon; tickets are this "
-                        "process's own", role.shard)
-            return
-        tls_tickets.process_keys.install(key)
-
     async def _start_as_worker(self, role: WorkerRole) -> None:
         """A worker process: the whole engine on its own shard, on the daemon's sockets."""
         config = self.config
         self.live.users.load()
-        self._take_ticket_key(role)
+        key = None  # the daemon's ticket key, in the lifeline before we started
+        if role.lifeline is not None:
+            key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
+        tls_tickets.process_keys.adopt(key, f"worker {role.shard}")
         self.tls = load_tls(config)  # the daemon made any self-signed certificate already
         self._queue_lock = self._lock_queue()
         await asyncio.to_thread(self.spool.open)

@@ -31,6 +31,7 @@ lives in memory only: never in argv, the environment, a file or a log line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -38,6 +39,7 @@ import os
 import ssl
 import sys
 import weakref
+from collections.abc import Callable
 
 log = logging.getLogger("mailhaven.tls")
 
@@ -138,6 +140,15 @@ class TicketKeys:
             self._contexts.add(ctx)
         return self.key is not None and self._set(ctx, self.key)
 
+    def adopt(self, key: bytes | None, who: str) -> None:
+        """A worker: use the daemon's `key`; without one (None: a daemon of an older version)
+        this process's contexts keep keys of their own, which is logged."""
+        if key is None:
+            log.warning("%s: no TLS ticket key from the daemon; tickets are this process's own",
+                        who)
+            return
+        self.install(key)
+
     def current(self, ctx: ssl.SSLContext) -> bytes | None:
         """The key `ctx` really uses (None: it cannot be read here); for tests and checks."""
         try:
@@ -164,6 +175,18 @@ class TicketKeys:
             )
             return False
         return True
+
+
+async def rotate(
+    keys: TicketKeys, send: Callable[[bytes], object], interval: float = ROTATION_INTERVAL
+) -> None:
+    """The daemon: a new key every `interval` seconds, as Postfix's tlsmgr does, installed
+    here and handed to `send` (the workers' lifelines). Runs until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        key = new_key()
+        keys.install(key)
+        send(key)
 
 
 #: this process's ticket keys (the daemon installs a new key, a worker the daemon's)
