@@ -34,7 +34,6 @@ import socket
 import sqlite3
 import time
 from collections.abc import Coroutine, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,8 @@ from mailhaven.app.listeners import (
     Profiles,
     bind_listeners,
     load_tls,
+    reconfigure_pop3,
+    start_listeners,
 )
 from mailhaven.app.live import Live, parked_domains
 from mailhaven.app.mail_auth import inbound_gate
@@ -69,7 +70,7 @@ from mailhaven.net import acme, tls_tickets
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.pickup.collector import IntakeDoor, Pickup
 from mailhaven.pop3d.login_delay import LoginTimes
-from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
+from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.proto.replies import Reply
 from mailhaven.runtime import logtargets, privileges, systemd
 from mailhaven.runtime.workers import (
@@ -202,57 +203,11 @@ class App:
             self._release_task = self._spawn(self.engine.part_time.release_periodically(interval))
 
     async def _start_listeners(self, engine: Engine) -> None:
-        config = self.config
-        bound = self._bound
-        for address, sock in bound.get("smtp", []):
-            server = await engine.smtp.listen(address, self.profiles.mx, sock=sock)
-            self._smtp_sockets.extend(server.sockets)
-            log.info("smtp listening on %s", address)
-        for address, sock in bound.get("submission", []):
-            await engine.smtp.listen(
-                address, lambda: self.profiles.submission(implicit_tls=False), sock=sock
-            )
-            log.info("submission listening on %s", address)
-        for address, sock in bound.get("lmtp", []):
-            await engine.smtp.listen(address, self.profiles.lmtp, sock=sock)
-            log.info("lmtp listening on %s", address)
-        tls_listeners = [*bound.get("submissions", []), *bound.get("pop3s", [])]
-        if self.tls is None and tls_listeners:
-            log.warning("no TLS certificate: submissions and pop3s listeners are off")
-            for _, sock in tls_listeners:
-                sock.close()
-        if self.tls is not None:
-            for address, sock in bound.get("submissions", []):
-                await engine.smtp.listen(
-                    address, lambda: self.profiles.submission(implicit_tls=True),
-                    implicit_tls=True, sock=sock,
-                )
-                log.info("submissions (implicit TLS) listening on %s", address)
-        pop3 = [(a, s, False) for a, s in bound.get("pop3", [])]
-        if self.tls is not None:
-            pop3 += [(a, s, True) for a, s in bound.get("pop3s", [])]
-        for address, sock, implicit in pop3:
-            listener = await start_pop3_server(
-                None,
-                0,
-                sock=sock,
-                mail_root=config.mail_root,
-                users=self.live.users,
-                tls_context=self.profiles.tls_context(),
-                implicit_tls=implicit,
-                allow_plaintext_on_loopback=True,
-                hostname=config.hostname,
-                idle_timeout=config.timeouts.pop3_idle,
-                tls_handshake_timeout=config.timeouts.tls_handshake,
-                limiter=self.auth_limiter,
-                clients=self.pop3_clients,
-                login_delay=config.mailbox.pop3_login_delay,
-                expire=config.mailbox.pop3_expire,
-                owner=mail_owner(config),
-                logins=self.pop3_logins,
-            )
-            self.pop3.append(listener)
-            log.info("pop3%s listening on %s", "s" if implicit else "", address)
+        self._smtp_sockets, self.pop3 = await start_listeners(
+            self._bound, engine.smtp, self.profiles, self.live, has_tls=self.tls is not None,
+            limiter=self.auth_limiter, pop3_clients=self.pop3_clients,
+            pop3_logins=self.pop3_logins,
+        )
 
     async def start(self) -> None:
         if self.worker is not None:
@@ -590,13 +545,7 @@ class App:
         # AUTH must check the same (possibly newly named) users file that the router now
         # delivers to; the old UserDB would keep accepting logins of users no longer in it.
         self.authenticator.users = users
-        for listener in self.pop3:  # POP3 logins too, and its limits and timeouts
-            listener.services.users = users
-            listener.services.settings = replace(
-                listener.services.settings,
-                idle_timeout=new.timeouts.pop3_idle,
-                tls_handshake_timeout=new.timeouts.tls_handshake,
-            )
+        reconfigure_pop3(self.pop3, new, users)  # POP3 logins too, and its timeouts
         # the limiter keeps its counts; only its limits change
         self.auth_limiter.max_failures = new.limits.auth_failures
         self.auth_limiter.max_address_failures = new.limits.auth_address_failures

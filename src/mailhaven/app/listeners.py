@@ -5,6 +5,8 @@ so ports below 1024 work without running as root; `listen(2)` comes only when se
 Profiles say per listener which SMTP settings, policy, TLS and authentication apply: the MX
 port (STARTTLS with whatever certificate we have, ETRN when part-time hosts are configured)
 and submission (RFC 6409: AUTH only under TLS before MAIL, sender-login check).
+`start_listeners` starts serving on the bound sockets (SMTP, submission, LMTP, POP3), and
+`reconfigure_pop3` gives the POP3 listeners a reload's users, timeouts and limits.
 """
 
 from __future__ import annotations
@@ -20,19 +22,24 @@ from pathlib import Path
 
 from mailhaven.app.live import Live
 from mailhaven.app.settings import mail_owner, server_settings
+from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.mailbox_full import MailboxFull
 from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config, parse_hostport
 from mailhaven.delivery.local import LocalAgent
+from mailhaven.mailbox.users import UserDB
 from mailhaven.net import acme, selfsigned
 from mailhaven.net.tls import ReloadableTLS
+from mailhaven.pop3d.login_delay import LoginTimes
+from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.inbound_gate import InboundGate
 from mailhaven.smtpd.lmtp import LmtpStore, lmtp_policy
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.profile import ListenerProfile
+from mailhaven.smtpd.server import SMTPService
 
 log = logging.getLogger("mailhaven.master")
 
@@ -251,4 +258,83 @@ class Profiles:
             authenticator=self.authenticator,
             gate=self.checks.gate(screen=False) if self.checks else None,
             milters=milter_settings(self.live.config, "submission"),
+        )
+
+
+async def start_listeners(
+    bound: Bound,
+    smtp: SMTPService,
+    profiles: Profiles,
+    live: Live,
+    *,
+    has_tls: bool,
+    limiter: AuthLimiter,
+    pop3_clients: ClientLimits,
+    pop3_logins: LoginTimes,
+) -> tuple[list[socket.socket], list[Pop3Listener]]:
+    """Serve on every bound socket: (the `smtp` listening sockets, which worker processes
+    share, and the POP3 listeners). Without a certificate the implicit-TLS listeners
+    (submissions, pop3s) stay off, with a warning."""
+    config = live.config
+    smtp_sockets: list[socket.socket] = []
+    for address, sock in bound.get("smtp", []):
+        server = await smtp.listen(address, profiles.mx, sock=sock)
+        smtp_sockets.extend(server.sockets)
+        log.info("smtp listening on %s", address)
+    for address, sock in bound.get("submission", []):
+        await smtp.listen(address, lambda: profiles.submission(implicit_tls=False), sock=sock)
+        log.info("submission listening on %s", address)
+    for address, sock in bound.get("lmtp", []):
+        await smtp.listen(address, profiles.lmtp, sock=sock)
+        log.info("lmtp listening on %s", address)
+    tls_listeners = [*bound.get("submissions", []), *bound.get("pop3s", [])]
+    if not has_tls and tls_listeners:
+        log.warning("no TLS certificate: submissions and pop3s listeners are off")
+        for _, sock in tls_listeners:
+            sock.close()
+    if has_tls:
+        for address, sock in bound.get("submissions", []):
+            await smtp.listen(
+                address, lambda: profiles.submission(implicit_tls=True),
+                implicit_tls=True, sock=sock,
+            )
+            log.info("submissions (implicit TLS) listening on %s", address)
+    pop3 = [(a, s, False) for a, s in bound.get("pop3", [])]
+    if has_tls:
+        pop3 += [(a, s, True) for a, s in bound.get("pop3s", [])]
+    listeners: list[Pop3Listener] = []
+    for address, sock, implicit in pop3:
+        listener = await start_pop3_server(
+            None,
+            0,
+            sock=sock,
+            mail_root=config.mail_root,
+            users=live.users,
+            tls_context=profiles.tls_context(),
+            implicit_tls=implicit,
+            allow_plaintext_on_loopback=True,
+            hostname=config.hostname,
+            idle_timeout=config.timeouts.pop3_idle,
+            tls_handshake_timeout=config.timeouts.tls_handshake,
+            limiter=limiter,
+            clients=pop3_clients,
+            login_delay=config.mailbox.pop3_login_delay,
+            expire=config.mailbox.pop3_expire,
+            owner=mail_owner(config),
+            logins=pop3_logins,
+        )
+        listeners.append(listener)
+        log.info("pop3%s listening on %s", "s" if implicit else "", address)
+    return smtp_sockets, listeners
+
+
+def reconfigure_pop3(listeners: Sequence[Pop3Listener], config: Config, users: UserDB) -> None:
+    """A reload: POP3 logins check the new users file, with the new timeouts (the per-client
+    limits are the shared `ClientLimits`, changed by whoever owns it)."""
+    for listener in listeners:
+        listener.services.users = users
+        listener.services.settings = replace(
+            listener.services.settings,
+            idle_timeout=config.timeouts.pop3_idle,
+            tls_handshake_timeout=config.timeouts.tls_handshake,
         )
