@@ -40,20 +40,19 @@ from typing import Any
 from mailhaven import __version__, maillog
 from mailhaven import config as configuration
 from mailhaven.app.alerts import PostmasterAlerts
-from mailhaven.app.engine import Engine, build_engine, client_names
+from mailhaven.app.engine import Engine, build_engine
 from mailhaven.app.listeners import (
     LISTENER_NAMES,
     Bound,
     Profiles,
     bind_listeners,
     load_tls,
-    reconfigure_pop3,
     start_listeners,
 )
 from mailhaven.app.live import Live, parked_domains
 from mailhaven.app.mail_auth import inbound_gate
-from mailhaven.app.reload import PreparedReload, prepare_reload
-from mailhaven.app.settings import backoff_policy, build_router, mail_owner, plan_limits
+from mailhaven.app.reload import PreparedReload, apply_reload, prepare_reload
+from mailhaven.app.settings import build_router, mail_owner
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.milter.non_smtpd import MilteredDoor
 from mailhaven.checks.milter.settings import milter_settings
@@ -530,49 +529,20 @@ class App:
         logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
 
     def _apply_reload(self, prepared: PreparedReload) -> None:
-        """Swap in a prepared configuration; nothing here can fail half-way."""
-        old, new = self.config, prepared.config
-        users = prepared.users
-        returned = set(users.domains) - set(self.live.users.domains)
-        self.live.swap(new, users, prepared.router)
-        self.live.srs = prepared.srs
-        if self.engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
-            old_outbound, self.engine.intake.outbound = (
-                self.engine.intake.outbound, prepared.outbound)
-            if old_outbound is not None:  # its signing helper: the new hook starts its own
-                self._spawn(old_outbound.close())
-        self.profiles.forget()  # the next connection builds the profile from the new config
-        # AUTH must check the same (possibly newly named) users file that the router now
-        # delivers to; the old UserDB would keep accepting logins of users no longer in it.
-        self.authenticator.users = users
-        reconfigure_pop3(self.pop3, new, users)  # POP3 logins too, and its timeouts
-        # the limiter keeps its counts; only its limits change
-        self.auth_limiter.max_failures = new.limits.auth_failures
-        self.auth_limiter.max_address_failures = new.limits.auth_address_failures
-        self.auth_limiter.failure_delay = new.limits.auth_failure_delay
-        self.pop3_clients.connections_per_ip = new.limits.connections_per_ip
-        self.pop3_clients.rate.limit = new.limits.connection_rate
-        if prepared.new_tls is not None:
-            self.tls = prepared.new_tls
-        if self.tls is not None and prepared.tls_backend is not None and prepared.tls_files:
-            self.tls.use(prepared.tls_backend, *prepared.tls_files)
-        engine = self.engine
-        if engine is None:
-            return
-        engine.smtp.reconfigure(new.limits, new.timeouts)
-        engine.part_time.configure(new.etrn.held_domains, new.etrn.clients)
-        if new.etrn.release_interval != old.etrn.release_interval:
-            self._schedule_releases()
-        engine.relay_agent.reconfigure(prepared.relay_agent)
-        engine.smtp.client_names = (
-            client_names(new, engine.relay_agent)
+        applied = apply_reload(
+            prepared, self.live, tls=self.tls, engine=self.engine, profiles=self.profiles,
+            authenticator=self.authenticator, limiter=self.auth_limiter, pop3=self.pop3,
+            pop3_clients=self.pop3_clients, checks=self.checks,
         )
-        engine.runner.reconfigure(backoff_policy(new), plan_limits(new))
-        self.checks.reconfigure(new)
-        if new.checks.greylist.enabled and self.checks.greylist is None:
+        self.tls = applied.tls
+        if applied.old_outbound is not None:  # its signing helper: the new hook has its own
+            self._spawn(applied.old_outbound.close())
+        if applied.releases_changed:
+            self._schedule_releases()
+        if applied.open_greylist:
             self._spawn(self._open_greylist())
-        if returned and self.worker is None:
-            self._spawn(self._release_local(returned))
+        if applied.returned and self.worker is None:
+            self._spawn(self._release_local(applied.returned))
 
     async def _open_greylist(self) -> None:
         """Greylisting turned on by a reload: its database opens in a thread, then the MX

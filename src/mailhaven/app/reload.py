@@ -1,29 +1,44 @@
 """SIGHUP: read and check a whole new configuration before anything of it is applied.
 
 Everything that can fail (the file, its users file, the relay's resolver configuration, a
-renewed or first certificate) is made here, off to the side; `App` then swaps it in with
-assignments that cannot fail, so a reload is all of the new configuration or none of it.
+renewed or first certificate) is made here, off to the side (`prepare_reload`); `apply_reload`
+then swaps it in with assignments that cannot fail, so a reload is all of the new configuration
+or none of it. What needs a task (closing the replaced signing hook, opening the greylist
+database, releasing mail of domains that are local again) is returned to `App`, which owns the
+tasks.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailhaven import config as configuration
-from mailhaven.app.listeners import tls_files
-from mailhaven.app.live import parked_domains
+from mailhaven.app.engine import Engine, client_names
+from mailhaven.app.listeners import Profiles, reconfigure_pop3, tls_files
+from mailhaven.app.live import Live, parked_domains
 from mailhaven.app.outbound import build_outbound, load_srs
-from mailhaven.app.settings import build_relay_agent, build_router, build_users
+from mailhaven.app.settings import (
+    backoff_policy,
+    build_relay_agent,
+    build_router,
+    build_users,
+    plan_limits,
+)
+from mailhaven.checks.auth_failures import AuthLimiter
+from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.delivery.relay import RelayAgent
+from mailhaven.intake.cleanup import OutboundHook
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.tls import ReloadableTLS, build_server_context
+from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.routing.router import Router
 from mailhaven.routing.srs import SRS
 from mailhaven.signing.outbound import Outbound
+from mailhaven.smtpd.auth import SMTPAuthenticator
 
 #: Settings a reload keeps (logged when the file changes them): the listening sockets, the
 #: processes, the loop and the queue's place are made once; the host name is baked into the
@@ -85,3 +100,73 @@ def prepare_reload(
     except (OSError, ssl.SSLError) as err:
         where = new.tls.cert or new.state_path / "tls"  # the configured or self-signed
         raise configuration.ConfigError(f"TLS certificate {where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What is left for the owner of the tasks after `apply_reload`."""
+
+    #: the certificate in use now (a first one may have come with the reload)
+    tls: ReloadableTLS | None
+    #: the signing hook the reload replaced: its helper process is to be closed
+    old_outbound: OutboundHook | None = None
+    #: `[etrn] release_interval` changed: the periodic release starts again
+    releases_changed: bool = False
+    #: greylisting was turned on: its database is to be opened
+    open_greylist: bool = False
+    #: domains local again (their held mail is to be released)
+    returned: frozenset[str] = field(default_factory=frozenset)
+
+
+def apply_reload(
+    prepared: PreparedReload,
+    live: Live,
+    *,
+    tls: ReloadableTLS | None,
+    engine: Engine | None,
+    profiles: Profiles,
+    authenticator: SMTPAuthenticator,
+    limiter: AuthLimiter,
+    pop3: Sequence[Pop3Listener],
+    pop3_clients: ClientLimits,
+    checks: CheckServices,
+) -> Applied:
+    """Swap in a prepared configuration; nothing here can fail half-way. Counters (failed
+    logins, connections per client) are kept: only their limits change."""
+    old, new = live.config, prepared.config
+    users = prepared.users
+    returned = frozenset(set(users.domains) - set(live.users.domains))
+    live.swap(new, users, prepared.router)
+    live.srs = prepared.srs
+    old_outbound = None
+    if engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
+        old_outbound, engine.intake.outbound = engine.intake.outbound, prepared.outbound
+    profiles.forget()  # the next connection builds the profile from the new config
+    # AUTH must check the same (possibly newly named) users file that the router now
+    # delivers to; the old UserDB would keep accepting logins of users no longer in it.
+    authenticator.users = users
+    reconfigure_pop3(pop3, new, users)  # POP3 logins too, and its timeouts
+    limiter.max_failures = new.limits.auth_failures
+    limiter.max_address_failures = new.limits.auth_address_failures
+    limiter.failure_delay = new.limits.auth_failure_delay
+    pop3_clients.connections_per_ip = new.limits.connections_per_ip
+    pop3_clients.rate.limit = new.limits.connection_rate
+    if prepared.new_tls is not None:
+        tls = prepared.new_tls
+    if tls is not None and prepared.tls_backend is not None and prepared.tls_files:
+        tls.use(prepared.tls_backend, *prepared.tls_files)
+    if engine is None:
+        return Applied(tls, old_outbound)
+    engine.smtp.reconfigure(new.limits, new.timeouts)
+    engine.part_time.configure(new.etrn.held_domains, new.etrn.clients)
+    engine.relay_agent.reconfigure(prepared.relay_agent)
+    engine.smtp.client_names = client_names(new, engine.relay_agent)
+    engine.runner.reconfigure(backoff_policy(new), plan_limits(new))
+    checks.reconfigure(new)
+    return Applied(
+        tls,
+        old_outbound,
+        releases_changed=new.etrn.release_interval != old.etrn.release_interval,
+        open_greylist=new.checks.greylist.enabled and checks.greylist is None,
+        returned=returned,
+    )
