@@ -10,8 +10,10 @@ import pytest
 from tests.fakes import FakeClock, put
 
 from mailhaven.spool import Spool, list_queue
+from mailhaven.spool.lock import DaemonLock, lock_path, lock_queue
 from mailhaven.spool.shards import (
     adopt,
+    adopt_orphans,
     existing_shards,
     list_all,
     orphans,
@@ -123,3 +125,28 @@ async def test_a_queue_id_clash_keeps_the_orphan(tmp_path: Path, clock: FakeCloc
         adopt(main, orphan)
     assert (orphan / "queue.db").exists()
     assert [r.address for m in list_queue(orphan) for r in m.recipients] == ["you@example.net"]
+
+
+async def test_adopt_orphans_leaves_a_locked_shard_for_the_next_start(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A worker of an old daemon may still hold its shard: that one waits, the others move."""
+    main = tmp_path / "spool"
+    make(main, clock).close()
+    for k in (1, 2):
+        other = make(tmp_path / f"spool-{k}", clock)
+        await put(other, b"small\r\n", f"r{k}@example.net")
+        other.close()
+    held = DaemonLock.acquire(lock_path(tmp_path / "spool-2"))
+    assert held is not None
+    with held:
+        adopt_orphans(main, 1)
+    assert not (tmp_path / "spool-1").exists() and (tmp_path / "spool-2").exists()
+    assert [m.recipients[0].address for m in list_queue(main)] == ["r1@example.net"]
+    adopt_orphans(main, 1)  # the next start
+    assert existing_shards(main) == [main] and len(list(list_queue(main))) == 2
+
+
+def test_a_queue_in_use_cannot_be_served_twice(tmp_path: Path) -> None:
+    with lock_queue(tmp_path / "spool"), pytest.raises(OSError, match="queue is in use"):
+        lock_queue(tmp_path / "spool")

@@ -31,7 +31,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import time
 from collections.abc import Coroutine, Iterable, Sequence
 from pathlib import Path
@@ -82,7 +81,7 @@ from mailhaven.runtime.workers import (
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.policy import SessionFacts
 from mailhaven.spool import shards
-from mailhaven.spool.lock import DaemonLock, lock_path
+from mailhaven.spool.lock import DaemonLock, lock_queue
 from mailhaven.spool.store import Spool
 
 __all__ = ["LISTENER_NAMES", "App"]
@@ -231,8 +230,9 @@ class App:
         # one session-ticket key for us and our workers (`net.tls_tickets`), before any context
         tls_tickets.process_keys.install(tls_tickets.new_key())
         self.tls = load_tls(config)
-        self._queue_lock = self._lock_queue()
-        await asyncio.to_thread(self._adopt_orphans)
+        self._queue_lock = lock_queue(self.spool.root)
+        # shards no process serves any more (`smtp_processes` lowered), before our recovery
+        await asyncio.to_thread(shards.adopt_orphans, config.spool_path, config.smtp_processes)
         await asyncio.to_thread(self.spool.open)
         engine = self._build_engine()
         await self.checks.open()
@@ -296,27 +296,6 @@ class App:
                 os.chown(where, who.uid, who.gid)
         privileges.drop(who)
 
-    def _lock_queue(self) -> DaemonLock:
-        lock = DaemonLock.acquire(lock_path(self.spool.root))
-        if lock is None:
-            raise OSError(f"{self.spool.root}: the queue is in use (another mailhaven?)")
-        return lock
-
-    def _adopt_orphans(self) -> None:
-        """Shards that no process serves any more (`smtp_processes` was lowered) move into
-        ours before our recovery runs; one that is locked (a worker of an old daemon still
-        stopping) waits for our next start."""
-        for orphan in shards.orphans(self.config.spool_path, self.config.smtp_processes):
-            lock = DaemonLock.acquire(lock_path(orphan))
-            if lock is None:
-                log.error("spool %s is in use; not adopting it now", orphan)
-                continue
-            with lock:
-                try:
-                    shards.adopt(self.config.spool_path, orphan)
-                except (OSError, RuntimeError, sqlite3.Error) as err:
-                    log.error("spool %s: cannot adopt it: %s", orphan, err)
-
     def _start_acme(self) -> None:
         """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""
         settings = self.config.tls.acme
@@ -348,7 +327,7 @@ class App:
             key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
         tls_tickets.process_keys.adopt(key, f"worker {role.shard}")
         self.tls = load_tls(config)  # the daemon made any self-signed certificate already
-        self._queue_lock = self._lock_queue()
+        self._queue_lock = lock_queue(self.spool.root)
         await asyncio.to_thread(self.spool.open)
         engine = self._build_engine()
         await self.checks.open()

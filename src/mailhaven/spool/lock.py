@@ -50,3 +50,12 @@ class DaemonLock:
 
 def lock_path(spool_path: Path) -> Path:
     return spool_path / "queue.lock"
+
+
+def lock_queue(spool_path: Path) -> DaemonLock:
+    """The lock of the spool at `spool_path` for a process that serves it; OSError (which the
+    command line reports) when another process holds it."""
+    lock = DaemonLock.acquire(lock_path(spool_path))
+    if lock is None:
+        raise OSError(f"{spool_path}: the queue is in use (another mailhaven?)")
+    return lock

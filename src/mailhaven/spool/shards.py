@@ -25,11 +25,13 @@ import heapq
 import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 from mailhaven.spool.listing import list_queue
+from mailhaven.spool.lock import DaemonLock, lock_path
 from mailhaven.spool.message_writer import fsync_directory
 from mailhaven.spool.records import MessageSummary
 from mailhaven.spool.schema import connect
@@ -122,6 +124,22 @@ def adopt(spool_path: Path, orphan: Path) -> int:
     log.warning("spool: adopted %d message(s) from %s (no process serves that shard now)",
                 moved, orphan)
     return moved
+
+
+def adopt_orphans(spool_path: Path, processes: int) -> None:
+    """The daemon at start-up, before its own recovery: every orphan shard moves into shard 0
+    (`spool_path`). One that is locked (a worker of an old daemon still stopping) waits for the
+    next start; one that cannot be adopted is logged and left as it is."""
+    for orphan in orphans(spool_path, processes):
+        lock = DaemonLock.acquire(lock_path(orphan))
+        if lock is None:
+            log.error("spool %s is in use; not adopting it now", orphan)
+            continue
+        with lock:
+            try:
+                adopt(spool_path, orphan)
+            except (OSError, RuntimeError, sqlite3.Error) as err:
+                log.error("spool %s: cannot adopt it: %s", orphan, err)
 
 
 def _link_all(source: Path, target: Path) -> None:
