@@ -48,10 +48,9 @@ from mailhaven.app.listeners import (
     load_tls,
     start_listeners,
 )
-from mailhaven.app.live import Live, parked_domains
+from mailhaven.app.live import Live, prepare_mailboxes
 from mailhaven.app.mail_auth import inbound_gate
 from mailhaven.app.reload import PreparedReload, apply_reload, prepare_reload
-from mailhaven.app.settings import build_router, mail_owner
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.milter.non_smtpd import MilteredDoor
 from mailhaven.checks.milter.settings import milter_settings
@@ -62,7 +61,6 @@ from mailhaven.control.forwarding import Forwarding, forward_etrn, release_in_wo
 from mailhaven.control.queue_admin import QueueAdmin
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
-from mailhaven.mailbox import migrate
 from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme, tls_tickets
 from mailhaven.net.tls import ReloadableTLS, certificate_facts
@@ -226,7 +224,7 @@ class App:
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
         self.live.users.load()
-        await asyncio.to_thread(self._prepare_mailboxes)
+        await asyncio.to_thread(prepare_mailboxes, self.live)
         # one session-ticket key for us and our workers (`net.tls_tickets`), before any context
         tls_tickets.process_keys.install(tls_tickets.new_key())
         self.tls = load_tls(config)
@@ -250,22 +248,6 @@ class App:
         self._start_acme()
         self.ready.set()
         arm_crash_points()  # tests only: start-up's own commits are not crash points
-
-    def _prepare_mailboxes(self) -> None:
-        """Before anything delivers or reads mail: the upgrade to `<domain>/<user>` Maildirs
-        (`mailbox.migrate`), and the configured owners and modes (shared with Dovecot)."""
-        config, live, mail = self.config, self.live, mail_owner(self.config)
-        try:
-            if config.mailbox.mail_user or config.mailbox.mail_group:
-                mail.apply_to_dir(config.mail_root)
-            live.users.apply_file_owner()
-        except PermissionError as err:  # an unprivileged daemon: say so, deliver anyway
-            log.warning("mail owner settings not applied: %s", err)
-        migrate.migrate(config.mail_root, live.users, config.local_domains, mail)
-        # the domains' directories exist now: a domain removed later is known as one
-        live.swap(config, live.users, build_router(
-            config, live.users, live.reverse_srs, parked_domains(config, live.users)
-        ))
 
     async def _release_local(self, domains: Iterable[str]) -> None:
         """Mail held for a domain while it was not local (`parked_domains`) is delivered once

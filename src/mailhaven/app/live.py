@@ -3,6 +3,7 @@
 Roles that must see a reload at once (routing at RCPT, intake's alias expansion, the scheduler's
 routes, local delivery's mailbox names) read through this one object instead of holding their
 own copies, so a SIGHUP is one assignment (`swap`), never a half-applied state.
+`prepare_mailboxes` readies the mail directories for them once, before the daemon serves.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from mailhaven.app.settings import (
     build_router,
     build_users,
     folder_rules,
+    mail_owner,
     mailbox_names,
     quota_rules,
 )
 from mailhaven.config import Config
+from mailhaven.mailbox import migrate
 from mailhaven.mailbox.folders import FolderRules
 from mailhaven.mailbox.migrate import mail_domains
 from mailhaven.mailbox.quota import QuotaRules
@@ -74,3 +77,21 @@ class Live:
 
     def folders(self) -> FolderRules:
         return folder_rules(self.config)
+
+
+def prepare_mailboxes(live: Live) -> None:
+    """The daemon, before anything delivers or reads mail: the upgrade to `<domain>/<user>`
+    Maildirs (`mailbox.migrate`), and the configured owners and modes (shared with Dovecot).
+    Then the router again: the domains' directories exist now, so a domain removed later is
+    known as one (`parked_domains`). Blocking: run it in a thread."""
+    config, mail = live.config, mail_owner(live.config)
+    try:
+        if config.mailbox.mail_user or config.mailbox.mail_group:
+            mail.apply_to_dir(config.mail_root)
+        live.users.apply_file_owner()
+    except PermissionError as err:  # an unprivileged daemon: say so, deliver anyway
+        log.warning("mail owner settings not applied: %s", err)
+    migrate.migrate(config.mail_root, live.users, config.local_domains, mail)
+    live.swap(config, live.users, build_router(
+        config, live.users, live.reverse_srs, parked_domains(config, live.users)
+    ))
