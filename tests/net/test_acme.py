@@ -359,3 +359,17 @@ async def test_untrusted_ca_certificate_is_a_clear_error(
     assert m.paths.cert.read_bytes() == before
     assert "cannot reach the ACME server" in caplog.text
     assert "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+def test_the_service_of_a_process_is_by_its_role(tmp_path: Path) -> None:
+    """Off without domains or TLS; the daemon orders, a worker follows the daemon's file."""
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    selfsigned.create(cert, key, DOMAIN)
+    tls = ReloadableTLS(cert, key)
+    settings = Acme(domains=(DOMAIN,), directory="https://ca.invalid/dir")
+    assert acme.service(Acme(), tmp_path, tls, orders=True) is None
+    assert acme.service(settings, tmp_path, None, orders=True) is None
+    for orders, name in ((True, "run"), (False, "follow")):
+        task = acme.service(settings, tmp_path, tls, orders=orders)
+        assert task is not None and task.__name__ == name
+        task.close()

@@ -280,14 +280,10 @@ class App:
 
     def _start_acme(self) -> None:
         """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""
-        settings = self.config.tls.acme
-        if not settings.domains or self.tls is None:
-            return
-        if self.worker is not None:
-            self._spawn(acme.follow(self.tls, acme.FOLLOW_INTERVAL))
-        else:
-            paths = acme.Paths(self.config.state_path / "acme")
-            self._spawn(acme.AcmeManager(settings, paths, self.tls).run())
+        task = acme.service(self.config.tls.acme, self.config.state_path, self.tls,
+                            orders=self.worker is None)
+        if task is not None:
+            self._spawn(task)
 
     async def _start_workers(self) -> None:
         """`smtp_processes` > 1: worker processes on our `smtp` listening sockets."""

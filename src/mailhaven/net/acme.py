@@ -38,7 +38,7 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -471,6 +471,19 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------ workers
+
+
+def service(
+    settings: Acme, state_dir: Path, tls: ReloadableTLS | None, *, orders: bool
+) -> Coroutine[Any, Any, None] | None:
+    """`[tls] acme`: the task of a process, None when ACME is off (or there is no TLS). The
+    daemon (`orders`) orders and renews into `<state_dir>/acme`; a worker reloads what the
+    daemon installed there."""
+    if not settings.domains or tls is None:
+        return None
+    if not orders:
+        return follow(tls, FOLLOW_INTERVAL)
+    return AcmeManager(settings, Paths(state_dir / "acme"), tls).run()
 
 
 async def follow(tls: ReloadableTLS, interval: float) -> None:
