@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -111,3 +113,27 @@ def test_socket_activation_serves_the_inherited_socket() -> None:
         listener.close()
     assert child.returncode == 0
     assert out.strip() == f'{{"names": ["smtp"], "env": false, "ports": [{port}]}}'
+
+
+async def test_report_pings_the_watchdog_and_sends_the_status(
+        manager: tuple[str, socket.socket]) -> None:
+    path, sock = manager
+    sock.setblocking(False)
+    notifier = Notifier(path, watchdog_usec=20_000)  # a ping every 0.01 s
+
+    async def status() -> str:
+        return "serving; 0 message(s) in the queue"
+
+    task = asyncio.ensure_future(notifier.report(status, status_interval=0.03))
+    got: list[bytes] = []
+    try:
+        async with asyncio.timeout(5):
+            while not any(b"STATUS=" in d for d in got):
+                await asyncio.sleep(0.005)
+                with contextlib.suppress(BlockingIOError):
+                    got.append(sock.recv(4096))
+    finally:
+        task.cancel()
+        notifier.close()
+    assert got[0] == b"WATCHDOG=1"
+    assert b"WATCHDOG=1\nSTATUS=serving; 0 message(s) in the queue" in got

@@ -86,10 +86,6 @@ __all__ = ["LISTENER_NAMES", "App"]
 
 log = logging.getLogger("mailhaven.master")
 
-#: How often the daemon tells systemd its queue size (`systemctl status`).
-STATUS_INTERVAL = 30.0
-
-
 class App:
     """One running mailhaven: call `await App(config).run()`; `stop()` from elsewhere."""
 
@@ -394,7 +390,7 @@ class App:
             self._reload_signalled()
         if self.manager is not None:
             self.manager.send("READY=1", f"STATUS={await self._status()}")
-            self._spawn(self._report_to_manager())
+            self._spawn(self.manager.report(self._status))
         await self._stop.wait()
         if self.manager is not None:
             self.manager.send("STOPPING=1", "STATUS=finishing transactions in flight")
@@ -442,23 +438,6 @@ class App:
     async def _status(self) -> str:
         queued = await self.spool.count()
         return f"serving; {queued} message(s) in the queue"
-
-    async def _report_to_manager(self) -> None:
-        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings and systemd
-        restarts us), and a STATUS= line with the queue size for `systemctl status`."""
-        assert self.manager is not None
-        watchdog = self.manager.watchdog_interval
-        interval = min(watchdog, STATUS_INTERVAL) if watchdog else STATUS_INTERVAL
-        next_status = asyncio.get_running_loop().time() + STATUS_INTERVAL
-        while True:
-            await asyncio.sleep(interval)
-            fields = ["WATCHDOG=1"] if watchdog else []
-            if asyncio.get_running_loop().time() >= next_status:
-                next_status += STATUS_INTERVAL
-                with contextlib.suppress(Exception):  # a busy spool skips one report
-                    fields.append(f"STATUS={await self._status()}")
-            if fields:
-                self.manager.send(*fields)
 
     def stop(self) -> None:
         log.info("stopping: finishing transactions in flight")

@@ -2,7 +2,8 @@
 
 In: the environment systemd sets (`NOTIFY_SOCKET`, `WATCHDOG_USEC`/`WATCHDOG_PID`,
 `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES`). Out: `Notifier.send("READY=1", ...)` datagrams
-(sd_notify(3)), the watchdog interval, and the inherited listening sockets (sd_listen_fds(3)).
+(sd_notify(3)), the watchdog pings and status lines while the loop turns (`Notifier.report`),
+and the inherited listening sockets (sd_listen_fds(3)).
 Both protocols are a few lines of stable, documented wire format, so a binding library would add
 a C dependency for nothing.
 
@@ -18,16 +19,19 @@ requires; the notify socket is whatever our own service manager told us.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 
 log = logging.getLogger("mailhaven.master")
 
 #: sd_listen_fds(3): inherited descriptors start here.
 LISTEN_FDS_START = 3
+#: How often the daemon tells systemd its queue size (`systemctl status`).
+STATUS_INTERVAL = 30.0
 
 
 class Notifier:
@@ -76,6 +80,25 @@ class Notifier:
                 log.warning("systemd notify socket %r: %s", self.address.lstrip("\0"), err)
             return False
         return True
+
+    async def report(
+        self, status: Callable[[], Awaitable[str]], status_interval: float = STATUS_INTERVAL
+    ) -> None:
+        """WATCHDOG=1 while the event loop turns (a stuck loop stops the pings and systemd
+        restarts us), and a STATUS= line from `status()` every `status_interval` seconds for
+        `systemctl status`. Runs until cancelled."""
+        watchdog = self.watchdog_interval
+        interval = min(watchdog, status_interval) if watchdog else status_interval
+        next_status = asyncio.get_running_loop().time() + status_interval
+        while True:
+            await asyncio.sleep(interval)
+            fields = ["WATCHDOG=1"] if watchdog else []
+            if asyncio.get_running_loop().time() >= next_status:
+                next_status += status_interval
+                with contextlib.suppress(Exception):  # a busy spool skips one report
+                    fields.append(f"STATUS={await status()}")
+            if fields:
+                self.send(*fields)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
