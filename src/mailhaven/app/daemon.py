@@ -68,7 +68,7 @@ from mailhaven.pickup.collector import IntakeDoor, Pickup
 from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.proto.replies import Reply
-from mailhaven.runtime import logtargets, privileges, systemd
+from mailhaven.runtime import privileges, systemd
 from mailhaven.runtime.workers import (
     WorkerPool,
     WorkerRole,
@@ -215,7 +215,7 @@ class App:
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
         self._bound = bind_listeners(config, systemd.listen_sockets())
-        self._drop_privileges()
+        privileges.become(config.user, config.group, config.state_path, config.log)
         # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
         config.mail_root.mkdir(mode=0o700, exist_ok=True)
@@ -253,26 +253,6 @@ class App:
                 log.info("domain %s is local: %d held message(s) released", domain, count)
         if self.engine is not None:
             self.engine.runner.flush()
-
-    def _drop_privileges(self) -> None:
-        """Started as root with `user` set: hand the state directory over and become the user,
-        before anything reads network input or writes state (runtime.privileges)."""
-        config = self.config
-        if os.geteuid() != 0:
-            return
-        if not config.user:
-            log.warning("running as root: set `user` to run as an unprivileged account")
-            return
-        try:
-            who = privileges.resolve(config.user, config.group)
-        except LookupError as err:
-            raise OSError(str(err)) from None
-        privileges.hand_over(config.state_path, who)
-        kind, where = logtargets.parse(config.log)
-        if kind == "file":  # opened already; the user reopens it on SIGUSR1 (logrotate)
-            with contextlib.suppress(OSError):
-                os.chown(where, who.uid, who.gid)
-        privileges.drop(who)
 
     def _start_acme(self) -> None:
         """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""

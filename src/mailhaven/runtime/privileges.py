@@ -18,6 +18,7 @@ outside it.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
@@ -25,6 +26,8 @@ import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from mailhaven.runtime import logtargets
 
 log = logging.getLogger("mailhaven.master")
 
@@ -89,6 +92,28 @@ def drop(who: Identity) -> None:
         log.info("running as user %s (uid %d, gid %d)", who.name, who.uid, who.gid)
         return
     raise RuntimeError(f"could still regain root after dropping to {who.name}")
+
+
+def become(user: str, group: str, state_dir: Path, log_target: str = "stderr") -> None:
+    """The daemon, after binding its sockets: when started as root with `user` set, hand
+    `state_dir` (and a `file:` log target, opened already: the user reopens it on SIGUSR1) over
+    and become the user; as root without `user`, say so; as anyone else, nothing. OSError names a
+    user or group that does not exist."""
+    if os.geteuid() != 0:
+        return
+    if not user:
+        log.warning("running as root: set `user` to run as an unprivileged account")
+        return
+    try:
+        who = resolve(user, group)
+    except LookupError as err:
+        raise OSError(str(err)) from None
+    hand_over(state_dir, who)
+    kind, where = logtargets.parse(log_target)
+    if kind == "file":
+        with contextlib.suppress(OSError):
+            os.chown(where, who.uid, who.gid)
+    drop(who)
 
 
 def loose_modes(state_dir: Path, keys: list[Path], users_file: Path) -> list[str]:
