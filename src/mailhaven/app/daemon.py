@@ -67,7 +67,6 @@ from mailhaven.net.tls import ReloadableTLS, certificate_facts
 from mailhaven.pickup.collector import IntakeDoor, Pickup
 from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener
-from mailhaven.proto.replies import Reply
 from mailhaven.runtime import privileges, systemd
 from mailhaven.runtime.workers import (
     WorkerPool,
@@ -77,7 +76,6 @@ from mailhaven.runtime.workers import (
     watch_lifeline,
 )
 from mailhaven.smtpd.auth import SMTPAuthenticator
-from mailhaven.smtpd.policy import SessionFacts
 from mailhaven.spool import shards
 from mailhaven.spool.lock import DaemonLock, lock_queue
 from mailhaven.spool.store import Spool
@@ -113,13 +111,13 @@ class App:
         )
         self.tls: ReloadableTLS | None = None
         self.engine: Engine | None = None
-        #: access lists, DNS lists, greylisting, sender limits (`checks.services`)
         #: notices to the postmaster (sender limits), queued in tasks of their own
         self.alerts = PostmasterAlerts(
             lambda: self.config, lambda: self.engine.smtp.sink if self.engine else None,
             self._spawn)
+        #: access lists, DNS lists, greylisting, sender limits (`checks.services`)
         self.checks = CheckServices(config, alert=self.alerts)
-        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator, self._etrn,
+        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator,
                                  checks=self.checks)
         self.workers: WorkerPool | None = None
         self.pop3: list[Pop3Listener] = []
@@ -177,13 +175,11 @@ class App:
         self.profiles.inbound = lambda: inbound_gate(
             self.live.config, engine.relay_agent.resolver, self.spool
         )
+        state = self.config.state_path
+        self.profiles.etrn = (  # a worker's goes to the daemon, which releases every shard
+            (lambda facts, arg: engine.part_time.etrn(facts.client_ip, arg)) if self.worker is None
+            else (lambda facts, arg: forward_etrn(state, facts.client_ip, arg)))
         return self.engine
-
-    async def _etrn(self, facts: SessionFacts, argument: str) -> Reply:
-        if self.worker is not None:  # the daemon opens the release windows in every shard
-            return await forward_etrn(self.config.state_path, facts.client_ip, argument)
-        assert self.engine is not None
-        return await self.engine.part_time.etrn(facts.client_ip, argument)
 
     def _schedule_releases(self) -> None:
         """(Re)start the periodic release of held domains (the daemon releases every shard)."""

@@ -170,7 +170,6 @@ class Profiles:
         live: Live,
         tls: Callable[[], ReloadableTLS | None],
         authenticator: SMTPAuthenticator,
-        etrn: Callable[[SessionFacts, str], Awaitable[Reply]],
         *,
         checks: CheckServices | None = None,
     ) -> None:
@@ -178,11 +177,12 @@ class Profiles:
         self.checks = checks
         self._tls = tls
         self.authenticator = authenticator
-        self._etrn = etrn
         self._mx: ListenerProfile | None = None
         self._lmtp: ListenerProfile | None = None
         #: the MX port's mail authentication (set once the engine exists: `app.mail_auth`)
         self.inbound: Callable[[], InboundGate | None] = lambda: None
+        #: the MX port's ETRN (set once the engine exists; without it ETRN is not offered)
+        self.etrn: Callable[[SessionFacts, str], Awaitable[Reply]] | None = None
 
     def forget(self) -> None:
         self._mx = None
@@ -203,7 +203,7 @@ class Profiles:
                     lambda: self.live.router, PolicySettings(), mailbox_full=self._mailbox_full()
                 ),
                 tls_context=self.tls_context,
-                etrn=self._etrn,
+                etrn=self.etrn,
                 gate=self.checks.gate(screen=True) if self.checks else None,
                 milters=milter_settings(config, "smtp"),
                 inbound=self.inbound(),
