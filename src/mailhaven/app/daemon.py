@@ -190,17 +190,36 @@ class App:
         if interval > 0 and self.worker is None and self.engine is not None:
             self._release_task = self._spawn(self.engine.part_time.release_periodically(interval))
 
-    async def _start_listeners(self, engine: Engine) -> None:
-        self._smtp_sockets, self.pop3 = await start_listeners(
-            self._bound, engine.smtp, self.profiles, self.live, has_tls=self.tls is not None,
-            limiter=self.auth_limiter, pop3_clients=self.pop3_clients,
-            pop3_logins=self.pop3_logins,
-        )
-
     async def start(self) -> None:
-        if self.worker is not None:
-            await self._start_as_worker(self.worker)
-            return
+        """One start-up for both roles: the process takes its ground (the daemon: sockets,
+        user, mail directories; a worker: the daemon's sockets and ticket key), opens its
+        queue shard and engine, then serves its part."""
+        role = self.worker
+        if role is None:
+            await self._prepare_daemon()
+        else:
+            self._prepare_worker(role)
+        config = self.config
+        self.tls = load_tls(config)  # a worker's: the daemon made any self-signed one already
+        self._queue_lock = lock_queue(self.spool.root)
+        if role is None:  # shards no process serves any more (`smtp_processes` lowered)
+            await asyncio.to_thread(shards.adopt_orphans, config.spool_path,
+                                    config.smtp_processes)
+        await asyncio.to_thread(self.spool.open)
+        engine = self._build_engine()
+        await self.checks.open()
+        if role is None:
+            await self._serve_daemon(engine)
+        else:
+            await self._serve_worker(engine, role)
+        task = acme.service(config.tls.acme, config.state_path, self.tls, orders=role is None)
+        if task is not None:  # `[tls] acme`: the daemon orders, a worker follows its file
+            self._spawn(task)
+        self.ready.set()
+        if role is None:
+            arm_crash_points()  # tests only: start-up's own commits are not crash points
+
+    async def _prepare_daemon(self) -> None:
         config = self.config
         log.info(
             "starting mailhaven: hostname=%s state_dir=%s config=%s event_loop=%s",
@@ -219,13 +238,19 @@ class App:
         await asyncio.to_thread(prepare_mailboxes, self.live)
         # one session-ticket key for us and our workers (`net.tls_tickets`), before any context
         tls_tickets.process_keys.install(tls_tickets.new_key())
-        self.tls = load_tls(config)
-        self._queue_lock = lock_queue(self.spool.root)
-        # shards no process serves any more (`smtp_processes` lowered), before our recovery
-        await asyncio.to_thread(shards.adopt_orphans, config.spool_path, config.smtp_processes)
-        await asyncio.to_thread(self.spool.open)
-        engine = self._build_engine()
-        await self.checks.open()
+
+    def _prepare_worker(self, role: WorkerRole) -> None:
+        self._bound = {"smtp": [(f"fd {fd} (from the daemon)", socket.socket(fileno=fd))
+                                for fd in role.fds]}
+        self.live.users.load()
+        key = None  # the daemon's ticket key, in the lifeline before we started
+        if role.lifeline is not None:
+            key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
+        tls_tickets.process_keys.adopt(key, f"worker {role.shard}")
+
+    async def _serve_daemon(self, engine: Engine) -> None:
+        """Held mail of local domains, the release timer, local submission, the listeners, the
+        queue runner, the worker processes and their ticket keys."""
         await self._release_local(self.live.users.domains)
         self._schedule_releases()
         # The control socket is up before any listener: once a client can connect, a
@@ -233,13 +258,44 @@ class App:
         await self._start_local_submission(engine)
         await self._start_listeners(engine)
         self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
-        await self._start_workers()
+        extra = self.config.smtp_processes - 1
+        if extra > 0:  # worker processes on our `smtp` listening sockets
+            self.workers = WorkerPool(extra, self.config.source,
+                                      [s.fileno() for s in self._smtp_sockets],
+                                      ticket_key=tls_tickets.process_keys.key,
+                                      spawn=lambda c: self._spawn(c, stop_cancels=False))
+            await self.workers.start()
         workers = self.workers
         self._spawn(tls_tickets.rotate(
             tls_tickets.process_keys, workers.send_ticket_key if workers else lambda key: None))
-        self._start_acme()
-        self.ready.set()
-        arm_crash_points()  # tests only: start-up's own commits are not crash points
+
+    async def _serve_worker(self, engine: Engine, role: WorkerRole) -> None:
+        """The shard's control socket (for the daemon), the daemon's `smtp` sockets, the queue
+        runner, and the lifeline: the daemon's later ticket keys, and its end."""
+        self.control = control.ControlServer(
+            control_socket(self.config.state_path, role.shard),
+            QueueAdmin(
+                self.spool,
+                wake=engine.runner.revisit,
+                release_domains=engine.part_time.release,
+                forget_dead=engine.runner.forget_dead,
+            ),
+        )
+        await self.control.start()
+        await self._start_listeners(engine)
+        self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
+        if role.lifeline is not None:
+            watch_lifeline(role.lifeline, self.stop, tls_tickets.process_keys.install,
+                           tls_tickets.KEY_LENGTH)
+        log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
+                 self.spool.root)
+
+    async def _start_listeners(self, engine: Engine) -> None:
+        self._smtp_sockets, self.pop3 = await start_listeners(
+            self._bound, engine.smtp, self.profiles, self.live, has_tls=self.tls is not None,
+            limiter=self.auth_limiter, pop3_clients=self.pop3_clients,
+            pop3_logins=self.pop3_logins,
+        )
 
     async def _release_local(self, domains: Iterable[str]) -> None:
         """Mail held for a domain while it was not local (`parked_domains`) is delivered once
@@ -249,58 +305,6 @@ class App:
                 log.info("domain %s is local: %d held message(s) released", domain, count)
         if self.engine is not None:
             self.engine.runner.flush()
-
-    def _start_acme(self) -> None:
-        """`[tls] acme`: the daemon orders and renews; a worker reloads what it installed."""
-        task = acme.service(self.config.tls.acme, self.config.state_path, self.tls,
-                            orders=self.worker is None)
-        if task is not None:
-            self._spawn(task)
-
-    async def _start_workers(self) -> None:
-        """`smtp_processes` > 1: worker processes on our `smtp` listening sockets."""
-        extra = self.config.smtp_processes - 1
-        if extra <= 0:
-            return
-        fds = [s.fileno() for s in self._smtp_sockets]
-        self.workers = WorkerPool(extra, self.config.source, fds,
-                                  ticket_key=tls_tickets.process_keys.key,
-                                  spawn=lambda c: self._spawn(c, stop_cancels=False))
-        await self.workers.start()
-
-    async def _start_as_worker(self, role: WorkerRole) -> None:
-        """A worker process: the whole engine on its own shard, on the daemon's sockets."""
-        config = self.config
-        self.live.users.load()
-        key = None  # the daemon's ticket key, in the lifeline before we started
-        if role.lifeline is not None:
-            key = take_message(role.lifeline, tls_tickets.KEY_LENGTH)
-        tls_tickets.process_keys.adopt(key, f"worker {role.shard}")
-        self.tls = load_tls(config)  # the daemon made any self-signed certificate already
-        self._queue_lock = lock_queue(self.spool.root)
-        await asyncio.to_thread(self.spool.open)
-        engine = self._build_engine()
-        await self.checks.open()
-        self.control = control.ControlServer(
-            control_socket(config.state_path, role.shard),
-            QueueAdmin(
-                self.spool,
-                wake=engine.runner.revisit,
-                release_domains=engine.part_time.release,
-                forget_dead=engine.runner.forget_dead,
-            ),
-        )
-        await self.control.start()
-        for fd in role.fds:
-            await engine.smtp.listen("", self.profiles.mx, sock=socket.socket(fileno=fd))
-        self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
-        self._start_acme()
-        if role.lifeline is not None:
-            watch_lifeline(role.lifeline, self.stop, tls_tickets.process_keys.install,
-                           tls_tickets.KEY_LENGTH)
-        log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
-                 self.spool.root)
-        self.ready.set()
 
     async def _start_local_submission(self, engine: Engine) -> None:
         """The pickup (collects what `sendmail` dropped, also while we were down) and the
