@@ -10,10 +10,9 @@ watchers, postmaster notices) lives in one `asyncio.TaskGroup` (`_spawn`): none 
 instead of failing silently. Tasks a role makes for its own work (a session, a delivery, a DNS
 lookup) belong to that role, which ends them when it stops.
 
-Local submission: `mailhaven sendmail` writes into `<state_dir>/maildrop/`; the pickup collects it
-at start-up, when poked over the control socket (`<state_dir>/control.sock`, also used by
-`mailhaven queue` and `sendmail -q`) and when the directory changes. The daemon holds the queue
-lock (`DaemonLock`) for its lifetime, so an offline CLI never opens the spool behind it.
+Local submission (`sendmail`) and the control socket (`mailhaven queue`): `local_submission`.
+Each process holds its shard's queue lock (`DaemonLock`) for its lifetime, so an offline CLI
+never opens the spool behind it.
 
 Signals: SIGTERM/SIGINT stop gracefully (see `SMTPService.shutdown`); SIGHUP re-reads the
 config file and applies every setting except `reload.RESTART_ONLY` ones (domains, users,
@@ -28,16 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 import time
 from collections.abc import Coroutine, Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-from mailhaven import __version__, maillog
 from mailhaven import config as configuration
+from mailhaven import maillog
 from mailhaven.app.alerts import PostmasterAlerts
 from mailhaven.app.engine import Engine, build_engine
 from mailhaven.app.listeners import (
@@ -49,29 +46,33 @@ from mailhaven.app.listeners import (
     start_listeners,
 )
 from mailhaven.app.live import Live, prepare_mailboxes
+from mailhaven.app.local_submission import (
+    about,
+    collect_then_watch,
+    daemon_control,
+    open_pickup,
+    worker_control,
+    worker_sockets,
+)
 from mailhaven.app.mail_auth import inbound_gate
 from mailhaven.app.reload import PreparedReload, apply_reload, prepare_reload
 from mailhaven.checks.auth_failures import AuthLimiter
-from mailhaven.checks.milter.non_smtpd import MilteredDoor
-from mailhaven.checks.milter.settings import milter_settings
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.control import channel as control
-from mailhaven.control.forwarding import Forwarding, forward_etrn, release_in_workers
-from mailhaven.control.queue_admin import QueueAdmin
+from mailhaven.control.forwarding import forward_etrn, release_in_workers
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
 from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme, tls_tickets
-from mailhaven.net.tls import ReloadableTLS, certificate_facts
-from mailhaven.pickup.collector import IntakeDoor, Pickup
+from mailhaven.net.tls import ReloadableTLS
+from mailhaven.pickup.collector import Pickup
 from mailhaven.pop3d.login_delay import LoginTimes
 from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.runtime import privileges, systemd
 from mailhaven.runtime.workers import (
     WorkerPool,
     WorkerRole,
-    control_socket,
     take_message,
     watch_lifeline,
 )
@@ -155,15 +156,11 @@ class App:
             task.add_done_callback(self._background.discard)
         return task
 
-    def _worker_sockets(self) -> list[Path]:
-        state = self.config.state_path
-        return [control_socket(state, k) for k in range(1, self.config.smtp_processes)]
-
     # ------------------------------------------------------------------ wiring
 
     def _build_engine(self) -> Engine:
         daemon_with_workers = self.worker is None and self.config.smtp_processes > 1
-        peers = self._worker_sockets()
+        peers = worker_sockets(self.config)
 
         async def elsewhere(domains: Sequence[str]) -> int:
             return await release_in_workers(peers, domains)
@@ -272,15 +269,7 @@ class App:
     async def _serve_worker(self, engine: Engine, role: WorkerRole) -> None:
         """The shard's control socket (for the daemon), the daemon's `smtp` sockets, the queue
         runner, and the lifeline: the daemon's later ticket keys, and its end."""
-        self.control = control.ControlServer(
-            control_socket(self.config.state_path, role.shard),
-            QueueAdmin(
-                self.spool,
-                wake=engine.runner.revisit,
-                release_domains=engine.part_time.release,
-                forget_dead=engine.runner.forget_dead,
-            ),
-        )
+        self.control = worker_control(self.spool, engine, self.config.state_path, role.shard)
         await self.control.start()
         await self._start_listeners(engine)
         self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
@@ -309,32 +298,12 @@ class App:
     async def _start_local_submission(self, engine: Engine) -> None:
         """The pickup (collects what `sendmail` dropped, also while we were down) and the
         control socket that `sendmail` pokes and `mailhaven queue` drives."""
-        state = self.config.state_path
-        # non_smtpd milters (docs/filtering.md): read per message, so a reload applies
-        door = MilteredDoor(IntakeDoor(self.spool, engine.intake),
-                            lambda: milter_settings(self.config, "non_smtpd"))
-        pickup = Pickup(state / "maildrop", door)
-        await asyncio.to_thread(pickup.prepare)
-        self.pickup = pickup
-
-        async def collect_then_watch() -> None:
-            await pickup.collect()
-            await pickup.run()
-
-        self._spawn(collect_then_watch())
-        admin = QueueAdmin(
-            self.spool,
-            wake=engine.runner.revisit,
-            pickup=pickup.collect,
-            etrn=engine.part_time.etrn,
-            release_domains=engine.part_time.release,
-            forget_dead=engine.runner.forget_dead,
-            about=self._about,
+        self.pickup = await open_pickup(self.spool, engine, lambda: self.config)
+        self._spawn(collect_then_watch(self.pickup))
+        self.control = daemon_control(
+            self.spool, engine, self.pickup, self.config,
+            lambda: about(self.config, self._started, self.tls),
         )
-        handlers: control.Handlers = admin
-        if self.config.smtp_processes > 1:  # queue verbs reach the workers' shards too
-            handlers = Forwarding(admin, self._worker_sockets())
-        self.control = control.ControlServer(state / control.SOCKET_NAME, handlers)
         await self.control.start()
 
     # ------------------------------------------------------------------ life cycle
@@ -394,26 +363,6 @@ class App:
         self.reload()
         if self.manager is not None:
             self.manager.send("READY=1")
-
-    def _about(self) -> dict[str, Any]:
-        """What `mailhaven status` shows besides the queue: who, since when, where, which
-        certificate (and how long it has left)."""
-        listen = self.config.listen
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "hostname": self.config.hostname,
-            "config": self.config.source or "(built-in defaults)",
-            "state_dir": str(self.config.state_path),
-            "uptime": round(time.monotonic() - self._started, 1),
-            "listeners": {
-                name: list(getattr(listen, name))
-                for name in LISTENER_NAMES
-                if getattr(listen, name)
-            },
-            "processes": self.config.smtp_processes,
-            "certificate": certificate_facts(self.tls.cert_file) if self.tls else None,
-        }
 
     async def _status(self) -> str:
         queued = await self.spool.count()
