@@ -41,12 +41,12 @@ async def test_the_mx_profile_is_built_once_per_configuration(tmp_path: Path) ->
     conf = f'state_dir = "{tmp_path / "state"}"\n[limits]\nmessage_size = %d\n'
     path.write_text(conf % 100_000)
     app = App(configuration.load(path))
-    first = app.profiles.mx()
-    assert app.profiles.mx() is first
+    first = app.front.profiles.mx()
+    assert app.front.profiles.mx() is first
     assert first.settings.max_message_size == 100_000
     path.write_text(conf % 200_000)
     app.reload()
-    assert app.profiles.mx().settings.max_message_size == 200_000
+    assert app.front.profiles.mx().settings.max_message_size == 200_000
 
 
 async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Path) -> None:
@@ -59,14 +59,14 @@ async def test_reload_changes_the_login_limits_and_keeps_the_counts(tmp_path: Pa
     )
     path.write_text(conf % (3, "0.5"))
     app = App(configuration.load(path))
-    limiter = app.auth_limiter
+    limiter = app.front.limiter
     assert (limiter.max_failures, limiter.max_address_failures) == (3, 50)
     for t in range(2):
         limiter.failed("192.0.2.1", "alice", float(t))
     assert limiter.penalty("192.0.2.1", 2.0) == 1.0
     path.write_text(conf % (2, "0.25"))
     app.reload()
-    assert app.auth_limiter is limiter and app.authenticator.limiter is limiter
+    assert app.front.limiter is limiter and app.front.authenticator.limiter is limiter
     assert limiter.failure_delay == 0.25 and limiter.penalty("192.0.2.1", 2.0) == 0.5
     assert not limiter.check("192.0.2.1", "alice", 2.0).allowed  # the two failures were kept
 

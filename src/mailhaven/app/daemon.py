@@ -37,13 +37,11 @@ from mailhaven import config as configuration
 from mailhaven import maillog
 from mailhaven.app.alerts import PostmasterAlerts
 from mailhaven.app.engine import Engine, build_engine
+from mailhaven.app.front import Front
 from mailhaven.app.listeners import (
     LISTENER_NAMES,
-    Bound,
-    Profiles,
     bind_listeners,
     load_tls,
-    start_listeners,
 )
 from mailhaven.app.live import Live, prepare_mailboxes
 from mailhaven.app.local_submission import (
@@ -56,7 +54,6 @@ from mailhaven.app.local_submission import (
 )
 from mailhaven.app.mail_auth import inbound_gate
 from mailhaven.app.reload import PreparedReload, apply_reload, prepare_reload
-from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.control import channel as control
@@ -65,10 +62,7 @@ from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
 from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme, tls_tickets
-from mailhaven.net.tls import ReloadableTLS
 from mailhaven.pickup.collector import Pickup
-from mailhaven.pop3d.login_delay import LoginTimes
-from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.runtime import privileges, systemd
 from mailhaven.runtime.workers import (
     WorkerPool,
@@ -76,7 +70,6 @@ from mailhaven.runtime.workers import (
     take_message,
     watch_lifeline,
 )
-from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.spool import shards
 from mailhaven.spool.lock import DaemonLock, lock_queue
 from mailhaven.spool.store import Spool
@@ -84,6 +77,7 @@ from mailhaven.spool.store import Spool
 __all__ = ["LISTENER_NAMES", "App"]
 
 log = logging.getLogger("mailhaven.master")
+
 
 class App:
     """One running mailhaven: call `await App(config).run()`; `stop()` from elsewhere."""
@@ -93,24 +87,11 @@ class App:
         #: set in a worker process (see `mailhaven.runtime.workers`): the engine on a shard of
         #: its own
         self.worker = worker
-        self.auth_limiter = AuthLimiter(
-            max_failures=config.limits.auth_failures,
-            max_address_failures=config.limits.auth_address_failures,
-            failure_delay=config.limits.auth_failure_delay,
-        )
-        self.authenticator = SMTPAuthenticator(self.live.users, self.auth_limiter)
-        #: per-address connection counts and rates over every POP3 listener (`[limits]`)
-        self.pop3_clients = ClientLimits(
-            config.limits.connections_per_ip, config.limits.connection_rate
-        )
-        #: LOGIN-DELAY over every POP3 listener: the delay is per user, not per port
-        self.pop3_logins = LoginTimes()
         self.spool = Spool(
             shards.shard_path(config.spool_path, worker.shard if worker else 0),
             checkpoint=crash_point,
             minfree=config.queue.minfree,
         )
-        self.tls: ReloadableTLS | None = None
         self.engine: Engine | None = None
         #: notices to the postmaster (sender limits), queued in tasks of their own
         self.alerts = PostmasterAlerts(
@@ -118,10 +99,9 @@ class App:
             self._spawn)
         #: access lists, DNS lists, greylisting, sender limits (`checks.services`)
         self.checks = CheckServices(config, alert=self.alerts)
-        self.profiles = Profiles(self.live, lambda: self.tls, self.authenticator,
-                                 checks=self.checks)
+        #: what the listeners share: login limits, authenticator, certificate, profiles
+        self.front = Front(self.live, self.checks)
         self.workers: WorkerPool | None = None
-        self.pop3: list[Pop3Listener] = []
         self.pickup: Pickup | None = None
         self.control: control.ControlServer | None = None
         self.ready = asyncio.Event()
@@ -139,9 +119,6 @@ class App:
         self._release_task: asyncio.Task[None] | None = None
         self._runner_task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
-        self._smtp_sockets: list[socket.socket] = []
-        #: the listening sockets per listener name, bound (or inherited) before the drop
-        self._bound: Bound = {}
 
     @property
     def config(self) -> Config:
@@ -169,11 +146,11 @@ class App:
             self.live, self.spool, release_elsewhere=elsewhere if daemon_with_workers else None
         )
         engine = self.engine
-        self.profiles.inbound = lambda: inbound_gate(
+        self.front.profiles.inbound = lambda: inbound_gate(
             self.live.config, engine.relay_agent.resolver, self.spool
         )
         state = self.config.state_path
-        self.profiles.etrn = (  # a worker's goes to the daemon, which releases every shard
+        self.front.profiles.etrn = (  # a worker's goes to the daemon, which releases every shard
             (lambda facts, arg: engine.part_time.etrn(facts.client_ip, arg)) if self.worker is None
             else (lambda facts, arg: forward_etrn(state, facts.client_ip, arg)))
         return self.engine
@@ -197,7 +174,7 @@ class App:
         else:
             self._prepare_worker(role)
         config = self.config
-        self.tls = load_tls(config)  # a worker's: the daemon made any self-signed one already
+        self.front.tls = load_tls(config)  # a worker's: the daemon made any self-signed one already
         self._queue_lock = lock_queue(self.spool.root)
         if role is None:  # shards no process serves any more (`smtp_processes` lowered)
             await asyncio.to_thread(shards.adopt_orphans, config.spool_path,
@@ -209,7 +186,8 @@ class App:
             await self._serve_daemon(engine)
         else:
             await self._serve_worker(engine, role)
-        task = acme.service(config.tls.acme, config.state_path, self.tls, orders=role is None)
+        task = acme.service(config.tls.acme, config.state_path, self.front.tls,
+                            orders=role is None)
         if task is not None:  # `[tls] acme`: the daemon orders, a worker follows its file
             self._spawn(task)
         self.ready.set()
@@ -226,7 +204,7 @@ class App:
             # the loop that really runs (its package: "asyncio" or "uvloop"), not the setting
             type(asyncio.get_running_loop()).__module__.partition(".")[0],
         )
-        self._bound = bind_listeners(config, systemd.listen_sockets())
+        self.front.bound = bind_listeners(config, systemd.listen_sockets())
         privileges.become(config.user, config.group, config.state_path, config.log)
         # private: queued mail and mailboxes (spool/ itself is made 0700 by the spool)
         config.state_path.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -237,8 +215,8 @@ class App:
         tls_tickets.process_keys.install(tls_tickets.new_key())
 
     def _prepare_worker(self, role: WorkerRole) -> None:
-        self._bound = {"smtp": [(f"fd {fd} (from the daemon)", socket.socket(fileno=fd))
-                                for fd in role.fds]}
+        self.front.bound = {"smtp": [(f"fd {fd} (from the daemon)", socket.socket(fileno=fd))
+                                     for fd in role.fds]}
         self.live.users.load()
         key = None  # the daemon's ticket key, in the lifeline before we started
         if role.lifeline is not None:
@@ -253,12 +231,12 @@ class App:
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
         await self._start_local_submission(engine)
-        await self._start_listeners(engine)
+        await self.front.serve(engine.smtp)
         self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
         extra = self.config.smtp_processes - 1
         if extra > 0:  # worker processes on our `smtp` listening sockets
             self.workers = WorkerPool(extra, self.config.source,
-                                      [s.fileno() for s in self._smtp_sockets],
+                                      [s.fileno() for s in self.front.smtp_sockets],
                                       ticket_key=tls_tickets.process_keys.key,
                                       spawn=lambda c: self._spawn(c, stop_cancels=False))
             await self.workers.start()
@@ -271,20 +249,13 @@ class App:
         runner, and the lifeline: the daemon's later ticket keys, and its end."""
         self.control = worker_control(self.spool, engine, self.config.state_path, role.shard)
         await self.control.start()
-        await self._start_listeners(engine)
+        await self.front.serve(engine.smtp)
         self._runner_task = self._spawn(engine.runner.run(), stop_cancels=False)
         if role.lifeline is not None:
             watch_lifeline(role.lifeline, self.stop, tls_tickets.process_keys.install,
                            tls_tickets.KEY_LENGTH)
         log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
                  self.spool.root)
-
-    async def _start_listeners(self, engine: Engine) -> None:
-        self._smtp_sockets, self.pop3 = await start_listeners(
-            self._bound, engine.smtp, self.profiles, self.live, has_tls=self.tls is not None,
-            limiter=self.auth_limiter, pop3_clients=self.pop3_clients,
-            pop3_logins=self.pop3_logins,
-        )
 
     async def _release_local(self, domains: Iterable[str]) -> None:
         """Mail held for a domain while it was not local (`parked_domains`) is delivered once
@@ -302,7 +273,7 @@ class App:
         self._spawn(collect_then_watch(self.pickup))
         self.control = daemon_control(
             self.spool, engine, self.pickup, self.config,
-            lambda: about(self.config, self._started, self.tls),
+            lambda: about(self.config, self._started, self.front.tls),
         )
         await self.control.start()
 
@@ -379,7 +350,7 @@ class App:
         path = self.config.source
         try:
             prepared = prepare_reload(
-                self.config, has_tls=self.tls is not None, reverse_srs=self.live.reverse_srs
+                self.config, has_tls=self.front.tls is not None, reverse_srs=self.live.reverse_srs
             )
         except (configuration.ConfigError, UsersFileError) as err:
             log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
@@ -394,12 +365,7 @@ class App:
         logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
 
     def _apply_reload(self, prepared: PreparedReload) -> None:
-        applied = apply_reload(
-            prepared, self.live, tls=self.tls, engine=self.engine, profiles=self.profiles,
-            authenticator=self.authenticator, limiter=self.auth_limiter, pop3=self.pop3,
-            pop3_clients=self.pop3_clients, checks=self.checks,
-        )
-        self.tls = applied.tls
+        applied = apply_reload(prepared, self.live, self.front, self.engine, self.checks)
         if applied.old_outbound is not None:  # its signing helper: the new hook has its own
             self._spawn(applied.old_outbound.close())
         if applied.releases_changed:
@@ -413,19 +379,18 @@ class App:
         """Greylisting turned on by a reload: its database opens in a thread, then the MX
         profile is built afresh so new sessions use it."""
         await self.checks.open()
-        self.profiles.forget()
+        self.front.profiles.forget()
 
     async def shutdown(self) -> None:
         for task in list(self._background):
             task.cancel()
-        for listener in self.pop3:
-            listener.close()
+        grace = self.config.timeouts.shutdown_grace
+        stopping = self.front.close_pop3(grace)
         engine = self.engine
         # Our sessions and the workers' finish their transactions side by side; the control
         # socket stays up meanwhile (a worker may still forward an ETRN).
-        stopping = [engine.smtp.shutdown()] if engine is not None else []
-        grace = self.config.timeouts.shutdown_grace
-        stopping += [listener.wait_closed(grace) for listener in self.pop3]
+        if engine is not None:
+            stopping.append(engine.smtp.shutdown())
         if self.workers is not None:
             stopping.append(self.workers.stop(grace))
         await asyncio.gather(*stopping)

@@ -11,13 +11,14 @@ tasks.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailhaven import config as configuration
 from mailhaven.app.engine import Engine, client_names
-from mailhaven.app.listeners import Profiles, reconfigure_pop3, tls_files
+from mailhaven.app.front import Front
+from mailhaven.app.listeners import tls_files
 from mailhaven.app.live import Live, parked_domains
 from mailhaven.app.outbound import build_outbound, load_srs
 from mailhaven.app.settings import (
@@ -27,18 +28,15 @@ from mailhaven.app.settings import (
     build_users,
     plan_limits,
 )
-from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.intake.cleanup import OutboundHook
 from mailhaven.mailbox.users import UserDB
 from mailhaven.net.tls import ReloadableTLS, build_server_context
-from mailhaven.pop3d.server import ClientLimits, Pop3Listener
 from mailhaven.routing.router import Router
 from mailhaven.routing.srs import SRS
 from mailhaven.signing.outbound import Outbound
-from mailhaven.smtpd.auth import SMTPAuthenticator
 
 #: Settings a reload keeps (logged when the file changes them): the listening sockets, the
 #: processes, the loop and the queue's place are made once; the host name is baked into the
@@ -106,8 +104,6 @@ def prepare_reload(
 class Applied:
     """What is left for the owner of the tasks after `apply_reload`."""
 
-    #: the certificate in use now (a first one may have come with the reload)
-    tls: ReloadableTLS | None
     #: the signing hook the reload replaced: its helper process is to be closed
     old_outbound: OutboundHook | None = None
     #: `[etrn] release_interval` changed: the periodic release starts again
@@ -121,14 +117,8 @@ class Applied:
 def apply_reload(
     prepared: PreparedReload,
     live: Live,
-    *,
-    tls: ReloadableTLS | None,
+    front: Front,
     engine: Engine | None,
-    profiles: Profiles,
-    authenticator: SMTPAuthenticator,
-    limiter: AuthLimiter,
-    pop3: Sequence[Pop3Listener],
-    pop3_clients: ClientLimits,
     checks: CheckServices,
 ) -> Applied:
     """Swap in a prepared configuration; nothing here can fail half-way. Counters (failed
@@ -141,22 +131,13 @@ def apply_reload(
     old_outbound = None
     if engine is not None:  # DKIM keys, ARC key and SRS secrets read afresh
         old_outbound, engine.intake.outbound = engine.intake.outbound, prepared.outbound
-    profiles.forget()  # the next connection builds the profile from the new config
-    # AUTH must check the same (possibly newly named) users file that the router now
-    # delivers to; the old UserDB would keep accepting logins of users no longer in it.
-    authenticator.users = users
-    reconfigure_pop3(pop3, new, users)  # POP3 logins too, and its timeouts
-    limiter.max_failures = new.limits.auth_failures
-    limiter.max_address_failures = new.limits.auth_address_failures
-    limiter.failure_delay = new.limits.auth_failure_delay
-    pop3_clients.connections_per_ip = new.limits.connections_per_ip
-    pop3_clients.rate.limit = new.limits.connection_rate
+    front.reconfigure(new, users)
     if prepared.new_tls is not None:
-        tls = prepared.new_tls
-    if tls is not None and prepared.tls_backend is not None and prepared.tls_files:
-        tls.use(prepared.tls_backend, *prepared.tls_files)
+        front.tls = prepared.new_tls
+    if front.tls is not None and prepared.tls_backend is not None and prepared.tls_files:
+        front.tls.use(prepared.tls_backend, *prepared.tls_files)
     if engine is None:
-        return Applied(tls, old_outbound)
+        return Applied(old_outbound)
     engine.smtp.reconfigure(new.limits, new.timeouts)
     engine.part_time.configure(new.etrn.held_domains, new.etrn.clients)
     engine.relay_agent.reconfigure(prepared.relay_agent)
@@ -164,7 +145,6 @@ def apply_reload(
     engine.runner.reconfigure(backoff_policy(new), plan_limits(new))
     checks.reconfigure(new)
     return Applied(
-        tls,
         old_outbound,
         releases_changed=new.etrn.release_interval != old.etrn.release_interval,
         open_greylist=new.checks.greylist.enabled and checks.greylist is None,
