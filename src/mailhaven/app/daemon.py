@@ -30,13 +30,13 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from mailhaven import config as configuration
 from mailhaven import maillog
 from mailhaven.app.alerts import PostmasterAlerts
-from mailhaven.app.engine import Engine, build_engine
+from mailhaven.app.engine import Engine, build_engine, release_local
 from mailhaven.app.front import Front
 from mailhaven.app.listeners import (
     LISTENER_NAMES,
@@ -226,7 +226,7 @@ class App:
     async def _serve_daemon(self, engine: Engine) -> None:
         """Held mail of local domains, the release timer, local submission, the listeners, the
         queue runner, the worker processes and their ticket keys."""
-        await self._release_local(self.live.users.domains)
+        await release_local(engine, self.live.users.domains)
         self._schedule_releases()
         # The control socket is up before any listener: once a client can connect, a
         # `sendmail` poke is answered too (else its mail waits for the pickup's next poll).
@@ -256,15 +256,6 @@ class App:
                            tls_tickets.KEY_LENGTH)
         log.info("worker %d ready on %d smtp socket(s), queue %s", role.shard, len(role.fds),
                  self.spool.root)
-
-    async def _release_local(self, domains: Iterable[str]) -> None:
-        """Mail held for a domain while it was not local (`parked_domains`) is delivered once
-        the domain is local again (a reload, or at start-up)."""
-        for domain in sorted(domains):
-            if count := await self.spool.release_domain(domain):
-                log.info("domain %s is local: %d held message(s) released", domain, count)
-        if self.engine is not None:
-            self.engine.runner.flush()
 
     async def _start_local_submission(self, engine: Engine) -> None:
         """The pickup (collects what `sendmail` dropped, also while we were down) and the
@@ -372,8 +363,8 @@ class App:
             self._schedule_releases()
         if applied.open_greylist:
             self._spawn(self._open_greylist())
-        if applied.returned and self.worker is None:
-            self._spawn(self._release_local(applied.returned))
+        if applied.returned and self.worker is None and self.engine is not None:
+            self._spawn(release_local(self.engine, applied.returned))
 
     async def _open_greylist(self) -> None:
         """Greylisting turned on by a reload: its database opens in a thread, then the MX

@@ -9,7 +9,8 @@ never rewires them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mailhaven.app.live import Live
@@ -33,6 +34,8 @@ from mailhaven.smtpd.profile import Writer
 from mailhaven.smtpd.server import SMTPService
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.store import Spool
+
+log = logging.getLogger("mailhaven.master")
 
 
 @dataclass(frozen=True)
@@ -165,3 +168,12 @@ def build_engine(
         client_names=client_names(config, relay_agent),
     )
     return Engine(spool, relay_agent, runner, part_time, intake, smtp)
+
+
+async def release_local(engine: Engine, domains: Iterable[str]) -> None:
+    """Mail held for a domain while it was not local (`live.parked_domains`) is delivered once
+    the domain is local again (a reload, or at start-up)."""
+    for domain in sorted(domains):
+        if count := await engine.spool.release_domain(domain):
+            log.info("domain %s is local: %d held message(s) released", domain, count)
+    engine.runner.flush()
