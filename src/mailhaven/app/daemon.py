@@ -33,7 +33,6 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from mailhaven import config as configuration
 from mailhaven import maillog
 from mailhaven.app.alerts import PostmasterAlerts
 from mailhaven.app.engine import Engine, build_engine, release_local
@@ -53,14 +52,13 @@ from mailhaven.app.local_submission import (
     worker_sockets,
 )
 from mailhaven.app.mail_auth import inbound_gate
-from mailhaven.app.reload import PreparedReload, apply_reload, prepare_reload
+from mailhaven.app.reload import PreparedReload, announce, apply_reload, prepare_or_refuse
 from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.control import channel as control
 from mailhaven.control.forwarding import forward_etrn, release_in_workers
 from mailhaven.faults import arm as arm_crash_points
 from mailhaven.faults import crash_point
-from mailhaven.mailbox.users import UsersFileError
 from mailhaven.net import acme, tls_tickets
 from mailhaven.pickup.collector import Pickup
 from mailhaven.runtime import privileges, systemd
@@ -338,22 +336,12 @@ class App:
         """SIGHUP: validate the whole new configuration, then apply all of it or none."""
         if self.workers is not None:
             self.workers.signal(signal.SIGHUP)  # each re-reads the same file itself
-        path = self.config.source
-        try:
-            prepared = prepare_reload(
-                self.config, has_tls=self.front.tls is not None, reverse_srs=self.live.reverse_srs
-            )
-        except (configuration.ConfigError, UsersFileError) as err:
-            log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
-            return
-        self._apply_reload(prepared)
-        for name in prepared.kept:
-            log.warning("reload: %s changed; it takes effect at the next restart", name)
-        for note in prepared.config.deprecated:
-            log.warning("reload: %s", note)
-        log.info("reload: configuration %s applied", path or "(built-in defaults)")
-        # last, so that line is logged even when the new level hides it (as maillog.setup)
-        logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
+        prepared = prepare_or_refuse(
+            self.config, has_tls=self.front.tls is not None, reverse_srs=self.live.reverse_srs
+        )
+        if prepared is not None:
+            self._apply_reload(prepared)
+            announce(prepared)
 
     def _apply_reload(self, prepared: PreparedReload) -> None:
         applied = apply_reload(prepared, self.live, self.front, self.engine, self.checks)

@@ -10,6 +10,7 @@ tasks.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,11 +33,13 @@ from mailhaven.checks.services import CheckServices
 from mailhaven.config import Config
 from mailhaven.delivery.relay import RelayAgent
 from mailhaven.intake.cleanup import OutboundHook
-from mailhaven.mailbox.users import UserDB
+from mailhaven.mailbox.users import UserDB, UsersFileError
 from mailhaven.net.tls import ReloadableTLS, build_server_context
 from mailhaven.routing.router import Router
 from mailhaven.routing.srs import SRS
 from mailhaven.signing.outbound import Outbound
+
+log = logging.getLogger("mailhaven.master")
 
 #: Settings a reload keeps (logged when the file changes them): the listening sockets, the
 #: processes, the loop and the queue's place are made once; the host name is baked into the
@@ -98,6 +101,32 @@ def prepare_reload(
     except (OSError, ssl.SSLError) as err:
         where = new.tls.cert or new.state_path / "tls"  # the configured or self-signed
         raise configuration.ConfigError(f"TLS certificate {where}: {err}") from None
+
+
+def prepare_or_refuse(
+    current: Config,
+    *,
+    has_tls: bool,
+    reverse_srs: Callable[[str], str | None] | None = None,
+) -> PreparedReload | None:
+    """`prepare_reload`, or None with the reason logged: the old configuration stays."""
+    try:
+        return prepare_reload(current, has_tls=has_tls, reverse_srs=reverse_srs)
+    except (configuration.ConfigError, UsersFileError) as err:
+        log.error("reload: refused, keeping the old configuration (nothing applied): %s", err)
+        return None
+
+
+def announce(prepared: PreparedReload) -> None:
+    """After `apply_reload`: what was kept for the next restart, deprecations, and "applied";
+    then the new log level, last, so that line is logged even when the level hides it (as
+    `maillog.setup` does)."""
+    for name in prepared.kept:
+        log.warning("reload: %s changed; it takes effect at the next restart", name)
+    for note in prepared.config.deprecated:
+        log.warning("reload: %s", note)
+    log.info("reload: configuration %s applied", prepared.config.source or "(built-in defaults)")
+    logging.getLogger("mailhaven").setLevel(prepared.config.log_level.upper())
 
 
 @dataclass(frozen=True)
