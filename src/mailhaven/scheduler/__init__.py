@@ -2,7 +2,8 @@
 
 Pure policy, clock injected: `backoff` (when to try again), `plan` (which recipients go out
 together, within the concurrency limits), `outcome` (what a delivery's replies mean for each
-recipient: done, retry, bounce). Around it: `active` is the bounded in-memory queue of new mail
+recipient: done, retry, bounce), `dead` (destinations that failed as a whole, left alone for a
+while). Around it: `active` is the bounded in-memory queue of new mail
 and the backlog, the one seam intake commits through; `direct` delivers a local-only message
 before its 250 and queues only what failed; `runner` is the loop that takes due recipients,
 routes them and hands them to a delivery agent; `ports` are the protocols it needs from the
