@@ -90,35 +90,59 @@ async def test_workers_get_the_key_at_start_and_on_rotation(tmp_path: Path) -> N
         await pool.stop(grace=1)
 
 
-async def test_a_watcher_that_fails_reaches_the_daemons_task_group() -> None:
-    """The watchers run in the task group the daemon passes (`spawn`): a worker that cannot be
-    started again stops the daemon (systemd restarts it) instead of vanishing unrestarted."""
-    starts = 0
-    pools: list[WorkerPool] = []
+def failing_restarts(tasks: asyncio.TaskGroup, error: Exception, pools: list[WorkerPool],
+                     failures: int) -> tuple[WorkerPool, list[int]]:
+    """A pool of one worker that exits at once, whose restarts raise `error` `failures` times."""
+    pool = WorkerPool(1, None, [], spawn=tasks.create_task)
+    pool._argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+    starts = [0]
+    real_spawn = pool._spawn
 
-    def make(tasks: asyncio.TaskGroup) -> WorkerPool:
-        pool = WorkerPool(1, None, [], spawn=tasks.create_task)
-        pool._argv = [sys.executable, "-c", "pass"]  # a worker that exits at once
-        real_spawn = pool._spawn
-
-        async def spawn(slot: int) -> None:
-            nonlocal starts
-            starts += 1
-            if starts > 1:
-                raise OSError("fork failed")
+    async def spawn(slot: int) -> None:
+        starts[0] += 1
+        if starts[0] == 1:
+            pool._argv = [sys.executable, "-c", "pass"]  # the first worker exits at once
             await real_spawn(slot)
+            pool._argv = [sys.executable, "-c", "import time; time.sleep(30)"]
+            return
+        if starts[0] <= 1 + failures:
+            raise error
+        await real_spawn(slot)
 
-        pool._spawn = spawn  # type: ignore[method-assign]
-        pools.append(pool)
-        return pool
+    pool._spawn = spawn  # type: ignore[method-assign]
+    pools.append(pool)
+    return pool, starts
 
+
+async def test_a_worker_that_cannot_be_started_is_tried_again() -> None:
+    """A failed fork (OSError) is logged and retried after the pause, as Postfix's master does:
+    the daemon keeps serving and the worker comes back."""
+    pools: list[WorkerPool] = []
+    try:
+        async with asyncio.timeout(15), asyncio.TaskGroup() as tasks:
+            pool, starts = failing_restarts(tasks, OSError("fork failed"), pools, failures=2)
+            await pool.start()
+            while starts[0] < 4:
+                await asyncio.sleep(0.05)
+            assert pool._procs[0].returncode is None  # the fourth start runs
+            await pool.stop(grace=1)
+    finally:
+        for pool in pools:
+            await pool.stop(grace=1)
+
+
+async def test_a_watcher_that_fails_reaches_the_daemons_task_group() -> None:
+    """The watchers run in the task group the daemon passes (`spawn`): a watcher that fails by a
+    bug stops the daemon (systemd restarts it) instead of vanishing unrestarted."""
+    pools: list[WorkerPool] = []
     try:
         async with asyncio.timeout(10):
             try:
                 async with asyncio.TaskGroup() as tasks:
-                    await make(tasks).start()
+                    pool, starts = failing_restarts(tasks, RuntimeError("bug"), pools, failures=1)
+                    await pool.start()
             except ExceptionGroup as group:
-                assert group.subgroup(OSError) is not None and starts == 2
+                assert group.subgroup(RuntimeError) is not None and starts[0] == 2
             else:
                 raise AssertionError("the failed restart was lost")
     finally:

@@ -125,7 +125,7 @@ class WorkerPool:
     ) -> None:
         self.count = count
         #: starts the watcher tasks: the daemon's is its TaskGroup's, so a watcher that fails
-        #: (a worker that cannot be started again) stops the daemon instead of vanishing
+        #: by a bug stops the daemon instead of vanishing (a failed fork is retried)
         self._spawn_task = spawn
         #: the TLS session-ticket key each worker gets on its lifeline (`net.tls_tickets`)
         self.ticket_key = ticket_key
@@ -185,10 +185,18 @@ class WorkerPool:
                 "worker %d (pid %d) exited with status %s; restarting in %.0f s",
                 slot + 1, self._procs[slot].pid, code, RESTART_PAUSE,
             )
-            await asyncio.sleep(RESTART_PAUSE)
-            if self._stopping:
-                return
-            await self._spawn(slot)
+            while True:
+                await asyncio.sleep(RESTART_PAUSE)
+                if self._stopping:
+                    return
+                try:
+                    await self._spawn(slot)
+                    break
+                except OSError as err:  # no fork, no pipe: try again, as Postfix's master does
+                    log.error(
+                        "worker %d could not be started: %s; trying again in %.0f s",
+                        slot + 1, err, RESTART_PAUSE,
+                    )
 
     def send_ticket_key(self, key: bytes) -> None:
         """Rotation: every running worker uses `key` from now on, and so will restarted ones."""
