@@ -24,7 +24,7 @@ def feed(conn: m.MilterConnection, data: bytes, bytewise: bool) -> list[m.Event]
     pieces = [data[i : i + 1] for i in range(len(data))] if bytewise else [data]
     for piece in pieces:
         conn.receive_data(piece)
-        while (event := conn.next_event()) is not None:
+        while not isinstance(event := conn.next_event(), m.Wait):
             events.append(event)
     return events
 
@@ -42,12 +42,14 @@ BYTEWISE = pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "byt
 
 def test_negotiation_bytes_and_result() -> None:
     conn = m.MilterConnection()
+    assert conn.next_event() is m.PAUSED  # nothing owed: the caller's turn
     conn.negotiate()
     assert conn.data_to_send() == pkt(b"O", struct.pack(">III", 6, 0x1FF, m.OFFERED_PROTOCOL))
-    assert conn.pending == 1
+    assert conn.pending == 1 and conn.next_event() is m.NEED_DATA
     events = feed(conn, optneg(0x1FF, m.SMFIP_NR_HDR | m.SMFIP_NOHELO), True)
     assert events == [m.Negotiated(6, 0x1FF, m.SMFIP_NR_HDR | m.SMFIP_NOHELO, {})]
     assert conn.pending == 0 and conn.negotiated
+    assert conn.next_event() is m.PAUSED
 
 
 @BYTEWISE
@@ -198,7 +200,7 @@ def test_garbage_fails_cleanly(setup: str, reply: bytes, reason: str) -> None:
     # dead: later calls are ignored, nothing more is sent
     assert not conn.helo("y")
     conn.receive_data(pkt(b"c"))
-    assert conn.next_event() is None
+    assert conn.next_event() is m.PAUSED
 
 
 def test_edit_not_negotiated_fails() -> None:
@@ -309,6 +311,6 @@ def test_any_bytes_give_events_or_failed_never_an_exception(chunks: list[bytes])
     conn.end_of_message()
     for chunk in chunks:
         conn.receive_data(chunk)
-        while (event := conn.next_event()) is not None:
+        while not isinstance(event := conn.next_event(), m.Wait):
             assert isinstance(event, m.Negotiated | m.Verdict | m.Progress | m.Failed | m.Edit)
     assert conn.pending <= 2

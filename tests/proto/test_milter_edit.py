@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mailhaven.proto.milter import AddHeader, ChangeHeader, InsertHeader
 from mailhaven.proto.milter_edit import apply_edits, field_bytes, split_header
+from mailhaven.proto.milter_events import AddHeader, ChangeHeader, InsertHeader
 
 MSG = b"From: a@b\r\nSubject: one\r\n two\r\nX-Tag: 1\r\nx-tag: 2\r\n\r\nbody\r\n"
 

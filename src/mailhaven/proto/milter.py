@@ -2,9 +2,11 @@
 
 In: calls for each SMTP stage (`connect`, `helo`, `mail`, `rcpt`, `data`, `header`, `eoh`,
 `body`, `end_of_message`, `abort`, `quit`) and the bytes the milter sent (`receive_data`).
-Out: the bytes to write (`data_to_send`) and events (`next_event`): `Negotiated`, one `Verdict`
-per command that expects a reply, the message edits a milter asks for at end of message
-(`AddHeader` ... `Quarantine`), `Progress`, and `Failed` when the milter broke the protocol.
+Out: the bytes to write (`data_to_send`) and events (`next_event`, the frozen dataclasses of
+`proto.milter_events`): `Negotiated`, one `Verdict` per command that expects a reply, the message
+edits a milter asks for at end of message (`AddHeader` ... `Quarantine`), `Progress`, and
+`Failed` when the milter broke the protocol. With no event ready, `next_event` returns a
+`proto.sansio.Wait`, as the other cores do: NEED_DATA while a reply is owed, PAUSED when none is.
 
 Framing (libmilter's mfdef.h): every packet is a 4-byte big-endian length (the command byte
 included), one command byte, then its data; strings are NUL-terminated.
@@ -38,9 +40,51 @@ import re
 import struct
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
+from mailhaven.proto.milter_events import (
+    AddHeader,
+    AddRecipient,
+    ChangeFrom,
+    ChangeHeader,
+    DeleteRecipient,
+    Edit,
+    Event,
+    Failed,
+    InsertHeader,
+    Negotiated,
+    Progress,
+    Quarantine,
+    ReplaceBody,
+    Verdict,
+)
 from mailhaven.proto.replies import Reply
+from mailhaven.proto.sansio import NEED_DATA, PAUSED, Wait
+
+__all__ = [
+    "NEED_DATA",
+    "PAUSED",
+    "Action",
+    "AddHeader",
+    "AddRecipient",
+    "ChangeFrom",
+    "ChangeHeader",
+    "DeleteRecipient",
+    "Edit",
+    "Event",
+    "Failed",
+    "InsertHeader",
+    "MilterConnection",
+    "Negotiated",
+    "Progress",
+    "ProtocolError",
+    "Quarantine",
+    "ReplaceBody",
+    "Stage",
+    "Verdict",
+    "Wait",
+    "packet",
+    "parse_reply_code",
+]
 
 #: The protocol version we speak (Postfix 2.6+ and Sendmail 8.14+ speak 6).
 VERSION = 6
@@ -154,96 +198,6 @@ _ACTIONS = {
     b"4": Action.SHUTDOWN,
 }
 
-
-@dataclass(frozen=True, slots=True)
-class Negotiated:
-    version: int
-    actions: int
-    protocol: int
-    #: SMFIM_* stage -> macro names the milter asked for (SMFIF_SETSYMLIST); absent: all
-    macros: Mapping[int, tuple[str, ...]]
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    stage: Stage
-    action: Action
-    #: the milter's own reply text (SMFIR_REPLYCODE) for REJECT/TEMPFAIL, else None
-    reply: Reply | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AddHeader:
-    name: str
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class InsertHeader:
-    index: int
-    name: str
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeHeader:
-    """Change the `index`-th (1-based) field called `name`; an empty value deletes it."""
-
-    index: int
-    name: str
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReplaceBody:
-    """One chunk of the new body; the chunks of one message concatenate."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeFrom:
-    address: str
-    args: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AddRecipient:
-    address: str
-    args: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteRecipient:
-    address: str
-
-
-@dataclass(frozen=True, slots=True)
-class Quarantine:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """SMFIR_PROGRESS: the milter is still working; restart the reply timeout."""
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    reason: str
-
-
-Edit = (
-    AddHeader
-    | InsertHeader
-    | ChangeHeader
-    | ReplaceBody
-    | ChangeFrom
-    | AddRecipient
-    | DeleteRecipient
-    | Quarantine
-)
-Event = Negotiated | Verdict | Edit | Progress | Failed
 
 #: reply byte -> the action flag it needs
 _EDIT_FLAGS = {
@@ -494,9 +448,12 @@ class MilterConnection:
         except ProtocolError as err:
             self._fail(str(err))
 
-    def next_event(self) -> Event | None:
-        """The next event, or None when more bytes are needed."""
-        return self._events.popleft() if self._events else None
+    def next_event(self) -> Event | Wait:
+        """The next event; else NEED_DATA while the milter owes a reply, PAUSED when it owes
+        none (nothing to read: the caller's turn; also for good after `Failed`)."""
+        if self._events:
+            return self._events.popleft()
+        return NEED_DATA if self._pending else PAUSED
 
     def _fail(self, reason: str) -> None:
         if self.failed is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mailhaven.proto.milter import AddHeader, ChangeHeader, InsertHeader
+from mailhaven.proto.milter_events import AddHeader, ChangeHeader, InsertHeader
 
 #: The header section is looked at up to this many bytes; a longer one continues as body
 #: (Postfix's header_size_limit is 102400 bytes per field; we bound the whole section).

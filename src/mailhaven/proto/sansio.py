@@ -1,9 +1,9 @@
-"""What the three sans-I/O protocol cores share: the `Wait` sentinels and the usage error.
+"""What the four sans-I/O protocol cores share: the `Wait` sentinels and the usage error.
 
-Each core (`smtp_server`, `smtp_client`, `pop3`) has the same shape: bytes in (`receive_data`),
-events out (`next_event`), answers in, bytes out (`data_to_send`). When `next_event` has no event
-to hand out it returns a member of `Wait` saying whose turn it is; the events themselves are
-frozen dataclasses in the core's own `<core>_events` module.
+Each core (`smtp_server`, `smtp_client`, `pop3`, `milter`) has the same shape: bytes in
+(`receive_data`), events out (`next_event`), answers in, bytes out (`data_to_send`). When
+`next_event` has no event to hand out it returns a member of `Wait` saying whose turn it is; the
+events themselves are frozen dataclasses in the core's own `<core>_events` module.
 
 Invariant: a core raises `UsageError` only for a caller's bug (answering twice, answering out of
 turn); bad input from the peer is always answered on the wire, never raised.
@@ -23,7 +23,7 @@ class Wait(enum.Enum):
 
 
 NEED_DATA: Final = Wait.NEED_DATA
-#: A decision is outstanding (server cores) or the caller must act (client core).
+#: A decision is outstanding (server cores) or the caller must act (client cores: SMTP, milter).
 PAUSED: Final = Wait.PAUSED
 
 

@@ -45,6 +45,7 @@ from mailhaven.checks.milter import pool
 from mailhaven.checks.milter.client import MilterClient, MilterDown
 from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.proto import milter as m
+from mailhaven.proto import milter_events as ev
 from mailhaven.proto.milter_edit import (
     MAX_HEADER_SECTION,
     Header,
@@ -53,6 +54,7 @@ from mailhaven.proto.milter_edit import (
     split_header,
 )
 from mailhaven.proto.replies import Reply
+from mailhaven.proto.sansio import Wait
 
 log = logging.getLogger("mailhaven.milter")
 _T = TypeVar("_T")
@@ -155,7 +157,7 @@ class MilterChain:
     async def _open(
         self, hostname: str, address: str, port: int, connect_macros: dict[str, str]
     ) -> None:
-        async def one(state: _State) -> m.Verdict | None:
+        async def one(state: _State) -> ev.Verdict | None:
             reused = pool.take(state.client.name) if state.client.name in self.settings.reuse else None
             if reused is not None:
                 reused.conn.max_body = self.settings.max_body
@@ -278,7 +280,7 @@ class MilterChain:
 
     async def _ask(
         self, state: _State, send: Callable[[m.MilterConnection], bool], timeout: float
-    ) -> m.Verdict | None:
+    ) -> ev.Verdict | None:
         """Send one command; its verdict, or None when the milter owes no reply."""
         client = state.client
         owed = send(client.conn)
@@ -287,7 +289,7 @@ class MilterChain:
             return None
         client.flush()
         event = await client.next_event(timeout)
-        if not isinstance(event, m.Verdict):
+        if not isinstance(event, ev.Verdict):
             raise MilterDown(f"milter {client.name}: unexpected {type(event).__name__}")
         return event
 
@@ -314,7 +316,7 @@ class MilterChain:
                 log.warning("%s; default action %s", result, self.settings.default_action)
                 dead.append(state)
                 continue
-            assert result is None or isinstance(result, m.Verdict)
+            assert result is None or isinstance(result, ev.Verdict)
             reply = self._verdict(state, stage, result, session)
             if reply is not None and refusal is None:
                 refusal = reply
@@ -331,7 +333,7 @@ class MilterChain:
             case _:
                 return TEMPFAILED
 
-    def _verdict(self, state: _State, stage: m.Stage, verdict: m.Verdict | None, session: bool) -> Reply | None:
+    def _verdict(self, state: _State, stage: m.Stage, verdict: ev.Verdict | None, session: bool) -> Reply | None:
         if verdict is None:
             return None
         match verdict.action:
@@ -426,17 +428,17 @@ class MilterChain:
         done: list[str] = []
         for edit in outcome.edits:
             match edit:
-                case m.AddHeader() | m.InsertHeader() | m.ChangeHeader():
+                case ev.AddHeader() | ev.InsertHeader() | ev.ChangeHeader():
                     result.header_edits.append(edit)
-                case m.ChangeFrom(address):
+                case ev.ChangeFrom(address):
                     result.sender = address
-                case m.AddRecipient(address):
+                case ev.AddRecipient(address):
                     result.added.append(address)
-                case m.DeleteRecipient(address):
+                case ev.DeleteRecipient(address):
                     result.deleted.append(address)
-                case m.Quarantine(reason):
+                case ev.Quarantine(reason):
                     result.quarantine = reason or "milter quarantine"
-                case m.ReplaceBody():
+                case ev.ReplaceBody():
                     pass
             done.append(type(edit).__name__)
         if outcome.body is not None:
@@ -457,7 +459,7 @@ class MilterChain:
             conn.header(f.name, f.value)
         conn.eoh(self._txn)
         client.flush(at_least=_BATCH)
-        early: m.Verdict | None = None
+        early: ev.Verdict | None = None
         if conn.wants(m.Stage.BODY):
             early = await self._send_body(client, source, header.body_offset, timeout)
         if early is None:
@@ -470,16 +472,16 @@ class MilterChain:
             while outcome.verdict is None and (early is None or conn.pending or conn.has_events):
                 event = await client.next_event(timeout)
                 match event:
-                    case m.Verdict(stage=m.Stage.EOM):
+                    case ev.Verdict(stage=m.Stage.EOM):
                         outcome.verdict = event
-                    case m.Verdict():
+                    case ev.Verdict():
                         if early is None and event.action not in _GO_ON:
                             early = event
-                    case m.ReplaceBody(data):
+                    case ev.ReplaceBody(data):
                         if body is None:
                             body = new_body()
                         body.write(data)
-                    case m.Negotiated() | m.Progress() | m.Failed():
+                    case ev.Negotiated() | ev.Progress() | ev.Failed():
                         raise MilterDown(f"milter {client.name}: unexpected {type(event).__name__}")
                     case _:
                         outcome.edits.append(event)
@@ -502,7 +504,7 @@ class MilterChain:
 
     async def _send_body(
         self, client: MilterClient, source: MessageSource, offset: int, timeout: float
-    ) -> m.Verdict | None:
+    ) -> ev.Verdict | None:
         """Stream the body in chunks without waiting for each reply. Returns a refusal that
         came back already (the body stops there); SMFIR_SKIP stops it too."""
         conn = client.conn
@@ -518,8 +520,8 @@ class MilterChain:
                 if conn.unsent >= _BATCH:
                     client.flush()
                     await client.drain(timeout)
-                while (event := client.ready_event()) is not None:
-                    if not isinstance(event, m.Verdict):
+                while not isinstance(event := client.ready_event(), Wait):
+                    if not isinstance(event, ev.Verdict):
                         raise MilterDown(f"milter {client.name}: unexpected {type(event).__name__}")
                     if event.action is m.Action.SKIP:
                         return None
@@ -536,8 +538,8 @@ _BATCH = 64 * 1024
 
 @dataclass(slots=True)
 class _Outcome:
-    verdict: m.Verdict | None = None
-    edits: list[m.Edit] = field(default_factory=list)
+    verdict: ev.Verdict | None = None
+    edits: list[ev.Edit] = field(default_factory=list)
     body: BodySink | None = None
 
 

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 
 from mailhaven.checks.milter.settings import Endpoint
-from mailhaven.proto.milter import Event, Failed, MilterConnection, Negotiated, Progress
+from mailhaven.proto.milter import MilterConnection
+from mailhaven.proto.milter_events import Event, Failed, Negotiated, Progress
+from mailhaven.proto.sansio import NEED_DATA, UsageError, Wait
 
 #: bytes per read from a milter
 READ_SIZE = 64 * 1024
@@ -84,8 +86,8 @@ class MilterClient:
         except (ConnectionError, OSError) as err:
             raise self._down(f"write failed: {err}") from None
 
-    def ready_event(self) -> Event | None:
-        """An event already received, without waiting."""
+    def ready_event(self) -> Event | Wait:
+        """An event already received, without waiting; else the core's `Wait`."""
         event = self.conn.next_event()
         if isinstance(event, Failed):
             raise self._down(event.reason)
@@ -99,10 +101,12 @@ class MilterClient:
                 raise self._down(event.reason)
             if isinstance(event, Progress):
                 continue  # the milter is alive: a fresh timeout from here
-            if event is not None:
+            if not isinstance(event, Wait):
                 return event
             if self._reader is None or self.down is not None:
                 raise self._down(self.down or "not connected")
+            if event is not NEED_DATA:
+                raise UsageError("waiting for a milter reply that no command owes")
             try:
                 async with asyncio.timeout(timeout):
                     data = await self._reader.read(READ_SIZE)
