@@ -88,8 +88,11 @@ class Reply:
 
 
 # --------------------------------------------------------------------------------- catalogue
-# What the SMTP server core (`proto.smtp_server`) answers, in Postfix's words where Postfix has
-# words for it, so clients and log readers see familiar text. Parametrised ones are functions.
+# What mailhaven's SMTP/LMTP server says, in Postfix's words where Postfix has words for it, so
+# clients and log readers see familiar text: first the server core (`proto.smtp_server`), then the
+# listener around it (`smtpd`, the checks and stores it asks). Parametrised ones are functions.
+# Not here: texts that carry someone else's words (a remote server's reply, a milter's
+# SMFIR_REPLYCODE, a DNS list's or a policy's configured text) and POP3's (`proto.pop3`).
 
 OK = Reply(250, "Ok", "2.0.0")
 SENDER_OK = Reply(250, "Ok", "2.1.0")
@@ -161,3 +164,137 @@ def chunk_received(octets: int) -> Reply:
 
 def help_unknown(argument: str) -> Reply:
     return Reply(504, f"Error: unknown command {argument[:30]!r}", "5.5.1")
+
+
+def help_commands(names: str) -> Reply:
+    """HELP without an argument: the commands that work on this listener."""
+    return Reply(214, "Commands:", "2.0.0", (names, "HELP <command> explains one command"))
+
+
+def help_text(text: str) -> Reply:
+    return Reply(214, text, "2.0.0")
+
+
+# ------------------------------------------------------------------ authentication (RFC 4954)
+# The SASL exchange's failures (`proto.sasl.smtp_reply`) and the adapter's verdicts
+# (`smtpd.auth`, `smtpd.session`). POP3 words its own (`proto.pop3`).
+
+AUTH_OK = Reply(235, "Authentication successful", "2.7.0")
+AUTH_FAILED = Reply(535, "Error: authentication failed", "5.7.8")
+AUTH_BLOCKED = Reply(454, "Error: too many failed logins, try again later", "4.7.0")
+#: no authenticator, or it broke: the client may try again (RFC 4954 §6)
+AUTH_TEMPORARY_FAILURE = Reply(454, "Temporary authentication failure", "4.7.0")
+AUTH_REQUIRED = Reply(530, "Error: authentication required", "5.7.0")
+AUTH_BAD_BASE64 = Reply(501, "Cannot decode response", "5.5.2")
+AUTH_ABORTED = Reply(501, "Authentication aborted", "5.0.0")
+AUTH_CREDENTIALS_INVALID = Reply(535, "Authentication credentials invalid", "5.7.8")
+AUTHZID_NOT_PERMITTED = Reply(535, "Authorization identity not permitted", "5.7.8")
+
+
+# ------------------------------------------------------------------ the SMTP/LMTP listener
+# What the adapter (`smtpd`) and the checks it asks answer. The session's own 421s name the
+# host, as RFC 5321 §3.8 and Postfix do.
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, f"{hostname} Service shutting down", "4.3.2")
+
+
+def timeout_exceeded(hostname: str) -> Reply:
+    return Reply(421, f"{hostname} Error: timeout exceeded", "4.4.2")
+
+
+def too_many_connections(hostname: str) -> Reply:
+    """`limits.connections` sessions are open already."""
+    return Reply(421, f"{hostname} Error: too many connections, try again later", "4.7.0")
+
+
+def too_many_connections_from(hostname: str, ip: str) -> Reply:
+    return Reply(421, f"{hostname} Error: too many connections from {ip}", "4.7.0")
+
+
+def connection_rate_exceeded(hostname: str, ip: str) -> Reply:
+    return Reply(421, f"{hostname} Error: too many connections from {ip}, slow down", "4.7.0")
+
+
+def too_much_mail_from(ip: str) -> Reply:
+    return Reply(450, f"Error: too much mail from {ip}", "4.7.1")
+
+
+#: a bug or a failing store: the transaction is refused, the session goes on
+INTERNAL_ERROR = Reply(451, "Error: internal error, try again later", "4.3.0")
+#: the same, where the session cannot go on
+INTERNAL_ERROR_CLOSING = Reply(421, INTERNAL_ERROR.text, "4.3.0")
+#: the queue's disk is (nearly) full: RFC 3463 4.3.1 "mail system full"; Postfix's wording
+STORAGE_FULL = Reply(452, "Insufficient system storage", "4.3.1")
+#: more Received: fields than the hop limit (RFC 5321 §6.3)
+TOO_MANY_HOPS = Reply(554, "Too many hops: mail forwarding loop", "5.4.6")
+
+
+def queued_as(queue_id: str) -> Reply:
+    return Reply(250, f"Ok: queued as {queue_id}", "2.0.0")
+
+
+def discarded_as(queue_id: str) -> Reply:
+    """A milter said DISCARD to a local submission (sendmail, pickup): the submitter is told.
+    (An SMTP client is told `queued_as`, as Postfix's smtpd does.)"""
+    return Reply(250, f"Ok: discarded as {queue_id}", "2.0.0")
+
+
+def sender_not_owned(address: str, user: str) -> Reply:
+    return Reply(553, f"<{address}>: Sender address rejected: not owned by user {user}", "5.7.1")
+
+
+def vrfy_address(address: str) -> Reply:
+    return Reply(250, f"<{address}>", "2.1.5")
+
+
+CANNOT_VRFY = Reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.2")
+EXPN_DISABLED = Reply(502, "Error: EXPN is disabled", "5.5.1")
+NO_SUCH_LIST = Reply(550, "Error: no such list", "5.1.1")
+
+
+def expansion(addresses: tuple[str, ...]) -> Reply:
+    """EXPN's answer: one `<address>` per line (the caller never passes an empty list)."""
+    lines = tuple(f"<{a}>" for a in addresses)
+    return Reply(250, lines[0], "2.1.5", lines[1:])
+
+
+# ETRN (RFC 1985 §5)
+
+
+def etrn_unable(argument: str) -> Reply:
+    """458: nothing can be released for `argument` (a `#queue` or a node)."""
+    what = "queue" if argument.startswith("#") else "node"
+    return Reply(458, f"Unable to queue messages for {what} {argument}", "4.3.0")
+
+
+def etrn_not_allowed(argument: str, client_ip: str) -> Reply:
+    return Reply(459, f"<{argument}>: ETRN not allowed from {client_ip}", "4.7.1")
+
+
+def etrn_unknown_node(argument: str) -> Reply:
+    return Reply(459, f"<{argument}>: Node not allowed: not a part-time host here", "4.7.1")
+
+
+def etrn_nothing_waiting(argument: str) -> Reply:
+    return Reply(251, f"OK, no messages waiting for node {argument}", "2.0.0")
+
+
+def etrn_started(count: int, argument: str) -> Reply:
+    return Reply(253, f"OK, {count} pending messages for node {argument} started", "2.0.0")
+
+
+# LMTP (RFC 2033): the local store's per-recipient answers
+DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
+
+
+def not_a_mailbox(address: str) -> Reply:
+    return Reply(550, f"<{address}>: Recipient address rejected: not a mailbox here", "5.1.1")
+
+
+# milters: the default action's answers (Postfix's milter_default_action)
+MILTER_REJECTED = Reply(550, "Command rejected", "5.7.1")
+MILTER_TEMPFAILED = Reply(451, "Service unavailable - try again later", "4.7.1")
+#: SMFIR_CONN_FAIL: the session ends
+MILTER_CONN_FAILED = Reply(421, "Service unavailable - try again later", "4.7.0")

@@ -32,6 +32,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import assert_never
 
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 
 #: RFC 4954 §4: "the maximum line length of a client response is 12288 octets" (base64 text).
@@ -251,16 +252,16 @@ def smtp_reply(failure: Failure) -> Reply:
     """The SMTP reply for a failed exchange (RFC 4954 §4 and §6, RFC 3463)."""
     match failure.reason:
         case FailureReason.UNSUPPORTED_MECHANISM:
-            return Reply(504, "Unrecognized authentication type", "5.5.4")
+            return r.AUTH_UNKNOWN_MECHANISM
         case FailureReason.BAD_BASE64:
-            return Reply(501, "Cannot decode response", "5.5.2")
+            return r.AUTH_BAD_BASE64
         case FailureReason.ABORTED:
-            return Reply(501, "Authentication aborted", "5.0.0")
+            return r.AUTH_ABORTED
         case FailureReason.LINE_TOO_LONG:
-            return Reply(500, "Authentication Exchange line is too long", "5.5.6")
+            return r.AUTH_LINE_TOO_LONG
         case FailureReason.MALFORMED:
-            return Reply(535, "Authentication credentials invalid", "5.7.8")
+            return r.AUTH_CREDENTIALS_INVALID
         case FailureReason.AUTHZID_NOT_ALLOWED:
-            return Reply(535, "Authorization identity not permitted", "5.7.8")
+            return r.AUTHZID_NOT_PERMITTED
         case _:
             assert_never(failure.reason)

@@ -174,7 +174,7 @@ def help_reply(settings: ServerSettings, argument: str, tls: bool) -> Reply:
     """HELP (RFC 5321 §4.1.1.8): the commands that work here, or one command explained."""
     if not argument:
         names = " ".join(v for v in ORDER if unavailable(settings, v, tls) is None)
-        return Reply(214, "Commands:", "2.0.0", (names, "HELP <command> explains one command"))
+        return r.help_commands(names)
     verb = argument.upper()
     text = HELP_TEXT.get(verb)
     if text is None:
@@ -182,7 +182,7 @@ def help_reply(settings: ServerSettings, argument: str, tls: bool) -> Reply:
     why = unavailable(settings, verb, tls)
     if why is not None:
         text = f"{text}; not available here: {why}"
-    return Reply(214, text, "2.0.0")
+    return r.help_text(text)
 
 
 def parse_bdat(argument: str) -> tuple[int, bool] | None:

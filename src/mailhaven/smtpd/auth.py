@@ -21,15 +21,12 @@ from collections.abc import Callable
 from mailhaven.checks.auth_failures import AuthLimiter
 from mailhaven.mailbox.users import UserDB
 from mailhaven.maillog import client_label
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 from mailhaven.proto.sasl import Challenge, Credentials, Failure, SaslExchange, smtp_reply
 from mailhaven.smtpd.policy import SessionFacts
 
 log = logging.getLogger("mailhaven.smtpd")
-
-AUTH_OK = Reply(235, "Authentication successful", "2.7.0")
-AUTH_FAILED = Reply(535, "Error: authentication failed", "5.7.8")
-AUTH_BLOCKED = Reply(454, "Error: too many failed logins, try again later", "4.7.0")
 
 
 class SMTPAuthenticator:
@@ -98,15 +95,15 @@ class _Exchange:
                 user,
             )
             await asyncio.sleep(auth.limiter.failure_delay)
-            return AUTH_BLOCKED, None
+            return r.AUTH_BLOCKED, None
         auth.users.reload_if_changed()
         if name is not None and await auth.users.verify(name, cred.password):
             auth.limiter.succeeded(ip, name, auth.now())
             log.info("%s: sasl_method=%s, sasl_username=%s", client, self.mechanism, name)
-            return AUTH_OK, name
+            return r.AUTH_OK, name
         if name is None:
             await auth.users.verify("", cred.password)  # the same work as a wrong password
         auth.limiter.failed(ip, name, auth.now())
         log.warning("%s: SASL %s authentication failed: user=%s", client, self.mechanism, user)
         await asyncio.sleep(auth.limiter.failure_delay)
-        return AUTH_FAILED, None
+        return r.AUTH_FAILED, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailhaven.proto import replies as r
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.router import Router
@@ -63,15 +64,11 @@ class SMTPPolicy:
     def mail_from(self, facts: SessionFacts, event: ev.MailFrom) -> Reply | None:
         facts.declared_size = event.params.size
         if self.settings.require_auth and facts.auth_user is None:
-            return Reply(530, "Error: authentication required", "5.7.0")
+            return r.AUTH_REQUIRED
         user = facts.auth_user
         checked = user is not None and self.settings.sender_login_check and event.address
         if checked and user is not None and not self._owns(user, event.address):
-            return Reply(
-                553,
-                f"<{event.address}>: Sender address rejected: not owned by user {user}",
-                "5.7.1",
-            )
+            return r.sender_not_owned(event.address, user)
         return None
 
     def _owns(self, user: str, address: str) -> bool:
@@ -105,17 +102,16 @@ class SMTPPolicy:
             refusal = self._router().check_recipient(arg, client_ip="", authenticated=True)
             if refusal is not None:
                 return refusal
-            return Reply(250, f"<{arg}>", "2.1.5")
-        return Reply(252, "Cannot VRFY user, but will accept message and attempt delivery", "2.5.2")
+            return r.vrfy_address(arg)
+        return r.CANNOT_VRFY
 
     def expand(self, facts: SessionFacts, event: ev.Expand) -> Reply:
         if not self.settings.expn_enabled:
-            return Reply(502, "Error: EXPN is disabled", "5.5.1")
+            return r.EXPN_DISABLED
         targets = self._router().expand(event.argument.strip("<>"))
         if not targets:
-            return Reply(550, "Error: no such list", "5.1.1")
-        lines = tuple(f"<{t}>" for t in targets)
-        return Reply(250, lines[0], "2.1.5", lines[1:])
+            return r.NO_SUCH_LIST
+        return r.expansion(tuple(targets))
 
 
 def protocol_name(*, extended: bool, tls: bool, auth: bool, utf8: bool) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from mailhaven.checks.rates import RateCounter
 from mailhaven.config import Limits, Timeouts, parse_hostport
 from mailhaven.net.client_names import ClientNames
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.profile import ListenerProfile, MessageSink
 from mailhaven.smtpd.session import SMTPSession
@@ -123,17 +124,17 @@ class SMTPService:
 
     def admit(self, session: SMTPSession) -> Reply | None:
         """Count a new connection; a refusal (421) when a limit is exceeded."""
-        ip = session.facts.client_ip
+        ip, hostname = session.facts.client_ip, session.profile.settings.hostname
         self.sessions.add(session)
         self.per_ip[ip] += 1
         if self.shutting_down:
-            return Reply(421, "Service shutting down", "4.3.2")
+            return r.shutting_down(hostname)
         if len(self.sessions) > self.limits.connections:
-            return Reply(421, "Error: too many connections, try again later", "4.7.0")
+            return r.too_many_connections(hostname)
         if self.per_ip[ip] > self.limits.connections_per_ip:
-            return Reply(421, f"Error: too many connections from {ip}", "4.7.0")
+            return r.too_many_connections_from(hostname, ip)
         if not self.connection_rate.allow(ip, self.loop.time()):
-            return Reply(421, f"Error: too many connections from {ip}, slow down", "4.7.0")
+            return r.connection_rate_exceeded(hostname, ip)
         return None
 
     def message_allowed(self, ip: str) -> bool:
@@ -199,7 +200,7 @@ class SMTPService:
         while (self.sessions or self._tasks) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for session in list(self.sessions):
-            session.close_with(Reply(421, "Service shutting down", "4.3.2"))
+            session.close_with(r.shutting_down(session.profile.settings.hostname))
         self._servers.clear()
         if self._reaper is not None:
             self._reaper.cancel()

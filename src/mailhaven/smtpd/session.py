@@ -33,6 +33,7 @@ from mailhaven.mailbox.folders import SPAM_FLAG
 from mailhaven.maillog import client_label
 from mailhaven.net.client_names import UNKNOWN, ClientNames
 from mailhaven.net.stream import start_tls
+from mailhaven.proto import replies as r
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
@@ -46,8 +47,6 @@ if TYPE_CHECKING:
     from mailhaven.smtpd.server import SMTPService
 
 log = logging.getLogger("mailhaven.smtpd")
-
-INTERNAL_ERROR = Reply(451, "Error: internal error, try again later", "4.3.0")
 
 
 def describe_tls_error(err: BaseException) -> str:
@@ -298,9 +297,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         """Called by the service's reaper when the client has been silent too long, or has
         taken too long over one command or one message (`what` says which)."""
         log.info("%s after %s from %s", what, self.conn.state.value.upper(), self.label)
-        self.close_with(
-            Reply(421, f"{self.profile.settings.hostname} Error: timeout exceeded", "4.4.2")
-        )
+        self.close_with(r.timeout_exceeded(self.profile.settings.hostname))
 
     def close_with(self, reply: Reply) -> None:
         if self._tls_early is not None:
@@ -319,9 +316,7 @@ class SMTPSession(asyncio.BufferedProtocol):
     def shutdown(self) -> None:
         """Graceful stop: idle sessions end now; a transaction in flight may finish first."""
         if not self._busy and not self.conn.in_transaction:
-            self.close_with(
-                Reply(421, f"{self.profile.settings.hostname} Service shutting down", "4.3.2")
-            )
+            self.close_with(r.shutting_down(self.profile.settings.hostname))
 
     # ------------------------------------------------------------------ event loop
 
@@ -339,7 +334,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             self._track_deadlines(progress)
         except Exception:
             log.exception("%s: internal error in session", self.label)
-            self.close_with(Reply(421, "Error: internal error", "4.3.0"))
+            self.close_with(r.INTERNAL_ERROR_CLOSING)
             return
         self._flush()
         if self.conn.closed and self.transport is not None and not self._busy:
@@ -367,9 +362,9 @@ class SMTPSession(asyncio.BufferedProtocol):
             log.exception("%s: internal error handling %s", self.label, type(event).__name__)
             if self.conn.awaiting_decision:
                 if isinstance(event, ev.AuthStart | ev.AuthResponse):
-                    self.conn.auth_finish(INTERNAL_ERROR, None)
+                    self.conn.auth_finish(r.INTERNAL_ERROR, None)
                 else:
-                    self.conn.respond(INTERNAL_ERROR)
+                    self.conn.respond(r.INTERNAL_ERROR)
                     if isinstance(event, ev.MailFrom):
                         self.discard_message()
 
@@ -396,9 +391,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             case ev.MailFrom():
                 refusal = policy.mail_from(self.facts, event)
                 if refusal is None and not self.service.message_allowed(self.facts.client_ip):
-                    refusal = Reply(
-                        450, f"Error: too much mail from {self.facts.client_ip}", "4.7.1"
-                    )
+                    refusal = r.too_much_mail_from(self.facts.client_ip)
                 if refusal is None and self.screen is not None and self.profile.gate:
                     refusal = self.profile.gate.mail(self.screen, self.facts, event.address)
                 size = event.params.size
@@ -507,7 +500,7 @@ class SMTPSession(asyncio.BufferedProtocol):
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: internal error", self.label, exc_info=task.exception())
             if self.conn.awaiting_decision:
-                self.conn.respond(INTERNAL_ERROR)
+                self.conn.respond(r.INTERNAL_ERROR)
         self._set_reading()
         self._process()
 
@@ -542,8 +535,8 @@ class SMTPSession(asyncio.BufferedProtocol):
         return Envelope(
             sender=mail.address,
             recipients=tuple(
-                RecipientSpec(r.address, r.params.notify, r.params.orcpt)
-                for r in self.conn.recipients
+                RecipientSpec(rcpt.address, rcpt.params.notify, rcpt.params.orcpt)
+                for rcpt in self.conn.recipients
             ),
             body_type=params.body,
             smtputf8=params.smtputf8,
@@ -595,14 +588,12 @@ class SMTPSession(asyncio.BufferedProtocol):
         except Exception:
             log.exception("%s: cannot queue message from %s", writer.queue_id, self.label)
             writer.abort()
-            reply = INTERNAL_ERROR
+            reply = r.INTERNAL_ERROR
         if reply.code == 250:
             crash_point("before_250")
         self.conn.respond(reply)
         if self.service.shutting_down:
-            self.close_with(
-                Reply(421, f"{self.profile.settings.hostname} Service shutting down", "4.3.2")
-            )
+            self.close_with(r.shutting_down(self.profile.settings.hostname))
 
     # ------------------------------------------------------------------ LMTP listener
 
@@ -626,11 +617,11 @@ class SMTPSession(asyncio.BufferedProtocol):
             writer.abort()
             replies = []
         for n in range(len(event.recipients)):
-            self.conn.respond(replies[n] if n < len(replies) else INTERNAL_ERROR)
+            self.conn.respond(replies[n] if n < len(replies) else r.INTERNAL_ERROR)
 
     async def _etrn(self, argument: str) -> None:
         if self.profile.etrn is None:
-            self.conn.respond(Reply(458, "Error: unable to queue messages for node", "4.7.0"))
+            self.conn.respond(r.etrn_unable(argument))
             return
         self.conn.respond(await self.profile.etrn(self.facts, argument))
 
@@ -695,7 +686,7 @@ class SMTPSession(asyncio.BufferedProtocol):
     async def _auth_step(self, mechanism: str, line: str | None, *, start: bool) -> None:
         auth = self.profile.authenticator
         if auth is None:
-            self.conn.auth_finish(Reply(454, "Temporary authentication failure", "4.7.0"), None)
+            self.conn.auth_finish(r.AUTH_TEMPORARY_FAILURE, None)
             return
         try:
             if start:
@@ -708,7 +699,7 @@ class SMTPSession(asyncio.BufferedProtocol):
             # generic 451 would be refused and the client left without any reply.
             log.exception("%s: internal error in AUTH", self.label)
             self._auth = None
-            self.conn.auth_finish(Reply(454, "Temporary authentication failure", "4.7.0"), None)
+            self.conn.auth_finish(r.AUTH_TEMPORARY_FAILURE, None)
             return
         if isinstance(result, str):
             self.conn.auth_challenge(result)
