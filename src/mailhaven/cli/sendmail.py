@@ -497,8 +497,8 @@ def smtp_session(
     config: Config, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO | None = None
 ) -> int:
     """-bs: one SMTP session on stdin/stdout, driven through the sans-I/O server core."""
+    from mailhaven.proto import replies as r
     from mailhaven.proto import smtp_server_events as ev
-    from mailhaven.proto.replies import Reply
     from mailhaven.proto.smtp_server import NEED_DATA, ServerConnection, ServerSettings, State
 
     limits = config.limits
@@ -532,11 +532,11 @@ def smtp_session(
             sender=qualify(mail.address, origin),
             recipients=[
                 {
-                    "address": qualify(r.address, origin),
-                    "notify": list(r.params.notify),
-                    "orcpt": list(r.params.orcpt) if r.params.orcpt else None,
+                    "address": qualify(rcpt.address, origin),
+                    "notify": list(rcpt.params.notify),
+                    "orcpt": list(rcpt.params.orcpt) if rcpt.params.orcpt else None,
                 }
-                for r in conn.recipients
+                for rcpt in conn.recipients
             ],
             extract=False,
             options={
@@ -575,18 +575,18 @@ def smtp_session(
                     conn.respond(_smtp_refusal(err))
                 else:
                     queued += 1
-                    conn.respond(Reply(250, f"Ok: queued as {name}", "2.0.0"))
+                    conn.respond(r.queued_as(name))
                 submission = None
             case ev.BodyAborted() | ev.Reset():
                 if submission is not None:
                     submission.abort()
                 submission = None
             case ev.Verify():
-                conn.respond(Reply(252, "Send some mail, I'll try my best", "2.0.0"))
+                conn.respond(r.CANNOT_VRFY)
             case ev.Expand() | ev.Etrn():
-                conn.respond(Reply(502, "Error: command not implemented", "5.5.1"))
+                conn.respond(r.NOT_IMPLEMENTED)
             case ev.AuthStart() | ev.AuthResponse():  # never offered
-                conn.auth_finish(Reply(503, "Error: authentication not enabled", "5.5.1"), None)
+                conn.auth_finish(r.AUTH_NOT_ENABLED, None)
             case ev.StartTLS() | ev.Closed():
                 pass
         stdout.write(conn.data_to_send())

@@ -15,7 +15,7 @@ from typing import Any
 
 from mailhaven.control.channel import SOCKET_NAME, ControlError, _ask_status, ask_all, request
 from mailhaven.control.queue_admin import QueueAdmin, add_counts
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import Reply, etrn_unable
 
 log = logging.getLogger("mailhaven.control")
 
@@ -90,7 +90,7 @@ async def forward_etrn(state_dir: Path, client_ip: str, argument: str) -> Reply:
         code, enhanced, text = answer["reply"]
         return Reply(int(code), str(text), enhanced)
     log.error("ETRN %s: the daemon did not answer: %s", argument, answer)
-    return Reply(458, f"Unable to queue messages for node {argument}", "4.3.0")
+    return etrn_unable(argument)
 
 
 async def release_in_workers(peers: Sequence[Path], domains: Sequence[str]) -> int:

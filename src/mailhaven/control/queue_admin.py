@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mailhaven.control.channel import BadRequest
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import Reply, etrn_unable
 
 
 class AdminSpool(Protocol):
@@ -126,7 +126,7 @@ class QueueAdmin:
 
     async def etrn(self, client_ip: str, node: str) -> Reply:
         if self._etrn is None:
-            return Reply(458, f"Unable to queue messages for node {node}", "4.3.0")
+            return etrn_unable(node)
         return await self._etrn(client_ip, node)
 
     async def release_domains(self, domains: Sequence[str]) -> int:

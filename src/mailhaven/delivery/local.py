@@ -45,7 +45,7 @@ from mailhaven.mailbox import folders, quota
 from mailhaven.mailbox.maildir import UniqueNames, deliver, ensure_maildir, mailbox_path, parse_name
 from mailhaven.mailbox.owner import MailOwner
 from mailhaven.proto.message_bytes import header_end
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import DELIVERED, Reply
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ READ_CHUNK = 64 * 1024
 #: Stop looking for Delivered-To after this much header (a bounded cost; Postfix also only
 #: looks at the header).
 HEADER_SCAN_LIMIT = 1024 * 1024
-
-DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
 
 
 class ForwardingLoop(Exception):

@@ -46,10 +46,10 @@ from typing import Protocol
 from mailhaven import maillog
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.message_bytes import header_end
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import STORAGE_FULL, TOO_MANY_HOPS, Reply, queued_as
 from mailhaven.spool.message_writer import MessageWriter
 from mailhaven.spool.records import Hold, QueuedRecipient
-from mailhaven.spool.space import STORAGE_FULL, is_storage_full
+from mailhaven.spool.space import is_storage_full
 
 log = logging.getLogger("mailhaven.queue")
 #: Postfix logs message-id= from cleanup; maillog.py maps this logger to that name
@@ -308,7 +308,7 @@ class Intake:
                     envelope.sender,
                 )
                 writer.abort()
-                return Refused(Reply(554, "Too many hops: mail forwarding loop", "5.4.6"))
+                return Refused(TOO_MANY_HOPS)
             recipients = expand_recipients(envelope, self._expand, self._held)
             # -- milter quarantine: held like `postsuper -h` until an administrator releases it
             if MILTER_HOLD in envelope.extra:
@@ -330,7 +330,7 @@ class Intake:
                 # Every recipient expanded to nothing (e.g. an alias to no one): accepted, done.
                 writer.abort()
                 log.info("%s: removed (no recipients after expansion)", qid)
-                return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))
+                return Queued(qid, queued_as(qid))
             attemptable = any(r.hold is Hold.NONE for r in recipients)
             delivered = await self._queue.commit(
                 writer, envelope, recipients, header, attemptable=attemptable
@@ -356,4 +356,4 @@ class Intake:
         )
         if delivered is not None:  # final deliveries the door made: their lines come next
             delivered()
-        return Queued(qid, Reply(250, f"Ok: queued as {qid}", "2.0.0"))
+        return Queued(qid, queued_as(qid))

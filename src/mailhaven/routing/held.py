@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.route import Route, transport_route
 
@@ -95,19 +96,19 @@ class PartTimeHosts:
     async def etrn(self, client_ip: str, argument: str) -> Reply:
         """Answer one ETRN command (the SMTP core has checked the syntax and the session)."""
         if not self._allowed(client_ip):
-            return Reply(459, f"<{argument}>: ETRN not allowed from {client_ip}", "4.7.1")
+            return r.etrn_not_allowed(argument, client_ip)
         if argument.startswith("#"):
-            return Reply(458, f"Unable to queue messages for queue {argument}", "4.3.0")
+            return r.etrn_unable(argument)
         subdomains = argument.startswith("@")
         name = argument.lstrip("@").lower().rstrip(".")
         domains = [d for d in self.held if d == name or (subdomains and d.endswith("." + name))]
         if not domains:
-            return Reply(459, f"<{argument}>: Node not allowed: not a part-time host here", "4.7.1")
+            return r.etrn_unknown_node(argument)
         count = await self.release(domains)
         log.info("ETRN %s from [%s]: %d message(s) released", argument, client_ip, count)
         if count == 0:
-            return Reply(251, f"OK, no messages waiting for node {argument}", "2.0.0")
-        return Reply(253, f"OK, {count} pending messages for node {argument} started", "2.0.0")
+            return r.etrn_nothing_waiting(argument)
+        return r.etrn_started(count, argument)
 
     async def release_all(self) -> int:
         """The schedule: release every held domain."""

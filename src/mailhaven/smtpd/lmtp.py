@@ -44,7 +44,7 @@ from mailhaven.delivery.local import LocalAgent
 from mailhaven.intake.cleanup import received_header
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import DELIVERED, Reply, not_a_mailbox
 from mailhaven.routing.route import Route
 from mailhaven.routing.router import Router
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
@@ -56,12 +56,11 @@ log = logging.getLogger("mailhaven.lmtp")
 
 #: Bodies up to this size stay in memory; larger ones go to a temporary file.
 SPOOL_IN_MEMORY = 1024 * 1024
-DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
 
 
 def not_here(address: str) -> Reply:
     shown = "".join(ch if ch.isprintable() else "?" for ch in address)
-    return Reply(550, f"<{shown}>: Recipient address rejected: not a mailbox here", "5.1.1")
+    return not_a_mailbox(shown)
 
 
 class LmtpPolicy(SMTPPolicy):

@@ -35,7 +35,7 @@ from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.proto import smtp_server_events as ev
 from mailhaven.proto.envelope import Envelope
 from mailhaven.proto.milter import Stage
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import Reply, queued_as
 from mailhaven.proto.smtp_server import ServerConnection
 from mailhaven.smtpd import milters as mlt
 from mailhaven.smtpd.policy import SessionFacts
@@ -127,7 +127,7 @@ async def end_of_message(
         writer.abort()
         reason = "milter triggers DISCARD action"
         _log(host, "discard", "END-OF-MESSAGE", reason, to, writer.queue_id)
-        return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
+        return queued_as(writer.queue_id)
     for note in verdict.notes:
         log.info("%s: milter %s", writer.queue_id, note)
     if verdict.edited:
@@ -139,7 +139,7 @@ async def end_of_message(
         writer.abort()
         reason = "milter removed all recipients"
         _log(host, "discard", "END-OF-MESSAGE", reason, to, writer.queue_id)
-        return Reply(250, f"Ok: queued as {writer.queue_id}", "2.0.0")
+        return queued_as(writer.queue_id)
     return writer, envelope
 
 

@@ -19,7 +19,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import STORAGE_FULL, Reply
 
 log = logging.getLogger("mailhaven.spool")
 
@@ -29,8 +29,6 @@ RESERVE_BYTES = 1024 * 1024
 #: SQLite's result code for "database or disk is full"
 SQLITE_FULL = 13
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-#: RFC 3463 4.3.1 "mail system full"; Postfix's wording
-STORAGE_FULL = Reply(452, "Insufficient system storage", "4.3.1")
 
 
 def free_bytes(path: Path) -> int:

@@ -12,11 +12,13 @@ from tests.support import milter as tm
 from tests.support.milter import TestMilter
 
 from mailhaven.checks.milter import pool
-from mailhaven.checks.milter.chain import REJECTED, TEMPFAILED, MilterChain
+from mailhaven.checks.milter.chain import MilterChain
 from mailhaven.checks.milter.rewrite import edit_envelope, rewrite
 from mailhaven.checks.milter.settings import MilterSettings, parse_endpoint
 from mailhaven.proto import milter as m
 from mailhaven.proto.envelope import Envelope, RecipientSpec
+from mailhaven.proto.replies import MILTER_REJECTED as REJECTED
+from mailhaven.proto.replies import MILTER_TEMPFAILED as TEMPFAILED
 from mailhaven.proto.replies import Reply
 from mailhaven.spool.message_writer import MessageWriter
 

@@ -53,16 +53,18 @@ from mailhaven.proto.milter_edit import (
     HeaderField,
     split_header,
 )
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import (
+    MILTER_CONN_FAILED,
+    MILTER_REJECTED,
+    MILTER_TEMPFAILED,
+    Reply,
+)
 from mailhaven.proto.sansio import Wait
 
 log = logging.getLogger("mailhaven.milter")
 _T = TypeVar("_T")
 
 #: Postfix's texts for a milter's reject/tempfail without SMFIR_REPLYCODE.
-REJECTED = Reply(550, "Command rejected", "5.7.1")
-TEMPFAILED = Reply(451, "Service unavailable - try again later", "4.7.1")
-CONN_FAILED = Reply(421, "Service unavailable - try again later", "4.7.0")
 
 
 class BodySink(Protocol):
@@ -329,9 +331,9 @@ class MilterChain:
             case "accept":
                 return None
             case "reject":
-                return REJECTED
+                return MILTER_REJECTED
             case _:
-                return TEMPFAILED
+                return MILTER_TEMPFAILED
 
     def _verdict(self, state: _State, stage: m.Stage, verdict: ev.Verdict | None, session: bool) -> Reply | None:
         if verdict is None:
@@ -348,9 +350,9 @@ class MilterChain:
                     state.message_done = True
                 return None
             case m.Action.REJECT:
-                return verdict.reply or REJECTED
+                return verdict.reply or MILTER_REJECTED
             case m.Action.TEMPFAIL:
-                return verdict.reply or TEMPFAILED
+                return verdict.reply or MILTER_TEMPFAILED
             case m.Action.DISCARD:
                 if session:
                     self.session_discard = True
@@ -358,7 +360,7 @@ class MilterChain:
                     self.discard = True
                 return None
             case m.Action.CONN_FAIL:
-                return CONN_FAILED
+                return MILTER_CONN_FAILED
             case m.Action.SHUTDOWN:
                 log.warning("milter %s: shut down; default action %s", state.client.name, self.settings.default_action)
                 state.client.close()

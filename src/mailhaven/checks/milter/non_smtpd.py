@@ -37,7 +37,7 @@ from mailhaven.checks.milter.settings import MilterSettings
 from mailhaven.intake.cleanup import Outcome, Queued, Refused
 from mailhaven.pickup.collector import BodyWriter, Door
 from mailhaven.proto.envelope import Envelope
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import Reply, discarded_as
 
 log = logging.getLogger("mailhaven.milter")
 
@@ -120,7 +120,7 @@ async def _ask(
     if verdict.discard:
         log.info("%s: milter-discard: END-OF-MESSAGE from local: milter triggers DISCARD "
                  "action; from=<%s>", qid, sender)
-        return Reply(250, f"Ok: discarded as {qid}", "2.0.0")
+        return discarded_as(qid)
     if verdict.edited:
         envelope = edit_envelope(envelope, verdict)
         source = cast(SpoolWriter, await rewrite(source, verdict, source.sibling))
@@ -130,7 +130,7 @@ async def _ask(
         source.abort()
         log.info("%s: milter-discard: END-OF-MESSAGE from local: milter removed all "
                  "recipients; from=<%s>", qid, sender)
-        return Reply(250, f"Ok: discarded as {qid}", "2.0.0")
+        return discarded_as(qid)
     return source, envelope
 
 
