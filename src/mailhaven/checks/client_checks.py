@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 
 
@@ -91,10 +92,10 @@ def check_client(
 ) -> Reply | None:
     """The first check the client fails, or None (see the module docstring)."""
     if settings.reject_unknown_client and client_name == "unknown":
-        return Reply(450, f"Client host rejected: cannot find your hostname, [{client_ip}]", "4.7.25")
+        return r.unknown_client_hostname(client_ip)
     own = settings.reject_own_helo and helo and client_ip not in own_addresses
     if own and claims_to_be_us(helo, settings.own_names, own_addresses):
-        return Reply(554, f"<{helo}>: Helo command rejected: host claims to be us", "5.7.1")
+        return r.helo_claims_to_be_us(helo)
     if settings.reject_non_fqdn_helo and not is_fqdn(helo):
-        return Reply(504, f"<{helo}>: Helo command rejected: need fully-qualified hostname", "5.5.2")
+        return r.helo_not_fqdn(helo)
     return None

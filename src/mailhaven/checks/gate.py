@@ -49,6 +49,7 @@ from mailhaven.config import Config
 from mailhaven.net.dnslist import Site, parse_site
 from mailhaven.net.ipaddr import IPAddress
 from mailhaven.net.ipaddr import client_ip as parse_client_ip
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 
 log = logging.getLogger("mailhaven.checks")
@@ -211,13 +212,12 @@ class Gate:
         access = self.settings.access
         rcpt_access = access.recipient(recipient)
         if rcpt_access is BLOCK:
-            return Reply(550, f"<{recipient}>: Recipient address rejected: Access denied", "5.7.1")
+            return r.recipient_access_denied(recipient)
         if screen.client_access is BLOCK:
-            return Reply(554, f"<{maillog.client_label(facts.client_ip, facts.client_name)}>: "
-                              "Client host rejected: Access denied", "5.7.1")
+            return r.client_access_denied(maillog.client_label(facts.client_ip, facts.client_name))
         sender_access = access.sender(sender)
         if sender_access is BLOCK:
-            return Reply(554, f"<{sender}>: Sender address rejected: Access denied", "5.7.1")
+            return r.sender_access_denied(sender)
         if ALLOW in (rcpt_access, sender_access) or not self._screened(screen, facts):
             return None
         s = self.settings
@@ -284,17 +284,15 @@ class Gate:
     def _client_listed(self, screen: Screen, score: Score) -> Reply | None:
         assert screen.dnsbl is not None
         self._log_lists(screen, screen.dnsbl, score, f"client [{screen.client_ip}]")
-        if not score.blocks(self.settings.dnsbl_threshold):
-            return None
-        return Reply(554, f"Service unavailable; client [{screen.client_ip}] blocked using "
-                          f"{score.named}", "5.7.1")
+        if not score.blocks(self.settings.dnsbl_threshold) or score.named is None:
+            return None  # (a score that blocks always names its list)
+        return r.client_blocklisted(screen.client_ip, score.named)
 
     def _domain_listed(self, screen: Screen, sender: str, score: Score) -> Reply | None:
         domain = sender.rpartition("@")[2].lower()
-        if not score.blocks(RHS_THRESHOLD):
+        if not score.blocks(RHS_THRESHOLD) or score.named is None:
             return None
-        return Reply(554, f"Service unavailable; sender domain {domain} blocked using "
-                          f"{score.named}", "5.7.1")
+        return r.sender_domain_blocklisted(domain, score.named)
 
     def _log_lists(self, screen: Screen, pending: Pending, score: Score, what: str) -> None:
         """Once per session: which lists listed the client, and which gave odd or no answers."""
@@ -331,8 +329,7 @@ class Gate:
                          label, sender, recipient)
             return None
         wait = max(1, round(decision.wait))
-        return Reply(450, f"<{recipient}>: Recipient address rejected: Greylisted, try again "
-                          f"in {wait} seconds", "4.7.1")
+        return r.greylisted(recipient, wait)
 
     def _limited(self, facts: ClientFacts, sender: str, verdict: LimitVerdict) -> Reply:
         user = facts.auth_user
@@ -351,5 +348,4 @@ class Gate:
                     f"If the account's password has been stolen, change it (mailhaven user\n"
                     f"passwd {user}) and look at the mail queue (mailhaven queue list).\n",
                 )
-        return Reply(450, f"<{sender}>: Sender address rejected: Sender rate limit exceeded "
-                          f"for {user}: {figures}, try again later", "4.7.1")
+        return r.sender_rate_limited(sender, str(user), figures)

@@ -42,6 +42,7 @@ from mailhaven.checks.arc_verify import ARCResult
 from mailhaven.checks.dkim_verify import DKIMResult
 from mailhaven.checks.dmarc import DMARCResult, OrgDomains
 from mailhaven.checks.spf import Lookup, SPFResult
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 
 #: RFC 7208 §4.6.4 asks SPF to allow at least 20 seconds; the other checks fit inside.
@@ -144,7 +145,7 @@ class InboundChecks:
         self.rng = rng
 
     def policies(self, recipients: Sequence[str]) -> list[DomainPolicy]:
-        domains = {r.rpartition("@")[2].lower().rstrip(".") for r in recipients} or {""}
+        domains = {rcpt.rpartition("@")[2].lower().rstrip(".") for rcpt in recipients} or {""}
         return [self.settings.domains.get(d, self.settings.default) for d in sorted(domains)]
 
     def applies(self, client_ip: str, authenticated: bool, recipients: Sequence[str]) -> bool:
@@ -275,22 +276,18 @@ def refusal(results: Results, policy: DomainPolicy) -> tuple[Reply | None, bool]
     """One domain's decision: a refusal (or None) and whether to quarantine."""
     d = results.dmarc
     if d.result == "fail" and d.disposition == "reject" and policy.dmarc_reject:
-        text = (f"Message rejected: {_shown(d.from_domain)} publishes DMARC p={d.policy}, and "
-                "this message is not authenticated as coming from it")  # fmt: skip
-        return Reply(550, text, "5.7.1"), False
+        return r.dmarc_rejected(_shown(d.from_domain), d.policy), False
     # deferred only when the answer could matter: a policy that is not p=none, or one that
     # could not be read at all (it might be p=reject)
     if d.result == "temperror" and policy.temperror == "defer" and (
         d.policy != "none" or not d.policy_domain
     ):
-        return Reply(451, "Temporary DNS failure checking DMARC, try again later", "4.7.5"), False
+        return r.DMARC_TEMPERROR, False
     if policy.spf_reject and results.spf.result == "fail":
-        text = f"SPF: {_shown(results.spf.domain)} does not allow this client to send its mail"
-        if results.spf.explanation:
-            text += ": " + _shown(results.spf.explanation, MAX_REPLY_TEXT)
-        return Reply(550, text, "5.7.23"), False
+        explanation = _shown(results.spf.explanation or "", MAX_REPLY_TEXT)
+        return r.spf_failed(_shown(results.spf.domain), explanation), False
     if policy.spf_reject and results.spf.result == "temperror" and policy.temperror == "defer":
-        return Reply(451, "Temporary DNS failure checking SPF, try again later", "4.7.24"), False
+        return r.SPF_TEMPERROR, False
     quarantine = d.result == "fail" and d.disposition == "quarantine"
     if d.result == "fail" and d.disposition == "reject" and not policy.dmarc_reject:
         quarantine = True  # not refused: the next best is the Junk folder
@@ -304,7 +301,7 @@ def decide(results: Results, policies: Sequence[DomainPolicy]) -> tuple[Reply | 
         return None, False
     answers = [refusal(results, p) for p in policies]
     replies = [r for r, _ in answers]
-    if all(r is not None for r in replies):
+    if all(reply is not None for reply in replies):
         return replies[0], False
     return None, any(q for _, q in answers)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mailhaven.mailbox import quota
 from mailhaven.mailbox.maildir import mailbox_path
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import Reply, recipient_mailbox_full
 from mailhaven.routing.router import Router
 
 
@@ -57,5 +57,4 @@ class MailboxFull:
             return None
         if used is None or used.fits(limit, size or 1):
             return None
-        shown = "".join(ch if ch.isprintable() else "?" for ch in address)
-        return Reply(452, f"<{shown}>: Recipient address rejected: mailbox full", "4.2.2")
+        return recipient_mailbox_full(address)

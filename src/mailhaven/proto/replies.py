@@ -290,7 +290,8 @@ DELIVERED = Reply(250, "delivered to maildir", "2.0.0")
 
 
 def not_a_mailbox(address: str) -> Reply:
-    return Reply(550, f"<{address}>: Recipient address rejected: not a mailbox here", "5.1.1")
+    text = f"<{printable(address)}>: Recipient address rejected: not a mailbox here"
+    return Reply(550, text, "5.1.1")
 
 
 # milters: the default action's answers (Postfix's milter_default_action)
@@ -298,3 +299,106 @@ MILTER_REJECTED = Reply(550, "Command rejected", "5.7.1")
 MILTER_TEMPFAILED = Reply(451, "Service unavailable - try again later", "4.7.1")
 #: SMFIR_CONN_FAIL: the session ends
 MILTER_CONN_FAILED = Reply(421, "Service unavailable - try again later", "4.7.0")
+
+
+# ------------------------------------------------------------------ restrictions
+# Refusals of the checks a session asks (routing, `checks`), in Postfix's smtpd restriction
+# shape `<what>: X rejected: reason`. An address or name from the client is shown with its
+# control characters replaced, so nothing but printable text reaches the wire.
+
+
+def printable(text: str) -> str:
+    """`text` with every non-printable character replaced by "?" (for a reply line)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+#: RCPT TO whose address does not parse (RFC 5321 §4.1.2)
+BAD_RECIPIENT_SYNTAX = Reply(501, "Bad recipient address syntax", "5.1.3")
+
+
+def user_unknown(address: str) -> Reply:
+    text = f"<{printable(address)}>: Recipient address rejected: User unknown in local recipient table"
+    return Reply(550, text, "5.1.1")
+
+
+def relay_denied(address: str) -> Reply:
+    return Reply(554, f"<{printable(address)}>: Relay access denied", "5.7.1")
+
+
+def recipient_mailbox_full(address: str) -> Reply:
+    return Reply(452, f"<{printable(address)}>: Recipient address rejected: mailbox full", "4.2.2")
+
+
+def unknown_client_hostname(client_ip: str) -> Reply:
+    """reject_unknown_client_hostname (RFC 7372: 4.7.25, reverse DNS failed)."""
+    return Reply(450, f"Client host rejected: cannot find your hostname, [{client_ip}]", "4.7.25")
+
+
+def helo_claims_to_be_us(helo: str) -> Reply:
+    return Reply(554, f"<{printable(helo)}>: Helo command rejected: host claims to be us", "5.7.1")
+
+
+def helo_not_fqdn(helo: str) -> Reply:
+    text = f"<{printable(helo)}>: Helo command rejected: need fully-qualified hostname"
+    return Reply(504, text, "5.5.2")
+
+
+def recipient_access_denied(recipient: str) -> Reply:
+    text = f"<{printable(recipient)}>: Recipient address rejected: Access denied"
+    return Reply(550, text, "5.7.1")
+
+
+def sender_access_denied(sender: str) -> Reply:
+    return Reply(554, f"<{printable(sender)}>: Sender address rejected: Access denied", "5.7.1")
+
+
+def client_access_denied(client_label: str) -> Reply:
+    """`client_label`: Postfix's `name[ip]` of the client."""
+    return Reply(554, f"<{client_label}>: Client host rejected: Access denied", "5.7.1")
+
+
+def client_blocklisted(client_ip: str, lists: str) -> Reply:
+    """The client's address is on DNS lists (`lists` names them)."""
+    text = f"Service unavailable; client [{client_ip}] blocked using {lists}"
+    return Reply(554, text, "5.7.1")
+
+
+def sender_domain_blocklisted(domain: str, lists: str) -> Reply:
+    text = f"Service unavailable; sender domain {printable(domain)} blocked using {lists}"
+    return Reply(554, text, "5.7.1")
+
+
+def greylisted(recipient: str, seconds: int) -> Reply:
+    text = (
+        f"<{printable(recipient)}>: Recipient address rejected: Greylisted, try again "
+        f"in {seconds} seconds"
+    )
+    return Reply(450, text, "4.7.1")
+
+
+def sender_rate_limited(sender: str, user: str, figures: str) -> Reply:
+    """An authenticated user past `[checks.sender_limits]`; `figures` says by how much."""
+    text = (
+        f"<{printable(sender)}>: Sender address rejected: Sender rate limit exceeded "
+        f"for {user}: {figures}, try again later"
+    )
+    return Reply(450, text, "4.7.1")
+
+
+# SPF and DMARC (RFC 7208 §8, RFC 7489 §6.6, RFC 7372's enhanced codes); the domains and the
+# SPF explanation come from the sender's DNS: the caller passes them already made printable
+DMARC_TEMPERROR = Reply(451, "Temporary DNS failure checking DMARC, try again later", "4.7.5")
+SPF_TEMPERROR = Reply(451, "Temporary DNS failure checking SPF, try again later", "4.7.24")
+
+
+def dmarc_rejected(from_domain: str, policy: str) -> Reply:
+    text = (
+        f"Message rejected: {from_domain} publishes DMARC p={policy}, and this message is "
+        "not authenticated as coming from it"
+    )
+    return Reply(550, text, "5.7.1")
+
+
+def spf_failed(domain: str, explanation: str = "") -> Reply:
+    text = f"SPF: {domain} does not allow this client to send its mail"
+    return Reply(550, f"{text}: {explanation}" if explanation else text, "5.7.23")

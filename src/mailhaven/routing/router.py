@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import idna
 
 from mailhaven.net.ipaddr import client_ip as parse_client_ip
-from mailhaven.proto.replies import Reply
+from mailhaven.proto.replies import BAD_RECIPIENT_SYNTAX, Reply, relay_denied, user_unknown
 from mailhaven.routing.route import Route, transport_route
 
 #: Alias chains longer than this are cut (sendmail uses 10, Postfix's
@@ -193,26 +193,6 @@ def _parents(domain: str) -> list[str]:
     return ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
 
 
-def _display(address: str) -> str:
-    """The address for a reply text: no control characters can reach the wire."""
-    return "".join(ch if ch.isprintable() else "?" for ch in address)
-
-
-def user_unknown(address: str) -> Reply:
-    return Reply(
-        550,
-        f"<{_display(address)}>: Recipient address rejected: User unknown in local recipient table",
-        "5.1.1",
-    )
-
-
-def relay_denied(address: str) -> Reply:
-    return Reply(554, f"<{_display(address)}>: Relay access denied", "5.7.1")
-
-
-BAD_SYNTAX = Reply(501, "Bad recipient address syntax", "5.1.3")
-
-
 class Router:
     """Routing policy built from plain values; see the module docstring for the rules."""
 
@@ -262,7 +242,7 @@ class Router:
         """None to accept the RCPT, else the reply refusing it."""
         addr = parse_address(address)
         if addr is None:
-            return BAD_SYNTAX
+            return BAD_RECIPIENT_SYNTAX
         may_relay = authenticated or self._is_trusted(client_ip)
         if self._is_local_address(addr):
             if addr.routed:

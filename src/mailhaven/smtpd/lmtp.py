@@ -59,8 +59,7 @@ SPOOL_IN_MEMORY = 1024 * 1024
 
 
 def not_here(address: str) -> Reply:
-    shown = "".join(ch if ch.isprintable() else "?" for ch in address)
-    return not_a_mailbox(shown)
+    return not_a_mailbox(address)
 
 
 class LmtpPolicy(SMTPPolicy):
