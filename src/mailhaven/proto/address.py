@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from mailhaven.proto import replies as r
 from mailhaven.proto.replies import Reply
 
 #: RFC 5321 §4.5.3.1.1
@@ -50,10 +51,6 @@ class AddressError(ValueError):
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply.one_line())
         self.reply = reply
-
-
-def _bad(code: int, enhanced: str, text: str) -> AddressError:
-    return AddressError(Reply(code, text, enhanced))
 
 
 def is_valid_domain(domain: str, *, utf8: bool = False) -> bool:
@@ -97,11 +94,11 @@ def split_mailbox(mailbox: str) -> tuple[str, str]:
     if mailbox.startswith('"'):
         end = _closing_quote(mailbox)
         if end < 0 or end + 1 >= len(mailbox) or mailbox[end + 1] != "@":
-            raise _bad(553, "5.1.3", "Error: bad address syntax")
+            raise AddressError(r.BAD_ADDRESS_SYNTAX)
         return mailbox[: end + 1], mailbox[end + 2 :]
     local, sep, domain = mailbox.rpartition("@")
     if not sep:
-        raise _bad(553, "5.1.3", "Error: bad address syntax")
+        raise AddressError(r.BAD_ADDRESS_SYNTAX)
     return local, domain
 
 
@@ -123,11 +120,11 @@ def _check_mailbox(mailbox: str, *, utf8: bool, allow_bare_postmaster: bool) -> 
         return mailbox
     local, domain = split_mailbox(mailbox)
     if len(local.encode("utf-8")) > MAX_LOCAL_PART:
-        raise _bad(501, "5.1.3", "Error: local part too long (RFC 5321 4.5.3.1.1)")
+        raise AddressError(r.LOCAL_PART_TOO_LONG)
     if len(domain.encode("utf-8")) > MAX_DOMAIN:
-        raise _bad(501, "5.1.3", "Error: domain too long (RFC 5321 4.5.3.1.2)")
+        raise AddressError(r.DOMAIN_TOO_LONG)
     if not is_valid_local_part(local, utf8=utf8) or not is_valid_domain(domain, utf8=utf8):
-        raise _bad(553, "5.1.3", "Error: bad address syntax")
+        raise AddressError(r.BAD_ADDRESS_SYNTAX)
     return mailbox
 
 
@@ -153,7 +150,7 @@ def _split_path(arg: str) -> tuple[str, str]:
         elif ch == ">":
             return arg[: i + 1], arg[i + 1 :]
         i += 1
-    raise _bad(501, "5.1.7", "Error: missing '>' in address")
+    raise AddressError(r.MISSING_CLOSING_BRACKET)
 
 
 def parse_path(
@@ -162,20 +159,20 @@ def parse_path(
     """Parse `<path> [params]`; return (mailbox, parameter text). Raises AddressError."""
     path, rest = _split_path(arg)
     if not path:
-        raise _bad(501, "5.5.4", "Syntax: MAIL FROM:<address> or RCPT TO:<address>")
+        raise AddressError(r.PATH_SYNTAX)
     if len(path.encode("utf-8")) > MAX_PATH:
-        raise _bad(501, "5.1.3", "Error: path too long (RFC 5321 4.5.3.1.3)")
+        raise AddressError(r.PATH_TOO_LONG)
     inner = path[1:-1] if path.startswith("<") else path
     if inner == "":
         if null_ok:
             return "", rest
-        raise _bad(501, "5.1.3", "Error: null address not allowed here")
+        raise AddressError(r.NULL_ADDRESS_NOT_ALLOWED)
     if inner.startswith("@"):
         # A-d-l ":" Mailbox: a source route, accepted and ignored (RFC 5321 §4.1.2, §C).
         route, colon, mailbox = inner.partition(":")
         hops = route.split(",")
         if not colon or not all(h.startswith("@") and is_valid_domain(h[1:]) for h in hops):
-            raise _bad(553, "5.1.3", "Error: bad source route syntax")
+            raise AddressError(r.BAD_SOURCE_ROUTE)
         inner = mailbox
     return _check_mailbox(inner, utf8=utf8, allow_bare_postmaster=bare_postmaster_ok), rest
 
@@ -206,7 +203,7 @@ def split_params(text: str) -> list[tuple[str, str | None]]:
     for item in text.split():
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not value):
-            raise _bad(555, "5.5.4", f"Error: bad parameter syntax: {item[:40]}")
+            raise AddressError(r.bad_parameter_syntax(item))
         out.append((key.upper(), value if eq else None))
     return out
 
@@ -214,9 +211,9 @@ def split_params(text: str) -> list[tuple[str, str | None]]:
 def xtext_decode(text: str) -> str:
     """RFC 3461 §4: `+XX` hex escapes; other characters must be printable ASCII except `+ =`."""
     if any(c in "=" or not ("!" <= c <= "~") for c in text):
-        raise _bad(501, "5.5.4", "Error: bad xtext encoding")
+        raise AddressError(r.BAD_XTEXT)
     if "+" in _XTEXT_HEX.sub("", text):
-        raise _bad(501, "5.5.4", "Error: bad xtext encoding")
+        raise AddressError(r.BAD_XTEXT)
     return _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), text)
 
 
@@ -236,32 +233,32 @@ def parse_mail_params(text: str, *, extensions: frozenset[str]) -> MailParams:
     seen: set[str] = set()
     for key, value in split_params(text):
         if key in seen:
-            raise _bad(501, "5.5.4", f"Error: duplicate {key} parameter")
+            raise AddressError(r.duplicate_parameter(key))
         seen.add(key)
         if key == "SIZE" and "SIZE" in extensions:
             if value is None or not value.isdigit() or len(value) > 20:
-                raise _bad(501, "5.5.4", "Error: bad SIZE parameter")
+                raise AddressError(r.BAD_SIZE)
             size = int(value)
         elif key == "BODY" and "8BITMIME" in extensions:
             if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                raise _bad(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME")
+                raise AddressError(r.BAD_BODY)
             body = value.upper()
         elif key == "SMTPUTF8" and "SMTPUTF8" in extensions:
             if value is not None:
-                raise _bad(501, "5.5.4", "Error: SMTPUTF8 takes no value")
+                raise AddressError(r.SMTPUTF8_TAKES_NO_VALUE)
             smtputf8 = True
         elif key == "RET" and "DSN" in extensions:
             if value is None or value.upper() not in ("FULL", "HDRS"):
-                raise _bad(501, "5.5.4", "Error: RET must be FULL or HDRS")
+                raise AddressError(r.BAD_RET)
             ret = value.upper()
         elif key == "ENVID" and "DSN" in extensions:
             envid = xtext_decode(value or "")
             if not envid or len(value or "") > MAX_ENVID:
-                raise _bad(501, "5.5.4", "Error: bad ENVID parameter")
+                raise AddressError(r.BAD_ENVID)
         elif key == "AUTH" and "AUTH" in extensions:
             auth = value  # RFC 4954 §5: informational; we never trust it.
         else:
-            raise _bad(555, "5.5.4", f"Error: unsupported MAIL parameter {key[:40]}")
+            raise AddressError(r.unsupported_parameter("MAIL", key))
     return MailParams(size, body, smtputf8, ret, envid, auth)
 
 
@@ -275,23 +272,23 @@ def parse_rcpt_params(text: str, *, extensions: frozenset[str]) -> RcptParams:
     seen: set[str] = set()
     for key, value in split_params(text):
         if key in seen:
-            raise _bad(501, "5.5.4", f"Error: duplicate {key} parameter")
+            raise AddressError(r.duplicate_parameter(key))
         seen.add(key)
         if key == "NOTIFY" and "DSN" in extensions:
             words = tuple(w.upper() for w in (value or "").split(","))
             valid_list = all(w in _NOTIFY_WORDS for w in words) and len(set(words)) == len(words)
             if words != ("NEVER",) and not valid_list:
-                raise _bad(501, "5.5.4", "Error: bad NOTIFY parameter")
+                raise AddressError(r.BAD_NOTIFY)
             notify = words
         elif key == "ORCPT" and "DSN" in extensions:
             addr_type, semi, addr = (value or "").partition(";")
             if not semi or not _KEYWORD.match(addr_type) or not addr:
-                raise _bad(501, "5.5.4", "Error: bad ORCPT parameter")
+                raise AddressError(r.BAD_ORCPT)
             if addr_type.lower() == "utf-8":
                 decoded = addr  # RFC 6533 utf-8-addr-xtext: kept as sent
             else:
                 decoded = xtext_decode(addr)
             orcpt = (addr_type.lower(), decoded)
         else:
-            raise _bad(555, "5.5.4", f"Error: unsupported RCPT parameter {key[:40]}")
+            raise AddressError(r.unsupported_parameter("RCPT", key))
     return RcptParams(notify, orcpt)

@@ -146,8 +146,45 @@ def syntax(usage: str) -> Reply:
     return Reply(501, f"Syntax: {usage}", "5.5.4")
 
 
+# MAIL/RCPT arguments (`proto.address`): 501 syntax, 553 mailbox syntax, 555 parameters
+BAD_ADDRESS_SYNTAX = Reply(553, "Error: bad address syntax", "5.1.3")
+LOCAL_PART_TOO_LONG = Reply(501, "Error: local part too long (RFC 5321 4.5.3.1.1)", "5.1.3")
+DOMAIN_TOO_LONG = Reply(501, "Error: domain too long (RFC 5321 4.5.3.1.2)", "5.1.3")
+PATH_TOO_LONG = Reply(501, "Error: path too long (RFC 5321 4.5.3.1.3)", "5.1.3")
+MISSING_CLOSING_BRACKET = Reply(501, "Error: missing '>' in address", "5.1.7")
+PATH_SYNTAX = syntax("MAIL FROM:<address> or RCPT TO:<address>")
+NULL_ADDRESS_NOT_ALLOWED = Reply(501, "Error: null address not allowed here", "5.1.3")
+BAD_SOURCE_ROUTE = Reply(553, "Error: bad source route syntax", "5.1.3")
+BAD_XTEXT = Reply(501, "Error: bad xtext encoding", "5.5.4")
+BAD_SIZE = Reply(501, "Error: bad SIZE parameter", "5.5.4")
+BAD_BODY = Reply(501, "Error: BODY must be 7BIT or 8BITMIME", "5.5.4")
+SMTPUTF8_TAKES_NO_VALUE = Reply(501, "Error: SMTPUTF8 takes no value", "5.5.4")
+BAD_RET = Reply(501, "Error: RET must be FULL or HDRS", "5.5.4")
+BAD_ENVID = Reply(501, "Error: bad ENVID parameter", "5.5.4")
+BAD_NOTIFY = Reply(501, "Error: bad NOTIFY parameter", "5.5.4")
+BAD_ORCPT = Reply(501, "Error: bad ORCPT parameter", "5.5.4")
+
+
+def bad_parameter_syntax(item: str) -> Reply:
+    return Reply(555, f"Error: bad parameter syntax: {item[:40]}", "5.5.4")
+
+
+def duplicate_parameter(keyword: str) -> Reply:
+    return Reply(501, f"Error: duplicate {keyword} parameter", "5.5.4")
+
+
+def unsupported_parameter(verb: str, keyword: str) -> Reply:
+    """`verb`: MAIL or RCPT."""
+    return Reply(555, f"Error: unsupported {verb} parameter {keyword[:40]}", "5.5.4")
+
+
 def greeting(hostname: str, banner: str) -> Reply:
     return Reply(220, f"{hostname} {banner}")
+
+
+def hello(first: str, keywords: tuple[str, ...] = ()) -> Reply:
+    """HELO/EHLO/LHLO accepted: our name (or the application's line), then the EHLO keywords."""
+    return Reply(250, first, None, keywords)
 
 
 def too_many_errors(hostname: str) -> Reply:

@@ -355,9 +355,9 @@ class ServerConnection:
         self._set(State.READY)
         first = reply.text if reply else self.settings.hostname
         if not event.extended:
-            self._send(Reply(250, first))
+            self._send(r.hello(first))
         else:
-            self._send(Reply(250, first, None, capabilities(self.settings, self.tls)))
+            self._send(r.hello(first, capabilities(self.settings, self.tls)))
 
     def _mail_accepted(self, event: ev.MailFrom) -> None:
         self.mail = event
