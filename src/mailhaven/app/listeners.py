@@ -36,7 +36,7 @@ from mailhaven.pop3d.server import ClientLimits, Pop3Listener, start_pop3_server
 from mailhaven.proto.replies import Reply
 from mailhaven.smtpd.auth import SMTPAuthenticator
 from mailhaven.smtpd.inbound_gate import InboundGate
-from mailhaven.smtpd.lmtp import LmtpStore, lmtp_policy
+from mailhaven.smtpd.lmtp_store import LmtpStore, lmtp_policy
 from mailhaven.smtpd.policy import PolicySettings, SessionFacts, SMTPPolicy
 from mailhaven.smtpd.profile import ListenerProfile
 from mailhaven.smtpd.server import SMTPService
@@ -218,7 +218,7 @@ class Profiles:
         return MailboxFull(lambda: self.live.router, self.live.quotas, config.mail_root)
 
     def lmtp(self) -> ListenerProfile:
-        """`[listen] lmtp`: RFC 2033 into the local Maildirs, no TLS, no AUTH (`smtpd.lmtp`)."""
+        """`[listen] lmtp`: RFC 2033 into the local Maildirs, no TLS, no AUTH (`smtpd.lmtp_store`)."""
         if self._lmtp is None:
             config, live = self.live.config, self.live
             agent = LocalAgent(

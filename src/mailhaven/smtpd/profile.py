@@ -74,7 +74,7 @@ class ListenerProfile:
     #: content scanners and signers for this listener (`milters`/`submission_milters`)
     milters: MilterSettings | None = None
     #: LMTP listener (`settings.lmtp`): the store that delivers each message at once and answers
-    #: per recipient (`smtpd.lmtp`), instead of the queue
+    #: per recipient (`smtpd.lmtp_store`), instead of the queue
     store: LocalStore | None = None
     #: mail authentication at end of DATA (the MX port: `smtpd.inbound_gate`)
     inbound: InboundGate | None = None

@@ -14,7 +14,7 @@ from mailhaven.proto.address import RcptParams
 from mailhaven.proto.envelope import Envelope, RecipientSpec
 from mailhaven.proto.replies import Reply
 from mailhaven.routing.router import Router
-from mailhaven.smtpd.lmtp import LmtpStore, combine, lmtp_policy
+from mailhaven.smtpd.lmtp_store import LmtpStore, combine, lmtp_policy
 from mailhaven.smtpd.policy import SessionFacts
 
 BODY = b"From: s@remote.example\r\nSubject: over lmtp\r\n\r\nhello\r\n"
