@@ -85,10 +85,22 @@ class Dovecot:
             return [("ssl = required", "ssl = no"), (cert, ""), (key, "")]
         return [(cert, f"ssl_cert = <{self.tls[0]}\n"), (key, f"ssl_key = <{self.tls[1]}\n")]
 
-    def reload(self) -> None:
-        """`doveadm reload`: SIGHUP to the master, which re-reads the config and TLS files."""
+    def reload(self, timeout: float = 15.0) -> None:
+        """`doveadm reload`: SIGHUP to the master, which re-reads the config and TLS files.
+
+        Returns once the master has logged the reload and rewritten `run/config`, plus a short
+        settle: a login process started inside that window finds no config and dies (Dovecot
+        logs it as an Error), which is Dovecot's reload, not what a test is looking for."""
         assert self.proc is not None
+        marker = "reloading configuration"
+        before = self._whole_log().count(marker)
         self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._whole_log().count(marker) <= before or not (self.dir / "run" / "config").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dovecot did not reload: {self.logs()}")
+            time.sleep(0.05)
+        time.sleep(0.5)
 
     def start(self) -> Dovecot:
         (self.dir / "state").mkdir(exist_ok=True)
@@ -109,6 +121,9 @@ class Dovecot:
                     self.stop()
                     raise RuntimeError(f"dovecot did not listen: {self.logs()}") from None
                 time.sleep(0.05)
+
+    def _whole_log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def logs(self) -> str:
         parts = [p.read_text(errors="replace") for p in (self.dir / "stderr.log", self.log_path)
