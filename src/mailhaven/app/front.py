@@ -1,8 +1,9 @@
 """The front of the process: what every listener shares, kept across reloads.
 
 The login limiter (SMTP AUTH and POP3 count failures together), the SMTP authenticator, POP3's
-per-client connection limits and its LOGIN-DELAY table, the certificate (`ReloadableTLS`, none without one) and the SMTP
-listeners' profiles; once serving, the listening sockets and the POP3 listeners. A reload
+per-client connection limits and its LOGIN-DELAY table, the certificate (`ReloadableTLS`, none
+without one) and the SMTP listeners' profiles; once serving, the listening sockets and the POP3
+listeners. A reload
 changes their settings in place (`reconfigure`): counters survive it, so a SIGHUP never gives a
 password guesser or a connection flood a fresh start.
 """
