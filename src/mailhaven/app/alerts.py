@@ -3,9 +3,9 @@
 In: a subject and a plain-text body, from a synchronous caller inside a session. Out: one small
 message from `MAILER-DAEMON@<hostname>` to `postmaster@<first local domain>`, queued through
 intake like any local mail (null sender: a failure is never bounced), in a task of its own so
-the session that triggered it does not wait; the result is logged. The task is started by
-`spawn` (the process's TaskGroup), so it ends with the process and an unexpected error in it
-is not lost. Intake adds Date: and Message-ID: (protocol "local").
+the session that triggered it does not wait; the result is logged, a failure with its
+traceback. The task is started by `spawn` (the process's TaskGroup), so it ends with the
+process. Intake adds Date: and Message-ID: (protocol "local").
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ class PostmasterAlerts:
         if sink is None:
             log.warning("notice to %s not sent (no queue yet): %s", to, subject)
             return
-        writer = sink.new_message()
-        writer.write(data)
         try:
+            writer = sink.new_message()
+            writer.write(data)
             reply = await sink.accept(writer, envelope, None)
-        except Exception:
+        except Exception:  # a notice is not worth stopping the mail server for
             log.exception("cannot queue the notice to %s: %s", to, subject)
             return
         if reply.is_success:
