@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -88,19 +87,18 @@ async def test_a_sighup_while_starting_waits_for_the_start(tmp_path: Path) -> No
 
 
 async def test_a_task_that_fails_stops_the_process(tmp_path: Path) -> None:
-    """Every task lives in the process's TaskGroup, a postmaster notice's too: one that fails
-    unexpectedly ends `run()` with its error (systemd restarts us) instead of vanishing."""
+    """Every task lives in the process's TaskGroup (`_spawn`): one that fails unexpectedly ends
+    `run()` with its error (systemd restarts us) instead of vanishing. (A postmaster notice that
+    cannot be queued is logged instead: tests/app/test_alerts.py.)"""
     path = tmp_path / "mailhaven.toml"
     path.write_text(f'state_dir = "{tmp_path / "state"}"\n')
     app = App(configuration.load(path))
 
-    class BrokenSink:
-        def new_message(self) -> None:
-            raise RuntimeError("the spool is gone")
+    async def broken() -> None:
+        raise RuntimeError("the spool is gone")
 
     async def start() -> None:
-        app.engine = SimpleNamespace(smtp=SimpleNamespace(sink=BrokenSink()))  # type: ignore[assignment]
-        app.alerts("subject", "text")
+        app._spawn(broken())
 
     app.start = start  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="the spool is gone"):
